@@ -1,0 +1,141 @@
+"""The three backbones of SPEC section 4, each with optional adapter cells.
+
+Every backbone maps (e: (B, F), domain: (B,), rep: (B, k, k) or None) to logits (B,).
+With ``rep=None`` (no adapters) the same classes are the plain baselines.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..nn import DomainBatchNorm1d, DomainLinear, HyperAdapter
+
+
+def _adapters(widths: list, adapter_after: list, num_domains: int, sizes: dict, mode: str, backend: str):
+    """One adapter cell after each hidden layer listed in ``adapter_after`` (widths[0] is the input)."""
+    return nn.ModuleList(
+        HyperAdapter(widths[i + 1], sizes["rank"], num_domains, bottleneck=sizes["bottleneck"], mode=mode,
+                     eps=sizes["eps"], backend=backend)
+        for i in adapter_after
+    )
+
+
+class DomainTowers(nn.Module):
+    """Per-domain MLP towers ``F -> dims... -> 1`` (Linear, BN, ReLU each) with adapter cells inside.
+
+    paper mode: each row runs through its own domain's tower only; tower BatchNorm statistics are
+    taken over that domain's rows. released mode: every tower runs on the whole mixed batch (so each
+    tower's BatchNorm and each adapter's normalisation see the whole batch) and row b keeps tower
+    d_b's output, exactly as the released code.
+    """
+
+    def __init__(self, input_dim: int, num_domains: int, sizes: dict, mode: str, use_adapter: bool,
+                 backend: str):
+        super().__init__()
+        self.mode, self.num_domains = mode, num_domains
+        widths = [input_dim, *sizes["dims"]]
+        self.linears = nn.ModuleList(DomainLinear(i, o, num_domains) for i, o in zip(widths, widths[1:]))
+        self.norms = nn.ModuleList(DomainBatchNorm1d(o, num_domains, backend=backend) for o in widths[1:])
+        self.out = DomainLinear(widths[-1], 1, num_domains)
+        self.adapter_after = list(sizes["adapter_after"]) if use_adapter else []
+        self.adapters = _adapters(widths, self.adapter_after, num_domains, sizes, mode, backend)
+
+    def forward(self, e, domain, rep):
+        if self.mode == "released":
+            return self._all_towers(e, domain, rep)
+        h = e
+        cells = iter(self.adapters)
+        for j, (linear, norm) in enumerate(zip(self.linears, self.norms)):
+            h = torch.relu(norm.routed(linear.routed(h, domain), domain))
+            if j in self.adapter_after:
+                h = next(cells)(h, rep, domain)
+        return self.out.routed(h, domain).squeeze(1)
+
+    def _all_towers(self, e, domain, rep):
+        h = e
+        cells = iter(self.adapters)
+        for j, (linear, norm) in enumerate(zip(self.linears, self.norms)):
+            h = torch.relu(norm.all_domains(linear.all_domains(h)))
+            if j in self.adapter_after:
+                cell = next(cells)
+                h = torch.stack([cell(h[d], rep, domain) for d in range(self.num_domains)])
+        logits = self.out.all_domains(h).squeeze(2)  # (D, B): every tower's logit for every row
+        return logits.gather(0, domain.unsqueeze(0)).squeeze(0)
+
+
+class SharedMLP(nn.Module):
+    """Shared Linear -> BN -> ReLU -> Dropout stack with adapter cells after chosen layers."""
+
+    def __init__(self, input_dim: int, num_domains: int, sizes: dict, mode: str, use_adapter: bool,
+                 backend: str):
+        super().__init__()
+        widths = [input_dim, *sizes["dims"]]
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(i, o), nn.BatchNorm1d(o), nn.ReLU(), nn.Dropout(sizes["dropout"]))
+            for i, o in zip(widths, widths[1:])
+        )
+        self.adapter_after = list(sizes["adapter_after"]) if use_adapter else []
+        self.adapters = _adapters(widths, self.adapter_after, num_domains, sizes, mode, backend)
+        self.output_dim = widths[-1]
+
+    def forward(self, x, domain, rep):
+        cells = iter(self.adapters)
+        for j, layer in enumerate(self.layers):
+            x = layer(x)
+            if j in self.adapter_after:
+                x = next(cells)(x, rep, domain)
+        return x
+
+
+class CrossNetwork(nn.Module):
+    """DCN cross layers: ``x_{l+1} = x_0 * (x_l . w_l) + b_l + x_l`` (Wang et al., 2017, eq. 3)."""
+
+    def __init__(self, input_dim: int, num_layers: int):
+        super().__init__()
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(input_dim) / input_dim ** 0.5)
+                                        for _ in range(num_layers))
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(input_dim)) for _ in range(num_layers))
+
+    def forward(self, x0):
+        x = x0
+        for w, b in zip(self.weights, self.biases):
+            x = x0 * (x @ w).unsqueeze(1) + b + x
+        return x
+
+
+class DCNBackbone(nn.Module):
+    """Shared CrossNetwork parallel to a shared MLP (adapters on it); LR on their concatenation."""
+
+    def __init__(self, input_dim: int, num_domains: int, sizes: dict, mode: str, use_adapter: bool,
+                 backend: str):
+        super().__init__()
+        self.cross = CrossNetwork(input_dim, sizes["cross_layers"])
+        self.mlp = SharedMLP(input_dim, num_domains, sizes, mode, use_adapter, backend)
+        self.out = nn.Linear(input_dim + self.mlp.output_dim, 1)
+
+    def forward(self, e, domain, rep):
+        return self.out(torch.cat([self.cross(e), self.mlp(e, domain, rep)], dim=1)).squeeze(1)
+
+
+class WideDeepBackbone(nn.Module):
+    """Wide: LR on the dense features (the last ``wide_dim`` columns of e). Deep: MLP on the rest."""
+
+    def __init__(self, input_dim: int, num_domains: int, sizes: dict, mode: str, use_adapter: bool,
+                 backend: str):
+        super().__init__()
+        self.wide_dim = sizes["wide_dim"]
+        if not 0 < self.wide_dim < input_dim:
+            raise ValueError(f"wide_dim must be in [1, input_dim), got {self.wide_dim} for input_dim={input_dim}")
+        self.wide = nn.Linear(self.wide_dim, 1)
+        self.deep = SharedMLP(input_dim - self.wide_dim, num_domains, sizes, mode, use_adapter, backend)
+        self.deep_out = nn.Linear(self.deep.output_dim, 1)
+
+    def split(self, e):
+        return e[:, -self.wide_dim:], e[:, :-self.wide_dim]
+
+    def forward(self, e, domain, rep):
+        wide, deep = self.split(e)
+        return (self.wide(wide) + self.deep_out(self.deep(deep, domain, rep))).squeeze(1)
+
+
+BACKBONES = {"mlp": DomainTowers, "dcn": DCNBackbone, "wide_deep": WideDeepBackbone}

@@ -1,0 +1,122 @@
+"""Thin modules over :mod:`hamur_fast.ops`: the adapter cell and DomainNorm."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import ops
+
+
+class _BackendMixin:
+    """``backend`` is a constructor argument and a settable attribute; it never touches parameters."""
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = ops.check_backend_name(name)
+
+
+class DomainNorm(_BackendMixin, nn.Module):
+    """Domain normalisation (SPEC section 2; released form in section 3).
+
+    paper: per-domain batch statistics in training, per-domain running statistics in eval,
+    per-domain affine (D, width). released: whole-batch unbiased statistics always, shared affine.
+    forward(o: (B, width), domain: (B,) int64) -> (B, width).
+    """
+
+    def __init__(self, width: int, num_domains: int, mode: str = "paper", eps: float = 1e-5,
+                 momentum: float = 0.1, weight_init: float = 1.0, backend: str = "auto"):
+        super().__init__()
+        self.mode = ops.check_mode(mode)
+        self.width, self.num_domains, self.eps, self.momentum = width, num_domains, eps, momentum
+        self.backend = backend
+        shape = (num_domains, width) if mode == "paper" else (width,)
+        self.weight = nn.Parameter(torch.full(shape, float(weight_init)))
+        self.bias = nn.Parameter(torch.zeros(shape))
+        if mode == "paper":
+            self.register_buffer("running_mean", torch.zeros(shape))
+            self.register_buffer("running_var", torch.ones(shape))
+        else:
+            self.running_mean = self.running_var = None
+
+    def forward(self, o: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        return ops.domain_norm(o, domain, self.weight, self.bias, self.running_mean, self.running_var,
+                               mode=self.mode, training=self.training, momentum=self.momentum,
+                               eps=self.eps, backend=self.backend, num_domains=self.num_domains)
+
+    def extra_repr(self) -> str:
+        return f"{self.width}, num_domains={self.num_domains}, mode={self.mode!r}, backend={self.backend!r}"
+
+
+class HyperAdapter(_BackendMixin, nn.Module):
+    """The HAMUR adapter cell: ``y = x + DomainNorm(((sigmoid(((x U) I) V + b) U') I) V' + b')``.
+
+    forward(x: (B, width), rep: (B, rank, rank), domain: (B,) int64) -> (B, width).
+    paper mode: per-domain factors, trainable init (N(0, 1/fan_in) factors, norm weight 0.1).
+    released mode: shared factors initialised to ones, exactly as the authors' code.
+    """
+
+    def __init__(self, width: int, rank: int, num_domains: int, bottleneck: int = 32,
+                 mode: str = "paper", eps: float = 1e-5, backend: str = "auto",
+                 momentum: float = 0.1, norm_weight_init: float = 0.1):
+        super().__init__()
+        self.mode = ops.check_mode(mode)
+        if min(width, rank, num_domains, bottleneck) < 1:
+            raise ValueError(f"width, rank, num_domains and bottleneck must be >= 1, "
+                             f"got {width}, {rank}, {num_domains}, {bottleneck}")
+        self.width, self.rank, self.num_domains, self.bottleneck = width, rank, num_domains, bottleneck
+        self.eps, self.momentum = eps, momentum
+        self.backend = backend
+        lead = (num_domains,) if mode == "paper" else ()
+        factor_shapes = {
+            "down_left": (width, rank), "down_right": (rank, bottleneck),
+            "up_left": (bottleneck, rank), "up_right": (rank, width),
+        }
+        for name, shape in factor_shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.empty(lead + shape)))
+        self.down_bias = nn.Parameter(torch.zeros(lead + (bottleneck,)))
+        self.up_bias = nn.Parameter(torch.zeros(lead + (width,)))
+        self.norm_weight = nn.Parameter(torch.empty(lead + (width,)))
+        self.norm_bias = nn.Parameter(torch.zeros(lead + (width,)))
+        if mode == "paper":
+            self.register_buffer("running_mean", torch.zeros(lead + (width,)))
+            self.register_buffer("running_var", torch.ones(lead + (width,)))
+        else:
+            self.running_mean = self.running_var = None
+        self.reset_parameters(norm_weight_init)
+
+    @torch.no_grad()
+    def reset_parameters(self, norm_weight_init: float = 0.1) -> None:
+        factors = (self.down_left, self.down_right, self.up_left, self.up_right)
+        if self.mode == "released":
+            for f in factors:
+                f.fill_(1.0)
+            self.norm_weight.fill_(1.0)
+        else:
+            # Fan-in scale keeps sigmoid out of saturation; a small non-zero norm weight starts the
+            # cell near identity while letting gradients reach every factor at step 0 (SPEC 2).
+            for f in factors:
+                f.normal_(0.0, 1.0 / math.sqrt(f.shape[-2]))
+            self.norm_weight.fill_(norm_weight_init)
+        self.down_bias.zero_()
+        self.up_bias.zero_()
+        self.norm_bias.zero_()
+
+    def parameters_in_op_order(self):
+        return (self.down_left, self.down_right, self.down_bias, self.up_left, self.up_right,
+                self.up_bias, self.norm_weight, self.norm_bias)
+
+    def forward(self, x: torch.Tensor, rep: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        return ops.hyper_adapter(x, rep, domain, *self.parameters_in_op_order(),
+                                 self.running_mean, self.running_var, mode=self.mode,
+                                 training=self.training, momentum=self.momentum, eps=self.eps,
+                                 backend=self.backend, num_domains=self.num_domains)
+
+    def extra_repr(self) -> str:
+        return (f"width={self.width}, rank={self.rank}, num_domains={self.num_domains}, "
+                f"bottleneck={self.bottleneck}, mode={self.mode!r}, backend={self.backend!r}")

@@ -1,0 +1,63 @@
+"""backend="reference": the plainest correct adapter cell, the oracle for every fast path.
+
+It follows SPEC sections 2 and 3 literally: it forms each row's adapter weights
+``U_d I_b V_d`` as the paper's Fig. 2 draws them (a (B, h, s) tensor: fine for tests, far too
+big for training) and normalises domain by domain in a Python loop. It works in any dtype,
+float64 included, and is differentiable by plain autograd.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _per_row(param: torch.Tensor, domain: torch.Tensor, released: bool) -> torch.Tensor:
+    """Row b's copy of a parameter: shared in released mode, domain d_b's slice in paper mode."""
+    if released:
+        return param.expand(domain.shape[0], *param.shape)
+    return param[domain]
+
+
+def domain_norm(o, domain, weight, bias, running_mean, running_var, *, mode, training, momentum, eps):
+    if mode == "released":
+        # Whole mixed batch, unbiased variance (torch.var's default), train and eval alike.
+        # One row has no unbiased variance; we take 0 there (the released code returns NaN).
+        mean = o.mean(dim=0)
+        var = ((o - mean) ** 2).sum(dim=0) / max(o.shape[0] - 1, 1)
+        return weight * (o - mean) / torch.sqrt(var + eps) + bias
+
+    out = torch.zeros_like(o)
+    for d in range(weight.shape[0]):
+        rows = domain == d
+        count = int(rows.sum())
+        if count == 0:
+            continue
+        if training or running_mean is None:
+            mean = o[rows].mean(dim=0)
+            var = o[rows].var(dim=0, unbiased=False)
+            if training and running_mean is not None and count >= 2:
+                with torch.no_grad():
+                    running_mean[d] = (1 - momentum) * running_mean[d] + momentum * mean
+                    running_var[d] = (1 - momentum) * running_var[d] + momentum * var * count / (count - 1)
+        else:
+            mean, var = running_mean[d], running_var[d]
+        normalised = weight[d] * (o - mean) / torch.sqrt(var + eps) + bias[d]
+        out = torch.where(rows.unsqueeze(1), normalised, out)
+    return out
+
+
+def hyper_adapter(x, rep, domain, params, running_mean, running_var, *, mode, training, momentum, eps):
+    down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = params
+    released = mode == "released"
+    w_down = torch.einsum(
+        "bhk,bkj,bjs->bhs", _per_row(down_left, domain, released), rep, _per_row(down_right, domain, released)
+    )
+    a = torch.sigmoid(torch.einsum("bh,bhs->bs", x, w_down) + _per_row(down_bias, domain, released))
+    w_up = torch.einsum(
+        "bsk,bkj,bjh->bsh", _per_row(up_left, domain, released), rep, _per_row(up_right, domain, released)
+    )
+    o = torch.einsum("bs,bsh->bh", a, w_up) + _per_row(up_bias, domain, released)
+    normed = domain_norm(
+        o, domain, norm_weight, norm_bias, running_mean, running_var,
+        mode=mode, training=training, momentum=momentum, eps=eps,
+    )
+    return x + normed
