@@ -5,6 +5,8 @@ argument and the offending value before any compute), then hand the work to the 
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from .. import _checks
@@ -19,6 +21,25 @@ register_backend(Backend("reference", reference.hyper_adapter, reference.domain_
                          supports=lambda device: True, auto_priority=-1))
 register_backend(Backend("torch", eager.hyper_adapter, eager.domain_norm,
                          supports=lambda device: True, auto_priority=100))
+
+# Kernel backends register themselves when imported. A module raises ImportError when what it needs
+# is absent (no triton, extension not built), and the package then works with the rest.
+OPTIONAL_BACKEND_MODULES = (
+    "hamur_fast.kernels.adapter_cell",  # backend "triton" (kernels/adapter_cell.py)
+    "hamur_fast.ops.compiled",  # backends "cpu" and "cuda" (the csrc/ extension hamur_fast._C)
+)
+
+
+def _register_optional_backends() -> None:
+    for module in OPTIONAL_BACKEND_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            if not (module.startswith(err.name or "\0") or err.name in ("triton", "hamur_fast._C")):
+                raise  # a real bug inside an existing backend module must not be hidden
+
+
+_register_optional_backends()
 
 
 def check_mode(mode: str) -> str:
