@@ -18,9 +18,9 @@ __all__ = ["hyper_adapter", "domain_norm", "available_backends", "register_backe
 MODES = ("paper", "released")
 
 register_backend(Backend("reference", reference.hyper_adapter, reference.domain_norm,
-                         supports=lambda device: True, auto_priority=-1))
+                         supports=lambda device: True, auto_priority=lambda device: None))
 register_backend(Backend("torch", eager.hyper_adapter, eager.domain_norm,
-                         supports=lambda device: True, auto_priority=100))
+                         supports=lambda device: True, auto_priority=lambda device: 100))
 
 # Kernel backends register themselves when imported. A module raises ImportError when what it needs
 # is absent (no triton, extension not built), and the package then works with the rest.

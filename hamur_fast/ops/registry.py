@@ -1,9 +1,10 @@
 """Backend registry: which implementations of the adapter ops exist, and which one ``"auto"`` picks.
 
-A backend is a module-like object with two functions, ``hyper_adapter`` and ``domain_norm``
-(signatures as in :mod:`hamur_fast.ops.reference`), plus an ``is_available()`` predicate and a
-``supports(device)`` predicate. Kernel backends register themselves here when their import succeeds,
-so the package works with whatever subset was built.
+A backend is two functions, ``hyper_adapter`` and ``domain_norm`` (signatures as in
+:mod:`hamur_fast.ops.reference`), a ``supports(device)`` predicate, and ``auto_priority(device)``: the
+rank "auto" gives it on that device (lower wins; None means "auto" never picks it there, e.g. the
+slow reference, or Triton running under the CPU interpreter). Kernel backends register themselves
+here when their import succeeds, so the package works with whatever subset was built.
 """
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ class Backend:
     hyper_adapter: Callable
     domain_norm: Callable
     supports: Callable[[torch.device], bool]
-    # Lower runs first when "auto" chooses among backends that support the device.
-    auto_priority: int
+    auto_priority: Callable[[torch.device], int | None]
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -38,8 +38,8 @@ def available_backends() -> list[str]:
 def resolve(name: str, device: torch.device) -> Backend:
     """Return the backend called ``name`` (or the best one for ``device`` when ``name == "auto"``)."""
     if name == "auto":
-        candidates = [b for b in _BACKENDS.values() if b.auto_priority >= 0 and b.supports(device)]
-        return min(candidates, key=lambda b: b.auto_priority)
+        ranked = [(b.auto_priority(device), b) for b in _BACKENDS.values() if b.supports(device)]
+        return min((r for r in ranked if r[0] is not None), key=lambda r: r[0])[1]
     if name not in _BACKENDS:
         raise ValueError(f"backend {name!r} is not available here; available: {available_backends()}")
     backend = _BACKENDS[name]
