@@ -1,0 +1,183 @@
+"""Adapter cell forward+backward: the released einsum math vs our backends, side by side.
+
+    python benchmarks/bench_layers.py                       # h=128, k=35, s=32, D=3, B in 4096 and 65536
+    python benchmarks/bench_layers.py --batch 4096 --no-compile
+
+Every provider runs the same cell (SPEC sections 2-3) on the same inputs in this one run; the table
+gives the median time of forward+backward, the peak memory of one step (bytes of live tensors the
+step allocated; CUDA: the allocator's peak) and the speed-up over the released code's eager math.
+Providers: "released" = the authors' einsum formulation (hamur_fast.compat.released_cell);
+backend names ("torch", and any kernel backend that is available) run hf.ops.hyper_adapter in
+released mode (same math as the released code) and paper mode; "+compile" = torch.compile of it.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import hamur_fast as hf
+from hamur_fast.compat import released_cell
+
+
+# ----------------------------------------------------------------------------- inputs
+def make_inputs(batch, width, rank, bottleneck, num_domains, mode, device, dtype=torch.float32):
+    """Random inputs and parameters for one cell, all requiring grad (what a training step sees)."""
+    torch.manual_seed(0)
+    lead = (num_domains,) if mode == "paper" else ()
+
+    def param(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_()
+
+    x = param(batch, width)
+    rep = torch.relu(torch.randn(batch, rank, rank, device=device, dtype=dtype)).requires_grad_()
+    domain = torch.randint(0, num_domains, (batch,), device=device)
+    params = [
+        param(*lead, width, rank, scale=width ** -0.5), param(*lead, rank, bottleneck, scale=rank ** -0.5),
+        param(*lead, bottleneck), param(*lead, bottleneck, rank, scale=bottleneck ** -0.5),
+        param(*lead, rank, width, scale=rank ** -0.5), param(*lead, width),
+        param(*lead, width, scale=0.1), param(*lead, width),
+    ]
+    stats = ([torch.zeros(num_domains, width, device=device, dtype=dtype),
+              torch.ones(num_domains, width, device=device, dtype=dtype)] if mode == "paper" else [None, None])
+    return x, rep, domain, params, stats
+
+
+# ----------------------------------------------------------------------------- providers
+def released_step(x, rep, domain, params, stats):
+    return released_cell(x, rep, *params)
+
+
+def backend_step(name, mode):
+    def step(x, rep, domain, params, stats):
+        return hf.ops.hyper_adapter(x, rep, domain, *params, *stats, mode=mode, backend=name,
+                                    num_domains=3)
+    return step
+
+
+def providers(mode, compile_too):
+    """(label, step function) pairs for one mode; kernel backends join when they are available."""
+    rows = [("released einsum", released_step)] if mode == "released" else []
+    for name in hf.available_backends():
+        if name == "reference":
+            continue
+        rows.append((f"{name}", backend_step(name, mode)))
+    if compile_too:
+        rows += [(f"{label}+compile", torch.compile(fn, dynamic=False)) for label, fn in list(rows)
+                 if label in ("released einsum", "torch")]
+    return rows
+
+
+# ----------------------------------------------------------------------------- measuring
+class LiveTensorPeak(TorchDispatchMode):
+    """Peak bytes of tensors created inside the block and still alive (CPU stand-in for max_memory_allocated)."""
+
+    def __enter__(self):
+        self.live = self.peak = 0
+        self.seen = set()
+        return super().__enter__()
+
+    def _track(self, t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.seen or storage.nbytes() == 0:
+            return
+        self.seen.add(key)
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, key, storage.nbytes())
+
+    def _release(self, key, nbytes):
+        self.seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self._track(t)
+        return out
+
+
+def run_step(fn, inputs):
+    x, rep, domain, params, stats = inputs
+    for t in (x, rep, *params):
+        t.grad = None
+    fn(x, rep, domain, params, stats).square().mean().backward()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, inputs, device, repeats):
+    for _ in range(2):  # warm-up (and compilation)
+        run_step(fn, inputs)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        run_step(fn, inputs)
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mib(fn, inputs, device, compiled):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run_step(fn, inputs)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if compiled:
+        return float("nan")  # a dispatch mode cannot see inside a compiled graph on the CPU
+    with LiveTensorPeak() as tracker:
+        run_step(fn, inputs)
+    return tracker.peak / 2**20
+
+
+def bench(batch, args, device):
+    rows = []
+    for mode in ("released", "paper"):
+        inputs = make_inputs(batch, args.width, args.rank, args.bottleneck, args.domains, mode, device)
+        for label, fn in providers(mode, not args.no_compile):
+            ms = time_ms(fn, inputs, device, args.repeats)
+            rows.append((mode, label, ms, peak_mib(fn, inputs, device, "compile" in label)))
+    return rows
+
+
+def print_table(batch, rows):
+    base = next(ms for mode, label, ms, _ in rows if label == "released einsum")
+    print(f"\nB={batch}: fwd+bwd, median ms; speed-up vs released einsum eager")
+    print(f"{'mode':9} {'provider':22} {'ms':>10} {'peak MiB':>10} {'speed-up':>9}")
+    for mode, label, ms, mib in rows:
+        print(f"{mode:9} {label:22} {ms:10.3f} {mib:10.1f} {base / ms:8.1f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[4096, 65536])
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=35)
+    parser.add_argument("--bottleneck", type=int, default=32)
+    parser.add_argument("--domains", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"# bench_layers: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"h={args.width} k={args.rank} s={args.bottleneck} D={args.domains}, backends {hf.available_backends()}")
+    for batch in args.batch:
+        print_table(batch, bench(batch, args, device))
+
+
+if __name__ == "__main__":
+    main()
