@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from ..nn import DomainBatchNorm1d, DomainLinear, HyperAdapter
+from .blocks import mlp_layers
 
 
 def _adapters(widths: list, adapter_after: list, num_domains: int, sizes: dict, mode: str, backend: str):
     """One adapter cell after each hidden layer listed in ``adapter_after`` (widths[0] is the input)."""
     return nn.ModuleList(
         HyperAdapter(widths[i + 1], sizes["rank"], num_domains, bottleneck=sizes["bottleneck"], mode=mode,
-                     eps=sizes["eps"], backend=backend)
+                     eps=sizes["eps"], backend=backend, norm=sizes["norm"])
         for i in adapter_after
     )
 
@@ -39,6 +40,14 @@ class DomainTowers(nn.Module):
         self.out = DomainLinear(widths[-1], 1, num_domains)
         self.adapter_after = list(sizes["adapter_after"]) if use_adapter else []
         self.adapters = _adapters(widths, self.adapter_after, num_domains, sizes, mode, backend)
+
+    @classmethod
+    def plain(cls, input_dim: int, num_domains: int, dims) -> "DomainTowers":
+        """Towers without adapter cells (paper mode): the per-domain heads of the multi-task baselines.
+
+        Call as ``towers(x, domain, None)``; with empty ``dims`` each tower is one ``Linear(input_dim, 1)``.
+        """
+        return cls(input_dim, num_domains, dict(dims=list(dims), adapter_after=[]), "paper", False, "auto")
 
     def forward(self, e, domain, rep):
         if self.mode == "released":
@@ -70,10 +79,7 @@ class SharedMLP(nn.Module):
                  backend: str):
         super().__init__()
         widths = [input_dim, *sizes["dims"]]
-        self.layers = nn.ModuleList(
-            nn.Sequential(nn.Linear(i, o), nn.BatchNorm1d(o), nn.ReLU(), nn.Dropout(sizes["dropout"]))
-            for i, o in zip(widths, widths[1:])
-        )
+        self.layers = mlp_layers(input_dim, sizes["dims"], sizes["dropout"])
         self.adapter_after = list(sizes["adapter_after"]) if use_adapter else []
         self.adapters = _adapters(widths, self.adapter_after, num_domains, sizes, mode, backend)
         self.output_dim = widths[-1]

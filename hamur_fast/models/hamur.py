@@ -4,13 +4,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import _checks, ops
+from .. import ops
 from ..nn import HyperNetwork
+from ..nn.adapter import NORMS
 from .backbones import BACKBONES, WideDeepBackbone
+from .base import MultiDomainModel
 from .presets import resolve_sizes
 
+# How the representation matrix I is produced (the "hyper" ablation of the paper's section 4.4).
+HYPERS = ("dynamic", "static")
 
-class HAMUR(nn.Module):
+
+class HAMUR(MultiDomainModel):
     """HAMUR model core: ``forward(e: (B, input_dim), domain: (B,) int64) -> probabilities (B,)``.
 
     ``e`` is the instance embedding of SPEC section 1 (sparse-field embeddings concatenated, dense
@@ -19,21 +24,33 @@ class HAMUR(nn.Module):
     size keyword (dims, adapter_after, hyper_dims, rank, bottleneck, dropout, cross_layers,
     wide_dim, eps) overrides it. ``use_adapter=False`` gives the same backbone without adapters
     (no hyper-network), the baseline HAMUR is measured against.
+
+    Ablation switches (paper and released mode alike):
+    - ``hyper="dynamic"``: I_b generated per instance by the hyper-network (SPEC 1);
+      ``hyper="static"``: no hyper-network, one learned k x k matrix per domain, ``I_b = static[d_b]``.
+    - ``norm="domain"`` (DomainNorm, SPEC 2), ``"layer"``, ``"batch"`` or ``"none"`` inside every cell
+      (see :class:`hamur_fast.nn.HyperAdapter`).
+    - ``adapter_after=[layer indices]``: the insertion depth of the cells.
     """
 
     def __init__(self, input_dim: int, num_domains: int, backbone: str = "mlp", mode: str = "paper",
-                 preset: str | None = None, *, use_adapter: bool = True, backend: str = "auto", **sizes):
-        super().__init__()
+                 preset: str | None = None, *, use_adapter: bool = True, hyper: str = "dynamic",
+                 norm: str = "domain", backend: str = "auto", **sizes):
         ops.check_mode(mode)
-        if input_dim < 1 or num_domains < 1:
-            raise ValueError(f"input_dim and num_domains must be >= 1, got {input_dim} and {num_domains}")
-        self.sizes = resolve_sizes(backbone, preset, sizes)
-        self.input_dim, self.num_domains, self.backbone_name, self.mode = input_dim, num_domains, backbone, mode
+        super().__init__(input_dim, num_domains)
+        _check_ablation(use_adapter, hyper, norm)
+        self.sizes = {**resolve_sizes(backbone, preset, sizes), "hyper": hyper, "norm": norm}
+        self.backbone_name, self.mode = backbone, mode
         self.backbone = BACKBONES[backbone](input_dim, num_domains, self.sizes, mode, use_adapter, backend)
+        rank = self.sizes["rank"]
         # Released code runs the hyper-network once per domain: its BN statistics move D times a step.
         repeats = num_domains if mode == "released" else 1
-        self.hyper = (HyperNetwork(input_dim, self.sizes["hyper_dims"], self.sizes["rank"],
-                                   stat_updates_per_step=repeats) if use_adapter else None)
+        dynamic, static = use_adapter and hyper == "dynamic", use_adapter and hyper == "static"
+        self.hyper = (HyperNetwork(input_dim, self.sizes["hyper_dims"], rank, stat_updates_per_step=repeats)
+                      if dynamic else None)
+        # Initialised like the hyper-network's output at step 0 (BN'd then ReLU'd: half-normal, half
+        # exact zeros), so the static and dynamic variants start from the same kind of matrix.
+        self.static_rep = nn.Parameter(torch.randn(num_domains, rank, rank).clamp(min=0)) if static else None
         self.backend = backend
 
     @property
@@ -52,15 +69,23 @@ class HAMUR(nn.Module):
             return torch.cat(self.backbone.split(e), dim=1)  # concat(wide input, deep input)
         return e
 
-    def logits(self, e: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        _checks.check_float("e", e, 2)
-        batch = _checks.check_batch("e", e)
-        if e.shape[1] != self.input_dim:
-            raise ValueError(f"e must have shape (B, {self.input_dim}), got {tuple(e.shape)}")
-        _checks.check_domain(domain, batch, self.num_domains)
-        with _checks.domain_values_checked():
-            rep = self.hyper(self._hyper_input(e)) if self.hyper is not None else None
-            return self.backbone(e, domain, rep)
+    def representation(self, e: torch.Tensor, domain: torch.Tensor) -> torch.Tensor | None:
+        """The representation matrix I (B, k, k) every adapter cell uses; None without adapters."""
+        if self.hyper is not None:
+            return self.hyper(self._hyper_input(e))
+        if self.static_rep is not None:
+            return self.static_rep[domain]
+        return None
 
-    def forward(self, e: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(e, domain))
+    def compute_logits(self, e: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        return self.backbone(e, domain, self.representation(e, domain))
+
+
+def _check_ablation(use_adapter: bool, hyper: str, norm: str) -> None:
+    if hyper not in HYPERS:
+        raise ValueError(f"hyper must be one of {HYPERS}, got {hyper!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not use_adapter and (hyper, norm) != (HYPERS[0], NORMS[0]):
+        raise ValueError(f"hyper={hyper!r} and norm={norm!r} configure the adapter cells, "
+                         "but this model has none (use_adapter=False)")

@@ -5,8 +5,13 @@ import math
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
-from .. import ops
+from .. import _checks, ops
+from ..ops import eager
+
+# Normalisations the adapter cell can apply to its output (the "norm" ablation of HAMUR).
+NORMS = ("domain", "layer", "batch", "none")
 
 
 class _BackendMixin:
@@ -59,13 +64,23 @@ class HyperAdapter(_BackendMixin, nn.Module):
     forward(x: (B, width), rep: (B, rank, rank), domain: (B,) int64) -> (B, width).
     paper mode: per-domain factors, trainable init (N(0, 1/fan_in) factors, norm weight 0.1).
     released mode: shared factors initialised to ones, exactly as the authors' code.
+
+    ``norm`` (an ablation switch) replaces DomainNorm: "layer" (per-row statistics over the width),
+    "batch" (statistics of the whole mixed batch, shared running statistics in eval) or "none"
+    (``y = x + o``, no normalisation parameters). "layer" and "batch" keep the affine map of
+    DomainNorm (per domain in paper mode), so the ablation changes only the statistics. Only
+    "domain" runs through the fused ``ops.hyper_adapter`` (every backend); the others compose the
+    eager projection with the chosen normalisation.
     """
 
     def __init__(self, width: int, rank: int, num_domains: int, bottleneck: int = 32,
                  mode: str = "paper", eps: float = 1e-5, backend: str = "auto",
-                 momentum: float = 0.1, norm_weight_init: float = 0.1):
+                 momentum: float = 0.1, norm_weight_init: float = 0.1, norm: str = "domain"):
         super().__init__()
         self.mode = ops.check_mode(mode)
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.norm = norm
         if min(width, rank, num_domains, bottleneck) < 1:
             raise ValueError(f"width, rank, num_domains and bottleneck must be >= 1, "
                              f"got {width}, {rank}, {num_domains}, {bottleneck}")
@@ -81,11 +96,14 @@ class HyperAdapter(_BackendMixin, nn.Module):
             self.register_parameter(name, nn.Parameter(torch.empty(lead + shape)))
         self.down_bias = nn.Parameter(torch.zeros(lead + (bottleneck,)))
         self.up_bias = nn.Parameter(torch.zeros(lead + (width,)))
-        self.norm_weight = nn.Parameter(torch.empty(lead + (width,)))
-        self.norm_bias = nn.Parameter(torch.zeros(lead + (width,)))
-        if mode == "paper":
-            self.register_buffer("running_mean", torch.zeros(lead + (width,)))
-            self.register_buffer("running_var", torch.ones(lead + (width,)))
+        has_affine = norm != "none"
+        self.norm_weight = nn.Parameter(torch.empty(lead + (width,))) if has_affine else None
+        self.norm_bias = nn.Parameter(torch.zeros(lead + (width,))) if has_affine else None
+        # Running statistics: per domain for paper-mode DomainNorm, one set for "batch".
+        stats_shape = {"domain": lead + (width,) if mode == "paper" else None, "batch": (width,)}.get(norm)
+        if stats_shape is not None:
+            self.register_buffer("running_mean", torch.zeros(stats_shape))
+            self.register_buffer("running_var", torch.ones(stats_shape))
         else:
             self.running_mean = self.running_var = None
         self.reset_parameters(norm_weight_init)
@@ -96,27 +114,52 @@ class HyperAdapter(_BackendMixin, nn.Module):
         if self.mode == "released":
             for f in factors:
                 f.fill_(1.0)
-            self.norm_weight.fill_(1.0)
+            norm_weight_init = 1.0
         else:
             # Fan-in scale keeps sigmoid out of saturation; a small non-zero norm weight starts the
             # cell near identity while letting gradients reach every factor at step 0 (SPEC 2).
             for f in factors:
                 f.normal_(0.0, 1.0 / math.sqrt(f.shape[-2]))
-            self.norm_weight.fill_(norm_weight_init)
         self.down_bias.zero_()
         self.up_bias.zero_()
-        self.norm_bias.zero_()
+        if self.norm_weight is not None:
+            self.norm_weight.fill_(norm_weight_init)
+            self.norm_bias.zero_()
 
     def parameters_in_op_order(self):
         return (self.down_left, self.down_right, self.down_bias, self.up_left, self.up_right,
                 self.up_bias, self.norm_weight, self.norm_bias)
 
     def forward(self, x: torch.Tensor, rep: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        return ops.hyper_adapter(x, rep, domain, *self.parameters_in_op_order(),
-                                 self.running_mean, self.running_var, mode=self.mode,
-                                 training=self.training, momentum=self.momentum, eps=self.eps,
-                                 backend=self.backend, num_domains=self.num_domains)
+        if self.norm == "domain":
+            return ops.hyper_adapter(x, rep, domain, *self.parameters_in_op_order(),
+                                     self.running_mean, self.running_var, mode=self.mode,
+                                     training=self.training, momentum=self.momentum, eps=self.eps,
+                                     backend=self.backend, num_domains=self.num_domains)
+        self._check_inputs(x, rep, domain)
+        projection = self.parameters_in_op_order()[:6]
+        return x + self._normalise(eager.adapter_projection(x, rep, domain, *projection), domain)
+
+    def _check_inputs(self, x, rep, domain) -> None:
+        _checks.check_float("x", x, 2)
+        _checks.check_shape("x", x, (_checks.check_batch("x", x), self.width))
+        _checks.check_float("rep", rep, 3)
+        _checks.check_shape("rep", rep, (x.shape[0], self.rank, self.rank))
+        _checks.check_domain(domain, x.shape[0], self.num_domains)
+
+    def _normalise(self, o: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        if self.norm == "none":
+            return o
+        if self.norm == "layer":
+            standard = F.layer_norm(o, (self.width,), eps=self.eps)
+        else:  # "batch"
+            standard = F.batch_norm(o, self.running_mean, self.running_var, training=self.training,
+                                    momentum=self.momentum, eps=self.eps)
+        per_domain = self.norm_weight.dim() == 2
+        weight = self.norm_weight[domain] if per_domain else self.norm_weight
+        bias = self.norm_bias[domain] if per_domain else self.norm_bias
+        return torch.addcmul(bias, standard, weight)
 
     def extra_repr(self) -> str:
         return (f"width={self.width}, rank={self.rank}, num_domains={self.num_domains}, "
-                f"bottleneck={self.bottleneck}, mode={self.mode!r}, backend={self.backend!r}")
+                f"bottleneck={self.bottleneck}, mode={self.mode!r}, norm={self.norm!r}, backend={self.backend!r}")

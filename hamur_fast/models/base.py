@@ -1,0 +1,38 @@
+"""The contract every model of the zoo follows: ``forward(e, domain) -> probabilities``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import _checks
+
+
+class MultiDomainModel(nn.Module):
+    """Base of every multi-domain CTR model in :mod:`hamur_fast.models`.
+
+    ``logits(e: (B, input_dim) float, domain: (B,) int64) -> (B,)`` validates its inputs once
+    (a ``ValueError`` naming the argument and the value) and calls ``compute_logits``;
+    ``forward`` returns ``sigmoid(logits)``. Subclasses implement ``compute_logits`` only.
+    """
+
+    def __init__(self, input_dim: int, num_domains: int):
+        super().__init__()
+        if input_dim < 1 or num_domains < 1:
+            raise ValueError(f"input_dim and num_domains must be >= 1, got {input_dim} and {num_domains}")
+        self.input_dim, self.num_domains = input_dim, num_domains
+
+    def compute_logits(self, e: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits(self, e: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        _checks.check_float("e", e, 2)
+        batch = _checks.check_batch("e", e)
+        if e.shape[1] != self.input_dim:
+            raise ValueError(f"e must have shape (B, {self.input_dim}), got {tuple(e.shape)}")
+        _checks.check_domain(domain, batch, self.num_domains)
+        # The ids were range-checked once here; inner layers skip their own (device-syncing) check.
+        with _checks.domain_values_checked():
+            return self.compute_logits(e, domain)
+
+    def forward(self, e: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(e, domain))

@@ -1,0 +1,75 @@
+"""PLE: Progressive Layered Extraction (Tang et al., RecSys 2020), domains as tasks."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..nn import DomainLinear
+from .backbones import DomainTowers
+from .base import MultiDomainModel
+from .blocks import mixture
+
+
+class ExtractionLayer(nn.Module):
+    """One CGC extraction layer (paper eqs. 2-6) for all D tasks at once.
+
+    Task k: ``g^k = w^k(x^k) S^k(x)`` with ``S^k`` = [task k's experts; shared experts] and
+    ``w^k = softmax(W_g^k x^k)``. Shared: ``g^s`` gates over all experts of all tasks plus the shared
+    ones (not needed after the last layer). Experts are ``Linear -> ReLU`` of width ``width``; task
+    experts and gates are stacked per domain and run as one batched matmul.
+    """
+
+    def __init__(self, input_dim: int, width: int, num_domains: int, specific: int, shared: int, last: bool):
+        super().__init__()
+        self.width, self.specific, self.shared = width, specific, shared
+        self.task_experts = DomainLinear(input_dim, specific * width, num_domains)
+        self.task_gates = DomainLinear(input_dim, specific + shared, num_domains)
+        self.shared_experts = nn.Linear(input_dim, shared * width)
+        self.shared_gate = None if last else nn.Linear(input_dim, num_domains * specific + shared)
+
+    def forward(self, task_inputs: torch.Tensor, shared_input: torch.Tensor):
+        """task_inputs (D, B, in) or (B, in) shared by all tasks; shared_input (B, in).
+
+        Returns (task outputs (D, B, width), shared output (B, width) or None after the last layer).
+        """
+        num_domains, batch = self.task_experts.num_domains, shared_input.shape[0]
+        task_experts = torch.relu(self.task_experts.all_domains(task_inputs))
+        task_experts = task_experts.view(num_domains, batch, self.specific, self.width)
+        shared_experts = torch.relu(self.shared_experts(shared_input)).view(batch, self.shared, self.width)
+        candidates = torch.cat([task_experts, shared_experts.expand(num_domains, -1, -1, -1)], dim=2)
+        task_out = mixture(torch.softmax(self.task_gates.all_domains(task_inputs), dim=-1), candidates)
+        if self.shared_gate is None:
+            return task_out, None
+        every_expert = torch.cat([task_experts.permute(1, 0, 2, 3).reshape(batch, -1, self.width),
+                                  shared_experts], dim=1)
+        shared_out = mixture(torch.softmax(self.shared_gate(shared_input), dim=-1), every_expert)
+        return task_out, shared_out
+
+
+class PLE(MultiDomainModel):
+    """Multi-level extraction (paper eq. 7: ``g^{k,j} = w^{k,j}(g^{k,j-1}) S^{k,j}(g^{k,j-1}, g^{s,j-1})``),
+    then domain d's tower ``tower_dims -> 1`` on ``g^{d,N}`` (eq. 8).
+
+    ``level_dims`` gives the expert width of each extraction layer; ``specific_experts`` per domain
+    and ``shared_experts`` per layer.
+    """
+
+    def __init__(self, input_dim: int, num_domains: int, level_dims=(256, 128), specific_experts: int = 1,
+                 shared_experts: int = 2, tower_dims=(64,)):
+        super().__init__(input_dim, num_domains)
+        if len(level_dims) < 1 or min(specific_experts, shared_experts) < 1:
+            raise ValueError(f"PLE needs >= 1 level and >= 1 expert of each kind, got level_dims={level_dims}, "
+                             f"specific_experts={specific_experts}, shared_experts={shared_experts}")
+        widths = [input_dim, *level_dims]
+        self.levels = nn.ModuleList(
+            ExtractionLayer(i, o, num_domains, specific_experts, shared_experts, last=j == len(level_dims) - 1)
+            for j, (i, o) in enumerate(zip(widths, widths[1:]))
+        )
+        self.towers = DomainTowers.plain(widths[-1], num_domains, tower_dims)
+
+    def compute_logits(self, e, domain):
+        task, shared = e, e
+        for level in self.levels:
+            task, shared = level(task, shared)
+        own_task = task[domain, torch.arange(e.shape[0], device=e.device)]  # row b keeps g^{d_b,N}
+        return self.towers(own_task, domain, None)
