@@ -4,11 +4,17 @@ from __future__ import annotations
 import functools
 import inspect
 
+from .adasparse import AdaSparse
+from .apg import APG
 from .base import MultiDomainModel
+from .epnet import EPNet
 from .hamur import HAMUR
+from .m2m import M2M
 from .mmoe import MMoE
+from .pepnet import PEPNet
 from .ple import PLE
 from .shared_bottom import SharedBottom
+from .star import STAR
 
 # name -> constructor taking (input_dim, num_domains, **kwargs). HAMUR names differ in backbone and
 # adapters only; "mlp", "dcn", "wide_deep" are those backbones without adapters (the paper's baselines).
@@ -22,6 +28,12 @@ _MODELS = {
     "shared_bottom": SharedBottom,
     "mmoe": MMoE,
     "ple": PLE,
+    "star": STAR,
+    "apg": APG,
+    "m2m": M2M,
+    "pepnet": PEPNet,
+    "epnet": EPNet,
+    "adasparse": AdaSparse,
 }
 
 
