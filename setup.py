@@ -2,10 +2,48 @@
 
 ``kernels/`` installs as ``hamur_fast.kernels`` (never as a top-level ``kernels`` module).
 Installs offline with ``pip install --no-build-isolation -e .`` when torch is present.
+
+The compiled core ``hamur_fast._C`` (csrc/): the CPU kernels are always built; the CUDA kernels join when
+torch has CUDA and nvcc is found (or ``HAMUR_FAST_FORCE_CUDA=1``). ``HAMUR_FAST_NO_EXT=1`` builds no
+extension; the package then works with its Python backends.
 """
+import glob
+import os
+import shutil
+import sys
+
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["hamur_fast", "hamur_fast.*"]) + ["hamur_fast.kernels"]
+
+
+def compiled_core():
+    """(ext_modules, cmdclass) for hamur_fast._C, or nothing when HAMUR_FAST_NO_EXT=1."""
+    if os.environ.get("HAMUR_FAST_NO_EXT") == "1":
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    # torch's own OpenMP: at::parallel_for expands to `#pragma omp parallel` inside our objects.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3", "-DNDEBUG"] + openmp
+    sources = sorted(glob.glob("csrc/cpu/*.cpp"))
+    nvcc = shutil.which("nvcc") or (cpp_extension.CUDA_HOME and os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    with_cuda = os.environ.get("HAMUR_FAST_FORCE_CUDA") == "1" or (
+        torch.version.cuda is not None and nvcc is not None and os.path.exists(nvcc))
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # A100, H100/H200
+        extension = cpp_extension.CUDAExtension(
+            "hamur_fast._C", sources + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-DNDEBUG"]},
+            extra_link_args=openmp)
+    else:
+        extension = cpp_extension.CppExtension("hamur_fast._C", sources, extra_compile_args={"cxx": cxx_flags},
+                                               extra_link_args=openmp)
+    return [extension], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = compiled_core()
 
 setup(
     name="hamur_fast",
@@ -26,4 +64,6 @@ setup(
     ],
     extras_require={"test": ["pytest"], "parquet": ["pyarrow"]},
     entry_points={"console_scripts": ["hamur-fast=hamur_fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

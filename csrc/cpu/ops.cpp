@@ -1,0 +1,56 @@
+// The hamur_fast operator library: schemas, and the Python module hamur_fast._C that loads them.
+//
+// Kernels register per device in csrc/cpu/adapter_cpu.cpp and csrc/cuda/adapter_cuda.cpp; autograd and
+// fake (meta) implementations are registered from Python in hamur_fast/ops/compiled.py.
+//
+// Conventions shared by every op:
+//   per_domain = true  is SPEC section 2 (paper): parameters carry a leading domain axis D, statistics
+//                      are per domain, normalisation uses the biased variance.
+//   per_domain = false is SPEC section 3 (released): parameters have no domain axis, one statistics
+//                      group spans the whole batch, normalisation uses the unbiased variance.
+//   stat_mean / stat_var, when given, are the statistics to normalise with (paper-mode eval with running
+//   statistics); when absent, the batch statistics are computed.
+//   Outputs mean, rstd, var, count are per statistics group (G = D or 1): the mean, 1/sqrt(var + eps),
+//   the variance used for normalising, and the number of rows; backward and the running-statistics
+//   update read them.
+//   hidden is (B, 4k + s): each row's u = x.U, p = u.I, q = a.U', r = q.I and a = sigmoid(p.V + b),
+//   the rank-k and bottleneck intermediates backward needs (O(k) per row, never O(h*s)).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// A plain module: importing hamur_fast._C runs the static TORCH_LIBRARY registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(hamur_fast, m) {
+  m.def(
+      "adapter_forward(Tensor x, Tensor rep, Tensor domain, Tensor down_left, Tensor down_right, "
+      "Tensor down_bias, Tensor up_left, Tensor up_right, Tensor up_bias, Tensor norm_weight, "
+      "Tensor norm_bias, Tensor? stat_mean, Tensor? stat_var, bool per_domain, float eps) -> "
+      "(Tensor y, Tensor o, Tensor hidden, Tensor mean, Tensor rstd, Tensor var, Tensor count)");
+  m.def(
+      "adapter_backward(Tensor grad_y, Tensor x, Tensor rep, Tensor domain, Tensor down_left, "
+      "Tensor down_right, Tensor up_left, Tensor up_right, Tensor norm_weight, Tensor o, Tensor hidden, "
+      "Tensor mean, Tensor rstd, Tensor count, bool per_domain, bool batch_stats) -> "
+      "(Tensor grad_x, Tensor grad_rep, Tensor grad_down_left, Tensor grad_down_right, "
+      "Tensor grad_down_bias, Tensor grad_up_left, Tensor grad_up_right, Tensor grad_up_bias, "
+      "Tensor grad_norm_weight, Tensor grad_norm_bias)");
+  // Eval with running statistics, no autograd: the whole cell with DomainNorm folded into a per-domain
+  // affine map, nothing saved.
+  m.def(
+      "adapter_infer(Tensor x, Tensor rep, Tensor domain, Tensor down_left, Tensor down_right, "
+      "Tensor down_bias, Tensor up_left, Tensor up_right, Tensor up_bias, Tensor norm_weight, "
+      "Tensor norm_bias, Tensor running_mean, Tensor running_var, float eps) -> Tensor");
+  m.def(
+      "domain_norm_forward(Tensor o, Tensor domain, Tensor weight, Tensor bias, Tensor? stat_mean, "
+      "Tensor? stat_var, bool per_domain, float eps) -> "
+      "(Tensor y, Tensor mean, Tensor rstd, Tensor var, Tensor count)");
+  m.def(
+      "domain_norm_backward(Tensor grad_y, Tensor o, Tensor domain, Tensor weight, Tensor mean, "
+      "Tensor rstd, Tensor count, bool per_domain, bool batch_stats) -> "
+      "(Tensor grad_o, Tensor grad_weight, Tensor grad_bias)");
+}

@@ -1,0 +1,161 @@
+"""backends "cpu" and "cuda": the compiled core ``hamur_fast._C`` (C++ and CUDA sources in csrc/).
+
+Importing ``hamur_fast._C`` registers the ``torch.ops.hamur_fast`` operators (schemas: csrc/cpu/ops.cpp)
+with their CPU kernels, and their CUDA kernels when the extension was built with CUDA. This module adds
+what the dispatcher needs from Python: fake (meta) implementations, so torch.compile and torch.export
+trace through the ops, and autograd formulas that call the fused backward kernels. It raises ImportError
+when the extension was not built; :mod:`hamur_fast.ops` then carries on without these backends.
+
+The kernels compute in float32 or float64; half-precision inputs are computed in float32 and cast back.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _C  # noqa: F401  (registers torch.ops.hamur_fast)
+from . import eager
+from .registry import Backend, register_backend
+
+ops = torch.ops.hamur_fast
+
+# What "auto" ranks these backends at (lower wins; backend "torch" is 100). On the CPU "cpu" is picked because
+# benchmarks/bench_layers.py measured it faster than "torch" at every size it runs (benchmarks/RESULTS.md).
+CPU_AUTO_PRIORITY = 50
+CUDA_AUTO_PRIORITY = 5
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the extension registered kernels for ``device_type`` ("CPU" or "CUDA")."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("hamur_fast::adapter_forward", device_type)
+
+
+# ----------------------------------------------------------------------------- fake (meta) implementations
+def _statistics_like(t, weight, per_domain):
+    groups = weight.shape[0] if per_domain else 1
+    width = t.shape[1]
+    return (t.new_empty((groups, width)), t.new_empty((groups, width)), t.new_empty((groups, width)),
+            t.new_empty((groups,)))
+
+
+@torch.library.register_fake("hamur_fast::adapter_forward")
+def _adapter_forward_fake(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias,
+                          norm_weight, norm_bias, stat_mean, stat_var, per_domain, eps):
+    hidden = x.new_empty((x.shape[0], 4 * rep.shape[1] + down_right.shape[-1]))
+    return (torch.empty_like(x), torch.empty_like(x), hidden, *_statistics_like(x, norm_weight, per_domain))
+
+
+@torch.library.register_fake("hamur_fast::adapter_backward")
+def _adapter_backward_fake(grad_y, x, rep, domain, down_left, down_right, up_left, up_right, norm_weight, o,
+                           hidden, mean, rstd, count, per_domain, batch_stats):
+    bottleneck = down_right.shape[-1]
+    bias_shape = (norm_weight.shape[0], bottleneck) if per_domain else (bottleneck,)
+    return (torch.empty_like(x), torch.empty_like(rep), torch.empty_like(down_left), torch.empty_like(down_right),
+            x.new_empty(bias_shape), torch.empty_like(up_left), torch.empty_like(up_right),
+            torch.empty_like(norm_weight), torch.empty_like(norm_weight), torch.empty_like(norm_weight))
+
+
+@torch.library.register_fake("hamur_fast::adapter_infer")
+def _adapter_infer_fake(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias,
+                        norm_weight, norm_bias, running_mean, running_var, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("hamur_fast::domain_norm_forward")
+def _domain_norm_forward_fake(o, domain, weight, bias, stat_mean, stat_var, per_domain, eps):
+    return (torch.empty_like(o), *_statistics_like(o, weight, per_domain))
+
+
+@torch.library.register_fake("hamur_fast::domain_norm_backward")
+def _domain_norm_backward_fake(grad_y, o, domain, weight, mean, rstd, count, per_domain, batch_stats):
+    return torch.empty_like(o), torch.empty_like(weight), torch.empty_like(weight)
+
+
+# ----------------------------------------------------------------------------- autograd
+# Only y is differentiable; o, hidden and the statistics are saved for backward and for the
+# running-statistics update.
+def _adapter_setup_context(ctx, inputs, output):
+    (x, rep, domain, down_left, down_right, _down_bias, up_left, up_right, _up_bias, norm_weight, _norm_bias,
+     stat_mean, _stat_var, per_domain, _eps) = inputs
+    _y, o, hidden, mean, rstd, _var, count = output
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(x, rep, domain, down_left, down_right, up_left, up_right, norm_weight, o, hidden,
+                          mean, rstd, count)
+    ctx.per_domain = per_domain
+    ctx.batch_stats = stat_mean is None
+
+
+def _adapter_backward(ctx, grad_y, *_unused_grads):
+    grads = ops.adapter_backward(grad_y, *ctx.saved_tensors, ctx.per_domain, ctx.batch_stats)
+    grad_x, grad_rep, grad_dl, grad_dr, grad_db, grad_ul, grad_ur, grad_ub, grad_nw, grad_nb = grads
+    return (grad_x, grad_rep, None, grad_dl, grad_dr, grad_db, grad_ul, grad_ur, grad_ub, grad_nw, grad_nb,
+            None, None, None, None)
+
+
+torch.library.register_autograd("hamur_fast::adapter_forward", _adapter_backward,
+                                setup_context=_adapter_setup_context)
+
+
+def _norm_setup_context(ctx, inputs, output):
+    o, domain, weight, _bias, stat_mean, _stat_var, per_domain, _eps = inputs
+    _y, mean, rstd, _var, count = output
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(o, domain, weight, mean, rstd, count)
+    ctx.per_domain = per_domain
+    ctx.batch_stats = stat_mean is None
+
+
+def _norm_backward(ctx, grad_y, *_unused_grads):
+    grad_o, grad_weight, grad_bias = ops.domain_norm_backward(grad_y, *ctx.saved_tensors, ctx.per_domain,
+                                                              ctx.batch_stats)
+    return grad_o, None, grad_weight, grad_bias, None, None, None, None
+
+
+torch.library.register_autograd("hamur_fast::domain_norm_forward", _norm_backward, setup_context=_norm_setup_context)
+
+
+# ----------------------------------------------------------------------------- backend functions
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _statistics_source(mode, training, running_mean, running_var, dtype):
+    """The statistics to normalise with: running ones in paper-mode eval, else None (batch statistics)."""
+    if mode == "paper" and not training and running_mean is not None:
+        return running_mean.to(dtype), running_var.to(dtype)
+    return None, None
+
+
+def hyper_adapter(x, rep, domain, params, running_mean, running_var, *, mode, training, momentum, eps):
+    dtype = _compute_dtype(x.dtype)
+    x_c, rep_c = x.to(dtype), rep.to(dtype)
+    params = tuple(p.to(dtype) for p in params)
+    stat_mean, stat_var = _statistics_source(mode, training, running_mean, running_var, dtype)
+    if stat_mean is not None and not _needs_grad(x_c, rep_c, *params):
+        return ops.adapter_infer(x_c, rep_c, domain, *params, stat_mean, stat_var, eps).to(x.dtype)
+    y, _o, _hidden, mean, _rstd, var, count = ops.adapter_forward(x_c, rep_c, domain, *params, stat_mean, stat_var,
+                                                                  mode == "paper", eps)
+    if training and running_mean is not None:
+        eager.update_running_stats(running_mean, running_var, count, mean, var, momentum)
+    return y.to(x.dtype)
+
+
+def domain_norm(o, domain, weight, bias, running_mean, running_var, *, mode, training, momentum, eps):
+    dtype = _compute_dtype(o.dtype)
+    stat_mean, stat_var = _statistics_source(mode, training, running_mean, running_var, dtype)
+    y, mean, _rstd, var, count = ops.domain_norm_forward(o.to(dtype), domain, weight.to(dtype), bias.to(dtype),
+                                                         stat_mean, stat_var, mode == "paper", eps)
+    if training and running_mean is not None:
+        eager.update_running_stats(running_mean, running_var, count, mean, var, momentum)
+    return y.to(o.dtype)
+
+
+if has_kernel("CPU"):
+    register_backend(Backend("cpu", hyper_adapter, domain_norm, supports=lambda device: device.type == "cpu",
+                             auto_priority=lambda device: CPU_AUTO_PRIORITY))
+if has_kernel("CUDA"):
+    register_backend(Backend("cuda", hyper_adapter, domain_norm, supports=lambda device: device.type == "cuda",
+                             auto_priority=lambda device: CUDA_AUTO_PRIORITY))
