@@ -1,0 +1,372 @@
+"""DomainNorm as Triton kernels: grouped batch statistics without a host sync, forward and backward.
+
+SPEC sections 2 and 3. Rows are normalised with the statistics of their *group*: the row's domain in
+paper mode, the whole batch (one group) in released mode. Paper mode in eval uses the running
+statistics instead of batch ones.
+
+How the batch statistics are reduced (used here and by the fused adapter cell in adapter_cell.py):
+1. every program reduces its block of rows to, per group, (count, mean, M2) with a two-pass
+   centred sum in registers, and stores them in a partials buffer (blocks, G, h);
+2. one merge kernel per (group, column tile) folds the partials together with Chan's parallel
+   formula (M2 = M2_a + M2_b + delta^2 * n_a * n_b / n), never E[x^2] - E[x]^2, which loses
+   accuracy when |mean| >> std;
+3. a normalise kernel applies the affine map.
+Nothing reads a value back to the host, so the sequence is CUDA-graph capturable.
+
+Backward: dbias and dweight are plain per-group sums (partials + torch.sum); the input gradient is
+    do = rstd * w * (dy - sum(dy) / n - xhat * sum(dy * xhat) / n_var)
+with n_var = n (paper, biased variance) or max(n - 1, 1) (released, unbiased variance); in eval
+with running statistics it is rstd * w * dy. A group with one row has xhat = 0 and do = 0: no NaN.
+
+Layout: ``reference`` math lives in hamur_fast.ops.reference; here come the kernels, then the
+launchers, then the custom ops (``hamur_fast::domain_norm_fwd`` / ``domain_norm_bwd`` and the
+mutating ``hamur_fast::update_running_stats_``) with their fake and autograd registrations.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on the GPU
+
+
+def block_size(n: int, cap: int | None = None) -> int:
+    """Power of two >= n (tl.arange needs powers of two) and >= 16, optionally capped."""
+    size = max(MIN_DOT, triton.next_power_of_2(n))
+    return min(size, cap) if cap else size
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels and the jit helpers the adapter cell shares
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def store_group_partial_stats(o, group, row_mask, cols, col_mask, block, num_groups, width,
+                              part_count, part_mean, part_m2, write_count):
+    """Reduce a (rows, cols) tile to per-group (count, mean, M2) and store them at slot ``block``.
+
+    Two passes over the registers (mean first, then centred squares), so M2 is accurate.
+    """
+    for g in range(num_groups):
+        in_group = row_mask & (group == g)
+        count = tl.sum(in_group.to(tl.float32), axis=0)
+        mean = tl.sum(tl.where(in_group[:, None], o, 0.0), axis=0) / tl.maximum(count, 1.0)
+        centred = tl.where(in_group[:, None], o - mean[None, :], 0.0)
+        m2 = tl.sum(centred * centred, axis=0)
+        slot = block.to(tl.int64) * num_groups + g
+        tl.store(part_mean + slot * width + cols, mean, mask=col_mask)
+        tl.store(part_m2 + slot * width + cols, m2, mask=col_mask)
+        tl.store(part_count + slot, count, mask=write_count)
+
+
+@triton.jit
+def store_group_partial_sums(dy, dy_xhat, group, row_mask, cols, col_mask, block, num_groups, width,
+                             part_dy, part_dy_xhat):
+    """Per-group column sums of dy and dy * xhat for this tile (the norm bias and weight gradients)."""
+    for g in range(num_groups):
+        in_group = (row_mask & (group == g))[:, None]
+        slot = block.to(tl.int64) * num_groups + g
+        tl.store(part_dy + slot * width + cols, tl.sum(tl.where(in_group, dy, 0.0), axis=0), mask=col_mask)
+        tl.store(part_dy_xhat + slot * width + cols, tl.sum(tl.where(in_group, dy_xhat, 0.0), axis=0),
+                 mask=col_mask)
+
+
+@triton.jit
+def load_group_rows(table, group, cols, row_mask, col_mask, width):
+    """Row b gets ``table[group[b], cols]`` (a (G, width) fp32-convertible table)."""
+    offsets = group.to(tl.int64)[:, None] * width + cols[None, :]
+    return tl.load(table + offsets, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def merge_group_stats_kernel(part_count, part_mean, part_m2, num_parts, num_groups, width, eps,
+                             count_out, mean_out, m2_out, rstd_out,
+                             UNBIASED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Fold the per-block partials of one group and one column tile with Chan's formula."""
+    g = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_mask = cols < width
+    count = tl.sum(tl.zeros([BLOCK_P], tl.float32), axis=0)
+    mean = tl.zeros([BLOCK_H], tl.float32)
+    m2 = tl.zeros([BLOCK_H], tl.float32)
+    for p0 in range(0, num_parts, BLOCK_P):
+        parts = p0 + tl.arange(0, BLOCK_P)
+        slot = parts.to(tl.int64) * num_groups + g
+        part_mask = parts < num_parts
+        n_i = tl.load(part_count + slot, mask=part_mask, other=0.0)
+        tile_mask = part_mask[:, None] & col_mask[None, :]
+        tile = slot[:, None] * width + cols[None, :]
+        mean_i = tl.load(part_mean + tile, mask=tile_mask, other=0.0)
+        m2_i = tl.load(part_m2 + tile, mask=tile_mask, other=0.0)
+        # This chunk's own (count, mean, M2), exact for many groups at once ...
+        n_c = tl.sum(n_i, axis=0)
+        mean_c = tl.sum(n_i[:, None] * mean_i, axis=0) / tl.maximum(n_c, 1.0)
+        spread = mean_i - mean_c[None, :]
+        m2_c = tl.sum(m2_i + n_i[:, None] * spread * spread, axis=0)
+        # ... then merged into the running total (Chan et al.): no catastrophic cancellation.
+        total = count + n_c
+        share = n_c / tl.maximum(total, 1.0)
+        delta = mean_c - mean
+        mean = mean + delta * share
+        m2 = m2 + m2_c + delta * delta * count * share
+        count = total
+    divisor = tl.maximum(count - 1.0, 1.0) if UNBIASED else tl.maximum(count, 1.0)
+    rstd = 1.0 / tl.sqrt(m2 / divisor + eps)
+    out = g.to(tl.int64) * width + cols
+    tl.store(mean_out + out, mean, mask=col_mask)
+    tl.store(m2_out + out, m2, mask=col_mask)
+    tl.store(rstd_out + out, rstd, mask=col_mask)
+    tl.store(count_out + g, count, mask=tl.program_id(1) == 0)
+
+
+@triton.jit
+def _partial_stats_kernel(o, group_ids, part_count, part_mean, part_m2, batch, width, num_groups,
+                          PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask, col_mask = rows < batch, cols < width
+    if PER_DOMAIN:
+        group = tl.load(group_ids + rows, mask=row_mask, other=0).to(tl.int32)
+    else:
+        group = tl.zeros([BLOCK_B], tl.int32)
+    tile = rows.to(tl.int64)[:, None] * width + cols[None, :]
+    values = tl.load(o + tile, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    store_group_partial_stats(values, group, row_mask, cols, col_mask, tl.program_id(0), num_groups, width,
+                              part_count, part_mean, part_m2, tl.program_id(1) == 0)
+
+
+@triton.jit
+def _normalize_kernel(o, group_ids, mean, rstd, weight, bias, y, batch, width,
+                      PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask, col_mask = rows < batch, cols < width
+    if PER_DOMAIN:
+        group = tl.load(group_ids + rows, mask=row_mask, other=0).to(tl.int32)
+    else:
+        group = tl.zeros([BLOCK_B], tl.int32)
+    tile = rows.to(tl.int64)[:, None] * width + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    values = tl.load(o + tile, mask=mask, other=0.0).to(tl.float32)
+    xhat = (values - load_group_rows(mean, group, cols, row_mask, col_mask, width)) * \
+        load_group_rows(rstd, group, cols, row_mask, col_mask, width)
+    out = load_group_rows(weight, group, cols, row_mask, col_mask, width) * xhat + \
+        load_group_rows(bias, group, cols, row_mask, col_mask, width)
+    tl.store(y + tile, out.to(y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _partial_grad_sums_kernel(dy, o, group_ids, mean, rstd, part_dy, part_dy_xhat, batch, width, num_groups,
+                              PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask, col_mask = rows < batch, cols < width
+    if PER_DOMAIN:
+        group = tl.load(group_ids + rows, mask=row_mask, other=0).to(tl.int32)
+    else:
+        group = tl.zeros([BLOCK_B], tl.int32)
+    tile = rows.to(tl.int64)[:, None] * width + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    grad = tl.load(dy + tile, mask=mask, other=0.0).to(tl.float32)
+    xhat = (tl.load(o + tile, mask=mask, other=0.0).to(tl.float32)
+            - load_group_rows(mean, group, cols, row_mask, col_mask, width)) * \
+        load_group_rows(rstd, group, cols, row_mask, col_mask, width)
+    store_group_partial_sums(grad, grad * xhat, group, row_mask, cols, col_mask, tl.program_id(0), num_groups,
+                             width, part_dy, part_dy_xhat)
+
+
+@triton.jit
+def norm_input_grad(grad, xhat, group, row_mask, cols, col_mask, width, weight, rstd, count, sum_dy, sum_dy_xhat,
+                    BATCH_STATS: tl.constexpr, UNBIASED: tl.constexpr):
+    """d(normalised output)/d(input) applied to ``grad`` (see the module docstring)."""
+    scale = load_group_rows(weight, group, cols, row_mask, col_mask, width) * \
+        load_group_rows(rstd, group, cols, row_mask, col_mask, width)
+    if BATCH_STATS:
+        n = tl.load(count + group, mask=row_mask, other=1.0)
+        n_var = tl.maximum(n - 1.0, 1.0) if UNBIASED else n
+        grad = grad - load_group_rows(sum_dy, group, cols, row_mask, col_mask, width) / n[:, None] \
+            - xhat * load_group_rows(sum_dy_xhat, group, cols, row_mask, col_mask, width) / n_var[:, None]
+    return scale * grad
+
+
+@triton.jit
+def _input_grad_kernel(dy, o, group_ids, mean, rstd, weight, count, sum_dy, sum_dy_xhat, do, batch, width,
+                       PER_DOMAIN: tl.constexpr, BATCH_STATS: tl.constexpr, UNBIASED: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask, col_mask = rows < batch, cols < width
+    if PER_DOMAIN:
+        group = tl.load(group_ids + rows, mask=row_mask, other=0).to(tl.int32)
+    else:
+        group = tl.zeros([BLOCK_B], tl.int32)
+    tile = rows.to(tl.int64)[:, None] * width + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    grad = tl.load(dy + tile, mask=mask, other=0.0).to(tl.float32)
+    xhat = (tl.load(o + tile, mask=mask, other=0.0).to(tl.float32)
+            - load_group_rows(mean, group, cols, row_mask, col_mask, width)) * \
+        load_group_rows(rstd, group, cols, row_mask, col_mask, width)
+    out = norm_input_grad(grad, xhat, group, row_mask, cols, col_mask, width, weight, rstd, count, sum_dy,
+                          sum_dy_xhat, BATCH_STATS, UNBIASED)
+    tl.store(do + tile, out.to(do.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _update_running_stats_kernel(running_mean, running_var, mean, m2, count, width, momentum,
+                                 BLOCK_H: tl.constexpr):
+    """BatchNorm-style update with the unbiased variance, only for groups that had >= 2 rows."""
+    g = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offsets = g.to(tl.int64) * width + cols
+    n = tl.load(count + g) + tl.zeros([BLOCK_H], tl.float32)  # broadcast: scalar & vector masks
+    mask = (cols < width) & (n >= 2.0)
+    old_mean = tl.load(running_mean + offsets, mask=mask, other=0.0).to(tl.float32)
+    old_var = tl.load(running_var + offsets, mask=mask, other=0.0).to(tl.float32)
+    batch_mean = tl.load(mean + offsets, mask=mask, other=0.0)
+    batch_var = tl.load(m2 + offsets, mask=mask, other=0.0) / tl.maximum(n - 1.0, 1.0)
+    tl.store(running_mean + offsets, ((1.0 - momentum) * old_mean + momentum * batch_mean)
+             .to(running_mean.dtype.element_ty), mask=mask)
+    tl.store(running_var + offsets, ((1.0 - momentum) * old_var + momentum * batch_var)
+             .to(running_var.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers. ``empty`` allocates every output and scratch buffer; tests pass a NaN-filling allocator
+# to prove that the kernels write every element they hand back.
+# --------------------------------------------------------------------------------------------------
+ROWS_PER_BLOCK = 32
+MERGE_PARTS_PER_STEP = 64
+
+
+def merge_group_stats(part_count, part_mean, part_m2, eps: float, unbiased: bool, empty=torch.empty):
+    """Fold (blocks, G[, h]) partials into per-group count (G,), mean, M2 and rstd (G, h), all fp32."""
+    num_parts, num_groups, width = part_mean.shape
+    device = part_mean.device
+    count = empty((num_groups,), device=device, dtype=torch.float32)
+    mean, m2, rstd = (empty((num_groups, width), device=device, dtype=torch.float32) for _ in range(3))
+    block_h = block_size(width, 128)
+    merge_group_stats_kernel[(num_groups, triton.cdiv(width, block_h))](
+        part_count, part_mean, part_m2, num_parts, num_groups, width, eps, count, mean, m2, rstd,
+        UNBIASED=unbiased, BLOCK_P=MERGE_PARTS_PER_STEP, BLOCK_H=block_h)
+    return count, mean, m2, rstd
+
+
+def update_running_stats(running_mean, running_var, mean, m2, count, momentum: float) -> None:
+    num_groups, width = mean.shape
+    block_h = block_size(width, 128)
+    _update_running_stats_kernel[(num_groups, triton.cdiv(width, block_h))](
+        running_mean, running_var, mean, m2, count, width, momentum, BLOCK_H=block_h)
+
+
+def domain_norm_forward(o, domain, weight, bias, running_mean, running_var, use_batch_stats: bool, eps: float,
+                        empty=torch.empty):
+    """Returns y and, for backward and the running-stat update, count (G,), mean, m2, rstd (G, h)."""
+    o, domain, weight, bias = (t.contiguous() for t in (o, domain, weight, bias))
+    batch, width = o.shape
+    per_domain = weight.dim() == 2
+    num_groups = weight.shape[0] if per_domain else 1
+    grid = (triton.cdiv(batch, ROWS_PER_BLOCK), triton.cdiv(width, block_size(width, 128)))
+    meta = dict(PER_DOMAIN=per_domain, BLOCK_B=ROWS_PER_BLOCK, BLOCK_H=block_size(width, 128))
+    if use_batch_stats:
+        part_count = empty((grid[0], num_groups), device=o.device, dtype=torch.float32)
+        part_mean, part_m2 = (empty((grid[0], num_groups, width), device=o.device, dtype=torch.float32)
+                              for _ in range(2))
+        _partial_stats_kernel[grid](o, domain, part_count, part_mean, part_m2, batch, width, num_groups, **meta)
+        count, mean, m2, rstd = merge_group_stats(part_count, part_mean, part_m2, eps, not per_domain, empty)
+    else:  # paper mode in eval: the running statistics, no dependence on the rest of the batch
+        mean = running_mean.float().clone()
+        rstd = torch.rsqrt(running_var.float() + eps)
+        count = torch.zeros(num_groups, device=o.device, dtype=torch.float32)
+        m2 = torch.zeros_like(mean)
+    y = empty(o.shape, device=o.device, dtype=o.dtype)
+    _normalize_kernel[grid](o, domain, mean, rstd, weight, bias, y, batch, width, **meta)
+    return y, count, mean, m2, rstd
+
+
+def domain_norm_backward(dy, o, domain, weight, count, mean, rstd, use_batch_stats: bool, empty=torch.empty):
+    """Returns (do, dweight, dbias) for y = weight[g] * (o - mean[g]) * rstd[g] + bias[g]."""
+    dy, o, domain, weight = (t.contiguous() for t in (dy, o, domain, weight))
+    batch, width = o.shape
+    per_domain = weight.dim() == 2
+    num_groups = mean.shape[0]
+    grid = (triton.cdiv(batch, ROWS_PER_BLOCK), triton.cdiv(width, block_size(width, 128)))
+    meta = dict(PER_DOMAIN=per_domain, BLOCK_B=ROWS_PER_BLOCK, BLOCK_H=block_size(width, 128))
+    part_dy, part_dy_xhat = (empty((grid[0], num_groups, width), device=o.device, dtype=torch.float32)
+                             for _ in range(2))
+    _partial_grad_sums_kernel[grid](dy, o, domain, mean, rstd, part_dy, part_dy_xhat, batch, width, num_groups,
+                                    **meta)
+    sum_dy, sum_dy_xhat = part_dy.sum(0), part_dy_xhat.sum(0)
+    do = empty(o.shape, device=o.device, dtype=o.dtype)
+    _input_grad_kernel[grid](dy, o, domain, mean, rstd, weight, count, sum_dy, sum_dy_xhat, do, batch, width,
+                             BATCH_STATS=use_batch_stats, UNBIASED=not per_domain, **meta)
+    shape = weight.shape
+    return do, sum_dy_xhat.reshape(shape).to(weight.dtype), sum_dy.reshape(shape).to(weight.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops: what torch.compile / torch.export see. Running statistics are updated by a separate
+# mutating op because an op with an autograd formula must be functional.
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("hamur_fast::domain_norm_fwd", mutates_args=())
+def domain_norm_fwd(o: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                    use_batch_stats: bool, eps: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return domain_norm_forward(o, domain, weight, bias, running_mean, running_var, use_batch_stats, eps)
+
+
+@domain_norm_fwd.register_fake
+def _(o, domain, weight, bias, running_mean, running_var, use_batch_stats, eps):
+    num_groups = weight.shape[0] if weight.dim() == 2 else 1
+    stats = o.new_empty((num_groups, o.shape[1]), dtype=torch.float32)
+    return (torch.empty_like(o), o.new_empty((num_groups,), dtype=torch.float32), stats,
+            torch.empty_like(stats), torch.empty_like(stats))
+
+
+@torch.library.custom_op("hamur_fast::domain_norm_bwd", mutates_args=())
+def domain_norm_bwd(dy: torch.Tensor, o: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor,
+                    count: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, use_batch_stats: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return domain_norm_backward(dy, o, domain, weight, count, mean, rstd, use_batch_stats)
+
+
+@domain_norm_bwd.register_fake
+def _(dy, o, domain, weight, count, mean, rstd, use_batch_stats):
+    return torch.empty_like(o), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_domain_norm(ctx, inputs, output):
+    o, domain, weight, _, _, _, use_batch_stats, _ = inputs
+    _, count, mean, _, rstd = output
+    ctx.save_for_backward(o, domain, weight, count, mean, rstd)
+    ctx.use_batch_stats = use_batch_stats
+
+
+def _domain_norm_backward(ctx, dy, *_stat_grads):
+    o, domain, weight, count, mean, rstd = ctx.saved_tensors
+    do, dweight, dbias = domain_norm_bwd(dy, o, domain, weight, count, mean, rstd, ctx.use_batch_stats)
+    return do, None, dweight, dbias, None, None, None, None
+
+
+domain_norm_fwd.register_autograd(_domain_norm_backward, setup_context=_setup_domain_norm)
+
+
+@torch.library.custom_op("hamur_fast::update_running_stats_", mutates_args=("running_mean", "running_var"))
+def update_running_stats_(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+                          m2: torch.Tensor, count: torch.Tensor, momentum: float) -> None:
+    update_running_stats(running_mean, running_var, mean, m2, count, momentum)
+
+
+@update_running_stats_.register_fake
+def _(running_mean, running_var, mean, m2, count, momentum):
+    return None
+
+
+def domain_norm(o, domain, weight, bias, running_mean, running_var, *, mode, training, momentum, eps):
+    """backend="triton" DomainNorm (arguments already validated by hamur_fast.ops.domain_norm)."""
+    use_batch_stats = mode == "released" or training or running_mean is None
+    y, count, mean, m2, _ = domain_norm_fwd(o, domain, weight, bias, running_mean, running_var,
+                                            use_batch_stats, eps)
+    if mode == "paper" and training and running_mean is not None:
+        update_running_stats_(running_mean, running_var, mean, m2, count, momentum)
+    return y
