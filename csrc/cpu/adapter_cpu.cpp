@@ -1,12 +1,15 @@
 // CPU kernels of the HAMUR adapter cell and DomainNorm (SPEC sections 2, 3 and 6, level 1), float32 and
 // float64. Schemas and conventions: csrc/cpu/ops.cpp.
 //
-// Every per-row product goes right-to-left through the rank-k space, so a row costs O(hk + k^2 + ks) and
-// no (B, h, s) tensor exists. A row's representation matrix I_b (k*k contiguous values) is read from memory
-// once per pass: forward uses it for both projections while it sits in L1, backward for both gradient
-// terms and for writing grad_rep. Rows are split into at most one contiguous chunk per thread; reductions
-// (statistics, parameter gradients) accumulate per chunk and are summed in chunk order, so results do not
-// depend on thread scheduling.
+// Every product goes right-to-left through the rank-k space, so a row costs O(hk + k^2 + ks) and no
+// (B, h, s) tensor exists. Training rows are first ordered by domain (a stable counting sort), so that the
+// products with per-domain dense factors (x.U, r.V', and their gradients: the O(hk) work) are one BLAS
+// GEMM per domain over contiguous rows, weight gradients included (no per-row rank-1 updates). The per-row
+// rank-k core, where each row has its own I_b, is one fused pass that reads I_b from memory once: forward
+// uses it for p = u.I and r = q.I while it sits in L1, backward for both gradient terms and the single
+// write of grad_rep. Row passes run in parallel over rows; reductions (statistics, DomainNorm gradients)
+// accumulate per fixed row chunk and are summed in chunk order, so results do not depend on scheduling.
+// The eval kernel (adapter_infer) is one fused pass per row with DomainNorm folded into an affine map.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -52,12 +55,6 @@ inline void mat_vec(T* __restrict out, const T* __restrict M, const T* __restric
   for (int64_t i = 0; i < m; ++i) out[i] = dot(M + i * n, v, n);
 }
 
-// acc (m, n) += outer(v (m), w (n)).
-template <typename T>
-inline void add_outer(T* __restrict acc, const T* __restrict v, const T* __restrict w, int64_t m, int64_t n) {
-  for (int64_t i = 0; i < m; ++i) axpy(acc + i * n, v[i], w, n);
-}
-
 // out (m, m) = outer(v1, w1) + outer(v2, w2), written once.
 template <typename T>
 inline void write_two_outers(T* __restrict out, const T* __restrict v1, const T* __restrict w1,
@@ -94,7 +91,7 @@ void parallel_chunks(int64_t rows, int64_t chunks, const F& fn) {
   });
 }
 
-// ------------------------------------------------------------------------------------ shapes
+// ------------------------------------------------------------------------------------ shapes and order
 // Row b uses parameter slice / statistics group `group(b)`: its domain in paper mode, 0 in released mode
 // (one shared parameter set, one whole-batch statistics group).
 struct Rows {
@@ -105,12 +102,13 @@ struct Rows {
 
 struct CellShape {
   int64_t batch, width, rank, bottleneck, groups;
-  int64_t hidden_stride() const { return 4 * rank + bottleneck; }
-};
-
-template <typename T>
-struct Factors {
-  const T *down_left, *down_right, *down_bias, *up_left, *up_right, *up_bias;
+  // hidden row layout, see csrc/cpu/ops.cpp
+  int64_t stride() const { return 4 * rank + bottleneck; }
+  int64_t u() const { return 0; }
+  int64_t p() const { return rank; }
+  int64_t q() const { return 2 * rank; }
+  int64_t r() const { return 3 * rank; }
+  int64_t a() const { return 4 * rank; }
 };
 
 CellShape cell_shape(const Tensor& x, const Tensor& rep, const Tensor& down_right, bool per_domain,
@@ -124,28 +122,92 @@ std::vector<int64_t> count_rows(const Rows& rows, int64_t batch, int64_t groups)
   return count;
 }
 
-// ------------------------------------------------------------------------------------ forward
-// One row of the cell before normalisation; fills hidden = [u | p | q | r | a] and o.
+// Rows grouped by statistics group, stable: slot i holds original row order[i]; group g owns slots
+// [start[g], start[g + 1]) and slot_group[i] is the group of slot i.
+struct GroupOrder {
+  Tensor order;
+  std::vector<int64_t> start, slot_group;
+  int64_t rows(int64_t g) const { return start[g + 1] - start[g]; }
+};
+
+GroupOrder order_by_group(const Rows& rows, const std::vector<int64_t>& count, const at::TensorOptions& options) {
+  const int64_t groups = static_cast<int64_t>(count.size());
+  GroupOrder out{at::empty({0}, options.dtype(at::kLong)), std::vector<int64_t>(groups + 1, 0), {}};
+  for (int64_t g = 0; g < groups; ++g) out.start[g + 1] = out.start[g] + count[g];
+  const int64_t batch = out.start[groups];
+  out.order = at::empty({batch}, options.dtype(at::kLong));
+  out.slot_group.resize(batch);
+  int64_t* order = out.order.data_ptr<int64_t>();
+  std::vector<int64_t> next(out.start.begin(), out.start.end() - 1);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t g = rows.group(b);
+    out.slot_group[next[g]] = g;
+    order[next[g]++] = b;
+  }
+  return out;
+}
+
+// The same grouping rebuilt in backward from the saved order and counts.
+GroupOrder saved_order(const Tensor& order, const Tensor& count) {
+  const Tensor counts = count.round().to(at::kLong).contiguous();
+  const int64_t groups = counts.numel();
+  GroupOrder out{order, std::vector<int64_t>(groups + 1, 0), std::vector<int64_t>(order.numel())};
+  for (int64_t g = 0; g < groups; ++g) {
+    out.start[g + 1] = out.start[g] + counts.data_ptr<int64_t>()[g];
+    std::fill(out.slot_group.begin() + out.start[g], out.slot_group.begin() + out.start[g + 1], g);
+  }
+  return out;
+}
+
+Tensor param_of(const Tensor& param, int64_t g, bool per_domain) { return per_domain ? param[g] : param; }
+
+// The slots of group g of a (B, ...) tensor in group order.
+Tensor slots_of(const Tensor& t, const GroupOrder& order, int64_t g) {
+  return t.narrow(0, order.start[g], order.rows(g));
+}
+
+// ------------------------------------------------------------------------------------ rank-k core
+// The cell's per-row middle, between the dense projections: from u = x.U (already in hidden) it forms
+// p = u.I, a = sigmoid(p.V + b), q = a.U', r = q.I in hidden (layout in CellShape).
+template <typename T>
+inline void rank_core_row(const CellShape& shape, const T* __restrict rep, const T* __restrict down_right,
+                          const T* __restrict down_bias, const T* __restrict up_left, T* __restrict hidden) {
+  const int64_t k = shape.rank, s = shape.bottleneck;
+  T* u = hidden + shape.u();
+  T* p = hidden + shape.p();
+  T* q = hidden + shape.q();
+  T* r = hidden + shape.r();
+  T* a = hidden + shape.a();
+  vec_mat(p, u, rep, k, k);
+  vec_mat(a, p, down_right, k, s);
+  for (int64_t j = 0; j < s; ++j) a[j] = T(1) / (T(1) + std::exp(-(a[j] + down_bias[j])));
+  vec_mat(q, a, up_left, s, k);
+  vec_mat(r, q, rep, k, k);
+}
+
+template <typename T>
+struct Factors {
+  const T *down_left, *down_right, *down_bias, *up_left, *up_right, *up_bias;
+};
+
+template <typename T>
+Factors<T> factors(const Tensor& dl, const Tensor& dr, const Tensor& db, const Tensor& ul, const Tensor& ur,
+                   const Tensor& ub) {
+  return {dl.data_ptr<T>(), dr.data_ptr<T>(), db.data_ptr<T>(), ul.data_ptr<T>(), ur.data_ptr<T>(), ub.data_ptr<T>()};
+}
+
+// The whole cell for one row, fused (eval): o = (rank_core(x.U)).V' + b'; hidden is scratch.
 template <typename T>
 inline void project_row(const CellShape& shape, const Factors<T>& f, int64_t d, const T* __restrict x,
                         const T* __restrict rep, T* __restrict hidden, T* __restrict o) {
   const int64_t h = shape.width, k = shape.rank, s = shape.bottleneck;
-  T* u = hidden;
-  T* p = u + k;
-  T* q = p + k;
-  T* r = q + k;
-  T* a = r + k;
-  vec_mat(u, x, f.down_left + d * h * k, h, k);
-  vec_mat(p, u, rep, k, k);
-  vec_mat(a, p, f.down_right + d * k * s, k, s);
-  const T* down_bias = f.down_bias + d * s;
-  for (int64_t j = 0; j < s; ++j) a[j] = T(1) / (T(1) + std::exp(-(a[j] + down_bias[j])));
-  vec_mat(q, a, f.up_left + d * s * k, s, k);
-  vec_mat(r, q, rep, k, k);
-  vec_mat(o, r, f.up_right + d * k * h, k, h);
+  vec_mat(hidden + shape.u(), x, f.down_left + d * h * k, h, k);
+  rank_core_row(shape, rep, f.down_right + d * k * s, f.down_bias + d * s, f.up_left + d * s * k, hidden);
+  vec_mat(o, hidden + shape.r(), f.up_right + d * k * h, k, h);
   axpy(o, T(1), f.up_bias + d * h, h);
 }
 
+// ------------------------------------------------------------------------------------ statistics
 // Per-group mean and normalising variance of o's rows: two passes over o (no E[o^2] - E[o]^2
 // cancellation), accumulated in double per chunk. Empty groups get mean 0, var 0.
 template <typename T>
@@ -195,12 +257,12 @@ void batch_statistics(const T* o, const Rows& rows, int64_t batch, int64_t width
   }
 }
 
-// Fills mean, rstd, var, count (per group) from the batch, or from the given statistics.
+// Fills mean, rstd, var, count (per group) from o's rows, or from the given statistics.
 template <typename T>
-void statistics(const T* o, const Rows& rows, int64_t batch, int64_t width, int64_t groups,
+void statistics(const T* o, const Rows& rows, int64_t batch, int64_t width, const std::vector<int64_t>& counts,
                 const c10::optional<Tensor>& stat_mean, const c10::optional<Tensor>& stat_var, double eps,
                 Tensor& mean, Tensor& rstd, Tensor& var, Tensor& count) {
-  const std::vector<int64_t> counts = count_rows(rows, batch, groups);
+  const int64_t groups = static_cast<int64_t>(counts.size());
   for (int64_t g = 0; g < groups; ++g) count.data_ptr<T>()[g] = static_cast<T>(counts[g]);
   if (stat_mean.has_value()) {
     mean.copy_(*stat_mean);
@@ -211,18 +273,21 @@ void statistics(const T* o, const Rows& rows, int64_t batch, int64_t width, int6
   rstd.copy_(at::rsqrt(var + eps));
 }
 
-// out = residual + (o - mean) * weight * rstd + bias, with the row's group; residual may be null.
+// out[order[i]] = residual[order[i]] + (o[i] - mean) * weight * rstd + bias with slot i's group (`rows`
+// indexes slots); order null means the identity, residual null means none.
 template <typename T>
-void normalise_rows(const T* o, const T* residual, const Rows& rows, int64_t batch, int64_t width,
-                    const Tensor& weight, const Tensor& bias, const Tensor& mean, const Tensor& rstd, T* out) {
+void normalise_rows(const T* o, const int64_t* order, const T* residual, const Rows& rows, int64_t batch,
+                    int64_t width, const Tensor& weight, const Tensor& bias, const Tensor& mean, const Tensor& rstd,
+                    T* out) {
   const Tensor scale = (weight.reshape(rstd.sizes()) * rstd).contiguous();
   const T* scale_p = scale.data_ptr<T>();
   const T* bias_p = bias.data_ptr<T>();
   const T* mean_p = mean.data_ptr<T>();
   at::parallel_for(0, batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
-    for (int64_t b = first; b < end; ++b) {
-      const int64_t offset = rows.group(b) * width;
-      const T* __restrict row = o + b * width;
+    for (int64_t i = first; i < end; ++i) {
+      const int64_t offset = rows.group(i) * width;
+      const int64_t b = order != nullptr ? order[i] : i;
+      const T* __restrict row = o + i * width;
       const T* __restrict row_scale = scale_p + offset;
       const T* __restrict row_bias = bias_p + offset;
       const T* __restrict row_mean = mean_p + offset;
@@ -240,12 +305,6 @@ void normalise_rows(const T* o, const T* residual, const Rows& rows, int64_t bat
   });
 }
 
-template <typename T>
-Factors<T> factors(const Tensor& dl, const Tensor& dr, const Tensor& db, const Tensor& ul, const Tensor& ur,
-                   const Tensor& ub) {
-  return {dl.data_ptr<T>(), dr.data_ptr<T>(), db.data_ptr<T>(), ul.data_ptr<T>(), ur.data_ptr<T>(), ub.data_ptr<T>()};
-}
-
 void check_cpu_inputs(const Tensor& x, const Tensor& domain) {
   TORCH_CHECK(x.device().is_cpu(), "hamur_fast CPU kernel got a tensor on ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
@@ -253,7 +312,9 @@ void check_cpu_inputs(const Tensor& x, const Tensor& domain) {
   TORCH_CHECK(domain.scalar_type() == at::kLong, "domain must be int64, got ", domain.scalar_type());
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapter_forward_cpu(
+// ------------------------------------------------------------------------------------ forward
+// Outputs in group order (slot i = original row order[i]): o, hidden; y in the original order.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapter_forward_cpu(
     const Tensor& x_in, const Tensor& rep_in, const Tensor& domain_in, const Tensor& down_left_in,
     const Tensor& down_right_in, const Tensor& down_bias_in, const Tensor& up_left_in, const Tensor& up_right_in,
     const Tensor& up_bias_in, const Tensor& norm_weight_in, const Tensor& norm_bias_in,
@@ -264,29 +325,54 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapter_forwa
   const Tensor ul = up_left_in.contiguous(), ur = up_right_in.contiguous(), ub = up_bias_in.contiguous();
   const Tensor norm_weight = norm_weight_in.contiguous(), norm_bias = norm_bias_in.contiguous();
   const CellShape shape = cell_shape(x, rep, dr, per_domain, norm_weight);
-  const Rows rows{domain.data_ptr<int64_t>(), per_domain};
+  const int64_t h = shape.width, k = shape.rank;
+  const std::vector<int64_t> counts = count_rows(Rows{domain.data_ptr<int64_t>(), per_domain}, shape.batch, shape.groups);
+  const GroupOrder order = order_by_group(Rows{domain.data_ptr<int64_t>(), per_domain}, counts, x.options());
+  const Rows slots{order.slot_group.data(), per_domain};
   Tensor y = at::empty_like(x), o = at::empty_like(x);
-  Tensor hidden = at::empty({shape.batch, shape.hidden_stride()}, x.options());
-  Tensor mean = at::empty({shape.groups, shape.width}, x.options());
+  Tensor hidden = at::empty({shape.batch, shape.stride()}, x.options());
+  Tensor mean = at::empty({shape.groups, h}, x.options());
   Tensor rstd = at::empty_like(mean), var = at::empty_like(mean);
   Tensor count = at::empty({shape.groups}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_forward_cpu", [&] {
-    const Factors<scalar_t> f = factors<scalar_t>(dl, dr, db, ul, ur, ub);
-    const scalar_t* x_p = x.data_ptr<scalar_t>();
-    const scalar_t* rep_p = rep.data_ptr<scalar_t>();
-    scalar_t* o_p = o.data_ptr<scalar_t>();
+  // u = x.U, one GEMM per domain over its rows.
+  const Tensor x_sorted = x.index_select(0, order.order);
+  for (int64_t g = 0; g < shape.groups; ++g) {
+    if (order.rows(g) == 0) continue;
+    Tensor u = slots_of(hidden, order, g).narrow(1, shape.u(), k);
+    at::mm_out(u, slots_of(x_sorted, order, g), param_of(dl, g, per_domain));
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_forward_cpu_core", [&] {
+    const scalar_t *rep_p = rep.data_ptr<scalar_t>(), *dr_p = dr.data_ptr<scalar_t>();
+    const scalar_t *db_p = db.data_ptr<scalar_t>(), *ul_p = ul.data_ptr<scalar_t>();
+    const int64_t* order_p = order.order.data_ptr<int64_t>();
     scalar_t* hidden_p = hidden.data_ptr<scalar_t>();
-    const int64_t h = shape.width, kk = shape.rank * shape.rank, stride = shape.hidden_stride();
+    const int64_t s = shape.bottleneck;
     at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
-      for (int64_t b = first; b < end; ++b)
-        project_row(shape, f, rows.group(b), x_p + b * h, rep_p + b * kk, hidden_p + b * stride, o_p + b * h);
+      for (int64_t i = first; i < end; ++i) {
+        const int64_t d = slots.group(i);
+        rank_core_row(shape, rep_p + order_p[i] * k * k, dr_p + d * k * s, db_p + d * s, ul_p + d * s * k,
+                      hidden_p + i * shape.stride());
+      }
     });
-    statistics(o_p, rows, shape.batch, h, shape.groups, stat_mean, stat_var, eps, mean, rstd, var, count);
-    normalise_rows(o_p, x_p, rows, shape.batch, h, norm_weight, norm_bias, mean, rstd, y.data_ptr<scalar_t>());
   });
-  return {y, o, hidden, mean, rstd, var, count};
+  // o = r.V' + b', one GEMM per domain.
+  for (int64_t g = 0; g < shape.groups; ++g) {
+    if (order.rows(g) == 0) continue;
+    Tensor o_g = slots_of(o, order, g);
+    at::addmm_out(o_g, param_of(ub, g, per_domain), slots_of(hidden, order, g).narrow(1, shape.r(), k),
+                  param_of(ur, g, per_domain));
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_forward_cpu_norm", [&] {
+    const scalar_t* o_p = o.data_ptr<scalar_t>();
+    statistics(o_p, slots, shape.batch, h, counts, stat_mean, stat_var, eps, mean, rstd, var, count);
+    normalise_rows(o_p, order.order.data_ptr<int64_t>(), x.data_ptr<scalar_t>(), slots, shape.batch, h, norm_weight,
+                   norm_bias, mean, rstd, y.data_ptr<scalar_t>());
+  });
+  return {y, o, hidden, order.order, mean, rstd, var, count};
 }
 
+// Eval with running statistics: each row's whole cell in one fused pass (no sort, no GEMM, nothing saved),
+// the latency path for small batches.
 Tensor adapter_infer_cpu(const Tensor& x_in, const Tensor& rep_in, const Tensor& domain_in,
                          const Tensor& down_left_in, const Tensor& down_right_in, const Tensor& down_bias_in,
                          const Tensor& up_left_in, const Tensor& up_right_in, const Tensor& up_bias_in,
@@ -309,7 +395,7 @@ Tensor adapter_infer_cpu(const Tensor& x_in, const Tensor& rep_in, const Tensor&
     scalar_t* y_p = y.data_ptr<scalar_t>();
     const int64_t h = shape.width, kk = shape.rank * shape.rank;
     at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
-      std::vector<scalar_t> hidden(shape.hidden_stride()), o(h);
+      std::vector<scalar_t> hidden(shape.stride()), o(h);
       for (int64_t b = first; b < end; ++b) {
         const int64_t d = rows.group(b);
         project_row(shape, f, d, x_p + b * h, rep_p + b * kk, hidden.data(), o.data());
@@ -328,14 +414,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> domain_norm_forward_cpu(
   const Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
   const int64_t batch = o.size(0), width = o.size(1), groups = per_domain ? weight.size(0) : 1;
   const Rows rows{domain.data_ptr<int64_t>(), per_domain};
+  const std::vector<int64_t> counts = count_rows(rows, batch, groups);
   Tensor y = at::empty_like(o);
   Tensor mean = at::empty({groups, width}, o.options());
   Tensor rstd = at::empty_like(mean), var = at::empty_like(mean);
   Tensor count = at::empty({groups}, o.options());
   AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "domain_norm_forward_cpu", [&] {
     const scalar_t* o_p = o.data_ptr<scalar_t>();
-    statistics(o_p, rows, batch, width, groups, stat_mean, stat_var, eps, mean, rstd, var, count);
-    normalise_rows<scalar_t>(o_p, nullptr, rows, batch, width, weight, bias, mean, rstd, y.data_ptr<scalar_t>());
+    statistics(o_p, rows, batch, width, counts, stat_mean, stat_var, eps, mean, rstd, var, count);
+    normalise_rows<scalar_t>(o_p, nullptr, nullptr, rows, batch, width, weight, bias, mean, rstd,
+                             y.data_ptr<scalar_t>());
   });
   return {y, mean, rstd, var, count};
 }
@@ -369,19 +457,21 @@ struct NormGrad {
   }
 };
 
+// gy row i is gy + gy_order[i] * width (gy_order null: row i), o and `rows` are indexed by i.
 template <typename T>
-NormGrad<T> norm_grad(const T* gy, const T* o, const Rows& rows, int64_t batch, int64_t width, int64_t groups,
-                      const T* weight, const T* mean, const T* rstd, const T* count, bool batch_stats) {
+NormGrad<T> norm_grad(const T* gy, const int64_t* gy_order, const T* o, const Rows& rows, int64_t batch,
+                      int64_t width, int64_t groups, const T* weight, const T* mean, const T* rstd, const T* count,
+                      bool batch_stats) {
   const int64_t chunks = num_chunks(batch), n = groups * width;
   std::vector<double> partial(chunks * 2 * n, 0.0);  // per chunk: sum(gy) then sum(gy * xhat)
   parallel_chunks(batch, chunks, [&](int64_t c, int64_t first, int64_t end) {
     double* acc = partial.data() + c * 2 * n;
-    for (int64_t b = first; b < end; ++b) {
-      const int64_t offset = rows.group(b) * width;
+    for (int64_t i = first; i < end; ++i) {
+      const int64_t offset = rows.group(i) * width;
       double* __restrict sum_gy = acc + offset;
       double* __restrict sum_gy_xhat = acc + n + offset;
-      const T* __restrict row_gy = gy + b * width;
-      const T* __restrict row_o = o + b * width;
+      const T* __restrict row_gy = gy + (gy_order != nullptr ? gy_order[i] : i) * width;
+      const T* __restrict row_o = o + i * width;
       const T* __restrict row_mean = mean + offset;
       const T* __restrict row_rstd = rstd + offset;
 #pragma omp simd
@@ -437,8 +527,8 @@ std::tuple<Tensor, Tensor, Tensor> domain_norm_backward_cpu(const Tensor& grad_y
   AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "domain_norm_backward_cpu", [&] {
     const scalar_t *gy_p = gy.data_ptr<scalar_t>(), *o_p = o.data_ptr<scalar_t>();
     const NormGrad<scalar_t> ng =
-        norm_grad(gy_p, o_p, rows, batch, width, groups, weight.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
-                  rstd.data_ptr<scalar_t>(), count.data_ptr<scalar_t>(), batch_stats);
+        norm_grad(gy_p, nullptr, o_p, rows, batch, width, groups, weight.data_ptr<scalar_t>(),
+                  mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), count.data_ptr<scalar_t>(), batch_stats);
     scalar_t* grad_o_p = grad_o.data_ptr<scalar_t>();
     at::parallel_for(0, batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
       for (int64_t b = first; b < end; ++b)
@@ -450,106 +540,111 @@ std::tuple<Tensor, Tensor, Tensor> domain_norm_backward_cpu(const Tensor& grad_y
   return {grad_o, grad_weight, grad_bias};
 }
 
-// Offsets of each parameter's gradient inside one chunk's accumulator block (all G parameter sets).
-struct GradLayout {
-  int64_t down_left, down_right, down_bias, up_left, up_right, up_bias, total;
-  GradLayout(const CellShape& s) {
-    const int64_t h = s.width, k = s.rank, b = s.bottleneck, g = s.groups;
-    down_left = 0;
-    down_right = down_left + g * h * k;
-    down_bias = down_right + g * k * b;
-    up_left = down_bias + g * b;
-    up_right = up_left + g * b * k;
-    up_bias = up_right + g * k * h;
-    total = up_bias + g * h;
-  }
-};
+// Backward of the rank-k core for one row (hidden as saved by forward). From grad_r = d loss / d r it
+// forms grad_q = I.grad_r, grad_z (pre-sigmoid), grad_p = V.grad_z, grad_u = I.grad_p, and writes
+// grad_rep = u (x) grad_p + q (x) grad_r once. grad is this row of the (B, 2k + s) gradient buffer
+// [grad_q | grad_z | grad_u].
+template <typename T>
+inline void rank_core_backward_row(const CellShape& shape, const T* __restrict rep, const T* __restrict down_right,
+                                   const T* __restrict up_left, const T* __restrict hidden,
+                                   const T* __restrict grad_r, T* __restrict grad, T* __restrict grad_p,
+                                   T* __restrict grad_rep) {
+  const int64_t k = shape.rank, s = shape.bottleneck;
+  const T* a = hidden + shape.a();
+  T* grad_q = grad;
+  T* grad_z = grad + k;
+  T* grad_u = grad + k + s;
+  mat_vec(grad_q, rep, grad_r, k, k);
+  mat_vec(grad_z, up_left, grad_q, s, k);
+  for (int64_t j = 0; j < s; ++j) grad_z[j] *= a[j] * (T(1) - a[j]);
+  mat_vec(grad_p, down_right, grad_z, k, s);
+  mat_vec(grad_u, rep, grad_p, k, k);
+  write_two_outers(grad_rep, hidden + shape.u(), grad_p, hidden + shape.q(), grad_r, k);
+}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapter_backward_cpu(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& rep_in, const Tensor& domain_in,
     const Tensor& down_left_in, const Tensor& down_right_in, const Tensor& up_left_in, const Tensor& up_right_in,
-    const Tensor& norm_weight_in, const Tensor& o_in, const Tensor& hidden_in, const Tensor& mean_in,
-    const Tensor& rstd_in, const Tensor& count_in, bool per_domain, bool batch_stats) {
+    const Tensor& norm_weight_in, const Tensor& o_in, const Tensor& hidden_in, const Tensor& order_in,
+    const Tensor& mean_in, const Tensor& rstd_in, const Tensor& count_in, bool per_domain, bool batch_stats) {
   check_cpu_inputs(x_in, domain_in);
   const Tensor gy = grad_y_in.contiguous(), x = x_in.contiguous(), rep = rep_in.contiguous();
-  const Tensor domain = domain_in.contiguous(), dl = down_left_in.contiguous(), dr = down_right_in.contiguous();
+  const Tensor dl = down_left_in.contiguous(), dr = down_right_in.contiguous();
   const Tensor ul = up_left_in.contiguous(), ur = up_right_in.contiguous(), norm_weight = norm_weight_in.contiguous();
   const Tensor o = o_in.contiguous(), hidden = hidden_in.contiguous(), mean = mean_in.contiguous();
-  const Tensor rstd = rstd_in.contiguous(), count = count_in.contiguous();
+  const Tensor rstd = rstd_in.contiguous();
   const CellShape shape = cell_shape(x, rep, dr, per_domain, norm_weight);
-  const Rows rows{domain.data_ptr<int64_t>(), per_domain};
-  const GradLayout layout(shape);
-  const int64_t chunks = num_chunks(shape.batch);
-  Tensor grad_x = at::empty_like(x), grad_rep = at::empty_like(rep);
-  Tensor partial = at::zeros({chunks, layout.total}, x.options());
-  Tensor grad_norm_weight, grad_norm_bias;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_backward_cpu", [&] {
-    using T = scalar_t;
-    const T *gy_p = gy.data_ptr<T>(), *x_p = x.data_ptr<T>(), *rep_p = rep.data_ptr<T>();
-    const T *dl_p = dl.data_ptr<T>(), *dr_p = dr.data_ptr<T>(), *ul_p = ul.data_ptr<T>(), *ur_p = ur.data_ptr<T>();
-    const T *o_p = o.data_ptr<T>(), *hidden_p = hidden.data_ptr<T>();
-    T *grad_x_p = grad_x.data_ptr<T>(), *grad_rep_p = grad_rep.data_ptr<T>();
-    const NormGrad<T> ng = norm_grad(gy_p, o_p, rows, shape.batch, shape.width, shape.groups,
-                                     norm_weight.data_ptr<T>(), mean.data_ptr<T>(), rstd.data_ptr<T>(),
-                                     count.data_ptr<T>(), batch_stats);
-    const int64_t h = shape.width, k = shape.rank, s = shape.bottleneck, kk = k * k;
-    const int64_t stride = shape.hidden_stride();
-    parallel_chunks(shape.batch, chunks, [&](int64_t c, int64_t first, int64_t end) {
-      T* acc = partial.data_ptr<T>() + c * layout.total;
-      std::vector<T> scratch(h + 4 * k + s);
-      T* grad_o = scratch.data();
-      T* grad_r = grad_o + h;
-      T* grad_q = grad_r + k;
-      T* grad_p = grad_q + k;
-      T* grad_u = grad_p + k;
-      T* grad_z = grad_u + k;
-      for (int64_t b = first; b < end; ++b) {
-        const int64_t d = rows.group(b);
-        const T* row_x = x_p + b * h;
-        const T* row_rep = rep_p + b * kk;
-        const T* u = hidden_p + b * stride;
-        const T* p = u + k;
-        const T* q = p + k;
-        const T* r = q + k;
-        const T* a = r + k;
-        ng.grad_o_row(d, h, gy_p + b * h, o_p + b * h, grad_o);
-        // o = r . up_right + up_bias
-        axpy(acc + layout.up_bias + d * h, T(1), grad_o, h);
-        add_outer(acc + layout.up_right + d * k * h, r, grad_o, k, h);
-        mat_vec(grad_r, ur_p + d * k * h, grad_o, k, h);
-        // r = q . I
-        mat_vec(grad_q, row_rep, grad_r, k, k);
-        // q = a . up_left; a = sigmoid(z), z = p . down_right + down_bias
-        add_outer(acc + layout.up_left + d * s * k, a, grad_q, s, k);
-        mat_vec(grad_z, ul_p + d * s * k, grad_q, s, k);
-        for (int64_t j = 0; j < s; ++j) grad_z[j] *= a[j] * (T(1) - a[j]);
-        axpy(acc + layout.down_bias + d * s, T(1), grad_z, s);
-        add_outer(acc + layout.down_right + d * k * s, p, grad_z, k, s);
-        mat_vec(grad_p, dr_p + d * k * s, grad_z, k, s);
-        // p = u . I, and both uses of I_b meet in one write of grad_rep
-        mat_vec(grad_u, row_rep, grad_p, k, k);
-        write_two_outers(grad_rep_p + b * kk, u, grad_p, q, grad_r, k);
-        // u = x . down_left; y = x + DomainNorm(o)
-        add_outer(acc + layout.down_left + d * h * k, row_x, grad_u, h, k);
-        T* row_grad_x = grad_x_p + b * h;
-        mat_vec(row_grad_x, dl_p + d * h * k, grad_u, h, k);
-        axpy(row_grad_x, T(1), gy_p + b * h, h);
-      }
+  const int64_t h = shape.width, k = shape.rank, s = shape.bottleneck;
+  const GroupOrder order = saved_order(order_in.contiguous(), count_in);
+  const int64_t* order_p = order.order.data_ptr<int64_t>();
+  const Rows slots{order.slot_group.data(), per_domain};
+  // All (B, .) buffers below are in group order.
+  Tensor grad_o = at::empty({shape.batch, h}, x.options());
+  Tensor grad_r = at::empty({shape.batch, k}, x.options());
+  Tensor grad_core = at::empty({shape.batch, 2 * k + s}, x.options());  // [grad_q | grad_z | grad_u]
+  Tensor grad_rep = at::empty_like(rep), grad_norm_weight, grad_norm_bias;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_backward_cpu_norm", [&] {
+    const scalar_t *gy_p = gy.data_ptr<scalar_t>(), *o_p = o.data_ptr<scalar_t>();
+    const NormGrad<scalar_t> ng = norm_grad(gy_p, order_p, o_p, slots, shape.batch, h, shape.groups,
+                                            norm_weight.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+                                            rstd.data_ptr<scalar_t>(), count_in.contiguous().data_ptr<scalar_t>(),
+                                            batch_stats);
+    scalar_t* grad_o_p = grad_o.data_ptr<scalar_t>();
+    at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
+      for (int64_t i = first; i < end; ++i)
+        ng.grad_o_row(slots.group(i), h, gy_p + order_p[i] * h, o_p + i * h, grad_o_p + i * h);
     });
     grad_norm_weight = to_tensor(ng.grad_weight, norm_weight.sizes(), x.options());
     grad_norm_bias = to_tensor(ng.grad_bias, norm_weight.sizes(), x.options());
   });
-  const Tensor total = partial.sum(0);
-  auto grad_of = [&](int64_t offset, at::IntArrayRef sizes) {
-    return total.narrow(0, offset, c10::multiply_integers(sizes)).view(sizes).clone();
-  };
-  // Bias gradients take the parameters' shapes: (D, s) and (D, h) in paper mode, (s,) and (h,) released.
-  const std::vector<int64_t> down_bias_sizes = per_domain ? std::vector<int64_t>{shape.groups, shape.bottleneck}
-                                                          : std::vector<int64_t>{shape.bottleneck};
-  return {grad_x, grad_rep, grad_of(layout.down_left, dl.sizes()), grad_of(layout.down_right, dr.sizes()),
-          grad_of(layout.down_bias, down_bias_sizes), grad_of(layout.up_left, ul.sizes()),
-          grad_of(layout.up_right, ur.sizes()), grad_of(layout.up_bias, norm_weight.sizes()),
-          grad_norm_weight, grad_norm_bias};
+  // grad_r = grad_o.V'^T, one GEMM per domain.
+  for (int64_t g = 0; g < shape.groups; ++g) {
+    if (order.rows(g) == 0) continue;
+    Tensor grad_r_g = slots_of(grad_r, order, g);
+    at::mm_out(grad_r_g, slots_of(grad_o, order, g), param_of(ur, g, per_domain).t());
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_backward_cpu_core", [&] {
+    const scalar_t *rep_p = rep.data_ptr<scalar_t>(), *dr_p = dr.data_ptr<scalar_t>();
+    const scalar_t *ul_p = ul.data_ptr<scalar_t>(), *hidden_p = hidden.data_ptr<scalar_t>();
+    const scalar_t* grad_r_p = grad_r.data_ptr<scalar_t>();
+    scalar_t *grad_core_p = grad_core.data_ptr<scalar_t>(), *grad_rep_p = grad_rep.data_ptr<scalar_t>();
+    at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
+      std::vector<scalar_t> grad_p(k);
+      for (int64_t i = first; i < end; ++i) {
+        const int64_t d = slots.group(i), b = order_p[i];
+        rank_core_backward_row(shape, rep_p + b * k * k, dr_p + d * k * s, ul_p + d * s * k,
+                               hidden_p + i * shape.stride(), grad_r_p + i * k, grad_core_p + i * (2 * k + s),
+                               grad_p.data(), grad_rep_p + b * k * k);
+      }
+    });
+  });
+  // The dense products' gradients, one GEMM each per domain: grad_x = gy + grad_u.U^T and the factor
+  // gradients as (rows' inputs)^T . (rows' output gradients).
+  Tensor grad_dl = at::zeros_like(dl), grad_dr = at::zeros_like(dr), grad_ul = at::zeros_like(ul);
+  Tensor grad_ur = at::zeros_like(ur), grad_ub = at::zeros_like(norm_weight);
+  Tensor grad_db = per_domain ? at::zeros({shape.groups, s}, x.options()) : at::zeros({s}, x.options());
+  Tensor grad_x_sorted = at::empty({shape.batch, h}, x.options());
+  const Tensor x_sorted = x.index_select(0, order.order);
+  for (int64_t g = 0; g < shape.groups; ++g) {
+    if (order.rows(g) == 0) continue;
+    const Tensor hidden_g = slots_of(hidden, order, g), core_g = slots_of(grad_core, order, g);
+    const Tensor grad_o_g = slots_of(grad_o, order, g);
+    const Tensor grad_q = core_g.narrow(1, 0, k), grad_z = core_g.narrow(1, k, s), grad_u = core_g.narrow(1, k + s, k);
+    Tensor grad_x_g = slots_of(grad_x_sorted, order, g);
+    Tensor grad_dl_g = param_of(grad_dl, g, per_domain), grad_dr_g = param_of(grad_dr, g, per_domain);
+    Tensor grad_ul_g = param_of(grad_ul, g, per_domain), grad_ur_g = param_of(grad_ur, g, per_domain);
+    Tensor grad_db_g = param_of(grad_db, g, per_domain), grad_ub_g = param_of(grad_ub, g, per_domain);
+    at::mm_out(grad_x_g, grad_u, param_of(dl, g, per_domain).t());
+    at::mm_out(grad_dl_g, slots_of(x_sorted, order, g).t(), grad_u);
+    at::mm_out(grad_dr_g, hidden_g.narrow(1, shape.p(), k).t(), grad_z);
+    at::mm_out(grad_ul_g, hidden_g.narrow(1, shape.a(), s).t(), grad_q);
+    at::mm_out(grad_ur_g, hidden_g.narrow(1, shape.r(), k).t(), grad_o_g);
+    at::sum_out(grad_db_g, grad_z, 0);
+    at::sum_out(grad_ub_g, grad_o_g, 0);
+  }
+  Tensor grad_x = gy.clone();
+  grad_x.index_add_(0, order.order, grad_x_sorted);
+  return {grad_x, grad_rep, grad_dl, grad_dr, grad_db, grad_ul, grad_ur, grad_ub, grad_norm_weight, grad_norm_bias};
 }
 
 }  // namespace

@@ -13,8 +13,10 @@
 //   Outputs mean, rstd, var, count are per statistics group (G = D or 1): the mean, 1/sqrt(var + eps),
 //   the variance used for normalising, and the number of rows; backward and the running-statistics
 //   update read them.
-//   hidden is (B, 4k + s): each row's u = x.U, p = u.I, q = a.U', r = q.I and a = sigmoid(p.V + b),
-//   the rank-k and bottleneck intermediates backward needs (O(k) per row, never O(h*s)).
+//   adapter_forward also returns, for backward, the rows grouped by statistics group: order (B,) int64
+//   (slot i holds original row order[i], stable), o (B, h) and hidden (B, 4k + s) in that slot order;
+//   hidden holds each row's u = x.U, p = u.I, q = a.U', r = q.I and a = sigmoid(p.V + b), the rank-k and
+//   bottleneck intermediates (O(k) per row, never O(h*s)).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -31,11 +33,11 @@ TORCH_LIBRARY(hamur_fast, m) {
       "adapter_forward(Tensor x, Tensor rep, Tensor domain, Tensor down_left, Tensor down_right, "
       "Tensor down_bias, Tensor up_left, Tensor up_right, Tensor up_bias, Tensor norm_weight, "
       "Tensor norm_bias, Tensor? stat_mean, Tensor? stat_var, bool per_domain, float eps) -> "
-      "(Tensor y, Tensor o, Tensor hidden, Tensor mean, Tensor rstd, Tensor var, Tensor count)");
+      "(Tensor y, Tensor o, Tensor hidden, Tensor order, Tensor mean, Tensor rstd, Tensor var, Tensor count)");
   m.def(
       "adapter_backward(Tensor grad_y, Tensor x, Tensor rep, Tensor domain, Tensor down_left, "
       "Tensor down_right, Tensor up_left, Tensor up_right, Tensor norm_weight, Tensor o, Tensor hidden, "
-      "Tensor mean, Tensor rstd, Tensor count, bool per_domain, bool batch_stats) -> "
+      "Tensor order, Tensor mean, Tensor rstd, Tensor count, bool per_domain, bool batch_stats) -> "
       "(Tensor grad_x, Tensor grad_rep, Tensor grad_down_left, Tensor grad_down_right, "
       "Tensor grad_down_bias, Tensor grad_up_left, Tensor grad_up_right, Tensor grad_up_bias, "
       "Tensor grad_norm_weight, Tensor grad_norm_bias)");

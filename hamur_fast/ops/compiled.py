@@ -41,12 +41,13 @@ def _statistics_like(t, weight, per_domain):
 def _adapter_forward_fake(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias,
                           norm_weight, norm_bias, stat_mean, stat_var, per_domain, eps):
     hidden = x.new_empty((x.shape[0], 4 * rep.shape[1] + down_right.shape[-1]))
-    return (torch.empty_like(x), torch.empty_like(x), hidden, *_statistics_like(x, norm_weight, per_domain))
+    order = x.new_empty((x.shape[0],), dtype=torch.int64)
+    return (torch.empty_like(x), torch.empty_like(x), hidden, order, *_statistics_like(x, norm_weight, per_domain))
 
 
 @torch.library.register_fake("hamur_fast::adapter_backward")
 def _adapter_backward_fake(grad_y, x, rep, domain, down_left, down_right, up_left, up_right, norm_weight, o,
-                           hidden, mean, rstd, count, per_domain, batch_stats):
+                           hidden, order, mean, rstd, count, per_domain, batch_stats):
     bottleneck = down_right.shape[-1]
     bias_shape = (norm_weight.shape[0], bottleneck) if per_domain else (bottleneck,)
     return (torch.empty_like(x), torch.empty_like(rep), torch.empty_like(down_left), torch.empty_like(down_right),
@@ -71,15 +72,15 @@ def _domain_norm_backward_fake(grad_y, o, domain, weight, mean, rstd, count, per
 
 
 # ----------------------------------------------------------------------------- autograd
-# Only y is differentiable; o, hidden and the statistics are saved for backward and for the
+# Only y is differentiable; o, hidden, order and the statistics are saved for backward and for the
 # running-statistics update.
 def _adapter_setup_context(ctx, inputs, output):
     (x, rep, domain, down_left, down_right, _down_bias, up_left, up_right, _up_bias, norm_weight, _norm_bias,
      stat_mean, _stat_var, per_domain, _eps) = inputs
-    _y, o, hidden, mean, rstd, _var, count = output
+    _y, o, hidden, order, mean, rstd, _var, count = output
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(x, rep, domain, down_left, down_right, up_left, up_right, norm_weight, o, hidden,
-                          mean, rstd, count)
+                          order, mean, rstd, count)
     ctx.per_domain = per_domain
     ctx.batch_stats = stat_mean is None
 
@@ -136,7 +137,7 @@ def hyper_adapter(x, rep, domain, params, running_mean, running_var, *, mode, tr
     stat_mean, stat_var = _statistics_source(mode, training, running_mean, running_var, dtype)
     if stat_mean is not None and not _needs_grad(x_c, rep_c, *params):
         return ops.adapter_infer(x_c, rep_c, domain, *params, stat_mean, stat_var, eps).to(x.dtype)
-    y, _o, _hidden, mean, _rstd, var, count = ops.adapter_forward(x_c, rep_c, domain, *params, stat_mean, stat_var,
+    y, _o, _hidden, _order, mean, _rstd, var, count = ops.adapter_forward(x_c, rep_c, domain, *params, stat_mean, stat_var,
                                                                   mode == "paper", eps)
     if training and running_mean is not None:
         eager.update_running_stats(running_mean, running_var, count, mean, var, momentum)
