@@ -38,8 +38,13 @@ def available_backends() -> list[str]:
 def resolve(name: str, device: torch.device) -> Backend:
     """Return the backend called ``name`` (or the best one for ``device`` when ``name == "auto"``)."""
     if name == "auto":
-        ranked = [(b.auto_priority(device), b) for b in _BACKENDS.values() if b.supports(device)]
-        return min((r for r in ranked if r[0] is not None), key=lambda r: r[0])[1]
+        best, best_rank = None, None
+        # A plain loop, not min(key=...): torch.compile traces it, so a compiled model has no graph break here.
+        for backend in _BACKENDS.values():
+            rank = backend.auto_priority(device) if backend.supports(device) else None
+            if rank is not None and (best_rank is None or rank < best_rank):
+                best, best_rank = backend, rank
+        return best
     if name not in _BACKENDS:
         raise ValueError(f"backend {name!r} is not available here; available: {available_backends()}")
     backend = _BACKENDS[name]
