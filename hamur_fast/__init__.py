@@ -1,10 +1,10 @@
 """hamur_fast: fast, trustworthy HAMUR (Hyper Adapter for Multi-Domain Recommendation, CIKM 2023)."""
-from . import compat, models, ops
+from . import compat, inference, models, ops
 from ._checks import set_value_checks
 from .nn import DomainNorm, HyperAdapter, HyperNetwork
 from .ops.registry import available_backends
 
 __version__ = "0.1.0"
 
-__all__ = ["HyperNetwork", "HyperAdapter", "DomainNorm", "ops", "models", "compat",
+__all__ = ["HyperNetwork", "HyperAdapter", "DomainNorm", "ops", "models", "compat", "inference",
            "available_backends", "set_value_checks", "__version__"]

@@ -88,3 +88,66 @@ def released_cell(x, rep, u_down, v_down, b_down, u_up, v_up, b_up, gamma, beta,
     mean = o.mean(dim=0)
     var = o.var(dim=0)
     return x + gamma * (o - mean) / torch.sqrt(var + eps) + beta
+
+
+class ReleasedMLP(torch.nn.Module):
+    """The released MLP model's forward, loop for loop: the baseline benchmarks measure against.
+
+    For each domain d: the hyper-network on the whole batch, tower d on the whole batch with the
+    einsum adapter cell (:func:`released_cell`) after the layers in ``adapter_after``, the output
+    layer and sigmoid; then each row keeps its own domain's probability. Parameter names follow the
+    released ``state_dict`` (``layer_list``, ``hyper_net``, ``u``, ``v``, ``b_list``, ``gamma1``,
+    ``bias1``, ...), so its state loads into a released-mode HAMUR with :func:`load_released_state_dict`.
+    Factors start at ones, as released. ``forward(e, domain) -> probabilities (B,)``.
+    """
+
+    def __init__(self, input_dim: int, num_domains: int, dims=(256, 128), hyper_dims=(64,), rank: int = 35,
+                 bottleneck: int = 32, adapter_after=None, eps: float = 1e-5):
+        super().__init__()
+        nn = torch.nn
+        self.num_domains, self.rank, self.eps = num_domains, rank, eps
+        self.adapter_after = sorted(adapter_after) if adapter_after is not None else [len(dims) - 1]
+        if not self.adapter_after or not all(0 <= j < len(dims) for j in self.adapter_after):
+            raise ValueError(f"adapter_after must list layers in [0, {len(dims)}), got {adapter_after}")
+        widths = [input_dim, *dims]
+
+        def tower():
+            layers = []
+            for i, o in zip(widths, widths[1:]):
+                layers += [nn.Linear(i, o), nn.BatchNorm1d(o), nn.ReLU()]
+            return nn.Sequential(*layers, nn.Linear(widths[-1], 1))
+
+        self.layer_list = nn.ModuleList(tower() for _ in range(num_domains))
+        hyper, width = [], input_dim
+        for out in [*hyper_dims, rank * rank]:
+            hyper += [nn.Linear(width, out), nn.BatchNorm1d(out), nn.ReLU(), nn.Dropout(0.0)]
+            width = out
+        self.hyper_net = nn.Sequential(*hyper)
+        cell_widths = [widths[j + 1] for j in self.adapter_after]
+        self.u = nn.ParameterList(p for h in cell_widths for p in (_ones(h, rank), _ones(bottleneck, rank)))
+        self.v = nn.ParameterList(p for h in cell_widths for p in (_ones(rank, bottleneck), _ones(rank, h)))
+        self.b_list = nn.ParameterList(nn.Parameter(torch.zeros(n)) for h in cell_widths for n in (bottleneck, h))
+        for c, h in enumerate(cell_widths):
+            setattr(self, f"gamma{c + 1}", _ones(h))
+            setattr(self, f"bias{c + 1}", nn.Parameter(torch.zeros(h)))
+
+    def forward(self, e: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        starts = [0] + [j + 1 for j in self.adapter_after]  # tower layers between the cells
+        for d in range(self.num_domains):
+            rep = self.hyper_net(e).view(-1, self.rank, self.rank)
+            tower, h = self.layer_list[d], e
+            for c, j in enumerate(self.adapter_after):
+                h = tower[3 * starts[c]:3 * (j + 1)](h)
+                h = released_cell(h, rep, self.u[2 * c], self.v[2 * c], self.b_list[2 * c], self.u[2 * c + 1],
+                                  self.v[2 * c + 1], self.b_list[2 * c + 1], getattr(self, f"gamma{c + 1}"),
+                                  getattr(self, f"bias{c + 1}"), self.eps)
+            outputs.append(torch.sigmoid(tower[3 * starts[-1]:](h)).squeeze(1))
+        prediction = torch.zeros_like(outputs[0])
+        for d, out in enumerate(outputs):
+            prediction = torch.where(domain == d, out, prediction)
+        return prediction
+
+
+def _ones(*shape) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.ones(*shape))

@@ -1,0 +1,112 @@
+"""Export a model's eval computation: ``torch.export`` (``.pt2``) and ONNX.
+
+``export_model(model, example_e, example_domain, path, format="pt2" | "onnx")`` writes the folded
+eval copy of ``model`` (see :mod:`hamur_fast.inference.folding`; the original is untouched) with a
+dynamic batch dimension; ``load_exported(path)`` reads a ``.pt2`` back as a module
+``(e, domain) -> probabilities``.
+
+- ``pt2``: the graph keeps the model's backend: kernel-backend cells appear as our custom ops
+  (``hamur_fast::...``), so loading needs ``import hamur_fast`` (``load_exported`` does it) and the
+  same backend available where it is loaded.
+- ``onnx``: ONNX cannot carry custom ops, so a model with a ``backend`` switch (every HAMUR model)
+  is exported with ``backend="torch"`` (the same math in standard ops). Any other custom op left in
+  the graph stops the export with a message naming it. Needs the ``onnx`` and ``onnxscript``
+  packages (torch's dynamo-based ONNX exporter).
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import _checks
+from .folding import fold_for_inference, needs_whole_batch
+
+FORMATS = ("pt2", "onnx")
+# Namespaces of ops every runtime knows; anything else in a graph is a custom op.
+_STANDARD_NAMESPACES = ("aten", "prims", "_assert", "higher_order")
+
+
+def export_model(model: nn.Module, example_e: torch.Tensor, example_domain: torch.Tensor, path,
+                 format: str = "pt2") -> Path:
+    """Write the folded eval model to ``path`` in ``format``; returns the path written.
+
+    ``example_e`` (B, input_dim) and ``example_domain`` (B,) fix dtypes and device; the batch size is
+    exported as dynamic (use B >= 2 in the example: torch.export specialises a size-1 dimension).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    _check_example(model, example_e, example_domain)
+    path = Path(path)
+    if format == "onnx":
+        _require_packages("onnx", "onnxscript")
+        model = _with_standard_ops(model)
+    program = export_program(model, example_e, example_domain)
+    if format == "pt2":
+        torch.export.save(program, str(path))
+        return path
+    custom = custom_ops(program)
+    if custom:
+        raise ValueError(f"ONNX export cannot carry the custom op(s) {custom}: ONNX runtimes do not know them; "
+                         "export format='pt2' instead, or build the model from standard PyTorch ops")
+    torch.onnx.export(program, (example_e, example_domain), str(path), dynamo=True,
+                      input_names=["e", "domain"], output_names=["probability"])
+    return path
+
+
+def export_program(model: nn.Module, example_e: torch.Tensor, example_domain: torch.Tensor):
+    """``torch.export`` of the folded eval copy of ``model``, batch dimension dynamic."""
+    folded = fold_for_inference(model, example_e.device)
+    # Released DomainNorm divides by (B - 1): its graph is valid from B = 2 on, and says so.
+    batch = torch.export.Dim("batch", min=2 if needs_whole_batch(folded) else 1)
+    with torch.no_grad():
+        return torch.export.export(folded, (example_e, example_domain),
+                                   dynamic_shapes=({0: batch}, {0: batch}))
+
+
+def load_exported(path) -> nn.Module:
+    """Load a ``.pt2`` written by :func:`export_model`: a module ``(e, domain) -> probabilities``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no exported model at {path}")
+    # Importing this module imported hamur_fast, which registered the custom ops the graph may call.
+    return torch.export.load(str(path)).module()
+
+
+def custom_ops(program) -> list[str]:
+    """Names of the non-standard ops an exported program calls, e.g. ``['hamur_fast::adapter_fwd']``."""
+    names = set()
+    for node in program.graph_module.graph.nodes:
+        namespace = getattr(node.target, "namespace", None)
+        if node.op == "call_function" and namespace and namespace not in _STANDARD_NAMESPACES:
+            names.add(str(node.target.name()) if hasattr(node.target, "name") else str(node.target))
+    return sorted(names)
+
+
+def _with_standard_ops(model: nn.Module) -> nn.Module:
+    if not hasattr(model, "backend"):
+        return model
+    portable = copy.deepcopy(model)
+    portable.backend = "torch"
+    return portable
+
+
+def _require_packages(*names: str) -> None:
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"ONNX export needs the package(s) {missing} (pip install {' '.join(missing)}); "
+                         "format='pt2' needs nothing extra")
+
+
+def _check_example(model, example_e, example_domain) -> None:
+    _checks.check_float("example_e", example_e, 2)
+    batch = _checks.check_batch("example_e", example_e)
+    if batch < 2:
+        raise ValueError("example_e needs at least 2 rows: torch.export would specialise the batch size to 1")
+    input_dim = getattr(model, "input_dim", None)
+    if input_dim is not None and example_e.shape[1] != input_dim:
+        raise ValueError(f"example_e must have shape (B, {input_dim}), got {tuple(example_e.shape)}")
+    _checks.check_domain(example_domain, batch, getattr(model, "num_domains", None))
