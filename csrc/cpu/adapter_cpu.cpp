@@ -434,25 +434,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> domain_norm_forward_cpu(
 //   with batch statistics (var = sum(centred^2) / m, m = n biased or n - 1 unbiased)
 //     grad_o = rstd * weight * (gy - grad_bias / n - xhat * grad_weight / m),
 //   with given statistics grad_o = rstd * weight * gy.
-// NormGrad holds the per-group terms so that grad_o costs a few FMAs per element.
+// NormGrad holds the per-group terms so that grad_o costs a few FMAs per element. The centring happens
+// before the gain rstd * weight (up to 1/sqrt(eps)) multiplies in, so a one-row group gets exactly 0.
 template <typename T>
 struct NormGrad {
   std::vector<T> grad_weight, grad_bias;  // (G, h)
-  std::vector<T> gain, mean_term, xhat_term;  // grad_o = gain * gy - mean_term - xhat * xhat_term
+  std::vector<T> gain, mean_gy, xhat_coef;  // grad_o = gain * (gy - mean_gy - xhat * xhat_coef)
   const T *mean, *rstd;
 
   inline void grad_o_row(int64_t g, int64_t width, const T* __restrict gy, const T* __restrict o,
                          T* __restrict out) const {
     const int64_t offset = g * width;
     const T* __restrict row_gain = gain.data() + offset;
-    const T* __restrict row_mean_term = mean_term.data() + offset;
-    const T* __restrict row_xhat_term = xhat_term.data() + offset;
+    const T* __restrict row_mean_gy = mean_gy.data() + offset;
+    const T* __restrict row_xhat_coef = xhat_coef.data() + offset;
     const T* __restrict row_mean = mean + offset;
     const T* __restrict row_rstd = rstd + offset;
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
       const T xhat = (o[j] - row_mean[j]) * row_rstd[j];
-      out[j] = row_gain[j] * gy[j] - row_mean_term[j] - xhat * row_xhat_term[j];
+      out[j] = row_gain[j] * (gy[j] - row_mean_gy[j] - xhat * row_xhat_coef[j]);
     }
   }
 };
@@ -493,13 +494,12 @@ NormGrad<T> norm_grad(const T* gy, const int64_t* gy_order, const T* o, const Ro
         sum_gy += partial[c * 2 * n + i];
         sum_gy_xhat += partial[c * 2 * n + n + i];
       }
-      const double gain = static_cast<double>(weight[i]) * rstd[i];
       out.grad_bias[i] = static_cast<T>(sum_gy);
       out.grad_weight[i] = static_cast<T>(sum_gy_xhat);
-      out.gain[i] = static_cast<T>(gain);
+      out.gain[i] = weight[i] * rstd[i];
       if (batch_stats && rows_in_group > 0) {
-        out.mean_term[i] = static_cast<T>(gain * sum_gy / rows_in_group);
-        out.xhat_term[i] = static_cast<T>(gain * sum_gy_xhat / var_denominator);
+        out.mean_gy[i] = static_cast<T>(sum_gy / rows_in_group);
+        out.xhat_coef[i] = static_cast<T>(sum_gy_xhat / var_denominator);
       }
     }
   }
