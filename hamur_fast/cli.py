@@ -1,0 +1,191 @@
+"""The ``hamur-fast`` command: demo, train, eval, predict, compare, sweep.
+
+Every command reads a YAML config (sections data, model, train, output; see configs/) and takes
+``--set section.key=value`` overrides; tables print as Markdown, files go under the output directory.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .data import DataError, read_prediction_input
+from .train import CheckpointError
+from .train import experiment as ex
+from .train.files import atomic_path, write_json
+
+DEMO_CONFIG = {
+    "data": {"kind": "synthetic", "rows": 30_000, "seed": 0},
+    "model": {"embed_dim": 16},
+    "train": {"epochs": 6, "batch_size": 1024, "patience": 3, "seed": 1},
+}
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return args.run(args)
+    except (DataError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"hamur-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_demo(args) -> int:
+    config = _config(args, DEMO_CONFIG)
+    output = Path(args.output or "runs/demo")
+    print("HAMUR demo: synthetic multi-domain clicks (3 domains, domain 2 rare; see hamur_fast.data.synthetic),\n"
+          "HAMUR-MLP against the same per-domain MLP towers without adapters.\n")
+    result = ex.compare(config, ["hamur_mlp", "mlp"], [config["train"]["seed"]], output, progress=not args.quiet)
+    print(f"\nTest AUC per domain (best epoch by validation AUC):\n\n{result['table']}\n")
+    print(f"Plots: {output / 'compare_domain_auc.png'}, learning curves under {output / 'runs'}/*/seed*/")
+    return 0
+
+
+def cmd_train(args) -> int:
+    if args.resume:
+        result = ex.resume_run(args.resume, epochs=args.epochs, progress=not args.quiet)
+    else:
+        config = _config(args)
+        output = Path(args.output or config.get("output", "runs/train"))
+        result = ex.train_run(config, run_dir=output, progress=not args.quiet)
+    _print_metrics(result.test, f"test metrics ({result.label}, best epoch {result.best_epoch})")
+    print(f"checkpoint: {result.run_dir / 'checkpoint.pt'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    trainer, payload = ex.load_trained(args.checkpoint, args.device)
+    data_config = ex.apply_overrides({"data": payload["config"]["data"]}, args.set)["data"]
+    data = ex.load_dataset(data_config, feature_map=trainer.feature_map)
+    metrics = trainer.evaluate(getattr(data, args.split))
+    _print_metrics(metrics, f"{args.split} metrics of {args.checkpoint}")
+    if args.output:
+        write_json(args.output, metrics)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    if not args.output:
+        raise ValueError("predict needs --output FILE (.csv or .parquet)")
+    trainer, _ = ex.load_trained(args.checkpoint, args.device)
+    frame, split = read_prediction_input(args.input, trainer.feature_map)
+    out = frame.assign(domain_id=split.domain.numpy(), probability=trainer.predict(split).numpy())
+    output = Path(args.output)
+    with atomic_path(output) as temporary:
+        if output.suffix.lower() in {".parquet", ".pq"}:
+            out.to_parquet(temporary, index=False)
+        else:
+            out.to_csv(temporary, index=False)
+    print(f"wrote {len(out):,} predictions to {output}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    config = _config(args)
+    section = config.get("compare", {})
+    models = ex.split_values(args.models) if args.models else section.get("models")
+    if not models:
+        raise ValueError("name the models: --models a,b,... or a compare: {models: [...]} section")
+    seeds = _seeds(args, section, config)
+    output = Path(args.output or config.get("output", "runs/compare"))
+    result = ex.compare(config, [str(m) if not isinstance(m, dict) else m for m in models], seeds, output,
+                        progress=not args.quiet)
+    print(f"\nTest AUC, mean ± std over seeds {seeds}:\n\n{result['table']}\n\nwritten under {output}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    config = _config(args)
+    section = config.get("sweep", {})
+    if args.param:
+        param, sep, raw = args.param.partition("=")
+        if not sep:
+            raise ValueError(f"--param must look like name=v1,v2,..., got {args.param!r}")
+        values = ex.split_values(raw)
+    else:
+        param, values = section.get("param"), section.get("values")
+    if not param or not values:
+        raise ValueError("name the swept parameter: --param k=8,16,35,64 or a sweep: {param, values} section")
+    seeds = _seeds(args, section, config)
+    output = Path(args.output or config.get("output", "runs/sweep"))
+    result = ex.sweep(config, param, values, seeds, output, progress=not args.quiet)
+    print(f"\nTest AUC against {param}, mean ± std over seeds {seeds}:\n\n{result['table']}\n\nwritten under {output}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- helpers
+def _config(args, default=None) -> dict:
+    config = ex.load_config(args.config) if getattr(args, "config", None) else dict(default or {})
+    overrides = list(args.set)
+    for flag, key in (("epochs", "train.epochs"), ("seed", "train.seed"), ("device", "train.device")):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    return ex.apply_overrides(config, overrides)
+
+
+def _seeds(args, section: dict, config: dict) -> list:
+    if args.seeds:
+        return [int(s) for s in ex.split_values(args.seeds)]
+    return list(section.get("seeds") or [config.get("train", {}).get("seed", 2022)])
+
+
+def _print_metrics(metrics: dict, title: str) -> None:
+    lines = [f"\n{title}:", "| domain | AUC | logloss | rows |", "|---|---|---|---|"]
+    for suffix in ["", *sorted(k.removeprefix("auc") for k in metrics if k.startswith("auc_d"))]:
+        lines.append(f"| {suffix.lstrip('_') or 'overall'} | {metrics['auc' + suffix]:.4f} | "
+                     f"{metrics['logloss' + suffix]:.4f} | {metrics['rows' + suffix]:,} |")
+    print("\n".join(lines))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hamur-fast", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, handler, help_text, config=True):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(run=handler)
+        if config:
+            sub.add_argument("--config", help="YAML config (sections data, model, train, output)")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config entry, e.g. --set train.epochs=3 (repeatable)")
+        sub.add_argument("--output", help="output directory (or file, for eval/predict)")
+        sub.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        sub.add_argument("--threads", type=int, help="torch CPU threads")
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        return sub
+
+    demo = command("demo", cmd_demo, "train HAMUR-MLP and MLP on built-in synthetic data, compare per domain",
+                   config=False)
+    demo.add_argument("--epochs", type=int)
+    demo.add_argument("--seed", type=int)
+    train = command("train", cmd_train, "train one model from a config")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--resume", metavar="CHECKPOINT", help="continue the run that wrote this checkpoint")
+    evaluate = command("eval", cmd_eval, "evaluate a checkpoint on its data's test (or val) split", config=False)
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--split", choices=["test", "val", "train"], default="test")
+    predict = command("predict", cmd_predict, "click probabilities for a CSV/Parquet file in the raw layout",
+                      config=False)
+    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--input", required=True)
+    for name, handler, help_text in (("compare", cmd_compare, "several models x seeds: per-domain table and plot"),
+                                     ("sweep", cmd_sweep, "one parameter over values x seeds: table and plot")):
+        sub = command(name, handler, help_text)
+        sub.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3")
+        sub.add_argument("--epochs", type=int)
+        if name == "compare":
+            sub.add_argument("--models", help="comma-separated, e.g. hamur_mlp,hamur_mlp:mode=released,mlp")
+        else:
+            sub.add_argument("--param", help="name=v1,v2,...; names: k, hyper_width, hyper, norm or section.key")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

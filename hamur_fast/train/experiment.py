@@ -1,0 +1,270 @@
+"""Runs described by a config (YAML sections ``data``, ``model``, ``train``, ``output``, optional
+``compare`` and ``sweep``): one training run, several models x seeds, one parameter swept over values."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from ..data import FeatureMap, MultiDomainData, load_dataset
+from ..features import build_ctr_model
+from .checkpoint import load_checkpoint
+from .files import write_json, write_text
+from .trainer import TrainConfig, Trainer
+
+# The HAMUR family shares the constructor arguments a base model section may set for all of them.
+HAMUR_FAMILY = {"hamur_mlp", "hamur_dcn", "hamur_wide_deep", "mlp", "dcn", "wide_deep"}
+FAMILY_KEYS = ("preset", "backend")
+# Short names for swept parameters: name -> (config path, how a value is written there).
+SWEEP_ALIASES = {"k": ("model.rank", int), "rank": ("model.rank", int),
+                 "hyper_width": ("model.hyper_dims", lambda v: [int(v)]),
+                 "hyper": ("model.hyper", str), "norm": ("model.norm", str)}
+
+
+# ---------------------------------------------------------------------------- configs
+def load_config(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config not found: {path}")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a config is a YAML mapping with data/model/train sections")
+    unknown = set(config) - {"data", "model", "train", "output", "compare", "sweep"}
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}")
+    return config
+
+
+def set_path(config: dict, dotted: str, value) -> dict:
+    """A copy of ``config`` with ``value`` at ``a.b.c`` (sections created as needed)."""
+    config = copy.deepcopy(config)
+    *parents, leaf = dotted.split(".")
+    node = config
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set {dotted}: {key} is not a section")
+    node[leaf] = value
+    return config
+
+
+def apply_overrides(config: dict, assignments: list) -> dict:
+    """``["train.epochs=3", "model.rank=16"]``: each value is read as YAML (numbers, lists, true/false)."""
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {assignment!r} must look like section.key=value")
+        config = set_path(config, key.strip(), yaml.safe_load(raw))
+    return config
+
+
+def split_values(text: str) -> list:
+    """``"8,16,35"`` -> [8, 16, 35]; commas inside brackets stay (``"[32],[64,32]"`` -> [[32], [64, 32]])."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        if char == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += char
+    values.append(current)
+    return [yaml.safe_load(v.strip()) for v in values if v.strip()]
+
+
+# ---------------------------------------------------------------------------- one run
+@dataclass
+class RunResult:
+    label: str
+    seed: int
+    test: dict
+    history: list
+    best_epoch: int
+    seconds: float
+    run_dir: Path | None
+
+
+def train_run(config: dict, data: MultiDomainData | None = None, run_dir=None, label: str = "",
+              progress: bool = True) -> RunResult:
+    """Train one model as configured and evaluate it on the test split (best weights by val AUC)."""
+    train_config = replace(TrainConfig.from_dict(config.get("train", {})), progress=progress)
+    data = data or load_dataset(config.get("data", {"kind": "synthetic"}))
+    torch.manual_seed(train_config.seed)  # model initialisation
+    model = build_ctr_model(data.feature_map, config.get("model", {"name": "hamur_mlp"}))
+    trainer = Trainer(model, train_config, data.feature_map, run_dir,
+                      {k: config[k] for k in ("data", "model") if k in config})
+    started = time.perf_counter()
+    history = trainer.fit(data)
+    test = trainer.evaluate(data.test)
+    if run_dir is not None:
+        write_json(Path(run_dir) / "test_metrics.json", test)
+    return RunResult(label or config.get("model", {}).get("name", "model"), train_config.seed, test, history,
+                     trainer.best_epoch, time.perf_counter() - started, None if run_dir is None else Path(run_dir))
+
+
+def load_trained(checkpoint_path, device: str | None = None):
+    """``(trainer, payload)`` with the checkpoint's best weights, its feature map and its config."""
+    payload = load_checkpoint(checkpoint_path)
+    feature_map = FeatureMap.from_dict(payload["feature_map"])
+    train_options = dict(payload["config"]["train"], progress=False)
+    if device is not None:
+        train_options["device"] = device
+    model = build_ctr_model(feature_map, payload["config"]["model"])
+    trainer = Trainer(model, TrainConfig.from_dict(train_options), feature_map)
+    trainer.model.load_state_dict(payload["best_model"])
+    return trainer, payload
+
+
+def resume_run(checkpoint_path, data: MultiDomainData | None = None, epochs: int | None = None,
+               progress: bool = True) -> RunResult:
+    """Continue the run that wrote ``checkpoint_path`` (in the same run directory) to its configured end."""
+    payload = load_checkpoint(checkpoint_path)
+    config = payload["config"]
+    feature_map = FeatureMap.from_dict(payload["feature_map"])
+    data = data or load_dataset(config["data"], feature_map=feature_map)
+    train_config = replace(TrainConfig.from_dict(config["train"]), progress=progress,
+                           **({"epochs": epochs} if epochs else {}))
+    model = build_ctr_model(feature_map, config["model"])
+    run_dir = Path(checkpoint_path).parent
+    trainer = Trainer(model, train_config, feature_map, run_dir, {k: config[k] for k in ("data", "model")})
+    trainer.restore(payload)
+    started = time.perf_counter()
+    history = trainer.fit(data)
+    test = trainer.evaluate(data.test)
+    write_json(run_dir / "test_metrics.json", test)
+    return RunResult(config["model"]["name"], train_config.seed, test, history, trainer.best_epoch,
+                     time.perf_counter() - started, run_dir)
+
+
+# ---------------------------------------------------------------------------- several runs
+def model_section(entry, base: dict) -> tuple:
+    """``(label, model section)`` from a compare entry: ``"name"``, ``"name:key=value:..."`` or a dict
+    ``{label, name, ...}``. Entries inherit ``embed_dim`` from the base model section, and HAMUR-family
+    entries its ``preset`` and ``backend`` too."""
+    if isinstance(entry, dict):
+        section = dict(entry)
+        label = section.pop("label", section.get("name"))
+    else:
+        name, *assignments = str(entry).split(":")
+        section = {"name": name}
+        for assignment in assignments:
+            key, sep, raw = assignment.partition("=")
+            if not sep:
+                raise ValueError(f"model entry {entry!r}: expected name:key=value")
+            section[key] = yaml.safe_load(raw)
+        label = str(entry)
+    inherited = ["embed_dim", *(FAMILY_KEYS if section.get("name") in HAMUR_FAMILY else ())]
+    for key in inherited:
+        if key in base and key not in section:
+            section[key] = base[key]
+    return label, section
+
+
+def summarize(results: list) -> dict:
+    """metric -> (mean, sample std) over runs; std is 0 for a single run."""
+    keys = [k for k in results[0].test if k.startswith(("auc", "logloss"))]
+    summary = {}
+    for key in keys:
+        values = np.array([r.test[key] for r in results], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        mean = float(finite.mean()) if len(finite) else math.nan
+        std = float(finite.std(ddof=1)) if len(finite) > 1 else 0.0
+        summary[key] = (mean, std)
+    summary["best_epoch"] = (float(np.mean([r.best_epoch for r in results])), 0.0)
+    summary["seconds"] = (float(np.mean([r.seconds for r in results])), 0.0)
+    return summary
+
+
+def domain_labels(feature_map: FeatureMap) -> list:
+    return [f"d{d} ({name})" for d, name in enumerate(feature_map.domain_names())]
+
+
+def format_table(summary_by_row: dict, labels: list, first_column: str = "model") -> str:
+    """Markdown table: one row per model (or value), test AUC overall and per domain as mean ± std."""
+    header = [first_column, "overall AUC", *[f"AUC {label}" for label in labels], "overall logloss",
+              "best epoch", "s/run"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, stats in summary_by_row.items():
+        cells = [str(row), _cell(stats["auc"]), *[_cell(stats[f"auc_d{d}"]) for d in range(len(labels))],
+                 _cell(stats["logloss"]), f"{stats['best_epoch'][0]:.1f}", f"{stats['seconds'][0]:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(stat: tuple) -> str:
+    mean, std = stat
+    return "n/a" if not math.isfinite(mean) else f"{mean:.4f} ± {std:.4f}"
+
+
+def compare(config: dict, models: list, seeds: list, output, progress: bool = True, log=print) -> dict:
+    """Train every model with every seed on one data load; writes ``compare.md``, ``compare.json`` and
+    ``compare_domain_auc.png`` under ``output`` and returns label -> summary."""
+    output = Path(output)
+    data = load_dataset(config.get("data", {"kind": "synthetic"}))
+    log(data.summary())
+    labels = domain_labels(data.feature_map)
+    summaries, raw = {}, {}
+    for entry in models:
+        label, section = model_section(entry, config.get("model", {}))
+        results = []
+        for seed in seeds:
+            run_config = set_path({**config, "model": section}, "train.seed", int(seed))
+            run_dir = output / "runs" / _slug(label) / f"seed{seed}"
+            result = train_run(run_config, data, run_dir, label, progress)
+            log(f"{label} seed {seed}: test AUC {result.test['auc']:.4f} "
+                f"(best epoch {result.best_epoch}, {result.seconds:.0f} s)")
+            results.append(result)
+        summaries[label] = summarize(results)
+        raw[label] = [{"seed": r.seed, "best_epoch": r.best_epoch, **r.test} for r in results]
+    table = format_table(summaries, labels)
+    write_text(output / "compare.md", table + "\n")
+    write_json(output / "compare.json", {"domains": labels, "seeds": list(seeds), "runs": raw,
+                                         "summary": {k: {m: list(v) for m, v in s.items()} for k, s in summaries.items()}})
+    from .plots import plot_domain_auc
+    plot_domain_auc(summaries, labels, output / "compare_domain_auc.png",
+                    f"test AUC per domain, mean ± std over {len(seeds)} seed(s)")
+    return {"table": table, "summary": summaries, "domains": labels}
+
+
+def sweep(config: dict, param: str, values: list, seeds: list, output, progress: bool = True, log=print) -> dict:
+    """One run per value of ``param`` (and per seed); writes ``sweep_<param>.md/.json/.png`` under ``output``."""
+    output = Path(output)
+    path, convert = SWEEP_ALIASES.get(param, (param if "." in param else f"model.{param}", lambda v: v))
+    data = load_dataset(config.get("data", {"kind": "synthetic"}))
+    log(data.summary())
+    labels = domain_labels(data.feature_map)
+    summaries = {}
+    for value in values:
+        results = []
+        for seed in seeds:
+            run_config = set_path(set_path(config, path, convert(value)), "train.seed", int(seed))
+            run_dir = output / "runs" / f"{_slug(param)}={_slug(str(value))}" / f"seed{seed}"
+            result = train_run(run_config, data, run_dir, f"{param}={value}", progress)
+            log(f"{param}={value} seed {seed}: test AUC {result.test['auc']:.4f} (best epoch {result.best_epoch})")
+            results.append(result)
+        summaries[str(value)] = summarize(results)
+    table = format_table(summaries, labels, first_column=param)
+    name = f"sweep_{_slug(param)}"
+    write_text(output / f"{name}.md", table + "\n")
+    write_json(output / f"{name}.json", {"param": param, "config_path": path, "values": [str(v) for v in values],
+                                         "seeds": list(seeds), "domains": labels,
+                                         "summary": {k: {m: list(v) for m, v in s.items()} for k, s in summaries.items()}})
+    from .plots import plot_sweep
+    plot_sweep(values, list(summaries.values()), labels, param, output / f"{name}.png")
+    return {"table": table, "summary": summaries, "domains": labels}
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in text)

@@ -1,0 +1,75 @@
+"""PNG plots (matplotlib, headless): learning curves, per-domain AUC by model, AUC against a swept value."""
+from __future__ import annotations
+
+import numpy as np
+
+from .files import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path) -> None:
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(figure)
+
+
+def plot_learning_curves(history: list, path, title: str = "") -> None:
+    """Training loss and validation logloss (left), validation AUC overall and per domain (right)."""
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(epochs, [row["train_loss"] for row in history], marker="o", label="train loss")
+    left.plot(epochs, [row["val_logloss"] for row in history], marker="o", label="val logloss")
+    left.set_xlabel("epoch"), left.set_ylabel("binary cross-entropy"), left.legend()
+    right.plot(epochs, [row["val_auc"] for row in history], marker="o", linewidth=2, label="val AUC")
+    for key in sorted(k for k in history[0] if k.startswith("val_auc_d")):
+        right.plot(epochs, [row[key] for row in history], linestyle="--", label=key.replace("val_auc_", "domain "))
+    right.set_xlabel("epoch"), right.set_ylabel("AUC"), right.legend(fontsize=8)
+    figure.suptitle(title or "learning curves")
+    _save(figure, path)
+
+
+def plot_domain_auc(summary: dict, domain_labels: list, path, title: str = "") -> None:
+    """Grouped bars: for each domain (and overall), the mean test AUC of each model, std as error bars.
+
+    ``summary``: model label -> {"auc": (mean, std), "auc_d0": (mean, std), ...}.
+    """
+    plt = _pyplot()
+    keys = ["auc", *[f"auc_d{d}" for d in range(len(domain_labels))]]
+    groups = ["overall", *domain_labels]
+    width = 0.8 / max(len(summary), 1)
+    figure, axis = plt.subplots(figsize=(1.6 + 1.4 * len(groups) * max(1, len(summary) / 3), 3.8))
+    x = np.arange(len(groups))
+    for i, (label, stats) in enumerate(summary.items()):
+        means = [stats[k][0] for k in keys]
+        stds = [stats[k][1] for k in keys]
+        axis.bar(x + (i - (len(summary) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=label)
+    values = [stats[k][0] for stats in summary.values() for k in keys if np.isfinite(stats[k][0])]
+    if values:
+        axis.set_ylim(max(0.0, min(values) - 0.03), min(1.0, max(values) + 0.02))
+    axis.set_xticks(x, groups), axis.set_ylabel("test AUC"), axis.legend(fontsize=8, ncols=2)
+    axis.set_title(title or "test AUC per domain")
+    _save(figure, path)
+
+
+def plot_sweep(values: list, summary: list, domain_labels: list, param: str, path) -> None:
+    """Test AUC (mean, std as band) overall and per domain against the swept value."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    x = np.arange(len(values))
+    for key, label in [("auc", "overall"), *[(f"auc_d{d}", name) for d, name in enumerate(domain_labels)]]:
+        means = np.array([s[key][0] for s in summary])
+        stds = np.array([s[key][1] for s in summary])
+        axis.plot(x, means, marker="o", linewidth=2 if key == "auc" else 1, label=label)
+        axis.fill_between(x, means - stds, means + stds, alpha=0.15)
+    axis.set_xticks(x, [str(v) for v in values]), axis.set_xlabel(param), axis.set_ylabel("test AUC")
+    axis.legend(fontsize=8), axis.set_title(f"test AUC against {param}")
+    _save(figure, path)

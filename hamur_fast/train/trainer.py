@@ -1,0 +1,199 @@
+"""Training: fit with early stopping on validation AUC, evaluate, predict, checkpoint and resume."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data import MultiDomainData, TensorSplit
+from ..features import CTRModel
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .files import write_csv, write_json
+from .metrics import domain_metrics
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Released defaults (SPEC section 4): Adam, lr 1e-3, weight decay 1e-5, early stopping on val AUC."""
+
+    epochs: int = 50
+    batch_size: int = 2048
+    eval_batch_size: int = 16384
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    optimizer: str = "adam"  # "adam" or "adamw"
+    patience: int = 10  # epochs without a better validation AUC before stopping
+    grad_clip: float | None = None  # max global gradient norm
+    seed: int = 2022
+    device: str = "auto"  # "auto" = cuda when available
+    bf16: bool = False  # bf16 autocast for the forward pass (meant for GPUs)
+    pin_memory: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, options: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown train option(s) {unknown}; known: {sorted(known)}")
+        return cls(**options)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """Trains a :class:`CTRModel`. ``run_dir`` (optional) receives ``checkpoint.pt`` after every epoch,
+    ``metrics.csv``/``metrics.json`` (one row per epoch) and ``learning_curves.png``; ``run_config`` (the
+    data/model/train sections) and the feature map go into the checkpoint so that it is self-contained."""
+
+    def __init__(self, model: CTRModel, config: TrainConfig, feature_map, run_dir=None, run_config=None):
+        self.config, self.feature_map = config, feature_map
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.run_config = run_config or {}
+        self.optimizer = self._make_optimizer()
+        self.epoch, self.best_auc, self.best_epoch, self.bad_epochs = 0, -math.inf, 0, 0
+        self.history: list = []
+        self.best_state = copy.deepcopy(self.model.state_dict())
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        kind = torch.optim.Adam if self.config.optimizer == "adam" else torch.optim.AdamW
+        options = dict(lr=self.config.lr, weight_decay=self.config.weight_decay)
+        try:
+            return kind(self.model.parameters(), fused=True, **options)
+        except RuntimeError:  # no fused kernel for this device or dtype
+            return kind(self.model.parameters(), **options)
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, data: MultiDomainData) -> list:
+        """Train until ``epochs`` or early stopping, then restore the best weights (by validation AUC)
+        whether or not stopping triggered. Returns the per-epoch history."""
+        if self.epoch == 0:
+            torch.manual_seed(self.config.seed)  # dropout draws; a resumed run restores the saved state instead
+        while self.epoch < self.config.epochs and self.bad_epochs < self.config.patience:
+            started = time.perf_counter()
+            loss = self._train_epoch(data.train)
+            seconds = time.perf_counter() - started
+            val = self.evaluate(data.val)
+            self.epoch += 1
+            self._track_best(val["auc"])
+            self.history.append({"epoch": self.epoch, "train_loss": loss, "seconds": round(seconds, 3),
+                                 "rows_per_s": round(len(data.train) / seconds, 1),
+                                 **{f"val_{k}": v for k, v in val.items() if not k.startswith("rows")}})
+            self._write_epoch_outputs()
+        self.model.load_state_dict(self.best_state)
+        if self.run_dir is not None:
+            self.save(self.run_dir / CHECKPOINT_NAME)
+            from .plots import plot_learning_curves  # matplotlib only when plots are written
+            plot_learning_curves(self.history, self.run_dir / "learning_curves.png")
+        return self.history
+
+    def _train_epoch(self, split: TensorSplit) -> float:
+        self.model.train()
+        total, rows = 0.0, 0
+        bar = tqdm(total=len(split), unit="rows", unit_scale=True, desc=f"epoch {self.epoch + 1}",
+                   disable=not self.config.progress, leave=False)
+        for batch in split.batches(self.config.batch_size, shuffle=True, seed=self.config.seed, epoch=self.epoch,
+                                   device=self.device, pin_memory=self.config.pin_memory):
+            if len(batch.domain) < 2:
+                continue  # batch normalisation cannot train on a single row
+            loss = self._step(batch)
+            total, rows = total + loss * len(batch.domain), rows + len(batch.domain)
+            bar.update(len(batch.domain))
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.close()
+        return total / max(rows, 1)
+
+    def _step(self, batch) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            logits = self.model.logits(batch)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label)
+        loss.backward()
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        return loss.item()
+
+    def _track_best(self, val_auc: float) -> None:
+        if val_auc > self.best_auc:  # NaN (one-class validation set) never counts as better
+            self.best_auc, self.best_epoch, self.bad_epochs = val_auc, self.epoch, 0
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        else:
+            self.bad_epochs += 1
+
+    def _write_epoch_outputs(self) -> None:
+        if self.run_dir is None:
+            return
+        write_csv(self.run_dir / "metrics.csv", self.history)
+        write_json(self.run_dir / "metrics.json", self.history)
+        self.save(self.run_dir / CHECKPOINT_NAME)
+
+    # ------------------------------------------------------------------ evaluate / predict
+    @torch.no_grad()
+    def predict(self, split: TensorSplit) -> torch.Tensor:
+        """Click probabilities (N,) on CPU, in the split's row order."""
+        self.model.eval()
+        out = []
+        for batch in split.batches(self.config.eval_batch_size, device=self.device):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+                out.append(self.model(batch).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def evaluate(self, split: TensorSplit) -> dict:
+        """Overall and per-domain AUC and logloss (see :func:`domain_metrics`)."""
+        if split.label is None:
+            raise ValueError("cannot evaluate a split without labels")
+        prob = self.predict(split)
+        return domain_metrics(split.label.numpy(), prob.numpy(), split.domain.numpy(), self.feature_map.num_domains)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path) -> None:
+        save_checkpoint(path, {
+            "config": {**self.run_config, "train": asdict(self.config)},
+            "feature_map": self.feature_map.to_dict(),
+            "model": self.model.state_dict(),
+            "best_model": self.best_state,
+            "optimizer": self.optimizer.state_dict(),
+            "progress": {"epoch": self.epoch, "best_auc": self.best_auc, "best_epoch": self.best_epoch,
+                         "bad_epochs": self.bad_epochs, "history": self.history,
+                         "rng": torch.get_rng_state()},
+        })
+
+    def restore(self, payload: dict) -> None:
+        """Continue from a checkpoint (see :func:`load_checkpoint`): weights, optimizer, early-stopping state,
+        history and the random state, so that on CPU the remaining epochs match an uninterrupted run."""
+        try:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            progress = payload["progress"]
+            self.epoch, self.best_auc = int(progress["epoch"]), float(progress["best_auc"])
+            self.best_epoch, self.bad_epochs = int(progress["best_epoch"]), int(progress["bad_epochs"])
+            self.history = list(progress["history"])
+            self.best_state = payload["best_model"]
+            torch.set_rng_state(progress["rng"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"the checkpoint does not fit this model or trainer: {err}") from None
+
+
+__all__ = ["TrainConfig", "Trainer", "load_checkpoint", "CheckpointError", "CHECKPOINT_NAME"]
