@@ -53,7 +53,7 @@ def export_model(model: nn.Module, example_e: torch.Tensor, example_domain: torc
         raise ValueError(f"ONNX export cannot carry the custom op(s) {custom}: ONNX runtimes do not know them; "
                          "export format='pt2' instead, or build the model from standard PyTorch ops")
     torch.onnx.export(program, (example_e, example_domain), str(path), dynamo=True,
-                      input_names=["e", "domain"], output_names=["probability"])
+                      input_names=["e", "domain"], output_names=["probability"], verbose=False)
     return path
 
 

@@ -1,0 +1,116 @@
+"""A training step that runs as one CUDA graph replay: forward, BCE loss, backward and optimizer step.
+
+Every op of the step has static shapes and none reads a value back to the host (no ``.item()``, no
+``nonzero``; the model's domain-id check is skipped while a graph is captured), so the whole step
+can be captured once and replayed: one launch per step instead of hundreds of kernel launches.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _checks
+
+
+def bce_step(model: nn.Module, optimizer: torch.optim.Optimizer, e, domain, label) -> torch.Tensor:
+    """One plain eager step (the reference the captured step must equal): returns the mean BCE loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.binary_cross_entropy_with_logits(model.logits(e, domain), label)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+class CapturedTrainStep:
+    """``step(e, domain, label) -> loss`` for a fixed ``batch_size``; a CUDA graph on CUDA, eager on CPU.
+
+    ``model`` has ``logits(e, domain)`` (every :mod:`hamur_fast.models` model); ``optimizer`` must be
+    capturable on CUDA (``torch.optim.Adam(params, capturable=True)``: its step counter lives on the
+    GPU). On CUDA the first ``warmup_steps`` calls run eagerly on a side stream (real steps on the
+    given batches: allocator and cuBLAS warm-up must happen outside a capture), the next call
+    captures the step and replays it, and every later call copies the batch into static buffers and
+    replays. Losses therefore equal those of :func:`bce_step` called on the same batches.
+
+    Every batch must have exactly ``batch_size`` rows (drop or pad the last partial batch). Returns a
+    fresh loss tensor on the device each call, never synchronising with the host.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int,
+                 device: torch.device | str, warmup_steps: int = 3):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be >= 1 (a capture needs warmed-up state), got {warmup_steps}")
+        self.model, self.optimizer, self.batch_size = model, optimizer, batch_size
+        self.device = torch.device(device)
+        self.num_domains = getattr(model, "num_domains", None)
+        self.capture = self.device.type == "cuda"
+        if self.capture:
+            _check_capturable(optimizer)
+        self.warmup_steps, self.steps_done = warmup_steps, 0
+        self.graph = None
+
+    def step(self, e: torch.Tensor, domain: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        self._check_batch(e, domain, label)
+        if not self.capture:
+            return bce_step(self.model, self.optimizer, e.to(self.device), domain.to(self.device),
+                            label.to(self.device))
+        if self.steps_done < self.warmup_steps:
+            loss = self._warmup_step(e, domain, label)
+        else:
+            if self.graph is None:
+                self._capture(e, domain, label)
+            self.static_e.copy_(e)
+            self.static_domain.copy_(domain)
+            self.static_label.copy_(label)
+            self.graph.replay()
+            loss = self.static_loss.clone()  # the static loss is overwritten by the next replay
+        self.steps_done += 1
+        return loss
+
+    __call__ = step
+
+    def _warmup_step(self, e, domain, label):
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            loss = bce_step(self.model, self.optimizer, e.to(self.device), domain.to(self.device),
+                            label.to(self.device))
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return loss
+
+    def _capture(self, e, domain, label):
+        self.static_e = torch.empty_like(e, device=self.device)
+        self.static_domain = torch.empty_like(domain, device=self.device)
+        self.static_label = torch.empty_like(label, device=self.device)
+        # Gradients set to None before capture are allocated inside the graph's pool by the captured
+        # backward, which then writes (not accumulates) them on every replay.
+        self.optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            loss = F.binary_cross_entropy_with_logits(self.model.logits(self.static_e, self.static_domain),
+                                                      self.static_label)
+            loss.backward()
+            self.optimizer.step()
+        self.static_loss = loss.detach()
+
+    def _check_batch(self, e, domain, label) -> None:
+        _checks.check_float("e", e, 2)
+        if e.shape[0] != self.batch_size:
+            raise ValueError(f"every batch must have batch_size={self.batch_size} rows (static shapes), "
+                             f"got {e.shape[0]}; drop or pad the last partial batch")
+        _checks.check_float("label", label, 1)
+        _checks.check_shape("label", label, (self.batch_size,))
+        # On the caller's device: a replay runs no Python checks, so bad ids must be caught here.
+        _checks.check_domain(domain, self.batch_size, self.num_domains)
+        if self.graph is not None and (e.dtype, e.shape) != (self.static_e.dtype, self.static_e.shape):
+            raise ValueError(f"e must keep dtype {self.static_e.dtype} and shape {tuple(self.static_e.shape)} "
+                             f"of the captured step, got {e.dtype} {tuple(e.shape)}")
+
+
+def _check_capturable(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        if "capturable" in group and not group["capturable"]:
+            raise ValueError(f"{type(optimizer).__name__} must be built with capturable=True to run inside a "
+                             "CUDA graph (e.g. torch.optim.Adam(params, lr=1e-3, capturable=True))")

@@ -1,0 +1,109 @@
+"""export_model: torch.export round trip (.pt2), ONNX where the ops allow, clear errors otherwise."""
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+import hamur_fast as hf
+from hamur_fast.inference import export_model, load_exported
+from hamur_fast.inference.export import custom_ops, export_program
+
+from helpers import rel_err
+from test_inference import DOMAINS, hamur, inputs
+
+HAS_ONNX = all(importlib.util.find_spec(n) is not None for n in ("onnx", "onnxscript"))
+
+
+@pytest.mark.parametrize("mode", ["paper", "released"])
+def test_pt2_round_trip_predicts_like_the_eval_model(tmp_path, mode):
+    model = hamur(mode=mode)
+    path = export_model(model, *inputs(5), tmp_path / "model.pt2")
+    loaded = load_exported(path)
+    # Batch sizes other than the example's: the batch dimension is exported as dynamic.
+    for batch in ((1, 9) if mode == "paper" else (2, 9)):
+        e, domain = inputs(batch, seed=batch)
+        with torch.no_grad():
+            assert rel_err(loaded(e, domain), model(e, domain)) <= 1e-5
+
+
+def test_exported_graph_of_a_hamur_model_has_no_custom_ops_with_the_torch_backend():
+    model = hamur(backend="torch")
+    assert custom_ops(export_program(model, *inputs(4))) == []
+
+
+@torch.library.custom_op("hamur_fast_test::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_twice.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class ModelWithCustomOp(nn.Module):
+    input_dim, num_domains = 24, DOMAINS
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(24, 1)
+
+    def forward(self, e, domain):
+        return torch.sigmoid(self.linear(torch.ops.hamur_fast_test.twice(e))).squeeze(1)
+
+
+def test_custom_ops_are_found_and_kept_in_pt2(tmp_path):
+    model = ModelWithCustomOp()
+    e, domain = inputs(4)
+    assert custom_ops(export_program(model, e, domain)) == ["hamur_fast_test::twice"]
+    loaded = load_exported(export_model(model, e, domain, tmp_path / "custom.pt2"))
+    assert rel_err(loaded(e, domain), model(e, domain)) <= 1e-6
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="ONNX export needs the onnx and onnxscript packages (not installed)")
+def test_onnx_export_refuses_custom_ops_naming_them(tmp_path):
+    with pytest.raises(ValueError, match="hamur_fast_test::twice"):
+        export_model(ModelWithCustomOp(), *inputs(4), tmp_path / "custom.onnx", format="onnx")
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="ONNX export needs the onnx and onnxscript packages (not installed)")
+def test_onnx_export_matches_the_eval_model(tmp_path):
+    import onnx
+
+    model = hamur()
+    path = export_model(model, *inputs(5), tmp_path / "model.onnx", format="onnx")
+    onnx.checker.check_model(onnx.load(str(path)))
+    if importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("onnxruntime is not installed: the ONNX file was checked but not run")
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path))
+    e, domain = inputs(7, seed=7)
+    (prob,) = session.run(None, {"e": e.numpy(), "domain": domain.numpy()})
+    with torch.no_grad():
+        assert rel_err(torch.from_numpy(prob), model(e, domain)) <= 1e-5
+
+
+def test_onnx_export_names_missing_packages(tmp_path, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real_find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"needs the package\(s\) \['onnx'\]"):
+        export_model(hamur(), *inputs(4), tmp_path / "model.onnx", format="onnx")
+
+
+def test_export_rejects_bad_arguments(tmp_path):
+    model = hamur()
+    with pytest.raises(ValueError, match="format"):
+        export_model(model, *inputs(4), tmp_path / "m.bin", format="tflite")
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        export_model(model, *inputs(1), tmp_path / "m.pt2")
+    e, domain = inputs(4)
+    with pytest.raises(ValueError, match="shape"):
+        export_model(model, e[:, :-1], domain, tmp_path / "m.pt2")
+    with pytest.raises(ValueError, match="no exported model"):
+        load_exported(tmp_path / "missing.pt2")
+
+
+def test_hf_inference_is_exported_from_the_package():
+    assert hf.inference.Predictor is not None and hf.inference.export_model is export_model
