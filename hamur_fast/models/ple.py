@@ -11,7 +11,7 @@ from .blocks import mixture
 
 
 class ExtractionLayer(nn.Module):
-    """One CGC extraction layer (paper eqs. 2-6) for all D tasks at once.
+    """One CGC (Customized Gate Control) extraction layer for all D tasks at once.
 
     Task k: ``g^k = w^k(x^k) S^k(x)`` with ``S^k`` = [task k's experts; shared experts] and
     ``w^k = softmax(W_g^k x^k)``. Shared: ``g^s`` gates over all experts of all tasks plus the shared
@@ -47,8 +47,8 @@ class ExtractionLayer(nn.Module):
 
 
 class PLE(MultiDomainModel):
-    """Multi-level extraction (paper eq. 7: ``g^{k,j} = w^{k,j}(g^{k,j-1}) S^{k,j}(g^{k,j-1}, g^{s,j-1})``),
-    then domain d's tower ``tower_dims -> 1`` on ``g^{d,N}`` (eq. 8).
+    """Progressive layered extraction: ``g^{k,j} = w^{k,j}(g^{k,j-1}) S^{k,j}(g^{k,j-1}, g^{s,j-1})``
+    over N stacked CGC layers, then domain d's tower ``y_d = t^d(g^{d,N})`` (``tower_dims -> 1``).
 
     ``level_dims`` gives the expert width of each extraction layer; ``specific_experts`` per domain
     and ``shared_experts`` per layer.
