@@ -21,8 +21,11 @@ DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + \
     (["cuda"] if torch.cuda.is_available() else [])
 pytestmark = pytest.mark.skipif(not DEVICES, reason="no CUDA device and TRITON_INTERPRET is not 1")
 
-SIZES = [  # (B, h, k, s, D): odd sizes; h, k, s not multiples of 16
-    (1, 13, 5, 7, 3), (2, 13, 5, 7, 3), (3, 13, 5, 7, 3), (37, 40, 12, 32, 3), (203, 40, 12, 32, 3),
+SIZES = [  # (B, h, k, s, D, edge): odd sizes, h, k, s not multiples of 16; edge: domain 0 absent, domain 1
+    # one row; otherwise random domains, so that blocks mix domains that all matter. B = 1100 spans more
+    # than 64 row blocks: the statistics merge then runs over several chunks of partials.
+    (1, 13, 5, 7, 3, True), (2, 13, 5, 7, 3, True), (3, 13, 5, 7, 3, True), (37, 40, 12, 32, 3, True),
+    (203, 40, 12, 32, 3, False), (1100, 13, 5, 7, 3, False),
 ]
 NAMES = ["x", "rep", "down_left", "down_right", "down_bias", "up_left", "up_right", "up_bias",
          "norm_weight", "norm_bias"]
@@ -80,13 +83,16 @@ def assert_matches_reference(inputs, mode, device, training, seed=0):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["paper", "released"])
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: "B{}-h{}-k{}-s{}-D{}".format(*s))
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "B{}-h{}-k{}-s{}-D{}-{}".format(*s[:5], "edge" if s[5] else "mixed"))
 def test_cell_matches_reference_fp32(size, mode, device):
-    batch, width, rank, bottleneck, num_domains = size
-    inputs = fp32_exact(cell_inputs(batch, width, rank, bottleneck, num_domains, mode, seed=100 + batch))
-    if mode == "paper" and batch >= 3:
-        domain = inputs[2]
+    batch, width, rank, bottleneck, num_domains, edge = size
+    inputs = fp32_exact(cell_inputs(batch, width, rank, bottleneck, num_domains, mode, seed=100 + batch,
+                                    edge_domains=edge))
+    domain = inputs[2]
+    if mode == "paper" and edge and batch >= 3:
         assert (domain == 0).sum() == 0 and (domain == 1).sum() == 1  # domain 0 absent, domain 1 one row
+    if not edge:
+        assert all((domain == d).sum() >= 2 for d in range(num_domains))
     assert_matches_reference(inputs, mode, device, training=True)
 
 
@@ -215,6 +221,35 @@ def test_domain_norm_matches_reference(mode, training, device):
             assert rel_err(fast.cpu(), slow) <= 1e-6
     if mode == "paper" and training:
         assert torch.equal(out[domain == 2].cpu(), bias[2:3].float().expand(1, width))  # single row -> bias
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_statistics_merge_is_exact_and_stable(device):
+    """Merging 300 per-block partials (several merge steps) of values with |mean| >> std gives the exact
+    count, mean and M2 of those partials; E[x^2] - E[x]^2 in fp32 loses the variance here."""
+    g = torch.Generator().manual_seed(2)
+    num_parts, num_groups, width = 300, 2, 5
+    values = [[1000 + 0.01 * torch.randn(int(n), width, generator=g, dtype=torch.float64) for n in row]
+              for row in torch.randint(0, 4, (num_parts, num_groups), generator=g)]  # 0 to 3 rows per block
+    count = torch.tensor([[len(v) for v in row] for row in values], dtype=torch.float64)
+    mean = torch.stack([torch.stack([v.mean(0) if len(v) else torch.zeros(width, dtype=torch.float64)
+                                     for v in row]) for row in values])
+    m2 = torch.stack([torch.stack([((v - v.mean(0)) ** 2).sum(0) if len(v) else torch.zeros(width,
+                                   dtype=torch.float64) for v in row]) for row in values])
+    parts = [t.float().to(device) for t in (count, mean, m2)]
+    got_count, got_mean, got_m2, got_rstd = triton_norm.merge_group_stats(*parts, 1e-5, unbiased=False)
+    # The exact merge, in float64, of the same fp32-rounded partials the kernel saw.
+    n, mu, sq = (t.cpu().double() for t in parts)
+    total = n.sum(0)
+    exact_mean = (n[..., None] * mu).sum(0) / total[:, None]
+    exact_m2 = sq.sum(0) + (n[..., None] * (mu - exact_mean) ** 2).sum(0)
+    naive_var = ((n[..., None] * (sq / n.clamp(min=1)[..., None] + mu ** 2)).float().sum(0) / total[:, None].float()
+                 - exact_mean.float() ** 2)  # E[x^2] - E[x]^2 in fp32, for contrast
+    assert torch.equal(got_count.cpu().double(), total)
+    assert rel_err(got_mean.cpu(), exact_mean) <= 5e-7
+    assert rel_err(got_m2.cpu(), exact_m2) <= 1e-5
+    assert rel_err(got_rstd.cpu(), (exact_m2 / total[:, None] + 1e-5) ** -0.5) <= 1e-5
+    assert rel_err(naive_var.double(), exact_m2 / total[:, None]) > 1e-2
 
 
 def test_backend_registration():
