@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import DataError
+from .errors import DataError, shown
 from .readers import check_columns
 from .schema import Schema, value_keys
 from .tensors import TensorSplit
@@ -148,7 +148,7 @@ class FeatureMap:
         outside = ids.isna().to_numpy()
         if outside.any():
             row = int(np.flatnonzero(outside)[0])
-            raise DataError(f"{where}, line {values.index[row]}: domain value {values.iloc[row]!r} of column "
+            raise DataError(f"{where}, line {values.index[row]}: domain value {shown(values.iloc[row])} of column "
                             f"{self.schema.domain!r} is outside the mapping {self.domain_mapping}")
         return ids.to_numpy(np.int64)
 
@@ -171,7 +171,7 @@ class FeatureMap:
             row, col = np.argwhere(bad)[0]
             column = self.schema.dense[col]
             raise DataError(f"{where}, line {frame.index[row]}: dense column {column!r} needs a finite number, "
-                            f"got {frame[column].iloc[row]!r}")
+                            f"got {shown(frame[column].iloc[row])}")
         return torch.tensor(block)  # a copy: scaling happens in place
 
     def _scale(self, dense: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
+from .errors import DataError, shown
 
 # A control character that never occurs in text data: "::" is rewritten to it so that the fast C parser,
 # which only takes one-character separators, can read the GroupLens files.
@@ -35,7 +35,7 @@ def read_double_colon(path, names: list, numeric: list, encoding: str = "latin-1
         raise DataError(f"{path}: unexpected control character \\x1f in the file")
     try:
         frame = pd.read_csv(io.StringIO(text.replace("::", _UNIT_SEPARATOR)), sep=_UNIT_SEPARATOR, header=None,
-                            names=names, index_col=False, dtype=str, keep_default_na=False, na_values=[],
+                            names=names, index_col=False, dtype=str, keep_default_na=False, na_values=[""],
                             skip_blank_lines=False, quoting=3)
     except pd.errors.ParserError as err:
         raise DataError(f"{path}: malformed line ({_parser_detail(err)}); expected {len(names)} '::'-separated "
@@ -120,7 +120,7 @@ def to_numeric(frame: pd.DataFrame, columns: list, where, integer: bool = False)
             row = int(np.flatnonzero(bad.to_numpy())[0])
             kind = "an integer" if integer else "a number"
             raise DataError(f"{where}, line {frame.index[row]}: column {column!r} must be {kind}, "
-                            f"got {values.iloc[row]!r}")
+                            f"got {shown(values.iloc[row])}")
         frame[column] = numeric.astype(np.int64) if integer and numeric.notna().all() else numeric
     return frame
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
+from .errors import DataError, shown
 
 _COMPARISONS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne,
                 ">": operator.gt, "<": operator.lt}
@@ -82,7 +82,7 @@ class Schema:
             if bad.any():
                 row = int(np.flatnonzero(bad.to_numpy())[0])
                 raise DataError(f"{where}, line {values.index[row]}: label column {self.label!r} must hold 0 or 1, "
-                                f"got {values.iloc[row]!r}; give the schema a positive rule (e.g. '> 3')")
+                                f"got {shown(values.iloc[row])}; give the schema a positive rule (e.g. '> 3')")
             return numeric.to_numpy(np.float32)
         if isinstance(self.positive, (list, tuple)):
             keys = {value_key(v) for v in self.positive}
@@ -94,7 +94,7 @@ class Schema:
         if numeric.isna().any():
             row = int(np.flatnonzero(numeric.isna().to_numpy())[0])
             raise DataError(f"{where}, line {values.index[row]}: label column {self.label!r} is not numeric: "
-                            f"{values.iloc[row]!r}")
+                            f"{shown(values.iloc[row])}")
         return op(numeric, threshold).to_numpy(np.float32)
 
 
