@@ -99,8 +99,12 @@ class HyperAdapter(_BackendMixin, nn.Module):
         has_affine = norm != "none"
         self.norm_weight = nn.Parameter(torch.empty(lead + (width,))) if has_affine else None
         self.norm_bias = nn.Parameter(torch.zeros(lead + (width,))) if has_affine else None
-        # Running statistics: per domain for paper-mode DomainNorm, one set for "batch".
-        stats_shape = {"domain": lead + (width,) if mode == "paper" else None, "batch": (width,)}.get(norm)
+        if norm == "domain" and mode == "paper":
+            stats_shape = lead + (width,)  # DomainNorm: running statistics per domain
+        elif norm == "batch":
+            stats_shape = (width,)  # one set: the statistics of the mixed batch
+        else:
+            stats_shape = None  # layer norm, no norm, released DomainNorm: batch-free or always batch
         if stats_shape is not None:
             self.register_buffer("running_mean", torch.zeros(stats_shape))
             self.register_buffer("running_var", torch.ones(stats_shape))
