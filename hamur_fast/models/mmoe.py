@@ -11,7 +11,7 @@ from .blocks import MLP, mixture
 
 
 class MMoE(MultiDomainModel):
-    """Shared experts mixed by one softmax gate per domain (paper eqs. 5-7, task k = domain d).
+    """Shared experts mixed by one softmax gate per domain (the paper's tasks k are the domains d).
 
     ``f^d(e) = sum_i g^d(e)_i f_i(e)``, ``g^d(e) = softmax(W_{g,d} e)``, ``y_d = h^d(f^d(e))``.
     Experts ``f_i`` are MLPs ``expert_dims``; towers ``h^d`` are ``tower_dims -> 1``. Each row only

@@ -51,7 +51,8 @@ class PLE(MultiDomainModel):
     over N stacked CGC layers, then domain d's tower ``y_d = t^d(g^{d,N})`` (``tower_dims -> 1``).
 
     ``level_dims`` gives the expert width of each extraction layer; ``specific_experts`` per domain
-    and ``shared_experts`` per layer.
+    and ``shared_experts`` per layer. Every domain's path runs on every row, because the shared gate
+    of a non-final layer mixes all domains' experts; each row then keeps its own domain's output.
     """
 
     def __init__(self, input_dim: int, num_domains: int, level_dims=(256, 128), specific_experts: int = 1,
