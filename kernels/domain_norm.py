@@ -8,7 +8,7 @@ How the batch statistics are reduced (used here and by the fused adapter cell in
 1. every program reduces its block of rows to, per group, (count, mean, M2) with a two-pass
    centred sum in registers, and stores them in a partials buffer (blocks, G, h);
 2. one merge kernel per (group, column tile) folds the partials together with Chan's parallel
-   formula (M2 = M2_a + M2_b + delta^2 * n_a * n_b / n), never E[x^2] - E[x]^2, which loses
+   formula (in its shifted form, see merge_group_stats_kernel), never E[x^2] - E[x]^2, which loses
    accuracy when |mean| >> std;
 3. a normalise kernel applies the affine map.
 Nothing reads a value back to the host, so the sequence is CUDA-graph capturable.
@@ -82,13 +82,22 @@ def load_group_rows(table, group, cols, row_mask, col_mask, width):
 def merge_group_stats_kernel(part_count, part_mean, part_m2, num_parts, num_groups, width, eps,
                              count_out, mean_out, m2_out, rstd_out,
                              UNBIASED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Fold the per-block partials of one group and one column tile with Chan's formula."""
+    """Fold the per-block partials of one group and one column tile into count, mean, M2 and rstd.
+
+    Chan's parallel formula, written around a shift c (the first non-empty chunk's mean):
+        mean = c + S1 / n,  M2 = sum M2_i + S2 - S1^2 / n,  S1 = sum n_i (mean_i - c), S2 = sum n_i (mean_i - c)^2.
+    Because c lies within a few block standard errors of the mean, every mean_i - c is computed exactly
+    and S2 - S1^2 / n only cancels the small between-block part, so M2 keeps fp32 accuracy even when
+    |mean| >> std (where fp32 E[x^2] - E[x]^2 returns noise).
+    """
     g = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_mask = cols < width
     count = tl.sum(tl.zeros([BLOCK_P], tl.float32), axis=0)
-    mean = tl.zeros([BLOCK_H], tl.float32)
-    m2 = tl.zeros([BLOCK_H], tl.float32)
+    shift = tl.zeros([BLOCK_H], tl.float32)
+    sum_dev = tl.zeros([BLOCK_H], tl.float32)
+    sum_dev_sq = tl.zeros([BLOCK_H], tl.float32)
+    sum_m2 = tl.zeros([BLOCK_H], tl.float32)
     for p0 in range(0, num_parts, BLOCK_P):
         parts = p0 + tl.arange(0, BLOCK_P)
         slot = parts.to(tl.int64) * num_groups + g
@@ -97,19 +106,17 @@ def merge_group_stats_kernel(part_count, part_mean, part_m2, num_parts, num_grou
         tile_mask = part_mask[:, None] & col_mask[None, :]
         tile = slot[:, None] * width + cols[None, :]
         mean_i = tl.load(part_mean + tile, mask=tile_mask, other=0.0)
-        m2_i = tl.load(part_m2 + tile, mask=tile_mask, other=0.0)
-        # This chunk's own (count, mean, M2), exact for many groups at once ...
-        n_c = tl.sum(n_i, axis=0)
-        mean_c = tl.sum(n_i[:, None] * mean_i, axis=0) / tl.maximum(n_c, 1.0)
-        spread = mean_i - mean_c[None, :]
-        m2_c = tl.sum(m2_i + n_i[:, None] * spread * spread, axis=0)
-        # ... then merged into the running total (Chan et al.): no catastrophic cancellation.
-        total = count + n_c
-        share = n_c / tl.maximum(total, 1.0)
-        delta = mean_c - mean
-        mean = mean + delta * share
-        m2 = m2 + m2_c + delta * delta * count * share
-        count = total
+        n_chunk = tl.sum(n_i, axis=0)
+        chunk_mean = tl.sum(n_i[:, None] * mean_i, axis=0) / tl.maximum(n_chunk, 1.0)
+        shift = tl.where(count > 0.0, shift, chunk_mean)  # fixed by the first chunk that has rows
+        dev = tl.where(n_i[:, None] > 0.0, mean_i - shift[None, :], 0.0)
+        sum_dev += tl.sum(n_i[:, None] * dev, axis=0)
+        sum_dev_sq += tl.sum(n_i[:, None] * dev * dev, axis=0)
+        sum_m2 += tl.sum(tl.load(part_m2 + tile, mask=tile_mask, other=0.0), axis=0)
+        count += n_chunk
+    mean_dev = sum_dev / tl.maximum(count, 1.0)
+    mean = shift + mean_dev
+    m2 = sum_m2 + tl.maximum(sum_dev_sq - sum_dev * mean_dev, 0.0)
     divisor = tl.maximum(count - 1.0, 1.0) if UNBIASED else tl.maximum(count, 1.0)
     rstd = 1.0 / tl.sqrt(m2 / divisor + eps)
     out = g.to(tl.int64) * width + cols

@@ -229,7 +229,7 @@ def test_statistics_merge_is_exact_and_stable(device):
     count, mean and M2 of those partials; E[x^2] - E[x]^2 in fp32 loses the variance here."""
     g = torch.Generator().manual_seed(2)
     num_parts, num_groups, width = 300, 2, 5
-    values = [[1000 + 0.01 * torch.randn(int(n), width, generator=g, dtype=torch.float64) for n in row]
+    values = [[1000 + torch.randn(int(n), width, generator=g, dtype=torch.float64) for n in row]
               for row in torch.randint(0, 4, (num_parts, num_groups), generator=g)]  # 0 to 3 rows per block
     count = torch.tensor([[len(v) for v in row] for row in values], dtype=torch.float64)
     mean = torch.stack([torch.stack([v.mean(0) if len(v) else torch.zeros(width, dtype=torch.float64)
