@@ -1,0 +1,82 @@
+"""The hamur-fast command end to end on tiny synthetic data; everything is written under tmp_path."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from hamur_fast.cli import main
+from hamur_fast.data import generate
+
+TINY_MODEL = {"dims": [16, 8], "hyper_dims": [8], "rank": 4, "bottleneck": 8}
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    config = {"data": {"kind": "synthetic", "rows": 2_000, "seed": 2},
+              "model": {"name": "hamur_mlp", **TINY_MODEL},
+              "train": {"epochs": 2, "batch_size": 256, "seed": 3},
+              "output": str(tmp_path / "run")}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_demo_prints_the_per_domain_table(tmp_path, capsys):
+    assert main(["demo", "--quiet", "--output", str(tmp_path / "demo"), "--epochs", "1", "--set", "data.rows=2000",
+                 "--set", "train.batch_size=256"]) == 0
+    out = capsys.readouterr().out
+    assert "| hamur_mlp |" in out and "| mlp |" in out and "AUC d2 (2)" in out
+    assert (tmp_path / "demo" / "compare_domain_auc.png").stat().st_size > 1000
+    assert (tmp_path / "demo" / "runs" / "hamur_mlp" / "seed1" / "learning_curves.png").is_file()
+
+
+def test_train_eval_predict(config_file, tmp_path, capsys):
+    assert main(["train", "--config", str(config_file), "--quiet", "--set", "train.lr=0.002"]) == 0
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    assert checkpoint.is_file() and "| overall |" in capsys.readouterr().out
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(history) == 2 and {"train_loss", "val_auc", "val_auc_d2", "rows_per_s"} <= set(history[0])
+
+    assert main(["eval", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "eval.json")]) == 0
+    test_metrics = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert json.loads((tmp_path / "eval.json").read_text()) == pytest.approx(test_metrics)
+
+    raw = generate(rows=50, seed=9).drop(columns=["click"])  # labels are not needed to predict
+    raw.to_csv(tmp_path / "new.csv", index=False)
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "new.csv"),
+                 "--output", str(tmp_path / "pred.parquet")]) == 0
+    predictions = pd.read_parquet(tmp_path / "pred.parquet")
+    assert len(predictions) == 50 and predictions["probability"].between(0, 1).all()
+    assert (predictions["domain_id"].to_numpy() == raw["domain"].to_numpy()).all()
+
+    assert main(["train", "--resume", str(checkpoint), "--epochs", "3", "--quiet"]) == 0
+    assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())) == 3
+
+
+def test_compare_and_sweep_write_table_and_plot(config_file, tmp_path, capsys):
+    assert main(["compare", "--config", str(config_file), "--quiet", "--epochs", "1", "--seeds", "1,2",
+                 "--models", "hamur_mlp,hamur_mlp:mode=released,mlp", "--output", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert table.count("\n") == 5 and "| hamur_mlp:mode=released |" in table  # header, rule, 3 models
+    summary = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [r["seed"] for r in summary["runs"]["mlp"]] == [1, 2]
+    assert (tmp_path / "cmp" / "compare_domain_auc.png").is_file()
+
+    assert main(["sweep", "--config", str(config_file), "--quiet", "--epochs", "1", "--param", "k=2,4",
+                 "--output", str(tmp_path / "sw")]) == 0
+    assert "| 2 |" in (tmp_path / "sw" / "sweep_k.md").read_text()
+    assert (tmp_path / "sw" / "sweep_k.png").is_file()
+    assert "Test AUC against k" in capsys.readouterr().out
+
+
+def test_errors_exit_with_a_message(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("data: {kind: nowhere}\n")
+    assert main(["train", "--config", str(tmp_path / "bad.yaml"), "--quiet", "--output", str(tmp_path / "x")]) == 2
+    assert "data.kind must be one of" in capsys.readouterr().err
+    assert main(["compare", "--quiet", "--output", str(tmp_path / "y")]) == 2
+    assert "name the models" in capsys.readouterr().err
