@@ -9,16 +9,24 @@ step allocated; CUDA: the allocator's peak) and the speed-up over the released c
 Providers: "released" = the authors' einsum formulation (hamur_fast.compat.released_cell);
 backend names ("torch", and any kernel backend that is available) run hf.ops.hyper_adapter in
 released mode (same math as the released code) and paper mode; "+compile" = torch.compile of it.
+"triton" joins on CUDA, and on the CPU only with --interpret (the Triton interpreter: slow, for
+checking the script, not for timing). "GB/s" = SPEC section 6's ideal bytes of fwd+bwd per row,
+4 * (5h + 3k^2), over the measured time, printed next to the device's measured copy bandwidth.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import sys
 import time
 import weakref
 
-import torch
+if "--interpret" in sys.argv:  # must be decided before triton is first imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hamur_fast as hf
@@ -60,11 +68,19 @@ def backend_step(name, mode):
     return step
 
 
-def providers(mode, compile_too):
-    """(label, step function) pairs for one mode; kernel backends join when they are available."""
+def runs_on(name, device):
+    try:
+        hf.ops.registry.resolve(name, device)
+    except ValueError:
+        return False
+    return True
+
+
+def providers(mode, compile_too, device):
+    """(label, step function) pairs for one mode; kernel backends join when they run on ``device``."""
     rows = [("released einsum", released_step)] if mode == "released" else []
     for name in hf.available_backends():
-        if name == "reference":
+        if name == "reference" or not runs_on(name, device):
             continue
         rows.append((f"{name}", backend_step(name, mode)))
     if compile_too:
@@ -146,18 +162,40 @@ def bench(batch, args, device):
     rows = []
     for mode in ("released", "paper"):
         inputs = make_inputs(batch, args.width, args.rank, args.bottleneck, args.domains, mode, device)
-        for label, fn in providers(mode, not args.no_compile):
+        for label, fn in providers(mode, not args.no_compile, device):
             ms = time_ms(fn, inputs, device, args.repeats)
             rows.append((mode, label, ms, peak_mib(fn, inputs, device, "compile" in label)))
     return rows
 
 
-def print_table(batch, rows):
+def ideal_bytes(batch, width, rank):
+    """SPEC section 6, fp32, forward 4 * (2h + k^2) plus backward 4 * (3h + 2k^2) bytes per row."""
+    return batch * 4 * ((2 * width + rank ** 2) + (3 * width + 2 * rank ** 2))
+
+
+def copy_bandwidth_gbs(device, repeats=20):
+    """Measured device-to-device copy bandwidth, bytes read plus written, median of ``repeats``."""
+    src = torch.empty(2**28 if device.type == "cuda" else 2**25, device=device)  # 1 GiB / 128 MiB fp32
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 2):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / statistics.median(times[2:]) / 1e9
+
+
+def print_table(batch, rows, args, copy_gbs):
     base = next(ms for mode, label, ms, _ in rows if label == "released einsum")
-    print(f"\nB={batch}: fwd+bwd, median ms; speed-up vs released einsum eager")
-    print(f"{'mode':9} {'provider':22} {'ms':>10} {'peak MiB':>10} {'speed-up':>9}")
+    ideal = ideal_bytes(batch, args.width, args.rank)
+    print(f"\nB={batch}: fwd+bwd, median ms; speed-up vs released einsum eager; ideal {ideal / 2**20:.0f} MiB "
+          f"moved at the copy bandwidth {copy_gbs:.0f} GB/s = {ideal / copy_gbs / 1e6:.3f} ms")
+    print(f"{'mode':9} {'provider':22} {'ms':>10} {'peak MiB':>10} {'speed-up':>9} {'GB/s':>7} {'of copy':>8}")
     for mode, label, ms, mib in rows:
-        print(f"{mode:9} {label:22} {ms:10.3f} {mib:10.1f} {base / ms:8.1f}x")
+        gbs = ideal / (ms * 1e6)
+        print(f"{mode:9} {label:22} {ms:10.3f} {mib:10.1f} {base / ms:8.1f}x {gbs:7.0f} {gbs / copy_gbs:7.0%}")
 
 
 def main():
@@ -170,13 +208,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--interpret", action="store_true",
+                        help="run the triton provider on the CPU under the Triton interpreter (checking only)")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# bench_layers: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"h={args.width} k={args.rank} s={args.bottleneck} D={args.domains}, backends {hf.available_backends()}")
+    copy_gbs = copy_bandwidth_gbs(device)
     for batch in args.batch:
-        print_table(batch, bench(batch, args, device))
+        print_table(batch, bench(batch, args, device), args, copy_gbs)
 
 
 if __name__ == "__main__":
