@@ -330,6 +330,11 @@ def _tile_meta(width, rank, bottleneck):
     return meta
 
 
+def _without_rep_tiles(meta):
+    """Meta-parameters of the kernels that only recompute o = v UR + ub (no I_b, no bottleneck)."""
+    return {key: meta[key] for key in ("BLOCK_B", "BLOCK_H", "BLOCK_K", "num_warps")}
+
+
 def _domain_order(domain, per_domain):
     """Row order sorted by domain (stable) and the sorted domains; identity (None) when shared."""
     if not per_domain:
@@ -368,10 +373,10 @@ def adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_
         count = torch.zeros(num_domains, device=device, dtype=torch.float32)
         m2 = torch.zeros_like(mean)
     y = empty(x.shape, device=device, dtype=x.dtype)
-    meta.pop("BLOCK_S"), meta.pop("CHUNK")
     _cell_fwd_normalize_kernel[grid](
         x, order if per_domain else dummy, domain_sorted if per_domain else dummy, v, up_right, up_bias,
-        norm_weight, norm_bias, mean, rstd, y, batch, width, rank, num_domains, PER_DOMAIN=per_domain, **meta)
+        norm_weight, norm_bias, mean, rstd, y, batch, width, rank, num_domains, PER_DOMAIN=per_domain,
+        **_without_rep_tiles(meta))
     order_out = order if per_domain else torch.zeros(0, device=device, dtype=torch.int64)
     return y, q, v, order_out, count, mean, m2, rstd
 
@@ -415,10 +420,9 @@ def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, 
     f32 = dict(device=device, dtype=torch.float32)
 
     part_dy, part_dy_xhat = (empty((grid[0], num_domains, width), **f32) for _ in range(2))
-    sums_meta = {key: meta[key] for key in ("BLOCK_B", "BLOCK_H", "BLOCK_K", "num_warps")}
     _cell_bwd_norm_sums_kernel[grid](
         dy, *sorted_args, v, up_right, up_bias, mean, rstd, part_dy, part_dy_xhat,
-        batch, width, rank, num_domains, PER_DOMAIN=per_domain, **sums_meta)
+        batch, width, rank, num_domains, PER_DOMAIN=per_domain, **_without_rep_tiles(meta))
     sum_dy, sum_dy_xhat = part_dy.sum(0), part_dy_xhat.sum(0)
 
     dx = empty(x.shape, device=device, dtype=x.dtype)
