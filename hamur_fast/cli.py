@@ -164,6 +164,8 @@ def _parser() -> argparse.ArgumentParser:
                    config=False)
     demo.add_argument("--epochs", type=int)
     demo.add_argument("--seed", type=int)
+    # Small models gain little from intra-op threads, and on shared cores extra threads cost a lot.
+    demo.set_defaults(threads=1)
     train = command("train", cmd_train, "train one model from a config")
     train.add_argument("--epochs", type=int)
     train.add_argument("--seed", type=int)

@@ -11,6 +11,16 @@ import torch
 from hamur_fast.data import (DataError, FeatureMap, generate, load_aliccp, load_dataset, load_movielens, load_synthetic,
                              load_table, read_prediction_input)
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are small: one intra-op thread is as fast, and far faster on shared, busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 RATINGS = "1::10::5::978300760\n1::20::3::978302109\n2::10::4::978301968\n3::30::1::978300275\n" \
           "2::20::2::978824291\n3::10::5::978302268\n1::30::4::978302039\n2::30::5::978300719\n" \
           "3::20::4::978300760\n1::10::2::978302109\n"

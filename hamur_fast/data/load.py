@@ -8,7 +8,7 @@ from .movielens import add_derived_columns, load_movielens
 from .readers import read_table
 from .synthetic import load_synthetic
 from .table import load_table
-from .tensors import MultiDomainData, TensorSplit
+from .tensors import MultiDomainData
 
 LOADERS = {"movielens": load_movielens, "aliccp": load_aliccp, "table": load_table, "synthetic": load_synthetic}
 
@@ -42,5 +42,3 @@ def read_prediction_input(path, feature_map: FeatureMap) -> tuple:
     with_label = feature_map.schema.label in frame.columns
     return frame, feature_map.transform(frame, str(path), with_label=with_label)
 
-
-__all__ = ["load_dataset", "read_prediction_input", "TensorSplit"]
