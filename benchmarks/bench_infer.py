@@ -1,0 +1,122 @@
+"""Inference latency per call, p50 and p99: the released model vs ours eager vs the Predictor.
+
+    python benchmarks/bench_infer.py                       # batches 1 8 64 512 4096
+    python benchmarks/bench_infer.py --calls 50 --batch 1 64
+
+MovieLens MLP configuration (F=113, towers 256-128, hyper [64], k=35, D=3), all in eval mode with
+settled BatchNorm statistics, inputs already on the device. Each call is timed alone (synchronised
+on CUDA; the providers take turns call by call); the table gives the median (p50) and 99th
+percentile (p99) in microseconds. The released model returns NaN at batch 1 (its DomainNorm takes
+the unbiased variance of one row); its time is still what the released code spends.
+Providers:
+- "released eager": hamur_fast.compat.ReleasedMLP under torch.inference_mode (the released loop:
+  every tower and the hyper-network once per domain on the whole batch);
+- "ours eager": hf.models.HAMUR (paper mode, backend "auto") under torch.inference_mode;
+- "Predictor": hamur_fast.inference.Predictor of the same model (folded; on CUDA one graph per
+  batch bucket, the inputs padded to the next bucket).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+import warnings
+
+import torch
+
+import hamur_fast as hf
+from hamur_fast.compat import ReleasedMLP
+
+INPUT_DIM, DOMAINS = 113, 3
+SIZES = dict(dims=[256, 128], hyper_dims=[64], rank=35)
+BATCHES = (1, 8, 64, 512, 4096)
+
+
+def settle(model):
+    """Run a few training batches so BatchNorm running statistics are realistic, then eval."""
+    torch.manual_seed(0)
+    device = next(model.parameters()).device
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(512, INPUT_DIM, device=device), torch.randint(0, DOMAINS, (512,), device=device))
+    return model.eval()
+
+
+def providers(device):
+    """(label, fn(e, domain) -> probabilities) for the three providers, built on ``device``."""
+    torch.manual_seed(0)
+    released = settle(ReleasedMLP(INPUT_DIM, DOMAINS, SIZES["dims"], SIZES["hyper_dims"], SIZES["rank"]).to(device))
+    ours = settle(hf.models.HAMUR(INPUT_DIM, DOMAINS, backbone="mlp", **SIZES).to(device))
+    predictor = hf.inference.Predictor(ours, device, batch_buckets=BATCHES)
+
+    def eager(model):
+        def run(e, domain):
+            with torch.inference_mode():
+                return model(e, domain)
+        return run
+    return [("released eager", eager(released)), ("ours eager", eager(ours)), ("Predictor", predictor.predict)]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def percentiles_us(fns, inputs, device, calls, warmup):
+    """(p50, p99) per function; the functions take turns call by call, so load from other processes
+    hits all of them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn(*inputs)
+    times = [[] for _ in fns]
+    for _ in range(calls):
+        for fn, samples in zip(fns, times):
+            sync(device)
+            start = time.perf_counter()
+            fn(*inputs)
+            sync(device)
+            samples.append((time.perf_counter() - start) * 1e6)
+    return [(_percentile(t, 0.5), _percentile(t, 0.99)) for t in times]
+
+
+def _percentile(samples, q):
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def calls_for(batch, args):
+    """Fewer calls for big batches on the CPU, where one call takes a long time."""
+    return max(5, args.calls // 10) if batch >= 4096 and args.device == "cpu" else args.calls
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--calls", type=int, default=200, help="timed calls per batch and provider")
+    parser.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args()
+    # The released DomainNorm at batch 1 warns (unbiased variance of one row); the timing is the point here.
+    warnings.filterwarnings("ignore", message="var\\(\\): degrees of freedom")
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"# bench_infer: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"F={INPUT_DIM} towers {SIZES['dims']} hyper {SIZES['hyper_dims']} k={SIZES['rank']} D={DOMAINS}, "
+          f"backends {hf.available_backends()}")
+    rows = providers(device)
+    print("\nlatency per call, microseconds (p50 / p99); speed-up of p50 vs released eager")
+    print(f"{'batch':>6} {'provider':16} {'p50 us':>10} {'p99 us':>10} {'speed-up':>9}")
+    g = torch.Generator().manual_seed(1)
+    for batch in args.batch:
+        inputs = (torch.randn(batch, INPUT_DIM, generator=g).to(device),
+                  torch.randint(0, DOMAINS, (batch,), generator=g).to(device))
+        labels, fns = zip(*rows)
+        results = percentiles_us(fns, inputs, device, calls_for(batch, args), args.warmup)
+        base = results[0][0]
+        for label, (p50, p99) in zip(labels, results):
+            print(f"{batch:6d} {label:16} {p50:10.1f} {p99:10.1f} {base / p50:8.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Whole training step (forward, BCE, backward, Adam): the released model vs ours, side by side.
+
+    python benchmarks/bench_train.py                      # GPU: B = 4096 and 40960; CPU: B = 2048
+    python benchmarks/bench_train.py --batch 2048 --repeats 5 --no-compile
+
+MovieLens MLP configuration (F=113, towers 256-128, hyper [64], k=35, D=3, Adam lr 1e-3, weight
+decay 1e-5). Every provider trains its own copy on the same batch in this one run; the table gives
+the median step time (the providers take turns step by step, so a busy machine slows all alike),
+samples per second, the peak memory of one step (CUDA: the allocator's peak
+above what was allocated before the step; CPU: bytes of live tensors the step created) and the
+speed-up over the released code run eagerly.
+Providers:
+- "released eager": hamur_fast.compat.ReleasedMLP, the released model loop (hyper-network and
+  tower d on the whole batch for each domain d, the einsum cell, then a per-row select), BCE on
+  probabilities as released;
+- "released compile": the same model under torch.compile(mode="reduce-overhead") (on CPU this is
+  the default inductor compile: CUDA graphs exist on CUDA only);
+- "ours <mode> eager": hf.models.HAMUR, backend "auto" (and each kernel backend that runs on the
+  device), BCE on logits;
+- "ours <mode> graph": the same under hamur_fast.train.captured_step.CapturedTrainStep (CUDA only:
+  forward, backward and the capturable Adam step replayed as one CUDA graph).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import hamur_fast as hf
+from bench_layers import LiveTensorPeak
+from hamur_fast.compat import ReleasedMLP
+from hamur_fast.ops.registry import resolve
+from hamur_fast.train.captured_step import CapturedTrainStep, bce_step
+
+INPUT_DIM, DOMAINS = 113, 3
+SIZES = dict(dims=[256, 128], hyper_dims=[64], rank=35)
+LR, WEIGHT_DECAY = 1e-3, 1e-5
+
+
+# ----------------------------------------------------------------------------- providers
+def released_step(device, compiled):
+    torch.manual_seed(0)
+    model = ReleasedMLP(INPUT_DIM, DOMAINS, SIZES["dims"], SIZES["hyper_dims"], SIZES["rank"]).to(device)
+    forward = torch.compile(model, mode="reduce-overhead") if compiled else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+
+    def step(e, domain, label):
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.binary_cross_entropy(forward(e, domain), label)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+    return step
+
+
+def ours_model(mode, backend, device):
+    torch.manual_seed(0)
+    return hf.models.HAMUR(INPUT_DIM, DOMAINS, backbone="mlp", mode=mode, backend=backend, **SIZES).to(device)
+
+
+def ours_eager_step(mode, backend, device):
+    model = ours_model(mode, backend, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    return lambda e, domain, label: bce_step(model, optimizer, e, domain, label)
+
+
+def ours_graph_step(mode, device, batch):
+    model = ours_model(mode, "auto", device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, capturable=True)
+    return CapturedTrainStep(model, optimizer, batch, device).step
+
+
+def eager_backends(device):
+    """"auto"'s pick first, then every other backend "auto" may pick on ``device``, then "torch"."""
+    auto = resolve("auto", device).name
+    names = [auto]
+    for name in hf.available_backends():
+        if name in (auto, "reference", "torch"):
+            continue
+        try:
+            backend = resolve(name, device)
+        except ValueError:  # registered, but it does not run on this device
+            continue
+        if backend.auto_priority(device) is not None:
+            names.append(name)
+    return names + (["torch"] if auto != "torch" else [])
+
+
+def providers(device, batch, compile_too):
+    """(label, step factory) pairs; factories build a fresh model and optimizer when called."""
+    rows = [("released eager", lambda: released_step(device, False))]
+    if compile_too:
+        rows.append(("released compile", lambda: released_step(device, True)))
+    auto = resolve("auto", device).name
+    for mode in ("released", "paper"):
+        for name in eager_backends(device):
+            rows.append((f"ours {mode} eager ({name})", lambda mode=mode, name=name: ours_eager_step(mode, name, device)))
+        if device.type == "cuda":
+            rows.append((f"ours {mode} graph ({auto})", lambda mode=mode: ours_graph_step(mode, device, batch)))
+    return rows
+
+
+# ----------------------------------------------------------------------------- measuring
+def make_batch(batch, device):
+    g = torch.Generator().manual_seed(1)
+    e = torch.randn(batch, INPUT_DIM, generator=g)
+    domain = torch.randint(0, DOMAINS, (batch,), generator=g)
+    label = torch.randint(0, 2, (batch,), generator=g).float()
+    return e.to(device), domain.to(device), label.to(device)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_all_ms(steps, inputs, device, repeats, warmup):
+    """Median ms of each step; the steps take turns, so load from other processes hits all alike."""
+    for step in steps:
+        for _ in range(warmup):  # compilation, CUDA-graph warm-up and capture happen here
+            step(*inputs)
+    times = [[] for _ in steps]
+    for _ in range(repeats):
+        for step, samples in zip(steps, times):
+            sync(device)
+            start = time.perf_counter()
+            step(*inputs)
+            sync(device)
+            samples.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(samples) for samples in times]
+
+
+def peak_mib(step, inputs, device, compiled):
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step(*inputs)
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    if compiled:
+        return float("nan")  # a dispatch mode cannot see inside a compiled graph on the CPU
+    with LiveTensorPeak() as tracker:
+        step(*inputs)
+    return tracker.peak / 2**20
+
+
+def bench(batch, args, device):
+    inputs = make_batch(batch, device)
+    labels, factories = zip(*providers(device, batch, not args.no_compile))
+    steps = [factory() for factory in factories]
+    times = time_all_ms(steps, inputs, device, args.repeats, args.warmup)
+    return [(label, ms, batch / ms * 1e3, peak_mib(step, inputs, device, "compile" in label))
+            for label, step, ms in zip(labels, steps, times)]
+
+
+def print_table(batch, rows):
+    base = rows[0][1]
+    print(f"\nB={batch}: one training step, median ms; speed-up vs released eager")
+    print(f"{'provider':32} {'ms':>10} {'samples/s':>12} {'peak MiB':>10} {'speed-up':>9}")
+    for label, ms, rate, mib in rows:
+        print(f"{label:32} {ms:10.2f} {rate:12.0f} {mib:10.1f} {base / ms:8.1f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, nargs="+", default=None,
+                        help="batch sizes (default: 4096 40960 on CUDA, 2048 on CPU)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (>= 4: graph capture)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.warmup < 4 and device.type == "cuda":
+        parser.error("--warmup must be >= 4 on CUDA: CapturedTrainStep captures on its 4th step")
+    batches = args.batch or ([4096, 40960] if device.type == "cuda" else [2048])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"# bench_train: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"F={INPUT_DIM} towers {SIZES['dims']} hyper {SIZES['hyper_dims']} k={SIZES['rank']} D={DOMAINS}, "
+          f"backends {hf.available_backends()}")
+    for batch in batches:
+        print_table(batch, bench(batch, args, device))
+
+
+if __name__ == "__main__":
+    main()
