@@ -19,6 +19,18 @@
 #include <cmath>
 #include <vector>
 
+// Row passes are compiled three times, for AVX-512, AVX2 + FMA and baseline x86-64, and the loader picks the
+// best one this CPU runs (GCC function multi-versioning): one build works on any x86-64 machine and uses
+// wide vectors where they exist. The per-row helpers are forced inline so they take the caller's ISA.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define HAMUR_ROW_PASS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HAMUR_ROW_PASS
+#endif
+#define HAMUR_INLINE inline __attribute__((always_inline))
+// 512-bit vector values only live inside always-inline helpers, so no call passes one by value.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace hamur_fast {
 namespace {
 
@@ -29,35 +41,123 @@ using at::Tensor;
 // reductions in dot).
 
 template <typename T>
-inline void axpy(T* __restrict out, T alpha, const T* __restrict v, int64_t n) {
+HAMUR_INLINE void axpy(T* __restrict out, T alpha, const T* __restrict v, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) out[j] += alpha * v[j];
 }
 
 template <typename T>
-inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+HAMUR_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
   T acc = 0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
   return acc;
 }
 
-// out (n) = v (m) . M (m, n): m axpys along M's contiguous rows.
+// out (n) = v (m) . M (m, n), M row-major. A plain axpy per row of M would store `out` and load it back on
+// every one of the m steps (a store-to-load chain that dominated the row passes), so the output is cut
+// into strips of up to kStrip vectors held in registers for the whole sum over i. Vectors are GCC
+// vector-extension types of 512 bits: one register on AVX-512, two on AVX2, four on SSE.
 template <typename T>
-inline void vec_mat(T* __restrict out, const T* __restrict v, const T* __restrict M, int64_t m, int64_t n) {
-  std::fill(out, out + n, T(0));
-  for (int64_t i = 0; i < m; ++i) axpy(out, v[i], M + i * n, n);
+struct Vec512Of;
+template <>
+struct Vec512Of<float> {
+  typedef float type __attribute__((vector_size(64), aligned(4)));
+};
+template <>
+struct Vec512Of<double> {
+  typedef double type __attribute__((vector_size(64), aligned(8)));
+};
+template <typename T>
+using Vec512 = typename Vec512Of<T>::type;
+
+template <typename T>
+HAMUR_INLINE Vec512<T> load_vec(const T* p) {
+  Vec512<T> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
 }
 
-// out (m) = M (m, n) . v (n): m dot products along M's contiguous rows.
+// Rows of M (m rows of n) whose first `reach` elements from `first_col` can be loaded as whole vectors
+// without leaving M: all rows when the strip fits in a row, else all but the last few.
+HAMUR_INLINE int64_t rows_in_reach(int64_t m, int64_t n, int64_t first_col, int64_t reach_cols) {
+  const int64_t reach = first_col + reach_cols;
+  return reach <= n ? m : std::max<int64_t>(0, std::min<int64_t>(m, (m * n - reach) / n + 1));
+}
+
+template <typename T, int kVectors>
+HAMUR_INLINE void vec_mat_strip(T* __restrict out, const T* __restrict v, const T* __restrict M, int64_t m,
+                                int64_t n, int64_t first_col, int64_t width) {
+  constexpr int64_t kLanes = 64 / sizeof(T);
+  Vec512<T> acc[kVectors] = {};
+  // Full-vector loads may run past the strip's last column into the next row of M (those lanes are
+  // discarded); rows whose loads would run past the end of M itself take the scalar path below.
+  const int64_t vector_rows = rows_in_reach(m, n, first_col, kVectors * kLanes);
+  for (int64_t i = 0; i < vector_rows; ++i) {
+    const T* row = M + i * n + first_col;
+    const T vi = v[i];
+    for (int t = 0; t < kVectors; ++t) acc[t] += vi * load_vec(row + t * kLanes);
+  }
+  T lanes[kVectors * kLanes];
+  __builtin_memcpy(lanes, acc, sizeof(lanes));
+  for (int64_t i = vector_rows; i < m; ++i)
+    for (int64_t j = 0; j < width; ++j) lanes[j] += v[i] * M[i * n + first_col + j];
+  for (int64_t j = 0; j < width; ++j) out[first_col + j] = lanes[j];
+}
+
 template <typename T>
-inline void mat_vec(T* __restrict out, const T* __restrict M, const T* __restrict v, int64_t m, int64_t n) {
-  for (int64_t i = 0; i < m; ++i) out[i] = dot(M + i * n, v, n);
+HAMUR_INLINE void vec_mat(T* __restrict out, const T* __restrict v, const T* __restrict M, int64_t m, int64_t n) {
+  constexpr int64_t kLanes = 64 / sizeof(T), kStrip = 4;
+  for (int64_t first = 0; first < n; first += kStrip * kLanes) {
+    const int64_t width = std::min(kStrip * kLanes, n - first);
+    switch ((width + kLanes - 1) / kLanes) {
+      case 1: vec_mat_strip<T, 1>(out, v, M, m, n, first, width); break;
+      case 2: vec_mat_strip<T, 2>(out, v, M, m, n, first, width); break;
+      case 3: vec_mat_strip<T, 3>(out, v, M, m, n, first, width); break;
+      default: vec_mat_strip<T, 4>(out, v, M, m, n, first, width); break;
+    }
+  }
+}
+
+template <typename T, int kVectors>
+HAMUR_INLINE void mat_vec_rows(T* __restrict out, const T* __restrict M, const T* __restrict v, int64_t m,
+                               int64_t n) {
+  constexpr int64_t kLanes = 64 / sizeof(T);
+  // v zero-padded to whole vectors: the lanes a load takes from M's next row are multiplied by 0.
+  T padded[kVectors * kLanes] = {};
+  std::copy(v, v + n, padded);
+  Vec512<T> vv[kVectors];
+  for (int t = 0; t < kVectors; ++t) vv[t] = load_vec(padded + t * kLanes);
+  const int64_t vector_rows = rows_in_reach(m, n, 0, kVectors * kLanes);
+  for (int64_t i = 0; i < vector_rows; ++i) {
+    Vec512<T> acc = load_vec(M + i * n) * vv[0];
+    for (int t = 1; t < kVectors; ++t) acc += load_vec(M + i * n + t * kLanes) * vv[t];
+    T lanes[kLanes];
+    __builtin_memcpy(lanes, &acc, sizeof(lanes));
+    T sum = 0;
+    for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
+    out[i] = sum;
+  }
+  for (int64_t i = vector_rows; i < m; ++i) out[i] = dot(M + i * n, v, n);
+}
+
+// out (m) = M (m, n) . v (n): one vector dot product per row of M.
+template <typename T>
+HAMUR_INLINE void mat_vec(T* __restrict out, const T* __restrict M, const T* __restrict v, int64_t m, int64_t n) {
+  constexpr int64_t kLanes = 64 / sizeof(T);
+  switch ((n + kLanes - 1) / kLanes) {
+    case 1: mat_vec_rows<T, 1>(out, M, v, m, n); break;
+    case 2: mat_vec_rows<T, 2>(out, M, v, m, n); break;
+    case 3: mat_vec_rows<T, 3>(out, M, v, m, n); break;
+    case 4: mat_vec_rows<T, 4>(out, M, v, m, n); break;
+    default:
+      for (int64_t i = 0; i < m; ++i) out[i] = dot(M + i * n, v, n);
+  }
 }
 
 // out (m, m) = outer(v1, w1) + outer(v2, w2), written once.
 template <typename T>
-inline void write_two_outers(T* __restrict out, const T* __restrict v1, const T* __restrict w1,
+HAMUR_INLINE void write_two_outers(T* __restrict out, const T* __restrict v1, const T* __restrict w1,
                              const T* __restrict v2, const T* __restrict w2, int64_t m) {
   for (int64_t i = 0; i < m; ++i) {
     T* __restrict row = out + i * m;
@@ -69,7 +169,7 @@ inline void write_two_outers(T* __restrict out, const T* __restrict v1, const T*
 
 // y = x + o * scale + shift (n).
 template <typename T>
-inline void residual_affine_row(const T* __restrict x, const T* __restrict o, const T* __restrict scale,
+HAMUR_INLINE void residual_affine_row(const T* __restrict x, const T* __restrict o, const T* __restrict scale,
                                 const T* __restrict shift, int64_t n, T* __restrict y) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) y[j] = x[j] + o[j] * scale[j] + shift[j];
@@ -170,7 +270,7 @@ Tensor slots_of(const Tensor& t, const GroupOrder& order, int64_t g) {
 // The cell's per-row middle, between the dense projections: from u = x.U (already in hidden) it forms
 // p = u.I, a = sigmoid(p.V + b), q = a.U', r = q.I in hidden (layout in CellShape).
 template <typename T>
-inline void rank_core_row(const CellShape& shape, const T* __restrict rep, const T* __restrict down_right,
+HAMUR_INLINE void rank_core_row(const CellShape& shape, const T* __restrict rep, const T* __restrict down_right,
                           const T* __restrict down_bias, const T* __restrict up_left, T* __restrict hidden) {
   const int64_t k = shape.rank, s = shape.bottleneck;
   T* u = hidden + shape.u();
@@ -198,13 +298,38 @@ Factors<T> factors(const Tensor& dl, const Tensor& dr, const Tensor& db, const T
 
 // The whole cell for one row, fused (eval): o = (rank_core(x.U)).V' + b'; hidden is scratch.
 template <typename T>
-inline void project_row(const CellShape& shape, const Factors<T>& f, int64_t d, const T* __restrict x,
+HAMUR_INLINE void project_row(const CellShape& shape, const Factors<T>& f, int64_t d, const T* __restrict x,
                         const T* __restrict rep, T* __restrict hidden, T* __restrict o) {
   const int64_t h = shape.width, k = shape.rank, s = shape.bottleneck;
   vec_mat(hidden + shape.u(), x, f.down_left + d * h * k, h, k);
   rank_core_row(shape, rep, f.down_right + d * k * s, f.down_bias + d * s, f.up_left + d * s * k, hidden);
   vec_mat(o, hidden + shape.r(), f.up_right + d * k * h, k, h);
   axpy(o, T(1), f.up_bias + d * h, h);
+}
+
+// Forward rank-k core over group-ordered slots [first, end); slot i is original row order[i].
+template <typename T>
+HAMUR_ROW_PASS void rank_core_rows(const CellShape& shape, const Rows& slots, const int64_t* order, const T* rep,
+                                   const Factors<T>& f, T* hidden, int64_t first, int64_t end) {
+  const int64_t k = shape.rank, s = shape.bottleneck;
+  for (int64_t i = first; i < end; ++i) {
+    const int64_t d = slots.group(i);
+    rank_core_row(shape, rep + order[i] * k * k, f.down_right + d * k * s, f.down_bias + d * s,
+                  f.up_left + d * s * k, hidden + i * shape.stride());
+  }
+}
+
+// Eval: rows [first, end) of y = x + o * scale + shift, each row's cell fused; hidden and o are scratch.
+template <typename T>
+HAMUR_ROW_PASS void infer_rows(const CellShape& shape, const Rows& rows, const Factors<T>& f, const T* x,
+                               const T* rep, const T* scale, const T* shift, T* hidden, T* o, T* y, int64_t first,
+                               int64_t end) {
+  const int64_t h = shape.width, kk = shape.rank * shape.rank;
+  for (int64_t b = first; b < end; ++b) {
+    const int64_t d = rows.group(b);
+    project_row(shape, f, d, x + b * h, rep + b * kk, hidden, o);
+    residual_affine_row(x + b * h, o, scale + d * h, shift + d * h, h, y + b * h);
+  }
 }
 
 // ------------------------------------------------------------------------------------ statistics
@@ -342,17 +467,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
     at::mm_out(u, slots_of(x_sorted, order, g), param_of(dl, g, per_domain));
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_forward_cpu_core", [&] {
-    const scalar_t *rep_p = rep.data_ptr<scalar_t>(), *dr_p = dr.data_ptr<scalar_t>();
-    const scalar_t *db_p = db.data_ptr<scalar_t>(), *ul_p = ul.data_ptr<scalar_t>();
+    const Factors<scalar_t> f = factors<scalar_t>(dl, dr, db, ul, ur, ub);
+    const scalar_t* rep_p = rep.data_ptr<scalar_t>();
     const int64_t* order_p = order.order.data_ptr<int64_t>();
     scalar_t* hidden_p = hidden.data_ptr<scalar_t>();
-    const int64_t s = shape.bottleneck;
     at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
-      for (int64_t i = first; i < end; ++i) {
-        const int64_t d = slots.group(i);
-        rank_core_row(shape, rep_p + order_p[i] * k * k, dr_p + d * k * s, db_p + d * s, ul_p + d * s * k,
-                      hidden_p + i * shape.stride());
-      }
+      rank_core_rows(shape, slots, order_p, rep_p, f, hidden_p, first, end);
     });
   });
   // o = r.V' + b', one GEMM per domain.
@@ -393,14 +513,9 @@ Tensor adapter_infer_cpu(const Tensor& x_in, const Tensor& rep_in, const Tensor&
     const scalar_t *x_p = x.data_ptr<scalar_t>(), *rep_p = rep.data_ptr<scalar_t>();
     const scalar_t *scale_p = scale.data_ptr<scalar_t>(), *shift_p = shift.data_ptr<scalar_t>();
     scalar_t* y_p = y.data_ptr<scalar_t>();
-    const int64_t h = shape.width, kk = shape.rank * shape.rank;
     at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
-      std::vector<scalar_t> hidden(shape.stride()), o(h);
-      for (int64_t b = first; b < end; ++b) {
-        const int64_t d = rows.group(b);
-        project_row(shape, f, d, x_p + b * h, rep_p + b * kk, hidden.data(), o.data());
-        residual_affine_row(x_p + b * h, o.data(), scale_p + d * h, shift_p + d * h, h, y_p + b * h);
-      }
+      std::vector<scalar_t> hidden(shape.stride()), o(shape.width);
+      infer_rows(shape, rows, f, x_p, rep_p, scale_p, shift_p, hidden.data(), o.data(), y_p, first, end);
     });
   });
   return y;
@@ -545,7 +660,7 @@ std::tuple<Tensor, Tensor, Tensor> domain_norm_backward_cpu(const Tensor& grad_y
 // grad_rep = u (x) grad_p + q (x) grad_r once. grad is this row of the (B, 2k + s) gradient buffer
 // [grad_q | grad_z | grad_u].
 template <typename T>
-inline void rank_core_backward_row(const CellShape& shape, const T* __restrict rep, const T* __restrict down_right,
+HAMUR_INLINE void rank_core_backward_row(const CellShape& shape, const T* __restrict rep, const T* __restrict down_right,
                                    const T* __restrict up_left, const T* __restrict hidden,
                                    const T* __restrict grad_r, T* __restrict grad, T* __restrict grad_p,
                                    T* __restrict grad_rep) {
@@ -560,6 +675,21 @@ inline void rank_core_backward_row(const CellShape& shape, const T* __restrict r
   mat_vec(grad_p, down_right, grad_z, k, s);
   mat_vec(grad_u, rep, grad_p, k, k);
   write_two_outers(grad_rep, hidden + shape.u(), grad_p, hidden + shape.q(), grad_r, k);
+}
+
+// Backward rank-k core over group-ordered slots [first, end); grad_p is scratch (k).
+template <typename T>
+HAMUR_ROW_PASS void rank_core_backward_rows(const CellShape& shape, const Rows& slots, const int64_t* order,
+                                            const T* rep, const T* down_right, const T* up_left, const T* hidden,
+                                            const T* grad_r, T* grad_core, T* grad_p, T* grad_rep, int64_t first,
+                                            int64_t end) {
+  const int64_t k = shape.rank, s = shape.bottleneck;
+  for (int64_t i = first; i < end; ++i) {
+    const int64_t d = slots.group(i), b = order[i];
+    rank_core_backward_row(shape, rep + b * k * k, down_right + d * k * s, up_left + d * s * k,
+                           hidden + i * shape.stride(), grad_r + i * k, grad_core + i * (2 * k + s), grad_p,
+                           grad_rep + b * k * k);
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapter_backward_cpu(
@@ -610,12 +740,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     scalar_t *grad_core_p = grad_core.data_ptr<scalar_t>(), *grad_rep_p = grad_rep.data_ptr<scalar_t>();
     at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
       std::vector<scalar_t> grad_p(k);
-      for (int64_t i = first; i < end; ++i) {
-        const int64_t d = slots.group(i), b = order_p[i];
-        rank_core_backward_row(shape, rep_p + b * k * k, dr_p + d * k * s, ul_p + d * s * k,
-                               hidden_p + i * shape.stride(), grad_r_p + i * k, grad_core_p + i * (2 * k + s),
-                               grad_p.data(), grad_rep_p + b * k * k);
-      }
+      rank_core_backward_rows(shape, slots, order_p, rep_p, dr_p, ul_p, hidden_p, grad_r_p, grad_core_p,
+                              grad_p.data(), grad_rep_p, first, end);
     });
   });
   // The dense products' gradients, one GEMM each per domain: grad_x = gy + grad_u.U^T and the factor
