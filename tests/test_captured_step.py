@@ -72,8 +72,19 @@ def test_captured_step_rejects_bad_batches():
         CapturedTrainStep(model, adam(model), 0, "cpu")
 
 
-def test_torch_compile_traces_the_whole_model_with_gradients():
-    model = small_hamur()
+def backends_on_cpu():
+    """"torch" and every kernel backend that "auto" may pick on the CPU (their custom ops get compiled)."""
+    names = ["torch"]
+    for name in hf.available_backends():
+        if name not in ("torch", "reference") and hf.ops.registry.resolve(name, torch.device("cpu")).auto_priority(
+                torch.device("cpu")) is not None:
+            names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("backend", backends_on_cpu())
+def test_torch_compile_traces_the_whole_model_with_gradients(backend):
+    model = small_hamur(backend=backend)
     twin = copy.deepcopy(model)
     e, domain, label = next(batches(1))
 

@@ -86,7 +86,7 @@ def test_predictor_handles_zoo_models(name):
 
 
 def test_folding_removes_every_normalisation_and_leaves_the_original_alone():
-    model = hamur()
+    model = hamur(backend="torch")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     folded = fold_for_inference(model)
     kinds = {type(m) for m in folded.modules()}
@@ -99,6 +99,24 @@ def test_folding_removes_every_normalisation_and_leaves_the_original_alone():
     e, domain = inputs(33)
     with torch.no_grad():
         assert rel_err(folded(e, domain), model(e, domain)) <= 1e-5
+
+
+def kernel_backends_on_cpu():
+    names = []
+    for name in hf.available_backends():
+        backend = hf.ops.registry.resolve(name, torch.device("cpu")) if name not in ("torch", "reference") else None
+        if backend is not None and backend.auto_priority(torch.device("cpu")) is not None:
+            names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("backend", kernel_backends_on_cpu())
+def test_kernel_backend_cells_are_kept_and_predict_like_eval(backend):
+    # A kernel applies the normalisation's affine in registers: folding keeps the fused cell.
+    model = hamur(backend=backend)
+    predictor = Predictor(model, "cpu", batch_buckets=BUCKETS)
+    assert any(isinstance(m, hf.HyperAdapter) for m in predictor.model.modules())
+    assert_predicts_like_eval(model, predictor, batches=(1, 13, 70))
 
 
 def test_folding_is_exact_in_float64():
