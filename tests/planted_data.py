@@ -1,7 +1,10 @@
 """Synthetic multi-domain data with a planted per-domain signal, and a tiny training loop for tests."""
 from __future__ import annotations
 
+import functools
+
 import torch
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 NUM_DOMAINS = 3
@@ -12,9 +15,9 @@ INPUT_DIM = NUM_DOMAINS + NUM_FEATURES  # e = [one-hot domain indicator ; featur
 def planted_data(rows: int, seed: int):
     """(e, domain, label). Domains of unequal size; each domain clicks on a different direction.
 
-    ``logit = x . (w_shared + w_d) + c_d``: the domain-specific part is twice the shared part, so a
-    model that ignores the domain cannot rank well. The domain indicator is part of ``e`` (as the
-    domain field's embedding is in real data), so the domain-blind backbones can still use it.
+    ``logit = x . (w_shared + w_d) + c_d``: the domain-specific part is twice the shared part. The
+    domain indicator is part of ``e`` (as the domain field's embedding is in real data), so the
+    domain-blind backbones can still use it, through interactions.
     """
     params = torch.Generator().manual_seed(1234)  # the same planted signal for every split
     w_shared = 0.5 * torch.randn(NUM_FEATURES, generator=params)
@@ -27,6 +30,19 @@ def planted_data(rows: int, seed: int):
     label = torch.bernoulli(torch.sigmoid(logit), generator=g)
     e = torch.cat([torch.nn.functional.one_hot(domain, NUM_DOMAINS).float(), x], dim=1)
     return e, domain, label
+
+
+TRAIN_ROWS, TEST_ROWS = 4096, 2048
+
+
+@functools.lru_cache(maxsize=None)
+def shared_linear_auc(seed: int = 0) -> float:
+    """Test AUC of a logistic regression on ``e``: one weight vector for all domains (plus the
+    one-hot's offsets). A model beating it has learned some of the per-domain signal."""
+    e, _, label = planted_data(TRAIN_ROWS, seed=seed)
+    test_e, _, test_label = planted_data(TEST_ROWS, seed=seed + 100)
+    fitted = LogisticRegression(max_iter=1000).fit(e.numpy(), label.numpy())
+    return roc_auc_score(test_label.numpy(), fitted.predict_proba(test_e.numpy())[:, 1])
 
 
 def train_and_auc(model, steps: int = 200, batch: int = 64, lr: float = 3e-3, seed: int = 0) -> float:
@@ -42,7 +58,7 @@ def train_and_auc(model, steps: int = 200, batch: int = 64, lr: float = 3e-3, se
 
 def _train_and_auc(model, steps: int, batch: int, lr: float, seed: int) -> float:
     torch.manual_seed(seed)
-    e, domain, label = planted_data(4096, seed=seed)
+    e, domain, label = planted_data(TRAIN_ROWS, seed=seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     order = torch.Generator().manual_seed(seed)
     model.train()
@@ -53,7 +69,7 @@ def _train_and_auc(model, steps: int, batch: int, lr: float, seed: int) -> float
         loss.backward()
         optimizer.step()
     model.eval()
-    test_e, test_domain, test_label = planted_data(2048, seed=seed + 100)
+    test_e, test_domain, test_label = planted_data(TEST_ROWS, seed=seed + 100)
     with torch.no_grad():
         scores = model(test_e, test_domain)
     return roc_auc_score(test_label.numpy(), scores.numpy())

@@ -6,7 +6,7 @@ import torch
 
 import hamur_fast as hf
 from hamur_fast.ops import eager
-from planted_data import INPUT_DIM, NUM_DOMAINS, planted_data, train_and_auc
+from planted_data import INPUT_DIM, NUM_DOMAINS, planted_data, shared_linear_auc, train_and_auc
 
 SMALL = dict(dims=[24, 11], rank=5, hyper_dims=[7], bottleneck=6, backend="torch")
 WIDTH, RANK = 11, 5
@@ -155,3 +155,4 @@ def test_bad_switch_values_are_rejected():
 def test_every_ablation_trains(hyper, norm):
     auc = train_and_auc(build(hyper=hyper, norm=norm))
     assert auc > 0.6, f"hyper={hyper}, norm={norm}: test AUC {auc:.3f}"
+    assert auc > shared_linear_auc(), f"hyper={hyper}, norm={norm}: {auc:.3f} does not beat one shared linear model"
