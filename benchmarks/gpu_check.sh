@@ -61,9 +61,9 @@ step tests 150 "$PY" -m pytest -q -rs tests -k "triton or cuda" -p no:cacheprovi
 grep -Eq "[0-9]+ passed" "$OUT/tests.log" || { echo "tests: none passed" >>"$SUMMARY"; failed=1; }
 
 step bench_layers 150 "$PY" benchmarks/bench_layers.py --batch 4096 65536
-for bench in bench_train bench_infer; do
-  if [ -f "benchmarks/$bench.py" ]; then step "$bench" 50 "$PY" "benchmarks/$bench.py"; fi
-done
+# Whole training step (released, released under torch.compile, ours eager and CUDA graph) and serving latency.
+step bench_train 200 "$PY" benchmarks/bench_train.py --batch 4096 40960 --repeats 10
+step bench_infer 60 "$PY" benchmarks/bench_infer.py
 
 # The issue's goals, from the B=65536 table of bench_layers (h=128, k=35, s=32, D=3, fp32, fwd+bwd).
 "$PY" - "$OUT/bench_layers.log" >"$OUT/goals.txt" 2>&1 <<'EOF' || failed=1

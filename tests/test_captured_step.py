@@ -127,7 +127,7 @@ def test_captured_step_equals_eager_step_on_cuda(mode):
 
 
 @CUDA
-def test_captured_step_needs_a_capturable_optimizer():
+def test_cuda_captured_step_needs_a_capturable_optimizer():
     model = small_hamur().cuda()
     with pytest.raises(ValueError, match="capturable=True"):
         CapturedTrainStep(model, adam(model, capturable=False), BATCH, "cuda")
