@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bisect
+import os
 
 import torch
 from torch import nn
@@ -16,9 +17,11 @@ class Predictor:
     """Serve ``predict(e, domain) -> probabilities (B,)`` equal to ``model.eval()(e, domain)``.
 
     ``model_or_checkpoint``: a multi-domain model of :mod:`hamur_fast.models` (anything with
-    ``input_dim``, ``num_domains`` and ``forward(e, domain) -> probabilities``). Checkpoint paths are
-    not accepted yet: the package has no checkpoint format to read (load the model, then pass it).
-    The model is copied and folded (see :mod:`hamur_fast.inference.folding`); the original is untouched.
+    ``input_dim``, ``num_domains`` and ``forward(e, domain) -> probabilities``), or the path of a
+    checkpoint written by :mod:`hamur_fast.train` (its best weights are served; ``predictor.features``
+    is then the checkpoint's feature embedding, turning ``(sparse ids, dense)`` into ``e``; it is
+    None for a model). The model is copied and folded (see :mod:`hamur_fast.inference.folding`); the
+    original is untouched.
 
     On CUDA, a batch is padded to the next size in ``batch_buckets`` and runs as one replay of that
     bucket's CUDA graph (captured once, here); a batch larger than the biggest bucket runs in chunks.
@@ -32,7 +35,7 @@ class Predictor:
 
     def __init__(self, model_or_checkpoint, device: torch.device | str | None = None,
                  batch_buckets=DEFAULT_BUCKETS, use_cuda_graphs: bool = True):
-        model = _as_model(model_or_checkpoint)
+        model, self.features = _load(model_or_checkpoint, device)
         self.input_dim, self.num_domains = model.input_dim, model.num_domains
         self.batch_buckets = _check_buckets(batch_buckets)
         self.model = fold_for_inference(model, device)
@@ -113,14 +116,20 @@ class _BucketGraph:
         return self.out[:rows].clone()
 
 
-def _as_model(model_or_checkpoint) -> nn.Module:
-    if isinstance(model_or_checkpoint, nn.Module):
-        if not all(hasattr(model_or_checkpoint, a) for a in ("input_dim", "num_domains")):
-            raise ValueError("the model must expose input_dim and num_domains (any hamur_fast.models model does)")
-        return model_or_checkpoint
-    raise ValueError(f"Predictor takes a model (an nn.Module of hamur_fast.models), got "
-                     f"{type(model_or_checkpoint).__name__}; checkpoint files are not readable yet: "
-                     "build and load the model, then pass it")
+def _load(model_or_checkpoint, device):
+    """(model, feature embedding or None) from a model or a checkpoint path."""
+    if isinstance(model_or_checkpoint, (str, os.PathLike)):
+        # Imported here: the training stack (data readers, pandas) is needed only to read a checkpoint.
+        from ..train import load_trained
+
+        trainer, _ = load_trained(model_or_checkpoint, None if device is None else str(device))
+        return trainer.model.core, trainer.model.features.eval()
+    if not isinstance(model_or_checkpoint, nn.Module):
+        raise ValueError(f"Predictor takes a model (an nn.Module of hamur_fast.models) or a checkpoint path, "
+                         f"got {type(model_or_checkpoint).__name__}")
+    if not all(hasattr(model_or_checkpoint, a) for a in ("input_dim", "num_domains")):
+        raise ValueError("the model must expose input_dim and num_domains (any hamur_fast.models model does)")
+    return model_or_checkpoint, None
 
 
 def _check_buckets(batch_buckets) -> tuple:
