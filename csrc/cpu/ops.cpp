@@ -13,8 +13,9 @@
 //   Outputs mean, rstd, var, count are per statistics group (G = D or 1): the mean, 1/sqrt(var + eps),
 //   the variance used for normalising, and the number of rows; backward and the running-statistics
 //   update read them.
-//   adapter_forward also returns, for backward, the rows grouped by statistics group: order (B,) int64
-//   (slot i holds original row order[i], stable), o (B, h) and hidden (B, 4k + s) in that slot order;
+//   adapter_forward also returns, for backward, a slot order of the rows: order (B,) int64 (slot i holds
+//   original row order[i]; the CPU kernels group rows by statistics group, stably, the CUDA kernels keep
+//   the identity), and o (B, h) and hidden (B, 4k + s) in that slot order;
 //   hidden holds each row's u = x.U, p = u.I, q = a.U', r = q.I and a = sigmoid(p.V + b), the rank-k and
 //   bottleneck intermediates (O(k) per row, never O(h*s)).
 #include <Python.h>
