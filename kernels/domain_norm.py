@@ -72,10 +72,19 @@ def store_group_partial_sums(dy, dy_xhat, group, row_mask, cols, col_mask, block
 
 
 @triton.jit
-def load_group_rows(table, group, cols, row_mask, col_mask, width):
-    """Row b gets ``table[group[b], cols]`` (a (G, width) fp32-convertible table)."""
-    offsets = group.to(tl.int64)[:, None] * width + cols[None, :]
-    return tl.load(table + offsets, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+def load_group_rows(table, group, cols, row_mask, col_mask, width, PER_DOMAIN: tl.constexpr):
+    """Row b gets ``table[group[b], cols]`` (a (G, width) table), as fp32.
+
+    With one group (released mode) the row of the table is loaded once and broadcast: a (rows, cols)
+    load whose rows all point at the same addresses compiled, for sm_90a, to a kernel of 32 registers
+    and kilobytes of spills.
+    """
+    if PER_DOMAIN:
+        offsets = group.to(tl.int64)[:, None] * width + cols[None, :]
+        values = tl.load(table + offsets, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    else:
+        values = tl.load(table + cols, mask=col_mask, other=0.0)[None, :]
+    return values.to(tl.float32)
 
 
 @triton.jit
@@ -155,10 +164,10 @@ def _normalize_kernel(o, group_ids, mean, rstd, weight, bias, y, batch, width,
     tile = rows.to(tl.int64)[:, None] * width + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     values = tl.load(o + tile, mask=mask, other=0.0).to(tl.float32)
-    xhat = (values - load_group_rows(mean, group, cols, row_mask, col_mask, width)) * \
-        load_group_rows(rstd, group, cols, row_mask, col_mask, width)
-    out = load_group_rows(weight, group, cols, row_mask, col_mask, width) * xhat + \
-        load_group_rows(bias, group, cols, row_mask, col_mask, width)
+    xhat = (values - load_group_rows(mean, group, cols, row_mask, col_mask, width, PER_DOMAIN)) * \
+        load_group_rows(rstd, group, cols, row_mask, col_mask, width, PER_DOMAIN)
+    out = load_group_rows(weight, group, cols, row_mask, col_mask, width, PER_DOMAIN) * xhat + \
+        load_group_rows(bias, group, cols, row_mask, col_mask, width, PER_DOMAIN)
     tl.store(y + tile, out.to(y.dtype.element_ty), mask=mask)
 
 
@@ -176,29 +185,34 @@ def _partial_grad_sums_kernel(dy, o, group_ids, mean, rstd, part_dy, part_dy_xha
     mask = row_mask[:, None] & col_mask[None, :]
     grad = tl.load(dy + tile, mask=mask, other=0.0).to(tl.float32)
     xhat = (tl.load(o + tile, mask=mask, other=0.0).to(tl.float32)
-            - load_group_rows(mean, group, cols, row_mask, col_mask, width)) * \
-        load_group_rows(rstd, group, cols, row_mask, col_mask, width)
+            - load_group_rows(mean, group, cols, row_mask, col_mask, width, PER_DOMAIN)) * \
+        load_group_rows(rstd, group, cols, row_mask, col_mask, width, PER_DOMAIN)
     store_group_partial_sums(grad, grad * xhat, group, row_mask, cols, col_mask, tl.program_id(0), num_groups,
                              width, part_dy, part_dy_xhat)
 
 
 @triton.jit
 def norm_input_grad(grad, xhat, group, row_mask, cols, col_mask, width, weight, rstd, count, sum_dy, sum_dy_xhat,
-                    BATCH_STATS: tl.constexpr, UNBIASED: tl.constexpr):
-    """d(normalised output)/d(input) applied to ``grad`` (see the module docstring)."""
-    scale = load_group_rows(weight, group, cols, row_mask, col_mask, width) * \
-        load_group_rows(rstd, group, cols, row_mask, col_mask, width)
+                    BATCH_STATS: tl.constexpr, PER_DOMAIN: tl.constexpr):
+    """d(normalised output)/d(input) applied to ``grad`` (see the module docstring). Paper mode (PER_DOMAIN)
+    normalises with the biased per-domain variance, released mode with the unbiased whole-batch one."""
+    scale = load_group_rows(weight, group, cols, row_mask, col_mask, width, PER_DOMAIN) * \
+        load_group_rows(rstd, group, cols, row_mask, col_mask, width, PER_DOMAIN)
     if BATCH_STATS:
-        n = tl.load(count + group, mask=row_mask, other=1.0)
-        n_var = tl.maximum(n - 1.0, 1.0) if UNBIASED else n
-        grad = grad - load_group_rows(sum_dy, group, cols, row_mask, col_mask, width) / n[:, None] \
-            - xhat * load_group_rows(sum_dy_xhat, group, cols, row_mask, col_mask, width) / n_var[:, None]
+        if PER_DOMAIN:
+            n = tl.load(count + group, mask=row_mask, other=1.0)[:, None]
+            n_var = n
+        else:
+            n = tl.load(count)
+            n_var = tl.maximum(n - 1.0, 1.0)
+        grad = grad - load_group_rows(sum_dy, group, cols, row_mask, col_mask, width, PER_DOMAIN) / n \
+            - xhat * load_group_rows(sum_dy_xhat, group, cols, row_mask, col_mask, width, PER_DOMAIN) / n_var
     return scale * grad
 
 
 @triton.jit
 def _input_grad_kernel(dy, o, group_ids, mean, rstd, weight, count, sum_dy, sum_dy_xhat, do, batch, width,
-                       PER_DOMAIN: tl.constexpr, BATCH_STATS: tl.constexpr, UNBIASED: tl.constexpr,
+                       PER_DOMAIN: tl.constexpr, BATCH_STATS: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -211,10 +225,10 @@ def _input_grad_kernel(dy, o, group_ids, mean, rstd, weight, count, sum_dy, sum_
     mask = row_mask[:, None] & col_mask[None, :]
     grad = tl.load(dy + tile, mask=mask, other=0.0).to(tl.float32)
     xhat = (tl.load(o + tile, mask=mask, other=0.0).to(tl.float32)
-            - load_group_rows(mean, group, cols, row_mask, col_mask, width)) * \
-        load_group_rows(rstd, group, cols, row_mask, col_mask, width)
+            - load_group_rows(mean, group, cols, row_mask, col_mask, width, PER_DOMAIN)) * \
+        load_group_rows(rstd, group, cols, row_mask, col_mask, width, PER_DOMAIN)
     out = norm_input_grad(grad, xhat, group, row_mask, cols, col_mask, width, weight, rstd, count, sum_dy,
-                          sum_dy_xhat, BATCH_STATS, UNBIASED)
+                          sum_dy_xhat, BATCH_STATS, PER_DOMAIN)
     tl.store(do + tile, out.to(do.dtype.element_ty), mask=mask)
 
 
@@ -305,7 +319,7 @@ def domain_norm_backward(dy, o, domain, weight, count, mean, rstd, use_batch_sta
     sum_dy, sum_dy_xhat = part_dy.sum(0), part_dy_xhat.sum(0)
     do = empty(o.shape, device=o.device, dtype=o.dtype)
     _input_grad_kernel[grid](dy, o, domain, mean, rstd, weight, count, sum_dy, sum_dy_xhat, do, batch, width,
-                             BATCH_STATS=use_batch_stats, UNBIASED=not per_domain, **meta)
+                             BATCH_STATS=use_batch_stats, **meta)
     shape = weight.shape
     return do, sum_dy_xhat.reshape(shape).to(weight.dtype), sum_dy.reshape(shape).to(weight.dtype)
 
