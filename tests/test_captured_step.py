@@ -82,9 +82,9 @@ def backends_on_cpu():
     return names
 
 
-@pytest.mark.parametrize("backend", backends_on_cpu())
-def test_torch_compile_traces_the_whole_model_with_gradients(backend):
-    model = small_hamur(backend=backend)
+@pytest.mark.parametrize("backend, mode", [(b, "paper") for b in backends_on_cpu()] + [("torch", "released")])
+def test_torch_compile_traces_the_whole_model_with_gradients(backend, mode):
+    model = small_hamur(mode, backend=backend)
     twin = copy.deepcopy(model)
     e, domain, label = next(batches(1))
 
