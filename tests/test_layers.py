@@ -110,3 +110,20 @@ def test_layers_reject_bad_input():
         hf.HyperNetwork(7, [5], 3)(torch.randn(4, 8))
     with pytest.raises(ValueError, match="mode must be one of"):
         hf.DomainNorm(4, 2, mode="batch")
+
+
+def test_released_cell_on_all_towers_equals_one_call_per_tower():
+    torch.manual_seed(0)
+    cell = hf.HyperAdapter(10, 4, 3, bottleneck=6, mode="released", backend="torch").double()
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.normal_()
+    towers = torch.randn(3, 23, 10, dtype=torch.float64, requires_grad=True)
+    rep = torch.rand(23, 4, 4, dtype=torch.float64)
+    domain = torch.randint(0, 3, (23,))
+    batched = cell.forward_all_towers(towers, rep, domain)
+    looped = torch.stack([cell(t, rep, domain) for t in towers])
+    assert rel_err(batched, looped) < 1e-12
+    grad_batched, = torch.autograd.grad(batched.square().sum(), towers)
+    grad_looped, = torch.autograd.grad(looped.square().sum(), towers)
+    assert rel_err(grad_batched, grad_looped) < 1e-12

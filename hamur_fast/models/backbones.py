@@ -66,8 +66,7 @@ class DomainTowers(nn.Module):
         for j, (linear, norm) in enumerate(zip(self.linears, self.norms)):
             h = torch.relu(norm.all_domains(linear.all_domains(h)))
             if j in self.adapter_after:
-                cell = next(cells)
-                h = torch.stack([cell(h[d], rep, domain) for d in range(self.num_domains)])
+                h = next(cells).forward_all_towers(h, rep, domain)
         logits = self.out.all_domains(h).squeeze(2)  # (D, B): every tower's logit for every row
         return logits.gather(0, domain.unsqueeze(0)).squeeze(0)
 

@@ -144,6 +144,20 @@ class HyperAdapter(_BackendMixin, nn.Module):
         projection = self.parameters_in_op_order()[:6]
         return x + self._normalise(eager.adapter_projection(x, rep, domain, *projection), domain)
 
+    def forward_all_towers(self, x: torch.Tensor, rep: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        """The cell on T towers' outputs x (T, B, width), each normalised over its own whole batch.
+
+        This is how the released MLP model uses its cell (once per domain tower); with the "torch"
+        backend the T applications run as one batched computation, otherwise one op call per tower.
+        """
+        batched = (self.mode == "released" and self.norm == "domain"
+                   and ops.registry.resolve(self.backend, x.device).name == "torch")
+        if not batched:
+            return torch.stack([self(tower, rep, domain) for tower in x])
+        _checks.check_float("x", x, 3)
+        self._check_inputs(x[0], rep, domain)
+        return eager.released_cell_all_towers(x, rep, self.parameters_in_op_order(), self.eps)
+
     def _check_inputs(self, x, rep, domain) -> None:
         _checks.check_float("x", x, 2)
         _checks.check_shape("x", x, (_checks.check_batch("x", x), self.width))

@@ -93,3 +93,21 @@ def hyper_adapter(x, rep, domain, params, running_mean, running_var, *, mode, tr
     normed = domain_norm(o, domain, norm_weight, norm_bias, running_mean, running_var,
                          mode=mode, training=training, momentum=momentum, eps=eps)
     return x + normed
+
+
+def released_cell_all_towers(x, rep, params, eps):
+    """The released-mode cell applied to every tower's output at once: x (T, B, h) -> (T, B, h).
+
+    The released code runs its one (shared) cell on each tower's whole-batch output in turn; here
+    the T applications are one set of batched products, with whole-batch statistics per tower.
+    """
+    down_left, down_right, down_bias, up_left, up_right, up_bias, weight, bias = params
+
+    def through_rep(v):  # row b of every tower times rep[b]: (T, B, k) -> (T, B, k)
+        return torch.bmm(v.transpose(0, 1), rep).transpose(0, 1)
+
+    a = torch.sigmoid(through_rep(x @ down_left) @ down_right + down_bias)
+    o = through_rep(a @ up_left) @ up_right + up_bias
+    centred = o - o.mean(dim=1, keepdim=True)
+    var = (centred * centred).sum(dim=1, keepdim=True) / max(o.shape[1] - 1, 1)
+    return x + torch.addcmul(bias, centred * torch.rsqrt(var + eps), weight)
