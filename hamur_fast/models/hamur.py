@@ -6,7 +6,7 @@ from torch import nn
 
 from .. import ops
 from ..nn import HyperNetwork
-from ..nn.adapter import NORMS
+from ..nn.adapter import NORMS, BackendAttribute
 from .backbones import BACKBONES, WideDeepBackbone
 from .base import MultiDomainModel
 from .presets import resolve_sizes
@@ -15,7 +15,7 @@ from .presets import resolve_sizes
 HYPERS = ("dynamic", "static")
 
 
-class HAMUR(MultiDomainModel):
+class HAMUR(BackendAttribute, MultiDomainModel):
     """HAMUR model core: ``forward(e: (B, input_dim), domain: (B,) int64) -> probabilities (B,)``.
 
     ``e`` is the instance embedding of SPEC section 1 (sparse-field embeddings concatenated, dense
@@ -52,17 +52,6 @@ class HAMUR(MultiDomainModel):
         # exact zeros), so the static and dynamic variants start from the same kind of matrix.
         self.static_rep = nn.Parameter(torch.randn(num_domains, rank, rank).clamp(min=0)) if static else None
         self.backend = backend
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        self._backend = ops.check_backend_name(name)
-        for module in self.modules():
-            if module is not self and hasattr(module, "backend"):
-                module.backend = name
 
     def _hyper_input(self, e: torch.Tensor) -> torch.Tensor:
         if isinstance(self.backbone, WideDeepBackbone):

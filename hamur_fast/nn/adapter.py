@@ -14,8 +14,9 @@ from ..ops import eager
 NORMS = ("domain", "layer", "batch", "none")
 
 
-class _BackendMixin:
-    """``backend`` is a constructor argument and a settable attribute; it never touches parameters."""
+class BackendAttribute:
+    """``backend`` is a constructor argument and a settable attribute, passed on to every sub-layer
+    that has one (so ``model.backend = "torch"`` switches a whole model); it never touches parameters."""
 
     @property
     def backend(self) -> str:
@@ -24,9 +25,12 @@ class _BackendMixin:
     @backend.setter
     def backend(self, name: str) -> None:
         self._backend = ops.check_backend_name(name)
+        for module in self.modules():
+            if module is not self and hasattr(module, "backend"):
+                module.backend = name
 
 
-class DomainNorm(_BackendMixin, nn.Module):
+class DomainNorm(BackendAttribute, nn.Module):
     """Domain normalisation (SPEC section 2; released form in section 3).
 
     paper: per-domain batch statistics in training, per-domain running statistics in eval,
@@ -58,7 +62,7 @@ class DomainNorm(_BackendMixin, nn.Module):
         return f"{self.width}, num_domains={self.num_domains}, mode={self.mode!r}, backend={self.backend!r}"
 
 
-class HyperAdapter(_BackendMixin, nn.Module):
+class HyperAdapter(BackendAttribute, nn.Module):
     """The HAMUR adapter cell: ``y = x + DomainNorm(((sigmoid(((x U) I) V + b) U') I) V' + b')``.
 
     forward(x: (B, width), rep: (B, rank, rank), domain: (B,) int64) -> (B, width).
