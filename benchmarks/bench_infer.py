@@ -93,10 +93,13 @@ def calls_for(batch, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 gives steadier numbers on busy cores)")
     parser.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--calls", type=int, default=200, help="timed calls per batch and provider")
     parser.add_argument("--warmup", type=int, default=10)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     # The released DomainNorm at batch 1 warns (unbiased variance of one row); the timing is the point here.
     warnings.filterwarnings("ignore", message="var\\(\\): degrees of freedom")
     device = torch.device(args.device)

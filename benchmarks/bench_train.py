@@ -215,12 +215,15 @@ def report_goals(tables, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 gives steadier numbers on busy cores)")
     parser.add_argument("--batch", type=int, nargs="+", default=None,
                         help="batch sizes (default: 4096 40960 on CUDA, 2048 on CPU)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (>= 4: graph capture)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.warmup < 4 and device.type == "cuda":
         parser.error("--warmup must be >= 4 on CUDA: CapturedTrainStep captures on its 4th step")

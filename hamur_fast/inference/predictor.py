@@ -82,7 +82,12 @@ class Predictor:
         pool = None
         # Largest first: the smaller graphs then fit in the memory pool the largest one reserved.
         for size in reversed(self.batch_buckets):
-            self.graphs[size] = _BucketGraph(self.model, size, self.input_dim, self.dtype, self.device, pool)
+            try:
+                self.graphs[size] = _BucketGraph(self.model, size, self.input_dim, self.dtype, self.device, pool)
+            except RuntimeError as err:
+                raise RuntimeError(f"{type(self.model).__name__} could not be captured in a CUDA graph (does its "
+                                   f"forward read values back to the host?): {err}. Pass use_cuda_graphs=False "
+                                   "to serve it eagerly") from err
             pool = self.graphs[size].graph.pool()
 
 
