@@ -57,29 +57,26 @@ def _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN: tl.constexp
         d_hi = tl.max(tl.where(pos_mask, domain, -1), axis=0)
     else:
         rows = pos
+        # One shared factor set: the same one-trip loop over "domain 0" as paper mode. With constant
+        # bounds (or a bare tl.dot) ptxas spilled the backward kernel badly (compiled for sm_90a).
         domain = tl.zeros([BLOCK_B], tl.int32)
-        d_lo = 0
-        d_hi = 0
+        d_lo = tl.min(domain, axis=0)
+        d_hi = tl.max(domain, axis=0)
     return pos.to(tl.int64), pos_mask, rows.to(tl.int64), domain, d_lo, d_hi
 
 
 @triton.jit
 def _project(lhs, factor, domain, d_lo, d_hi, domain_stride, r_idx, r_stride, r_size, c_idx, c_stride, c_size,
-             BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-             PER_DOMAIN: tl.constexpr):
+             BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """Row b of the result is ``lhs[b] @ W[domain[b]]``, W[d][r, c] at factor + d*domain_stride + r*r_stride
-    + c*c_stride (swap the strides for a transposed factor). One tl.dot per domain present in the block.
-    PER_DOMAIN=False: one shared factor, one tl.dot (a constant one-trip domain loop instead made ptxas
-    spill the whole kernel: 32 registers and kilobytes of stack, seen compiling for sm_90a)."""
+    + c*c_stride (swap the strides for a transposed factor). One tl.dot per domain present in the block;
+    released mode passes domain_stride 0 and all rows in domain 0."""
     offsets = r_idx[:, None] * r_stride + c_idx[None, :] * c_stride
     mask = (r_idx[:, None] < r_size) & (c_idx[None, :] < c_size)
-    if PER_DOMAIN:
-        out = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
-        for d in range(d_lo, d_hi + 1):
-            weight = tl.load(factor + d * domain_stride + offsets, mask=mask, other=0.0).to(tl.float32)
-            out = tl.where((domain == d)[:, None], tl.dot(lhs, weight, input_precision="ieee"), out)
-    else:  # one shared factor (released mode)
-        out = tl.dot(lhs, tl.load(factor + offsets, mask=mask, other=0.0).to(tl.float32), input_precision="ieee")
+    out = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+    for d in range(d_lo, d_hi + 1):
+        weight = tl.load(factor + d * domain_stride + offsets, mask=mask, other=0.0).to(tl.float32)
+        out = tl.where((domain == d)[:, None], tl.dot(lhs, weight, input_precision="ieee"), out)
     return out
 
 
@@ -108,7 +105,7 @@ def _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, pos_mask, k_idx, h_id
                  PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """o = v UR[d] + ub[d], recomputed from the saved (B, k) v wherever o is needed."""
     o = _project(v, up_right, domain, d_lo, d_hi, rank * width if PER_DOMAIN else 0, k_idx, width, rank,
-                 h_idx, 1, width, BLOCK_B, BLOCK_H, PER_DOMAIN)
+                 h_idx, 1, width, BLOCK_B, BLOCK_H)
     return o + load_group_rows(up_bias, domain, h_idx, pos_mask, h_idx < width, width, PER_DOMAIN)
 
 
@@ -133,20 +130,21 @@ def _cell_fwd_project_kernel(
     for i0 in range(0, rank, CHUNK):
         i_idx = i0 + c_idx
         p_chunk = _project(x_tile, down_left, domain, d_lo, d_hi, hk, h_idx, rank, width, i_idx, 1, rank,
-                           BLOCK_B, CHUNK, PER_DOMAIN)
+                           BLOCK_B, CHUNK)
         q += tl.sum(p_chunk[:, :, None] * _rep_chunk(rep, rows, pos_mask, i_idx, k_idx, rank), axis=1)
     _store_rows(q_out, pos, k_idx, rank, q, pos_mask)
 
     z = _project(q, down_right, domain, d_lo, d_hi, ks, k_idx, bottleneck, rank, s_idx, 1, bottleneck,
-                 BLOCK_B, BLOCK_S, PER_DOMAIN)
-    a = tl.sigmoid(z + load_group_rows(down_bias, domain, s_idx, pos_mask, s_idx < bottleneck, bottleneck, PER_DOMAIN))
+                 BLOCK_B, BLOCK_S)
+    a = tl.sigmoid(z + load_group_rows(down_bias, domain, s_idx, pos_mask, s_idx < bottleneck, bottleneck,
+                                       PER_DOMAIN))
 
     # Up projection through the same I_b (these chunks were just read: cache hits).
     v = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
     for i0 in range(0, rank, CHUNK):
         i_idx = i0 + c_idx
         u_chunk = _project(a, up_left, domain, d_lo, d_hi, ks, s_idx, rank, bottleneck, i_idx, 1, rank,
-                           BLOCK_B, CHUNK, PER_DOMAIN)
+                           BLOCK_B, CHUNK)
         v += tl.sum(u_chunk[:, :, None] * _rep_chunk(rep, rows, pos_mask, i_idx, k_idx, rank), axis=1)
     _store_rows(v_out, pos, k_idx, rank, v, pos_mask)
 
@@ -227,11 +225,12 @@ def _cell_bwd_main_kernel(
 
     # dv = do UR^T; a recomputed from the saved q.
     grad_v = _project(grad_o, up_right, domain, d_lo, d_hi, hk, h_idx, 1, width, k_idx, width, rank,
-                      BLOCK_B, BLOCK_K, PER_DOMAIN)
+                      BLOCK_B, BLOCK_K)
     q = _load_rows(q_in, pos, k_idx, rank, pos_mask)
     a = tl.sigmoid(_project(q, down_right, domain, d_lo, d_hi, ks, k_idx, bottleneck, rank, s_idx, 1, bottleneck,
-                            BLOCK_B, BLOCK_S, PER_DOMAIN)
-                   + load_group_rows(down_bias, domain, s_idx, pos_mask, s_idx < bottleneck, bottleneck, PER_DOMAIN))
+                            BLOCK_B, BLOCK_S)
+                   + load_group_rows(down_bias, domain, s_idx, pos_mask, s_idx < bottleneck, bottleneck,
+                                     PER_DOMAIN))
     _store_rows(a_out, pos, s_idx, bottleneck, a, pos_mask)
 
     # du = dv I^T chunk by chunk, and da = du UL^T.
@@ -241,30 +240,30 @@ def _cell_bwd_main_kernel(
         grad_u = tl.sum(_rep_chunk(rep, rows, pos_mask, i_idx, k_idx, rank) * grad_v[:, None, :], axis=2)
         _store_rows(du_out, pos, i_idx, rank, grad_u, pos_mask)
         grad_a += _project(grad_u, up_left, domain, d_lo, d_hi, ks, i_idx, 1, rank, s_idx, rank, bottleneck,
-                           BLOCK_B, BLOCK_S, PER_DOMAIN)
+                           BLOCK_B, BLOCK_S)
     grad_z = grad_a * a * (1.0 - a)
     _store_rows(dz_out, pos, s_idx, bottleneck, grad_z, pos_mask)
     grad_q = _project(grad_z, down_right, domain, d_lo, d_hi, ks, s_idx, 1, bottleneck, k_idx, bottleneck, rank,
-                      BLOCK_B, BLOCK_K, PER_DOMAIN)
+                      BLOCK_B, BLOCK_K)
 
     # One more sweep over I_b (cache hits): dI = p^T dq + u^T dv written once, dp = dq I^T, dx.
     x_tile = _load_rows(x, rows, h_idx, width, pos_mask)
     grad_x = grad_y
     for i0 in range(0, rank, CHUNK):
         i_idx = i0 + c_idx
-        rep_chunk = _rep_chunk(rep, rows, pos_mask, i_idx, k_idx, rank)
+        # dp first, so that the I_b chunk is dead before the dI chunk is formed (fewer live 3-D tiles).
+        grad_p = tl.sum(_rep_chunk(rep, rows, pos_mask, i_idx, k_idx, rank) * grad_q[:, None, :], axis=2)
+        _store_rows(dp_out, pos, i_idx, rank, grad_p, pos_mask)
+        grad_x += _project(grad_p, down_left, domain, d_lo, d_hi, hk, i_idx, 1, rank, h_idx, rank, width,
+                           BLOCK_B, BLOCK_H)
         p_chunk = _project(x_tile, down_left, domain, d_lo, d_hi, hk, h_idx, rank, width, i_idx, 1, rank,
-                           BLOCK_B, CHUNK, PER_DOMAIN)
+                           BLOCK_B, CHUNK)
         u_chunk = _project(a, up_left, domain, d_lo, d_hi, ks, s_idx, rank, bottleneck, i_idx, 1, rank,
-                           BLOCK_B, CHUNK, PER_DOMAIN)
+                           BLOCK_B, CHUNK)
         grad_rep = p_chunk[:, :, None] * grad_q[:, None, :] + u_chunk[:, :, None] * grad_v[:, None, :]
         rep_offsets = rows[:, None, None] * (rank * rank) + i_idx[None, :, None] * rank + k_idx[None, None, :]
         rep_mask = pos_mask[:, None, None] & (i_idx < rank)[None, :, None] & (k_idx < rank)[None, None, :]
         tl.store(drep + rep_offsets, grad_rep.to(drep.dtype.element_ty), mask=rep_mask)
-        grad_p = tl.sum(rep_chunk * grad_q[:, None, :], axis=2)
-        _store_rows(dp_out, pos, i_idx, rank, grad_p, pos_mask)
-        grad_x += _project(grad_p, down_left, domain, d_lo, d_hi, hk, i_idx, 1, rank, h_idx, rank, width,
-                           BLOCK_B, BLOCK_H, PER_DOMAIN)
     _store_rows(dx, rows, h_idx, width, grad_x, pos_mask)
 
 
@@ -405,7 +404,7 @@ def _per_domain_outer_sums(lhs, rhs, order, domain_sorted, num_groups, lhs_in_or
         lhs, order if lhs_in_order and per_domain else dummy, rhs, domain_sorted if per_domain else dummy,
         partial, partial_rhs, batch, lhs_width, rhs_width, num_groups, rows_per_program,
         LHS_IN_ORDER=lhs_in_order and per_domain, PER_DOMAIN=per_domain, WITH_RHS_SUM=with_rhs_sum,
-        BLOCK_B=ROWS_PER_BLOCK, BLOCK_M=block_m, BLOCK_N=block_n)
+        BLOCK_B=ROWS_PER_BLOCK, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8)  # 4 warps spilled (sm_90a)
     return partial.sum(0), (partial_rhs.sum(0) if with_rhs_sum else None)
 
 
