@@ -132,11 +132,12 @@ HAMUR_INLINE void mat_vec_rows(T* __restrict out, const T* __restrict M, const T
   for (int64_t i = 0; i < vector_rows; ++i) {
     Vec512<T> acc = load_vec(M + i * n) * vv[0];
     for (int t = 1; t < kVectors; ++t) acc += load_vec(M + i * n + t * kLanes) * vv[t];
+    // Pairwise halving: log2(kLanes) dependent adds instead of kLanes.
     T lanes[kLanes];
     __builtin_memcpy(lanes, &acc, sizeof(lanes));
-    T sum = 0;
-    for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
-    out[i] = sum;
+    for (int64_t half = kLanes / 2; half >= 1; half /= 2)
+      for (int64_t j = 0; j < half; ++j) lanes[j] += lanes[j + half];
+    out[i] = lanes[0];
   }
   for (int64_t i = vector_rows; i < m; ++i) out[i] = dot(M + i * n, v, n);
 }
@@ -222,26 +223,28 @@ std::vector<int64_t> count_rows(const Rows& rows, int64_t batch, int64_t groups)
   return count;
 }
 
-// Rows grouped by statistics group, stable: slot i holds original row order[i]; group g owns slots
-// [start[g], start[g + 1]) and slot_group[i] is the group of slot i.
+// Rows grouped by statistics group, stable: slot i holds original row order[i] (and row b sits in slot
+// slot_of[b]); group g owns slots [start[g], start[g + 1]) and slot_group[i] is the group of slot i.
 struct GroupOrder {
   Tensor order;
-  std::vector<int64_t> start, slot_group;
+  std::vector<int64_t> start, slot_group, slot_of;
   int64_t rows(int64_t g) const { return start[g + 1] - start[g]; }
 };
 
 GroupOrder order_by_group(const Rows& rows, const std::vector<int64_t>& count, const at::TensorOptions& options) {
   const int64_t groups = static_cast<int64_t>(count.size());
-  GroupOrder out{at::empty({0}, options.dtype(at::kLong)), std::vector<int64_t>(groups + 1, 0), {}};
+  GroupOrder out{at::empty({0}, options.dtype(at::kLong)), std::vector<int64_t>(groups + 1, 0), {}, {}};
   for (int64_t g = 0; g < groups; ++g) out.start[g + 1] = out.start[g] + count[g];
   const int64_t batch = out.start[groups];
   out.order = at::empty({batch}, options.dtype(at::kLong));
   out.slot_group.resize(batch);
+  out.slot_of.resize(batch);
   int64_t* order = out.order.data_ptr<int64_t>();
   std::vector<int64_t> next(out.start.begin(), out.start.end() - 1);
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t g = rows.group(b);
     out.slot_group[next[g]] = g;
+    out.slot_of[b] = next[g];
     order[next[g]++] = b;
   }
   return out;
@@ -251,11 +254,14 @@ GroupOrder order_by_group(const Rows& rows, const std::vector<int64_t>& count, c
 GroupOrder saved_order(const Tensor& order, const Tensor& count) {
   const Tensor counts = count.round().to(at::kLong).contiguous();
   const int64_t groups = counts.numel();
-  GroupOrder out{order, std::vector<int64_t>(groups + 1, 0), std::vector<int64_t>(order.numel())};
+  GroupOrder out{order, std::vector<int64_t>(groups + 1, 0), std::vector<int64_t>(order.numel()),
+                 std::vector<int64_t>(order.numel())};
   for (int64_t g = 0; g < groups; ++g) {
     out.start[g + 1] = out.start[g] + counts.data_ptr<int64_t>()[g];
     std::fill(out.slot_group.begin() + out.start[g], out.slot_group.begin() + out.start[g + 1], g);
   }
+  const int64_t* rows = order.data_ptr<int64_t>();
+  for (int64_t i = 0; i < order.numel(); ++i) out.slot_of[rows[i]] = i;
   return out;
 }
 
@@ -307,15 +313,16 @@ HAMUR_INLINE void project_row(const CellShape& shape, const Factors<T>& f, int64
   axpy(o, T(1), f.up_bias + d * h, h);
 }
 
-// Forward rank-k core over group-ordered slots [first, end); slot i is original row order[i].
+// Forward rank-k core for original rows [first, end), row b's hidden in slot slot_of[b]. Walking rows in
+// their original order streams rep from memory in order (group order would jump between rows' I_b).
 template <typename T>
-HAMUR_ROW_PASS void rank_core_rows(const CellShape& shape, const Rows& slots, const int64_t* order, const T* rep,
+HAMUR_ROW_PASS void rank_core_rows(const CellShape& shape, const Rows& slots, const int64_t* slot_of, const T* rep,
                                    const Factors<T>& f, T* hidden, int64_t first, int64_t end) {
   const int64_t k = shape.rank, s = shape.bottleneck;
-  for (int64_t i = first; i < end; ++i) {
-    const int64_t d = slots.group(i);
-    rank_core_row(shape, rep + order[i] * k * k, f.down_right + d * k * s, f.down_bias + d * s,
-                  f.up_left + d * s * k, hidden + i * shape.stride());
+  for (int64_t b = first; b < end; ++b) {
+    const int64_t i = slot_of[b], d = slots.group(i);
+    rank_core_row(shape, rep + b * k * k, f.down_right + d * k * s, f.down_bias + d * s, f.up_left + d * s * k,
+                  hidden + i * shape.stride());
   }
 }
 
@@ -469,10 +476,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_forward_cpu_core", [&] {
     const Factors<scalar_t> f = factors<scalar_t>(dl, dr, db, ul, ur, ub);
     const scalar_t* rep_p = rep.data_ptr<scalar_t>();
-    const int64_t* order_p = order.order.data_ptr<int64_t>();
     scalar_t* hidden_p = hidden.data_ptr<scalar_t>();
     at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
-      rank_core_rows(shape, slots, order_p, rep_p, f, hidden_p, first, end);
+      rank_core_rows(shape, slots, order.slot_of.data(), rep_p, f, hidden_p, first, end);
     });
   });
   // o = r.V' + b', one GEMM per domain.
@@ -658,35 +664,37 @@ std::tuple<Tensor, Tensor, Tensor> domain_norm_backward_cpu(const Tensor& grad_y
 // Backward of the rank-k core for one row (hidden as saved by forward). From grad_r = d loss / d r it
 // forms grad_q = I.grad_r, grad_z (pre-sigmoid), grad_p = V.grad_z, grad_u = I.grad_p, and writes
 // grad_rep = u (x) grad_p + q (x) grad_r once. grad is this row of the (B, 2k + s) gradient buffer
-// [grad_q | grad_z | grad_u].
+// [grad_q | grad_z | grad_u]. The factors come transposed (up_left_t (k, s), down_right_t (s, k)) so
+// that their products are register-strip vec_mats rather than dot products.
 template <typename T>
-HAMUR_INLINE void rank_core_backward_row(const CellShape& shape, const T* __restrict rep, const T* __restrict down_right,
-                                   const T* __restrict up_left, const T* __restrict hidden,
-                                   const T* __restrict grad_r, T* __restrict grad, T* __restrict grad_p,
-                                   T* __restrict grad_rep) {
+HAMUR_INLINE void rank_core_backward_row(const CellShape& shape, const T* __restrict rep,
+                                         const T* __restrict down_right_t, const T* __restrict up_left_t,
+                                         const T* __restrict hidden, const T* __restrict grad_r, T* __restrict grad,
+                                         T* __restrict grad_p, T* __restrict grad_rep) {
   const int64_t k = shape.rank, s = shape.bottleneck;
   const T* a = hidden + shape.a();
   T* grad_q = grad;
   T* grad_z = grad + k;
   T* grad_u = grad + k + s;
   mat_vec(grad_q, rep, grad_r, k, k);
-  mat_vec(grad_z, up_left, grad_q, s, k);
+  vec_mat(grad_z, grad_q, up_left_t, k, s);
   for (int64_t j = 0; j < s; ++j) grad_z[j] *= a[j] * (T(1) - a[j]);
-  mat_vec(grad_p, down_right, grad_z, k, s);
+  vec_mat(grad_p, grad_z, down_right_t, s, k);
   mat_vec(grad_u, rep, grad_p, k, k);
   write_two_outers(grad_rep, hidden + shape.u(), grad_p, hidden + shape.q(), grad_r, k);
 }
 
-// Backward rank-k core over group-ordered slots [first, end); grad_p is scratch (k).
+// Backward rank-k core for original rows [first, end) (rep read and grad_rep written in order), row b's
+// saved and gradient vectors in slot slot_of[b]; grad_p is scratch (k).
 template <typename T>
-HAMUR_ROW_PASS void rank_core_backward_rows(const CellShape& shape, const Rows& slots, const int64_t* order,
-                                            const T* rep, const T* down_right, const T* up_left, const T* hidden,
+HAMUR_ROW_PASS void rank_core_backward_rows(const CellShape& shape, const Rows& slots, const int64_t* slot_of,
+                                            const T* rep, const T* down_right_t, const T* up_left_t, const T* hidden,
                                             const T* grad_r, T* grad_core, T* grad_p, T* grad_rep, int64_t first,
                                             int64_t end) {
   const int64_t k = shape.rank, s = shape.bottleneck;
-  for (int64_t i = first; i < end; ++i) {
-    const int64_t d = slots.group(i), b = order[i];
-    rank_core_backward_row(shape, rep + b * k * k, down_right + d * k * s, up_left + d * s * k,
+  for (int64_t b = first; b < end; ++b) {
+    const int64_t i = slot_of[b], d = slots.group(i);
+    rank_core_backward_row(shape, rep + b * k * k, down_right_t + d * s * k, up_left_t + d * k * s,
                            hidden + i * shape.stride(), grad_r + i * k, grad_core + i * (2 * k + s), grad_p,
                            grad_rep + b * k * k);
   }
@@ -733,14 +741,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     Tensor grad_r_g = slots_of(grad_r, order, g);
     at::mm_out(grad_r_g, slots_of(grad_o, order, g), param_of(ur, g, per_domain).t());
   }
+  const Tensor down_right_t = dr.transpose(-1, -2).contiguous(), up_left_t = ul.transpose(-1, -2).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_backward_cpu_core", [&] {
-    const scalar_t *rep_p = rep.data_ptr<scalar_t>(), *dr_p = dr.data_ptr<scalar_t>();
-    const scalar_t *ul_p = ul.data_ptr<scalar_t>(), *hidden_p = hidden.data_ptr<scalar_t>();
+    const scalar_t *rep_p = rep.data_ptr<scalar_t>(), *dr_p = down_right_t.data_ptr<scalar_t>();
+    const scalar_t *ul_p = up_left_t.data_ptr<scalar_t>(), *hidden_p = hidden.data_ptr<scalar_t>();
     const scalar_t* grad_r_p = grad_r.data_ptr<scalar_t>();
     scalar_t *grad_core_p = grad_core.data_ptr<scalar_t>(), *grad_rep_p = grad_rep.data_ptr<scalar_t>();
     at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
       std::vector<scalar_t> grad_p(k);
-      rank_core_backward_rows(shape, slots, order_p, rep_p, dr_p, ul_p, hidden_p, grad_r_p, grad_core_p,
+      rank_core_backward_rows(shape, slots, order.slot_of.data(), rep_p, dr_p, ul_p, hidden_p, grad_r_p, grad_core_p,
                               grad_p.data(), grad_rep_p, first, end);
     });
   });
