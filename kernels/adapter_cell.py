@@ -14,14 +14,15 @@ Design
   would break the 1e-5 contract). Rows need not arrive sorted.
 - The per-row products with I_b never form a (B, h, s) or (B, h, k) weight: I_b is streamed in
   chunks of 16 of its rows (k padded to a multiple of 16 on that axis), and each chunk meets the
-  matching 16 columns of p (or u), computed by ``tl.dot`` right there. Within a program the second
-  sweep over the same rows' I_b (the up projection needs sigmoid of the whole down projection first)
-  reads what the first sweep just brought in, so DRAM sees each I_b once per pass.
+  matching 16 columns of p (or u), computed by ``tl.dot`` right there. The up projection needs the
+  sigmoid of the whole down projection first, so a program sweeps its rows' I_b twice; the second
+  sweep re-reads the few KB the first just brought in, meant to be served by L1/L2 so that DRAM sees
+  each I_b about once per pass (a design intent: not yet measured on a GPU).
 - DomainNorm needs whole-batch (per-domain) statistics, so the forward has three launches:
   project (writes the (B, k) vectors q and v, and per-block partial statistics of o), merge the
   partials with Chan's formula (kernels/domain_norm.py), normalise (recomputes o = v UR + ub from
   v instead of storing the (B, h) o). Backward: norm sums (dnb, dnw), then one main kernel (dx and
-  dI_b, each I_b chunk read once from DRAM serving du, dp and both dI terms), then the factor
+  dI_b; two sweeps over the rows' I_b, du in the first, dp and both dI terms in the second), then the factor
   gradients as per-domain sums of outer products over the rows (split over programs, summed by
   torch), fed by (B, <=h)-sized per-row vectors the main kernel writes.
 - All offsets that scale with B are int64. Every buffer handed back is fully written (the tests
