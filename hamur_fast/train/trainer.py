@@ -105,7 +105,8 @@ class Trainer:
         if self.run_dir is not None:
             self.save(self.run_dir / CHECKPOINT_NAME)
             from .plots import plot_learning_curves  # matplotlib only when plots are written
-            plot_learning_curves(self.history, self.run_dir / "learning_curves.png")
+            plot_learning_curves(self.history, self.run_dir / "learning_curves.png",
+                                 f"{self.run_config.get('model', {}).get('name', 'model')}: learning curves")
         return self.history
 
     def _train_epoch(self, split: TensorSplit) -> float:
