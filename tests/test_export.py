@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 import hamur_fast as hf
-from hamur_fast.inference import export_model, load_exported
+from hamur_fast.inference import export_checkpoint, export_model, load_exported
 from hamur_fast.inference.export import custom_ops, export_program
 
 from helpers import rel_err
-from test_inference import DOMAINS, hamur, inputs
+from test_inference import DOMAINS, hamur, inputs, train_checkpoint
 
 HAS_ONNX = all(importlib.util.find_spec(n) is not None for n in ("onnx", "onnxscript"))
 
@@ -25,6 +25,18 @@ def test_pt2_round_trip_predicts_like_the_eval_model(tmp_path, mode):
         e, domain = inputs(batch, seed=batch)
         with torch.no_grad():
             assert rel_err(loaded(e, domain), model(e, domain)) <= 1e-5
+
+
+def test_export_checkpoint_round_trip(tmp_path):
+    from hamur_fast.train import load_trained
+
+    checkpoint, _ = train_checkpoint(tmp_path)
+    core = load_trained(checkpoint, "cpu")[0].model.core.eval()
+    loaded = load_exported(export_checkpoint(checkpoint, tmp_path / "model.pt2"))
+    g = torch.Generator().manual_seed(0)
+    e, domain = torch.randn(11, core.input_dim, generator=g), torch.randint(0, core.num_domains, (11,), generator=g)
+    with torch.no_grad():
+        assert rel_err(loaded(e, domain), core(e, domain)) <= 1e-5
 
 
 def test_exported_graph_of_a_hamur_model_has_no_custom_ops_with_the_torch_backend():

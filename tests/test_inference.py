@@ -151,17 +151,25 @@ def test_predictor_rejects_bad_input():
         Predictor("no/such/checkpoint.pt", "cpu")
 
 
-def test_predictor_serves_a_training_checkpoint(tmp_path):
+def train_checkpoint(run_dir):
+    """A small HAMUR-MLP trained one epoch on synthetic data; returns (checkpoint path, data)."""
     from hamur_fast.data import load_synthetic
-    from hamur_fast.train import load_trained, train_run
+    from hamur_fast.train import train_run
 
     data = load_synthetic(rows=600, seed=1)
     model = {"name": "hamur_mlp", "dims": [16, 8], "hyper_dims": [8], "rank": 4, "bottleneck": 4}
     train_run({"data": {"kind": "synthetic", "rows": 600, "seed": 1}, "model": model,
                "train": {"batch_size": 128, "epochs": 1, "progress": False, "seed": 3, "device": "cpu"}},
-              data, run_dir=tmp_path, progress=False)
-    predictor = Predictor(tmp_path / "checkpoint.pt", "cpu", batch_buckets=BUCKETS)
-    trained = load_trained(tmp_path / "checkpoint.pt", "cpu")[0].model.eval()
+              data, run_dir=run_dir, progress=False)
+    return run_dir / "checkpoint.pt", data
+
+
+def test_predictor_serves_a_training_checkpoint(tmp_path):
+    from hamur_fast.train import load_trained
+
+    checkpoint, data = train_checkpoint(tmp_path)
+    predictor = Predictor(checkpoint, "cpu", batch_buckets=BUCKETS)
+    trained = load_trained(checkpoint, "cpu")[0].model.eval()
     rows = data.train  # 70 rows: more than the biggest bucket
     sparse, dense, domain = rows.sparse[:70], rows.dense[:70], rows.domain[:70].long()
     with torch.no_grad():

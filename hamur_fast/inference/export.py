@@ -2,7 +2,8 @@
 
 ``export_model(model, example_e, example_domain, path, format="pt2" | "onnx")`` writes the folded
 eval copy of ``model`` (see :mod:`hamur_fast.inference.folding`; the original is untouched) with a
-dynamic batch dimension; ``load_exported(path)`` reads a ``.pt2`` back as a module
+dynamic batch dimension; ``export_checkpoint(checkpoint, path, format)`` does the same for the model
+of a training checkpoint; ``load_exported(path)`` reads a ``.pt2`` back as a module
 ``(e, domain) -> probabilities``.
 
 - ``pt2``: the graph keeps the model's backend: kernel-backend cells appear as our custom ops
@@ -55,6 +56,22 @@ def export_model(model: nn.Module, example_e: torch.Tensor, example_domain: torc
     torch.onnx.export(program, (example_e, example_domain), str(path), dynamo=True,
                       input_names=["e", "domain"], output_names=["probability"], verbose=False)
     return path
+
+
+def export_checkpoint(checkpoint, path, format: str = "pt2", example_batch: int = 8) -> Path:
+    """Export the model of a :mod:`hamur_fast.train` checkpoint (its best weights) to ``path``.
+
+    The exported graph maps the instance embedding ``e`` (B, input_dim) and ``domain`` (B,) to
+    probabilities, like :class:`Predictor`; the checkpoint's feature embedding is not part of it.
+    Random example inputs of ``example_batch`` rows fix dtypes (the batch size stays dynamic).
+    """
+    # Imported here: the training stack (data readers, pandas) is needed only to read a checkpoint.
+    from ..train import load_trained
+
+    model = load_trained(checkpoint, "cpu")[0].model.core
+    example_e = torch.randn(example_batch, model.input_dim)
+    example_domain = torch.arange(example_batch) % model.num_domains
+    return export_model(model, example_e, example_domain, path, format)
 
 
 def export_program(model: nn.Module, example_e: torch.Tensor, example_domain: torch.Tensor):
