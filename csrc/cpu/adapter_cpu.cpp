@@ -176,6 +176,13 @@ HAMUR_INLINE void residual_affine_row(const T* __restrict x, const T* __restrict
   for (int64_t j = 0; j < n; ++j) y[j] = x[j] + o[j] * scale[j] + shift[j];
 }
 
+// out (n) = a + b.
+template <typename T>
+HAMUR_INLINE void add_rows(const T* __restrict a, const T* __restrict b, int64_t n, T* __restrict out) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = a[j] + b[j];
+}
+
 // ------------------------------------------------------------------------------------ row chunks
 // Below this many rows per thread the fork/join costs more than the rows.
 constexpr int64_t kMinRowsPerChunk = 32;
@@ -777,8 +784,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     at::sum_out(grad_db_g, grad_z, 0);
     at::sum_out(grad_ub_g, grad_o_g, 0);
   }
-  Tensor grad_x = gy.clone();
-  grad_x.index_add_(0, order.order, grad_x_sorted);
+  // grad_x = gy + (grad_u.U^T) back in the original row order.
+  Tensor grad_x = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_backward_cpu_grad_x", [&] {
+    const scalar_t *gy_p = gy.data_ptr<scalar_t>(), *sorted_p = grad_x_sorted.data_ptr<scalar_t>();
+    scalar_t* grad_x_p = grad_x.data_ptr<scalar_t>();
+    const int64_t* slot_of = order.slot_of.data();
+    at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
+      for (int64_t b = first; b < end; ++b) add_rows(gy_p + b * h, sorted_p + slot_of[b] * h, h, grad_x_p + b * h);
+    });
+  });
   return {grad_x, grad_rep, grad_dl, grad_dr, grad_db, grad_ul, grad_ur, grad_ub, grad_norm_weight, grad_norm_bias};
 }
 
