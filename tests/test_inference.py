@@ -74,6 +74,7 @@ def test_released_mode_runs_the_exact_batch():
     predictor = Predictor(model, "cpu", batch_buckets=BUCKETS)
     assert predictor.whole_batch and needs_whole_batch(model)
     assert not needs_whole_batch(hamur())
+    assert needs_whole_batch(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)))
     # 70 rows: one piece (chunking at 64 would change the whole-batch statistics and the result).
     assert_predicts_like_eval(model, predictor, batches=(2, 13, 70))
 

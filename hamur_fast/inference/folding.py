@@ -52,12 +52,15 @@ def fold_for_inference(model: nn.Module, device: torch.device | str | None = Non
 
 
 def needs_whole_batch(model: nn.Module) -> bool:
-    """True when an eval prediction depends on the other rows of the batch (released DomainNorm).
+    """True when an eval prediction depends on the other rows of the batch.
 
-    Released-mode DomainNorm standardises over the whole batch even in eval, so padding or
-    splitting a batch would change every prediction of such a model.
+    Released-mode DomainNorm standardises over the whole batch even in eval, and so does a
+    BatchNorm without running statistics (``track_running_stats=False``): padding or splitting a
+    batch would change every prediction of such a model.
     """
     for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
+            return True
         if isinstance(module, DomainNorm) and module.mode == "released":
             return True
         if isinstance(module, HyperAdapter) and module.mode == "released" and module.norm == "domain":
