@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kRowThreads) project_rows_kernel(
     const int64_t* __restrict__ domain, T* __restrict__ hidden, T* __restrict__ o, const T* __restrict__ norm_weight,
     const T* __restrict__ norm_bias, const T* __restrict__ running_mean, const T* __restrict__ running_var, T eps,
     T* __restrict__ y) {
-  extern __shared__ unsigned char shared_bytes[];
+  extern __shared__ __align__(16) unsigned char shared_bytes[];  // aligned for double
   T* shared = reinterpret_cast<T*>(shared_bytes);
   const int64_t h = dims.width, k = dims.rank, s = dims.bottleneck;
   const int64_t b = blockIdx.x;
@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(kRowThreads) backward_rows_kernel(
     const T* __restrict__ o, const T* __restrict__ hidden, const T* __restrict__ mean, const T* __restrict__ rstd,
     const T* __restrict__ mean_gy, const T* __restrict__ xhat_coef, T* __restrict__ grad_o,
     T* __restrict__ grad_core, T* __restrict__ grad_rep, T* __restrict__ grad_x) {
-  extern __shared__ unsigned char shared_bytes[];
+  extern __shared__ __align__(16) unsigned char shared_bytes[];  // aligned for double
   T* shared = reinterpret_cast<T*>(shared_bytes);
   const int64_t h = dims.width, k = dims.rank, s = dims.bottleneck;
   const int64_t b = blockIdx.x;
