@@ -56,8 +56,11 @@ assert hf.ops.registry.resolve('auto', torch.device('cuda')).name == 'triton', '
 "
 
 # The GPU tests: every triton test, on CUDA (conftest leaves TRITON_INTERPRET unset when CUDA exists).
+# Each size and mode compiles its own kernels, so the tests run in parallel where pytest-xdist is there.
 # -rs lists skips; a run where nothing passed is a failure.
-step tests 150 "$PY" -m pytest -q -rs tests -k "triton or cuda" -p no:cacheprovider
+parallel=()
+if "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
+step tests 150 "$PY" -m pytest -q -rs "${parallel[@]}" tests -k "triton or cuda" -p no:cacheprovider
 grep -Eq "[0-9]+ passed" "$OUT/tests.log" || { echo "tests: none passed" >>"$SUMMARY"; failed=1; }
 
 step bench_layers 150 "$PY" benchmarks/bench_layers.py --batch 4096 65536
