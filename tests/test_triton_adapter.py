@@ -313,6 +313,39 @@ def test_opcheck_registered_ops(mode, device):
                               (stats[0].clone(), stats[1].clone(), mean, m2, count, 0.1))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["paper", "released"])
+def test_torch_compile_and_export_see_the_ops(mode, device):
+    """torch.compile (fullgraph) traces forward, backward and the running-stat update as our ops;
+    torch.export keeps them in the graph."""
+    (x, rep, domain), params, stats = small_op_args(mode, device)
+
+    def cell(x, rep, *params_and_stats):
+        return hf.ops.hyper_adapter(x, rep, domain, *params_and_stats, mode=mode, backend="triton").square().sum()
+
+    leaves = [t.detach().requires_grad_() for t in (x, rep, *params)]
+    runs = {}
+    for name, fn in (("eager", cell), ("compiled", torch.compile(cell, backend="aot_eager", fullgraph=True))):
+        running = [s.clone() if s is not None else None for s in stats]
+        runs[name] = torch.autograd.grad(fn(*leaves, *running), leaves), running
+    (eager_grads, eager_stats), (compiled_grads, compiled_stats) = runs["eager"], runs["compiled"]
+    for a, b in zip(eager_grads, compiled_grads):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    if mode == "paper":
+        for before, a, b in zip(stats, eager_stats, compiled_stats):
+            assert not torch.equal(a, before)  # the training step did update them, compiled or not
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+    class Cell(torch.nn.Module):
+        def forward(self, x, rep, domain):
+            return hf.ops.hyper_adapter(x, rep, domain, *params, *stats, mode=mode, training=False,
+                                        backend="triton")
+
+    exported = torch.export.export(Cell(), (x, rep, domain))
+    assert any("hamur_fast" in str(node.target) for node in exported.graph.nodes)
+    assert torch.allclose(exported.module()(x, rep, domain), Cell()(x, rep, domain), rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- released golden files
 @pytest.fixture(params=["official_mlp2.npz", "official_mlp7.npz"])
 def golden(request, shared_dir):
