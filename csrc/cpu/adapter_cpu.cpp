@@ -125,7 +125,7 @@ HAMUR_INLINE void mat_vec_rows(T* __restrict out, const T* __restrict M, const T
   constexpr int64_t kLanes = 64 / sizeof(T);
   // v zero-padded to whole vectors: the lanes a load takes from M's next row are multiplied by 0.
   T padded[kVectors * kLanes] = {};
-  std::copy(v, v + n, padded);
+  for (int64_t j = 0; j < n; ++j) padded[j] = v[j];  // a short loop, not a memcpy call
   Vec512<T> vv[kVectors];
   for (int t = 0; t < kVectors; ++t) vv[t] = load_vec(padded + t * kLanes);
   const int64_t vector_rows = rows_in_reach(m, n, 0, kVectors * kLanes);
@@ -181,6 +181,19 @@ template <typename T>
 HAMUR_INLINE void add_rows(const T* __restrict a, const T* __restrict b, int64_t n, T* __restrict out) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) out[j] = a[j] + b[j];
+}
+
+// Row passes walk rows in their original order while their saved vectors sit in group order, so the next
+// row's vectors are fetched ahead (the hardware prefetcher cannot guess the jump).
+template <typename T>
+HAMUR_INLINE void prefetch(const T* p, int64_t n, bool for_write) {
+  for (int64_t j = 0; j < n; j += 64 / static_cast<int64_t>(sizeof(T))) {
+    if (for_write) {
+      __builtin_prefetch(p + j, 1);
+    } else {
+      __builtin_prefetch(p + j, 0);
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------ row chunks
@@ -328,6 +341,7 @@ HAMUR_ROW_PASS void rank_core_rows(const CellShape& shape, const Rows& slots, co
   const int64_t k = shape.rank, s = shape.bottleneck;
   for (int64_t b = first; b < end; ++b) {
     const int64_t i = slot_of[b], d = slots.group(i);
+    if (b + 1 < end) prefetch(hidden + slot_of[b + 1] * shape.stride(), shape.stride(), /*for_write=*/true);
     rank_core_row(shape, rep + b * k * k, f.down_right + d * k * s, f.down_bias + d * s, f.up_left + d * s * k,
                   hidden + i * shape.stride());
   }
@@ -701,6 +715,12 @@ HAMUR_ROW_PASS void rank_core_backward_rows(const CellShape& shape, const Rows& 
   const int64_t k = shape.rank, s = shape.bottleneck;
   for (int64_t b = first; b < end; ++b) {
     const int64_t i = slot_of[b], d = slots.group(i);
+    if (b + 1 < end) {
+      const int64_t next = slot_of[b + 1];
+      prefetch(hidden + next * shape.stride(), shape.stride(), /*for_write=*/false);
+      prefetch(grad_r + next * k, k, /*for_write=*/false);
+      prefetch(grad_core + next * (2 * k + s), 2 * k + s, /*for_write=*/true);
+    }
     rank_core_backward_row(shape, rep + b * k * k, down_right_t + d * s * k, up_left_t + d * k * s,
                            hidden + i * shape.stride(), grad_r + i * k, grad_core + i * (2 * k + s), grad_p,
                            grad_rep + b * k * k);
