@@ -36,8 +36,8 @@ def config_file(tmp_path):
 
 
 def test_demo_prints_the_per_domain_table(tmp_path, capsys):
-    assert main(["demo", "--quiet", "--output", str(tmp_path / "demo"), "--epochs", "1", "--set", "data.rows=2000",
-                 "--set", "train.batch_size=256"]) == 0
+    assert main(["demo", "--quiet", "--output", str(tmp_path / "demo"), "--epochs", "1", "--seeds", "1",
+                 "--set", "data.rows=2000", "--set", "train.batch_size=256"]) == 0
     out = capsys.readouterr().out
     assert "| hamur_mlp |" in out and "| mlp |" in out and "AUC d2 (2)" in out
     assert (tmp_path / "demo" / "compare_domain_auc.png").stat().st_size > 1000

@@ -182,6 +182,7 @@ def summarize(results: list) -> dict:
         mean = float(finite.mean()) if len(finite) else math.nan
         std = float(finite.std(ddof=1)) if len(finite) > 1 else 0.0
         summary[key] = (mean, std)
+    summary["runs"] = (float(len(results)), 0.0)
     summary["best_epoch"] = (float(np.mean([r.best_epoch for r in results])), 0.0)
     summary["seconds"] = (float(np.mean([r.seconds for r in results])), 0.0)
     return summary
@@ -192,20 +193,25 @@ def domain_labels(feature_map: FeatureMap) -> list:
 
 
 def format_table(summary_by_row: dict, labels: list, first_column: str = "model") -> str:
-    """Markdown table: one row per model (or value), test AUC overall and per domain as mean ± std."""
+    """Markdown table: one row per model (or value), test AUC overall and per domain as mean ± std
+    (the mean alone when there was one run)."""
     header = [first_column, "overall AUC", *[f"AUC {label}" for label in labels], "overall logloss",
               "best epoch", "s/run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, stats in summary_by_row.items():
-        cells = [str(row), _cell(stats["auc"]), *[_cell(stats[f"auc_d{d}"]) for d in range(len(labels))],
-                 _cell(stats["logloss"]), f"{stats['best_epoch'][0]:.1f}", f"{stats['seconds'][0]:.0f}"]
+        spread = stats["runs"][0] > 1
+        cells = [str(row), *[_cell(stats[key], spread) for key in ["auc", *[f"auc_d{d}" for d in range(len(labels))],
+                                                                     "logloss"]],
+                 f"{stats['best_epoch'][0]:.1f}", f"{stats['seconds'][0]:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _cell(stat: tuple) -> str:
+def _cell(stat: tuple, spread: bool) -> str:
     mean, std = stat
-    return "n/a" if not math.isfinite(mean) else f"{mean:.4f} ± {std:.4f}"
+    if not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:.4f} ± {std:.4f}" if spread else f"{mean:.4f}"
 
 
 def compare(config: dict, models: list, seeds: list, output, progress: bool = True, log=print) -> dict:
