@@ -22,8 +22,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from hamur_fast.kernels import adapter_cell as cell, domain_norm as norm  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
-INT_ARGS = {"batch", "width", "rank", "bottleneck", "num_domains", "num_groups", "num_parts", "lhs_width",
-            "rhs_width", "rows_per_program"}
+INT_ARGS = {"batch", "width", "rank", "bottleneck", "num_domains", "num_groups", "num_parts", "parts_per_program",
+            "lhs_width", "rhs_width", "rows_per_program"}
 FLOAT_ARGS = {"eps", "momentum"}
 INDEX_ARGS = {"order", "domain_sorted", "group_ids"}
 
@@ -74,7 +74,8 @@ def main():
                          dict(LHS_IN_ORDER=True, PER_DOMAIN=True, WITH_RHS_SUM=True, BLOCK_B=cell.ROWS_PER_BLOCK,
                               BLOCK_M=64, BLOCK_N=128), 8, "_domain_outer_sum_kernel 64x128"))
     print(compile_report(norm.merge_group_stats_kernel,
-                         dict(UNBIASED=True, BLOCK_P=norm.MERGE_PARTS_PER_STEP, BLOCK_H=norm.MERGE_COLS), 4,
+                         dict(UNBIASED=True, FINAL=True, BLOCK_P=norm.MERGE_PARTS_PER_STEP,
+                              BLOCK_H=norm.MERGE_COLS), 4,
                          "merge_group_stats_kernel"))
     print(compile_report(norm._update_running_stats_kernel, dict(BLOCK_H=128), 4, "_update_running_stats_kernel"))
     rows = dict(PER_DOMAIN=True, BLOCK_B=norm.ROWS_PER_BLOCK, BLOCK_H=128)

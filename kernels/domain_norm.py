@@ -88,10 +88,12 @@ def load_group_rows(table, group, cols, row_mask, col_mask, width, PER_DOMAIN: t
 
 
 @triton.jit
-def merge_group_stats_kernel(part_count, part_mean, part_m2, num_parts, num_groups, width, eps,
+def merge_group_stats_kernel(part_count, part_mean, part_m2, num_parts, parts_per_program, num_groups, width, eps,
                              count_out, mean_out, m2_out, rstd_out,
-                             UNBIASED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Fold the per-block partials of one group and one column tile into count, mean, M2 and rstd.
+                             UNBIASED: tl.constexpr, FINAL: tl.constexpr, BLOCK_P: tl.constexpr,
+                             BLOCK_H: tl.constexpr):
+    """Fold a range of per-block partials of one group and one column tile into count, mean and M2
+    (stored at slot program_id(2)), and, in the FINAL pass (one range), rstd.
 
     Chan's parallel formula, written around a shift c (the first non-empty chunk's mean):
         mean = c + S1 / n,  M2 = sum M2_i + S2 - S1^2 / n,  S1 = sum n_i (mean_i - c), S2 = sum n_i (mean_i - c)^2.
@@ -102,15 +104,17 @@ def merge_group_stats_kernel(part_count, part_mean, part_m2, num_parts, num_grou
     g = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_mask = cols < width
+    first = tl.program_id(2) * parts_per_program
+    last = tl.minimum(first + parts_per_program, num_parts)
     count = tl.sum(tl.zeros([BLOCK_P], tl.float32), axis=0)
     shift = tl.zeros([BLOCK_H], tl.float32)
     sum_dev = tl.zeros([BLOCK_H], tl.float32)
     sum_dev_sq = tl.zeros([BLOCK_H], tl.float32)
     sum_m2 = tl.zeros([BLOCK_H], tl.float32)
-    for p0 in range(0, num_parts, BLOCK_P):
+    for p0 in range(first, last, BLOCK_P):
         parts = p0 + tl.arange(0, BLOCK_P)
         slot = parts.to(tl.int64) * num_groups + g
-        part_mask = parts < num_parts
+        part_mask = parts < last
         n_i = tl.load(part_count + slot, mask=part_mask, other=0.0)
         tile_mask = part_mask[:, None] & col_mask[None, :]
         tile = slot[:, None] * width + cols[None, :]
@@ -126,13 +130,14 @@ def merge_group_stats_kernel(part_count, part_mean, part_m2, num_parts, num_grou
     mean_dev = sum_dev / tl.maximum(count, 1.0)
     mean = shift + mean_dev
     m2 = sum_m2 + tl.maximum(sum_dev_sq - sum_dev * mean_dev, 0.0)
-    divisor = tl.maximum(count - 1.0, 1.0) if UNBIASED else tl.maximum(count, 1.0)
-    rstd = 1.0 / tl.sqrt(m2 / divisor + eps)
-    out = g.to(tl.int64) * width + cols
+    out_slot = tl.program_id(2).to(tl.int64) * num_groups + g
+    out = out_slot * width + cols
     tl.store(mean_out + out, mean, mask=col_mask)
     tl.store(m2_out + out, m2, mask=col_mask)
-    tl.store(rstd_out + out, rstd, mask=col_mask)
-    tl.store(count_out + g, count, mask=tl.program_id(1) == 0)
+    tl.store(count_out + out_slot, count, mask=tl.program_id(1) == 0)
+    if FINAL:
+        divisor = tl.maximum(count - 1.0, 1.0) if UNBIASED else tl.maximum(count, 1.0)
+        tl.store(rstd_out + out, 1.0 / tl.sqrt(m2 / divisor + eps), mask=col_mask)
 
 
 @triton.jit
@@ -257,6 +262,7 @@ def _update_running_stats_kernel(running_mean, running_var, mean, m2, count, wid
 # --------------------------------------------------------------------------------------------------
 ROWS_PER_BLOCK = 32
 MERGE_PARTS_PER_STEP = 64
+MERGE_PARTS_PER_PROGRAM = 4 * MERGE_PARTS_PER_STEP
 # Warps and tile caps chosen from the register reports of ptxas for sm_90a (compiled here, no GPU run):
 # at 4 warps the (32, 128) row tiles with their gathered per-group tables spilled; so did a (64, 128)
 # tile of partials in the merge.
@@ -264,17 +270,33 @@ TILE_WARPS = 8
 MERGE_COLS = 32
 
 
-def merge_group_stats(part_count, part_mean, part_m2, eps: float, unbiased: bool, empty=torch.empty):
-    """Fold (blocks, G[, h]) partials into per-group count (G,), mean, M2 and rstd (G, h), all fp32."""
+def _merge_pass(part_count, part_mean, part_m2, ranges, eps, unbiased, empty):
+    """One launch: ``ranges`` programs per (group, column tile), each folding a contiguous range of partials."""
     num_parts, num_groups, width = part_mean.shape
-    device = part_mean.device
-    count = empty((num_groups,), device=device, dtype=torch.float32)
-    mean, m2, rstd = (empty((num_groups, width), device=device, dtype=torch.float32) for _ in range(3))
+    f32 = dict(device=part_mean.device, dtype=torch.float32)
+    count = empty((ranges, num_groups), **f32)
+    mean, m2 = empty((ranges, num_groups, width), **f32), empty((ranges, num_groups, width), **f32)
+    final = ranges == 1
+    rstd = empty((num_groups, width), **f32) if final else mean
     block_h = block_size(width, MERGE_COLS)
-    merge_group_stats_kernel[(num_groups, triton.cdiv(width, block_h))](
-        part_count, part_mean, part_m2, num_parts, num_groups, width, eps, count, mean, m2, rstd,
-        UNBIASED=unbiased, BLOCK_P=MERGE_PARTS_PER_STEP, BLOCK_H=block_h)
+    merge_group_stats_kernel[(num_groups, triton.cdiv(width, block_h), ranges)](
+        part_count, part_mean, part_m2, num_parts, triton.cdiv(num_parts, ranges), num_groups, width, eps,
+        count, mean, m2, rstd, UNBIASED=unbiased, FINAL=final, BLOCK_P=MERGE_PARTS_PER_STEP, BLOCK_H=block_h)
     return count, mean, m2, rstd
+
+
+def merge_group_stats(part_count, part_mean, part_m2, eps: float, unbiased: bool, empty=torch.empty):
+    """Fold (blocks, G[, h]) partials into per-group count (G,), mean, M2 and rstd (G, h), all fp32.
+
+    Many partials (B = 65536 gives 4096 blocks) are first folded by many programs in parallel, range by
+    range, then once more: a single pass would leave a handful of programs looping over all of them.
+    """
+    if part_mean.shape[0] > MERGE_PARTS_PER_PROGRAM:
+        ranges = triton.cdiv(part_mean.shape[0], MERGE_PARTS_PER_PROGRAM)
+        part_count, part_mean, part_m2, _ = _merge_pass(part_count, part_mean, part_m2, ranges, eps, unbiased,
+                                                        empty)
+    count, mean, m2, rstd = _merge_pass(part_count, part_mean, part_m2, 1, eps, unbiased, empty)
+    return count[0], mean[0], m2[0], rstd
 
 
 def update_running_stats(running_mean, running_var, mean, m2, count, momentum: float) -> None:

@@ -225,8 +225,9 @@ def test_domain_norm_matches_reference(mode, training, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_statistics_merge_is_exact_and_stable(device):
-    """Merging 300 per-block partials (several merge steps) of values with |mean| >> std gives the exact
-    count, mean and M2 of those partials; E[x^2] - E[x]^2 in fp32 loses the variance here."""
+    """Merging 300 per-block partials (two passes of several steps each, through NaN-poisoned buffers) of
+    values with |mean| >> std gives the exact count, mean and M2 of those partials; E[x^2] - E[x]^2 in fp32
+    loses the variance here."""
     g = torch.Generator().manual_seed(2)
     num_parts, num_groups, width = 300, 2, 5
     values = [[1000 + torch.randn(int(n), width, generator=g, dtype=torch.float64) for n in row]
@@ -237,7 +238,8 @@ def test_statistics_merge_is_exact_and_stable(device):
     m2 = torch.stack([torch.stack([((v - v.mean(0)) ** 2).sum(0) if len(v) else torch.zeros(width,
                                    dtype=torch.float64) for v in row]) for row in values])
     parts = [t.float().to(device) for t in (count, mean, m2)]
-    got_count, got_mean, got_m2, got_rstd = triton_norm.merge_group_stats(*parts, 1e-5, unbiased=False)
+    got_count, got_mean, got_m2, got_rstd = triton_norm.merge_group_stats(*parts, 1e-5, unbiased=False,
+                                                                           empty=nan_empty)
     # The exact merge, in float64, of the same fp32-rounded partials the kernel saw.
     n, mu, sq = (t.cpu().double() for t in parts)
     total = n.sum(0)
