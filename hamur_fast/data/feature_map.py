@@ -86,8 +86,9 @@ class FeatureMap:
     # ---------------------------------------------------------------- fitting and encoding
     @classmethod
     def fit_transform(cls, chunks: Iterable, schema: Schema, prepare: str | None = None):
-        """Fit on the training split given as ``(frame, where)`` chunks (frames indexed by line number) and encode it in the same
-        pass; returns ``(feature_map, split)``. Dense columns are scaled once the whole split is seen."""
+        """Fit on the training split, given as ``(frame, where)`` chunks (frames indexed by line number), and
+        encode it in the same pass; returns ``(feature_map, split)``. Dense columns are scaled once the whole
+        split has been seen."""
         fm = cls(schema, {}, {}, dict(schema.domain_mapping or {}), prepare)
         parts, lows, highs = [], [], []
         for frame, where in chunks:

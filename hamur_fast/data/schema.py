@@ -39,7 +39,8 @@ class Schema:
                 raise DataError(f"domain mapping must use the ids 0..D-1 without gaps, got {ids}")
         overlap = set(self.sparse) & set(self.dense)
         if overlap or self.label in self.sparse + self.dense:
-            raise DataError(f"a column has two roles: {sorted(overlap | ({self.label} & set(self.sparse + self.dense)))}")
+            both = overlap | ({self.label} & set(self.sparse + self.dense))
+            raise DataError(f"a column has two roles: {sorted(both)}")
         if not self.sparse and not self.dense:
             raise DataError("the schema names no feature column (sparse or dense)")
 

@@ -12,9 +12,10 @@ Generative process, every draw from ``numpy.random.default_rng(seed)``:
    slopes ``w_d ~ N(0, 1)`` (signs differ between domains).
 4. A row: domain ``d ~ pi``; a user of domain ``d`` uniformly; an item by Zipf-like popularity
    ``P(i) ~ 1 / (i + 10)``; context values uniformly; then
-   ``logit = b_d + c_u + h_d[i] + p_u A_d q_i + g_d[ctx_a] + g_d[ctx_b] + w_d . x``, ``click ~ Bernoulli(sigmoid(logit))``
-   with a user bias ``c_u ~ N(0, 0.6^2)`` and an item bias that mixes shared and domain parts like ``g_d``
-   (scale 0.8). Biases ``b_d`` spread from -1.2 to 0 set different click rates per domain.
+   ``logit = b_d + c_u + h_d[i] + p_u A_d q_i + g_d[ctx_a] + g_d[ctx_b] + w_d . x``,
+   ``click ~ Bernoulli(sigmoid(logit))``, with a user bias ``c_u ~ N(0, 0.6^2)`` and an item bias ``h_d``
+   that mixes shared and domain parts like ``g_d`` (scale 0.8). Biases ``b_d`` spread from -1.2 to 0 set
+   different click rates per domain.
 
 Columns: user_id, item_id, ctx_a, ctx_b, x_num, x_gauss, domain (0..D-1), click.
 """
@@ -69,7 +70,8 @@ def generate(rows: int = 40_000, seed: int = 0, shares=DEFAULT_SHARES, users: in
     dense = np.stack([rng.uniform(size=rows), rng.normal(size=rows)], axis=1)
 
     taste = np.einsum("br,brs,bs->b", user_factors[user], tastes[domain], item_factors[item])
-    logit = (biases[domain] + user_bias[user] + item_bias[domain, item] + taste + sum(e[domain, c] for e, c in zip(context_effects, ctx))
+    context = sum(effect[domain, value] for effect, value in zip(context_effects, ctx))
+    logit = (biases[domain] + user_bias[user] + item_bias[domain, item] + taste + context
              + (slopes[domain] * dense).sum(axis=1))
     click = (rng.uniform(size=rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
     frame = pd.DataFrame({"user_id": user, "item_id": item, "ctx_a": ctx[0], "ctx_b": ctx[1],
@@ -92,6 +94,7 @@ def load_synthetic(rows: int = 40_000, seed: int = 0, split=(0.8, 0.1, 0.1), spl
                    feature_map=None, **process):
     """Encoded splits of freshly generated data (``process``: shares, users, items, rank, specificity)."""
     frame = generate(rows, seed, **process)
-    schema = feature_map.schema if feature_map is not None else synthetic_schema(len(process.get("shares", DEFAULT_SHARES)))
+    num_domains = len(process.get("shares", DEFAULT_SHARES))
+    schema = feature_map.schema if feature_map is not None else synthetic_schema(num_domains)
     return encode_splits(frames_by_split(random_split(frame, split, split_seed), "synthetic data"), schema, None,
                          feature_map)

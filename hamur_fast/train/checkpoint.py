@@ -34,7 +34,8 @@ def load_checkpoint(path) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a torch file but not a hamur_fast checkpoint")
     if payload.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}; this hamur_fast reads {VERSION}")
+        raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}; "
+                              f"this hamur_fast reads version {VERSION}")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise CheckpointError(f"{path} lacks {missing}")

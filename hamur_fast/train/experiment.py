@@ -237,7 +237,7 @@ def compare(config: dict, models: list, seeds: list, output, progress: bool = Tr
     table = format_table(summaries, labels)
     write_text(output / "compare.md", table + "\n")
     write_json(output / "compare.json", {"domains": labels, "seeds": list(seeds), "runs": raw,
-                                         "summary": {k: {m: list(v) for m, v in s.items()} for k, s in summaries.items()}})
+                                         "summary": _json_summaries(summaries)})
     from .plots import plot_domain_auc
     plot_domain_auc(summaries, labels, output / "compare_domain_auc.png",
                     f"test AUC per domain, mean ± std over {len(seeds)} seed(s)")
@@ -266,10 +266,14 @@ def sweep(config: dict, param: str, values: list, seeds: list, output, progress:
     write_text(output / f"{name}.md", table + "\n")
     write_json(output / f"{name}.json", {"param": param, "config_path": path, "values": [str(v) for v in values],
                                          "seeds": list(seeds), "domains": labels,
-                                         "summary": {k: {m: list(v) for m, v in s.items()} for k, s in summaries.items()}})
+                                         "summary": _json_summaries(summaries)})
     from .plots import plot_sweep
     plot_sweep(values, list(summaries.values()), labels, param, output / f"{name}.png")
     return {"table": table, "summary": summaries, "domains": labels}
+
+
+def _json_summaries(summaries: dict) -> dict:
+    return {row: {metric: list(stat) for metric, stat in stats.items()} for row, stats in summaries.items()}
 
 
 def _slug(text: str) -> str:
