@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 // Row passes are compiled three times, for AVX-512, AVX2 + FMA and baseline x86-64, and the loader picks the
@@ -70,6 +71,22 @@ struct Vec512Of<double> {
 };
 template <typename T>
 using Vec512 = typename Vec512Of<T>::type;
+
+// Sum of a vector's lanes by halving in registers (no round trip through memory).
+HAMUR_INLINE float lane_sum(Vec512<float> v) {
+  typedef float Vec8 __attribute__((vector_size(32)));
+  typedef float Vec4 __attribute__((vector_size(16)));
+  const Vec8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Vec4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+HAMUR_INLINE double lane_sum(Vec512<double> v) {
+  typedef double Vec4 __attribute__((vector_size(32)));
+  const Vec4 s4 = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
 
 template <typename T>
 HAMUR_INLINE Vec512<T> load_vec(const T* p) {
@@ -132,12 +149,7 @@ HAMUR_INLINE void mat_vec_rows(T* __restrict out, const T* __restrict M, const T
   for (int64_t i = 0; i < vector_rows; ++i) {
     Vec512<T> acc = load_vec(M + i * n) * vv[0];
     for (int t = 1; t < kVectors; ++t) acc += load_vec(M + i * n + t * kLanes) * vv[t];
-    // Pairwise halving: log2(kLanes) dependent adds instead of kLanes.
-    T lanes[kLanes];
-    __builtin_memcpy(lanes, &acc, sizeof(lanes));
-    for (int64_t half = kLanes / 2; half >= 1; half /= 2)
-      for (int64_t j = 0; j < half; ++j) lanes[j] += lanes[j + half];
-    out[i] = lanes[0];
+    out[i] = lane_sum(acc);
   }
   for (int64_t i = vector_rows; i < m; ++i) out[i] = dot(M + i * n, v, n);
 }
@@ -282,6 +294,19 @@ GroupOrder saved_order(const Tensor& order, const Tensor& count) {
   }
   const int64_t* rows = order.data_ptr<int64_t>();
   for (int64_t i = 0; i < order.numel(); ++i) out.slot_of[rows[i]] = i;
+  return out;
+}
+
+// Rows of a contiguous (B, n) tensor in group order (a parallel row copy; index_select runs one thread).
+Tensor gather_rows(const Tensor& t, const GroupOrder& order) {
+  Tensor out = at::empty_like(t);
+  const int64_t n = t.size(1), bytes = n * static_cast<int64_t>(t.element_size());
+  const char* src = static_cast<const char*>(t.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  const int64_t* rows = order.order.data_ptr<int64_t>();
+  at::parallel_for(0, t.size(0), kMinRowsPerChunk, [&](int64_t first, int64_t end) {
+    for (int64_t i = first; i < end; ++i) std::memcpy(dst + i * bytes, src + rows[i] * bytes, bytes);
+  });
   return out;
 }
 
@@ -488,7 +513,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
   Tensor rstd = at::empty_like(mean), var = at::empty_like(mean);
   Tensor count = at::empty({shape.groups}, x.options());
   // u = x.U, one GEMM per domain over its rows.
-  const Tensor x_sorted = x.index_select(0, order.order);
+  const Tensor x_sorted = gather_rows(x, order);
   for (int64_t g = 0; g < shape.groups; ++g) {
     if (order.rows(g) == 0) continue;
     Tensor u = slots_of(hidden, order, g).narrow(1, shape.u(), k);
@@ -786,7 +811,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   Tensor grad_ur = at::zeros_like(ur), grad_ub = at::zeros_like(norm_weight);
   Tensor grad_db = per_domain ? at::zeros({shape.groups, s}, x.options()) : at::zeros({s}, x.options());
   Tensor grad_x_sorted = at::empty({shape.batch, h}, x.options());
-  const Tensor x_sorted = x.index_select(0, order.order);
+  const Tensor x_sorted = gather_rows(x, order);
   for (int64_t g = 0; g < shape.groups; ++g) {
     if (order.rows(g) == 0) continue;
     const Tensor hidden_g = slots_of(hidden, order, g), core_g = slots_of(grad_core, order, g);
