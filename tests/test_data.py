@@ -71,6 +71,19 @@ def test_movielens_feature_map_round_trip_encodes_identically(tmp_path):
     assert set(data.feature_map.vocabularies["cate_id"]) <= {"Comedy", "Action", "Drama"}  # first genre only
 
 
+def test_movielens_csv_input_keeps_zip_codes_as_text(tmp_path):
+    """A model fitted on users.dat ("02138") scores a merged-CSV row with the same zip id, not as unseen."""
+    data = load_movielens(write_grouplens(tmp_path / "ml", users=USERS.replace("48067", "02138")),
+                          split=(0.6, 0.2, 0.2))
+    fm = data.feature_map
+    merged = tmp_path / "merged.csv"
+    merged.write_text("user_id,movie_id,rating,timestamp,title,genres,gender,age,occupation,zip\n"
+                      "1,10,5,978300760,Cafe (1995),Comedy|Drama,F,1,10,02138\n")
+    _, split = read_prediction_input(merged, fm)
+    zip_id = split.sparse[0, fm.sparse_fields.index("zip")].item()
+    assert zip_id == fm.vocabularies["zip"].get_loc("02138") + 1
+
+
 @pytest.mark.parametrize("line, message", [
     ("1::10::5::978300760::extra", "ratings.dat: malformed line (Expected 4 fields in line 3, saw 5)"),
     ("1::10::5", "ratings.dat, line 3: malformed line, no value for column 'timestamp'"),

@@ -36,7 +36,9 @@ def load_dataset(config: dict, feature_map: FeatureMap | None = None) -> MultiDo
 def read_prediction_input(path, feature_map: FeatureMap) -> tuple:
     """``(raw frame, encoded split)`` for a CSV/Parquet file in the training data's raw layout; the label
     column is optional here (encoded when present)."""
-    frame = read_table(path)
+    # Columns whose training vocabulary is text are read as text (a code like "02138" keeps its zero).
+    text_columns = {c: str for c, vocabulary in feature_map.vocabularies.items() if vocabulary.dtype.kind == "O"}
+    frame = read_table(path, dtype=text_columns)
     if feature_map.prepare is not None:
         frame = PREPARE[feature_map.prepare](frame)
     with_label = feature_map.schema.label in frame.columns

@@ -22,6 +22,8 @@ SCHEMA = Schema(label="rating", positive="> 3", domain="age", domain_mapping=DOM
                 sparse=["user_id", "movie_id", "gender", "occupation", "zip", "cate_id"], dense=["age"])
 
 RAW_COLUMNS = ["user_id", "movie_id", "rating", "gender", "age", "occupation", "zip", "genres"]
+# Zip codes are text in users.dat ("02138", "98107-4912"); a CSV must not turn them into numbers.
+TEXT_COLUMNS = {"zip": str}
 
 
 def read_movielens(path) -> pd.DataFrame:
@@ -32,7 +34,7 @@ def read_movielens(path) -> pd.DataFrame:
             raise FileNotFoundError(f"{path} has no ratings.dat: expected the GroupLens ml-1m directory "
                                     "(ratings.dat, users.dat, movies.dat) or a merged CSV file")
         return _read_grouplens(path)
-    frame = read_table(path)
+    frame = read_table(path, dtype=TEXT_COLUMNS)
     check_columns(frame, RAW_COLUMNS, path)
     return frame
 

@@ -55,15 +55,16 @@ def csv_header(path) -> list | None:
     return None if all(_is_number(f) for f in fields) else fields
 
 
-def iter_csv(path, chunksize: int, names: list | None = None) -> Iterator[pd.DataFrame]:
+def iter_csv(path, chunksize: int, names: list | None = None, dtype: dict | None = None) -> Iterator[pd.DataFrame]:
     """Chunks of a CSV file, indexed by line number.
 
-    ``names`` given: the file has no header line and these are its columns.
+    ``names`` given: the file has no header line and these are its columns. ``dtype``: column -> type for
+    columns that must not be inferred (e.g. codes with leading zeros read as text).
     """
     path = existing_file(path)
     header_lines = 0 if names else 1
     reader = pd.read_csv(path, chunksize=chunksize, header=None if names else 0, names=names,
-                         index_col=False, skip_blank_lines=False, low_memory=False)
+                         index_col=False, skip_blank_lines=False, low_memory=False, dtype=dtype)
     start = header_lines + 1
     try:
         for chunk in reader:
@@ -76,8 +77,9 @@ def iter_csv(path, chunksize: int, names: list | None = None) -> Iterator[pd.Dat
         raise DataError(f"{path}: the file is empty") from None
 
 
-def read_table(path) -> pd.DataFrame:
-    """A whole CSV or Parquet file, indexed by line number (Parquet rows count from 1)."""
+def read_table(path, dtype: dict | None = None) -> pd.DataFrame:
+    """A whole CSV or Parquet file, indexed by line number (Parquet rows count from 1). ``dtype`` as for
+    :func:`iter_csv` (Parquet files carry their own types)."""
     path = existing_file(path)
     if path.suffix.lower() in {".parquet", ".pq"}:
         try:
@@ -86,7 +88,7 @@ def read_table(path) -> pd.DataFrame:
             raise DataError(f"{path}: not a readable Parquet file: {err}") from None
         frame.index = pd.RangeIndex(1, len(frame) + 1)
         return frame
-    chunks = list(iter_csv(path, chunksize=1 << 20))
+    chunks = list(iter_csv(path, chunksize=1 << 20, dtype=dtype))
     if not chunks:
         raise DataError(f"{path}: the file has a header but no rows")
     return pd.concat(chunks)
