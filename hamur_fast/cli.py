@@ -64,7 +64,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     trainer, payload = ex.load_trained(args.checkpoint, args.device)
-    data_config = ex.apply_overrides({"data": payload["config"]["data"]}, args.set)["data"]
+    data_config = ex.apply_overrides({"data": ex.recorded_data(payload, args.checkpoint)}, args.set)["data"]
     data = ex.load_dataset(data_config, feature_map=trainer.feature_map)
     metrics = trainer.evaluate(getattr(data, args.split))
     _print_metrics(metrics, f"{args.split} metrics of {args.checkpoint}")

@@ -18,6 +18,8 @@ from .checkpoint import load_checkpoint
 from .files import write_json, write_text
 from .trainer import TrainConfig, Trainer
 
+DEFAULT_DATA = {"kind": "synthetic"}
+DEFAULT_MODEL = {"name": "hamur_mlp"}
 # The HAMUR family shares the constructor arguments a base model section may set for all of them.
 HAMUR_FAMILY = {"hamur_mlp", "hamur_dcn", "hamur_wide_deep", "mlp", "dcn", "wide_deep"}
 FAMILY_KEYS = ("preset", "backend")
@@ -100,18 +102,23 @@ def train_run(config: dict, data: MultiDomainData | None = None, run_dir=None, l
               progress: bool = True) -> RunResult:
     """Train one model as configured and evaluate it on the test split (best weights by val AUC)."""
     train_config = replace(TrainConfig.from_dict(config.get("train", {})), progress=progress)
-    data = data or load_dataset(config.get("data", {"kind": "synthetic"}))
+    model_config = config.get("model", DEFAULT_MODEL)
+    # Data handed over without a data section is recorded as unknown (None), never as the default.
+    data_config = config.get("data", None if data is not None else DEFAULT_DATA)
+    data = data or load_dataset(data_config)
     torch.manual_seed(train_config.seed)  # model initialisation
-    model = build_ctr_model(data.feature_map, config.get("model", {"name": "hamur_mlp"}))
-    trainer = Trainer(model, train_config, data.feature_map, run_dir,
-                      {k: config[k] for k in ("data", "model") if k in config})
-    started = time.perf_counter()
-    history = trainer.fit(data)
-    test = trainer.evaluate(data.test)
-    if run_dir is not None:
-        write_json(Path(run_dir) / "test_metrics.json", test)
-    return RunResult(label or config.get("model", {}).get("name", "model"), train_config.seed, test, history,
-                     trainer.best_epoch, time.perf_counter() - started, None if run_dir is None else Path(run_dir))
+    model = build_ctr_model(data.feature_map, model_config)
+    trainer = Trainer(model, train_config, data.feature_map, run_dir, {"data": data_config, "model": model_config})
+    return _fit_and_test(trainer, data, label or model_config["name"], run_dir)
+
+
+def recorded_data(payload: dict, checkpoint_path) -> dict:
+    """The data section a checkpoint's run was trained on."""
+    data_config = payload["config"].get("data")
+    if not data_config:
+        raise ValueError(f"{checkpoint_path} does not record its data (the run was given data without a data "
+                         "section); pass the data section explicitly")
+    return data_config
 
 
 def load_trained(checkpoint_path, device: str | None = None):
@@ -133,19 +140,24 @@ def resume_run(checkpoint_path, data: MultiDomainData | None = None, epochs: int
     payload = load_checkpoint(checkpoint_path)
     config = payload["config"]
     feature_map = FeatureMap.from_dict(payload["feature_map"])
-    data = data or load_dataset(config["data"], feature_map=feature_map)
+    data = data or load_dataset(recorded_data(payload, checkpoint_path), feature_map=feature_map)
     train_config = replace(TrainConfig.from_dict(config["train"]), progress=progress,
                            **({"epochs": epochs} if epochs else {}))
     model = build_ctr_model(feature_map, config["model"])
     run_dir = Path(checkpoint_path).parent
-    trainer = Trainer(model, train_config, feature_map, run_dir, {k: config[k] for k in ("data", "model")})
+    trainer = Trainer(model, train_config, feature_map, run_dir, {"data": config["data"], "model": config["model"]})
     trainer.restore(payload)
+    return _fit_and_test(trainer, data, config["model"]["name"], run_dir)
+
+
+def _fit_and_test(trainer: Trainer, data: MultiDomainData, label: str, run_dir) -> RunResult:
     started = time.perf_counter()
     history = trainer.fit(data)
     test = trainer.evaluate(data.test)
-    write_json(run_dir / "test_metrics.json", test)
-    return RunResult(config["model"]["name"], train_config.seed, test, history, trainer.best_epoch,
-                     time.perf_counter() - started, run_dir)
+    if run_dir is not None:
+        write_json(Path(run_dir) / "test_metrics.json", test)
+    return RunResult(label, trainer.config.seed, test, history, trainer.best_epoch, time.perf_counter() - started,
+                     None if run_dir is None else Path(run_dir))
 
 
 # ---------------------------------------------------------------------------- several runs
@@ -218,7 +230,7 @@ def compare(config: dict, models: list, seeds: list, output, progress: bool = Tr
     """Train every model with every seed on one data load; writes ``compare.md``, ``compare.json`` and
     ``compare_domain_auc.png`` under ``output`` and returns label -> summary."""
     output = Path(output)
-    data = load_dataset(config.get("data", {"kind": "synthetic"}))
+    data = load_dataset(config.get("data", DEFAULT_DATA))
     log(data.summary())
     labels = domain_labels(data.feature_map)
     summaries, raw = {}, {}
@@ -248,7 +260,7 @@ def sweep(config: dict, param: str, values: list, seeds: list, output, progress:
     """One run per value of ``param`` (and per seed); writes ``sweep_<param>.md/.json/.png`` under ``output``."""
     output = Path(output)
     path, convert = SWEEP_ALIASES.get(param, (param if "." in param else f"model.{param}", lambda v: v))
-    data = load_dataset(config.get("data", {"kind": "synthetic"}))
+    data = load_dataset(config.get("data", DEFAULT_DATA))
     log(data.summary())
     labels = domain_labels(data.feature_map)
     summaries = {}
