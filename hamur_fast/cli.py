@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError, read_prediction_input
+from .data import DataError, load_dataset, read_prediction_input
 from .train import CheckpointError
 from .train import experiment as ex
 from .train.files import atomic_path, write_json
@@ -65,7 +65,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     trainer, payload = ex.load_trained(args.checkpoint, args.device)
     data_config = ex.apply_overrides({"data": ex.recorded_data(payload, args.checkpoint)}, args.set)["data"]
-    data = ex.load_dataset(data_config, feature_map=trainer.feature_map)
+    data = load_dataset(data_config, feature_map=trainer.feature_map)
     metrics = trainer.evaluate(getattr(data, args.split))
     _print_metrics(metrics, f"{args.split} metrics of {args.checkpoint}")
     if args.output:
