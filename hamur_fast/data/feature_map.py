@@ -126,7 +126,7 @@ class FeatureMap:
             if len(new):
                 self.vocabularies[column] = known.append(pd.Index(new))
         if self.schema.domain_mapping is None:
-            for key in pd.unique(value_keys(frame[self.schema.domain])):
+            for key in value_keys(pd.Series(pd.unique(frame[self.schema.domain]))):
                 self.domain_mapping.setdefault(key, len(self.domain_mapping))
 
     def _encode(self, frame, where, with_label: bool, scale: bool) -> TensorSplit:
@@ -145,13 +145,18 @@ class FeatureMap:
         return TensorSplit(sparse_tensor, dense, torch.from_numpy(domain.astype(np.int16)), label)
 
     def _domain_ids(self, values: pd.Series, where) -> np.ndarray:
-        ids = value_keys(values).map(self.domain_mapping)
-        outside = ids.isna().to_numpy()
+        keys = list(self.domain_mapping)
+        if pd.api.types.is_integer_dtype(values) and all(k.lstrip("-").isdigit() for k in keys):
+            # integer codes (Ali-CCP's field 301) are looked up as integers: no text per row
+            position = pd.Index([int(k) for k in keys]).get_indexer(values.to_numpy())
+        else:
+            position = pd.Index(keys).get_indexer(value_keys(values).to_numpy(object))
+        outside = position < 0
         if outside.any():
             row = int(np.flatnonzero(outside)[0])
             raise DataError(f"{where}, line {values.index[row]}: domain value {shown(values.iloc[row])} of column "
                             f"{self.schema.domain!r} is outside the mapping {self.domain_mapping}")
-        return ids.to_numpy(np.int64)
+        return np.array(list(self.domain_mapping.values()), dtype=np.int64)[position]
 
     def _category_ids(self, values: pd.Series, column: str) -> np.ndarray:
         vocabulary = self.vocabularies[column]
@@ -177,9 +182,11 @@ class FeatureMap:
 
     def _scale(self, dense: torch.Tensor) -> None:
         """Min-max scaling with the training range, in place (a constant column becomes 0)."""
-        for i, column in enumerate(self.schema.dense):
-            low, high = self.dense_ranges[column]
-            dense[:, i].sub_(low).div_(high - low if high > low else 1.0)
+        if not self.schema.dense:
+            return
+        low, high = (torch.tensor(bound, dtype=dense.dtype)
+                     for bound in zip(*(self.dense_ranges[c] for c in self.schema.dense)))
+        dense.sub_(low).div_(torch.where(high > low, high - low, torch.ones_like(low)))
 
 
 def _category_keys(values: pd.Series) -> np.ndarray:
