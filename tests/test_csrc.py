@@ -236,6 +236,15 @@ def test_non_contiguous_inputs_give_the_same_result(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_int32_domain_ids_give_the_same_result(device):
+    x, rep, domain, params, stats = cell_inputs(37, 13, 5, 7, 3, "paper", dtype=torch.float32, seed=14)
+    args = [t.to(device) for t in (x, rep, *params)]
+    results = [hf.ops.hyper_adapter(args[0], args[1], ids.to(device), *args[2:], *[s.to(device) for s in stats],
+                                    backend=BACKEND[device]) for ids in (domain, domain.int())]
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bf16_within_twice_plain_pytorch_error(device):
     inputs = cell_inputs(37, 40, 12, 32, 3, "paper", seed=21)
     upstream = torch.randn(37, 40, dtype=torch.float64)

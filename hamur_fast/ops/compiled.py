@@ -133,6 +133,7 @@ def _statistics_source(mode, training, running_mean, running_var, dtype):
 
 
 def hyper_adapter(x, rep, domain, params, running_mean, running_var, *, mode, training, momentum, eps):
+    domain = domain.long()  # the kernels index with int64; the ops layer also accepts int32 ids
     dtype = _compute_dtype(x.dtype)
     x_c, rep_c = x.to(dtype), rep.to(dtype)
     params = tuple(p.to(dtype) for p in params)
@@ -147,6 +148,7 @@ def hyper_adapter(x, rep, domain, params, running_mean, running_var, *, mode, tr
 
 
 def domain_norm(o, domain, weight, bias, running_mean, running_var, *, mode, training, momentum, eps):
+    domain = domain.long()
     dtype = _compute_dtype(o.dtype)
     stat_mean, stat_var = _statistics_source(mode, training, running_mean, running_var, dtype)
     y, mean, _rstd, var, count = ops.domain_norm_forward(o.to(dtype), domain, weight.to(dtype), bias.to(dtype),
