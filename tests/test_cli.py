@@ -10,6 +10,7 @@ import yaml
 
 from hamur_fast.cli import main
 from hamur_fast.data import generate
+from hamur_fast.train import experiment as ex
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -81,6 +82,20 @@ def test_compare_and_sweep_write_table_and_plot(config_file, tmp_path, capsys):
     assert "| 2 |" in (tmp_path / "sw" / "sweep_k.md").read_text()
     assert (tmp_path / "sw" / "sweep_k.png").is_file()
     assert "Test AUC against k" in capsys.readouterr().out
+
+
+def test_config_overrides_and_value_lists():
+    config = ex.apply_overrides({"train": {"epochs": 5}}, ["train.epochs=2", "model.dims=[32, 16]", "train.bf16=true"])
+    assert config == {"train": {"epochs": 2, "bf16": True}, "model": {"dims": [32, 16]}}
+    assert ex.split_values("8,16, 35") == [8, 16, 35]
+    assert ex.split_values("[32],[64,32],static") == [[32], [64, 32], "static"]
+    label, section = ex.model_section("hamur_mlp:mode=released:rank=16", {"embed_dim": 8, "preset": "aliccp",
+                                                                          "dims": [4]})
+    assert label == "hamur_mlp:mode=released:rank=16"
+    assert section == {"name": "hamur_mlp", "mode": "released", "rank": 16, "embed_dim": 8, "preset": "aliccp"}
+    assert ex.model_section("star", {"embed_dim": 8, "preset": "aliccp"})[1] == {"name": "star", "embed_dim": 8}
+    with pytest.raises(ValueError, match="must look like section.key=value"):
+        ex.apply_overrides({}, ["epochs"])
 
 
 def test_errors_exit_with_a_message(tmp_path, capsys):

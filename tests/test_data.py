@@ -158,6 +158,19 @@ def test_aliccp_bad_rows_name_file_and_line(tmp_path, bad_row, message):
         load_aliccp(*_aliccp_files(tmp_path, rows), chunksize=2)  # the bad line is in the second chunk
 
 
+def test_aliccp_chunk_size_does_not_change_the_encoding(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [f"{rng.integers(2)},0,{rng.integers(50)},{rng.integers(9)},{rng.integers(1, 4)},{rng.uniform():.3f}"
+            for _ in range(200)]
+    paths = _aliccp_files(tmp_path, rows, val_rows=rows[:30])
+    whole, chunked = load_aliccp(*paths), load_aliccp(*paths, chunksize=7)
+    assert whole.feature_map.to_dict() == chunked.feature_map.to_dict()
+    for name in ("train", "val", "test"):
+        a, b = getattr(whole, name), getattr(chunked, name)
+        assert all(torch.equal(x, y) for x, y in zip((a.sparse, a.dense, a.domain, a.label),
+                                                     (b.sparse, b.dense, b.domain, b.label)))
+
+
 def test_aliccp_unseen_ids_and_train_only_scaling(tmp_path):
     data = load_aliccp(*_aliccp_files(tmp_path, GOOD_ALICCP, val_rows=["0,0,99,7,1,3.0"]))
     fields = data.feature_map.sparse_fields
