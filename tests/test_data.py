@@ -229,6 +229,8 @@ def test_table_errors(tmp_path):
         load_table(path, {**schema, "label": "clicked"})
     with pytest.raises(DataError, match="domain value 'south' of column 'region' is outside the mapping"):
         load_table(path, {**schema, "domain": {"column": "region", "mapping": {"north": 0}}})
+    with pytest.raises(DataError, match="the schema must name the domain column"):
+        load_table(path, {**schema, "domain": {"mapping": "order"}})
     with pytest.raises(DataError, match="must start with one of"):
         load_table(path, {**schema, "label": {"column": "clicked", "positive": "yes"}})
 

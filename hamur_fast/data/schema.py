@@ -52,8 +52,8 @@ class Schema:
         if unknown:
             raise DataError(f"unknown schema key(s) {sorted(unknown)}")
         for key in ("label", "domain"):
-            if key not in spec:
-                raise DataError(f"the schema must name the {key} column ('{key}:')")
+            if key not in spec or (isinstance(spec[key], dict) and "column" not in spec[key]):
+                raise DataError(f"the schema must name the {key} column ('{key}: name' or '{key}: {{column: name}}')")
         label, domain = spec.pop("label"), spec.pop("domain")
         if isinstance(label, dict):
             spec["positive"] = label.get("positive")
