@@ -4,17 +4,31 @@
 Installs offline with ``pip install --no-build-isolation -e .`` when torch is present.
 
 The compiled core ``hamur_fast._C`` (csrc/): the CPU kernels are always built; the CUDA kernels join when
-torch has CUDA and nvcc is found (or ``HAMUR_FAST_FORCE_CUDA=1``). ``HAMUR_FAST_NO_EXT=1`` builds no
+torch has CUDA and an nvcc of the same CUDA major version is found (or ``HAMUR_FAST_FORCE_CUDA=1``). ``HAMUR_FAST_NO_EXT=1`` builds no
 extension; the package then works with its Python backends.
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["hamur_fast", "hamur_fast.*"]) + ["hamur_fast.kernels"]
+
+
+def nvcc_major(nvcc):
+    """nvcc's CUDA major version ("13"); torch refuses to build with a different major than its own."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.", out)
+    if found is None:
+        return None
+    return found.group(1)
 
 
 def compiled_core():
@@ -30,7 +44,8 @@ def compiled_core():
     sources = sorted(glob.glob("csrc/cpu/*.cpp"))
     nvcc = shutil.which("nvcc") or (cpp_extension.CUDA_HOME and os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
     with_cuda = os.environ.get("HAMUR_FAST_FORCE_CUDA") == "1" or (
-        torch.version.cuda is not None and nvcc is not None and os.path.exists(nvcc))
+        torch.version.cuda is not None and nvcc is not None and os.path.exists(nvcc)
+        and nvcc_major(nvcc) == torch.version.cuda.split(".")[0])
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # A100, H100/H200
         extension = cpp_extension.CUDAExtension(
