@@ -147,7 +147,8 @@ def _print_metrics(metrics: dict, title: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hamur-fast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hamur-fast", description="HAMUR multi-domain CTR: demo, train, eval, "
+                                     "predict, compare, sweep (tables in Markdown, files under --output)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name, handler, help_text, config=True):
@@ -165,13 +166,13 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = command("demo", cmd_demo, "train HAMUR-MLP and MLP on built-in synthetic data, compare per domain",
                    config=False)
-    demo.add_argument("--epochs", type=int)
+    demo.add_argument("--epochs", type=int, help="override train.epochs")
     demo.add_argument("--seeds", default=DEMO_SEEDS, help=f"comma-separated seeds (default {DEMO_SEEDS})")
     # Small models gain little from intra-op threads, and on shared cores extra threads cost a lot.
     demo.set_defaults(threads=1)
     train = command("train", cmd_train, "train one model from a config")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--seed", type=int)
+    train.add_argument("--epochs", type=int, help="override train.epochs")
+    train.add_argument("--seed", type=int, help="override train.seed")
     train.add_argument("--resume", metavar="CHECKPOINT", help="continue the run that wrote this checkpoint")
     evaluate = command("eval", cmd_eval, "evaluate a checkpoint on its data's test (or val) split", config=False)
     evaluate.add_argument("--checkpoint", required=True)
@@ -184,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
                                      ("sweep", cmd_sweep, "one parameter over values x seeds: table and plot")):
         sub = command(name, handler, help_text)
         sub.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3")
-        sub.add_argument("--epochs", type=int)
+        sub.add_argument("--epochs", type=int, help="override train.epochs")
         if name == "compare":
             sub.add_argument("--models", help="comma-separated, e.g. hamur_mlp,hamur_mlp:mode=released,mlp")
         else:
