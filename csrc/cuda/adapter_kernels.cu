@@ -3,8 +3,9 @@
 // Row kernels run one thread block per row: the row's I_b (k*k contiguous values) is read from global
 // memory once, with coalesced loads, into shared memory, and serves both rank-k products (forward) or
 // both gradient terms and the one write of grad_rep (backward). Each phase of the right-to-left chain
-// x.U -> .I -> .V -> sigmoid -> .U' -> .I -> .V' is a loop of the block's threads over that phase's
-// outputs; consecutive threads read consecutive columns of the row-major factors (coalesced). Column
+// x.U -> .I -> .V -> sigmoid -> .U' -> .I -> .V' spreads over the whole block: vector-matrix phases give
+// consecutive threads consecutive columns (coalesced) and split long sums among several threads per
+// output; matrix-vector phases (backward) give each row to a warp and reduce with shuffles. Column
 // kernels (statistics, DomainNorm gradients) give a block 32 columns and 8 row lanes and reduce in double,
 // in two passes over o (no E[o^2] - E[o]^2). Nothing uses atomics, so results are deterministic.
 #include <cuda_runtime.h>
@@ -28,25 +29,55 @@ __device__ __forceinline__ int64_t group_of(const int64_t* domain, bool per_doma
   return per_domain ? domain[b] : 0;
 }
 
-// out[j] = sum_i v[i] * M[i * n + j] for j < n (M row-major m x n); the block's threads split j.
+// out[j] = sum_i v[i] * M[i * n + j] for j < n (M row-major m x n). Consecutive threads take consecutive
+// columns (coalesced reads of M). When the block has at least twice as many threads as outputs, each
+// output's sum over i is split among blockDim / n threads, so a 128-long sum into 35 outputs keeps 105
+// threads busy instead of 35; the partial sums meet in `scratch` (blockDim values). Every thread of the
+// block must call it (it synchronises).
 template <typename T>
-__device__ __forceinline__ void block_vec_mat(T* out, const T* v, const T* M, int64_t m, int64_t n) {
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    T acc = 0;
-#pragma unroll 4
-    for (int64_t i = 0; i < m; ++i) acc += v[i] * M[i * n + j];
-    out[j] = acc;
+__device__ __forceinline__ void block_vec_mat(T* out, const T* v, const T* M, int64_t m, int64_t n, T* scratch) {
+  const int64_t parts = n > 0 ? blockDim.x / n : 1;
+  if (parts < 2) {
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      T acc = 0;
+#pragma unroll 8
+      for (int64_t i = 0; i < m; ++i) acc += v[i] * M[i * n + j];
+      out[j] = acc;
+    }
+    return;
+  }
+  const int64_t j = threadIdx.x % n, part = threadIdx.x / n;
+  T acc = 0;
+  if (part < parts) {
+#pragma unroll 8
+    for (int64_t i = part; i < m; i += parts) acc += v[i] * M[i * n + j];
+  }
+  scratch[threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.x < n) {
+    T sum = 0;
+    for (int64_t q = 0; q < parts; ++q) sum += scratch[q * n + threadIdx.x];
+    out[threadIdx.x] = sum;
   }
 }
 
-// out[i] = sum_j M[i * n + j] * v[j] for i < m; the block's threads split i.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// out[i] = sum_j M[i * n + j] * v[j] for i < m: one warp per row of M, its lanes along the row (coalesced),
+// then a warp shuffle reduction. Every thread of the block must call it (whole warps stay converged).
 template <typename T>
 __device__ __forceinline__ void block_mat_vec(T* out, const T* M, const T* v, int64_t m, int64_t n) {
-  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = blockDim.x / 32;
+  for (int64_t i = threadIdx.x / 32; i < m; i += warps) {
     T acc = 0;
-#pragma unroll 4
-    for (int64_t j = 0; j < n; ++j) acc += M[i * n + j] * v[j];
-    out[i] = acc;
+    for (int64_t j = lane; j < n; j += 32) acc += M[i * n + j] * v[j];
+    acc = warp_sum(acc);
+    if (lane == 0) out[i] = acc;
   }
 }
 
@@ -74,31 +105,29 @@ __global__ void __launch_bounds__(kRowThreads) project_rows_kernel(
   T* p = u + k;
   T* q = p + k;
   T* r = q + k;
-  T* a = r + k;  // s
+  T* a = r + k;          // s
+  T* scratch = a + s;    // blockDim partial sums
   block_load(x_s, x + b * h, h);
   block_load(rep_s, rep + b * k * k, k * k);
   __syncthreads();
-  block_vec_mat(u, x_s, f.down_left + d * h * k, h, k);
+  block_vec_mat(u, x_s, f.down_left + d * h * k, h, k, scratch);
   __syncthreads();
-  block_vec_mat(p, u, rep_s, k, k);
+  block_vec_mat(p, u, rep_s, k, k, scratch);
+  __syncthreads();
+  block_vec_mat(a, p, f.down_right + d * k * s, k, s, scratch);
   __syncthreads();
   const T* down_bias = f.down_bias + d * s;
-  const T* down_right = f.down_right + d * k * s;
-  for (int64_t j = threadIdx.x; j < s; j += blockDim.x) {
-    T z = down_bias[j];
-    for (int64_t i = 0; i < k; ++i) z += p[i] * down_right[i * s + j];
-    a[j] = T(1) / (T(1) + exp_of(-z));
-  }
+  for (int64_t j = threadIdx.x; j < s; j += blockDim.x) a[j] = T(1) / (T(1) + exp_of(-(a[j] + down_bias[j])));
   __syncthreads();
-  block_vec_mat(q, a, f.up_left + d * s * k, s, k);
+  block_vec_mat(q, a, f.up_left + d * s * k, s, k, scratch);
   __syncthreads();
-  block_vec_mat(r, q, rep_s, k, k);
+  block_vec_mat(r, q, rep_s, k, k, scratch);
   __syncthreads();
   const T* up_right = f.up_right + d * k * h;
   const T* up_bias = f.up_bias + d * h;
   for (int64_t j = threadIdx.x; j < h; j += blockDim.x) {
     T acc = up_bias[j];
-#pragma unroll 4
+#pragma unroll 8
     for (int64_t i = 0; i < k; ++i) acc += r[i] * up_right[i * h + j];
     if constexpr (kInfer) {
       const int64_t c = d * h + j;
@@ -284,12 +313,9 @@ __global__ void __launch_bounds__(kRowThreads) backward_rows_kernel(
   __syncthreads();
   block_mat_vec(grad_q, rep_s, grad_r, k, k);  // r = q.I
   __syncthreads();
-  const T* up_left = f.up_left + d * s * k;  // q = a.U', a = sigmoid(z)
-  for (int64_t j = threadIdx.x; j < s; j += blockDim.x) {
-    T acc = 0;
-    for (int64_t i = 0; i < k; ++i) acc += up_left[j * k + i] * grad_q[i];
-    grad_z[j] = acc * a[j] * (T(1) - a[j]);
-  }
+  block_mat_vec(grad_z, f.up_left + d * s * k, grad_q, s, k);  // q = a.U', a = sigmoid(z)
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < s; j += blockDim.x) grad_z[j] *= a[j] * (T(1) - a[j]);
   __syncthreads();
   block_mat_vec(grad_p, f.down_right + d * k * s, grad_z, k, s);  // z = p.V + b
   __syncthreads();
@@ -299,12 +325,9 @@ __global__ void __launch_bounds__(kRowThreads) backward_rows_kernel(
     const int64_t i = e / k, j = e - i * k;
     grad_rep[b * k * k + e] = u[i] * grad_p[j] + q[i] * grad_r[j];
   }
-  const T* down_left = f.down_left + d * h * k;  // u = x.U, y = x + DomainNorm(o)
-  for (int64_t i = threadIdx.x; i < h; i += blockDim.x) {
-    T acc = grad_y[b * h + i];
-    for (int64_t j = 0; j < k; ++j) acc += down_left[i * k + j] * grad_u[j];
-    grad_x[b * h + i] = acc;
-  }
+  block_mat_vec(go, f.down_left + d * h * k, grad_u, h, k);  // u = x.U (go is free again: reuse it)
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < h; i += blockDim.x) grad_x[b * h + i] = grad_y[b * h + i] + go[i];
   for (int64_t j = threadIdx.x; j < 2 * k + s; j += blockDim.x) grad_core[b * (2 * k + s) + j] = grad_q[j];
 }
 
@@ -326,7 +349,7 @@ cudaError_t launch_rows(const CellDims& dims, const CellFactors<T>& f, const T* 
                         const T* running_mean, const T* running_var, double eps, T* y, cudaStream_t stream) {
   if (dims.batch == 0) return cudaSuccess;
   const int64_t k = dims.rank;
-  const size_t bytes = sizeof(T) * (dims.width + k * k + 4 * k + dims.bottleneck);
+  const size_t bytes = sizeof(T) * (dims.width + k * k + 4 * k + dims.bottleneck + kRowThreads);
   const cudaError_t allowed = allow_shared(project_rows_kernel<T, kInfer>, bytes);
   if (allowed != cudaSuccess) return allowed;
   project_rows_kernel<T, kInfer><<<dims.batch, kRowThreads, bytes, stream>>>(
