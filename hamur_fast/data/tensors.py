@@ -46,10 +46,6 @@ class TensorSplit:
                    torch.cat([p.domain for p in parts]),
                    torch.cat([p.label for p in parts]) if labelled else None)
 
-    def subset(self, index: torch.Tensor) -> "TensorSplit":
-        return TensorSplit(self.sparse[index], self.dense[index], self.domain[index],
-                           None if self.label is None else self.label[index])
-
     def domain_counts(self, num_domains: int) -> list:
         return torch.bincount(self.domain.long(), minlength=num_domains).tolist()
 
