@@ -23,8 +23,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and compiled.has_kern
 BACKEND = {"cpu": "cpu", "cuda": "cuda"}
 NAMES = ["x", "rep", "down_left", "down_right", "down_bias", "up_left", "up_right", "up_bias",
          "norm_weight", "norm_bias"]
-SIZES = [  # (B, h, k, s, D): odd sizes; h, k, s not multiples of 16
+SIZES = [  # (B, h, k, s, D): odd sizes; h, k, s not multiples of 16; rank 1 and bottleneck 1 (one-row factors)
     (1, 13, 5, 7, 3), (2, 13, 5, 7, 3), (3, 13, 5, 7, 3), (37, 40, 12, 31, 3), (1023, 40, 35, 17, 3),
+    (19, 21, 1, 1, 3),
 ]
 
 
@@ -59,13 +60,16 @@ def assert_matches_reference(inputs, mode, device, training, dtype=torch.float32
     assert y.dtype == dtype and y.device.type == device and torch.isfinite(y).all()
     assert rel_err(y.cpu(), ref_y) <= tolerance
     # up_bias feeds batch normalisation, so its gradient (the column sums of d loss / d o) is zero by
-    # construction; it is held to the tolerance relative to up_right's gradient (sums of r * d loss / d o).
+    # construction; it is held to the tolerance relative to up_right's gradient (sums of r * d loss / d o),
+    # or where the plain computation's rounding is larger (nearly constant columns of o), to a small
+    # multiple of it.
     grad_o_scale = ref_leaves[NAMES.index("up_right")].grad.abs().max().item()
     for name, fast, plain, slow in zip(NAMES, leaves, plain_leaves, ref_leaves):
         grad = fast.grad.cpu()
         assert grad.shape == slow.shape and torch.isfinite(grad).all(), name
         if slow.grad.abs().max() < 1e-12:
-            assert grad.abs().max() <= tolerance * max(grad_o_scale, 1.0), name
+            bound = max(tolerance * max(grad_o_scale, 1.0), 4 * plain.grad.abs().max().item())
+            assert grad.abs().max() <= bound, name
             continue
         # Normalising a group of 2 or 3 rows amplifies rounding by about var / eps: there even the plain
         # computation misses the bound, so those cases are held to a small multiple of what it reaches.

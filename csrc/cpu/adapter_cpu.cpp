@@ -99,7 +99,9 @@ HAMUR_INLINE Vec512<T> load_vec(const T* p) {
 // without leaving M: all rows when the strip fits in a row, else all but the last few.
 HAMUR_INLINE int64_t rows_in_reach(int64_t m, int64_t n, int64_t first_col, int64_t reach_cols) {
   const int64_t reach = first_col + reach_cols;
-  return reach <= n ? m : std::max<int64_t>(0, std::min<int64_t>(m, (m * n - reach) / n + 1));
+  if (reach <= n) return m;
+  if (m * n < reach) return 0;  // not even row 0 (m = 1 and a row shorter than a vector strip)
+  return std::min<int64_t>(m, (m * n - reach) / n + 1);
 }
 
 template <typename T, int kVectors>
