@@ -112,3 +112,18 @@ def test_model_rejects_bad_input():
         hf.models.HAMUR(20, 3, "mlp", depth=3)
     with pytest.raises(ValueError, match=r"adapter_after indices \[4\] are outside"):
         hf.models.HAMUR(20, 3, "mlp", dims=[8, 8], adapter_after=[4])
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_bf16_autocast_trains(backbone):
+    """Under autocast the cell gets bf16 activations and fp32 parameters; it runs in fp32."""
+    torch.manual_seed(0)
+    model = hf.models.HAMUR(20, 3, backbone, **SMALL)
+    e, domain = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prob = model(e, domain)
+    assert torch.isfinite(prob).all()
+    prob.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad():
+        assert (prob.float() - model(e, domain)).abs().max() < 0.05  # close to the fp32 run

@@ -122,6 +122,10 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
     for name, (tensor, shape) in expected.items():
         _checks.check_float(name, tensor)
         _checks.check_shape(name, tensor, shape)
+    if torch.is_autocast_enabled(x.device.type):
+        # Like BatchNorm under autocast, the cell (its normalisation above all) runs in the precision of
+        # its parameters; autocast hands the activations in lower precision, so they are cast up here.
+        x, rep = x.to(down_left.dtype), rep.to(down_left.dtype)
     dtypes = {t.dtype for t in (x, rep, down_left, down_right, up_left, up_right)}
     if len(dtypes) > 1:
         raise ValueError(f"x, rep and the factor matrices must share one dtype, got {sorted(map(str, dtypes))}")
