@@ -45,3 +45,24 @@ def cell_inputs(batch, width, rank, bottleneck, num_domains, mode, dtype=torch.f
     else:
         stats = [None, None]
     return x, rep, domain, params, stats
+
+
+def run_with_grads(backend, dtype, device, inputs, mode, upstream, training=True, num_domains=None):
+    """One cell in ``dtype`` on ``device``, backpropagating ``upstream``; returns (y, leaves, running stats)."""
+    import hamur_fast as hf
+
+    x, rep, domain, params, stats = inputs
+    leaves = [t.to(device=device, dtype=dtype).detach().requires_grad_() for t in (x, rep, *params)]
+    stats = [s.to(device=device, dtype=dtype).clone() if s is not None else None for s in stats]
+    y = hf.ops.hyper_adapter(leaves[0], leaves[1], domain.to(device), *leaves[2:], *stats, mode=mode,
+                             training=training, backend=backend, num_domains=num_domains)
+    y.backward(upstream.to(device=device, dtype=dtype))
+    return y, leaves, stats
+
+
+def fp32_exact(inputs):
+    """The inputs rounded to fp32 and back, so that every path sees the same numbers."""
+    x, rep, domain, params, stats = inputs
+    rounded = [t.float().double() for t in (x, rep, *params)]
+    return rounded[0], rounded[1], domain, rounded[2:], [s.float().double() if s is not None else None
+                                                         for s in stats]

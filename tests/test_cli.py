@@ -13,13 +13,7 @@ from hamur_fast.data import generate
 from hamur_fast.train import experiment as ex
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are small: one intra-op thread is as fast, and far faster on shared, busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_MODEL = {"dims": [16, 8], "hyper_dims": [8], "rank": 4, "bottleneck": 8}

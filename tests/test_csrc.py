@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import hamur_fast as hf
 from golden import BUFFER_WORDS, load, our_tensor, released_keys, released_model
-from helpers import cell_inputs, rel_err
+from helpers import cell_inputs, fp32_exact, rel_err, run_with_grads
 
 compiled = pytest.importorskip("hamur_fast.ops.compiled", reason="the extension hamur_fast._C was not built")
 ops = torch.ops.hamur_fast
@@ -29,23 +29,8 @@ SIZES = [  # (B, h, k, s, D): odd sizes; h, k, s not multiples of 16; rank 1 and
 ]
 
 
-def run_with_grads(backend, dtype, device, inputs, mode, upstream, training=True):
-    """One cell in ``dtype`` on ``device`` backpropagating ``upstream``; returns (y, leaves, running stats)."""
-    x, rep, domain, params, stats = inputs
-    leaves = [t.to(device=device, dtype=dtype).detach().requires_grad_() for t in (x, rep, *params)]
-    stats = [s.to(device=device, dtype=dtype).clone() if s is not None else None for s in stats]
-    y = hf.ops.hyper_adapter(leaves[0], leaves[1], domain.to(device), *leaves[2:], *stats, mode=mode,
-                             training=training, backend=backend, num_domains=3)
-    y.backward(upstream.to(device=device, dtype=dtype))
-    return y, leaves, stats
 
 
-def fp32_exact(inputs):
-    """The inputs rounded to fp32 and back, so that every path sees the same numbers."""
-    x, rep, domain, params, stats = inputs
-    rounded = [t.float().double() for t in (x, rep, *params)]
-    return rounded[0], rounded[1], domain, rounded[2:], [s.float().double() if s is not None else None
-                                                         for s in stats]
 
 
 def assert_matches_reference(inputs, mode, device, training, dtype=torch.float32):

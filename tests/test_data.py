@@ -12,13 +12,7 @@ from hamur_fast.data import (DataError, FeatureMap, generate, load_aliccp, load_
                              load_table, read_prediction_input)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are small: one intra-op thread is as fast, and far faster on shared, busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 RATINGS = "1::10::5::978300760\n1::20::3::978302109\n2::10::4::978301968\n3::30::1::978300275\n" \

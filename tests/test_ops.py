@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import hamur_fast as hf
-from helpers import cell_inputs, rel_err
+from helpers import cell_inputs, fp32_exact, rel_err, run_with_grads
 
 SIZES = [  # (B, h, k, s, D): odd sizes, B = 1, 2, 3, 1023
     (1, 13, 5, 7, 3), (2, 13, 5, 7, 3), (3, 17, 6, 9, 3), (37, 40, 12, 32, 4), (1023, 33, 11, 19, 3),
@@ -19,32 +19,21 @@ def with_grad(tensors):
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
-def run_with_grads(backend, dtype, x, rep, domain, params, stats, mode, upstream):
-    """Run one cell in ``dtype`` and backpropagate ``upstream``; returns (out, leaves, running stats)."""
-    leaves = with_grad([t.to(dtype) for t in (x, rep, *params)])
-    stats = [s.to(dtype).clone() if s is not None else None for s in stats]
-    out = run_cell(backend, leaves[0], leaves[1], domain, leaves[2:], stats, mode)
-    out.backward(upstream.to(dtype))
-    return out, leaves, stats
-
-
 @pytest.mark.parametrize("mode", ["paper", "released"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "B{}-h{}-k{}-s{}-D{}".format(*s))
 def test_torch_matches_reference_fp32(mode, size):
     batch, width, rank, bottleneck, num_domains = size
-    x, rep, domain, params, stats = cell_inputs(batch, width, rank, bottleneck, num_domains, mode, seed=batch)
     # Both paths see the same fp32-representable inputs, so the comparison measures arithmetic only.
-    x, rep, *params = [t.float().double() for t in (x, rep, *params)]
+    inputs = fp32_exact(cell_inputs(batch, width, rank, bottleneck, num_domains, mode, seed=batch))
+    domain = inputs[2]
     if mode == "paper" and batch >= 3:
         assert (domain == 0).sum() == 0 and (domain == 1).sum() == 1  # the edge cases are really there
 
     upstream = torch.randn(batch, width, dtype=torch.float64)
-    ref_out, ref_leaves, ref_stats = run_with_grads("reference", torch.float64, x, rep, domain, params, stats,
-                                                    mode, upstream)
-    out, fast_leaves, fast_stats = run_with_grads("torch", torch.float32, x, rep, domain, params, stats,
-                                                  mode, upstream)
+    ref_out, ref_leaves, ref_stats = run_with_grads("reference", torch.float64, "cpu", inputs, mode, upstream)
+    out, fast_leaves, fast_stats = run_with_grads("torch", torch.float32, "cpu", inputs, mode, upstream)
     # The plainest fp32 computation, to size what fp32 itself can reach on ill-conditioned cases.
-    _, plain_leaves, _ = run_with_grads("reference", torch.float32, x, rep, domain, params, stats, mode, upstream)
+    _, plain_leaves, _ = run_with_grads("reference", torch.float32, "cpu", inputs, mode, upstream)
 
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert rel_err(out, ref_out) <= 1e-5

@@ -15,13 +15,7 @@ from hamur_fast.train import (CheckpointError, TrainConfig, Trainer, auc, domain
 from hamur_fast.train.files import atomic_path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are small: one intra-op thread is as fast, and far faster on shared, busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL_HAMUR = {"name": "hamur_mlp", "dims": [32, 16], "hyper_dims": [8], "rank": 4, "bottleneck": 8}

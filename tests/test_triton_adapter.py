@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import hamur_fast as hf
 from golden import BUFFER_WORDS, load, our_tensor, released_keys, released_model
-from helpers import cell_inputs, rel_err
+from helpers import cell_inputs, fp32_exact, rel_err, run_with_grads
 
 triton_backend = pytest.importorskip("hamur_fast.kernels.adapter_cell")
 from hamur_fast.kernels import domain_norm as triton_norm  # noqa: E402  (after the importorskip)
@@ -31,23 +31,8 @@ NAMES = ["x", "rep", "down_left", "down_right", "down_bias", "up_left", "up_righ
          "norm_weight", "norm_bias"]
 
 
-def run_with_grads(backend, dtype, device, inputs, mode, upstream, training=True):
-    """One cell in ``dtype`` on ``device``, backpropagating ``upstream``; returns (y, leaves, running stats)."""
-    x, rep, domain, params, stats = inputs
-    leaves = [t.to(device=device, dtype=dtype).detach().requires_grad_() for t in (x, rep, *params)]
-    stats = [s.to(device=device, dtype=dtype).clone() if s is not None else None for s in stats]
-    y = hf.ops.hyper_adapter(leaves[0], leaves[1], domain.to(device), *leaves[2:], *stats, mode=mode,
-                             training=training, backend=backend)
-    y.backward(upstream.to(device=device, dtype=dtype))
-    return y, leaves, stats
 
 
-def fp32_exact(inputs):
-    """The inputs rounded to fp32 and back, so that every path sees the same numbers."""
-    x, rep, domain, params, stats = inputs
-    rounded = [t.float().double() for t in (x, rep, *params)]
-    return rounded[0], rounded[1], domain, rounded[2:], [s.float().double() if s is not None else None
-                                                         for s in stats]
 
 
 def assert_matches_reference(inputs, mode, device, training, seed=0):
