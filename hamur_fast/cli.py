@@ -1,4 +1,4 @@
-"""The ``hamur-fast`` command: demo, train, eval, predict, compare, sweep.
+"""The ``hamur-fast`` command: demo, train, eval, predict, export, compare, sweep.
 
 Every command reads a YAML config (sections data, model, train, output; see configs/) and takes
 ``--set section.key=value`` overrides; tables print as Markdown, files go under the output directory.
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .data import DataError, load_dataset, read_prediction_input
+from .inference import export_checkpoint
 from .train import CheckpointError
 from .train import experiment as ex
 from .train.files import atomic_path, write_json
@@ -89,6 +90,14 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    if not args.output:
+        raise ValueError("export needs --output FILE (.pt2, or .onnx with --format onnx)")
+    path = export_checkpoint(args.checkpoint, args.output, args.format)
+    print(f"wrote the {args.format} export of {args.checkpoint} to {path}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     config = _config(args)
     section = config.get("compare", {})
@@ -148,7 +157,7 @@ def _print_metrics(metrics: dict, title: str) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hamur-fast", description="HAMUR multi-domain CTR: demo, train, eval, "
-                                     "predict, compare, sweep (tables in Markdown, files under --output)")
+                                     "predict, export, compare, sweep (tables in Markdown, files under --output)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name, handler, help_text, config=True):
@@ -181,6 +190,10 @@ def _parser() -> argparse.ArgumentParser:
                       config=False)
     predict.add_argument("--checkpoint", required=True)
     predict.add_argument("--input", required=True)
+    export = command("export", cmd_export, "export a checkpoint's model: torch.export (.pt2) or ONNX",
+                     config=False)
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--format", choices=["pt2", "onnx"], default="pt2")
     for name, handler, help_text in (("compare", cmd_compare, "several models x seeds: per-domain table and plot"),
                                      ("sweep", cmd_sweep, "one parameter over values x seeds: table and plot")):
         sub = command(name, handler, help_text)

@@ -27,16 +27,23 @@ def test_pt2_round_trip_predicts_like_the_eval_model(tmp_path, mode):
             assert rel_err(loaded(e, domain), model(e, domain)) <= 1e-5
 
 
-def test_export_checkpoint_round_trip(tmp_path):
+def test_export_checkpoint_round_trip_through_the_cli(tmp_path, capsys):
+    from hamur_fast.cli import main
     from hamur_fast.train import load_trained
 
     checkpoint, _ = train_checkpoint(tmp_path)
     core = load_trained(checkpoint, "cpu")[0].model.core.eval()
-    loaded = load_exported(export_checkpoint(checkpoint, tmp_path / "model.pt2"))
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "cli.pt2")]) == 0
+    assert "cli.pt2" in capsys.readouterr().out
     g = torch.Generator().manual_seed(0)
     e, domain = torch.randn(11, core.input_dim, generator=g), torch.randint(0, core.num_domains, (11,), generator=g)
     with torch.no_grad():
-        assert rel_err(loaded(e, domain), core(e, domain)) <= 1e-5
+        expected = core(e, domain)
+    assert rel_err(load_exported(tmp_path / "cli.pt2")(e, domain), expected) <= 1e-5
+    assert rel_err(load_exported(export_checkpoint(checkpoint, tmp_path / "direct.pt2"))(e, domain), expected) <= 1e-5
+    # A missing output is a clear error (exit code 2), not a traceback.
+    assert main(["export", "--checkpoint", str(checkpoint)]) == 2
+    assert "needs --output" in capsys.readouterr().err
 
 
 def test_exported_graph_of_a_hamur_model_has_no_custom_ops_with_the_torch_backend():
