@@ -77,7 +77,7 @@ setup(
         "scikit-learn",
         "triton; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest"], "parquet": ["pyarrow"]},
+    extras_require={"test": ["pytest"], "parquet": ["pyarrow"], "onnx": ["onnx", "onnxscript", "onnxruntime"]},
     entry_points={"console_scripts": ["hamur-fast=hamur_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

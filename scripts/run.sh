@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 # torch: keep an installed one (the GPU machine's CUDA build); otherwise take the CPU 2.13.0 wheel.
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
 "$PY" -m pip install -q setuptools wheel pybind11 ninja
-"$PY" -m pip install -q --no-build-isolation -e ".[test,parquet]"
+"$PY" -m pip install -q --no-build-isolation -e ".[test,parquet,onnx]"
 
 job=${1:-}
 shift || true

@@ -83,14 +83,26 @@ def test_grad_clip_and_adamw_options_train(planted):
         TrainConfig(optimizer="sgd")
 
 
-def test_bf16_autocast_option_trains_a_baseline(planted):
-    # CPU autocast exercises the same code path as the GPU one. HAMUR's adapter ops do not take mixed
-    # dtypes yet (they raise a ValueError naming the dtypes), so a baseline is trained here.
-    runs = [train_run({"model": {"name": "mlp", "dims": [32, 16]}, "train": {**QUIET, "epochs": 3, "bf16": bf16}},
-                      planted, progress=False) for bf16 in (False, True)]
+@pytest.mark.parametrize("model", [{"name": "mlp", "dims": [32, 16]}, SMALL_HAMUR], ids=["mlp", "hamur_mlp"])
+def test_bf16_autocast_option_trains(planted, model):
+    # CPU autocast exercises the same code path as the GPU one; HAMUR's cells run in fp32 under it.
+    runs = [train_run({"model": model, "train": {**QUIET, "epochs": 3, "bf16": bf16}}, planted, progress=False)
+            for bf16 in (False, True)]
     full, half = ([row["train_loss"] for row in run.history] for run in runs)
     assert full != half and full == pytest.approx(half, abs=0.01)  # bf16 really ran, and learned alike
     assert runs[1].test["auc"] > 0.6
+
+
+def test_cuda_graph_option_gives_the_losses_of_plain_steps(planted):
+    """The captured-step path (eager off CUDA) trains exactly like the plain path on full batches."""
+    assert len(planted.train) % 240 == 0  # every batch full, so the captured path skips none
+    config = {"model": SMALL_HAMUR, "train": {**QUIET, "batch_size": 240, "epochs": 2}}
+    plain = train_run(config, planted, progress=False)
+    captured = train_run({**config, "train": {**config["train"], "cuda_graph": True}}, planted, progress=False)
+    assert [r["train_loss"] for r in captured.history] == [r["train_loss"] for r in plain.history]
+    assert captured.test == plain.test
+    with pytest.raises(ValueError, match="cuda_graph does not combine with bf16 or grad_clip"):
+        TrainConfig(cuda_graph=True, grad_clip=1.0)
 
 
 # ------------------------------------------------------------------------------ checkpoints

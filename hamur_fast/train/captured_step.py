@@ -13,10 +13,18 @@ from torch import nn
 from .. import _checks
 
 
+def _as_tuple(e) -> tuple:
+    return tuple(e) if isinstance(e, (tuple, list)) else (e,)
+
+
 def bce_step(model: nn.Module, optimizer: torch.optim.Optimizer, e, domain, label) -> torch.Tensor:
-    """One plain eager step (the reference the captured step must equal): returns the mean BCE loss."""
+    """One plain eager step (the reference the captured step must equal): returns the mean BCE loss.
+
+    ``e`` is the model's input tensor, or a tuple of them (e.g. sparse ids and dense features):
+    the model is called as ``model.logits(*e, domain)``.
+    """
     optimizer.zero_grad(set_to_none=True)
-    loss = F.binary_cross_entropy_with_logits(model.logits(e, domain), label)
+    loss = F.binary_cross_entropy_with_logits(model.logits(*_as_tuple(e), domain), label)
     loss.backward()
     optimizer.step()
     return loss.detach()
@@ -51,17 +59,19 @@ class CapturedTrainStep:
         self.warmup_steps, self.steps_done = warmup_steps, 0
         self.graph = None
 
-    def step(self, e: torch.Tensor, domain: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def step(self, e, domain: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """``e``: the input tensor, or a tuple of input tensors (``model.logits(*e, domain)``)."""
         self._check_batch(e, domain, label)
         if not self.capture:
-            return bce_step(self.model, self.optimizer, e.to(self.device), domain.to(self.device),
-                            label.to(self.device))
+            return bce_step(self.model, self.optimizer, [t.to(self.device) for t in _as_tuple(e)],
+                            domain.to(self.device), label.to(self.device))
         if self.steps_done < self.warmup_steps:
             loss = self._warmup_step(e, domain, label)
         else:
             if self.graph is None:
                 self._capture(e, domain, label)
-            self.static_e.copy_(e)
+            for static, value in zip(self.static_e, _as_tuple(e)):
+                static.copy_(value)
             self.static_domain.copy_(domain)
             self.static_label.copy_(label)
             self.graph.replay()
@@ -75,13 +85,13 @@ class CapturedTrainStep:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            loss = bce_step(self.model, self.optimizer, e.to(self.device), domain.to(self.device),
-                            label.to(self.device))
+            loss = bce_step(self.model, self.optimizer, [t.to(self.device) for t in _as_tuple(e)],
+                            domain.to(self.device), label.to(self.device))
         torch.cuda.current_stream(self.device).wait_stream(side)
         return loss
 
     def _capture(self, e, domain, label):
-        self.static_e = torch.empty_like(e, device=self.device)
+        self.static_e = tuple(torch.empty_like(t, device=self.device) for t in _as_tuple(e))
         self.static_domain = torch.empty_like(domain, device=self.device)
         self.static_label = torch.empty_like(label, device=self.device)
         # Gradients set to None before capture are allocated inside the graph's pool by the captured
@@ -89,24 +99,27 @@ class CapturedTrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            loss = F.binary_cross_entropy_with_logits(self.model.logits(self.static_e, self.static_domain),
+            loss = F.binary_cross_entropy_with_logits(self.model.logits(*self.static_e, self.static_domain),
                                                       self.static_label)
             loss.backward()
             self.optimizer.step()
         self.static_loss = loss.detach()
 
     def _check_batch(self, e, domain, label) -> None:
-        _checks.check_float("e", e, 2)
-        if e.shape[0] != self.batch_size:
-            raise ValueError(f"every batch must have batch_size={self.batch_size} rows (static shapes), "
-                             f"got {e.shape[0]}; drop or pad the last partial batch")
+        for t in _as_tuple(e):
+            if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != self.batch_size:
+                rows = t.shape[0] if isinstance(t, torch.Tensor) and t.dim() else None
+                raise ValueError(f"every batch must have batch_size={self.batch_size} rows (static shapes), "
+                                 f"got {rows}; drop or pad the last partial batch")
         _checks.check_float("label", label, 1)
         _checks.check_shape("label", label, (self.batch_size,))
         # On the caller's device: a replay runs no Python checks, so bad ids must be caught here.
         _checks.check_domain(domain, self.batch_size, self.num_domains)
-        if self.graph is not None and (e.dtype, e.shape) != (self.static_e.dtype, self.static_e.shape):
-            raise ValueError(f"e must keep dtype {self.static_e.dtype} and shape {tuple(self.static_e.shape)} "
-                             f"of the captured step, got {e.dtype} {tuple(e.shape)}")
+        if self.graph is not None:
+            for static, t in zip(self.static_e, _as_tuple(e)):
+                if (t.dtype, t.shape) != (static.dtype, static.shape):
+                    raise ValueError(f"inputs must keep dtype {static.dtype} and shape {tuple(static.shape)} "
+                                     f"of the captured step, got {t.dtype} {tuple(t.shape)}")
 
 
 def _check_capturable(optimizer: torch.optim.Optimizer) -> None:

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import MultiDomainData, TensorSplit
+from ..data.tensors import Batch
 from ..features import CTRModel
+from .captured_step import CapturedTrainStep
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .files import write_csv, write_json
 from .metrics import domain_metrics
@@ -37,10 +39,15 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast for the forward pass (meant for GPUs)
     pin_memory: bool = False
     progress: bool = True
+    # Each training step as one CUDA graph replay (hamur_fast.train.captured_step); batches must keep one
+    # size, so the last partial batch of an epoch is skipped. Off CUDA the same step runs eagerly.
+    cuda_graph: bool = False
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        if self.cuda_graph and (self.bf16 or self.grad_clip):
+            raise ValueError("cuda_graph does not combine with bf16 or grad_clip (they are not in the captured step)")
         for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -72,6 +79,8 @@ class Trainer:
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.run_config = run_config or {}
         self.optimizer = self._make_optimizer()
+        self.captured_step = (CapturedTrainStep(_BatchFields(self.model), self.optimizer, config.batch_size,
+                                                self.device) if config.cuda_graph else None)
         self.epoch, self.best_auc, self.best_epoch, self.bad_epochs = 0, -math.inf, 0, 0
         self.history: list = []
         self.best_state = copy.deepcopy(self.model.state_dict())
@@ -79,6 +88,8 @@ class Trainer:
     def _make_optimizer(self) -> torch.optim.Optimizer:
         kind = torch.optim.Adam if self.config.optimizer == "adam" else torch.optim.AdamW
         options = dict(lr=self.config.lr, weight_decay=self.config.weight_decay)
+        if self.config.cuda_graph and self.device.type == "cuda":
+            options["capturable"] = True  # the step counter lives on the GPU, inside the graph
         try:
             return kind(self.model.parameters(), fused=True, **options)
         except RuntimeError:  # no fused kernel for this device or dtype
@@ -118,6 +129,8 @@ class Trainer:
                                    device=self.device, pin_memory=self.config.pin_memory):
             if len(batch.domain) < 2:
                 continue  # batch normalisation cannot train on a single row
+            if self.captured_step is not None and len(batch.domain) != self.config.batch_size:
+                continue  # a captured step has static shapes
             loss = self._step(batch)
             total, rows = total + loss * len(batch.domain), rows + len(batch.domain)
             bar.update(len(batch.domain))
@@ -126,6 +139,8 @@ class Trainer:
         return total / max(rows, 1)
 
     def _step(self, batch) -> float:
+        if self.captured_step is not None:
+            return self.captured_step.step((batch.sparse, batch.dense), batch.domain, batch.label).item()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
             logits = self.model.logits(batch)
@@ -198,3 +213,14 @@ class Trainer:
 
 
 __all__ = ["TrainConfig", "Trainer", "load_checkpoint", "CheckpointError", "CHECKPOINT_NAME"]
+
+
+class _BatchFields(torch.nn.Module):
+    """A CTRModel seen as ``logits(sparse, dense, domain)``: the tensors-only call a captured step drives."""
+
+    def __init__(self, model: CTRModel):
+        super().__init__()
+        self.model, self.num_domains = model, model.num_domains
+
+    def logits(self, sparse, dense, domain):
+        return self.model.logits(Batch(sparse, dense, domain, None))
