@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build, the GPU tests, the benchmarks; logs under $OUT; a short table last.
-#   OUT=/tmp/out bash benchmarks/gpu_check.sh        # about 8 minutes at most (each step has a timeout)
+#   OUT=/tmp/out bash benchmarks/gpu_check.sh        # 9 minutes at most: step limits are cut to a 540 s budget
 # Exits non-zero when any step fails or times out, and when no CUDA device is visible: a GPU check
 # that quietly ran on the CPU, or skipped its tests, must not look like a pass.
 set -uo pipefail
@@ -14,10 +14,20 @@ SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 failed=0
 
+# The whole check must fit one device call (600 s): each step's limit is cut to what is left of BUDGET_S.
+BUDGET_S=${BUDGET_S:-540}
+
 # step NAME TIMEOUT_S COMMAND...: runs COMMAND with its output in $OUT/NAME.log, records rc and seconds.
 step() {
   local name=$1 limit=$2
   shift 2
+  local left=$((BUDGET_S - SECONDS))
+  if [ "$left" -lt 10 ]; then
+    printf '%-16s %-8s (no time left in the %ss budget)\n' "$name" SKIPPED "$BUDGET_S" >>"$SUMMARY"
+    failed=1
+    return 124
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local start=$SECONDS
   echo "== $name (limit ${limit}s): $*"
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
