@@ -1,13 +1,15 @@
 """The contract every model of the zoo follows: ``forward(e, domain) -> probabilities``."""
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
 from .. import _checks
 
 
-class MultiDomainModel(nn.Module):
+class MultiDomainModel(nn.Module, abc.ABC):
     """Base of every multi-domain CTR model in :mod:`hamur_fast.models`.
 
     ``logits(e: (B, input_dim) float, domain: (B,) int64) -> (B,)`` validates its inputs once
@@ -21,8 +23,9 @@ class MultiDomainModel(nn.Module):
             raise ValueError(f"input_dim and num_domains must be >= 1, got {input_dim} and {num_domains}")
         self.input_dim, self.num_domains = input_dim, num_domains
 
+    @abc.abstractmethod
     def compute_logits(self, e: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Logits (B,) for inputs already validated by :meth:`logits`."""
 
     def logits(self, e: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         _checks.check_float("e", e, 2)
