@@ -17,14 +17,36 @@ def project_per_domain(v: torch.Tensor, weight: torch.Tensor, domain: torch.Tens
     """Row b of the result is ``v[b] @ weight[d_b]``; ``weight`` is (in, out) shared or (D, in, out)."""
     if weight.dim() == 2:
         return v @ weight
-    num_domains, fan_in, fan_out = weight.shape
-    if num_domains == 1:
+    if weight.shape[0] == 1:
         return v @ weight[0]
-    # One GEMM against all domains' factors side by side, then keep each row's own block.
+    if v.device.type == "cpu" and not torch.compiler.is_compiling():
+        # On the CPU reading the domain ids back costs nothing, so 1/D of the work is worth it; on a
+        # GPU that read is a sync (and CUDA-graph capture forbids it).
+        return project_by_domain_segments(v, weight, domain)
+    return project_stacked(v, weight, domain)
+
+
+def project_stacked(v, weight, domain):
+    """One GEMM against all D domains' factors side by side, then each row keeps its own block: D times
+    the work of the rows' own products, but no host sync and static shapes."""
+    num_domains, fan_in, fan_out = weight.shape
     stacked = v @ weight.permute(1, 0, 2).reshape(fan_in, num_domains * fan_out)
     stacked = stacked.view(v.shape[0], num_domains, fan_out)
     index = domain.view(-1, 1, 1).expand(-1, 1, fan_out)
     return stacked.gather(1, index).squeeze(1)
+
+
+def project_by_domain_segments(v, weight, domain):
+    """One GEMM per domain on that domain's rows (reads the domain ids on the host)."""
+    out = None
+    for d in range(weight.shape[0]):
+        rows = (domain == d).nonzero().squeeze(1)
+        if rows.numel():
+            part = v[rows] @ weight[d]
+            if out is None:  # in the product's dtype, which autocast may have lowered
+                out = part.new_empty(v.shape[0], weight.shape[2])
+            out = out.index_put((rows,), part)
+    return out
 
 
 def _per_row(param: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
