@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 import warnings
 
 import torch
 
 import hamur_fast as hf
 from hamur_fast.compat import ReleasedMLP
+from timing import take_turns
 
 INPUT_DIM, DOMAINS = 113, 3
 SIZES = dict(dims=[256, 128], hyper_dims=[64], rank=35)
@@ -58,25 +58,13 @@ def providers(device):
     return [("released eager", eager(released)), ("ours eager", eager(ours)), ("Predictor", predictor.predict)]
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def percentiles_us(fns, inputs, device, calls, warmup):
     """(p50, p99) per function; the functions take turns call by call, so load from other processes
     hits all of them alike."""
     for fn in fns:
         for _ in range(warmup):
             fn(*inputs)
-    times = [[] for _ in fns]
-    for _ in range(calls):
-        for fn, samples in zip(fns, times):
-            sync(device)
-            start = time.perf_counter()
-            fn(*inputs)
-            sync(device)
-            samples.append((time.perf_counter() - start) * 1e6)
+    times = [[t * 1e6 for t in samples] for samples in take_turns(fns, inputs, device, calls)]
     return [(_percentile(t, 0.5), _percentile(t, 0.99)) for t in times]
 
 

@@ -20,7 +20,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 import weakref
 
 if "--interpret" in sys.argv:  # must be decided before triton is first imported
@@ -31,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import hamur_fast as hf
 from hamur_fast.compat import released_cell
+from timing import take_turns
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -127,22 +127,11 @@ def run_step(fn, inputs):
     fn(x, rep, domain, params, stats).square().mean().backward()
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_ms(fn, inputs, device, repeats):
     for _ in range(2):  # warm-up (and compilation)
         run_step(fn, inputs)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        run_step(fn, inputs)
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    samples, = take_turns([run_step], (fn, inputs), device, repeats)
+    return statistics.median(samples) * 1e3
 
 
 def peak_mib(fn, inputs, device, compiled):
@@ -177,13 +166,7 @@ def copy_bandwidth_gbs(device, repeats=20):
     """Measured device-to-device copy bandwidth, bytes read plus written, median of ``repeats``."""
     src = torch.empty(2**28 if device.type == "cuda" else 2**25, device=device)  # 1 GiB / 128 MiB fp32
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats + 2):
-        sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        times.append(time.perf_counter() - start)
+    times, = take_turns([dst.copy_], (src,), device, repeats + 2)
     return 2 * src.numel() * src.element_size() / statistics.median(times[2:]) / 1e9
 
 

@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import hamur_fast as hf
 from bench_layers import LiveTensorPeak
+from timing import sync, take_turns
 from hamur_fast.compat import ReleasedMLP
 from hamur_fast.ops.registry import resolve
 from hamur_fast.train.captured_step import CapturedTrainStep, bce_step
@@ -114,11 +114,6 @@ def make_batch(batch, device):
     return e.to(device), domain.to(device), label.to(device)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def warm_up(step, inputs, device, warmup):
     """Run the untimed first steps (compilation, CUDA-graph warm-up and capture happen here).
 
@@ -140,15 +135,7 @@ def warm_up(step, inputs, device, warmup):
 
 def time_all_ms(steps, inputs, device, repeats):
     """Median ms of each step; the steps take turns, so load from other processes hits all alike."""
-    times = [[] for _ in steps]
-    for _ in range(repeats):
-        for step, samples in zip(steps, times):
-            sync(device)
-            start = time.perf_counter()
-            step(*inputs)
-            sync(device)
-            samples.append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(samples) for samples in times]
+    return [statistics.median(samples) * 1e3 for samples in take_turns(steps, inputs, device, repeats)]
 
 
 def cpu_peak_mib(step, inputs, compiled):
