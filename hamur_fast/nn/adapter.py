@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .. import _checks, ops
 from ..ops import eager
+from ..ops.registry import check_backend_name
 
 # Normalisations the adapter cell can apply to its output (the "norm" ablation of HAMUR).
 NORMS = ("domain", "layer", "batch", "none")
@@ -24,7 +25,7 @@ class BackendAttribute:
 
     @backend.setter
     def backend(self, name: str) -> None:
-        self._backend = ops.check_backend_name(name)
+        self._backend = check_backend_name(name)
         for module in self.modules():
             if module is not self and hasattr(module, "backend"):
                 module.backend = name

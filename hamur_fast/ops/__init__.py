@@ -11,7 +11,7 @@ import torch
 
 from .. import _checks
 from . import eager, reference
-from .registry import Backend, available_backends, check_backend_name, register_backend, resolve
+from .registry import Backend, available_backends, register_backend, resolve
 
 __all__ = ["hyper_adapter", "domain_norm", "available_backends", "register_backend", "Backend"]
 
@@ -83,7 +83,7 @@ def domain_norm(o, domain, weight, bias, running_mean=None, running_var=None, *,
     param_domains = _check_norm_args(o, weight, bias, running_mean, running_var, mode)
     _checks.check_domain(domain, batch, param_domains if mode == "paper" else num_domains)
     _checks.check_same_device(o=o, domain=domain, weight=weight)
-    impl = resolve(check_backend_name(backend), o.device)
+    impl = resolve(backend, o.device)
     return impl.domain_norm(o, domain, weight, bias, running_mean, running_var,
                             mode=mode, training=training, momentum=momentum, eps=eps)
 
@@ -109,8 +109,8 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
     rank = rep.shape[1]
     param_domains = _check_norm_args(x, norm_weight, norm_bias, running_mean, running_var, mode)
     lead = (param_domains,) if mode == "paper" else ()
-    _checks.check_float("down_left", down_left)
-    bottleneck = down_right.shape[-1] if isinstance(down_right, torch.Tensor) else None
+    _checks.check_float("down_right", down_right)
+    bottleneck = down_right.shape[-1]
     expected = {
         "down_left": (down_left, lead + (width, rank)),
         "down_right": (down_right, lead + (rank, bottleneck)),
@@ -131,7 +131,7 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
         raise ValueError(f"x, rep and the factor matrices must share one dtype, got {sorted(map(str, dtypes))}")
     _checks.check_domain(domain, batch, param_domains if mode == "paper" else num_domains)
     _checks.check_same_device(x=x, rep=rep, domain=domain, down_left=down_left)
-    impl = resolve(check_backend_name(backend), x.device)
+    impl = resolve(backend, x.device)
     params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
     return impl.hyper_adapter(x, rep, domain, params, running_mean, running_var,
                               mode=mode, training=training, momentum=momentum, eps=eps)
