@@ -48,14 +48,19 @@ REP_CHUNK = 16  # rows of I_b per step (tl.dot needs >= 16 columns of p)
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr):
-    """This program's positions in the (domain-sorted) row order, their rows, domains and domain range."""
+    """This program's positions in the (domain-sorted) row order, their rows, domains and domain range, and
+    which positions hold a row with a valid domain id (-1 stands for an invalid one)."""
     pos = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     pos_mask = pos < batch
     if PER_DOMAIN:
         rows = tl.load(order + pos, mask=pos_mask, other=0)
-        domain = tl.load(domain_sorted + pos, mask=pos_mask, other=0).to(tl.int32)
-        d_lo = tl.min(tl.where(pos_mask, domain, num_domains), axis=0)
-        d_hi = tl.max(tl.where(pos_mask, domain, -1), axis=0)
+        domain = tl.load(domain_sorted + pos, mask=pos_mask, other=0)
+        # An id outside [0, D) (value checks off, torch.compile) indexes nothing: its row is left out of
+        # every factor product and statistic, and its outputs are NaN.
+        valid = pos_mask & (domain >= 0) & (domain < num_domains)
+        domain = tl.where(valid, domain, -1).to(tl.int32)
+        d_lo = tl.min(tl.where(valid, domain, num_domains), axis=0)
+        d_hi = tl.max(domain, axis=0)
     else:
         rows = pos
         # One shared factor set: the same one-trip loop over "domain 0" as paper mode. With constant
@@ -63,7 +68,8 @@ def _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN: tl.constexp
         domain = tl.zeros([BLOCK_B], tl.int32)
         d_lo = tl.min(domain, axis=0)
         d_hi = tl.max(domain, axis=0)
-    return pos.to(tl.int64), pos_mask, rows.to(tl.int64), domain, d_lo, d_hi
+        valid = pos_mask
+    return pos.to(tl.int64), pos_mask, rows.to(tl.int64), domain, d_lo, d_hi, valid
 
 
 @triton.jit
@@ -102,12 +108,12 @@ def _load_rows(base, pos_or_rows, cols, width, pos_mask):
 
 
 @triton.jit
-def _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, pos_mask, k_idx, h_idx, rank, width,
+def _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width,
                  PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """o = v UR[d] + ub[d], recomputed from the saved (B, k) v wherever o is needed."""
     o = _project(v, up_right, domain, d_lo, d_hi, rank * width if PER_DOMAIN else 0, k_idx, width, rank,
                  h_idx, 1, width, BLOCK_B, BLOCK_H)
-    return o + load_group_rows(up_bias, domain, h_idx, pos_mask, h_idx < width, width, PER_DOMAIN)
+    return o + load_group_rows(up_bias, domain, h_idx, valid, h_idx < width, width, PER_DOMAIN)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,7 +125,7 @@ def _cell_fwd_project_kernel(
         q_out, v_out, part_count, part_mean, part_m2, batch, width, rank, bottleneck, num_domains,
         PER_DOMAIN: tl.constexpr, COMPUTE_STATS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
-    pos, pos_mask, rows, domain, d_lo, d_hi = _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN,
+    pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN,
                                                          BLOCK_B)
     h_idx, k_idx = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_K)
     s_idx, c_idx = tl.arange(0, BLOCK_S), tl.arange(0, CHUNK)
@@ -137,7 +143,7 @@ def _cell_fwd_project_kernel(
 
     z = _project(q, down_right, domain, d_lo, d_hi, ks, k_idx, bottleneck, rank, s_idx, 1, bottleneck,
                  BLOCK_B, BLOCK_S)
-    a = tl.sigmoid(z + load_group_rows(down_bias, domain, s_idx, pos_mask, s_idx < bottleneck, bottleneck,
+    a = tl.sigmoid(z + load_group_rows(down_bias, domain, s_idx, valid, s_idx < bottleneck, bottleneck,
                                        PER_DOMAIN))
 
     # Up projection through the same I_b (these chunks were just read: cache hits).
@@ -150,9 +156,9 @@ def _cell_fwd_project_kernel(
     _store_rows(v_out, pos, k_idx, rank, v, pos_mask)
 
     if COMPUTE_STATS:
-        o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, pos_mask, k_idx, h_idx, rank, width, PER_DOMAIN,
+        o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width, PER_DOMAIN,
                          BLOCK_B, BLOCK_H)
-        dn.store_group_partial_stats(o, domain, pos_mask, h_idx, h_idx < width, tl.program_id(0),
+        dn.store_group_partial_stats(o, domain, valid, h_idx, h_idx < width, tl.program_id(0),
                                      num_domains if PER_DOMAIN else 1, width, part_count, part_mean, part_m2,
                                      True)
 
@@ -162,18 +168,18 @@ def _cell_fwd_normalize_kernel(
         x, order, domain_sorted, v_in, up_right, up_bias, norm_weight, norm_bias, mean, rstd, y,
         batch, width, rank, num_domains,
         PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    pos, pos_mask, rows, domain, d_lo, d_hi = _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN,
+    pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN,
                                                          BLOCK_B)
     h_idx, k_idx = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_K)
     h_mask = h_idx < width
     o = _cell_output(_load_rows(v_in, pos, k_idx, rank, pos_mask), up_right, up_bias, domain, d_lo, d_hi,
-                     pos_mask, k_idx, h_idx, rank, width, PER_DOMAIN, BLOCK_B, BLOCK_H)
-    xhat = (o - load_group_rows(mean, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN)
+                     valid, k_idx, h_idx, rank, width, PER_DOMAIN, BLOCK_B, BLOCK_H)
+    xhat = (o - load_group_rows(mean, domain, h_idx, valid, h_mask, width, PER_DOMAIN)) * \
+        load_group_rows(rstd, domain, h_idx, valid, h_mask, width, PER_DOMAIN)
     out = _load_rows(x, rows, h_idx, width, pos_mask) + \
-        load_group_rows(norm_weight, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN) * xhat + \
-        load_group_rows(norm_bias, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN)
-    _store_rows(y, rows, h_idx, width, out, pos_mask)
+        load_group_rows(norm_weight, domain, h_idx, valid, h_mask, width, PER_DOMAIN) * xhat + \
+        load_group_rows(norm_bias, domain, h_idx, valid, h_mask, width, PER_DOMAIN)
+    _store_rows(y, rows, h_idx, width, tl.where(valid[:, None], out, float("nan")), pos_mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,16 +190,16 @@ def _cell_bwd_norm_sums_kernel(
         dy, order, domain_sorted, v_in, up_right, up_bias, mean, rstd, part_dy, part_dy_xhat,
         batch, width, rank, num_domains,
         PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    pos, pos_mask, rows, domain, d_lo, d_hi = _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN,
+    pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN,
                                                          BLOCK_B)
     h_idx, k_idx = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_K)
     h_mask = h_idx < width
     o = _cell_output(_load_rows(v_in, pos, k_idx, rank, pos_mask), up_right, up_bias, domain, d_lo, d_hi,
-                     pos_mask, k_idx, h_idx, rank, width, PER_DOMAIN, BLOCK_B, BLOCK_H)
-    xhat = (o - load_group_rows(mean, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN)
+                     valid, k_idx, h_idx, rank, width, PER_DOMAIN, BLOCK_B, BLOCK_H)
+    xhat = (o - load_group_rows(mean, domain, h_idx, valid, h_mask, width, PER_DOMAIN)) * \
+        load_group_rows(rstd, domain, h_idx, valid, h_mask, width, PER_DOMAIN)
     grad = _load_rows(dy, rows, h_idx, width, pos_mask)
-    dn.store_group_partial_sums(grad, grad * xhat, domain, pos_mask, h_idx, h_mask, tl.program_id(0),
+    dn.store_group_partial_sums(grad, grad * xhat, domain, valid, h_idx, h_mask, tl.program_id(0),
                                 num_domains if PER_DOMAIN else 1, width, part_dy, part_dy_xhat)
 
 
@@ -206,7 +212,7 @@ def _cell_bwd_main_kernel(
         batch, width, rank, bottleneck, num_domains,
         PER_DOMAIN: tl.constexpr, BATCH_STATS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
-    pos, pos_mask, rows, domain, d_lo, d_hi = _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN,
+    pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN,
                                                          BLOCK_B)
     h_idx, k_idx = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_K)
     s_idx, c_idx = tl.arange(0, BLOCK_S), tl.arange(0, CHUNK)
@@ -215,12 +221,12 @@ def _cell_bwd_main_kernel(
 
     # Through the normalisation: do = d y / d o (batch or running statistics).
     v = _load_rows(v_in, pos, k_idx, rank, pos_mask)
-    o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, pos_mask, k_idx, h_idx, rank, width, PER_DOMAIN,
+    o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width, PER_DOMAIN,
                      BLOCK_B, BLOCK_H)
-    xhat = (o - load_group_rows(mean, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN)
+    xhat = (o - load_group_rows(mean, domain, h_idx, valid, h_mask, width, PER_DOMAIN)) * \
+        load_group_rows(rstd, domain, h_idx, valid, h_mask, width, PER_DOMAIN)
     grad_y = _load_rows(dy, rows, h_idx, width, pos_mask)
-    grad_o = norm_input_grad(grad_y, xhat, domain, pos_mask, h_idx, h_mask, width, norm_weight, rstd, count,
+    grad_o = norm_input_grad(grad_y, xhat, domain, valid, h_idx, h_mask, width, norm_weight, rstd, count,
                              sum_dy, sum_dy_xhat, BATCH_STATS, PER_DOMAIN)
     _store_rows(do_out, pos, h_idx, width, grad_o, pos_mask)
 
@@ -230,7 +236,7 @@ def _cell_bwd_main_kernel(
     q = _load_rows(q_in, pos, k_idx, rank, pos_mask)
     a = tl.sigmoid(_project(q, down_right, domain, d_lo, d_hi, ks, k_idx, bottleneck, rank, s_idx, 1, bottleneck,
                             BLOCK_B, BLOCK_S)
-                   + load_group_rows(down_bias, domain, s_idx, pos_mask, s_idx < bottleneck, bottleneck,
+                   + load_group_rows(down_bias, domain, s_idx, valid, s_idx < bottleneck, bottleneck,
                                      PER_DOMAIN))
     _store_rows(a_out, pos, s_idx, bottleneck, a, pos_mask)
 
@@ -264,8 +270,9 @@ def _cell_bwd_main_kernel(
         grad_rep = p_chunk[:, :, None] * grad_q[:, None, :] + u_chunk[:, :, None] * grad_v[:, None, :]
         rep_offsets = rows[:, None, None] * (rank * rank) + i_idx[None, :, None] * rank + k_idx[None, None, :]
         rep_mask = pos_mask[:, None, None] & (i_idx < rank)[None, :, None] & (k_idx < rank)[None, None, :]
+        grad_rep = tl.where(valid[:, None, None], grad_rep, float("nan"))
         tl.store(drep + rep_offsets, grad_rep.to(drep.dtype.element_ty), mask=rep_mask)
-    _store_rows(dx, rows, h_idx, width, grad_x, pos_mask)
+    _store_rows(dx, rows, h_idx, width, tl.where(valid[:, None], grad_x, float("nan")), pos_mask)
 
 
 @triton.jit

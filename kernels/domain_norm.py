@@ -141,39 +141,47 @@ def merge_group_stats_kernel(part_count, part_mean, part_m2, num_parts, parts_pe
 
 
 @triton.jit
+def _row_groups(group_ids, rows, row_mask, num_groups, PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Each row's statistics group, and which rows have one: an id outside [0, G) (value checks off,
+    torch.compile) becomes -1, indexes no table, joins no statistic, and its output row is NaN."""
+    if PER_DOMAIN:
+        group = tl.load(group_ids + rows, mask=row_mask, other=0)
+        valid = row_mask & (group >= 0) & (group < num_groups)
+        group = tl.where(valid, group, -1).to(tl.int32)
+    else:
+        group = tl.zeros([BLOCK_B], tl.int32)
+        valid = row_mask
+    return group, valid
+
+
+@triton.jit
 def _partial_stats_kernel(o, group_ids, part_count, part_mean, part_m2, batch, width, num_groups,
                           PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask, col_mask = rows < batch, cols < width
-    if PER_DOMAIN:
-        group = tl.load(group_ids + rows, mask=row_mask, other=0).to(tl.int32)
-    else:
-        group = tl.zeros([BLOCK_B], tl.int32)
+    group, valid = _row_groups(group_ids, rows, row_mask, num_groups, PER_DOMAIN, BLOCK_B)
     tile = rows.to(tl.int64)[:, None] * width + cols[None, :]
     values = tl.load(o + tile, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-    store_group_partial_stats(values, group, row_mask, cols, col_mask, tl.program_id(0), num_groups, width,
+    store_group_partial_stats(values, group, valid, cols, col_mask, tl.program_id(0), num_groups, width,
                               part_count, part_mean, part_m2, tl.program_id(1) == 0)
 
 
 @triton.jit
-def _normalize_kernel(o, group_ids, mean, rstd, weight, bias, y, batch, width,
+def _normalize_kernel(o, group_ids, mean, rstd, weight, bias, y, batch, width, num_groups,
                       PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask, col_mask = rows < batch, cols < width
-    if PER_DOMAIN:
-        group = tl.load(group_ids + rows, mask=row_mask, other=0).to(tl.int32)
-    else:
-        group = tl.zeros([BLOCK_B], tl.int32)
+    group, valid = _row_groups(group_ids, rows, row_mask, num_groups, PER_DOMAIN, BLOCK_B)
     tile = rows.to(tl.int64)[:, None] * width + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     values = tl.load(o + tile, mask=mask, other=0.0).to(tl.float32)
-    xhat = (values - load_group_rows(mean, group, cols, row_mask, col_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, group, cols, row_mask, col_mask, width, PER_DOMAIN)
-    out = load_group_rows(weight, group, cols, row_mask, col_mask, width, PER_DOMAIN) * xhat + \
-        load_group_rows(bias, group, cols, row_mask, col_mask, width, PER_DOMAIN)
-    tl.store(y + tile, out.to(y.dtype.element_ty), mask=mask)
+    xhat = (values - load_group_rows(mean, group, cols, valid, col_mask, width, PER_DOMAIN)) * \
+        load_group_rows(rstd, group, cols, valid, col_mask, width, PER_DOMAIN)
+    out = load_group_rows(weight, group, cols, valid, col_mask, width, PER_DOMAIN) * xhat + \
+        load_group_rows(bias, group, cols, valid, col_mask, width, PER_DOMAIN)
+    tl.store(y + tile, tl.where(valid[:, None], out, float("nan")).to(y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -182,17 +190,14 @@ def _partial_grad_sums_kernel(dy, o, group_ids, mean, rstd, part_dy, part_dy_xha
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask, col_mask = rows < batch, cols < width
-    if PER_DOMAIN:
-        group = tl.load(group_ids + rows, mask=row_mask, other=0).to(tl.int32)
-    else:
-        group = tl.zeros([BLOCK_B], tl.int32)
+    group, valid = _row_groups(group_ids, rows, row_mask, num_groups, PER_DOMAIN, BLOCK_B)
     tile = rows.to(tl.int64)[:, None] * width + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     grad = tl.load(dy + tile, mask=mask, other=0.0).to(tl.float32)
     xhat = (tl.load(o + tile, mask=mask, other=0.0).to(tl.float32)
-            - load_group_rows(mean, group, cols, row_mask, col_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, group, cols, row_mask, col_mask, width, PER_DOMAIN)
-    store_group_partial_sums(grad, grad * xhat, group, row_mask, cols, col_mask, tl.program_id(0), num_groups,
+            - load_group_rows(mean, group, cols, valid, col_mask, width, PER_DOMAIN)) * \
+        load_group_rows(rstd, group, cols, valid, col_mask, width, PER_DOMAIN)
+    store_group_partial_sums(grad, grad * xhat, group, valid, cols, col_mask, tl.program_id(0), num_groups,
                              width, part_dy, part_dy_xhat)
 
 
@@ -216,25 +221,22 @@ def norm_input_grad(grad, xhat, group, row_mask, cols, col_mask, width, weight, 
 
 
 @triton.jit
-def _input_grad_kernel(dy, o, group_ids, mean, rstd, weight, count, sum_dy, sum_dy_xhat, do, batch, width,
+def _input_grad_kernel(dy, o, group_ids, mean, rstd, weight, count, sum_dy, sum_dy_xhat, do, batch, width, num_groups,
                        PER_DOMAIN: tl.constexpr, BATCH_STATS: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask, col_mask = rows < batch, cols < width
-    if PER_DOMAIN:
-        group = tl.load(group_ids + rows, mask=row_mask, other=0).to(tl.int32)
-    else:
-        group = tl.zeros([BLOCK_B], tl.int32)
+    group, valid = _row_groups(group_ids, rows, row_mask, num_groups, PER_DOMAIN, BLOCK_B)
     tile = rows.to(tl.int64)[:, None] * width + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     grad = tl.load(dy + tile, mask=mask, other=0.0).to(tl.float32)
     xhat = (tl.load(o + tile, mask=mask, other=0.0).to(tl.float32)
-            - load_group_rows(mean, group, cols, row_mask, col_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, group, cols, row_mask, col_mask, width, PER_DOMAIN)
-    out = norm_input_grad(grad, xhat, group, row_mask, cols, col_mask, width, weight, rstd, count, sum_dy,
+            - load_group_rows(mean, group, cols, valid, col_mask, width, PER_DOMAIN)) * \
+        load_group_rows(rstd, group, cols, valid, col_mask, width, PER_DOMAIN)
+    out = norm_input_grad(grad, xhat, group, valid, cols, col_mask, width, weight, rstd, count, sum_dy,
                           sum_dy_xhat, BATCH_STATS, PER_DOMAIN)
-    tl.store(do + tile, out.to(do.dtype.element_ty), mask=mask)
+    tl.store(do + tile, tl.where(valid[:, None], out, float("nan")).to(do.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -327,7 +329,7 @@ def domain_norm_forward(o, domain, weight, bias, running_mean, running_var, use_
         count = torch.zeros(num_groups, device=o.device, dtype=torch.float32)
         m2 = torch.zeros_like(mean)
     y = empty(o.shape, device=o.device, dtype=o.dtype)
-    _normalize_kernel[grid](o, domain, mean, rstd, weight, bias, y, batch, width, **meta)
+    _normalize_kernel[grid](o, domain, mean, rstd, weight, bias, y, batch, width, num_groups, **meta)
     return y, count, mean, m2, rstd
 
 
@@ -346,7 +348,7 @@ def domain_norm_backward(dy, o, domain, weight, count, mean, rstd, use_batch_sta
     sum_dy, sum_dy_xhat = part_dy.sum(0), part_dy_xhat.sum(0)
     do = empty(o.shape, device=o.device, dtype=o.dtype)
     _input_grad_kernel[grid](dy, o, domain, mean, rstd, weight, count, sum_dy, sum_dy_xhat, do, batch, width,
-                             BATCH_STATS=use_batch_stats, **meta)
+                             num_groups, BATCH_STATS=use_batch_stats, **meta)
     shape = weight.shape
     return do, sum_dy_xhat.reshape(shape).to(weight.dtype), sum_dy.reshape(shape).to(weight.dtype)
 

@@ -58,9 +58,17 @@ def _through_rep(v: torch.Tensor, rep: torch.Tensor) -> torch.Tensor:
     return torch.bmm(v.unsqueeze(1), rep).squeeze(1)
 
 
-def domain_statistics(o: torch.Tensor, domain: torch.Tensor, num_domains: int):
-    """Per-domain count, mean and biased variance of the rows of ``o`` (two-pass, stable)."""
-    onehot = F.one_hot(domain, num_domains).to(o.dtype)  # (B, D)
+def ids_in_range(domain: torch.Tensor, num_domains: int):
+    """(ids safe to index with, which rows had a valid id), without a host sync. With value checks off or
+    under torch.compile an id may be out of range: its row computes with domain 0's factors, is left out of
+    every statistic, and comes out NaN (domain_norm)."""
+    valid = (domain >= 0) & (domain < num_domains)
+    return torch.where(valid, domain, 0), valid
+
+
+def domain_statistics(o: torch.Tensor, domain: torch.Tensor, num_domains: int, valid: torch.Tensor):
+    """Per-domain count, mean and biased variance of the valid rows of ``o`` (two-pass, stable)."""
+    onehot = F.one_hot(domain, num_domains).to(o.dtype) * valid.unsqueeze(1)  # (B, D)
     count = onehot.sum(dim=0)
     safe = count.clamp(min=1).unsqueeze(1)
     mean = (onehot.t() @ o) / safe
@@ -88,16 +96,18 @@ def domain_norm(o, domain, weight, bias, running_mean, running_var, *, mode, tra
         return torch.addcmul(bias, centred * torch.rsqrt(var + eps), weight)
 
     num_domains = weight.shape[0]
+    domain, valid = ids_in_range(domain, num_domains)
     if training or running_mean is None:
-        count, mean, var, centred = domain_statistics(o, domain, num_domains)
+        count, mean, var, centred = domain_statistics(o, domain, num_domains, valid)
         if training and running_mean is not None:
             update_running_stats(running_mean, running_var, count, mean, var, momentum)
         scale = weight * torch.rsqrt(var + eps)
-        return torch.addcmul(bias[domain], centred, scale[domain])
-    # Eval: the running statistics fold into one per-domain affine map.
-    scale = weight * torch.rsqrt(running_var + eps)
-    shift = bias - running_mean * scale
-    return torch.addcmul(shift[domain], o, scale[domain])
+        out = torch.addcmul(bias[domain], centred, scale[domain])
+    else:  # eval: the running statistics fold into one per-domain affine map
+        scale = weight * torch.rsqrt(running_var + eps)
+        shift = bias - running_mean * scale
+        out = torch.addcmul(shift[domain], o, scale[domain])
+    return torch.where(valid.unsqueeze(1), out, float("nan"))
 
 
 def adapter_projection(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias):
@@ -111,7 +121,8 @@ def adapter_projection(x, rep, domain, down_left, down_right, down_bias, up_left
 
 def hyper_adapter(x, rep, domain, params, running_mean, running_var, *, mode, training, momentum, eps):
     *projection, norm_weight, norm_bias = params
-    o = adapter_projection(x, rep, domain, *projection)
+    safe_domain = ids_in_range(domain, norm_weight.shape[0])[0] if mode == "paper" else domain
+    o = adapter_projection(x, rep, safe_domain, *projection)
     normed = domain_norm(o, domain, norm_weight, norm_bias, running_mean, running_var,
                          mode=mode, training=training, momentum=momentum, eps=eps)
     return x + normed

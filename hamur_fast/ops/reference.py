@@ -17,6 +17,12 @@ def _per_row(param: torch.Tensor, domain: torch.Tensor, released: bool) -> torch
     return param[domain]
 
 
+def _check_ids(domain, num_domains):
+    """The plainest answer to an out-of-range id (value checks off, torch.compile): an error."""
+    if bool(((domain < 0) | (domain >= num_domains)).any()):
+        raise ValueError(f"domain ids must lie in [0, {num_domains})")
+
+
 def domain_norm(o, domain, weight, bias, running_mean, running_var, *, mode, training, momentum, eps):
     if mode == "released":
         # Whole mixed batch, unbiased variance (torch.var's default), train and eval alike.
@@ -25,6 +31,7 @@ def domain_norm(o, domain, weight, bias, running_mean, running_var, *, mode, tra
         var = ((o - mean) ** 2).sum(dim=0) / max(o.shape[0] - 1, 1)
         return weight * (o - mean) / torch.sqrt(var + eps) + bias
 
+    _check_ids(domain, weight.shape[0])
     out = torch.zeros_like(o)
     for d in range(weight.shape[0]):
         rows = domain == d
@@ -48,6 +55,8 @@ def domain_norm(o, domain, weight, bias, running_mean, running_var, *, mode, tra
 def hyper_adapter(x, rep, domain, params, running_mean, running_var, *, mode, training, momentum, eps):
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = params
     released = mode == "released"
+    if not released:
+        _check_ids(domain, norm_weight.shape[0])
     w_down = torch.einsum(
         "bhk,bkj,bjs->bhs", _per_row(down_left, domain, released), rep, _per_row(down_right, domain, released)
     )
