@@ -24,11 +24,26 @@ mutating ``hamur_fast::update_running_stats_``) with their fake and autograd reg
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on the GPU
+
+
+def on_first_tensors_device(launcher):
+    """Run ``launcher`` with its first argument's device current. Triton launches on the current device and
+    that device's current torch stream, so cuda:1 tensors given while cuda:0 is current would otherwise be
+    read by a kernel on cuda:0."""
+    @functools.wraps(launcher)
+    def guarded(first, *args, **kwargs):
+        guard = torch.cuda.device(first.device) if first.device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return launcher(first, *args, **kwargs)
+    return guarded
 
 
 def block_size(n: int, cap: int | None = None) -> int:
@@ -287,6 +302,7 @@ def _merge_pass(part_count, part_mean, part_m2, ranges, eps, unbiased, empty):
     return count, mean, m2, rstd
 
 
+@on_first_tensors_device
 def merge_group_stats(part_count, part_mean, part_m2, eps: float, unbiased: bool, empty=torch.empty):
     """Fold (blocks, G[, h]) partials into per-group count (G,), mean, M2 and rstd (G, h), all fp32.
 
@@ -301,6 +317,7 @@ def merge_group_stats(part_count, part_mean, part_m2, eps: float, unbiased: bool
     return count[0], mean[0], m2[0], rstd
 
 
+@on_first_tensors_device
 def update_running_stats(running_mean, running_var, mean, m2, count, momentum: float) -> None:
     num_groups, width = mean.shape
     block_h = block_size(width, 128)
@@ -308,6 +325,7 @@ def update_running_stats(running_mean, running_var, mean, m2, count, momentum: f
         running_mean, running_var, mean, m2, count, width, momentum, BLOCK_H=block_h)
 
 
+@on_first_tensors_device
 def domain_norm_forward(o, domain, weight, bias, running_mean, running_var, use_batch_stats: bool, eps: float,
                         empty=torch.empty):
     """Returns y and, for backward and the running-stat update, count (G,), mean, m2, rstd (G, h)."""
@@ -333,6 +351,7 @@ def domain_norm_forward(o, domain, weight, bias, running_mean, running_var, use_
     return y, count, mean, m2, rstd
 
 
+@on_first_tensors_device
 def domain_norm_backward(dy, o, domain, weight, count, mean, rstd, use_batch_stats: bool, empty=torch.empty):
     """Returns (do, dweight, dbias) for y = weight[g] * (o - mean[g]) * rstd[g] + bias[g]."""
     dy, o, domain, weight = (t.contiguous() for t in (dy, o, domain, weight))
