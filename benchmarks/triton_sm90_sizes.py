@@ -7,7 +7,8 @@ shared memory, and fails past the H100/H200 limits): the launches here are skipp
 flow between kernels are garbage and nothing is checked but the compiles. Sizes: the released presets
 (h=128 with k=30, 35, 45; h=64 with k=65; s=32) and h in {256, 512, 1024} x k in {5, 35, 65, 128}, each in
 fp32 and bf16, paper and released mode, batch statistics (training) and running statistics (paper eval),
-forward and backward of the adapter cell, and DomainNorm alone at every h.
+forward and backward of the adapter cell, and DomainNorm alone at every h. ``--sizes limits`` launches the
+largest cell the kernels accept (MAX_WIDTH, MAX_RANK, MAX_BOTTLENECK) the same ways.
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ WIDE = list(itertools.product((256, 512, 1024), (5, 35, 65, 128)))
 BOTTLENECK, DOMAINS, BATCH = 32, 3, 4096
 
 
+LIMITS = [(cell.MAX_WIDTH, cell.MAX_RANK)]
+
+
 def cell_params(width, rank, bottleneck, per_domain, dtype):
     lead = (DOMAINS,) if per_domain else ()
     shapes = [(width, rank), (rank, bottleneck), (bottleneck,), (bottleneck, rank), (rank, width), (width,),
@@ -32,11 +36,11 @@ def cell_params(width, rank, bottleneck, per_domain, dtype):
     return [torch.zeros(*lead, *shape, dtype=dtype) for shape in shapes]
 
 
-def launch_cell(width, rank, per_domain, batch_stats, dtype):
+def launch_cell(width, rank, per_domain, batch_stats, dtype, bottleneck=BOTTLENECK):
     x = torch.zeros(BATCH, width, dtype=dtype)
     rep = torch.zeros(BATCH, rank, rank, dtype=dtype)
     domain = torch.randint(0, DOMAINS, (BATCH,)) if per_domain else torch.zeros(BATCH, dtype=torch.int64)
-    params = cell_params(width, rank, BOTTLENECK, per_domain, dtype)
+    params = cell_params(width, rank, bottleneck, per_domain, dtype)
     running = [torch.zeros(DOMAINS, width), torch.ones(DOMAINS, width)] if per_domain else [None, None]
     y, q, v, order, count, mean, m2, rstd = cell.adapter_cell_forward(x, rep, domain, params, *running,
                                                                       batch_stats, 1e-5)
@@ -63,9 +67,10 @@ def compiled_rows():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", choices=("presets", "all"), default="all")
+    parser.add_argument("--sizes", choices=("presets", "all", "limits"), default="all")
     args = parser.parse_args()
-    sizes = PRESETS + (WIDE if args.sizes == "all" else [])
+    sizes = {"presets": PRESETS, "all": PRESETS + WIDE, "limits": LIMITS}[args.sizes]
+    bottleneck = cell.MAX_BOTTLENECK if args.sizes == "limits" else BOTTLENECK
     rows = compiled_rows()
     table = []
 
@@ -82,13 +87,13 @@ def main():
         for (width, rank), (per_domain, batch_stats) in itertools.product(sizes, variants):
             label = f"cell {dtype_name} h={width} k={rank} {'paper' if per_domain else 'released'} " \
                     f"{'batch' if batch_stats else 'running'}"
-            run(label, launch_cell, width, rank, per_domain, batch_stats, dtype)
+            run(label, launch_cell, width, rank, per_domain, batch_stats, dtype, bottleneck)
         for width, (per_domain, batch_stats) in itertools.product(sorted({w for w, _ in sizes}), variants):
             label = f"norm {dtype_name} h={width} {'paper' if per_domain else 'released'} " \
                     f"{'batch' if batch_stats else 'running'}"
             run(label, launch_norm, width, per_domain, batch_stats, dtype)
     if table:
-        print(f"\n| first launched at (s={BOTTLENECK}, B={BATCH}) | kernel | regs | spill B | smem B | warps |")
+        print(f"\n| first launched at (s={bottleneck}, B={BATCH}) | kernel | regs | spill B | smem B | warps |")
         print("|---|---|---|---|---|---|")
         for row in table:
             print("| " + " | ".join(map(str, row)) + " |")
