@@ -34,9 +34,9 @@ class AdaptDHM(MultiDomainModel):
     scaled dense feature spans [0, 1], so without it a row's direction is that one dense column and all
     rows with a non-zero value fall into one cluster (measured on MovieLens: 97% of the rows).
 
-    In eval the centroids and the standardisation's statistics are fixed, so a row's cluster, hence its score, never depends on the rest of
-    the batch. The model does not read the domain ids (it is meant to replace a predefined domain
-    partition); the domain indicator's embedding is part of ``e``. Centroids start as random unit
+    In eval the centroids and the standardisation's statistics are fixed, so a row's cluster, hence its
+    score, never depends on the rest of the batch. The model does not read the domain ids (it is meant
+    to replace a predefined domain partition); the domain indicator's embedding is part of ``e``. Centroids start as random unit
     vectors (from the global seed). Defaults: 3 clusters, beta = 0.9.
     """
 

@@ -98,12 +98,17 @@ class M3oE(MultiDomainModel):
         h = self.star_mlp(self.star(e, domain)) + self.skip(e)
         experts = torch.stack([expert(h) for expert in self.shared_experts], dim=1)  # (B, n, w)
         shared = mixture(torch.softmax(self.gates.routed(h.detach(), domain), dim=1), experts)
-        every_domain = self.domain_experts(h)  # (D, B, w)
-        rows = torch.arange(e.shape[0], device=e.device)
-        own = every_domain[domain, rows]
-        others = (every_domain.sum(dim=0) - own) / max(self.num_domains - 1, 1)
         alpha_domain, alpha_task, beta_domain = torch.sigmoid(self.fusion_theta).unbind()
-        z = (shared + alpha_domain * (beta_domain * own + (1 - beta_domain) * others)
+        z = (shared + alpha_domain * self.balanced_domain_experts(h, domain, beta_domain)
              + alpha_task * self.task_expert(h))
         z = torch.relu(self.tower_norm.routed(self.tower_hidden.routed(z, domain), domain))
         return self.tower_out.routed(z, domain).squeeze(1)
+
+    def balanced_domain_experts(self, h: torch.Tensor, domain: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """``B_d = beta D_d(h) + (1 - beta) mean_{j != d} D_j(h)``; with one domain, ``D_d(h)`` alone."""
+        every_domain = self.domain_experts(h)  # (D, B, w)
+        own = every_domain[domain, torch.arange(h.shape[0], device=h.device)]
+        if self.num_domains == 1:
+            return own
+        others = (every_domain.sum(dim=0) - own) / (self.num_domains - 1)
+        return beta * own + (1 - beta) * others
