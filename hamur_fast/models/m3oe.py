@@ -65,8 +65,9 @@ class M3oE(MultiDomainModel):
       ``Linear -> LayerNorm -> ReLU -> Linear(., 1)`` per domain.
 
     ``alpha_d, alpha_t, beta_d = sigmoid(theta)`` are the fusion weights that M3oE searches by AutoML; as
-    in the released code (sigmoid form, initial theta = 0) they are learned jointly with the model by
-    ordinary gradient descent, not by a separate bi-level search. Experts are ``expert_dims`` wide
+    in the released code (a sigmoid of a learned scalar each) they are learned jointly with the model by
+    ordinary gradient descent, not by a separate bi-level search; ``theta`` starts at 0 (weights 0.5). The
+    star-topology input layer follows the released code. Experts are ``expert_dims`` wide
     ``layer_norm_mlp`` blocks. The balancing mixes every domain's expert, so all D domain experts run on
     every row (stacked per-domain layers); towers and gates run per row on its own domain only.
 
