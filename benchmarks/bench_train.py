@@ -34,7 +34,7 @@ import hamur_fast as hf
 from bench_layers import LiveTensorPeak
 from timing import sync, take_turns
 from hamur_fast.compat import ReleasedMLP
-from hamur_fast.ops.registry import resolve
+from hamur_fast.ops.registry import auto_backends, resolve
 from hamur_fast.train.captured_step import CapturedTrainStep, bce_step
 
 INPUT_DIM, DOMAINS = 113, 3
@@ -78,16 +78,7 @@ def ours_graph_step(mode, device, batch):
 def eager_backends(device):
     """"auto"'s pick first, then every other backend "auto" may pick on ``device``, then "torch"."""
     auto = resolve("auto", device).name
-    names = [auto]
-    for name in hf.available_backends():
-        if name in (auto, "reference", "torch"):
-            continue
-        try:
-            backend = resolve(name, device)
-        except ValueError:  # registered, but it does not run on this device
-            continue
-        if backend.auto_priority(device) is not None:
-            names.append(name)
+    names = [auto] + [name for name in auto_backends(device) if name not in (auto, "torch")]
     return names + (["torch"] if auto != "torch" else [])
 
 

@@ -62,7 +62,7 @@ import torch, hamur_fast as hf
 names = hf.available_backends()
 print(names)
 assert 'triton' in names, 'backend triton did not register (is triton importable?)'
-assert hf.ops.registry.resolve('auto', torch.device('cuda')).name == 'triton', 'auto does not pick triton on CUDA'
+assert hf.ops.registry.resolve('auto', torch.device('cuda', 0)).name == 'triton', 'auto does not pick triton on CUDA'
 "
 
 # The GPU tests: every triton test, on CUDA (conftest leaves TRITON_INTERPRET unset when CUDA exists).

@@ -74,12 +74,7 @@ def test_captured_step_rejects_bad_batches():
 
 def backends_on_cpu():
     """"torch" and every kernel backend that "auto" may pick on the CPU (their custom ops get compiled)."""
-    names = ["torch"]
-    for name in hf.available_backends():
-        if name not in ("torch", "reference") and hf.ops.registry.resolve(name, torch.device("cpu")).auto_priority(
-                torch.device("cpu")) is not None:
-            names.append(name)
-    return names
+    return ["torch"] + [name for name in hf.ops.registry.auto_backends("cpu") if name != "torch"]
 
 
 @pytest.mark.parametrize("backend, mode", [(b, "paper") for b in backends_on_cpu()] + [("torch", "released")])

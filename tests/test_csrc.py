@@ -16,7 +16,7 @@ import hamur_fast as hf
 from golden import BUFFER_WORDS, load, our_tensor, released_keys, released_model
 from helpers import cell_inputs, fp32_exact, rel_err, run_with_grads
 
-compiled = pytest.importorskip("hamur_fast.ops.compiled", reason="the extension hamur_fast._C was not built")
+compiled = pytest.importorskip("hamur_fast.ops.backends.compiled", reason="the extension hamur_fast._C was not built")
 ops = torch.ops.hamur_fast
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and compiled.has_kernel("CUDA") else [])
@@ -103,7 +103,7 @@ def test_inference_kernel_matches_reference(batch, device):
     with torch.no_grad():
         got = hf.ops.hyper_adapter(args[0], args[1], domain.to(device), *args[2:], training=False,
                                    backend=BACKEND[device])
-        direct = ops.adapter_infer(args[0], args[1], domain.to(device), *args[2:], 1e-5)
+        direct = ops.compiled_cell_infer(args[0], args[1], domain.to(device), *args[2:], 1e-5)
     assert torch.equal(got, direct)
     assert rel_err(got.cpu(), expected) <= 1e-5
 
@@ -173,17 +173,17 @@ def all_outputs(device, mode, training):
     x, rep, domain = x.to(device), rep.to(device), domain.to(device)
     params = [p.to(device) for p in params]
     stats = [s.to(device) if s is not None and not training else None for s in stats]
-    forward = ops.adapter_forward(x, rep, domain, *params, *stats, mode == "paper", 1e-5)
+    forward = ops.compiled_cell_forward(x, rep, domain, *params, *stats, mode == "paper", 1e-5)
     y, o, hidden, order, mean, rstd, var, count = forward
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device)
-    backward = ops.adapter_backward(gy, x, rep, domain, params[0], params[1], params[3], params[4], params[6], o,
+    backward = ops.compiled_cell_backward(gy, x, rep, domain, params[0], params[1], params[3], params[4], params[6], o,
                                     hidden, order, mean, rstd, count, mode == "paper", stats[0] is None)
-    norm = ops.domain_norm_forward(x, domain, params[6], params[7], *stats, mode == "paper", 1e-5)
-    norm_back = ops.domain_norm_backward(gy, x, domain, params[6], *norm[1:3], norm[4], mode == "paper",
+    norm = ops.compiled_norm_forward(x, domain, params[6], params[7], *stats, mode == "paper", 1e-5)
+    norm_back = ops.compiled_norm_backward(gy, x, domain, params[6], *norm[1:3], norm[4], mode == "paper",
                                          stats[0] is None)
     results = [*forward, *backward, *norm, *norm_back]
     if mode == "paper" and not training:
-        results.append(ops.adapter_infer(x, rep, domain, *params, *stats, 1e-5))
+        results.append(ops.compiled_cell_infer(x, rep, domain, *params, *stats, 1e-5))
     return results
 
 
@@ -263,20 +263,20 @@ def test_opcheck(mode, training, device):
     per_domain, batch_stats = mode == "paper", stats[0] is None
     leaves = [t.detach().requires_grad_() for t in (x, rep, *params)]
     forward_args = (leaves[0], leaves[1], domain, *leaves[2:], *stats, per_domain, 1e-5)
-    torch.library.opcheck(ops.adapter_forward.default, forward_args)
+    torch.library.opcheck(ops.compiled_cell_forward.default, forward_args)
     with torch.no_grad():
-        y, o, hidden, order, mean, rstd, var, count = ops.adapter_forward(*forward_args)
-    torch.library.opcheck(ops.adapter_backward.default,
+        y, o, hidden, order, mean, rstd, var, count = ops.compiled_cell_forward(*forward_args)
+    torch.library.opcheck(ops.compiled_cell_backward.default,
                           (torch.randn_like(y), x, rep, domain, params[0], params[1], params[3], params[4],
                            params[6], o, hidden, order, mean, rstd, count, per_domain, batch_stats))
     norm_args = (x.detach().requires_grad_(), domain, leaves[8], leaves[9], *stats, per_domain, 1e-5)
-    torch.library.opcheck(ops.domain_norm_forward.default, norm_args)
+    torch.library.opcheck(ops.compiled_norm_forward.default, norm_args)
     with torch.no_grad():
-        _, mean, rstd, _, count = ops.domain_norm_forward(*norm_args)
-    torch.library.opcheck(ops.domain_norm_backward.default,
+        _, mean, rstd, _, count = ops.compiled_norm_forward(*norm_args)
+    torch.library.opcheck(ops.compiled_norm_backward.default,
                           (torch.randn_like(y), x, domain, params[6], mean, rstd, count, per_domain, batch_stats))
     if not batch_stats:
-        torch.library.opcheck(ops.adapter_infer.default, (x, rep, domain, *params, *stats, 1e-5))
+        torch.library.opcheck(ops.compiled_cell_infer.default, (x, rep, domain, *params, *stats, 1e-5))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -307,9 +307,9 @@ def test_backend_registration():
     assert "cpu" in hf.available_backends()
     assert ("cuda" in hf.available_backends()) == compiled.has_kernel("CUDA")
     cpu = hf.ops.registry.resolve("cpu", torch.device("cpu"))
-    assert cpu.auto_priority(torch.device("cpu")) == compiled.CPU_AUTO_PRIORITY
+    assert cpu.capabilities.auto_rank == {"cpu": compiled.CPU_AUTO_RANK}
     assert hf.ops.registry.resolve("auto", torch.device("cpu")).name == "cpu"
-    with pytest.raises(ValueError, match="does not support"):
+    with pytest.raises(ValueError, match="does not cover this call: device cuda"):
         hf.ops.registry.resolve("cpu", torch.device("cuda", 0))
 
 

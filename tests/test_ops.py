@@ -29,7 +29,7 @@ def test_torch_matches_reference_fp32(mode, size):
     if mode == "paper" and batch >= 3:
         assert (domain == 0).sum() == 0 and (domain == 1).sum() == 1  # the edge cases are really there
 
-    upstream = torch.randn(batch, width, dtype=torch.float64)
+    upstream = torch.randn(batch, width, dtype=torch.float64, generator=torch.Generator().manual_seed(batch))
     ref_out, ref_leaves, ref_stats = run_with_grads("reference", torch.float64, "cpu", inputs, mode, upstream)
     out, fast_leaves, fast_stats = run_with_grads("torch", torch.float32, "cpu", inputs, mode, upstream)
     # The plainest fp32 computation, to size what fp32 itself can reach on ill-conditioned cases.
@@ -46,8 +46,8 @@ def test_torch_matches_reference_fp32(mode, size):
             assert fast.grad.abs().max() <= max(2e-7 * batch, 2 * plain.grad.abs().max()), name
             continue
         # Normalising groups of two rows is ill-conditioned: there even the plain fp32 computation
-        # misses 1e-5, so the bound is 1e-5 or twice what plain fp32 reaches, whichever is larger.
-        bound = max(1e-5, 2 * rel_err(plain.grad, slow.grad))
+        # misses 1e-5, so the bound is 1e-5 or 4x what plain fp32 reaches (as for the kernel backends).
+        bound = max(1e-5, 4 * rel_err(plain.grad, slow.grad))
         assert rel_err(fast.grad, slow.grad) <= bound, name
     for fast, slow in zip(fast_stats, ref_stats):
         if slow is not None:
@@ -174,7 +174,7 @@ def test_bad_input_raises_before_any_state_changes():
 
 def test_both_per_domain_projection_strategies_agree():
     """The CPU path (a GEMM per domain) and the GPU path (stacked GEMM + gather) are the same function."""
-    from hamur_fast.ops import eager
+    from hamur_fast.ops.backends import torch as eager
 
     g = torch.Generator().manual_seed(4)
     v = torch.randn(41, 9, dtype=torch.float64, generator=g, requires_grad=True)
