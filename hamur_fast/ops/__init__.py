@@ -63,7 +63,7 @@ def domain_norm(o, domain, weight, bias, running_mean=None, running_var=None, *,
     _checks.check_same_device(o=o, domain=domain, weight=weight)
     plan = make_plan(mode, training, running_mean is not None, momentum, eps)
     impl = resolve(backend, o.device, o.dtype)
-    y, stats = impl.domain_norm(o, domain, weight, bias, running_mean, running_var, plan)
+    y, stats = impl.domain_norm(o, domain.long(), weight, bias, running_mean, running_var, plan)
     if plan.update_running:
         update_running_stats(running_mean, running_var, stats, plan.momentum)
     return y
@@ -115,7 +115,7 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
     plan = make_plan(mode, training, running_mean is not None, momentum, eps)
     impl = resolve(backend, x.device, x.dtype, width=width, rank=rank, bottleneck=bottleneck)
     params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
-    y, stats = impl.hyper_adapter(x, rep, domain, params, running_mean, running_var, plan)
+    y, stats = impl.hyper_adapter(x, rep, domain.long(), params, running_mean, running_var, plan)
     if plan.update_running:
         update_running_stats(running_mean, running_var, stats, plan.momentum)
     return y

@@ -7,7 +7,7 @@ and then update the running statistics themselves from the :class:`GroupStats` t
 (:func:`update_running_stats`). A backend never decides "batch or running statistics, update or not"
 and never writes a running statistic.
 
-Backend functions (arguments already validated; ``params`` is the tuple
+Backend functions (arguments already validated, ``domain`` int64; ``params`` is the tuple
 ``(down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)``)::
 
     hyper_adapter(x, rep, domain, params, running_mean, running_var, plan) -> (y, stats)

@@ -141,7 +141,6 @@ def _group_stats(plan, mean, var, count) -> GroupStats | None:
 
 
 def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan):
-    domain = domain.long()  # the kernels index with int64; the ops layer also accepts int32 ids
     dtype = _compute_dtype(x.dtype)
     x_c, rep_c = x.to(dtype), rep.to(dtype)
     params = tuple(p.to(dtype) for p in params)
@@ -154,7 +153,6 @@ def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan):
 
 
 def domain_norm(o, domain, weight, bias, running_mean, running_var, plan):
-    domain = domain.long()
     dtype = _compute_dtype(o.dtype)
     stat_mean, stat_var = _statistics_given(plan, running_mean, running_var, dtype)
     y, mean, _rstd, var, count = ops.compiled_norm_forward(o.to(dtype), domain, weight.to(dtype), bias.to(dtype),
