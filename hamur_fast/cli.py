@@ -208,6 +208,7 @@ def _parser() -> argparse.ArgumentParser:
                                              "of every backend against the reference; exit status 1 on a failure")
     doctor.add_argument("--device", help="device to check (default: cuda when available, else cpu)")
     doctor.add_argument("--repeats", type=int, default=5, help="timed repetitions per check (median)")
+    doctor.add_argument("--dtypes", help="comma-separated dtypes to check (default float32,float64,bfloat16)")
     doctor.set_defaults(run=cmd_doctor, threads=None)
     return parser
 
@@ -215,7 +216,8 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_doctor(args) -> int:
     from . import doctor
 
-    return doctor.main([*(["--device", args.device] if args.device else []), "--repeats", str(args.repeats)])
+    return doctor.main([*(["--device", args.device] if args.device else []), "--repeats", str(args.repeats),
+                        *(["--dtypes", args.dtypes] if args.dtypes else [])])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from . import __version__
 from .ops import registry
 from .ops.selfcheck import SIZES, self_check
 
-CHECK_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+CHECK_DTYPES = "float32,float64,bfloat16"
 
 
 def _version(module_name: str) -> str:
@@ -40,7 +40,7 @@ def _devices() -> list[str]:
     return lines
 
 
-def report(device: torch.device, dtypes=CHECK_DTYPES, timing_repeats: int = 5) -> tuple[str, bool]:
+def report(device: torch.device, dtypes: tuple, timing_repeats: int = 5) -> tuple[str, bool]:
     """The doctor's text, and whether every check passed."""
     lines = [f"hamur_fast {__version__} | python {platform.python_version()} | torch {torch.__version__} "
              f"(CUDA {torch.version.cuda or 'none'}) | triton {_version('triton')} | numpy {_version('numpy')}",
@@ -82,11 +82,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hamur-fast doctor", description=__doc__.splitlines()[0])
     parser.add_argument("--device", help="device to check (default: cuda when available, else cpu)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per check (median)")
+    parser.add_argument("--dtypes", default=CHECK_DTYPES, help=f"comma-separated (default {CHECK_DTYPES})")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    text, ok = report(device, timing_repeats=args.repeats)
+    dtypes = tuple(getattr(torch, name.strip()) for name in args.dtypes.split(","))
+    text, ok = report(device, dtypes, timing_repeats=args.repeats)
     print(text)
     return 0 if ok else 1
 
