@@ -1,0 +1,246 @@
+"""The grouped per-domain linear op: ``out[b] = x[b] @ weight[d_b] + bias[d_b]``.
+
+x (B, in), domain (B,) int, weight (D, in, out), bias (D, out) or None -> (B, out). This is a
+mixture of experts with hard routing by domain id, and every per-domain product of the package
+(tower layers, adapter factors, STAR's star-topology layers) is one call of it.
+
+Providers (``backend=``), one vocabulary for all of them:
+- ``"reference"``: a loop over domains in float64; the oracle of the tests.
+- ``"segments"``: one GEMM per domain on that domain's rows. It reads the ids back to the host
+  (``nonzero``), free on the CPU, a sync on a GPU; what "auto" picks on the CPU.
+- ``"torch"``: eager PyTorch with no host sync: rows sorted by domain on the device, segment offsets
+  by ``searchsorted``, then ``torch._grouped_mm`` (FLOPs and memory ~ B, independent of D) where the
+  installed torch supports that dtype on that device (CPU: float32/bfloat16/float16; CUDA/meta:
+  bfloat16 with 16-byte aligned rows). Elsewhere (float32 on a GPU, float64, narrow widths) eager
+  PyTorch has no sync-free op whose cost is independent of D, so it falls back to ``"stacked"``.
+- ``"stacked"``: one GEMM against all D weights side by side, then a gather. Sync-free and static,
+  but D times the FLOPs and a (B, D, out) intermediate: kept as the last fallback and as the
+  baseline of benchmarks/bench_domains.py.
+- ``"triton"``: the Triton grouped GEMM of kernels/grouped_linear.py (sorted rows, device-side
+  segment offsets, one program per (domain, row block) tile, static grid), behind the custom ops
+  ``hamur_fast::grouped_linear`` / ``grouped_linear_backward`` (fake and autograd registered, with
+  FLOP formulas, so torch.compile, export and ``FlopCounterMode`` see them). "auto" picks it on CUDA
+  and on ``meta`` (a model on meta runs the GPU code path shape-only).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from .. import _checks
+
+PROVIDERS = ("reference", "segments", "torch", "stacked", "triton")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sorting rows by domain on the device (shared by the "torch" and "triton" providers)
+# --------------------------------------------------------------------------------------------------
+def domain_segments(domain: torch.Tensor, num_domains: int):
+    """Row order grouped by domain and the segment offsets, with no host sync.
+
+    Returns ``order`` (B,) int64 (stable: rows of a domain keep their order) and ``offsets`` (D + 2,)
+    int64: the rows of domain d are ``order[offsets[d]:offsets[d + 1]]``, and ids outside [0, D) (which
+    the public op rejects, but a kernel must survive) form one last group D, after every real domain.
+    """
+    in_range = (domain >= 0) & (domain < num_domains)
+    key = torch.where(in_range, domain, num_domains)
+    order = torch.argsort(key, stable=True)
+    groups = torch.arange(num_domains + 2, device=domain.device, dtype=key.dtype)
+    offsets = torch.searchsorted(key[order], groups)
+    return order, offsets
+
+
+# --------------------------------------------------------------------------------------------------
+# Providers: (x, domain, weight, bias) -> out, already validated
+# --------------------------------------------------------------------------------------------------
+def reference(x, domain, weight, bias):
+    """Domain by domain in float64 (rows of domain d times weight[d]), cast back to x's dtype."""
+    out = x.new_zeros(x.shape[0], weight.shape[2], dtype=torch.float64)
+    for d in range(weight.shape[0]):
+        rows = domain == d
+        part = x[rows].double() @ weight[d].double()
+        if bias is not None:
+            part = part + bias[d].double()
+        out[rows] = part
+    return out.to(x.dtype)
+
+
+def segments(x, domain, weight, bias):
+    """One GEMM per domain on its rows; reads the ids on the host (the CPU path)."""
+    out = None
+    for d in range(weight.shape[0]):
+        rows = (domain == d).nonzero().squeeze(1)
+        if rows.numel():
+            part = x[rows] @ weight[d]
+            if out is None:  # in the product's dtype, which autocast may have lowered
+                out = part.new_empty(x.shape[0], weight.shape[2])
+            out = out.index_put((rows,), part)
+    return _add_bias(out, domain, bias)
+
+
+def stacked(x, domain, weight, bias):
+    """One GEMM against all D weights side by side, then each row keeps its own block."""
+    num_domains, fan_in, fan_out = weight.shape
+    every = x @ weight.permute(1, 0, 2).reshape(fan_in, num_domains * fan_out)
+    every = every.view(x.shape[0], num_domains, fan_out)
+    own = every.gather(1, domain.view(-1, 1, 1).expand(-1, 1, fan_out)).squeeze(1)
+    return _add_bias(own, domain, bias)
+
+
+def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands here (its meta checks mirror the CUDA kernel)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) if x.device.type == "cpu" else (torch.bfloat16,)
+    if x.dtype not in dtypes or weight.dtype != x.dtype:
+        return False
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (9, 0):
+        return False
+    align = 16 // x.element_size()  # rows of x and of each weight[d] must start on 16-byte boundaries
+    return x.shape[1] % align == 0 and weight.shape[2] % align == 0
+
+
+def grouped_mm(x, domain, weight, bias):
+    """``torch._grouped_mm`` on the rows sorted by domain (requires :func:`grouped_mm_supported`)."""
+    order, offsets = domain_segments(domain, weight.shape[0])
+    ends = offsets[1:weight.shape[0] + 1].to(torch.int32)
+    out_sorted = torch._grouped_mm(x[order], weight.contiguous(), offs=ends)
+    out = torch.empty_like(out_sorted).index_copy(0, order, out_sorted)
+    return _add_bias(out, domain, bias)
+
+
+def torch_eager(x, domain, weight, bias):
+    """The sync-free eager form: grouped GEMM where torch has one for these operands, else stacked."""
+    if grouped_mm_supported(x, weight):
+        return grouped_mm(x, domain, weight, bias)
+    return stacked(x, domain, weight, bias)
+
+
+def _add_bias(out, domain, bias):
+    return out if bias is None else out + bias[domain]
+
+
+# --------------------------------------------------------------------------------------------------
+# The kernel path as custom ops: what torch.compile, export and FlopCounterMode see
+# --------------------------------------------------------------------------------------------------
+def _kernels():
+    try:
+        return importlib.import_module("hamur_fast.kernels.grouped_linear")
+    except ImportError as err:
+        raise RuntimeError(f"grouped_linear backend 'triton' needs triton: {err}") from err
+
+
+@torch.library.custom_op("hamur_fast::grouped_linear", mutates_args=())
+def grouped_linear_kernel(x: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor | None) -> torch.Tensor:
+    order, offsets = domain_segments(domain, weight.shape[0])
+    return _kernels().grouped_forward(x, order, offsets, weight, bias)
+
+
+@grouped_linear_kernel.register_fake
+def _(x, domain, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[2])
+
+
+@torch.library.custom_op("hamur_fast::grouped_linear_backward", mutates_args=())
+def grouped_linear_kernel_backward(grad: torch.Tensor, x: torch.Tensor, domain: torch.Tensor,
+                                   weight: torch.Tensor, with_bias: bool) -> list[torch.Tensor]:
+    """[dx (B, in), dweight (D, in, out), dbias (D, out) (empty (0,) without bias)]."""
+    order, offsets = domain_segments(domain, weight.shape[0])
+    return list(_kernels().grouped_backward(grad, x, order, offsets, weight, with_bias))
+
+
+@grouped_linear_kernel_backward.register_fake
+def _(grad, x, domain, weight, with_bias):
+    dbias = weight.new_empty(weight.shape[0], weight.shape[2]) if with_bias else weight.new_empty(0)
+    return [torch.empty_like(x), weight.new_empty(weight.shape), dbias]
+
+
+def _setup_context(ctx, inputs, output):
+    x, domain, weight, bias = inputs
+    ctx.save_for_backward(x, domain, weight)
+    ctx.with_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, domain, weight = ctx.saved_tensors
+    dx, dweight, dbias = grouped_linear_kernel_backward(grad, x, domain, weight, ctx.with_bias)
+    return dx, None, dweight, dbias if ctx.with_bias else None
+
+
+grouped_linear_kernel.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.hamur_fast.grouped_linear)
+def _forward_flops(x_shape, domain_shape, weight_shape, bias_shape, out_shape=None, **kwargs) -> int:
+    return 2 * x_shape[0] * weight_shape[1] * weight_shape[2]  # each row against its own domain only
+
+
+@register_flop_formula(torch.ops.hamur_fast.grouped_linear_backward)
+def _backward_flops(grad_shape, x_shape, domain_shape, weight_shape, with_bias, out_shape=None, **kwargs) -> int:
+    return 4 * x_shape[0] * weight_shape[1] * weight_shape[2]  # dx and dweight
+
+
+def triton_kernel(x, domain, weight, bias):
+    return grouped_linear_kernel(x, domain, weight, bias)
+
+
+IMPLEMENTATIONS = {"reference": reference, "segments": segments, "torch": torch_eager, "stacked": stacked,
+                   "triton": triton_kernel}
+
+
+# --------------------------------------------------------------------------------------------------
+# The checked entry point
+# --------------------------------------------------------------------------------------------------
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def pick_provider(device: torch.device) -> str:
+    """What ``backend="auto"`` runs on ``device``: the kernel on CUDA and meta (meta stands in for the GPU
+    path), the segment loop on the CPU (the sync-free eager form while torch.compile traces)."""
+    if device.type in ("cuda", "meta") and _triton_importable():
+        return "triton"
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        return "segments"
+    return "torch"
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on ``device``, or None (meta has no autocast at all)."""
+    if device.type not in ("cpu", "cuda", "xpu", "mps") or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def grouped_linear(x: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   *, backend: str = "auto") -> torch.Tensor:
+    """``out[b] = x[b] @ weight[domain[b]] + bias[domain[b]]``: x (B, in), weight (D, in, out), bias (D, out).
+
+    Validates every argument (ValueError naming it) before any compute; ``backend`` is "auto" or one of
+    :data:`PROVIDERS`. Under autocast the product runs in autocast's dtype, like ``nn.Linear``.
+    """
+    _checks.check_float("x", x, 2)
+    batch = _checks.check_batch("x", x)
+    _checks.check_float("weight", weight, 3)
+    num_domains, fan_in, fan_out = weight.shape
+    _checks.check_shape("weight", weight, (num_domains, x.shape[1], fan_out))
+    if bias is not None:
+        _checks.check_float("bias", bias)
+        _checks.check_shape("bias", bias, (num_domains, fan_out))
+    _checks.check_domain(domain, batch, num_domains)
+    _checks.check_same_device(x=x, domain=domain, weight=weight, bias=bias)
+    if backend != "auto" and backend not in IMPLEMENTATIONS:
+        raise ValueError(f"grouped_linear backend must be 'auto' or one of {PROVIDERS}, got {backend!r}")
+    lowered = autocast_dtype(x.device)
+    if lowered is not None:
+        x, weight = x.to(lowered), weight.to(lowered)
+        bias = bias.to(lowered) if bias is not None else None
+    elif x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"x, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}"
+                         f"{'' if bias is None else ', ' + str(bias.dtype)}")
+    provider = pick_provider(x.device) if backend == "auto" else backend
+    return IMPLEMENTATIONS[provider](x, domain, weight, bias)
