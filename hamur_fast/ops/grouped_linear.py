@@ -235,12 +235,17 @@ def grouped_linear(x: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor, 
     _checks.check_same_device(x=x, domain=domain, weight=weight, bias=bias)
     if backend != "auto" and backend not in IMPLEMENTATIONS:
         raise ValueError(f"grouped_linear backend must be 'auto' or one of {PROVIDERS}, got {backend!r}")
+    if autocast_dtype(x.device) is None and (x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype)):
+        raise ValueError(f"x, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}"
+                         f"{'' if bias is None else ', ' + str(bias.dtype)}")
+    return run(x, domain, weight, bias, backend)
+
+
+def run(x, domain, weight, bias=None, backend: str = "auto") -> torch.Tensor:
+    """:func:`grouped_linear` without the checks, for callers that validated their inputs already."""
     lowered = autocast_dtype(x.device)
     if lowered is not None:
         x, weight = x.to(lowered), weight.to(lowered)
         bias = bias.to(lowered) if bias is not None else None
-    elif x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(f"x, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}"
-                         f"{'' if bias is None else ', ' + str(bias.dtype)}")
     provider = pick_provider(x.device) if backend == "auto" else backend
     return IMPLEMENTATIONS[provider](x, domain, weight, bias)
