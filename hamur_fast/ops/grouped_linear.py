@@ -94,7 +94,9 @@ def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` takes these operands here (its meta checks mirror the CUDA kernel)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    dtypes = (torch.float32, torch.bfloat16, torch.float16) if x.device.type == "cpu" else (torch.bfloat16,)
+    # The CPU kernel takes more dtypes than the CUDA one, whose checks the meta (tracing) form mirrors.
+    cpu_eager = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) if cpu_eager else (torch.bfloat16,)
     if x.dtype not in dtypes or weight.dtype != x.dtype:
         return False
     if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (9, 0):
