@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.utils.flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hamur_fast.ops import grouped_linear as gl
@@ -83,8 +84,11 @@ def test_float64_and_autocast_and_torch_grouped_mm_form():
     for provider in ("segments", "torch", "stacked"):  # float64: torch falls back to stacked
         actual = run(provider, x, domain, weight, bias, upstream, torch.float64)
         assert all(rel_err(a, e) < 1e-12 for a, e in zip(actual, expected)), provider
-    assert gl.grouped_mm_supported(x.float(), weight.float())  # CPU float32, 16-byte rows: the grouped form
-    assert not gl.grouped_mm_supported(x.float()[:, :7], weight.float()[:, :7, :])  # 28-byte rows
+    # CPU float32 (odd widths padded) takes the grouped form: its FLOPs are the rows' own products only
+    assert gl.grouped_mm_supported(x.float(), weight.float()) and not gl.grouped_mm_supported(x, weight)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as flops:
+        gl.run(x.float()[:, :13], domain, weight.float()[:, :13, :7], None, backend="torch")
+    assert flops.get_total_flops() == 2 * 50 * 16 * 8  # padded to 16 and 8 columns, never x D
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = gl.grouped_linear(x.float(), domain, weight.float(), bias.float())
     assert out.dtype == torch.bfloat16 and rel_err(out, expected[0]) < 2e-2
@@ -217,7 +221,7 @@ class NoHostReads(TorchDispatchMode):
 
 @pytest.mark.parametrize("provider", ["torch", "stacked"] + (["triton-launchers"] if TRITON else []))
 def test_no_host_read_inside_the_op(provider):
-    x, domain, weight, bias, upstream = inputs(70, 16, 8, 5, "edge", dtype=torch.float32)
+    x, domain, weight, bias, upstream = inputs(70, 13, 7, 5, "edge", dtype=torch.float32)
     leaves = [t.requires_grad_() for t in (x, weight, bias)]
     with NoHostReads():
         if provider == "triton-launchers":  # inside the custom op: the sort, the tile map and the kernels
@@ -228,13 +232,20 @@ def test_no_host_read_inside_the_op(provider):
         else:
             out = gl.run(leaves[0], domain, leaves[1], leaves[2], backend=provider)
             torch.autograd.grad(out, leaves, upstream)
+    if provider != "triton-launchers":  # meta tensors hold no values: even .tolist() fails there
+        for dtype in (torch.float32, torch.bfloat16):  # bfloat16: torch._grouped_mm's form on meta
+            meta = [t.detach().to("meta", dtype).requires_grad_() for t in (x, weight, bias)]
+            out = gl.run(meta[0], domain.to("meta"), meta[1], meta[2], backend=provider)
+            torch.autograd.grad(out, meta, upstream.to("meta", dtype))
 
 
 def test_the_host_read_check_can_fail():
-    """The CPU segment loop reads the ids back (nonzero): the check above catches exactly that."""
+    """The CPU segment loop reads the segment sizes back: running on meta catches exactly that."""
     x, domain, weight, bias, _ = inputs(20, 4, 3, 3, "random", dtype=torch.float32)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        gl.run(x.to("meta"), domain.to("meta"), weight.to("meta"), bias.to("meta"), backend="segments")
     with pytest.raises(AssertionError, match="host read"), NoHostReads():
-        gl.run(x, domain, weight, bias, backend="segments")
+        gl.domain_segments(domain, 3)[1].nonzero()
 
 
 def test_auto_picks_per_device():

@@ -6,13 +6,15 @@ mixture of experts with hard routing by domain id, and every per-domain product 
 
 Providers (``backend=``), one vocabulary for all of them:
 - ``"reference"``: a loop over domains in float64; the oracle of the tests.
-- ``"segments"``: one GEMM per domain on that domain's rows. It reads the ids back to the host
-  (``nonzero``), free on the CPU, a sync on a GPU; what "auto" picks on the CPU.
+- ``"segments"``: one GEMM per domain on that domain's rows. It reads the segment sizes back to the
+  host, free on the CPU, a sync on a GPU; what "auto" picks on the CPU.
 - ``"torch"``: eager PyTorch with no host sync: rows sorted by domain on the device, segment offsets
   by ``searchsorted``, then ``torch._grouped_mm`` (FLOPs and memory ~ B, independent of D) where the
-  installed torch supports that dtype on that device (CPU: float32/bfloat16/float16; CUDA/meta:
-  bfloat16 with 16-byte aligned rows). Elsewhere (float32 on a GPU, float64, narrow widths) eager
-  PyTorch has no sync-free op whose cost is independent of D, so it falls back to ``"stacked"``.
+  installed torch supports that dtype on that device (CPU: float32/bfloat16/float16; CUDA sm_90+ and
+  meta: bfloat16; odd widths are zero-padded to its 16-byte rows). Elsewhere (float32 or float16 on a
+  GPU, float64) eager PyTorch has no sync-free op whose cost is independent of D (a per-row copy of
+  the weights is B x in x out memory; padding every domain to a fixed capacity is D x B rows), so it
+  falls back to ``"stacked"``.
 - ``"stacked"``: one GEMM against all D weights side by side, then a gather. Sync-free and static,
   but D times the FLOPs and a (B, D, out) intermediate: kept as the last fallback and as the
   baseline of benchmarks/bench_domains.py.
@@ -24,10 +26,13 @@ Providers (``backend=``), one vocabulary for all of them:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 
 import torch
+import torch.nn.functional as F
+import torch.utils.flop_counter
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import _checks
@@ -69,15 +74,21 @@ def reference(x, domain, weight, bias):
 
 
 def segments(x, domain, weight, bias):
-    """One GEMM per domain on its rows; reads the ids on the host (the CPU path)."""
-    out = None
-    for d in range(weight.shape[0]):
-        rows = (domain == d).nonzero().squeeze(1)
-        if rows.numel():
-            part = x[rows] @ weight[d]
-            if out is None:  # in the product's dtype, which autocast may have lowered
-                out = part.new_empty(x.shape[0], weight.shape[2])
-            out = out.index_put((rows,), part)
+    """One GEMM per domain on its rows; reads the segment sizes on the host (the CPU path).
+
+    Rows are gathered in domain order once and split, and the weights unbound once, so the backward
+    is O(B + D) work too (indexing ``x[rows]`` and ``weight[d]`` per domain would make autograd
+    build a zero-filled full-size gradient per domain: O(D) times the work).
+    """
+    order, offsets = domain_segments(domain, weight.shape[0])
+    sizes = (offsets[1:] - offsets[:-1]).tolist()  # D domains, then the out-of-range group
+    pieces = x[order].split(sizes)
+    parts = [piece @ w for piece, w, size in zip(pieces, weight.unbind(0), sizes) if size]
+    if sizes[-1]:  # ids outside [0, D): zeros (only reachable with the checks switched off)
+        parts.append(parts[0].new_zeros(sizes[-1], weight.shape[2]) if parts else
+                     x.new_zeros(sizes[-1], weight.shape[2]))
+    out_sorted = torch.cat(parts)
+    out = torch.empty_like(out_sorted).index_copy(0, order, out_sorted)
     return _add_bias(out, domain, bias)
 
 
@@ -99,18 +110,29 @@ def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     dtypes = (torch.float32, torch.bfloat16, torch.float16) if cpu_eager else (torch.bfloat16,)
     if x.dtype not in dtypes or weight.dtype != x.dtype:
         return False
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (9, 0):
-        return False
-    align = 16 // x.element_size()  # rows of x and of each weight[d] must start on 16-byte boundaries
-    return x.shape[1] % align == 0 and weight.shape[2] % align == 0
+    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def _pad_last_dims(t: torch.Tensor, multiple: int, dims: int) -> torch.Tensor:
+    """Zero-pad the last ``dims`` dimensions of ``t`` up to multiples of ``multiple``."""
+    pad = []
+    for size in reversed(t.shape[-dims:]):
+        pad += [0, -size % multiple]
+    return F.pad(t, pad) if any(pad) else t
 
 
 def grouped_mm(x, domain, weight, bias):
-    """``torch._grouped_mm`` on the rows sorted by domain (requires :func:`grouped_mm_supported`)."""
-    order, offsets = domain_segments(domain, weight.shape[0])
-    ends = offsets[1:weight.shape[0] + 1].to(torch.int32)
-    out_sorted = torch._grouped_mm(x[order], weight.contiguous(), offs=ends)
-    out = torch.empty_like(out_sorted).index_copy(0, order, out_sorted)
+    """``torch._grouped_mm`` on the rows sorted by domain (requires :func:`grouped_mm_supported`).
+
+    Its operands' rows must start on 16-byte boundaries, so odd widths are zero-padded (a copy of x and of
+    the weights: O(B + D) memory, never O(B x D)).
+    """
+    num_domains, _, fan_out = weight.shape
+    align = 16 // x.element_size()
+    order, offsets = domain_segments(domain, num_domains)
+    ends = offsets[1:num_domains + 1].to(torch.int32)
+    out_sorted = torch._grouped_mm(_pad_last_dims(x[order], align, 1), _pad_last_dims(weight, align, 2), offs=ends)
+    out = torch.empty_like(out_sorted).index_copy(0, order, out_sorted)[:, :fan_out]
     return _add_bias(out, domain, bias)
 
 
@@ -186,6 +208,18 @@ def _backward_flops(grad_shape, x_shape, domain_shape, weight_shape, with_bias, 
     return 4 * x_shape[0] * weight_shape[1] * weight_shape[2]  # dx and dweight
 
 
+if hasattr(torch.ops.aten, "_grouped_mm") and \
+        torch.ops.aten._grouped_mm.default not in torch.utils.flop_counter.flop_registry:
+    @register_flop_formula(torch.ops.aten._grouped_mm)
+    def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        """torch 2.13 counts none; the (rows, K) x (G, K, N) form used here costs 2 rows K N."""
+        if len(a_shape) == 2 and len(b_shape) == 3:
+            return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+        if len(a_shape) == 3 and len(b_shape) == 3:  # batched
+            return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+        return 2 * a_shape[0] * a_shape[1] * b_shape[-1]  # (M, K) x (K, N) with offsets over K
+
+
 def triton_kernel(x, domain, weight, bias):
     return grouped_linear_kernel(x, domain, weight, bias)
 
@@ -201,9 +235,28 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+_AUTO_OVERRIDE: str | None = None
+
+
+@contextlib.contextmanager
+def auto_provider(name: str):
+    """Inside this block ``backend="auto"`` runs provider ``name`` (benchmarks put one provider under a
+    whole model this way)."""
+    global _AUTO_OVERRIDE
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"grouped_linear provider must be one of {PROVIDERS}, got {name!r}")
+    previous, _AUTO_OVERRIDE = _AUTO_OVERRIDE, name
+    try:
+        yield
+    finally:
+        _AUTO_OVERRIDE = previous
+
+
 def pick_provider(device: torch.device) -> str:
     """What ``backend="auto"`` runs on ``device``: the kernel on CUDA and meta (meta stands in for the GPU
     path), the segment loop on the CPU (the sync-free eager form while torch.compile traces)."""
+    if _AUTO_OVERRIDE is not None:
+        return _AUTO_OVERRIDE
     if device.type in ("cuda", "meta") and _triton_importable():
         return "triton"
     if device.type == "cpu" and not torch.compiler.is_compiling():
