@@ -78,6 +78,8 @@ step bench_layers 150 "$PY" benchmarks/bench_layers.py --batch 4096 65536
 step bench_train 200 "$PY" benchmarks/bench_train.py --batch 4096 40960 --repeats 10
 step bench_infer 60 "$PY" benchmarks/bench_infer.py
 step bench_cuda_infer 60 "$PY" benchmarks/bench_cuda_infer.py  # eval cell, batch 1..512: backend "cuda" vs "triton"
+# Step cost against the number of domains (goal: step time at D=100 within 1.5x of D=3, triton rows).
+step bench_domains 90 "$PY" benchmarks/bench_domains.py --domains 3 30 100 --repeats 5
 
 # The issue's goals, from the B=65536 table of bench_layers (h=128, k=35, s=32, D=3, fp32, fwd+bwd).
 "$PY" - "$OUT/bench_layers.log" >"$OUT/goals.txt" 2>&1 <<'EOF' || failed=1

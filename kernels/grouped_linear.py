@@ -11,9 +11,12 @@ shapes, so a launch is CUDA-graph capturable.
   tile), which fixes the grid from the shapes alone; programs past the real tiles return at once.
   The (tile -> domain, first row) map is computed by torch ops on the device (cumsum, searchsorted).
 - Backward dX is the same kernel on ``W[d]^T`` (strides swapped, no bias).
-- Backward dW / db: one program per (domain, input block, output block), summing ``x_r^T dy_r`` over
-  that domain's rows only, so the work is O(B * in * out) whatever D is. A domain without rows gets
-  exact zeros.
+- Backward dW / db (``domain_weight_grads``, also the adapter cell's factor gradients): the rows are cut
+  into tiles of up to 256 rows of one domain; one program per (tile, input block, output block) sums
+  ``x_r^T dy_r`` over its rows into a per-tile partial, and a second kernel sums each domain's
+  (contiguous) range of partials in a fixed order. O(B * in * out) work and O((B / 256 + D) * in * out)
+  scratch whatever D is, many programs even when D is small, deterministic (no atomics). A domain
+  without rows gets exact zeros.
 - Ids outside [0, D) (rejected by the checked op, but a kernel must stay memory-safe without the
   check) form one extra group whose rows get zeros and whose weights are never read.
 - Row indices are int64; fp32 products use IEEE precision (TF32 would break the 1e-5 contract).
@@ -67,41 +70,69 @@ def _grouped_forward_kernel(
 
 
 @triton.jit
-def _grouped_weight_grad_kernel(
-        x, grad, order, offsets, dweight, dbias, in_features, out_features,
-        stride_xb, stride_xi, stride_gb, stride_go,
-        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
-    """dW[d] = sum over domain d's rows r of x[r]^T grad[r] (and db[d] = sum of grad[r]), one tile."""
-    group = tl.program_id(0)
+def _weight_grad_partial_kernel(
+        x, grad, order, offsets, tile_group, tile_first_row, partial, partial_bias,
+        num_domains, in_features, out_features, stride_xb, stride_xi, stride_gb, stride_go,
+        X_BY_ORDER: tl.constexpr, GRAD_BY_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        ROWS_PER_TILE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
+    """partial[slot] = sum over this tile's rows r of x[r]^T grad[r] (and of grad[r]): one tile is up to
+    ROWS_PER_TILE consecutive rows of one domain. x and grad rows are order[p] for sorted position p, or p
+    itself when the caller stored them in sorted order already (the adapter cell's saved vectors)."""
+    slot = tl.program_id(0)
+    group = tl.load(tile_group + slot)
+    if group >= num_domains:  # a grid slot past the real tiles, or the out-of-range ids: never summed
+        return
+    first = tl.load(tile_first_row + slot)
+    stop = tl.minimum(first + ROWS_PER_TILE, tl.load(offsets + group + 1))
     ins = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     outs = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
     in_mask, out_mask = ins < in_features, outs < out_features
-    start = tl.load(offsets + group)
-    stop = tl.load(offsets + group + 1)
     acc = tl.zeros([BLOCK_I, BLOCK_O], tl.float32)
     bias_acc = tl.zeros([BLOCK_O], tl.float32)
-    for p0 in range(start, stop, BLOCK_R):
+    for p0 in range(first, stop, BLOCK_R):
         pos = p0 + tl.arange(0, BLOCK_R)
         row_mask = pos < stop
-        rows = tl.load(order + pos, mask=row_mask, other=0).to(tl.int64)
-        x_t = tl.load(x + rows[None, :] * stride_xb + ins[:, None] * stride_xi,
+        if X_BY_ORDER:
+            x_rows = tl.load(order + pos, mask=row_mask, other=0).to(tl.int64)
+        else:
+            x_rows = pos.to(tl.int64)
+        if GRAD_BY_ORDER:
+            g_rows = tl.load(order + pos, mask=row_mask, other=0).to(tl.int64)
+        else:
+            g_rows = pos.to(tl.int64)
+        x_t = tl.load(x + x_rows[None, :] * stride_xb + ins[:, None] * stride_xi,
                       mask=row_mask[None, :] & in_mask[:, None], other=0.0)
-        g = tl.load(grad + rows[:, None] * stride_gb + outs[None, :] * stride_go,
+        g = tl.load(grad + g_rows[:, None] * stride_gb + outs[None, :] * stride_go,
                     mask=row_mask[:, None] & out_mask[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(x_t, g, input_precision="ieee")
+        if IEEE:  # fp32 involved (the adapter cell passes bf16 x with its fp32 saved vectors): all in fp32
+            acc += tl.dot(x_t.to(tl.float32), g.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(x_t, g)
         if HAS_BIAS:
             bias_acc += tl.sum(g.to(tl.float32), axis=0)
-    base = group.to(tl.int64) * in_features * out_features
-    tl.store(dweight + base + ins[:, None] * out_features + outs[None, :], acc.to(dweight.dtype.element_ty),
+    base = slot.to(tl.int64) * in_features * out_features
+    tl.store(partial + base + ins[:, None] * out_features + outs[None, :], acc,
              mask=in_mask[:, None] & out_mask[None, :])
     if HAS_BIAS:
         first_in_block = (tl.zeros([BLOCK_O], tl.int32) + tl.program_id(1)) == 0  # vector: the interpreter wants it
-        tl.store(dbias + group.to(tl.int64) * out_features + outs, bias_acc.to(dbias.dtype.element_ty),
-                 mask=out_mask & first_in_block)
+        tl.store(partial_bias + slot.to(tl.int64) * out_features + outs, bias_acc, mask=out_mask & first_in_block)
+
+
+@triton.jit
+def _sum_domain_tiles_kernel(partial, tile_end, out, tile_count, width, BLOCK: tl.constexpr):
+    """out[d] = sum of partial[s] over domain d's tiles s (a contiguous range of slots): a fixed order,
+    so the sums are deterministic (no atomics). A domain without rows gets zeros."""
+    d = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < width
+    stop = tl.load(tile_end + d)
+    start = stop - tl.load(tile_count + d)
+    acc = tl.zeros([BLOCK], tl.float32)
+    rows = partial + start.to(tl.int64) * width + cols
+    for _ in range(start, stop):
+        acc += tl.load(rows, mask=mask, other=0.0)
+        rows += width
+    tl.store(out + d.to(tl.int64) * width + cols, acc.to(out.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,10 +145,10 @@ def rows_per_tile(batch: int, num_domains: int) -> int:
 
 
 def tile_map(offsets: torch.Tensor, batch: int, block_m: int):
-    """(group, first sorted position) of every grid slot; slots past the real tiles get group D + 1.
+    """(group, first sorted position) of every grid slot, and per group its tile count and end slot.
 
-    ``offsets`` (D + 2,) as from domain_segments; the slot count cdiv(B, block_m) + D + 1 depends on
-    shapes only, so the grid is static.
+    ``offsets`` (D + 2,) as from domain_segments. Slots past the real tiles get group D + 1; the slot
+    count cdiv(B, block_m) + D + 1 depends on shapes only, so the grid is static.
     """
     num_groups = offsets.shape[0] - 1  # D domains + the out-of-range group
     tiles = (offsets[1:] - offsets[:-1] + block_m - 1) // block_m
@@ -126,13 +157,13 @@ def tile_map(offsets: torch.Tensor, batch: int, block_m: int):
     group = torch.searchsorted(tile_end, slots, right=True)
     known = group.clamp(max=num_groups - 1)
     first = offsets[known] + (slots - (tile_end - tiles)[known]) * block_m
-    return group.to(torch.int32), first
+    return group.to(torch.int32), first, tiles, tile_end
 
 
 def _launch_forward(x, order, offsets, weight_strides, num_domains, fan_in, fan_out, weight, bias, out):
     batch = x.shape[0]
     block_m = rows_per_tile(batch, num_domains)
-    tile_group, first = tile_map(offsets, batch, block_m)
+    tile_group, first, _, _ = tile_map(offsets, batch, block_m)
     block_n = block_size(fan_out, 64)
     grid = (tile_group.shape[0], triton.cdiv(fan_out, block_n))
     _grouped_forward_kernel[grid](
@@ -140,7 +171,8 @@ def _launch_forward(x, order, offsets, weight_strides, num_domains, fan_in, fan_
         num_domains, fan_in, fan_out, x.stride(0), x.stride(1), *weight_strides,
         bias.stride(0) if bias is not None else 0,
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_size(fan_in, 32))
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_size(fan_in, 32),
+        num_warps=8 if block_m == 64 else 4)  # 64 rows at 4 warps spilled (ptxas, sm_90a)
 
 
 def grouped_forward(x, order, offsets, weight, bias, empty=torch.empty):
@@ -160,13 +192,48 @@ def grouped_backward(grad, x, order, offsets, weight, with_bias: bool, empty=tor
     # dx[b] = grad[b] @ W[d]^T: the forward kernel on the transposed weight, no bias
     _launch_forward(grad, order, offsets, (stride_d, stride_o, stride_i), num_domains, fan_out, fan_in,
                     weight, None, dx)
-    dweight = empty((num_domains, fan_in, fan_out), device=x.device, dtype=weight.dtype)
-    dbias = empty((num_domains, fan_out) if with_bias else (0,), device=x.device, dtype=weight.dtype)
+    dweight, dbias = domain_weight_grads(x, grad, order, offsets, num_domains, with_bias, weight.dtype,
+                                         x_by_order=True, grad_by_order=True, empty=empty)
+    return dx, dweight, dbias if with_bias else empty((0,), device=x.device, dtype=weight.dtype)
+
+
+# Rows per weight-gradient tile: enough work per program to amortise its (in, out) partial, few enough
+# that a few large domains still spread over many programs.
+WEIGHT_GRAD_ROWS = 256
+
+
+def domain_weight_grads(x, grad, order, offsets, num_domains: int, with_bias: bool, dtype,
+                        x_by_order: bool, grad_by_order: bool, empty=torch.empty):
+    """Per domain d: ``sum over d's rows of x[r]^T grad[r]`` (D, in, out) and, with_bias, ``sum of grad[r]``
+    (D, out), in ``dtype``.
+
+    Rows of domain d are the sorted positions offsets[d]:offsets[d+1]; x / grad rows are ``order[p]`` or
+    ``p`` (``x_by_order``, ``grad_by_order``). Split into tiles of WEIGHT_GRAD_ROWS rows of one domain, each
+    tile's partial sum is summed per domain in slot order: O(B in out) work and O((B / 256 + D) in out)
+    scratch memory, whatever D is, no atomics.
+    """
+    batch, fan_in = x.shape
+    fan_out = grad.shape[1]
+    tile_group, first, tile_count, tile_end = tile_map(offsets, batch, WEIGHT_GRAD_ROWS)
+    slots = tile_group.shape[0]
+    f32 = dict(device=x.device, dtype=torch.float32)
+    partial = empty((slots, fan_in, fan_out), **f32)
+    partial_bias = empty((slots, fan_out), **f32) if with_bias else partial
     block_i, block_o = block_size(fan_in, 64), block_size(fan_out, 64)
-    grid = (num_domains, triton.cdiv(fan_in, block_i), triton.cdiv(fan_out, block_o))
-    _grouped_weight_grad_kernel[grid](
-        x, grad, order, offsets, dweight, dbias if with_bias else dweight, fan_in, fan_out,
-        x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
-        HAS_BIAS=with_bias, IEEE=x.dtype == torch.float32,
-        BLOCK_I=block_i, BLOCK_O=block_o, BLOCK_R=32)
-    return dx, dweight, dbias
+    _weight_grad_partial_kernel[(slots, triton.cdiv(fan_in, block_i), triton.cdiv(fan_out, block_o))](
+        x, grad, order, offsets, tile_group, first, partial, partial_bias,
+        num_domains, fan_in, fan_out, x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
+        X_BY_ORDER=x_by_order, GRAD_BY_ORDER=grad_by_order, HAS_BIAS=with_bias,
+        IEEE=x.dtype == torch.float32 or grad.dtype == torch.float32,
+        ROWS_PER_TILE=WEIGHT_GRAD_ROWS, BLOCK_I=block_i, BLOCK_O=block_o, BLOCK_R=32)
+
+    def per_domain(partials, width):
+        out = empty((num_domains, width), device=x.device, dtype=dtype)
+        block = block_size(width, 1024)
+        _sum_domain_tiles_kernel[(num_domains, triton.cdiv(width, block))](
+            partials, tile_end, out, tile_count, width, BLOCK=block)
+        return out
+
+    dweight = per_domain(partial, fan_in * fan_out).view(num_domains, fan_in, fan_out)
+    dbias = per_domain(partial_bias, fan_out) if with_bias else None
+    return dweight, dbias

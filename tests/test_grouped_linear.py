@@ -164,7 +164,7 @@ def test_static_grid_covers_every_tile():
                     torch.randint(0, num_domains, (batch,))):
             _, offsets = gl.domain_segments(ids, num_domains)
             block = kernels.rows_per_tile(batch, num_domains)
-            group, first = kernels.tile_map(offsets, batch, block)
+            group, first, _, _ = kernels.tile_map(offsets, batch, block)
             real = group <= num_domains
             covered = torch.zeros(batch, dtype=torch.long)
             for g, f in zip(group[real].tolist(), first[real].tolist()):

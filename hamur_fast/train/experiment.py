@@ -297,7 +297,8 @@ def compare(config: dict, models: list, seeds: list, output, progress: bool = Tr
     if len(labels) > MANY_DOMAINS:
         table = format_domain_summary(summaries, train_counts)
         write_text(output / "compare_domains.md", format_domain_table(summaries, labels, train_counts) + "\n")
-        plot_domain_auc_by_size(summaries, train_counts, output / "compare_domain_auc.png", title)
+        plot_domain_auc_by_size(summaries, train_counts, output / "compare_domain_auc.png",
+                                f"test AUC per domain, mean over {len(seeds)} seed(s)")
     else:
         table = format_table(summaries, labels)
         plot_domain_auc(summaries, labels, output / "compare_domain_auc.png", title)
