@@ -182,8 +182,8 @@ def test_opcheck_custom_ops():
                                              for t in inputs(batch, 16, 8, num_domains, "edge"))
         for b in (bias, None):
             args = (x.requires_grad_(), domain, weight.requires_grad_(), b.requires_grad_() if b is not None else None)
-            torch.library.opcheck(torch.ops.hamur_fast.grouped_linear, args)
-        torch.library.opcheck(torch.ops.hamur_fast.grouped_linear_backward,
+            torch.library.opcheck(torch.ops.hamur_fast.triton_grouped_linear_forward, args)
+        torch.library.opcheck(torch.ops.hamur_fast.triton_grouped_linear_backward,
                               (upstream, x.detach(), domain, weight.detach(), True))
 
 
@@ -248,9 +248,15 @@ def test_the_host_read_check_can_fail():
         gl.domain_segments(domain, 3)[1].nonzero()
 
 
-def test_auto_picks_per_device():
+def test_auto_picks_by_capabilities():
     assert gl.pick_provider(torch.device("cpu")) == "segments"
-    assert gl.pick_provider(torch.device("meta")) == ("triton" if TRITON or gl._triton_importable() else "torch")
+    assert gl.pick_provider(torch.device("meta")) == "triton"  # the GPU path, shape-only
+    assert gl.pick_provider(torch.device("meta"), torch.float64) == "torch"  # the kernels take no float64
+    with gl.auto_provider("stacked"):
+        assert gl.pick_provider(torch.device("cpu")) == "stacked"
+    x, domain, weight, bias, _ = inputs(5, 4, 3, 2, "random")
+    with pytest.raises(ValueError, match="does not cover this call: device meta"):
+        gl.grouped_linear(x.to("meta"), domain.to("meta"), weight.to("meta"), bias.to("meta"), backend="segments")
 
 
 @pytest.mark.skipif(not TRITON, reason="no CUDA device and TRITON_INTERPRET is not 1")
@@ -268,5 +274,5 @@ def test_export_keeps_the_custom_op():
     tower = Tower().to(DEVICE)
     x, domain = torch.randn(20, 16, device=DEVICE), torch.randint(0, 5, (20,), device=DEVICE)
     program = torch.export.export(tower, (x, domain))
-    assert "hamur_fast.grouped_linear" in str(program.graph)
+    assert "hamur_fast.triton_grouped_linear_forward" in str(program.graph)
     assert rel_err(program.module()(x, domain), tower.layer.routed(x, domain)) < 1e-6

@@ -20,15 +20,17 @@ Providers (``backend=``), one vocabulary for all of them:
   baseline of benchmarks/bench_domains.py.
 - ``"triton"``: the Triton grouped GEMM of kernels/grouped_linear.py (sorted rows, device-side
   segment offsets, one program per (domain, row block) tile, static grid), behind the custom ops
-  ``hamur_fast::grouped_linear`` / ``grouped_linear_backward`` (fake and autograd registered, with
+  ``hamur_fast::triton_grouped_linear_forward`` / ``_backward`` (fake and autograd registered, with
   FLOP formulas, so torch.compile, export and ``FlopCounterMode`` see them). "auto" picks it on CUDA
   and on ``meta`` (a model on meta runs the GPU code path shape-only).
+Each provider declares its devices, dtypes and "auto" ranks as the backend contract's ``Capabilities``.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
 import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,7 @@ import torch.utils.flop_counter
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import _checks
+from .contract import FLOAT_DTYPES, Capabilities
 
 PROVIDERS = ("reference", "segments", "torch", "stacked", "triton")
 
@@ -157,7 +160,7 @@ def _kernels():
         raise RuntimeError(f"grouped_linear backend 'triton' needs triton: {err}") from err
 
 
-@torch.library.custom_op("hamur_fast::grouped_linear", mutates_args=())
+@torch.library.custom_op("hamur_fast::triton_grouped_linear_forward", mutates_args=())
 def grouped_linear_kernel(x: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor | None) -> torch.Tensor:
     order, offsets = domain_segments(domain, weight.shape[0])
@@ -169,7 +172,7 @@ def _(x, domain, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[2])
 
 
-@torch.library.custom_op("hamur_fast::grouped_linear_backward", mutates_args=())
+@torch.library.custom_op("hamur_fast::triton_grouped_linear_backward", mutates_args=())
 def grouped_linear_kernel_backward(grad: torch.Tensor, x: torch.Tensor, domain: torch.Tensor,
                                    weight: torch.Tensor, with_bias: bool) -> list[torch.Tensor]:
     """[dx (B, in), dweight (D, in, out), dbias (D, out) (empty (0,) without bias)]."""
@@ -198,12 +201,12 @@ def _backward(ctx, grad):
 grouped_linear_kernel.register_autograd(_backward, setup_context=_setup_context)
 
 
-@register_flop_formula(torch.ops.hamur_fast.grouped_linear)
+@register_flop_formula(torch.ops.hamur_fast.triton_grouped_linear_forward)
 def _forward_flops(x_shape, domain_shape, weight_shape, bias_shape, out_shape=None, **kwargs) -> int:
     return 2 * x_shape[0] * weight_shape[1] * weight_shape[2]  # each row against its own domain only
 
 
-@register_flop_formula(torch.ops.hamur_fast.grouped_linear_backward)
+@register_flop_formula(torch.ops.hamur_fast.triton_grouped_linear_backward)
 def _backward_flops(grad_shape, x_shape, domain_shape, weight_shape, with_bias, out_shape=None, **kwargs) -> int:
     return 4 * x_shape[0] * weight_shape[1] * weight_shape[2]  # dx and dweight
 
@@ -227,14 +230,20 @@ def triton_kernel(x, domain, weight, bias):
 IMPLEMENTATIONS = {"reference": reference, "segments": segments, "torch": torch_eager, "stacked": stacked,
                    "triton": triton_kernel}
 
-
-# --------------------------------------------------------------------------------------------------
-# The checked entry point
-# --------------------------------------------------------------------------------------------------
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
+# What each provider takes, in the backend contract's terms (hamur_fast/ops/contract.py). ``meta`` stands in
+# for the GPU path: "auto" there runs the kernel's custom op shape-only. "segments" reads values, so never
+# meta; "triton" runs CPU tensors only under the Triton interpreter (and "auto" never picks it there).
+_ANY = frozenset({"cpu", "cuda", "meta"})
+_TRITON_DEVICES = {"cuda", "meta"} | ({"cpu"} if os.environ.get("TRITON_INTERPRET") == "1" else set())
+CAPABILITIES = {
+    "reference": Capabilities(devices=_ANY, dtypes=FLOAT_DTYPES),
+    "segments": Capabilities(devices=frozenset({"cpu", "cuda"}), dtypes=FLOAT_DTYPES, auto_rank={"cpu": 10}),
+    "torch": Capabilities(devices=_ANY, dtypes=FLOAT_DTYPES, auto_rank={"cpu": 20, "cuda": 20, "meta": 20}),
+    "stacked": Capabilities(devices=_ANY, dtypes=FLOAT_DTYPES),
+    "triton": Capabilities(devices=frozenset(_TRITON_DEVICES),
+                           dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                           auto_rank={"cuda": 10, "meta": 10}),
+}
 _AUTO_OVERRIDE: str | None = None
 
 
@@ -252,16 +261,26 @@ def auto_provider(name: str):
         _AUTO_OVERRIDE = previous
 
 
-def pick_provider(device: torch.device) -> str:
-    """What ``backend="auto"`` runs on ``device``: the kernel on CUDA and meta (meta stands in for the GPU
-    path), the segment loop on the CPU (the sync-free eager form while torch.compile traces)."""
+def _usable(name: str) -> bool:
+    """Triton needs its package; the segment loop reads values, which torch.compile cannot trace."""
+    if name == "triton":
+        return importlib.util.find_spec("triton") is not None
+    return not (name == "segments" and torch.compiler.is_compiling())
+
+
+def pick_provider(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """What ``backend="auto"`` runs: the best-ranked provider for the device type that takes the dtype
+    (the kernel on CUDA and meta, the segment loop on the CPU, the sync-free eager form otherwise)."""
     if _AUTO_OVERRIDE is not None:
         return _AUTO_OVERRIDE
-    if device.type in ("cuda", "meta") and _triton_importable():
-        return "triton"
-    if device.type == "cpu" and not torch.compiler.is_compiling():
-        return "segments"
-    return "torch"
+    best, best_rank = "torch", None
+    for name, capabilities in CAPABILITIES.items():  # a plain loop: torch.compile traces it without a break
+        rank = capabilities.auto_rank.get(device.type)
+        if rank is None or capabilities.limit(device, dtype) is not None or not _usable(name):
+            continue
+        if best_rank is None or rank < best_rank:
+            best, best_rank = name, rank
+    return best
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -302,5 +321,11 @@ def run(x, domain, weight, bias=None, backend: str = "auto") -> torch.Tensor:
     if lowered is not None:
         x, weight = x.to(lowered), weight.to(lowered)
         bias = bias.to(lowered) if bias is not None else None
-    provider = pick_provider(x.device) if backend == "auto" else backend
+    if backend == "auto":
+        provider = pick_provider(x.device, x.dtype)
+    else:
+        provider = backend
+        limit = CAPABILITIES[provider].limit(x.device, x.dtype)
+        if limit is not None:
+            raise ValueError(f"grouped_linear backend {provider!r} does not cover this call: {limit}")
     return IMPLEMENTATIONS[provider](x, domain, weight, bias)

@@ -5,15 +5,16 @@ Compared with the released einsum math it
 - selects per-domain factors by the grouped per-domain GEMM of ops/grouped_linear.py (no per-row weight
   copies, cost independent of the number of domains),
 - reduces per-domain statistics by scatter-add (no Python loop, no host-device sync, O(B) whatever D),
-- updates running statistics with ``torch.where`` (no ``.item()``), so it is CUDA-graph capturable.
+- returns the per-domain (count, mean, M2) without reading anything back, so it is CUDA-graph capturable.
 Gradients come from autograd.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from . import grouped_linear
+from .. import grouped_linear
+from ..contract import FLOAT_DTYPES, Backend, Capabilities, GroupStats
+from ..registry import register_backend
 
 
 def project_per_domain(v: torch.Tensor, weight: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
@@ -35,47 +36,34 @@ def _through_rep(v: torch.Tensor, rep: torch.Tensor) -> torch.Tensor:
 
 
 def domain_statistics(o: torch.Tensor, domain: torch.Tensor, num_domains: int):
-    """Per-domain count, mean and biased variance of the rows of ``o`` (two-pass, stable).
+    """Per-domain count, mean and M2 of the rows of ``o`` (two-pass, stable), and the centred rows.
 
     Sums by ``index_add`` (scatter-add): O(B h) work and memory whatever the number of domains.
     """
     count = o.new_zeros(num_domains).index_add(0, domain, o.new_ones(o.shape[0]))
-    safe = count.clamp(min=1).unsqueeze(1)
-    mean = o.new_zeros(num_domains, o.shape[1]).index_add(0, domain, o) / safe
+    mean = o.new_zeros(num_domains, o.shape[1]).index_add(0, domain, o) / count.clamp(min=1).unsqueeze(1)
     centred = o - mean[domain]
-    var = o.new_zeros(num_domains, o.shape[1]).index_add(0, domain, centred * centred) / safe
-    return count, mean, var, centred
+    m2 = o.new_zeros(num_domains, o.shape[1]).index_add(0, domain, centred * centred)
+    return count, mean, m2, centred
 
 
-def update_running_stats(running_mean, running_var, count, mean, var, momentum):
-    """BatchNorm-style update, per domain, only where the domain had >= 2 rows; no host sync."""
-    with torch.no_grad():
-        seen = (count >= 2).unsqueeze(1)
-        unbiased = var * (count / (count - 1).clamp(min=1)).unsqueeze(1)
-        running_mean.copy_(torch.where(seen, torch.lerp(running_mean, mean.to(running_mean.dtype), momentum),
-                                       running_mean))
-        running_var.copy_(torch.where(seen, torch.lerp(running_var, unbiased.to(running_var.dtype), momentum),
-                                      running_var))
-
-
-def domain_norm(o, domain, weight, bias, running_mean, running_var, *, mode, training, momentum, eps):
-    if mode == "released":
+def domain_norm(o, domain, weight, bias, running_mean, running_var, plan):
+    if not plan.per_domain:
         mean = o.mean(dim=0)
         centred = o - mean
-        var = (centred * centred).sum(dim=0) / max(o.shape[0] - 1, 1)
-        return torch.addcmul(bias, centred * torch.rsqrt(var + eps), weight)
+        m2 = (centred * centred).sum(dim=0)
+        stats = GroupStats(o.new_full((1,), o.shape[0]), mean.detach()[None], m2.detach()[None])
+        return torch.addcmul(bias, centred * torch.rsqrt(m2 / max(o.shape[0] - 1, 1) + plan.eps), weight), stats
 
-    num_domains = weight.shape[0]
-    if training or running_mean is None:
-        count, mean, var, centred = domain_statistics(o, domain, num_domains)
-        if training and running_mean is not None:
-            update_running_stats(running_mean, running_var, count, mean, var, momentum)
-        scale = weight * torch.rsqrt(var + eps)
-        return torch.addcmul(bias[domain], centred, scale[domain])
-    # Eval: the running statistics fold into one per-domain affine map.
-    scale = weight * torch.rsqrt(running_var + eps)
+    if plan.batch_statistics:
+        count, mean, m2, centred = domain_statistics(o, domain, weight.shape[0])
+        scale = weight * torch.rsqrt(m2 / count.clamp(min=1).unsqueeze(1) + plan.eps)
+        stats = GroupStats(count.detach(), mean.detach(), m2.detach())
+        return torch.addcmul(bias[domain], centred, scale[domain]), stats
+    # Running statistics: they fold into one per-domain affine map.
+    scale = weight * torch.rsqrt(running_var + plan.eps)
     shift = bias - running_mean * scale
-    return torch.addcmul(shift[domain], o, scale[domain])
+    return torch.addcmul(shift[domain], o, scale[domain]), None
 
 
 def adapter_projection(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias):
@@ -87,12 +75,11 @@ def adapter_projection(x, rep, domain, down_left, down_right, down_bias, up_left
     return low_rank(a, up_left, up_right) + _per_row(up_bias, domain)
 
 
-def hyper_adapter(x, rep, domain, params, running_mean, running_var, *, mode, training, momentum, eps):
+def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan):
     *projection, norm_weight, norm_bias = params
     o = adapter_projection(x, rep, domain, *projection)
-    normed = domain_norm(o, domain, norm_weight, norm_bias, running_mean, running_var,
-                         mode=mode, training=training, momentum=momentum, eps=eps)
-    return x + normed
+    normed, stats = domain_norm(o, domain, norm_weight, norm_bias, running_mean, running_var, plan)
+    return x + normed, stats
 
 
 def released_cell_all_towers(x, rep, params, eps):
@@ -111,3 +98,11 @@ def released_cell_all_towers(x, rep, params, eps):
     centred = o - o.mean(dim=1, keepdim=True)
     var = (centred * centred).sum(dim=1, keepdim=True) / max(o.shape[1] - 1, 1)
     return x + torch.addcmul(bias, centred * torch.rsqrt(var + eps), weight)
+
+
+register_backend(Backend(
+    "torch", hyper_adapter, domain_norm,
+    # meta: a model built there runs shape-only (FLOP and memory counts of the GPU path without a GPU)
+    Capabilities(devices=frozenset({"cpu", "cuda", "meta"}), dtypes=FLOAT_DTYPES,
+                 auto_rank={"cpu": 100, "cuda": 100, "meta": 100}),
+    hyper_adapter_all_towers=released_cell_all_towers))
