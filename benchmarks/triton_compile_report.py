@@ -19,13 +19,15 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from hamur_fast.kernels import adapter_cell as cell, domain_norm as norm  # noqa: E402
+from hamur_fast.kernels import adapter_cell as cell, domain_norm as norm, grouped_linear as grouped  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
 INT_ARGS = {"batch", "width", "rank", "bottleneck", "num_domains", "num_groups", "num_parts", "parts_per_program",
-            "lhs_width", "rhs_width", "rows_per_program"}
+            "in_features", "out_features", "stride_xb", "stride_xi", "stride_wd", "stride_wi", "stride_wo",
+            "stride_bd", "stride_gb", "stride_go"}
 FLOAT_ARGS = {"eps", "momentum"}
-INDEX_ARGS = {"order", "domain_sorted", "group_ids"}
+INDEX_ARGS = {"order", "domain_sorted", "group_ids", "offsets", "tile_first_row", "tile_end", "tile_count"}
+INT32_INDEX_ARGS = {"tile_group"}
 
 
 def compile_report(kernel, constexprs, num_warps, label):
@@ -39,7 +41,7 @@ def compile_report(kernel, constexprs, num_warps, label):
         elif name in FLOAT_ARGS:
             signature[name] = "fp32"
         else:
-            signature[name] = "*i64" if name in INDEX_ARGS else "*fp32"
+            signature[name] = "*i64" if name in INDEX_ARGS else "*i32" if name in INT32_INDEX_ARGS else "*fp32"
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
@@ -70,9 +72,17 @@ def main():
             ]:
                 print(compile_report(kernel, dict(PER_DOMAIN=per_domain, **extra, **tiles), n_warps,
                                      f"{kernel.__name__} {tag}"))
-    print(compile_report(cell._domain_outer_sum_kernel,
-                         dict(LHS_IN_ORDER=True, PER_DOMAIN=True, WITH_RHS_SUM=True, BLOCK_B=cell.ROWS_PER_BLOCK,
-                              BLOCK_M=64, BLOCK_N=128), 8, "_domain_outer_sum_kernel 64x128"))
+    for bias in (True, False):  # the grouped per-domain linear op (towers, adapter factor gradients)
+        for block_m in (16, 64):
+            print(compile_report(grouped._grouped_forward_kernel,
+                                 dict(HAS_BIAS=bias, IEEE=True, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32),
+                                 8 if block_m == 64 else 4,
+                                 f"_grouped_forward_kernel M={block_m} bias={bias}"))
+        print(compile_report(grouped._weight_grad_partial_kernel,
+                             dict(X_BY_ORDER=True, GRAD_BY_ORDER=bias, HAS_BIAS=bias, IEEE=True,
+                                  ROWS_PER_TILE=grouped.WEIGHT_GRAD_ROWS, BLOCK_I=64, BLOCK_O=64, BLOCK_R=32), 4,
+                             f"_weight_grad_partial_kernel 64x64 bias={bias}"))
+    print(compile_report(grouped._sum_domain_tiles_kernel, dict(BLOCK=1024), 4, "_sum_domain_tiles_kernel"))
     print(compile_report(norm.merge_group_stats_kernel,
                          dict(UNBIASED=True, FINAL=True, BLOCK_P=norm.MERGE_PARTS_PER_STEP,
                               BLOCK_H=norm.MERGE_COLS), 4,
