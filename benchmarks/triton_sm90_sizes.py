@@ -73,19 +73,22 @@ def main():
     bottleneck = cell.MAX_BOTTLENECK if args.sizes == "limits" else BOTTLENECK
     rows = compiled_rows()
     table = []
+    print(f"| first launched at (B={BATCH}) | kernel | regs | spill B | smem B | warps |")
+    print("|---|---|---|---|---|---|", flush=True)
 
     def run(label, launch, *launch_args):
         first = len(rows) if rows is not None else 0
         launch(*launch_args)
         for kernel, regs, spill, smem, warps, _ in (rows[first:] if rows is not None else []):
             table.append((label, kernel, regs, spill, smem, warps))
+            print("| " + " | ".join(map(str, table[-1])) + " |", flush=True)
 
     # (paper, batch statistics), (paper, running statistics), (released: whole-batch statistics)
     variants = ((True, True), (True, False), (False, True))
     for dtype in (torch.float32, torch.bfloat16):
         dtype_name = str(dtype).removeprefix("torch.")
         for (width, rank), (per_domain, batch_stats) in itertools.product(sizes, variants):
-            label = f"cell {dtype_name} h={width} k={rank} {'paper' if per_domain else 'released'} " \
+            label = f"cell {dtype_name} h={width} k={rank} s={bottleneck} {'paper' if per_domain else 'released'} " \
                     f"{'batch' if batch_stats else 'running'}"
             run(label, launch_cell, width, rank, per_domain, batch_stats, dtype, bottleneck)
         for width, (per_domain, batch_stats) in itertools.product(sorted({w for w, _ in sizes}), variants):
@@ -93,10 +96,6 @@ def main():
                     f"{'batch' if batch_stats else 'running'}"
             run(label, launch_norm, width, per_domain, batch_stats, dtype)
     if table:
-        print(f"\n| first launched at (s={bottleneck}, B={BATCH}) | kernel | regs | spill B | smem B | warps |")
-        print("|---|---|---|---|---|---|")
-        for row in table:
-            print("| " + " | ".join(map(str, row)) + " |")
         print(f"\nlargest shared memory: {max(int(r[4]) for r in table)} B; "
               f"kernels that spill: {sum(r[3] not in ('0', '?') for r in table)} of {len(table)}")
 

@@ -1,6 +1,6 @@
-"""The HAMUR adapter cell as fused Triton kernels, forward and backward: backend="triton".
+"""The HAMUR adapter cell as fused Triton kernels and their launchers, forward and backward.
 
-Math (SPEC sections 2 and 3; reference: hamur_fast.ops.reference.hyper_adapter). For row b with
+Math (SPEC sections 2 and 3; reference: hamur_fast.ops.backends.reference.hyper_adapter). For row b with
 domain d (paper mode; released mode shares one set of factors), I_b the (k, k) representation:
     p = x DL[d]        q = p I_b        a = sigmoid(q DR[d] + db[d])
     u = a UL[d]        v = u I_b        o = v UR[d] + ub[d]
@@ -23,14 +23,14 @@ Design
   partials with Chan's formula (kernels/domain_norm.py), normalise (recomputes o = v UR + ub from
   v instead of storing the (B, h) o). Backward: norm sums (dnb, dnw), then one main kernel (dx and
   dI_b; two sweeps over the rows' I_b, du in the first, dp and both dI terms in the second), then the factor
-  gradients as per-domain sums of outer products over the rows (split over programs, summed by
-  torch), fed by (B, <=h)-sized per-row vectors the main kernel writes.
+  gradients as per-domain sums of outer products over the rows (the grouped linear op's weight-gradient
+  kernels, kernels/grouped_linear.py: tiles of one domain's rows, partials summed per domain), fed by
+  (B, <=h)-sized per-row vectors the main kernel writes.
 - All offsets that scale with B are int64. Every buffer handed back is fully written (the tests
   allocate through a NaN-filling ``empty``).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -38,6 +38,7 @@ import triton.language as tl
 
 from . import domain_norm as dn
 from .domain_norm import block_size, load_group_rows, merge_group_stats, norm_input_grad
+from .grouped_linear import domain_weight_grads
 
 ROWS_PER_BLOCK = 16  # the M of every tl.dot; also bounds the (rows, 16, k) I_b chunk in registers
 REP_CHUNK = 16  # rows of I_b per step (tl.dot needs >= 16 columns of p)
@@ -311,54 +312,6 @@ def _cell_bwd_main_kernel(
         _store_rows(dx, rows, h_idx, width, tl.where(valid[:, None], grad_x, float("nan")), pos_mask)
 
 
-@triton.jit
-def _domain_outer_sum_kernel(
-        lhs, order, rhs, domain_sorted, out, rhs_sum_out, batch, lhs_width, rhs_width, num_groups, rows_per_program,
-        LHS_IN_ORDER: tl.constexpr, PER_DOMAIN: tl.constexpr, WITH_RHS_SUM: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Per program and domain d: sum over its rows of domain d of lhs[b]^T rhs[b] (and of rhs[b]).
-
-    Each program owns a contiguous range of the domain-sorted positions, so it usually meets one
-    domain and skips the others' row loop entirely. ``lhs`` is indexed by original row when
-    LHS_IN_ORDER (x), by sorted position otherwise (the saved per-row vectors).
-    """
-    program = tl.program_id(0)
-    m_idx = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_idx = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask, n_mask = m_idx < lhs_width, n_idx < rhs_width
-    first_m_tile = (tl.zeros([BLOCK_N], tl.int32) + tl.program_id(1)) == 0  # vector: the interpreter wants it
-    start = program * rows_per_program
-    stop = tl.minimum(start + rows_per_program, batch)
-    if PER_DOMAIN:
-        d_first = tl.load(domain_sorted + start).to(tl.int32)
-        d_last = tl.load(domain_sorted + stop - 1).to(tl.int32)
-    else:
-        d_first = 0
-        d_last = 0
-    for d in range(num_groups):
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        rhs_sum = tl.zeros([BLOCK_N], tl.float32)
-        row_stop = tl.where((d >= d_first) & (d <= d_last), stop, start)
-        for p0 in range(start, row_stop, BLOCK_B):
-            pos = p0 + tl.arange(0, BLOCK_B)
-            take = pos < stop
-            if PER_DOMAIN:
-                take = take & (tl.load(domain_sorted + pos, mask=take, other=-1) == d)
-            lhs_rows = tl.load(order + pos, mask=take, other=0) if LHS_IN_ORDER else pos
-            lhs_t = tl.load(lhs + lhs_rows.to(tl.int64)[None, :] * lhs_width + m_idx[:, None],
-                            mask=take[None, :] & m_mask[:, None], other=0.0).to(tl.float32)
-            right = tl.load(rhs + pos.to(tl.int64)[:, None] * rhs_width + n_idx[None, :],
-                            mask=take[:, None] & n_mask[None, :], other=0.0)
-            acc += tl.dot(lhs_t, right, input_precision="ieee")
-            if WITH_RHS_SUM:
-                rhs_sum += tl.sum(right, axis=0)
-        slot = program.to(tl.int64) * num_groups + d
-        tl.store(out + (slot * lhs_width + m_idx)[:, None] * rhs_width + n_idx[None, :], acc,
-                 mask=m_mask[:, None] & n_mask[None, :])
-        if WITH_RHS_SUM:
-            tl.store(rhs_sum_out + slot * rhs_width + n_idx, rhs_sum, mask=n_mask & first_m_tile)
-
-
 # --------------------------------------------------------------------------------------------------
 # Launchers. ``empty`` allocates every buffer that a kernel fills (outputs, saved vectors, partials);
 # the tests pass a NaN-filling allocator to prove that everything handed back was written.
@@ -441,30 +394,6 @@ def adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_
     return y, q, v, order_out, count, mean, m2, rstd
 
 
-def _per_domain_outer_sums(lhs, rhs, order, domain_sorted, num_groups, lhs_in_order, with_rhs_sum, empty):
-    """(G, m, n) sums of lhs[b]^T rhs[b] over each domain's rows (and (G, n) sums of rhs[b]), fp32."""
-    batch, lhs_width = lhs.shape
-    rhs_width = rhs.shape[1]
-    per_domain = domain_sorted is not None
-    # Two programs per SM: enough to fill the GPU, few enough that the (programs, G, m, n) partials stay
-    # a few percent of the step's bytes.
-    target_programs = 2 * torch.cuda.get_device_properties(lhs.device).multi_processor_count \
-        if lhs.device.type == "cuda" else 2
-    rows_per_program = ROWS_PER_BLOCK * triton.cdiv(triton.cdiv(batch, target_programs), ROWS_PER_BLOCK)
-    programs = triton.cdiv(batch, rows_per_program)
-    block_m, block_n = block_size(lhs_width, 64), block_size(rhs_width, 128)
-    partial = empty((programs, num_groups, lhs_width, rhs_width), device=lhs.device, dtype=torch.float32)
-    partial_rhs = empty((programs, num_groups, rhs_width), device=lhs.device, dtype=torch.float32) \
-        if with_rhs_sum else partial
-    dummy = rhs
-    _domain_outer_sum_kernel[(programs, triton.cdiv(lhs_width, block_m), triton.cdiv(rhs_width, block_n))](
-        lhs, order if lhs_in_order and per_domain else dummy, rhs, domain_sorted if per_domain else dummy,
-        partial, partial_rhs, batch, lhs_width, rhs_width, num_groups, rows_per_program,
-        LHS_IN_ORDER=lhs_in_order and per_domain, PER_DOMAIN=per_domain, WITH_RHS_SUM=with_rhs_sum,
-        BLOCK_B=ROWS_PER_BLOCK, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8)  # 4 warps spilled (sm_90a)
-    return partial.sum(0), (partial_rhs.sum(0) if with_rhs_sum else None)
-
-
 @dn.on_first_tensors_device
 def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, rstd, use_batch_stats: bool,
                           empty=torch.empty):
@@ -499,9 +428,17 @@ def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, 
         batch, width, rank, bottleneck, num_domains,
         PER_DOMAIN=per_domain, BATCH_STATS=use_batch_stats, **meta)
 
+    # Factor gradients: per domain, sums over its rows of lhs[b]^T rhs[b] (and of rhs[b]), by the grouped
+    # linear op's weight-gradient kernels: O(B) work and O(B / 256 + D) partials whatever D is.
+    if per_domain:
+        offsets = torch.searchsorted(domain_sorted, torch.arange(num_domains + 2, device=device))
+    else:
+        offsets = torch.tensor([0, batch, batch], device=device)
+
     def outer(lhs, rhs, lhs_in_order=False, with_rhs_sum=False):
-        return _per_domain_outer_sums(lhs, rhs, order, domain_sorted, num_domains, lhs_in_order, with_rhs_sum,
-                                      empty)
+        return domain_weight_grads(lhs, rhs, order if per_domain else dummy, offsets, num_domains, with_rhs_sum,
+                                   torch.float32, x_by_order=lhs_in_order and per_domain, grad_by_order=False,
+                                   empty=empty)
 
     d_down_left, _ = outer(x, grad_p, lhs_in_order=True)
     d_down_right, d_down_bias = outer(q, grad_z, with_rhs_sum=True)
@@ -510,92 +447,3 @@ def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, 
     grads = (d_down_left, d_down_right, d_down_bias, d_up_left, d_up_right, d_up_bias, sum_dy_xhat, sum_dy)
     param_grads = tuple(g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, params))
     return (dx, drep) + param_grads
-
-
-# --------------------------------------------------------------------------------------------------
-# Custom ops (what torch.compile and torch.export see) and the backend
-# --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("hamur_fast::adapter_cell_fwd", mutates_args=())
-def adapter_cell_fwd(x: torch.Tensor, rep: torch.Tensor, domain: torch.Tensor, down_left: torch.Tensor,
-                     down_right: torch.Tensor, down_bias: torch.Tensor, up_left: torch.Tensor,
-                     up_right: torch.Tensor, up_bias: torch.Tensor, norm_weight: torch.Tensor,
-                     norm_bias: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                     use_batch_stats: bool, eps: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                torch.Tensor, torch.Tensor, torch.Tensor]:
-    params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
-    return adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_batch_stats, eps)
-
-
-@adapter_cell_fwd.register_fake
-def _(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias,
-      running_mean, running_var, use_batch_stats, eps):
-    batch, rank = x.shape[0], rep.shape[1]
-    per_domain = norm_weight.dim() == 2
-    num_groups = norm_weight.shape[0] if per_domain else 1
-    saved = x.new_empty((batch, rank), dtype=torch.float32)
-    stats = x.new_empty((num_groups, x.shape[1]), dtype=torch.float32)
-    order = x.new_empty((batch if per_domain else 0,), dtype=torch.int64)
-    return (torch.empty_like(x), saved, torch.empty_like(saved), order,
-            x.new_empty((num_groups,), dtype=torch.float32), stats, torch.empty_like(stats), torch.empty_like(stats))
-
-
-@torch.library.custom_op("hamur_fast::adapter_cell_bwd", mutates_args=())
-def adapter_cell_bwd(dy: torch.Tensor, x: torch.Tensor, rep: torch.Tensor, domain: torch.Tensor,
-                     down_left: torch.Tensor, down_right: torch.Tensor, down_bias: torch.Tensor,
-                     up_left: torch.Tensor, up_right: torch.Tensor, up_bias: torch.Tensor,
-                     norm_weight: torch.Tensor, norm_bias: torch.Tensor, q: torch.Tensor, v: torch.Tensor,
-                     order: torch.Tensor, count: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                     use_batch_stats: bool) -> list[torch.Tensor]:
-    params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
-    return list(adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, rstd,
-                                      use_batch_stats))
-
-
-@adapter_cell_bwd.register_fake
-def _(dy, x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias,
-      q, v, order, count, mean, rstd, use_batch_stats):
-    return [torch.empty_like(t) for t in (x, rep, down_left, down_right, down_bias, up_left, up_right,
-                                          up_bias, norm_weight, norm_bias)]
-
-
-def _setup_cell(ctx, inputs, output):
-    x, rep, domain, *params = inputs[:11]
-    _, q, v, order, count, mean, _, rstd = output
-    ctx.save_for_backward(x, rep, domain, *params, q, v, order, count, mean, rstd)
-    ctx.use_batch_stats = inputs[13]
-
-
-def _cell_backward(ctx, dy, *_aux_grads):
-    x, rep, domain, *rest = ctx.saved_tensors
-    params, (q, v, order, count, mean, rstd) = rest[:8], rest[8:]
-    grads = adapter_cell_bwd(dy, x, rep, domain, *params, q, v, order, count, mean, rstd, ctx.use_batch_stats)
-    dx, drep, *param_grads = grads
-    return (dx, drep, None, *param_grads, None, None, None, None)
-
-
-adapter_cell_fwd.register_autograd(_cell_backward, setup_context=_setup_cell)
-
-
-def hyper_adapter(x, rep, domain, params, running_mean, running_var, *, mode, training, momentum, eps):
-    """backend="triton" adapter cell (arguments already validated by hamur_fast.ops.hyper_adapter)."""
-    use_batch_stats = mode == "released" or training or running_mean is None
-    y, _, _, _, count, mean, m2, _ = adapter_cell_fwd(x, rep, domain, *params, running_mean, running_var,
-                                                      use_batch_stats, eps)
-    if mode == "paper" and training and running_mean is not None:
-        dn.update_running_stats_(running_mean, running_var, mean, m2, count, momentum)
-    return y
-
-
-def _supports(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def _register() -> None:
-    from hamur_fast.ops.registry import Backend, register_backend
-
-    register_backend(Backend("triton", hyper_adapter, dn.domain_norm, supports=_supports,
-                             auto_priority=lambda device: 10 if device.type == "cuda" else None))
-
-
-_register()
