@@ -13,17 +13,11 @@ import torch
 
 from .. import _checks
 from . import backends  # noqa: F401  (registers every backend this installation offers)
-from .contract import MODES, Backend, Capabilities, GroupStats, Plan, make_plan, update_running_stats
+from .contract import Backend, Capabilities, GroupStats, Plan, check_mode, make_plan, update_running_stats
 from .registry import available_backends, register_backend, resolve
 
 __all__ = ["hyper_adapter", "domain_norm", "available_backends", "register_backend", "Backend", "Capabilities",
            "GroupStats", "Plan"]
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode
 
 
 def _check_norm_args(o, weight, bias, running_mean, running_var, mode):
