@@ -10,7 +10,6 @@ Gradients come from autograd.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def project_per_domain(v: torch.Tensor, weight: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
@@ -60,13 +59,18 @@ def _through_rep(v: torch.Tensor, rep: torch.Tensor) -> torch.Tensor:
 
 def domain_statistics(o: torch.Tensor, domain: torch.Tensor, num_domains: int):
     """Per-domain count, mean and biased variance of the rows of ``o`` (two-pass, stable)."""
-    onehot = F.one_hot(domain, num_domains).to(o.dtype)  # (B, D)
-    count = onehot.sum(dim=0)
+    member = domain == torch.arange(num_domains, device=domain.device).unsqueeze(1)  # (D, B)
+    count = member.sum(dim=1).to(o.dtype)
     safe = count.clamp(min=1).unsqueeze(1)
-    mean = (onehot.t() @ o) / safe
+    mean = _domain_sums(o, member) / safe
     centred = o - mean[domain]
-    var = (onehot.t() @ (centred * centred)) / safe
+    var = _domain_sums(centred * centred, member) / safe
     return count, mean, var, centred
+
+
+def _domain_sums(values: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """Row sums per domain by masking, not a one-hot product (0 * NaN = NaN): a NaN row stays in its domain."""
+    return torch.stack([torch.where(rows.unsqueeze(1), values, 0).sum(dim=0) for rows in member])
 
 
 def update_running_stats(running_mean, running_var, count, mean, var, momentum):
