@@ -142,7 +142,8 @@ def test_a_crafted_pt2_is_refused_before_anything_is_unpickled(tmp_path):
     import io
     import zipfile
 
-    path = export_model(hamur(), *inputs(4), tmp_path / "model.pt2")
+    path = export_model(hamur(), *inputs(4), tmp_path / "new" / "dir" / "model.pt2")  # directories are created
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt2"]  # and no temporary file is left
     payload = io.BytesIO()
     torch.save(_RunsCode(tmp_path / "marker"), payload)
     crafted = tmp_path / "crafted.pt2"
@@ -168,8 +169,3 @@ def test_a_crafted_pt2_is_refused_before_anything_is_unpickled(tmp_path):
     (tmp_path / "plain.pt2").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a .pt2 archive"):
         load_exported(tmp_path / "plain.pt2")
-
-
-def test_export_writes_into_a_new_directory(tmp_path):
-    path = export_model(hamur(), *inputs(4), tmp_path / "new" / "dir" / "model.pt2")
-    assert load_exported(path) is not None and [p.name for p in path.parent.iterdir()] == ["model.pt2"]

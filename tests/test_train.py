@@ -17,7 +17,7 @@ from hamur_fast.features import build_ctr_model
 from hamur_fast.train import (CheckpointError, TrainConfig, Trainer, auc, domain_metrics, load_checkpoint, load_config,
                               load_trained, logloss, resume_run, train_run)
 from hamur_fast.train.experiment import apply_overrides, set_path
-from hamur_fast.train.files import RunDirectoryError, atomic_path, locked_directory
+from hamur_fast.train.files import RunDirectoryError, atomic_path
 from hamur_fast.train.trainer import TrainingError
 
 
@@ -279,13 +279,19 @@ def test_output_directory_is_checked_locked_and_cleaned(planted, tmp_path, monke
     stale = tmp_path / "run" / f".checkpoint.pt.{int(gone.stdout)}.tmp"
     stale.parent.mkdir()
     stale.write_bytes(b"")
-    with locked_directory(tmp_path / "run"):  # this process holds it: a second run into it is refused
-        holder = subprocess.run([sys.executable, "-c", "import sys; from hamur_fast.train.files import "
-                                 "locked_directory; locked_directory(sys.argv[1]).__enter__()", str(tmp_path / "run")],
-                                capture_output=True, text=True)
-        assert "is in use by another run" in holder.stderr
-    assert not stale.exists()
+    # another process holds the directory's lock, as a running train would: this run is refused at once
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; fcntl.flock(os.open(sys.argv[1], "
+                               "os.O_RDONLY), fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+                               str(tmp_path / "run")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirectoryError, match="is in use by another run"):
+            train_run(config, planted, run_dir=tmp_path / "run", progress=False)
+    finally:
+        holder.communicate("")  # the holder ends; the kernel releases its lock
+    assert stale.exists()  # the refused run touched nothing
     train_run(config, planted, run_dir=tmp_path / "run", progress=False)
+    assert not stale.exists()
     with pytest.warns(UserWarning, match="holds an earlier run"):
         train_run(config, planted, run_dir=tmp_path / "run", progress=False)
     monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
@@ -297,10 +303,11 @@ def test_output_directory_is_checked_locked_and_cleaned(planted, tmp_path, monke
 
 def test_two_runs_with_one_seed_agree_at_two_threads(tmp_path):
     """Several threads accumulate gradients in a varying order unless deterministic algorithms are on."""
-    data = load_synthetic(rows=8_000, seed=5)
-    config = {"model": {"name": "hamur_mlp", "preset": "movielens"},
-              "train": {"epochs": 1, "batch_size": 2048, "seed": 11, "threads": 2, "progress": False}}
+    data = load_synthetic(rows=6_000, seed=5)
+    config = {"model": {"name": "hamur_mlp", "dims": [64, 32], "hyper_dims": [16], "rank": 8, "bottleneck": 8},
+              "train": {"epochs": 1, "batch_size": 2048, "seed": 11, "progress": False}}
     before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the process's setting (train.threads unset): recorded in the checkpoint as used
     try:
         runs = [train_run(config, data, run_dir=tmp_path / str(i), progress=False) for i in range(2)]
     finally:
