@@ -275,6 +275,8 @@ def summarize(results: list) -> dict:
     summary["runs"] = (float(len(results)), 0.0)
     summary["best_epoch"] = (float(np.mean([r.best_epoch for r in results])), 0.0)
     summary["seconds"] = (float(np.mean([r.seconds for r in results])), 0.0)
+    # Training throughput: each run's mean over its epochs, then the mean over runs.
+    summary["rows_per_s"] = (float(np.mean([np.mean([row["rows_per_s"] for row in r.history]) for r in results])), 0.0)
     return summary
 
 
@@ -286,13 +288,13 @@ def format_table(summary_by_row: dict, labels: list, first_column: str = "model"
     """Markdown table: one row per model (or value), test AUC overall and per domain as mean ± std
     (the mean alone when there was one run)."""
     header = [first_column, "overall AUC", *[f"AUC {label}" for label in labels], "overall logloss",
-              "best epoch", "s/run"]
+              "best epoch", "s/run", "train rows/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, stats in summary_by_row.items():
         spread = stats["runs"][0] > 1
         cells = [str(row), *[_cell(stats[key], spread) for key in ["auc", *[f"auc_d{d}" for d in range(len(labels))],
                                                                      "logloss"]],
-                 f"{stats['best_epoch'][0]:.1f}", f"{stats['seconds'][0]:.0f}"]
+                 f"{stats['best_epoch'][0]:.1f}", f"{stats['seconds'][0]:.0f}", f"{stats['rows_per_s'][0]:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
