@@ -60,12 +60,16 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def cmd_demo(args) -> int:
     config = _config(args, DEMO_CONFIG)
     output = Path(args.output or "runs/demo")
-    print("HAMUR demo: synthetic multi-domain clicks (3 domains, domain 2 rare; see hamur_fast.data.synthetic),\n"
+    domains = config["data"].get("domains")
+    shape = f"{domains} domains, Zipf-like shares" if domains else "3 domains, domain 2 rare"
+    print(f"HAMUR demo: synthetic multi-domain clicks ({shape}; see hamur_fast.data.synthetic),\n"
           "HAMUR-MLP against the same per-domain MLP towers without adapters.\n")
     seeds = [int(s) for s in ex.split_values(args.seeds)]
     result = ex.compare(config, ["hamur_mlp", "mlp"], seeds, output, progress=not args.quiet)
     print(f"\nTest AUC per domain, mean ± std over seeds {seeds} (best epoch by validation AUC):\n\n"
           f"{result['table']}\n")
+    if (output / "compare_domains.md").is_file() and len(result["domains"]) > ex.MANY_DOMAINS:
+        print(f"Every domain's AUC: {output / 'compare_domains.md'}")
     print(f"Plots: {output / 'compare_domain_auc.png'}, learning curves under {output / 'runs'}/*/seed*/")
     return 0
 

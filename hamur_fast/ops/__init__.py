@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from . import backends  # noqa: F401  (registers every backend this installation offers)
+from . import backends, grouped_linear  # noqa: F401  (registers every backend this installation offers)
 from .contract import MODES, Backend, Capabilities, GroupStats, Plan, make_plan, update_running_stats
 from .registry import available_backends, register_backend, resolve
 
@@ -103,7 +103,7 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
     for name, (tensor, shape) in expected.items():
         _checks.check_float(name, tensor)
         _checks.check_shape(name, tensor, shape)
-    if torch.is_autocast_enabled(x.device.type):
+    if grouped_linear.autocast_dtype(x.device) is not None:  # (meta, where models run shape-only, has no autocast)
         # Like BatchNorm under autocast, the cell (its normalisation above all) runs in the precision of
         # its parameters; autocast hands the activations in lower precision, so they are cast up here.
         x, rep = x.to(down_left.dtype), rep.to(down_left.dtype)
