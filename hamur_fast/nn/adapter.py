@@ -8,6 +8,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .. import _checks, ops
+from ..distributed.statistics import active_group, batch_norm
 from ..ops import eager
 from ..ops.registry import check_backend_name
 
@@ -155,7 +156,7 @@ class HyperAdapter(BackendAttribute, nn.Module):
         This is how the released MLP model uses its cell (once per domain tower); with the "torch"
         backend the T applications run as one batched computation, otherwise one op call per tower.
         """
-        batched = (self.mode == "released" and self.norm == "domain"
+        batched = (self.mode == "released" and self.norm == "domain" and active_group() is None
                    and ops.registry.resolve(self.backend, x.device).name == "torch")
         if not batched:
             return torch.stack([self(tower, rep, domain) for tower in x])
@@ -176,8 +177,8 @@ class HyperAdapter(BackendAttribute, nn.Module):
         if self.norm == "layer":
             standard = F.layer_norm(o, (self.width,), eps=self.eps)
         else:  # "batch"
-            standard = F.batch_norm(o, self.running_mean, self.running_var, training=self.training,
-                                    momentum=self.momentum, eps=self.eps)
+            standard = batch_norm(o, self.running_mean, self.running_var, None, None, self.training,
+                                  self.momentum, self.eps)
         per_domain = self.norm_weight.dim() == 2
         weight = self.norm_weight[domain] if per_domain else self.norm_weight
         bias = self.norm_bias[domain] if per_domain else self.norm_bias

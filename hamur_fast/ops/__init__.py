@@ -10,6 +10,7 @@ import importlib
 import torch
 
 from .. import _checks
+from ..distributed import statistics as _statistics
 from . import eager, reference
 from .registry import Backend, available_backends, register_backend, resolve
 
@@ -83,6 +84,10 @@ def domain_norm(o, domain, weight, bias, running_mean=None, running_var=None, *,
     param_domains = _check_norm_args(o, weight, bias, running_mean, running_var, mode)
     _checks.check_domain(domain, batch, param_domains if mode == "paper" else num_domains)
     _checks.check_same_device(o=o, domain=domain, weight=weight)
+    group = _statistics.active_group()
+    if group is not None and (training or mode == "released"):  # batch statistics of every rank's rows
+        return _statistics.domain_norm(o, domain, weight, bias, running_mean, running_var, mode=mode,
+                                       momentum=momentum, eps=eps, group=group)
     impl = resolve(backend, o.device)
     return impl.domain_norm(o, domain, weight, bias, running_mean, running_var,
                             mode=mode, training=training, momentum=momentum, eps=eps)
@@ -131,6 +136,11 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
         raise ValueError(f"x, rep and the factor matrices must share one dtype, got {sorted(map(str, dtypes))}")
     _checks.check_domain(domain, batch, param_domains if mode == "paper" else num_domains)
     _checks.check_same_device(x=x, rep=rep, domain=domain, down_left=down_left)
+    group = _statistics.active_group()
+    if group is not None and (training or mode == "released"):  # batch statistics of every rank's rows
+        o = eager.adapter_projection(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias)
+        return x + _statistics.domain_norm(o, domain, norm_weight, norm_bias, running_mean, running_var,
+                                           mode=mode, momentum=momentum, eps=eps, group=group)
     impl = resolve(backend, x.device)
     params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
     return impl.hyper_adapter(x, rep, domain, params, running_mean, running_var,

@@ -99,7 +99,7 @@ class RunResult:
 
 
 def train_run(config: dict, data: MultiDomainData | None = None, run_dir=None, label: str = "",
-              progress: bool = True) -> RunResult:
+              progress: bool = True, trainer_class=Trainer) -> RunResult:
     """Train one model as configured and evaluate it on the test split (best weights by val AUC)."""
     train_config = replace(TrainConfig.from_dict(config.get("train", {})), progress=progress)
     model_config = config.get("model", DEFAULT_MODEL)
@@ -108,8 +108,9 @@ def train_run(config: dict, data: MultiDomainData | None = None, run_dir=None, l
     data = data or load_dataset(data_config)
     torch.manual_seed(train_config.seed)  # model initialisation
     model = build_ctr_model(data.feature_map, model_config)
-    trainer = Trainer(model, train_config, data.feature_map, run_dir, {"data": data_config, "model": model_config})
-    return _fit_and_test(trainer, data, label or model_config["name"], run_dir)
+    trainer = trainer_class(model, train_config, data.feature_map, run_dir,
+                            {"data": data_config, "model": model_config})
+    return _fit_and_test(trainer, data, label or model_config["name"], trainer.run_dir)
 
 
 def recorded_data(payload: dict, checkpoint_path) -> dict:
@@ -135,7 +136,7 @@ def load_trained(checkpoint_path, device: str | None = None):
 
 
 def resume_run(checkpoint_path, data: MultiDomainData | None = None, epochs: int | None = None,
-               progress: bool = True) -> RunResult:
+               progress: bool = True, trainer_class=Trainer) -> RunResult:
     """Continue the run that wrote ``checkpoint_path`` (in the same run directory) to its configured end."""
     payload = load_checkpoint(checkpoint_path)
     config = payload["config"]
@@ -145,9 +146,10 @@ def resume_run(checkpoint_path, data: MultiDomainData | None = None, epochs: int
                            **({"epochs": epochs} if epochs else {}))
     model = build_ctr_model(feature_map, config["model"])
     run_dir = Path(checkpoint_path).parent
-    trainer = Trainer(model, train_config, feature_map, run_dir, {"data": config["data"], "model": config["model"]})
+    trainer = trainer_class(model, train_config, feature_map, run_dir,
+                            {"data": config["data"], "model": config["model"]})
     trainer.restore(payload)
-    return _fit_and_test(trainer, data, config["model"]["name"], run_dir)
+    return _fit_and_test(trainer, data, config["model"]["name"], trainer.run_dir)
 
 
 def _fit_and_test(trainer: Trainer, data: MultiDomainData, label: str, run_dir) -> RunResult:

@@ -125,8 +125,7 @@ class Trainer:
         total, rows = 0.0, 0
         bar = tqdm(total=len(split), unit="rows", unit_scale=True, desc=f"epoch {self.epoch + 1}",
                    disable=not self.config.progress, leave=False)
-        for batch in split.batches(self.config.batch_size, shuffle=True, seed=self.config.seed, epoch=self.epoch,
-                                   device=self.device, pin_memory=self.config.pin_memory):
+        for batch in self._training_batches(split):
             if len(batch.domain) < 2:
                 continue  # batch normalisation cannot train on a single row
             if self.captured_step is not None and len(batch.domain) != self.config.batch_size:
@@ -138,12 +137,21 @@ class Trainer:
         bar.close()
         return total / max(rows, 1)
 
+    def _training_batches(self, split: TensorSplit):
+        """One epoch's batches, shuffled by (seed, epoch) (a data-parallel trainer takes this rank's share)."""
+        return split.batches(self.config.batch_size, shuffle=True, seed=self.config.seed, epoch=self.epoch,
+                             device=self.device, pin_memory=self.config.pin_memory)
+
+    def _forward_logits(self, batch) -> torch.Tensor:
+        """The training forward (a data-parallel trainer runs it through DDP)."""
+        return self.model.logits(batch)
+
     def _step(self, batch) -> float:
         if self.captured_step is not None:
             return self.captured_step.step((batch.sparse, batch.dense), batch.domain, batch.label).item()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
-            logits = self.model.logits(batch)
+            logits = self._forward_logits(batch)
         loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label)
         loss.backward()
         if self.config.grad_clip:
