@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
+from .distributed import trainer as distributed_trainer
 from .data import DataError, load_dataset, read_prediction_input
 from .inference import export_checkpoint
 from .train import CheckpointError
@@ -28,6 +30,7 @@ DEMO_SEEDS = "1,2,3"
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -52,12 +55,17 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.nproc > 1 and not distributed.launched_by_torchrun():
+        return distributed.launch_with_torchrun(args.nproc, args.argv)  # N processes run this same command
+    runs = distributed_trainer if distributed.launched_by_torchrun() else ex
     if args.resume:
-        result = ex.resume_run(args.resume, epochs=args.epochs, progress=not args.quiet)
+        result = runs.resume_run(args.resume, epochs=args.epochs, progress=not args.quiet)
     else:
         config = _config(args)
         output = Path(args.output or config.get("output", "runs/train"))
-        result = ex.train_run(config, run_dir=output, progress=not args.quiet)
+        result = runs.train_run(config, run_dir=output, progress=not args.quiet)
+    if not distributed.runtime.is_main_process():
+        return 0
     _print_metrics(result.test, f"test metrics ({result.label}, best epoch {result.best_epoch})")
     print(f"checkpoint: {result.run_dir / 'checkpoint.pt'}")
     return 0
@@ -182,7 +190,10 @@ def _parser() -> argparse.ArgumentParser:
     train = command("train", cmd_train, "train one model from a config")
     train.add_argument("--epochs", type=int, help="override train.epochs")
     train.add_argument("--seed", type=int, help="override train.seed")
-    train.add_argument("--resume", metavar="CHECKPOINT", help="continue the run that wrote this checkpoint")
+    train.add_argument("--resume", metavar="CHECKPOINT", help="continue the run that wrote this checkpoint "
+                       "(with any --nproc)")
+    train.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun; "
+                       "gloo on CPU, NCCL on GPU); train.batch_size is the global batch")
     evaluate = command("eval", cmd_eval, "evaluate a checkpoint on its data's test (or val) split", config=False)
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--split", choices=["test", "val", "train"], default="test")

@@ -114,3 +114,29 @@ def test_chan_merge_of_rank_moments_equals_moments_of_all_rows():
     assert_close(mean, expected_mean, 1e-14, "mean")
     assert_close(m2, expected_m2, 1e-13, "M2")
     assert torch.equal(mean[3], torch.zeros(5)) and torch.equal(m2[3], torch.zeros(5))
+
+
+def test_cli_trains_on_two_processes_and_resumes_on_one(tmp_path):
+    """``hamur-fast train --nproc 2``: rank 0 alone prints and writes one checkpoint; ``--resume`` with one
+    process continues that run (the checkpoint does not depend on the number of processes)."""
+    from hamur_fast import cli
+    from hamur_fast.train import load_checkpoint
+
+    run = tmp_path / "run"
+    overrides = ["data.kind=synthetic", "data.rows=3000", "model.name=hamur_mlp", "model.dims=[16]",
+                 "model.hyper_dims=[8]", "model.rank=4", "model.bottleneck=8", "train.epochs=2",
+                 "train.batch_size=256", "train.device=cpu"]
+    args = ["train", "--nproc", str(WORLD), "--quiet", "--output", str(run), *[a for o in overrides for a in ("--set", o)]]
+    result = subprocess.run([sys.executable, "-m", "hamur_fast.cli", *args], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600, cwd=HERE.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.stdout.count("test metrics (hamur_mlp") == 1  # rank 0 only
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "learning_curves.png", "metrics.csv",
+                                                    "metrics.json", "test_metrics.json"]
+    payload = load_checkpoint(run / "checkpoint.pt")
+    assert payload["progress"]["epoch"] == 2 and payload["config"]["train"]["batch_size"] == 256
+
+    assert cli.main(["train", "--resume", str(run / "checkpoint.pt"), "--epochs", "3", "--quiet"]) == 0
+    history = load_checkpoint(run / "checkpoint.pt")["progress"]["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert history[:2] == payload["progress"]["history"]

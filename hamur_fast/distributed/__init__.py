@@ -4,6 +4,7 @@
 :mod:`.runtime` starts and describes the process group (torchrun's environment, gloo or NCCL);
 :mod:`.trainer` is the data-parallel ``Trainer`` behind ``hamur-fast train --nproc N``.
 """
+from . import runtime
 from .runtime import DistributedContext, launch_with_torchrun, launched_by_torchrun, start, stop
 from .statistics import SyncBatchNorm1d, convert_batch_norms, global_moments, merge_moments, synchronised
 

@@ -79,5 +79,18 @@ def launch_with_torchrun(nproc: int, argv: list) -> int:
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "hamur_fast.cli", *argv]
+               "-m", "hamur_fast.cli", *_without_nproc(argv)]
     return subprocess.call(command)
+
+
+def _without_nproc(argv: list) -> list:
+    """The command line minus ``--nproc N`` (torchrun would read it as its own abbreviated option)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept

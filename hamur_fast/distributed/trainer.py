@@ -14,6 +14,8 @@
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -24,6 +26,10 @@ from ..train import experiment
 from ..train.trainer import Trainer, TrainConfig
 from . import runtime
 from .statistics import convert_batch_norms, synchronised
+
+# torch 2.13 renamed DDP's broadcast_buffers (older versions, e.g. the GPU machine's 2.11, know only that name).
+NO_BUFFER_BROADCAST = ("forward_sync_buffers" if "forward_sync_buffers" in
+                       inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
 
 
 class LogitsModule(nn.Module):
@@ -63,7 +69,7 @@ class DistributedTrainer(Trainer):
             # The running statistics are equal on every rank (synchronised), so buffers are not broadcast.
             self.ddp = DistributedDataParallel(
                 LogitsModule(self.model), device_ids=[self.device] if self.device.type == "cuda" else None,
-                process_group=self.context.group, find_unused_parameters=True, broadcast_buffers=False)
+                process_group=self.context.group, find_unused_parameters=True, **{NO_BUFFER_BROADCAST: False})
             self.best_state = {k: v.clone() for k, v in self.model.state_dict().items()}  # rank 0's weights
 
     # ------------------------------------------------------------------ training
