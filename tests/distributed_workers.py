@@ -131,12 +131,84 @@ def suite_equivalence(context) -> dict:
     return results
 
 
+# The TorchRec feature stage (tables sharded table-wise, fused SGD in the backward) against nn.Embedding tables
+# trained by plain SGD; TorchRec's tables are float32.
+TORCHREC_CASES = [("hamur_mlp", mode, "torch", torch.float32) for mode in ("paper", "released")]
+EMBEDDING_LR = 0.5  # large enough for the table updates to matter within three steps
+
+
+def embedding_sgd(trainer):
+    """The reference optimizer: plain SGD on the tables (what the fused kernel runs), with_sgd's on the rest."""
+    tables = list(trainer.model.features.parameters())
+    dense = [p for n, p in trainer.model.named_parameters() if not n.startswith("features.")]
+    trainer.optimizer = torch.optim.SGD([{"params": tables, "lr": EMBEDDING_LR},
+                                         {"params": dense, "momentum": 0.9, "weight_decay": 1e-3}], lr=0.05)
+    return trainer
+
+
+@functools.lru_cache(maxsize=None)
+def one_process_embedding(case) -> list:
+    fmap = feature_map()
+    return train_steps(embedding_sgd(Trainer(build(fmap, case), config(), fmap)), global_batches(fmap))
+
+
+def suite_torchrec(context) -> dict:
+    import torch.nn.functional as F
+    from hamur_fast.distributed.statistics import convert_batch_norms, synchronised
+    from hamur_fast.distributed.trainer import LogitsModule
+    from hamur_fast.features_torchrec import build_torchrec_ctr_model, dense_parameters, load_tables, shard
+
+    fmap = feature_map()
+    share = GLOBAL_BATCH // context.world_size
+    results = {}
+    for case in TORCHREC_CASES:
+        plain = build(fmap, case)
+        model = build_torchrec_ctr_model(fmap, plain.core, SMALL["embed_dim"])
+        convert_batch_norms(model)
+        sharded = shard(LogitsModule(model), context, "table_wise", torch.optim.SGD, {"lr": EMBEDDING_LR})
+        load_tables(sharded, plain.features)
+        dense = dense_parameters(sharded)
+        optimizer = torch.optim.SGD(dense.values(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        records = []
+        for step, batch in enumerate(global_batches(fmap), 1):
+            mine = Batch(*(t[context.rank * share:(context.rank + 1) * share] for t in batch))
+            optimizer.zero_grad(set_to_none=True)
+            with synchronised(context.stats_group):
+                logits = sharded(mine.sparse, mine.dense, mine.domain)
+            loss = F.binary_cross_entropy_with_logits(logits, mine.label)
+            loss.backward()
+            optimizer.step()
+            if step in (1, STEPS):
+                records.append({"loss": loss.item(), "grads": {unwrapped(n): p.grad.clone() for n, p in dense.items()
+                                                               if p.grad is not None},
+                                "state": sharded_state(sharded)})
+        results[case_key(case)] = records
+    return results
+
+
+def unwrapped(name: str) -> str:
+    """A name inside DistributedModelParallel(LogitsModule(model)) -> the same name inside model."""
+    return name.split("model.", 1)[1]
+
+
+def sharded_state(sharded) -> dict:
+    """Every dense state entry, and each table shard this rank holds as (name, row offset) -> rows."""
+    state = {}
+    for name, value in sharded.state_dict().items():
+        if hasattr(value, "local_shards"):
+            for piece in value.local_shards():
+                state[(unwrapped(name), piece.metadata.shard_offsets[0])] = piece.tensor.clone()
+        else:
+            state[unwrapped(name)] = value.clone()
+    return state
+
+
 def case_key(case) -> str:
     name, mode, backend, dtype = case
     return f"{name}-{mode}-{backend}-{str(dtype).removeprefix('torch.')}"
 
 
-SUITES = {"equivalence": suite_equivalence}
+SUITES = {"equivalence": suite_equivalence, "torchrec": suite_torchrec}
 
 
 def main(out: str, *suites: str) -> None:

@@ -2,6 +2,7 @@
 same global batches (tests/distributed_workers.py runs the ranks; one launch serves every test here)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -33,7 +34,8 @@ def torchrun(script_args: list, nproc: int = WORLD, timeout: int = 600) -> subpr
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list:
     out = tmp_path_factory.mktemp("ranks")
-    torchrun([str(HERE / "distributed_workers.py"), str(out), *workers.SUITES])
+    suites = [name for name in workers.SUITES if name != "torchrec" or importlib.util.find_spec("torchrec")]
+    torchrun([str(HERE / "distributed_workers.py"), str(out), *suites])
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -56,41 +58,72 @@ def null_parameters(case) -> set:
     return null
 
 
-@pytest.mark.parametrize("case", workers.CASES, ids=workers.case_key)
-def test_two_ranks_train_like_one_process(ranks, case):
-    """Loss, every gradient, every parameter and every running statistic after 1 and 3 steps."""
+def assert_like_one_process(rank_steps: list, reference_steps: list, case, tables=None):
+    """Each rank's records after steps 1 and 3 against one process's: the mean loss over the ranks, every
+    gradient, every parameter and buffer. ``tables``: TorchRec name -> plain name; their shards (the tables'
+    gradients are applied inside the backward, so they show in the rows after the step) are compared with the
+    plain tables' rows, and together must cover them."""
     tolerance = TOLERANCE[case[3]]
-    reference = workers.one_process(case)
     null = null_parameters(case)
-    key = workers.case_key(case)
-    for index, (step, ref) in enumerate(zip((1, workers.STEPS), reference["steps"])):
+    for index, ref in enumerate(reference_steps):
+        step = (1, workers.STEPS)[index]
         # Each rank reports the mean loss of its rows; the global batch's mean is their average.
-        loss = sum(r["equivalence"][key]["steps"][index]["loss"] for r in ranks) / WORLD
+        loss = sum(steps[index]["loss"] for steps in rank_steps) / WORLD
         assert abs(loss - ref["loss"]) <= tolerance * abs(ref["loss"]), (step, loss, ref["loss"])
         scale = max(g.abs().max().item() for g in ref["grads"].values())
-        for rank, rank_results in enumerate(ranks):
-            mine = rank_results["equivalence"][key]["steps"][index]
-            assert mine["grads"].keys() == ref["grads"].keys()
-            for name, grad in ref["grads"].items():
+        value_scale = max(v.abs().max().item() for v in ref["state"].values() if v.is_floating_point())
+        covered = {}
+        for rank, steps in enumerate(rank_steps):
+            mine = steps[index]
+            expected_grads = {n: g for n, g in ref["grads"].items() if not (tables and n in tables.values())}
+            assert mine["grads"].keys() == expected_grads.keys()
+            for name, grad in expected_grads.items():
                 what = f"rank {rank} step {step} grad {name}"
                 if name in null:
                     assert (mine["grads"][name] - grad).abs().max() <= tolerance * scale, what
                 else:
                     assert_close(mine["grads"][name], grad, tolerance, what)
-            assert mine["state"].keys() == ref["state"].keys()
-            value_scale = max(v.abs().max().item() for v in ref["state"].values() if v.is_floating_point())
-            for name, value in ref["state"].items():
-                what = f"rank {rank} step {step} {name}"
-                if name in null:
-                    assert (mine["state"][name] - value).abs().max() <= tolerance * value_scale, what
+            for key, value in mine["state"].items():
+                if isinstance(key, tuple):  # (TorchRec table, first row) -> this rank's shard
+                    name, first = tables[key[0]], key[1]
+                    expected = ref["state"][name][first:first + len(value)]
+                    covered[name] = covered.get(name, 0) + len(value)
+                    assert_close(value, expected, tolerance, f"rank {rank} step {step} {name} rows {first}..")
+                elif key in null:
+                    assert (value - ref["state"][key]).abs().max() <= tolerance * value_scale, key
                 elif value.is_floating_point():
-                    assert_close(mine["state"][name], value, tolerance, what)
+                    assert_close(value, ref["state"][key], tolerance, f"rank {rank} step {step} {key}")
                 else:  # num_batches_tracked
-                    assert torch.equal(mine["state"][name], value), what
+                    assert torch.equal(value, ref["state"][key]), f"rank {rank} step {step} {key}"
+            plain_keys = {k for k in mine["state"] if not isinstance(k, tuple)}
+            assert plain_keys == set(ref["state"]) - set((tables or {}).values())
+        if tables:
+            assert covered == {name: len(ref["state"][name]) for name in tables.values()}
+
+
+@pytest.mark.parametrize("case", workers.CASES, ids=workers.case_key)
+def test_two_ranks_train_like_one_process(ranks, case):
+    """Loss, every gradient, every parameter and every running statistic after 1 and 3 steps."""
+    reference = workers.one_process(case)
+    key = workers.case_key(case)
+    assert_like_one_process([r["equivalence"][key]["steps"] for r in ranks], reference["steps"], case)
     # Predictions of the trained model, each eval batch split across the ranks and gathered.
     for rank_results in ranks:
-        assert_close(rank_results["equivalence"][key]["predictions"], reference["predictions"], tolerance,
-                     "predictions")
+        assert_close(rank_results["equivalence"][key]["predictions"], reference["predictions"],
+                     TOLERANCE[case[3]], "predictions")
+
+
+@pytest.mark.parametrize("case", workers.TORCHREC_CASES, ids=workers.case_key)
+def test_torchrec_table_wise_feature_stage_trains_like_nn_embedding(ranks, case):
+    """The feature stage as a TorchRec EmbeddingBagCollection sharded table-wise by DistributedModelParallel (fused
+    SGD on the tables), HAMUR as the dense part, 2 ranks, against one process with nn.Embedding tables."""
+    if "torchrec" not in ranks[0]:
+        pytest.skip("torchrec is not installed (pip install hamur_fast[torchrec])")
+    fields = workers.feature_map().sparse_fields
+    tables = {f"features.ebc.embedding_bags.table_{field}.weight": f"features.tables.{i}.weight"
+              for i, field in enumerate(fields)}
+    key = workers.case_key(case)
+    assert_like_one_process([r["torchrec"][key] for r in ranks], workers.one_process_embedding(case), case, tables)
 
 
 def test_metrics_over_all_ranks_are_the_one_process_metrics_of_the_same_predictions(ranks):
