@@ -11,6 +11,7 @@ PY=${PYTHON:-python3}
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
 "$PY" -m pip install -q setuptools wheel pybind11 ninja
 "$PY" -m pip install -q --no-build-isolation -e ".[test,parquet,onnx]"
+PYTHON="$PY" bash scripts/install_torchrec.sh   # the torchrec extra (scaling out; its tests run in CI)
 
 job=${1:-}
 shift || true
