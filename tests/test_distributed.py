@@ -173,3 +173,41 @@ def test_cli_trains_on_two_processes_and_resumes_on_one(tmp_path):
     history = load_checkpoint(run / "checkpoint.pt")["progress"]["history"]
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert history[:2] == payload["progress"]["history"]
+
+
+def test_converted_batch_norms_keep_their_state_and_single_process_results():
+    """Outside synchronised() a converted model is the same model: same state_dict keys, outputs and updates
+    (the hyper-network's released-mode D-fold running-statistics update included)."""
+    import copy
+
+    import hamur_fast as hf
+    from hamur_fast.distributed import SyncBatchNorm1d, convert_batch_norms
+
+    torch.manual_seed(0)
+    model = hf.models.build("hamur_dcn", 13, 3, mode="released", dims=[8], hyper_dims=[6], rank=3).double()
+    converted = convert_batch_norms(copy.deepcopy(model))
+    assert sum(isinstance(m, SyncBatchNorm1d) for m in converted.modules()) == 3  # shared MLP and hyper-network
+    assert list(converted.state_dict()) == list(model.state_dict())
+    e, domain = torch.randn(10, 13, dtype=torch.float64), torch.randint(0, 3, (10,))
+    for _ in range(2):
+        assert torch.equal(converted(e, domain), model(e, domain))
+    for (name, a), b in zip(converted.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_training_shards_are_equal_disjoint_and_cover_all_but_the_remainder():
+    from hamur_fast.data import TensorSplit
+    from hamur_fast.distributed.trainer import shard
+
+    split = TensorSplit(torch.arange(11).view(-1, 1).int(), torch.zeros(11, 1), torch.zeros(11).short(),
+                        torch.zeros(11))
+    parts = [shard(split, rank, 3) for rank in range(3)]
+    assert [len(p) for p in parts] == [3, 3, 3]
+    assert sorted(torch.cat([p.sparse for p in parts]).view(-1).tolist()) == list(range(9))
+
+
+def test_the_relaunched_command_leaves_nproc_to_torchrun():
+    from hamur_fast.distributed.runtime import _without_nproc
+
+    assert _without_nproc(["train", "--nproc", "2", "--config", "c.yaml", "--nproc=4", "--quiet"]) == [
+        "train", "--config", "c.yaml", "--quiet"]

@@ -173,6 +173,8 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         self.num_batches_tracked.add_(self.updates_per_step)
         if self.momentum is None:  # cumulative moving average, as BatchNorm1d(momentum=None)
             momentum = 1.0 / float(self.num_batches_tracked)
+        elif self.updates_per_step == 1:
+            momentum = self.momentum
         else:
             momentum = 1.0 - (1.0 - self.momentum) ** self.updates_per_step
         return batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps)
