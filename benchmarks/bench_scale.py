@@ -2,9 +2,9 @@
 
     python benchmarks/bench_scale.py [--batch 4096] [--steps 20] [--mode paper] [--gpu-step-ms 17.7]
 
-Runs the MovieLens-sized HAMUR-MLP (preset movielens, embedding dim 16; synthetic data in the MovieLens feature
-layout is not needed: the step cost depends on the sizes only) as ``DistributedTrainer`` steps under torchrun,
-global batch ``--batch``, each process one thread, plus one process with as many threads as there are processes.
+Runs HAMUR-MLP with the released MovieLens sizes (preset movielens, embedding dim 16) as ``DistributedTrainer``
+steps under torchrun, global batch ``--batch``, on ``--movielens DIR`` (e.g. ../shared/data/ml-1m-sample) or, by
+default, the built-in synthetic data; each process one thread, plus one process with two threads.
 Measured per rank and step, by counting what goes into the collectives:
 - gradients: the bytes DDP all-reduces (its buckets, seen by a comm hook);
 - statistics: the per-domain (count, mean, M2) all_gathers of the forward, the (dmean, dvar) all_reduces of
@@ -62,7 +62,9 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     context = runtime.start("cpu")
-    data = load_sharded({"kind": "synthetic", "rows": args.rows, "seed": 0}, context)
+    source = ({"kind": "movielens", "path": args.movielens} if args.movielens else
+              {"kind": "synthetic", "rows": args.rows, "seed": 0})
+    data = load_sharded(source, context)
     torch.manual_seed(0)
     model = hf.features.build_ctr_model(data.feature_map, {"name": "hamur_mlp", "preset": "movielens",
                                                             "mode": args.mode, "embed_dim": 16})
@@ -103,7 +105,7 @@ def launch(args, processes: int, threads: int) -> dict:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                    __file__, "--worker", "--out", str(out), "--threads", str(threads), "--batch", str(args.batch),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--mode", args.mode,
-                   "--rows", str(args.rows)]
+                   "--rows", str(args.rows), *(["--movielens", args.movielens] if args.movielens else [])]
         subprocess.run(command, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return json.loads(out.read_text())
@@ -118,7 +120,8 @@ def embedding_all_to_all_bytes(batch: int, ranks: int, fields: int, dim: int) ->
 
 
 def report(args, results: list) -> None:
-    print(f"HAMUR-MLP (preset movielens, {args.mode} mode), global batch {args.batch}, CPU, gloo; "
+    print(f"HAMUR-MLP (preset movielens, {args.mode} mode) on {args.movielens or 'synthetic data'}, global batch "
+          f"{args.batch}, CPU, gloo; "
           f"{args.steps} timed steps after {args.warmup}\n")
     print("| processes x threads | step ms | rows/s | vs 1 process, 1 thread |")
     print("|---|---|---|---|")
@@ -170,7 +173,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--mode", choices=["paper", "released"], default="paper")
-    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--rows", type=int, default=100_000, help="synthetic rows (without --movielens)")
+    parser.add_argument("--movielens", help="a MovieLens-1M directory (or merged CSV) instead of synthetic data")
     parser.add_argument("--gpu-step-ms", type=float, default=17.7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--worker", action="store_true")

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -59,7 +60,7 @@ class DistributedTrainer(Trainer):
         if config.cuda_graph and self.context.enabled:
             raise ValueError("cuda_graph does not combine with data-parallel training")
         if not self.context.is_main:
-            config = TrainConfig(**{**vars(config), "progress": False})
+            config = replace(config, progress=False)
         convert_batch_norms(model)
         super().__init__(model, config, feature_map, run_dir if self.context.is_main else None, run_config)
         self.device = self.context.device if self.context.enabled else self.device
