@@ -38,17 +38,17 @@ class CountingCollectives:
     """Stands in for ``torch.distributed`` inside hamur_fast.distributed.statistics: counts payload bytes."""
 
     def __init__(self, dist):
-        self._dist, self.bytes, self.calls = dist, 0, 0
+        self._dist, self.gathered, self.reduced, self.gathers, self.reduces = dist, 0, 0, 0, 0
 
     def __getattr__(self, name):
         return getattr(self._dist, name)
 
     def all_gather(self, outputs, tensor, group=None):
-        self.bytes, self.calls = self.bytes + tensor.numel() * tensor.element_size(), self.calls + 1
+        self.gathered, self.gathers = self.gathered + tensor.numel() * tensor.element_size(), self.gathers + 1
         return self._dist.all_gather(outputs, tensor, group=group)
 
     def all_reduce(self, tensor, group=None):
-        self.bytes, self.calls = self.bytes + tensor.numel() * tensor.element_size(), self.calls + 1
+        self.reduced, self.reduces = self.reduced + tensor.numel() * tensor.element_size(), self.reduces + 1
         return self._dist.all_reduce(tensor, group=group)
 
 
@@ -80,7 +80,7 @@ def worker(args) -> None:
     batches = [b for _, b in zip(range(args.steps + args.warmup), trainer._training_batches(data.train))]
     for batch in batches[:args.warmup]:
         trainer._step(batch)
-    grad_bytes[0], counter.bytes, counter.calls = 0, 0, 0
+    grad_bytes[0], counter.gathered, counter.reduced, counter.gathers, counter.reduces = 0, 0, 0, 0, 0
     if context.enabled:
         dist.barrier()
     started = time.perf_counter()
@@ -93,7 +93,8 @@ def worker(args) -> None:
         Path(args.out).write_text(json.dumps({
             "processes": context.world_size, "threads": args.threads, "step_ms": seconds * 1e3,
             "rows_per_s": args.batch / seconds, "grad_bytes": grad_bytes[0] / args.steps,
-            "stats_bytes": counter.bytes / args.steps, "stats_collectives": counter.calls / args.steps,
+            "stats_gathered": counter.gathered / args.steps, "stats_reduced": counter.reduced / args.steps,
+            "stats_gathers": counter.gathers / args.steps, "stats_reduces": counter.reduces / args.steps,
             "table_params": tables, "dense_params": dense, "fields": len(data.feature_map.sparse_fields),
             "embed_dim": 16}))
     runtime.stop()
@@ -137,34 +138,42 @@ def report(args, results: list) -> None:
     print("\nBytes per rank per step, 2 processes (payload handed to the collectives, measured):\n")
     print("| what | bytes | collectives |")
     print("|---|---|---|")
-    print(f"| gradients (DDP all-reduce, tables included) | {two['grad_bytes']:,.0f} | buckets |")
-    print(f"| batch statistics (all_gather + all_reduce) | {two['stats_bytes']:,.0f} | "
-          f"{two['stats_collectives']:.0f} |")
-    print(f"| of which embedding tables' gradients | {table_bytes:,} | - |")
-    print(f"| TorchRec table-wise instead: embedding all-to-all (computed) | "
+    print(f"| gradients (DDP all-reduce, embedding tables included) | {two['grad_bytes']:,.0f} | buckets |")
+    print(f"| batch statistics: all_gather of (count, mean, M2) | {two['stats_gathered']:,.0f} | "
+          f"{two['stats_gathers']:.0f} |")
+    print(f"| batch statistics: all_reduce of the backward, rows per domain | {two['stats_reduced']:,.0f} | "
+          f"{two['stats_reduces']:.0f} |")
+    print(f"| of the gradients: the embedding tables' | {table_bytes:,} | - |")
+    print(f"| TorchRec table-wise instead of replicated tables: embedding all-to-all (computed) | "
           f"{embedding_all_to_all_bytes(args.batch, 2, fields, dim):,.0f} | 4 |")
 
     ranks = 8
     dense_bytes = two["dense_params"] * 4
-    ring = 2 * (ranks - 1) / ranks
-    stats_per_rank = two["stats_bytes"]  # independent of N for the backward; the gather grows with N (small)
+    ring = 2 * (ranks - 1) / ranks  # ring all-reduce: bytes on the wire per byte of payload, per rank
+    statistics_wire = two["stats_gathered"] * (ranks - 1) + two["stats_reduced"] * ring
     alltoall = embedding_all_to_all_bytes(args.batch * ranks, ranks, fields, dim)
+    one_gpu_rows = args.batch / args.gpu_step_ms * 1e3
     print(f"\nProjection, 8 GPUs, {args.batch} rows per GPU (global batch {args.batch * ranks}), from a single-GPU "
-          f"step of {args.gpu_step_ms} ms:\n")
-    print("| setup | wire bytes per rank per step | comms ms (NVLink / IB) | step ms, no overlap (NVLink / IB) |")
-    print("|---|---|---|---|")
-    latency_ms = two["stats_collectives"] * SMALL_COLLECTIVE_US / 1e3
+          f"step of {args.gpu_step_ms} ms ({one_gpu_rows:,.0f} rows/s):\n")
+    print("| setup | wire bytes per rank per step | comms ms (NVLink / IB) | step ms, no overlap (NVLink / IB) | "
+          "rows/s, 8 GPUs (NVLink / IB) | vs 8 x 1 GPU |")
+    print("|---|---|---|---|---|---|")
+    collectives = two["stats_gathers"] + two["stats_reduces"]
+    latency_ms = collectives * SMALL_COLLECTIVE_US / 1e3
     for name, wire in (("DDP, tables replicated", ring * (dense_bytes + table_bytes)),
                        ("DDP dense + TorchRec table-wise", ring * dense_bytes + alltoall)):
-        wire_total = wire + stats_per_rank * (ranks - 1)
-        nvlink = wire_total / (NVLINK_BUS_GBPS * 1e9) * 1e3 + latency_ms
-        infiniband = wire_total / (INFINIBAND_GBPS * 1e9) * 1e3 + latency_ms
-        print(f"| {name} | {wire_total:,.0f} | {nvlink:.2f} / {infiniband:.2f} | "
-              f"{args.gpu_step_ms + nvlink:.1f} / {args.gpu_step_ms + infiniband:.1f} |")
+        total = wire + statistics_wire
+        comms = [total / (bandwidth * 1e9) * 1e3 + latency_ms for bandwidth in (NVLINK_BUS_GBPS, INFINIBAND_GBPS)]
+        steps = [args.gpu_step_ms + c for c in comms]
+        rows = [ranks * args.batch / s * 1e3 for s in steps]
+        print(f"| {name} | {total:,.0f} | {comms[0]:.2f} / {comms[1]:.2f} | {steps[0]:.1f} / {steps[1]:.1f} | "
+              f"{rows[0]:,.0f} / {rows[1]:,.0f} | {rows[0] / (ranks * one_gpu_rows):.2f} / "
+              f"{rows[1] / (ranks * one_gpu_rows):.2f} |")
     print(f"\nAssumed: NCCL bus bandwidth {NVLINK_BUS_GBPS:.0f} GB/s in an NVLink node, {INFINIBAND_GBPS:.0f} GB/s "
           f"per GPU over 400 Gb/s InfiniBand, {SMALL_COLLECTIVE_US:.0f} us per small statistics collective "
-          f"({two['stats_collectives']:.0f} per step, latency-bound, on the critical path). DDP overlaps the "
-          "gradient all-reduce with the backward, so the no-overlap step is an upper bound.")
+          f"({collectives:.0f} per step, latency-bound, on the critical path). DDP overlaps the "
+          "gradient all-reduce with the backward, so the no-overlap step is an upper bound. Tables this small are "
+          "cheaper replicated; TorchRec pays off once the tables' gradients outweigh the all-to-all.")
 
 
 def main() -> None:
