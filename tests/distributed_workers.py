@@ -28,6 +28,7 @@ SMALL = dict(embed_dim=4, dims=[12, 8], hyper_dims=[6], rank=3, bottleneck=4, dr
 CASES = [(model, mode, backend, dtype)
          for model in ("hamur_mlp",) for mode in ("paper", "released") for backend in ("torch", "cpu")
          for dtype in (torch.float64, torch.float32)]
+CASES += [("hamur_mlp", mode, "triton", torch.float32) for mode in ("paper", "released")]  # interpreter on CPU
 CASES += [("hamur_dcn", mode, "torch", torch.float64) for mode in ("paper", "released")]
 CASES += [("star", "paper", None, torch.float64)]
 

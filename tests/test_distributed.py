@@ -48,7 +48,8 @@ def null_parameters(case) -> set:
     """Parameters that cannot change the loss: a bias just before a normalisation. Their exact gradient is 0 and
     both runs hold rounding noise there, so they are compared at the scale of all gradients (and of all
     parameters), not relative to their own noise. Found in float64: gradient <= 1e-12 of the largest, every step."""
-    steps = workers.one_process((*case[:3], torch.float64))["steps"]
+    name, mode, backend, _ = case  # a property of the model: found with a float64-capable backend
+    steps = workers.one_process((name, mode, "torch" if backend == "triton" else backend, torch.float64))["steps"]
     null = None
     for step in steps:
         scale = max(g.abs().max().item() for g in step["grads"].values())

@@ -27,6 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.contract import GroupStats, Plan, update_running_stats
+
 _ACTIVE_GROUP = None  # the process group whose ranks share batch statistics, while synchronised() is active
 _COUNTS_CACHE: dict = {}  # id(domain tensor) -> (domain, global counts), within one synchronised() block
 
@@ -118,30 +120,27 @@ def global_moments(x: torch.Tensor, groups: torch.Tensor, num_groups: int, group
     return _GlobalMoments.apply(x, groups, num_groups, group)
 
 
+def _group_stats(count, mean, var) -> GroupStats:
+    """The contract's detached (count, mean, M2) of the merged statistics."""
+    return GroupStats(count.detach(), mean.detach(), (var * count.unsqueeze(1)).detach())
+
+
 # ----------------------------------------------------------------------------- synchronised normalisations
-def _update_running(running_mean, running_var, count, mean, var, momentum):
-    """BatchNorm's update (unbiased variance), per group, only where the global batch had >= 2 rows."""
-    with torch.no_grad():
-        seen = (count >= 2).unsqueeze(1)
-        unbiased = var * (count / (count - 1).clamp(min=1)).unsqueeze(1)
-        for running, batch in ((running_mean, mean), (running_var, unbiased)):
-            shaped = running.view(batch.shape)
-            shaped.copy_(torch.where(seen, torch.lerp(shaped, batch.to(running.dtype), momentum), shaped))
+def domain_norm(o, domain, weight, bias, running_mean, running_var, plan: Plan, group):
+    """DomainNorm with the statistics of the global batch (a ``plan`` with batch statistics: training, and
+    released mode in eval); what the checked op runs in place of a backend while :func:`synchronised` is on.
 
-
-def domain_norm(o, domain, weight, bias, running_mean, running_var, *, mode, momentum, eps, group):
-    """DomainNorm with batch statistics of the global batch (training, and released mode in eval).
-
-    paper: per-domain statistics, per-domain affine (D, h), running statistics updated from the global
-    per-domain moments. released: whole-batch statistics with the unbiased variance, shared affine (h,)."""
-    if mode == "released":
+    paper: per-domain statistics, per-domain affine (D, h), running statistics updated (when the plan says so)
+    from the global per-domain (count, mean, M2). released: whole-batch statistics with the unbiased variance,
+    shared affine (h,)."""
+    if not plan.per_domain:
         count, mean, var = global_moments(o, torch.zeros_like(domain), 1, group)
         unbiased = var * count / (count - 1).clamp(min=1)  # one row: variance 0 (the released code: NaN)
-        return torch.addcmul(bias, (o - mean) * torch.rsqrt(unbiased + eps), weight)
+        return torch.addcmul(bias, (o - mean) * torch.rsqrt(unbiased + plan.eps), weight)
     count, mean, var = global_moments(o, domain, weight.shape[0], group)
-    if running_mean is not None:
-        _update_running(running_mean, running_var, count, mean, var, momentum)
-    scale = weight * torch.rsqrt(var + eps)
+    if plan.update_running:
+        update_running_stats(running_mean, running_var, _group_stats(count, mean, var), plan.momentum)
+    scale = weight * torch.rsqrt(var + plan.eps)
     return torch.addcmul(bias[domain], o - mean[domain], scale[domain])
 
 
@@ -151,8 +150,9 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
     if group is None or not training:
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     count, mean, var = global_moments(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device), 1, group)
-    if running_mean is not None:
-        _update_running(running_mean, running_var, count, mean, var, momentum)
+    if running_mean is not None:  # one group: the running statistics seen as (1, C)
+        update_running_stats(running_mean.view(1, -1), running_var.view(1, -1), _group_stats(count, mean, var),
+                             momentum)
     out = (x - mean) * torch.rsqrt(var + eps)
     return out if weight is None else torch.addcmul(bias, out, weight)
 

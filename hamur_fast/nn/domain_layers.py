@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import ops
 from ..distributed.statistics import batch_norm, domain_counts
-from ..ops.eager import project_per_domain
+from ..ops.backends.torch import project_per_domain
 
 
 class DomainLinear(nn.Module):

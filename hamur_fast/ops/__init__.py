@@ -1,46 +1,25 @@
-"""Functional ops: the HAMUR adapter cell and DomainNorm, checked, then dispatched to a backend.
+"""Functional ops: the HAMUR adapter cell and DomainNorm, checked, planned, then run by a backend.
 
 ``hyper_adapter`` and ``domain_norm`` validate every argument (raising ``ValueError`` that names the
-argument and the offending value before any compute), then hand the work to the chosen backend.
+argument and the offending value before any compute), turn (mode, training, running statistics) into one
+:class:`~hamur_fast.ops.contract.Plan`, pick a backend whose capabilities cover the call
+(:func:`~hamur_fast.ops.registry.resolve`), run it, and update the running statistics from the per-domain
+(count, mean, M2) the backend returns. The contract every backend follows: :mod:`hamur_fast.ops.contract`;
+the backends: :mod:`hamur_fast.ops.backends`.
 """
 from __future__ import annotations
-
-import importlib
 
 import torch
 
 from .. import _checks
+from . import backends  # noqa: F401  (registers every backend this installation offers)
+from .contract import MODES, Backend, Capabilities, GroupStats, Plan, make_plan, update_running_stats
+from .registry import available_backends, register_backend, resolve
 from ..distributed import statistics as _statistics
-from . import eager, reference
-from .registry import Backend, available_backends, register_backend, resolve
+from .backends.torch import adapter_projection
 
-__all__ = ["hyper_adapter", "domain_norm", "available_backends", "register_backend", "Backend"]
-
-MODES = ("paper", "released")
-
-register_backend(Backend("reference", reference.hyper_adapter, reference.domain_norm,
-                         supports=lambda device: True, auto_priority=lambda device: None))
-register_backend(Backend("torch", eager.hyper_adapter, eager.domain_norm,
-                         supports=lambda device: True, auto_priority=lambda device: 100))
-
-# Kernel backends register themselves when imported. A module raises ImportError when what it needs
-# is absent (no triton, extension not built), and the package then works with the rest.
-OPTIONAL_BACKEND_MODULES = (
-    "hamur_fast.kernels.adapter_cell",  # backend "triton" (kernels/adapter_cell.py)
-    "hamur_fast.ops.compiled",  # backends "cpu" and "cuda" (the csrc/ extension hamur_fast._C)
-)
-
-
-def _register_optional_backends() -> None:
-    for module in OPTIONAL_BACKEND_MODULES:
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            if not (module.startswith(err.name or "\0") or err.name in ("triton", "hamur_fast._C")):
-                raise  # a real bug inside an existing backend module must not be hidden
-
-
-_register_optional_backends()
+__all__ = ["hyper_adapter", "domain_norm", "available_backends", "register_backend", "Backend", "Capabilities",
+           "GroupStats", "Plan"]
 
 
 def check_mode(mode: str) -> str:
@@ -84,13 +63,15 @@ def domain_norm(o, domain, weight, bias, running_mean=None, running_var=None, *,
     param_domains = _check_norm_args(o, weight, bias, running_mean, running_var, mode)
     _checks.check_domain(domain, batch, param_domains if mode == "paper" else num_domains)
     _checks.check_same_device(o=o, domain=domain, weight=weight)
+    plan = make_plan(mode, training, running_mean is not None, momentum, eps)
     group = _statistics.active_group()
-    if group is not None and (training or mode == "released"):  # batch statistics of every rank's rows
-        return _statistics.domain_norm(o, domain, weight, bias, running_mean, running_var, mode=mode,
-                                       momentum=momentum, eps=eps, group=group)
-    impl = resolve(backend, o.device)
-    return impl.domain_norm(o, domain, weight, bias, running_mean, running_var,
-                            mode=mode, training=training, momentum=momentum, eps=eps)
+    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged
+        return _statistics.domain_norm(o, domain.long(), weight, bias, running_mean, running_var, plan, group)
+    impl = resolve(backend, o.device, o.dtype)
+    y, stats = impl.domain_norm(o, domain.long(), weight, bias, running_mean, running_var, plan)
+    if plan.update_running:
+        update_running_stats(running_mean, running_var, stats, plan.momentum)
+    return y
 
 
 def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias,
@@ -136,12 +117,15 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
         raise ValueError(f"x, rep and the factor matrices must share one dtype, got {sorted(map(str, dtypes))}")
     _checks.check_domain(domain, batch, param_domains if mode == "paper" else num_domains)
     _checks.check_same_device(x=x, rep=rep, domain=domain, down_left=down_left)
+    plan = make_plan(mode, training, running_mean is not None, momentum, eps)
+    impl = resolve(backend, x.device, x.dtype, width=width, rank=rank, bottleneck=bottleneck)
     group = _statistics.active_group()
-    if group is not None and (training or mode == "released"):  # batch statistics of every rank's rows
-        o = eager.adapter_projection(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias)
-        return x + _statistics.domain_norm(o, domain, norm_weight, norm_bias, running_mean, running_var,
-                                           mode=mode, momentum=momentum, eps=eps, group=group)
-    impl = resolve(backend, x.device)
+    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged
+        o = adapter_projection(x, rep, domain.long(), down_left, down_right, down_bias, up_left, up_right, up_bias)
+        return x + _statistics.domain_norm(o, domain.long(), norm_weight, norm_bias, running_mean, running_var,
+                                           plan, group)
     params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
-    return impl.hyper_adapter(x, rep, domain, params, running_mean, running_var,
-                              mode=mode, training=training, momentum=momentum, eps=eps)
+    y, stats = impl.hyper_adapter(x, rep, domain.long(), params, running_mean, running_var, plan)
+    if plan.update_running:
+        update_running_stats(running_mean, running_var, stats, plan.momentum)
+    return y
