@@ -44,7 +44,8 @@ def synchronised(group):
         yield
     finally:
         _ACTIVE_GROUP = before
-        _COUNTS_CACHE.clear()
+        if before is None:  # leaving the outermost block
+            _COUNTS_CACHE.clear()
 
 
 def active_group():
