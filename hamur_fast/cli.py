@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 
 
+from . import distributed
+from .distributed import trainer as distributed_trainer
 from .data import DataError, load_dataset, read_prediction_input
 from .data.download import DATASETS, download
 from .inference import export_checkpoint
@@ -35,6 +37,7 @@ DEFAULT_THREADS = 1
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc relaunches under torchrun
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         try:
@@ -75,15 +78,20 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.nproc > 1 and not distributed.launched_by_torchrun():
+        return distributed.launch_with_torchrun(args.nproc, args.argv)  # N processes run this same command
+    runs = distributed_trainer if distributed.launched_by_torchrun() else ex
     if args.resume:
         if args.config:
             raise ValueError("--resume continues the run recorded in the checkpoint: drop --config")
-        result = ex.resume_run(args.resume, overrides=_flag_overrides(args, with_threads=bool(args.threads)),
-                               run_dir=args.output, progress=not args.quiet)
+        result = runs.resume_run(args.resume, overrides=_flag_overrides(args, with_threads=bool(args.threads)),
+                                 run_dir=args.output, progress=not args.quiet)
     else:
         config = _config(args)
         output = Path(args.output or config.get("output", "runs/train"))
-        result = ex.train_run(config, run_dir=output, progress=not args.quiet)
+        result = runs.train_run(config, run_dir=output, progress=not args.quiet)
+    if not distributed.runtime.is_main_process():
+        return 0
     _print_metrics(result.test, f"test metrics ({result.label}, best epoch {result.best_epoch})")
     print(f"checkpoint: {result.run_dir / 'checkpoint.pt'}")
     return 0
@@ -243,6 +251,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="CHECKPOINT",
                        help="continue the run that wrote this checkpoint from its last epoch (--epochs, --device, "
                             "--threads, --output and some --set keys may change; others are refused)")
+    train.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun; "
+                       "gloo on CPU, NCCL on GPU); train.batch_size is the global batch")
     evaluate = command("eval", cmd_eval, "evaluate a checkpoint on its data's test (or val) split", config=False)
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--split", choices=["test", "val", "train"], default="test")

@@ -125,7 +125,7 @@ class RunResult:
 
 
 def train_run(config: dict, data: MultiDomainData | None = None, run_dir=None, label: str = "",
-              progress: bool = True, warn_replace: bool = True) -> RunResult:
+              progress: bool = True, warn_replace: bool = True, trainer_class=Trainer) -> RunResult:
     """Train one model as configured and evaluate it on the test split (best weights by val AUC).
 
     ``run_dir`` is locked for the run and checked for writing before the data are read; an earlier run's files
@@ -142,9 +142,9 @@ def train_run(config: dict, data: MultiDomainData | None = None, run_dir=None, l
         require_both_classes(data.test, "test")
         torch.manual_seed(train_config.seed)  # model initialisation
         model = build_ctr_model(data.feature_map, model_config)
-        trainer = Trainer(model, train_config, data.feature_map, run_dir,
-                          {"data": data_config, "model": model_config})
-        return _fit_and_test(trainer, data, label or model_config["name"], run_dir)
+        trainer = trainer_class(model, train_config, data.feature_map, run_dir,
+                                {"data": data_config, "model": model_config})
+        return _fit_and_test(trainer, data, label or model_config["name"], trainer.run_dir)
 
 
 def absolute_paths(data_config: dict | None) -> dict | None:
@@ -186,7 +186,7 @@ def load_trained(checkpoint_path, device: str | None = None, threads: int | None
     return trainer, payload
 
 
-def _trainer_from(payload: dict, checkpoint_path, options: dict, run_dir=None) -> Trainer:
+def _trainer_from(payload: dict, checkpoint_path, options: dict, run_dir=None, trainer_class=Trainer) -> Trainer:
     """A Trainer for the checkpoint's model, feature map and train settings (``options`` override them)."""
     config = payload["config"]
     try:
@@ -196,11 +196,12 @@ def _trainer_from(payload: dict, checkpoint_path, options: dict, run_dir=None) -
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{checkpoint_path}: its config does not describe a model this hamur_fast can "
                               f"build ({_first_line(err)})") from None
-    return Trainer(model, train_config, feature_map, run_dir, {"data": config.get("data"), "model": config["model"]})
+    return trainer_class(model, train_config, feature_map, run_dir,
+                         {"data": config.get("data"), "model": config["model"]})
 
 
 def resume_run(checkpoint_path, data: MultiDomainData | None = None, epochs: int | None = None,
-               progress: bool = True, overrides: list = (), run_dir=None) -> RunResult:
+               progress: bool = True, overrides: list = (), run_dir=None, trainer_class=Trainer) -> RunResult:
     """Continue the run that wrote ``checkpoint_path`` from its last epoch, to its configured end (or
     ``epochs``). ``overrides`` (``section.key=value``) may change only :data:`RESUME_OVERRIDES`: anything else
     raises ``ValueError`` (a new run is the way to change it). ``run_dir``: continue into another directory,
@@ -220,12 +221,13 @@ def resume_run(checkpoint_path, data: MultiDomainData | None = None, epochs: int
     if "train.device" in changes:
         resolve_device(str(changes["train.device"]))
     run_dir = Path(run_dir) if run_dir is not None else Path(checkpoint_path).parent
-    with _run_directory(run_dir):
-        trainer = _trainer_from(payload, checkpoint_path, {**train_changes, "progress": progress}, run_dir)
+    trainer = _trainer_from(payload, checkpoint_path, {**train_changes, "progress": progress}, run_dir,
+                            trainer_class)
+    with _run_directory(trainer.run_dir):  # None on the ranks of a data-parallel run that write nothing
         trainer.run_config["data"] = data_config or None
         trainer.restore(payload)
         data = data or load_dataset(data_config, feature_map=trainer.feature_map)
-        return _fit_and_test(trainer, data, config["model"]["name"], run_dir)
+        return _fit_and_test(trainer, data, config["model"]["name"], trainer.run_dir)
 
 
 def _fit_and_test(trainer: Trainer, data: MultiDomainData, label: str, run_dir) -> RunResult:

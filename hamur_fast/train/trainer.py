@@ -277,8 +277,7 @@ class Trainer:
         total, rows, auxiliary = 0.0, 0, {}
         bar = tqdm(total=len(split), unit="rows", unit_scale=True, desc=f"epoch {self.epoch + 1}",
                    disable=not self.config.progress, leave=False)
-        for batch in split.batches(self.config.batch_size, shuffle=True, seed=self.config.seed, epoch=self.epoch,
-                                   device=self.device, pin_memory=self.config.pin_memory):
+        for batch in self._training_batches(split):
             if len(batch.domain) < 2:
                 continue  # batch normalisation cannot train on a single row
             if self.captured_step is not None and len(batch.domain) != self.config.batch_size:
@@ -297,6 +296,15 @@ class Trainer:
         bar.close()
         return total / max(rows, 1), {name: value / max(rows, 1) for name, value in auxiliary.items()}
 
+    def _training_batches(self, split: TensorSplit):
+        """One epoch's batches, shuffled by (seed, epoch) (a data-parallel trainer takes this rank's share)."""
+        return split.batches(self.config.batch_size, shuffle=True, seed=self.config.seed, epoch=self.epoch,
+                             device=self.device, pin_memory=self.config.pin_memory)
+
+    def _forward_logits(self, batch) -> torch.Tensor:
+        """The training forward (a data-parallel trainer runs it through DDP)."""
+        return self.model.logits(batch)
+
     def _step(self, batch) -> tuple:
         """One optimizer step; returns (click loss, {name: auxiliary loss}) as floats. The model's auxiliary
         losses (``auxiliary_losses()``, e.g. AdaSparse's sparsity regulariser) are added to the minimised loss."""
@@ -307,7 +315,7 @@ class Trainer:
             return loss, {}
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
-            logits = self.model.logits(batch)
+            logits = self._forward_logits(batch)
         loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label)
         extra = {name: value.float() for name, value in auxiliary_losses(self.model).items()}
         (loss + sum(extra.values())).backward()
