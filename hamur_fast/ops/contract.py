@@ -56,6 +56,8 @@ compiled_cell_backward         csrc/cpu/ops.cpp          the ten input gradients
 compiled_cell_infer            csrc/cpu/ops.cpp          y (eval with running statistics, no autograd)
 compiled_norm_forward          csrc/cpu/ops.cpp          y, mean, rstd, var, count
 compiled_norm_backward         csrc/cpu/ops.cpp          grad o, grad weight, grad bias
+triton_grouped_linear_forward  ops/grouped_linear.py     out (the grouped per-domain linear op, any D)
+triton_grouped_linear_backward ops/grouped_linear.py     grad x, grad weight, grad bias
 =============================  ========================  ==================================================
 """
 from __future__ import annotations

@@ -20,6 +20,12 @@ def _per_row(param: torch.Tensor, domain: torch.Tensor, released: bool) -> torch
     return param[domain]
 
 
+def _check_ids(domain, num_domains):
+    """The plainest answer to an out-of-range id (value checks off, torch.compile): an error."""
+    if bool(((domain < 0) | (domain >= num_domains)).any()):
+        raise ValueError(f"domain ids must lie in [0, {num_domains})")
+
+
 def domain_norm(o, domain, weight, bias, running_mean, running_var, plan):
     if not plan.per_domain:
         # Whole mixed batch, unbiased variance (torch.var's default), train and eval alike.
@@ -31,6 +37,7 @@ def domain_norm(o, domain, weight, bias, running_mean, running_var, plan):
         return weight * (o - mean) / torch.sqrt(var + plan.eps) + bias, stats
 
     num_domains, width = weight.shape
+    _check_ids(domain, num_domains)
     out = torch.zeros_like(o)
     count = o.new_zeros(num_domains)
     means, m2s = o.new_zeros(num_domains, width), o.new_zeros(num_domains, width)
@@ -52,6 +59,8 @@ def domain_norm(o, domain, weight, bias, running_mean, running_var, plan):
 def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan):
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = params
     released = not plan.per_domain
+    if not released:
+        _check_ids(domain, norm_weight.shape[0])
     w_down = torch.einsum(
         "bhk,bkj,bjs->bhs", _per_row(down_left, domain, released), rep, _per_row(down_right, domain, released)
     )

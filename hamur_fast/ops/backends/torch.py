@@ -2,16 +2,17 @@
 
 Compared with the released einsum math it
 - multiplies right-to-left through the rank-k space (O(hk + k^2 + ks) per row, never a (B, h, s) tensor),
-- selects per-domain factors by one stacked GEMM and a gather (no per-row weight copies),
-- reduces per-domain statistics with a one-hot matmul (no Python loop, no host-device sync),
+- selects per-domain factors by the grouped per-domain GEMM of ops/grouped_linear.py (no per-row weight
+  copies, cost independent of the number of domains),
+- reduces per-domain statistics by scatter-add (no Python loop, no host-device sync, O(B) whatever D),
 - returns the per-domain (count, mean, M2) without reading anything back, so it is CUDA-graph capturable.
 Gradients come from autograd.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .. import grouped_linear
 from ..contract import FLOAT_DTYPES, Backend, Capabilities, GroupStats
 from ..registry import register_backend
 
@@ -22,34 +23,7 @@ def project_per_domain(v: torch.Tensor, weight: torch.Tensor, domain: torch.Tens
         return v @ weight
     if weight.shape[0] == 1:
         return v @ weight[0]
-    if v.device.type == "cpu" and not torch.compiler.is_compiling():
-        # On the CPU reading the domain ids back costs nothing, so 1/D of the work is worth it; on a
-        # GPU that read is a sync (and CUDA-graph capture forbids it).
-        return project_by_domain_segments(v, weight, domain)
-    return project_stacked(v, weight, domain)
-
-
-def project_stacked(v, weight, domain):
-    """One GEMM against all D domains' factors side by side, then each row keeps its own block: D times
-    the work of the rows' own products, but no host sync and static shapes."""
-    num_domains, fan_in, fan_out = weight.shape
-    stacked = v @ weight.permute(1, 0, 2).reshape(fan_in, num_domains * fan_out)
-    stacked = stacked.view(v.shape[0], num_domains, fan_out)
-    index = domain.view(-1, 1, 1).expand(-1, 1, fan_out)
-    return stacked.gather(1, index).squeeze(1)
-
-
-def project_by_domain_segments(v, weight, domain):
-    """One GEMM per domain on that domain's rows (reads the domain ids on the host)."""
-    out = None
-    for d in range(weight.shape[0]):
-        rows = (domain == d).nonzero().squeeze(1)
-        if rows.numel():
-            part = v[rows] @ weight[d]
-            if out is None:  # in the product's dtype, which autocast may have lowered
-                out = part.new_empty(v.shape[0], weight.shape[2])
-            out = out.index_put((rows,), part)
-    return out
+    return grouped_linear.run(v, domain, weight)  # the grouped GEMM: cost ~ B, whatever D is
 
 
 def _per_row(param: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
@@ -61,13 +35,25 @@ def _through_rep(v: torch.Tensor, rep: torch.Tensor) -> torch.Tensor:
     return torch.bmm(v.unsqueeze(1), rep).squeeze(1)
 
 
-def domain_statistics(o: torch.Tensor, domain: torch.Tensor, num_domains: int):
-    """Per-domain count, mean and M2 of the rows of ``o`` (two-pass, stable), and the centred rows."""
-    onehot = F.one_hot(domain, num_domains).to(o.dtype)  # (B, D)
-    count = onehot.sum(dim=0)
-    mean = (onehot.t() @ o) / count.clamp(min=1).unsqueeze(1)
+def ids_in_range(domain: torch.Tensor, num_domains: int):
+    """(ids safe to index with, which rows had a valid id), without a host sync. With value checks off or
+    under torch.compile an id may be out of range: its row computes with domain 0's factors, is left out of
+    every statistic, and comes out NaN (domain_norm)."""
+    valid = (domain >= 0) & (domain < num_domains)
+    return torch.where(valid, domain, 0), valid
+
+
+def domain_statistics(o: torch.Tensor, domain: torch.Tensor, num_domains: int, valid: torch.Tensor):
+    """Per-domain count, mean and M2 of the valid rows of ``o`` (two-pass, stable), and the centred rows.
+
+    Sums by ``index_add`` (scatter-add): O(B h) work and memory whatever the number of domains.
+    """
+    weight = valid.to(o.dtype)
+    count = o.new_zeros(num_domains).index_add(0, domain, weight)
+    mean = o.new_zeros(num_domains, o.shape[1]).index_add(0, domain, o * weight.unsqueeze(1)) \
+        / count.clamp(min=1).unsqueeze(1)
     centred = o - mean[domain]
-    m2 = onehot.t() @ (centred * centred)
+    m2 = o.new_zeros(num_domains, o.shape[1]).index_add(0, domain, centred * centred * weight.unsqueeze(1))
     return count, mean, m2, centred
 
 
@@ -79,15 +65,17 @@ def domain_norm(o, domain, weight, bias, running_mean, running_var, plan):
         stats = GroupStats(o.new_full((1,), o.shape[0]), mean.detach()[None], m2.detach()[None])
         return torch.addcmul(bias, centred * torch.rsqrt(m2 / max(o.shape[0] - 1, 1) + plan.eps), weight), stats
 
+    domain, valid = ids_in_range(domain, weight.shape[0])
     if plan.batch_statistics:
-        count, mean, m2, centred = domain_statistics(o, domain, weight.shape[0])
+        count, mean, m2, centred = domain_statistics(o, domain, weight.shape[0], valid)
         scale = weight * torch.rsqrt(m2 / count.clamp(min=1).unsqueeze(1) + plan.eps)
         stats = GroupStats(count.detach(), mean.detach(), m2.detach())
-        return torch.addcmul(bias[domain], centred, scale[domain]), stats
-    # Running statistics: they fold into one per-domain affine map.
-    scale = weight * torch.rsqrt(running_var + plan.eps)
-    shift = bias - running_mean * scale
-    return torch.addcmul(shift[domain], o, scale[domain]), None
+        out = torch.addcmul(bias[domain], centred, scale[domain])
+    else:  # running statistics: they fold into one per-domain affine map
+        scale = weight * torch.rsqrt(running_var + plan.eps)
+        shift = bias - running_mean * scale
+        out, stats = torch.addcmul(shift[domain], o, scale[domain]), None
+    return torch.where(valid.unsqueeze(1), out, float("nan")), stats
 
 
 def adapter_projection(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias):
@@ -101,7 +89,8 @@ def adapter_projection(x, rep, domain, down_left, down_right, down_bias, up_left
 
 def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan):
     *projection, norm_weight, norm_bias = params
-    o = adapter_projection(x, rep, domain, *projection)
+    safe_domain = ids_in_range(domain, norm_weight.shape[0])[0] if plan.per_domain else domain
+    o = adapter_projection(x, rep, safe_domain, *projection)
     normed, stats = domain_norm(o, domain, norm_weight, norm_bias, running_mean, running_var, plan)
     return x + normed, stats
 
@@ -126,5 +115,7 @@ def released_cell_all_towers(x, rep, params, eps):
 
 register_backend(Backend(
     "torch", hyper_adapter, domain_norm,
-    Capabilities(devices=frozenset({"cpu", "cuda"}), dtypes=FLOAT_DTYPES, auto_rank={"cpu": 100, "cuda": 100}),
+    # meta: a model built there runs shape-only (FLOP and memory counts of the GPU path without a GPU)
+    Capabilities(devices=frozenset({"cpu", "cuda", "meta"}), dtypes=FLOAT_DTYPES,
+                 auto_rank={"cpu": 100, "cuda": 100, "meta": 100}),
     hyper_adapter_all_towers=released_cell_all_towers))

@@ -21,12 +21,9 @@ from ...kernels import domain_norm as norm_kernels
 from ..contract import Backend, Capabilities, GroupStats
 from ..registry import register_backend
 
-# The largest adapter-cell sizes whose kernels fit the sm_90 shared-memory limit (232,448 bytes per block)
-# today: each program holds whole rows of width h and I_b chunks of width k (issue 9's compile table found
-# h=512 and k=200 past the limit).
-MAX_WIDTH = 256
-MAX_RANK = 128
-MAX_BOTTLENECK = 128
+# The largest adapter-cell sizes the kernels take within the sm_90 shared-memory limit (232,448 bytes per
+# block): the kernels tile h, and hold whole k and s per row block (kernels/adapter_cell.py).
+MAX_WIDTH, MAX_RANK, MAX_BOTTLENECK = cell_kernels.MAX_WIDTH, cell_kernels.MAX_RANK, cell_kernels.MAX_BOTTLENECK
 
 
 # ----------------------------------------------------------------------------- the adapter cell
