@@ -77,7 +77,10 @@ setup(
         "scikit-learn",
         "triton; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest"], "parquet": ["pyarrow"], "onnx": ["onnx", "onnxscript", "onnxruntime"]},
+    extras_require={"test": ["pytest"], "parquet": ["pyarrow"], "onnx": ["onnx", "onnxscript", "onnxruntime"],
+                    # TorchRec's dependencies but FBGEMM and itself: scripts/install_torchrec.sh installs the pair
+                    # matching the installed torch first (torchrec's metadata asks for the GPU fbgemm-gpu).
+                    "torchrec": ["tensordict", "torchmetrics==1.0.3", "pyre-extensions", "pyvers"]},
     entry_points={"console_scripts": ["hamur-fast=hamur_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

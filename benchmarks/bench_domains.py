@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import hamur_fast as hf
 from bench_layers import LiveTensorPeak
 from bench_train import eager_backends
-from timing import sync, take_turns
+from timing import failure, sync, take_turns
 from hamur_fast.ops import grouped_linear
 from hamur_fast.train.captured_step import bce_step
 
@@ -97,10 +97,14 @@ def measure(model_name, num_domains, args, device):
             peak = tracker.peak / 2**20 if peak is None else peak
             ready.append(((backend, provider), step, peak, flops.get_total_flops() / 1e9))
         except Exception as err:  # noqa: BLE001 - reported in the table; the other rows still run
-            failed.append(((backend, provider), f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
+            failed.append(((backend, provider), failure(err)))
     samples = take_turns([step for _, step, _, _ in ready], inputs, device, args.repeats)
-    rows = [(*label, statistics.median(times) * 1e3, peak, gflop)
-            for (label, _, peak, gflop), times in zip(ready, samples)]
+    rows = []
+    for (label, _, peak, gflop), times in zip(ready, samples):
+        if isinstance(times, str):  # it raised while timed: take_turns dropped it
+            failed.append((label, times))
+        else:
+            rows.append((*label, statistics.median(times) * 1e3, peak, gflop))
     return rows, failed
 
 
@@ -148,6 +152,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    hf.set_value_checks(False)  # as on a serving path: no domain-id read-back (a host sync) inside a timed step
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# bench_domains: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"B={BATCH}, F={INPUT_DIM}, adapter backends {hf.available_backends()}")

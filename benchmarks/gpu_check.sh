@@ -89,8 +89,6 @@ call_2() {
   step bench_train 170 "$PY" benchmarks/bench_train.py --batch 4096 40960 --repeats 10
   step bench_infer 60 "$PY" benchmarks/bench_infer.py
   step bench_cuda_infer 60 "$PY" benchmarks/bench_cuda_infer.py  # eval cell, batch 1..512: "cuda" vs "triton"
-  # Step cost against the number of domains (goal: triton step time at D=100 within 1.5x of D=3).
-  step bench_domains 60 "$PY" benchmarks/bench_domains.py --domains 3 100 --repeats 5 --warmup 2
   goals
 }
 

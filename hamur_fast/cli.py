@@ -1,21 +1,27 @@
-"""The ``hamur-fast`` command: demo, train, eval, predict, export, compare, sweep, doctor.
+"""The ``hamur-fast`` command: demo, train, eval, predict, export, compare, sweep, doctor, download.
 
 Every command reads a YAML config (sections data, model, train, output; see configs/) and takes
 ``--set section.key=value`` overrides; tables print as Markdown, files go under the output directory.
+A user error (bad option, config, data file, checkpoint or output directory) prints one line naming the
+file and exits with status 2, before any long work; a run that cannot train (it diverged) exits with 1.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
-import torch
 
+from . import distributed
+from .distributed import trainer as distributed_trainer
 from .data import DataError, load_dataset, read_prediction_input
+from .data.download import DATASETS, download
 from .inference import export_checkpoint
 from .train import CheckpointError
 from .train import experiment as ex
 from .train.files import atomic_path, write_json
+from .train.trainer import TrainingError
 
 DEMO_CONFIG = {
     "data": {"kind": "synthetic", "rows": 30_000, "seed": 0},
@@ -23,18 +29,34 @@ DEMO_CONFIG = {
     "train": {"epochs": 6, "batch_size": 1024, "patience": 3},
 }
 DEMO_SEEDS = "1,2,3"
+# These models are small: one intra-op thread is about as fast as two, and on busy shared cores far faster.
+# Results depend on the thread count (not on the run): the checkpoint records it and a resume reuses it.
+DEFAULT_THREADS = 1
 
 
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return args.run(args)
-    except (DataError, CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"hamur-fast {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc relaunches under torchrun
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            return args.run(args)
+        except TrainingError as err:
+            print(f"hamur-fast {args.command}: error: {err}", file=sys.stderr)
+            return 1
+        except (DataError, CheckpointError, ValueError, OSError) as err:  # OSError: missing, unwritable, full
+            print(f"hamur-fast {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            return 2
+
+
+def _one_line(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"hamur-fast: warning: {_one_line(message)}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------- commands
@@ -56,19 +78,27 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.nproc > 1 and not distributed.launched_by_torchrun():
+        return distributed.launch_with_torchrun(args.nproc, args.argv)  # N processes run this same command
+    runs = distributed_trainer if distributed.launched_by_torchrun() else ex
     if args.resume:
-        result = ex.resume_run(args.resume, epochs=args.epochs, progress=not args.quiet)
+        if args.config:
+            raise ValueError("--resume continues the run recorded in the checkpoint: drop --config")
+        result = runs.resume_run(args.resume, overrides=_flag_overrides(args, with_threads=bool(args.threads)),
+                                 run_dir=args.output, progress=not args.quiet)
     else:
         config = _config(args)
         output = Path(args.output or config.get("output", "runs/train"))
-        result = ex.train_run(config, run_dir=output, progress=not args.quiet)
+        result = runs.train_run(config, run_dir=output, progress=not args.quiet)
+    if not distributed.runtime.is_main_process():
+        return 0
     _print_metrics(result.test, f"test metrics ({result.label}, best epoch {result.best_epoch})")
     print(f"checkpoint: {result.run_dir / 'checkpoint.pt'}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    trainer, payload = ex.load_trained(args.checkpoint, args.device)
+    trainer, payload = ex.load_trained(args.checkpoint, args.device, args.threads)
     data_config = ex.apply_overrides({"data": ex.recorded_data(payload, args.checkpoint)}, args.set)["data"]
     data = load_dataset(data_config, feature_map=trainer.feature_map)
     metrics = trainer.evaluate(getattr(data, args.split))
@@ -81,7 +111,7 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     if not args.output:
         raise ValueError("predict needs --output FILE (.csv or .parquet)")
-    trainer, _ = ex.load_trained(args.checkpoint, args.device)
+    trainer, _ = ex.load_trained(args.checkpoint, args.device, args.threads)
     frame, split = read_prediction_input(args.input, trainer.feature_map)
     out = frame.assign(domain_id=split.domain.numpy(), probability=trainer.predict(split).numpy())
     output = Path(args.output)
@@ -135,14 +165,47 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_download(args) -> int:
+    target = download(args.dataset, args.to, progress=not args.quiet, url=args.url)
+    print(f"{args.dataset} is ready in {target}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- helpers
 def _config(args, default=None) -> dict:
+    """The config with --set and the flags applied; the thread count defaults to DEFAULT_THREADS."""
     config = ex.load_config(args.config) if getattr(args, "config", None) else dict(default or {})
+    config = ex.apply_overrides(config, _flag_overrides(args, with_threads=True))
+    if not config.get("train", {}).get("threads"):
+        config = ex.set_path(config, "train.threads", DEFAULT_THREADS)
+    return config
+
+
+def _flag_overrides(args, with_threads: bool) -> list:
+    """--set assignments, then --epochs/--seed/--device (and --threads) as the train entries they stand for."""
     overrides = list(args.set)
-    for flag, key in (("epochs", "train.epochs"), ("seed", "train.seed"), ("device", "train.device")):
+    flags = [("epochs", "train.epochs"), ("seed", "train.seed"), ("device", "train.device")]
+    for flag, key in flags + ([("threads", "train.threads")] if with_threads else []):
         if getattr(args, flag, None) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    return ex.apply_overrides(config, overrides)
+    return overrides
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit status 2), like every other user error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _seeds(args, section: dict, config: dict) -> list:
@@ -160,8 +223,8 @@ def _print_metrics(metrics: dict, title: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hamur-fast", description="HAMUR multi-domain CTR: demo, train, eval, "
-                                     "predict, export, compare, sweep (tables in Markdown, files under --output)")
+    parser = _Parser(prog="hamur-fast", description="HAMUR multi-domain CTR: demo, train, eval, predict, export, "
+                     "compare, sweep, download (tables in Markdown, files under --output)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name, handler, help_text, config=True):
@@ -173,7 +236,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="override a config entry, e.g. --set train.epochs=3 (repeatable)")
         sub.add_argument("--output", help="output directory (or file, for eval/predict)")
         sub.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-        sub.add_argument("--threads", type=int, help="torch CPU threads")
+        sub.add_argument("--threads", type=_positive_int,
+                         help=f"torch CPU threads (default {DEFAULT_THREADS}; a resume reuses the run's)")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
         return sub
 
@@ -181,12 +245,14 @@ def _parser() -> argparse.ArgumentParser:
                    config=False)
     demo.add_argument("--epochs", type=int, help="override train.epochs")
     demo.add_argument("--seeds", default=DEMO_SEEDS, help=f"comma-separated seeds (default {DEMO_SEEDS})")
-    # Small models gain little from intra-op threads, and on shared cores extra threads cost a lot.
-    demo.set_defaults(threads=1)
     train = command("train", cmd_train, "train one model from a config")
     train.add_argument("--epochs", type=int, help="override train.epochs")
     train.add_argument("--seed", type=int, help="override train.seed")
-    train.add_argument("--resume", metavar="CHECKPOINT", help="continue the run that wrote this checkpoint")
+    train.add_argument("--resume", metavar="CHECKPOINT",
+                       help="continue the run that wrote this checkpoint from its last epoch (--epochs, --device, "
+                            "--threads, --output and some --set keys may change; others are refused)")
+    train.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun; "
+                       "gloo on CPU, NCCL on GPU); train.batch_size is the global batch")
     evaluate = command("eval", cmd_eval, "evaluate a checkpoint on its data's test (or val) split", config=False)
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--split", choices=["test", "val", "train"], default="test")
@@ -207,6 +273,14 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--models", help="comma-separated, e.g. hamur_mlp,hamur_mlp:mode=released,mlp")
         else:
             sub.add_argument("--param", help="name=v1,v2,...; names: k, hyper_width, hyper, norm or section.key")
+    fetch = commands.add_parser("download", help="fetch a public data set, check its checksum, unpack it",
+                                description="Download a public data set's official archive (progress bar), "
+                                "verify its SHA-256 and unpack it where the configs look for it.")
+    fetch.set_defaults(run=cmd_download)
+    fetch.add_argument("dataset", choices=sorted(DATASETS))
+    fetch.add_argument("--to", default="data", help="parent directory (default: data, where configs/ look)")
+    fetch.add_argument("--url", help="another address of the same archive (a mirror); the checksum still applies")
+    fetch.add_argument("--quiet", action="store_true", help="no progress bar")
     doctor = commands.add_parser("doctor", help="versions, devices, backends, and a self-check of every backend",
                                  description="versions, devices, backends built (or why not), and a self-check "
                                              "of every backend against the reference; exit status 1 on a failure")

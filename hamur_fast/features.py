@@ -41,9 +41,10 @@ class CTRModel(nn.Module):
     (every model of :func:`hamur_fast.models.build`); its ``input_dim`` must be ``features.output_dim``.
     """
 
-    def __init__(self, feature_map: FeatureMap, core: nn.Module, embed_dim: int = 16):
+    def __init__(self, feature_map: FeatureMap, core: nn.Module, embed_dim: int = 16, features: nn.Module | None = None):
         super().__init__()
-        self.features = FeatureEmbedding(feature_map, embed_dim)
+        # ``features``: another feature stage with the same output, e.g. hamur_fast.features_torchrec's.
+        self.features = FeatureEmbedding(feature_map, embed_dim) if features is None else features
         self.core = core
         self.num_domains = feature_map.num_domains
 

@@ -10,7 +10,8 @@ PY=${PYTHON:-python3}
 # torch: keep an installed one (the GPU machine's CUDA build); otherwise take the CPU 2.13.0 wheel.
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
 "$PY" -m pip install -q setuptools wheel pybind11 ninja
-"$PY" -m pip install -q --no-build-isolation -e ".[test,parquet,onnx]"
+PYTHON="$PY" bash scripts/install_torchrec.sh   # FBGEMM + TorchRec matched to torch (scaling out; tested in CI)
+"$PY" -m pip install -q --no-build-isolation -e ".[test,parquet,onnx,torchrec]"
 
 job=${1:-}
 shift || true

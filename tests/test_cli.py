@@ -1,6 +1,7 @@
 """The hamur-fast command end to end on tiny synthetic data; everything is written under tmp_path."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pandas as pd
@@ -100,3 +101,63 @@ def test_errors_exit_with_a_message(tmp_path, capsys):
     assert "data.kind must be one of" in capsys.readouterr().err
     assert main(["compare", "--quiet", "--output", str(tmp_path / "y")]) == 2
     assert "name the models" in capsys.readouterr().err
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, no traceback
+    return err[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--threads", "-1"], "--threads: expected a whole number >= 1, got -1"),
+    (["train", "--threads", "two"], "--threads: expected a whole number >= 1, got 'two'"),
+    (["train", "--set", "train.lr=[1,"], "override 'train.lr=[1,': the value is not valid YAML"),
+    (["train", "--set", "train=3"], "override 'train=3': the key must be section.key"),
+    (["train", "--set", "trian.lr=1"], "the key must be section.key with a section among"),
+    (["train", "--set", "train.lr=fast"], "train.lr must be a number, got 'fast'"),
+    (["train", "--set", "train.batch_size=1"], "train.batch_size must be >= 2"),
+    (["train", "--device", "cuda:7"], "device 'cuda:7'"),
+    (["train", "--set", "data.kind=table", "--set", "data.path=DIR/empty.csv", "--set", "data.schema={label: a, "
+      "domain: b, sparse: [c]}"], "empty.csv: the file is empty"),
+    (["train", "--set", "data.kind=table", "--set", "data.path=DIR/latin1.csv", "--set", "data.schema={label: a, "
+      "domain: b, sparse: [c]}"], "latin1.csv, line 3: not UTF-8 text"),
+    (["eval", "--checkpoint", "DIR/nothing.pt"], "checkpoint not found: DIR/nothing.pt"),
+    (["train", "--output", "DIR/empty.csv/run"], "cannot write into the output directory DIR/empty.csv/run"),
+])
+def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, args, message):
+    (tmp_path / "empty.csv").write_bytes(b"")
+    (tmp_path / "latin1.csv").write_bytes(b"a,b,c\n1,0,x\n0,1,caf\xe9\n")
+    args = [a.replace("DIR", str(tmp_path)) for a in args]
+    if "--output" not in args:
+        args += ["--output", str(tmp_path / "out")]
+    if args[0] == "train" and args[1:3] == ["--device", "cuda:7"] and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(SystemExit) if args[1] == "--threads" else contextlib.nullcontext():
+        assert main(args + ["--quiet"]) == 2
+    assert message.replace("DIR", str(tmp_path)) in _error_line(capsys)
+
+
+def test_usage_errors_exit_2_with_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--threads", "0"])
+    assert stop.value.code == 2 and "--threads: expected a whole number >= 1, got 0" in _error_line(capsys)
+
+
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert main(["train", "--device", "cuda", "--output", str(tmp_path), "--quiet"]) == 2
+    assert "device 'cuda' was asked for, but CUDA is not available here" in _error_line(capsys)
+
+
+def test_runs_that_cannot_train_fail_loudly(config_file, tmp_path, capsys):
+    assert main(["train", "--config", str(config_file), "--quiet", "--set", "train.lr=1e12"]) == 1
+    assert "the training loss became nan" in _error_line(capsys)
+    assert main(["train", "--config", str(config_file), "--quiet", "--set", "train.lr=1e-3"]) == 0  # parses
+    checkpoint = str(tmp_path / "run" / "checkpoint.pt")
+    assert main(["train", "--resume", checkpoint, "--set", "train.lr=0.1", "--quiet"]) == 2
+    assert "--resume continues a run with its recorded settings, so ['train.lr'] cannot change" in _error_line(capsys)
+    assert main(["train", "--resume", checkpoint, "--epochs", "3", "--output", str(tmp_path / "more"), "--quiet"]) == 0
+    assert len(json.loads((tmp_path / "more" / "metrics.json").read_text())) == 3
+    assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())) == 2  # the original run is untouched

@@ -1,4 +1,5 @@
-"""Data loaders, the fitted feature map and batching: real samples (skipped without ../shared), malformed input."""
+"""Data loaders, the fitted feature map and batching, on files in the real layouts that the tests write
+(tests/data_files.py); malformed input. The real samples of ../shared are an optional extra set."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,9 @@ import torch
 
 from hamur_fast.data import (DataError, FeatureMap, generate, load_aliccp, load_dataset, load_movielens, load_synthetic,
                              load_table, read_prediction_input)
+
+from data_files import (ALICCP_DENSE, ALICCP_PADDLEREC, ALICCP_RELEASED, aliccp_frame, merged, movielens_tables, write_aliccp,
+                        write_merged_csv, write_ml1m)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,6 +34,50 @@ def write_grouplens(directory, ratings=RATINGS, users=USERS, movies=MOVIES):
 
 
 # ------------------------------------------------------------------------------ MovieLens
+DOMAIN_OF_AGE = {1: 0, 18: 0, 25: 1, 35: 2, 45: 2, 50: 2, 56: 2}
+
+
+def test_movielens_grouplens_layout_domains_labels_and_fields(tmp_path):
+    truth = merged(*movielens_tables())
+    data = load_movielens(write_ml1m(tmp_path / "ml-1m"))
+    fm, splits = data.feature_map, (data.train, data.val, data.test)
+    assert [len(s) for s in splits] == [400, 50, 50]  # 8:1:1 of 500 ratings
+    per_domain = np.sum([s.domain_counts(3) for s in splits], axis=0)
+    assert per_domain.tolist() == np.bincount(truth["age"].map(DOMAIN_OF_AGE), minlength=3).tolist()
+    assert torch.cat([s.label for s in splits]).sum().item() == (truth["rating"] > 3).sum()
+    assert fm.sparse_fields == ["user_id", "movie_id", "gender", "occupation", "zip", "cate_id", "domain_indicator"]
+    assert fm.num_dense == 1 and fm.domain_names() == ["1/18", "25", "35/45/50/56"]
+    assert data.train.dense.min() == 0 and data.train.dense.max() == 1  # age, min-max on train
+    assert torch.equal(data.train.sparse[:, -1].long(), data.train.domain.long() + 1)
+    assert all(isinstance(z, str) for z in fm.vocabularies["zip"])  # "02138", "98107-4912" stay text
+    assert set(fm.vocabularies["cate_id"]) <= {g.split("|")[0] for g in truth["genres"]}  # first genre only
+
+
+def test_movielens_merged_csv_layout_encodes_like_the_grouplens_files(tmp_path):
+    write_ml1m(tmp_path / "ml-1m")
+    write_merged_csv(tmp_path / "merged.csv")
+    a, b = load_movielens(tmp_path / "ml-1m"), load_movielens(tmp_path / "merged.csv")
+    assert a.feature_map.sparse_fields == b.feature_map.sparse_fields
+    assert sorted(map(str, a.feature_map.vocabularies["zip"])) == sorted(map(str, b.feature_map.vocabularies["zip"]))
+    assert torch.cat([a.train.label, a.val.label, a.test.label]).sum() == torch.cat(
+        [b.train.label, b.val.label, b.test.label]).sum()
+
+
+def test_movielens_duplicate_user_or_movie_is_an_error(tmp_path):
+    directory = tmp_path / "ml-1m"
+    write_ml1m(directory)
+    users = (directory / "users.dat").read_text(encoding="latin-1").splitlines()
+    (directory / "users.dat").write_text("\n".join(users + [users[4].replace("::F::", "::M::")]) + "\n")
+    with pytest.raises(DataError, match=f"users.dat, line {len(users) + 1}: user_id 5 is listed a second time "
+                                        "\\(first on line 5\\)"):
+        load_movielens(directory)
+    write_ml1m(directory)
+    movies = (directory / "movies.dat").read_bytes().splitlines()
+    (directory / "movies.dat").write_bytes(b"\n".join([movies[0], *movies]) + b"\n")
+    with pytest.raises(DataError, match="movies.dat, line 2: movie_id 10 is listed a second time"):
+        load_movielens(directory)
+
+
 def test_movielens_sample_domains_labels_and_fields(shared_dir):
     data = load_movielens(shared_dir / "data" / "ml-1m-sample")
     fm = data.feature_map
@@ -103,6 +151,33 @@ def test_movielens_missing_files(tmp_path):
 
 
 # ------------------------------------------------------------------------------ Ali-CCP
+def test_aliccp_released_and_paddlerec_layouts(tmp_path):
+    data = load_aliccp(*write_aliccp(tmp_path / "released"), chunksize=50)
+    fm = data.feature_map
+    assert [len(s) for s in (data.train, data.val, data.test)] == [120, 40, 40]
+    assert fm.num_dense == 8 and fm.num_domains == 3 and "301" in fm.sparse_fields
+    assert len(fm.sparse_fields) == 33 - 2 - 8  # every column but click, purchase and the dense ones, 301 included
+    assert data.train.sparse.dtype == torch.int32 and data.train.dense.dtype == torch.float32
+    truth = aliccp_frame(120)
+    assert data.train.domain_counts(3) == np.bincount(truth["301"] - 1, minlength=3).tolist()
+    # the paddlerec rows: 20 columns, no dense fields, a test file without its header line
+    paddle = load_aliccp(*write_aliccp(tmp_path / "paddle", layout=ALICCP_PADDLEREC, test_header=False), chunksize=7)
+    assert len(paddle.test) == 40 and paddle.feature_map.num_dense == 0  # no header row lost or read as data
+    assert len(paddle.feature_map.sparse_fields) == 20 - 2
+
+
+@pytest.mark.parametrize("layout, change, message", [
+    (ALICCP_RELEASED, lambda f: f.drop(columns=["D702"]), r"also has the column\(s\) \['D702'\]"),
+    (ALICCP_RELEASED, lambda f: f.drop(columns=["205", "109_14"]), r"also has the column\(s\) \['205', '109_14'\]"),
+    (ALICCP_PADDLEREC, lambda f: f.assign(extra=1), r"has no column\(s\) \['extra'\]"),
+])
+def test_aliccp_missing_or_unexpected_column_is_an_error(tmp_path, layout, change, message):
+    paths = write_aliccp(tmp_path, layout=layout)
+    change(pd.read_csv(paths[0])).to_csv(paths[0], index=False)
+    with pytest.raises(DataError, match="train.csv: not an Ali-CCP file: closest is the .* layout, which " + message):
+        load_aliccp(*paths)
+
+
 def test_aliccp_released_layout(shared_dir):
     root = shared_dir / "data" / "ali-ccp-sample"
     data = load_aliccp(*(root / f"ali_ccp_{s}_sample.csv" for s in ("train", "val", "test")))
@@ -125,37 +200,40 @@ def test_aliccp_headerless_paddlerec_rows(shared_dir):
 
 
 def _aliccp_files(tmp_path, train_rows, val_rows=None):
-    header = "click,purchase,101,205,301,D508"
-    rows = val_rows or ["0,0,1,7,1,0.5", "1,0,2,8,2,0.1"]
+    """Files in the released layout whose data lines are given as {column: value} changes of a valid row."""
+    base = aliccp_frame(1).iloc[0].to_dict()
     paths = []
-    for name, body in (("train", train_rows), ("val", rows), ("test", rows)):
+    for name, body in (("train", train_rows), ("val", val_rows or train_rows[:2]), ("test", val_rows or train_rows[:2])):
+        lines = [",".join(str(row.get(c, base[c])) for c in ALICCP_RELEASED) + row.get("_extra", "") for row in body]
         path = tmp_path / f"{name}.csv"
-        path.write_text(header + "\n" + "\n".join(body) + "\n")
+        path.write_text(",".join(ALICCP_RELEASED) + "\n" + "\n".join(lines) + "\n")
         paths.append(path)
     return paths
 
 
-GOOD_ALICCP = ["0,0,1,7,1,0.5", "1,0,2,8,2,0.25", "0,0,3,9,3,1.5", "1,1,1,7,3,0.0"]
+GOOD_ALICCP = [{"click": 0, "101": 1, "205": 7, "301": 1, "D508": 0.5}, {"click": 1, "101": 2, "205": 8, "301": 2},
+               {"click": 0, "101": 3, "205": 9, "301": 3, "D508": 1.5}, {"click": 1, "purchase": 1, "301": 3}]
 
 
 @pytest.mark.parametrize("bad_row, message", [
-    ("0,0,1,7,1,0.5,9", "train.csv: malformed line (Expected 6 fields in line 4, saw 7)"),
-    ("0,0,1,x,1,0.5", "train.csv, line 4: column '205' must be an integer, got 'x'"),
-    ("0,0,1,7,1,", "train.csv, line 4: malformed line, no value for column 'D508'"),
-    ("2,0,1,7,1,0.5", "train.csv, line 4: label column 'click' must hold 0 or 1, got 2"),
-    ("0,0,1,7,4,0.5", "train.csv, line 4: domain value 4 of column '301' is outside the mapping"),
+    ({"_extra": ",9"}, "train.csv: malformed line (Expected 33 fields in line 4, saw 34)"),
+    ({"205": "x"}, "train.csv, line 4: column '205' must be an integer, got 'x'"),
+    ({"D508": ""}, "train.csv, line 4: malformed line, no value for column 'D508'"),
+    ({"301": ""}, "train.csv, line 4: malformed line, no value for column '301'"),
+    ({"click": 2}, "train.csv, line 4: label column 'click' must hold 0 or 1, got 2"),
+    ({"301": 4}, "train.csv, line 4: domain value 4 of column '301' is outside the mapping"),
 ])
 def test_aliccp_bad_rows_name_file_and_line(tmp_path, bad_row, message):
     rows = list(GOOD_ALICCP)
-    rows[2] = bad_row
+    rows[2] = {**rows[2], **bad_row}
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_aliccp(*_aliccp_files(tmp_path, rows), chunksize=2)  # the bad line is in the second chunk
 
 
 def test_aliccp_chunk_size_does_not_change_the_encoding(tmp_path):
     rng = np.random.default_rng(0)
-    rows = [f"{rng.integers(2)},0,{rng.integers(50)},{rng.integers(9)},{rng.integers(1, 4)},{rng.uniform():.3f}"
-            for _ in range(200)]
+    rows = [{"click": rng.integers(2), "101": rng.integers(50), "205": rng.integers(9), "301": rng.integers(1, 4),
+             "D508": f"{rng.uniform():.3f}"} for _ in range(200)]
     paths = _aliccp_files(tmp_path, rows, val_rows=rows[:30])
     whole, chunked = load_aliccp(*paths), load_aliccp(*paths, chunksize=7)
     assert whole.feature_map.to_dict() == chunked.feature_map.to_dict()
@@ -166,12 +244,13 @@ def test_aliccp_chunk_size_does_not_change_the_encoding(tmp_path):
 
 
 def test_aliccp_unseen_ids_and_train_only_scaling(tmp_path):
-    data = load_aliccp(*_aliccp_files(tmp_path, GOOD_ALICCP, val_rows=["0,0,99,7,1,3.0"]))
-    fields = data.feature_map.sparse_fields
+    rows = [{**row, "D508": row.get("D508", 0.0)} for row in GOOD_ALICCP]
+    data = load_aliccp(*_aliccp_files(tmp_path, rows, val_rows=[{"101": 99, "205": 7, "301": 1, "D508": 3.0}]))
+    fields, d508 = data.feature_map.sparse_fields, ALICCP_DENSE.index("D508")
     assert data.val.sparse[0, fields.index("101")] == 0  # 99 never seen in train
     assert data.val.sparse[0, fields.index("205")] == data.train.sparse[0, fields.index("205")]
-    assert data.feature_map.dense_ranges == {"D508": (0.0, 1.5)}
-    assert data.val.dense[0, 0].item() == pytest.approx(2.0)  # (3.0 - 0) / 1.5: train range, no refit
+    assert data.feature_map.dense_ranges["D508"] == (0.0, 1.5)
+    assert data.val.dense[0, d508].item() == pytest.approx(2.0)  # (3.0 - 0) / 1.5: train range, no refit
     with pytest.raises(FileNotFoundError, match="nowhere.csv"):
         load_aliccp(tmp_path / "train.csv", tmp_path / "nowhere.csv", tmp_path / "test.csv")
 
@@ -227,6 +306,48 @@ def test_table_errors(tmp_path):
         load_table(path, {**schema, "domain": {"mapping": "order"}})
     with pytest.raises(DataError, match="must start with one of"):
         load_table(path, {**schema, "label": {"column": "clicked", "positive": "yes"}})
+
+
+def _integer_table(path):
+    frame = pd.DataFrame({"user": range(40), "price": np.linspace(1, 9, 40), "region": [0, 1] * 20,
+                          "clicked": [0, 0, 1, 1] * 10})
+    frame.to_csv(path, index=False)
+    return path, {"label": "clicked", "domain": {"column": "region", "mapping": {0: 0, 1: 1}}, "sparse": ["user"],
+                  "dense": ["price"]}
+
+
+@pytest.mark.parametrize("line", [6, 38])  # a row that lands in the train split, and one that lands in val/test
+def test_empty_cell_in_an_integer_column_names_its_line(tmp_path, line):
+    path, schema = _integer_table(tmp_path / "data.csv")
+    for column in ("region", "user"):
+        lines = path.read_text().splitlines()
+        cells = lines[line - 1].split(",")
+        cells[["user", "price", "region", "clicked"].index(column)] = ""
+        (tmp_path / "gap.csv").write_text("\n".join(lines[:line - 1] + [",".join(cells)] + lines[line:]) + "\n")
+        with pytest.raises(DataError, match=rf"gap.csv \((train|val|test) split\), line {line}: malformed line, "
+                                            rf"no value for column '{column}'"):
+            load_table(tmp_path / "gap.csv", schema, seed=1)
+        if column == "user":
+            break
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty.csv: the file is empty"),
+    (b"user,price,region,clicked\n", "empty.csv: the file has a header but no rows"),
+    (b"user,price,region,clicked\n1,2.0,0,1\n2,caf\xe9,1,0\n", r"empty.csv, line 3: not UTF-8 text"),
+])
+def test_unreadable_files_are_named(tmp_path, content, message):
+    _, schema = _integer_table(tmp_path / "data.csv")
+    (tmp_path / "empty.csv").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_table(tmp_path / "empty.csv", schema)
+    directory = write_ml1m(tmp_path / "ml-1m")
+    (directory / "ratings.dat").write_bytes(b"")
+    with pytest.raises(DataError, match="ratings.dat: the file is empty"):
+        load_movielens(directory)
+    path, schema = _integer_table(tmp_path / "data.csv")
+    with pytest.raises(DataError, match=r"data.csv: the test split is empty \(40 rows in all\)"):
+        load_table(path, schema, split=(0.5, 0.5, 0.0))
 
 
 # ------------------------------------------------------------------------------ synthetic + batching

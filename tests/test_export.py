@@ -126,3 +126,46 @@ def test_export_rejects_bad_arguments(tmp_path):
 
 def test_hf_inference_is_exported_from_the_package():
     assert hf.inference.Predictor is not None and hf.inference.export_model is export_model
+
+
+class _RunsCode:
+    """A pickle payload that runs code when unpickled: it creates ``marker`` (harmless, and visible)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_pt2_is_refused_before_anything_is_unpickled(tmp_path):
+    import io
+    import zipfile
+
+    path = export_model(hamur(), *inputs(4), tmp_path / "new" / "dir" / "model.pt2")  # directories are created
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt2"]  # and no temporary file is left
+    payload = io.BytesIO()
+    torch.save(_RunsCode(tmp_path / "marker"), payload)
+    crafted = tmp_path / "crafted.pt2"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(crafted, "w") as out:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            out.writestr(item, payload.getvalue() if "sample_inputs/" in item.filename else data)
+    with pytest.raises(ValueError, match="crafted.pt2: refused: its sample inputs .* hold more than tensors"):
+        load_exported(crafted)
+    assert not (tmp_path / "marker").exists()
+    # the same archive through torch.export.load does run the payload: the check above is what stops it
+    with pytest.raises(Exception):
+        torch.export.load(str(crafted))
+    assert (tmp_path / "marker").exists()
+    # members the loader cannot vouch for are refused too
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(tmp_path / "extra.pt2", "w") as out:
+        for item in source.infolist():
+            out.writestr(item, source.read(item.filename))
+        root = source.namelist()[0].split("/")[0]
+        out.writestr(f"{root}/data/constants/opaque_obj_0", payload.getvalue())
+    with pytest.raises(ValueError, match=r"refused: the archive holds \['data/constants/opaque_obj_0'\]"):
+        load_exported(tmp_path / "extra.pt2")
+    (tmp_path / "plain.pt2").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a .pt2 archive"):
+        load_exported(tmp_path / "plain.pt2")

@@ -127,3 +127,26 @@ def test_released_cell_on_all_towers_equals_one_call_per_tower():
     grad_batched, = torch.autograd.grad(batched.square().sum(), towers)
     grad_looped, = torch.autograd.grad(looped.square().sum(), towers)
     assert rel_err(grad_batched, grad_looped) < 1e-12
+
+
+@pytest.mark.parametrize("backend", [b for b in hf.available_backends() if b != "triton"] + ["triton"])
+def test_a_nan_row_stays_in_its_domain(backend):
+    """One NaN row poisons its own domain's statistics and outputs, never another domain's (every backend)."""
+    if backend not in hf.available_backends():
+        pytest.skip(f"backend {backend} is not built here")
+    norm = hf.DomainNorm(16, num_domains=3, backend=backend)
+    x, domain = torch.randn(12, 16), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    x[5, 3] = float("nan")  # a row of domain 1
+    y = norm(x, domain)
+    assert [bool(y[domain == d].isnan().any()) for d in range(3)] == [False, True, False]
+    assert norm.running_mean.isnan().any(dim=1).tolist() == [False, True, False]
+
+
+def test_int32_domain_ids_work_wherever_the_check_accepts_them():
+    for name in hf.models.available():
+        model = hf.models.build(name, 24, 3)
+        e, domain = torch.randn(16, 24), torch.randint(0, 3, (16,), dtype=torch.int32)
+        model.train()
+        model(e, domain).sum().backward()  # training: the one-hot and scatter paths need int64 inside
+        model.eval()
+        assert torch.allclose(model(e, domain), model(e, domain.long()))

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from .errors import DataError, shown
-from .readers import check_columns
+from .readers import check_columns, check_complete
 from .schema import Schema, value_keys
 from .tensors import TensorSplit
 
@@ -90,8 +90,9 @@ class FeatureMap:
         encode it in the same pass; returns ``(feature_map, split)``. Dense columns are scaled once the whole
         split has been seen."""
         fm = cls(schema, {}, {}, dict(schema.domain_mapping or {}), prepare)
-        parts, lows, highs = [], [], []
+        parts, lows, highs, sources = [], [], [], []
         for frame, where in chunks:
+            sources.append(where)
             if len(frame) == 0:
                 continue
             fm._grow(frame, where)
@@ -99,7 +100,7 @@ class FeatureMap:
             lows.append(parts[-1].dense.amin(0))
             highs.append(parts[-1].dense.amax(0))
         if not parts:
-            raise DataError("the training split is empty")
+            raise DataError(f"{sources[0] if sources else 'input'}: the training split is empty")
         low, high = torch.stack(lows).amin(0), torch.stack(highs).amax(0)
         fm.dense_ranges = {c: (float(low[i]), float(high[i])) for i, c in enumerate(schema.dense)}
         split = TensorSplit.concat(parts)
@@ -113,6 +114,8 @@ class FeatureMap:
     def _grow(self, frame: pd.DataFrame, where) -> None:
         """Extend vocabularies (and an order-of-appearance domain mapping) with this chunk's new values."""
         check_columns(frame, self.schema.required_columns(), where)
+        # An empty cell would turn an integer column into floats (1 -> "1.0") and reach the mapping as NaN.
+        check_complete(frame, [self.schema.domain, *self.schema.sparse], where)
         for column in self.schema.sparse:
             keys = _category_keys(frame[column])
             known = self.vocabularies.get(column)
@@ -131,6 +134,7 @@ class FeatureMap:
 
     def _encode(self, frame, where, with_label: bool, scale: bool) -> TensorSplit:
         check_columns(frame, self.schema.required_columns(with_label), where)
+        check_complete(frame, [self.schema.domain, *([self.schema.label] if with_label else [])], where)
         domain = self._domain_ids(frame[self.schema.domain], where)
         sparse = [self._category_ids(frame[c], c) for c in self.schema.sparse]
         if not self.schema.domain_is_sparse:

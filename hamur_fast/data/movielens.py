@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import DataError
-from .readers import check_columns, read_double_colon, read_table
+from .readers import check_columns, check_unique, read_double_colon, read_table
 from .schema import Schema
 from .splits import encode_splits, frames_by_split, random_split
 
@@ -45,6 +45,8 @@ def _read_grouplens(directory: Path) -> pd.DataFrame:
     users = read_double_colon(directory / "users.dat", ["user_id", "gender", "age", "occupation", "zip"],
                               numeric=["user_id", "age", "occupation"])
     movies = read_double_colon(directory / "movies.dat", ["movie_id", "title", "genres"], numeric=["movie_id"])
+    check_unique(users, "user_id", directory / "users.dat")
+    check_unique(movies, "movie_id", directory / "movies.dat")
     frame = ratings.join(users.set_index("user_id"), on="user_id").join(movies.set_index("movie_id"),
                                                                         on="movie_id")
     for column, source in (("gender", "users.dat"), ("genres", "movies.dat")):

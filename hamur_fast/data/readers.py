@@ -41,8 +41,21 @@ def read_double_colon(path, names: list, numeric: list, encoding: str = "latin-1
         raise DataError(f"{path}: malformed line ({_parser_detail(err)}); expected {len(names)} '::'-separated "
                         f"fields {names}") from None
     frame.index = pd.RangeIndex(1, len(frame) + 1)
+    if len(frame) == 0:
+        raise DataError(f"{path}: the file is empty")
     check_complete(frame, names, path)
     return to_numeric(frame, numeric, path, integer=True)
+
+
+def check_unique(frame: pd.DataFrame, key: str, where) -> None:
+    """A side table (users, movies) lists each key once: a second line would duplicate every joined row."""
+    repeated = frame[key].duplicated(keep="first").to_numpy()
+    if repeated.any():
+        row = int(np.flatnonzero(repeated)[0])
+        value = frame[key].iloc[row]
+        first = frame.index[int(np.flatnonzero((frame[key] == value).to_numpy())[0])]
+        raise DataError(f"{where}, line {frame.index[row]}: {key} {shown(value)} is listed a second time "
+                        f"(first on line {first})")
 
 
 def csv_header(path) -> list | None:
@@ -63,10 +76,10 @@ def iter_csv(path, chunksize: int, names: list | None = None, dtype: dict | None
     """
     path = existing_file(path)
     header_lines = 0 if names else 1
-    reader = pd.read_csv(path, chunksize=chunksize, header=None if names else 0, names=names,
-                         index_col=False, skip_blank_lines=False, low_memory=False, dtype=dtype)
     start = header_lines + 1
     try:
+        reader = pd.read_csv(path, chunksize=chunksize, header=None if names else 0, names=names, encoding="utf-8",
+                             index_col=False, skip_blank_lines=False, low_memory=False, dtype=dtype)
         for chunk in reader:
             chunk.index = pd.RangeIndex(start, start + len(chunk))
             yield chunk
@@ -75,6 +88,8 @@ def iter_csv(path, chunksize: int, names: list | None = None, dtype: dict | None
         raise DataError(f"{path}: malformed line ({_parser_detail(err)})") from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}, line {_first_non_utf8_line(path)}: not UTF-8 text; re-save the file as UTF-8") from None
 
 
 def read_table(path, dtype: dict | None = None) -> pd.DataFrame:
@@ -88,10 +103,10 @@ def read_table(path, dtype: dict | None = None) -> pd.DataFrame:
             raise DataError(f"{path}: not a readable Parquet file: {err}") from None
         frame.index = pd.RangeIndex(1, len(frame) + 1)
         return frame
-    chunks = list(iter_csv(path, chunksize=1 << 20, dtype=dtype))
-    if not chunks:
+    frame = pd.concat(list(iter_csv(path, chunksize=1 << 20, dtype=dtype)))
+    if len(frame) == 0:
         raise DataError(f"{path}: the file has a header but no rows")
-    return pd.concat(chunks)
+    return frame
 
 
 def check_columns(frame: pd.DataFrame, columns: list, where) -> None:
@@ -125,6 +140,16 @@ def to_numeric(frame: pd.DataFrame, columns: list, where, integer: bool = False)
                             f"got {shown(values.iloc[row])}")
         frame[column] = numeric.astype(np.int64) if integer and numeric.notna().all() else numeric
     return frame
+
+
+def _first_non_utf8_line(path) -> int:
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 1
 
 
 def _is_number(text: str) -> bool:

@@ -37,12 +37,21 @@ def encode_splits(chunks_by_split: dict, schema: Schema, prepare: str | None = N
 
 
 def _encode_all(feature_map: FeatureMap, chunks: Iterable, name: str) -> TensorSplit:
-    parts = [feature_map.transform(frame, where) for frame, where in chunks if len(frame)]
+    parts, sources = [], []
+    for frame, where in chunks:
+        sources.append(where)
+        if len(frame):
+            parts.append(feature_map.transform(frame, where))
     if not parts:
-        raise DataError(f"the {name} split is empty")
+        raise DataError(f"{sources[0] if sources else 'input'}: the {name} split is empty")
     return TensorSplit.concat(parts)
 
 
 def frames_by_split(frames: list, where: str) -> dict:
-    """Three in-memory frames as single-chunk inputs for :func:`encode_splits`."""
+    """Three in-memory frames as single-chunk inputs for :func:`encode_splits`; none may be empty."""
+    for name, frame in zip(SPLIT_NAMES, frames):
+        if len(frame) == 0:
+            rows = sum(len(f) for f in frames)
+            raise DataError(f"{where}: the {name} split is empty ({rows} rows in all); give more rows or "
+                            "another split")
     return {name: [(frame, f"{where} ({name} split)")] for name, frame in zip(SPLIT_NAMES, frames)}

@@ -13,11 +13,21 @@ of a training checkpoint; ``load_exported(path)`` reads a ``.pt2`` back as a mod
   is exported with ``backend="torch"`` (the same math in standard ops). Any other custom op left in
   the graph stops the export with a message naming it. Needs the ``onnx`` and ``onnxscript``
   packages (torch's dynamo-based ONNX exporter).
+
+Loading is safe for files from elsewhere: ``torch.export.load`` falls back to unrestricted unpickling for
+the sample inputs and unpickles some weights and objects outright, so a crafted ``.pt2`` could run code.
+``load_exported`` reads the archive into memory once, admits only the members ``torch.export.save`` writes
+for a plain program (JSON, raw tensor bytes, and a sample-inputs file that must load with
+``weights_only=True``), and refuses anything else with a ``ValueError`` before torch sees the bytes.
 """
 from __future__ import annotations
 
 import copy
 import importlib.util
+import io
+import json
+import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -27,6 +37,10 @@ from .. import _checks
 from .folding import fold_for_inference, needs_whole_batch
 
 FORMATS = ("pt2", "onnx")
+# Members of a .pt2 archive (below its root folder) that hold no pickle, or one checked with weights_only.
+_SAFE_MEMBERS = re.compile(r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+                           r"|models/\w+\.json|extra/[\w.]+\.json|data/(weights|constants)/\w+_config\.json"
+                           r"|data/weights/weight_\d+|data/constants/tensor_\d+|data/sample_inputs/\w+\.pt)")
 # Namespaces of ops every runtime knows; anything else in a graph is a custom op.
 _STANDARD_NAMESPACES = ("aten", "prims", "_assert", "higher_order")
 
@@ -47,12 +61,15 @@ def export_model(model: nn.Module, example_e: torch.Tensor, example_domain: torc
         model = _with_standard_ops(model)
     program = export_program(model, example_e, example_domain)
     if format == "pt2":
-        torch.export.save(program, str(path))
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        _write_bytes(path, buffer.getvalue())
         return path
     custom = custom_ops(program)
     if custom:
         raise ValueError(f"ONNX export cannot carry the custom op(s) {custom}: ONNX runtimes do not know them; "
                          "export format='pt2' instead, or build the model from standard PyTorch ops")
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(program, (example_e, example_domain), str(path), dynamo=True,
                       input_names=["e", "domain"], output_names=["probability"], verbose=False)
     return path
@@ -85,12 +102,61 @@ def export_program(model: nn.Module, example_e: torch.Tensor, example_domain: to
 
 
 def load_exported(path) -> nn.Module:
-    """Load a ``.pt2`` written by :func:`export_model`: a module ``(e, domain) -> probabilities``."""
+    """Load a ``.pt2`` written by :func:`export_model`: a module ``(e, domain) -> probabilities``.
+
+    Nothing in the file is unpickled beyond tensors: an archive with any other content is refused
+    (``ValueError`` naming the member) before torch reads it."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no exported model at {path}")
+    data = path.read_bytes()  # one read: what is checked is what torch loads
+    _check_archive(data, path)
     # Importing this module imported hamur_fast, which registered the custom ops the graph may call.
-    return torch.export.load(str(path)).module()
+    try:
+        program = torch.export.load(io.BytesIO(data))
+    except Exception as err:  # a damaged graph: torch raises many types
+        raise ValueError(f"{path}: not a loadable torch.export program ({type(err).__name__}: "
+                         f"{(str(err).splitlines() or [''])[0]})") from None
+    return program.module()
+
+
+def _check_archive(data: bytes, path: Path) -> None:
+    """Refuse a .pt2 whose loading would unpickle anything but tensors (see the module docstring)."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        names = archive.namelist()
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path}: not a .pt2 archive (not a zip file)") from None
+    roots = {name.split("/", 1)[0] for name in names}
+    if len(roots) != 1 or any("/" not in name for name in names):
+        raise ValueError(f"{path}: not a .pt2 archive written by torch.export.save (members outside one folder)")
+    members = {name.split("/", 1)[1]: name for name in names}
+    unknown = sorted(name for name in members if not _SAFE_MEMBERS.fullmatch(name))
+    if unknown or not any(name.startswith("models/") for name in members):
+        raise ValueError(f"{path}: refused: the archive holds {unknown or 'no program'}, which loading would "
+                         "unpickle or cannot check; export_model writes only programs of tensors and JSON")
+    for name, full in members.items():
+        if name.endswith("_config.json"):
+            config = json.loads(archive.read(full)).get("config", {})
+            pickled = sorted(key for key, entry in config.items()
+                             if entry.get("use_pickle") or not str(entry.get("path_name", "")).startswith(("weight_", "tensor_")))
+            if pickled:
+                raise ValueError(f"{path}: refused: {name} stores {pickled[:4]} as pickled objects, which loading "
+                                 "would unpickle")
+        elif name.startswith("data/sample_inputs/"):
+            try:
+                torch.load(io.BytesIO(archive.read(full)), weights_only=True)
+            except Exception:
+                raise ValueError(f"{path}: refused: its sample inputs ({name}) hold more than tensors, and "
+                                 "torch.export.load would unpickle them without restriction") from None
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Atomically, its directory created if needed (a killed export leaves no half-written file)."""
+    from ..train.files import atomic_path  # imported here: hamur_fast.train imports this package's users
+
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
 
 
 def custom_ops(program) -> list[str]:

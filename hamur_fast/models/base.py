@@ -33,9 +33,10 @@ class MultiDomainModel(nn.Module, abc.ABC):
         if e.shape[1] != self.input_dim:
             raise ValueError(f"e must have shape (B, {self.input_dim}), got {tuple(e.shape)}")
         _checks.check_domain(domain, batch, self.num_domains)
-        # The ids were range-checked once here; inner layers skip their own (device-syncing) check.
+        # The ids were range-checked once here; inner layers skip their own (device-syncing) check. The check
+        # accepts int32 ids, so they are widened here for layers that index or one-hot with them.
         with _checks.domain_values_checked():
-            return self.compute_logits(e, domain)
+            return self.compute_logits(e, domain.long())
 
     def forward(self, e: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(e, domain))

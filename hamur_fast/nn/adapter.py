@@ -8,6 +8,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .. import _checks, ops
+from ..distributed.statistics import active_group, batch_norm
 from ..ops.backends.torch import adapter_projection
 from ..ops.registry import check_backend_name, resolve
 
@@ -157,7 +158,7 @@ class HyperAdapter(BackendAttribute, nn.Module):
         cell runs once per tower.
         """
         impl = None
-        if self.mode == "released" and self.norm == "domain":
+        if self.mode == "released" and self.norm == "domain" and active_group() is None:
             impl = resolve(self.backend, x.device, x.dtype, self.width, self.rank, self.bottleneck)
         if impl is None or impl.hyper_adapter_all_towers is None:
             return torch.stack([self(tower, rep, domain) for tower in x])
@@ -178,8 +179,8 @@ class HyperAdapter(BackendAttribute, nn.Module):
         if self.norm == "layer":
             standard = F.layer_norm(o, (self.width,), eps=self.eps)
         else:  # "batch"
-            standard = F.batch_norm(o, self.running_mean, self.running_var, training=self.training,
-                                    momentum=self.momentum, eps=self.eps)
+            standard = batch_norm(o, self.running_mean, self.running_var, None, None, self.training,
+                                  self.momentum, self.eps)
         per_domain = self.norm_weight.dim() == 2
         weight = self.norm_weight[domain] if per_domain else self.norm_weight
         bias = self.norm_bias[domain] if per_domain else self.norm_bias

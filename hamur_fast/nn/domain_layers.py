@@ -11,9 +11,9 @@ import math
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from .. import ops
+from ..distributed.statistics import batch_norm, domain_counts
 from ..ops import grouped_linear
 
 
@@ -64,9 +64,7 @@ class DomainBatchNorm1d(nn.Module):
     def routed(self, z: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         if self.training:
             with torch.no_grad():
-                rows = torch.zeros_like(self.num_batches_tracked).index_add_(
-                    0, domain, torch.ones(domain.shape[0], dtype=torch.long, device=domain.device))
-                seen = rows >= 2
+                seen = domain_counts(domain, self.num_domains) >= 2
                 self.num_batches_tracked.add_(seen.long())
         # Per-domain batch normalisation is exactly paper-mode DomainNorm.
         return ops.domain_norm(z, domain, self.weight, self.bias, self.running_mean, self.running_var,
@@ -79,7 +77,7 @@ class DomainBatchNorm1d(nn.Module):
         if self.training:
             self.num_batches_tracked.add_(1)
         flat = z.permute(1, 0, 2).reshape(batch, num_domains * channels)
-        out = F.batch_norm(flat, self.running_mean.view(-1), self.running_var.view(-1),
+        out = batch_norm(flat, self.running_mean.view(-1), self.running_var.view(-1),
                            self.weight.reshape(-1), self.bias.reshape(-1), self.training, self.momentum, self.eps)
         return out.view(batch, num_domains, channels).permute(1, 0, 2)
 

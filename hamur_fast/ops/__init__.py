@@ -13,17 +13,13 @@ import torch
 
 from .. import _checks
 from . import backends, grouped_linear  # noqa: F401  (registers every backend this installation offers)
-from .contract import MODES, Backend, Capabilities, GroupStats, Plan, make_plan, update_running_stats
+from .contract import Backend, Capabilities, GroupStats, Plan, check_mode, make_plan, update_running_stats
 from .registry import available_backends, register_backend, resolve
+from ..distributed import statistics as _statistics
+from .backends.torch import adapter_projection
 
 __all__ = ["hyper_adapter", "domain_norm", "available_backends", "register_backend", "Backend", "Capabilities",
            "GroupStats", "Plan"]
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode
 
 
 def _check_norm_args(o, weight, bias, running_mean, running_var, mode):
@@ -62,6 +58,9 @@ def domain_norm(o, domain, weight, bias, running_mean=None, running_var=None, *,
     _checks.check_domain(domain, batch, param_domains if mode == "paper" else num_domains)
     _checks.check_same_device(o=o, domain=domain, weight=weight)
     plan = make_plan(mode, training, running_mean is not None, momentum, eps)
+    group = _statistics.active_group()
+    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged
+        return _statistics.domain_norm(o, domain.long(), weight, bias, running_mean, running_var, plan, group)
     impl = resolve(backend, o.device, o.dtype)
     y, stats = impl.domain_norm(o, domain.long(), weight, bias, running_mean, running_var, plan)
     if plan.update_running:
@@ -114,6 +113,11 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
     _checks.check_same_device(x=x, rep=rep, domain=domain, down_left=down_left)
     plan = make_plan(mode, training, running_mean is not None, momentum, eps)
     impl = resolve(backend, x.device, x.dtype, width=width, rank=rank, bottleneck=bottleneck)
+    group = _statistics.active_group()
+    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged
+        o = adapter_projection(x, rep, domain.long(), down_left, down_right, down_bias, up_left, up_right, up_bias)
+        return x + _statistics.domain_norm(o, domain.long(), norm_weight, norm_bias, running_mean, running_var,
+                                           plan, group)
     params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
     y, stats = impl.hyper_adapter(x, rep, domain.long(), params, running_mean, running_var, plan)
     if plan.update_running:

@@ -96,10 +96,15 @@ class Plan:
         return self.statistics == "batch"
 
 
-def make_plan(mode: str, training: bool, has_running: bool, momentum: float, eps: float) -> Plan:
-    """The one place where (mode, training, running statistics present) becomes a plan."""
+def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def make_plan(mode: str, training: bool, has_running: bool, momentum: float, eps: float) -> Plan:
+    """The one place where (mode, training, running statistics present) becomes a plan."""
+    check_mode(mode)
     running = mode == "paper" and has_running
     return Plan(mode=mode, statistics="running" if running and not training else "batch",
                 update_running=running and training, momentum=float(momentum), eps=float(eps))

@@ -223,12 +223,8 @@ if hasattr(torch.ops.aten, "_grouped_mm") and \
         return 2 * a_shape[0] * a_shape[1] * b_shape[-1]  # (M, K) x (K, N) with offsets over K
 
 
-def triton_kernel(x, domain, weight, bias):
-    return grouped_linear_kernel(x, domain, weight, bias)
-
-
 IMPLEMENTATIONS = {"reference": reference, "segments": segments, "torch": torch_eager, "stacked": stacked,
-                   "triton": triton_kernel}
+                   "triton": grouped_linear_kernel}
 
 # What each provider takes, in the backend contract's terms (hamur_fast/ops/contract.py). ``meta`` stands in
 # for the GPU path: "auto" there runs the kernel's custom op shape-only. "segments" reads values, so never

@@ -109,9 +109,11 @@ def self_check_passed(backend: Backend, device: torch.device, dtype: torch.dtype
         return verdict
     if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return False
+    from ..distributed.statistics import synchronised
     from .selfcheck import self_check  # the check calls the ops, which import this module
 
-    result = self_check(backend, device, dtype)
+    with synchronised(None):  # checks this process's kernels, even inside a data-parallel step
+        result = self_check(backend, device, dtype)
     _SELF_CHECKS[key] = result.ok
     if not result.ok:
         warnings.warn(f"hamur_fast: backend {backend.name!r} failed its self-check on {device} in {dtype} "

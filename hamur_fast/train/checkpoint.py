@@ -1,4 +1,10 @@
-"""Checkpoints: one file with model, optimizer, feature map, config and training progress, written atomically."""
+"""Checkpoints: one file with model, optimizer, feature map, config and training progress, written atomically.
+
+Version 2: ``model`` holds the last weights (where a resume continues), ``best_model`` the best by validation
+AUC, ``config.train`` every setting of the run (thread count included) and ``run`` the data fingerprint and
+the torch version and device it ran with. Version 1 files (``model`` = the best weights at the end of a run)
+are still read.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +14,8 @@ import torch
 from .files import atomic_path
 
 FORMAT = "hamur_fast.checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 REQUIRED_KEYS = ("config", "feature_map", "model", "best_model", "optimizer", "progress")
 
 
@@ -33,9 +40,9 @@ def load_checkpoint(path) -> dict:
                               f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a torch file but not a hamur_fast checkpoint")
-    if payload.get("version") != VERSION:
+    if payload.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}; "
-                              f"this hamur_fast reads version {VERSION}")
+                              f"this hamur_fast reads versions {list(READABLE_VERSIONS)}")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise CheckpointError(f"{path} lacks {missing}")

@@ -2,9 +2,11 @@
 ``compare`` and ``sweep``): one training run, several models x seeds, one parameter swept over values."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -12,11 +14,12 @@ import numpy as np
 import torch
 import yaml
 
+from .. import _yaml
 from ..data import FeatureMap, MultiDomainData, load_dataset
 from ..features import build_ctr_model
-from .checkpoint import load_checkpoint
-from .files import write_json, write_text
-from .trainer import TrainConfig, Trainer
+from .checkpoint import CheckpointError, load_checkpoint
+from .files import locked_directory, write_json, write_text
+from .trainer import CHECKPOINT_NAME, TrainConfig, Trainer, require_both_classes, resolve_device
 
 DEFAULT_DATA = {"kind": "synthetic"}
 DEFAULT_MODEL = {"name": "hamur_mlp"}
@@ -27,6 +30,13 @@ FAMILY_KEYS = ("preset", "backend")
 SWEEP_ALIASES = {"k": ("model.rank", int), "rank": ("model.rank", int),
                  "hyper_width": ("model.hyper_dims", lambda v: [int(v)]),
                  "hyper": ("model.hyper", str), "norm": ("model.norm", str)}
+SECTIONS = ("data", "model", "train", "output", "compare", "sweep")
+# Data-section entries that name files: recorded as absolute paths, so a checkpoint resumes from anywhere.
+DATA_PATH_KEYS = ("path", "train", "val", "test", "schema")
+# What --resume may change: how long and where the run goes on, and where its data now lie (checked against
+# the data fingerprint). Everything else would make it a different run.
+RESUME_OVERRIDES = ("train.epochs", "train.patience", "train.device", "train.threads", "train.progress",
+                    "train.eval_batch_size", "train.pin_memory", *(f"data.{key}" for key in DATA_PATH_KEYS))
 
 
 # ---------------------------------------------------------------------------- configs
@@ -35,14 +45,17 @@ def load_config(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config not found: {path}")
     try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from None
+        config = _yaml.load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a valid YAML file: {_first_line(err)}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: a config is a YAML mapping with data/model/train sections")
-    unknown = set(config) - {"data", "model", "train", "output", "compare", "sweep"}
+    unknown = set(config) - set(SECTIONS)
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}")
+    for section in ("data", "model", "train", "compare", "sweep"):
+        if not isinstance(config.get(section, {}), dict):
+            raise ValueError(f"{path}: section {section!r} must be a mapping of key: value")
     return config
 
 
@@ -59,13 +72,26 @@ def set_path(config: dict, dotted: str, value) -> dict:
     return config
 
 
+def parse_override(assignment: str) -> tuple:
+    """``"train.lr=1e-3"`` -> ("train.lr", 0.001): the value is read as YAML (numbers, lists, true/false)."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"override {assignment!r} must look like section.key=value")
+    parts = key.split(".")
+    if parts[0] not in SECTIONS or any(not part for part in parts) or (len(parts) < 2) != (parts[0] == "output"):
+        raise ValueError(f"override {assignment!r}: the key must be section.key with a section among "
+                         f"{list(SECTIONS)} (or just output=DIR)")
+    try:
+        return key, _yaml.load(raw)
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {assignment!r}: the value is not valid YAML ({_first_line(err)})") from None
+
+
 def apply_overrides(config: dict, assignments: list) -> dict:
     """``["train.epochs=3", "model.rank=16"]``: each value is read as YAML (numbers, lists, true/false)."""
     for assignment in assignments:
-        key, sep, raw = assignment.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {assignment!r} must look like section.key=value")
-        config = set_path(config, key.strip(), yaml.safe_load(raw))
+        config = set_path(config, *parse_override(assignment))
     return config
 
 
@@ -83,7 +109,7 @@ def split_values(text: str) -> list:
         else:
             current += char
     values.append(current)
-    return [yaml.safe_load(v.strip()) for v in values if v.strip()]
+    return [_yaml.load(v.strip()) for v in values if v.strip()]
 
 
 # ---------------------------------------------------------------------------- one run
@@ -99,17 +125,41 @@ class RunResult:
 
 
 def train_run(config: dict, data: MultiDomainData | None = None, run_dir=None, label: str = "",
-              progress: bool = True) -> RunResult:
-    """Train one model as configured and evaluate it on the test split (best weights by val AUC)."""
+              progress: bool = True, warn_replace: bool = True, trainer_class=Trainer) -> RunResult:
+    """Train one model as configured and evaluate it on the test split (best weights by val AUC).
+
+    ``run_dir`` is locked for the run and checked for writing before the data are read; an earlier run's files
+    there are replaced (with a warning, unless ``warn_replace`` is off)."""
     train_config = replace(TrainConfig.from_dict(config.get("train", {})), progress=progress)
     model_config = config.get("model", DEFAULT_MODEL)
     # Data handed over without a data section is recorded as unknown (None), never as the default.
-    data_config = config.get("data", None if data is not None else DEFAULT_DATA)
-    data = data or load_dataset(data_config)
-    torch.manual_seed(train_config.seed)  # model initialisation
-    model = build_ctr_model(data.feature_map, model_config)
-    trainer = Trainer(model, train_config, data.feature_map, run_dir, {"data": data_config, "model": model_config})
-    return _fit_and_test(trainer, data, label or model_config["name"], run_dir)
+    data_config = absolute_paths(config.get("data", None if data is not None else DEFAULT_DATA))
+    with _run_directory(run_dir):
+        if warn_replace and run_dir is not None and (Path(run_dir) / CHECKPOINT_NAME).exists():
+            warnings.warn(f"{run_dir} holds an earlier run: its checkpoint and metrics are replaced by this one's",
+                          stacklevel=2)
+        data = data or load_dataset(data_config)
+        require_both_classes(data.test, "test")
+        torch.manual_seed(train_config.seed)  # model initialisation
+        model = build_ctr_model(data.feature_map, model_config)
+        trainer = trainer_class(model, train_config, data.feature_map, run_dir,
+                                {"data": data_config, "model": model_config})
+        return _fit_and_test(trainer, data, label or model_config["name"], trainer.run_dir)
+
+
+def absolute_paths(data_config: dict | None) -> dict | None:
+    """The data section with its file entries made absolute (relative to the current directory)."""
+    if not data_config:
+        return data_config
+    resolved = dict(data_config)
+    for key in DATA_PATH_KEYS:
+        if isinstance(resolved.get(key), (str, Path)):
+            resolved[key] = str(Path(resolved[key]).expanduser().resolve())
+    return resolved
+
+
+def _run_directory(run_dir):
+    return locked_directory(run_dir) if run_dir is not None else contextlib.nullcontext()
 
 
 def recorded_data(payload: dict, checkpoint_path) -> dict:
@@ -121,33 +171,63 @@ def recorded_data(payload: dict, checkpoint_path) -> dict:
     return data_config
 
 
-def load_trained(checkpoint_path, device: str | None = None):
+def load_trained(checkpoint_path, device: str | None = None, threads: int | None = None):
     """``(trainer, payload)`` with the checkpoint's best weights, its feature map and its config."""
     payload = load_checkpoint(checkpoint_path)
-    feature_map = FeatureMap.from_dict(payload["feature_map"])
-    train_options = dict(payload["config"]["train"], progress=False)
     if device is not None:
-        train_options["device"] = device
-    model = build_ctr_model(feature_map, payload["config"]["model"])
-    trainer = Trainer(model, TrainConfig.from_dict(train_options), feature_map)
-    trainer.model.load_state_dict(payload["best_model"])
+        resolve_device(device)  # a device that is not there is the caller's error, not the checkpoint's
+    options = {"progress": False, **({"device": device} if device else {}), **({"threads": threads} if threads else {})}
+    trainer = _trainer_from(payload, checkpoint_path, options)
+    try:
+        trainer.model.load_state_dict(payload["best_model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{checkpoint_path}: its weights do not fit the model its config describes "
+                              f"({_first_line(err)})") from None
     return trainer, payload
 
 
+def _trainer_from(payload: dict, checkpoint_path, options: dict, run_dir=None, trainer_class=Trainer) -> Trainer:
+    """A Trainer for the checkpoint's model, feature map and train settings (``options`` override them)."""
+    config = payload["config"]
+    try:
+        feature_map = FeatureMap.from_dict(payload["feature_map"])
+        train_config = TrainConfig.from_dict({**config["train"], **options})
+        model = build_ctr_model(feature_map, config["model"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{checkpoint_path}: its config does not describe a model this hamur_fast can "
+                              f"build ({_first_line(err)})") from None
+    return trainer_class(model, train_config, feature_map, run_dir,
+                         {"data": config.get("data"), "model": config["model"]})
+
+
 def resume_run(checkpoint_path, data: MultiDomainData | None = None, epochs: int | None = None,
-               progress: bool = True) -> RunResult:
-    """Continue the run that wrote ``checkpoint_path`` (in the same run directory) to its configured end."""
+               progress: bool = True, overrides: list = (), run_dir=None, trainer_class=Trainer) -> RunResult:
+    """Continue the run that wrote ``checkpoint_path`` from its last epoch, to its configured end (or
+    ``epochs``). ``overrides`` (``section.key=value``) may change only :data:`RESUME_OVERRIDES`: anything else
+    raises ``ValueError`` (a new run is the way to change it). ``run_dir``: continue into another directory,
+    leaving the checkpoint's own untouched (by default the run goes on where it was)."""
+    changes = dict(parse_override(assignment) for assignment in overrides)
+    if epochs:
+        changes["train.epochs"] = epochs
+    refused = sorted(key for key in changes if key not in RESUME_OVERRIDES)
+    if refused:
+        raise ValueError(f"--resume continues a run with its recorded settings, so {refused} cannot change "
+                         f"(allowed: {', '.join(RESUME_OVERRIDES)}); start a new run to change them")
     payload = load_checkpoint(checkpoint_path)
     config = payload["config"]
-    feature_map = FeatureMap.from_dict(payload["feature_map"])
-    data = data or load_dataset(recorded_data(payload, checkpoint_path), feature_map=feature_map)
-    train_config = replace(TrainConfig.from_dict(config["train"]), progress=progress,
-                           **({"epochs": epochs} if epochs else {}))
-    model = build_ctr_model(feature_map, config["model"])
-    run_dir = Path(checkpoint_path).parent
-    trainer = Trainer(model, train_config, feature_map, run_dir, {"data": config["data"], "model": config["model"]})
-    trainer.restore(payload)
-    return _fit_and_test(trainer, data, config["model"]["name"], run_dir)
+    train_changes = {key.split(".", 1)[1]: value for key, value in changes.items() if key.startswith("train.")}
+    data_config = absolute_paths({**(recorded_data(payload, checkpoint_path) if data is None else config.get("data") or {}),
+                                  **{key.split(".", 1)[1]: v for key, v in changes.items() if key.startswith("data.")}})
+    if "train.device" in changes:
+        resolve_device(str(changes["train.device"]))
+    run_dir = Path(run_dir) if run_dir is not None else Path(checkpoint_path).parent
+    trainer = _trainer_from(payload, checkpoint_path, {**train_changes, "progress": progress}, run_dir,
+                            trainer_class)
+    with _run_directory(trainer.run_dir):  # None on the ranks of a data-parallel run that write nothing
+        trainer.run_config["data"] = data_config or None
+        trainer.restore(payload)
+        data = data or load_dataset(data_config, feature_map=trainer.feature_map)
+        return _fit_and_test(trainer, data, config["model"]["name"], trainer.run_dir)
 
 
 def _fit_and_test(trainer: Trainer, data: MultiDomainData, label: str, run_dir) -> RunResult:
@@ -175,7 +255,7 @@ def model_section(entry, base: dict) -> tuple:
             key, sep, raw = assignment.partition("=")
             if not sep:
                 raise ValueError(f"model entry {entry!r}: expected name:key=value")
-            section[key] = yaml.safe_load(raw)
+            section[key] = _yaml.load(raw)
         label = str(entry)
     inherited = ["embed_dim", *(FAMILY_KEYS if section.get("name") in HAMUR_FAMILY else ())]
     for key in inherited:
@@ -277,7 +357,12 @@ def compare(config: dict, models: list, seeds: list, output, progress: bool = Tr
     """Train every model with every seed on one data load; writes ``compare.md``, ``compare.json`` and
     ``compare_domain_auc.png`` under ``output`` and returns label -> summary."""
     output = Path(output)
-    data = load_dataset(config.get("data", DEFAULT_DATA))
+    with locked_directory(output):
+        return _compare(config, models, seeds, output, progress, log)
+
+
+def _compare(config: dict, models: list, seeds: list, output: Path, progress: bool, log) -> dict:
+    data = load_dataset(absolute_paths(config.get("data", DEFAULT_DATA)))
     log(data.summary())
     labels = domain_labels(data.feature_map)
     summaries, raw = {}, {}
@@ -287,7 +372,7 @@ def compare(config: dict, models: list, seeds: list, output, progress: bool = Tr
         for seed in seeds:
             run_config = set_path({**config, "model": section}, "train.seed", int(seed))
             run_dir = output / "runs" / _slug(label) / f"seed{seed}"
-            result = train_run(run_config, data, run_dir, label, progress)
+            result = train_run(run_config, data, run_dir, label, progress, warn_replace=False)
             log(f"{label} seed {seed}: test AUC {result.test['auc']:.4f} "
                 f"(best epoch {result.best_epoch}, {result.seconds:.0f} s)")
             results.append(result)
@@ -313,8 +398,13 @@ def compare(config: dict, models: list, seeds: list, output, progress: bool = Tr
 def sweep(config: dict, param: str, values: list, seeds: list, output, progress: bool = True, log=print) -> dict:
     """One run per value of ``param`` (and per seed); writes ``sweep_<param>.md/.json/.png`` under ``output``."""
     output = Path(output)
+    with locked_directory(output):
+        return _sweep(config, param, values, seeds, output, progress, log)
+
+
+def _sweep(config: dict, param: str, values: list, seeds: list, output: Path, progress: bool, log) -> dict:
     path, convert = SWEEP_ALIASES.get(param, (param if "." in param else f"model.{param}", lambda v: v))
-    data = load_dataset(config.get("data", DEFAULT_DATA))
+    data = load_dataset(absolute_paths(config.get("data", DEFAULT_DATA)))
     log(data.summary())
     labels = domain_labels(data.feature_map)
     summaries = {}
@@ -323,7 +413,7 @@ def sweep(config: dict, param: str, values: list, seeds: list, output, progress:
         for seed in seeds:
             run_config = set_path(set_path(config, path, convert(value)), "train.seed", int(seed))
             run_dir = output / "runs" / f"{_slug(param)}={_slug(str(value))}" / f"seed{seed}"
-            result = train_run(run_config, data, run_dir, f"{param}={value}", progress)
+            result = train_run(run_config, data, run_dir, f"{param}={value}", progress, warn_replace=False)
             log(f"{param}={value} seed {seed}: test AUC {result.test['auc']:.4f} (best epoch {result.best_epoch})")
             results.append(result)
         summaries[str(value)] = summarize(results)
@@ -336,6 +426,10 @@ def sweep(config: dict, param: str, values: list, seeds: list, output, progress:
     from .plots import plot_sweep
     plot_sweep(values, list(summaries.values()), labels, param, output / f"{name}.png")
     return {"table": table, "summary": summaries, "domains": labels}
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _json_summaries(summaries: dict) -> dict:

@@ -1,0 +1,214 @@
+"""Data-parallel training equals one process: 2 gloo CPU processes under torchrun against one process on the
+same global batches (tests/distributed_workers.py runs the ranks; one launch serves every test here)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import distributed_workers as workers
+from helpers import rel_err
+
+from hamur_fast.distributed.statistics import local_moments, merge_moments
+from hamur_fast.train import domain_metrics
+
+HERE = Path(__file__).resolve().parent
+WORLD = 2
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def torchrun(script_args: list, nproc: int = WORLD, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc-per-node={nproc}", *script_args], capture_output=True, text=True,
+                            env=env, timeout=timeout, cwd=HERE.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list:
+    out = tmp_path_factory.mktemp("ranks")
+    suites = [name for name in workers.SUITES if name != "torchrec" or importlib.util.find_spec("torchrec")]
+    torchrun([str(HERE / "distributed_workers.py"), str(out), *suites])
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def assert_close(actual, expected, tolerance, what):
+    error = rel_err(actual, expected)
+    assert error <= tolerance, f"{what}: relative error {error:.3g} > {tolerance:g}"
+
+
+def null_parameters(case) -> set:
+    """Parameters that cannot change the loss: a bias just before a normalisation. Their exact gradient is 0 and
+    both runs hold rounding noise there, so they are compared at the scale of all gradients (and of all
+    parameters), not relative to their own noise. Found in float64: gradient <= 1e-12 of the largest, every step."""
+    name, mode, backend, _ = case  # a property of the model: found with a float64-capable backend
+    steps = workers.one_process((name, mode, "torch" if backend == "triton" else backend, torch.float64))["steps"]
+    null = None
+    for step in steps:
+        scale = max(g.abs().max().item() for g in step["grads"].values())
+        tiny = {n for n, g in step["grads"].items() if g.abs().max() <= 1e-12 * scale}
+        null = tiny if null is None else null & tiny
+    assert all(name.endswith("bias") for name in null), null
+    return null
+
+
+def assert_like_one_process(rank_steps: list, reference_steps: list, case, tables=None):
+    """Each rank's records after steps 1 and 3 against one process's: the mean loss over the ranks, every
+    gradient, every parameter and buffer. ``tables``: TorchRec name -> plain name; their shards (the tables'
+    gradients are applied inside the backward, so they show in the rows after the step) are compared with the
+    plain tables' rows, and together must cover them."""
+    tolerance = TOLERANCE[case[3]]
+    null = null_parameters(case)
+    for index, ref in enumerate(reference_steps):
+        step = (1, workers.STEPS)[index]
+        # Each rank reports the mean loss of its rows; the global batch's mean is their average.
+        loss = sum(steps[index]["loss"] for steps in rank_steps) / WORLD
+        assert abs(loss - ref["loss"]) <= tolerance * abs(ref["loss"]), (step, loss, ref["loss"])
+        scale = max(g.abs().max().item() for g in ref["grads"].values())
+        value_scale = max(v.abs().max().item() for v in ref["state"].values() if v.is_floating_point())
+        covered = {}
+        for rank, steps in enumerate(rank_steps):
+            mine = steps[index]
+            expected_grads = {n: g for n, g in ref["grads"].items() if not (tables and n in tables.values())}
+            assert mine["grads"].keys() == expected_grads.keys()
+            for name, grad in expected_grads.items():
+                what = f"rank {rank} step {step} grad {name}"
+                if name in null:
+                    assert (mine["grads"][name] - grad).abs().max() <= tolerance * scale, what
+                else:
+                    assert_close(mine["grads"][name], grad, tolerance, what)
+            for key, value in mine["state"].items():
+                if isinstance(key, tuple):  # (TorchRec table, first row) -> this rank's shard
+                    name, first = tables[key[0]], key[1]
+                    expected = ref["state"][name][first:first + len(value)]
+                    covered[name] = covered.get(name, 0) + len(value)
+                    assert_close(value, expected, tolerance, f"rank {rank} step {step} {name} rows {first}..")
+                elif key in null:
+                    assert (value - ref["state"][key]).abs().max() <= tolerance * value_scale, key
+                elif value.is_floating_point():
+                    assert_close(value, ref["state"][key], tolerance, f"rank {rank} step {step} {key}")
+                else:  # num_batches_tracked
+                    assert torch.equal(value, ref["state"][key]), f"rank {rank} step {step} {key}"
+            plain_keys = {k for k in mine["state"] if not isinstance(k, tuple)}
+            assert plain_keys == set(ref["state"]) - set((tables or {}).values())
+        if tables:
+            assert covered == {name: len(ref["state"][name]) for name in tables.values()}
+
+
+@pytest.mark.parametrize("case", workers.CASES, ids=workers.case_key)
+def test_two_ranks_train_like_one_process(ranks, case):
+    """Loss, every gradient, every parameter and every running statistic after 1 and 3 steps."""
+    reference = workers.one_process(case)
+    key = workers.case_key(case)
+    assert_like_one_process([r["equivalence"][key]["steps"] for r in ranks], reference["steps"], case)
+    # Predictions of the trained model, each eval batch split across the ranks and gathered.
+    for rank_results in ranks:
+        assert_close(rank_results["equivalence"][key]["predictions"], reference["predictions"],
+                     TOLERANCE[case[3]], "predictions")
+
+
+@pytest.mark.parametrize("case", workers.TORCHREC_CASES, ids=workers.case_key)
+def test_torchrec_table_wise_feature_stage_trains_like_nn_embedding(ranks, case):
+    """The feature stage as a TorchRec EmbeddingBagCollection sharded table-wise by DistributedModelParallel (fused
+    SGD on the tables), HAMUR as the dense part, 2 ranks, against one process with nn.Embedding tables."""
+    if "torchrec" not in ranks[0]:
+        pytest.skip("torchrec is not installed (pip install hamur_fast[torchrec])")
+    fields = workers.feature_map().sparse_fields
+    tables = {f"features.ebc.embedding_bags.table_{field}.weight": f"features.tables.{i}.weight"
+              for i, field in enumerate(fields)}
+    key = workers.case_key(case)
+    assert_like_one_process([r["torchrec"][key] for r in ranks], workers.one_process_embedding(case), case, tables)
+
+
+def test_metrics_over_all_ranks_are_the_one_process_metrics_of_the_same_predictions(ranks):
+    split = workers.eval_split(workers.feature_map())
+    for key, got in ranks[0]["equivalence"].items():
+        expected = domain_metrics(split.label.numpy(), got["predictions"].numpy(), split.domain.numpy(), 3)
+        assert got["metrics"] == expected, key
+        assert ranks[1]["equivalence"][key]["metrics"] == expected, key
+
+
+def test_chan_merge_of_rank_moments_equals_moments_of_all_rows():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 5, dtype=torch.float64, generator=g) * 3 + 7
+    groups = torch.randint(0, 4, (40,), generator=g)
+    groups[groups == 3] = 0  # group 3 absent everywhere
+    groups[:20][groups[:20] == 2] = 1  # group 2 absent from the first part
+    parts = [local_moments(x[s], groups[s], 4) for s in (slice(0, 20), slice(20, 33), slice(33, 40))]
+    count, mean, m2 = merge_moments(*(torch.stack(t) for t in zip(*parts)))
+    expected_count, expected_mean, expected_m2 = local_moments(x, groups, 4)
+    assert torch.equal(count, expected_count)
+    assert_close(mean, expected_mean, 1e-14, "mean")
+    assert_close(m2, expected_m2, 1e-13, "M2")
+    assert torch.equal(mean[3], torch.zeros(5)) and torch.equal(m2[3], torch.zeros(5))
+
+
+def test_cli_trains_on_two_processes_and_resumes_on_one(tmp_path):
+    """``hamur-fast train --nproc 2``: rank 0 alone prints and writes one checkpoint; ``--resume`` with one
+    process continues that run (the checkpoint does not depend on the number of processes)."""
+    from hamur_fast import cli
+    from hamur_fast.train import load_checkpoint
+
+    run = tmp_path / "run"
+    overrides = ["data.kind=synthetic", "data.rows=3000", "model.name=hamur_mlp", "model.dims=[16]",
+                 "model.hyper_dims=[8]", "model.rank=4", "model.bottleneck=8", "train.epochs=2",
+                 "train.batch_size=256", "train.device=cpu"]
+    args = ["train", "--nproc", str(WORLD), "--quiet", "--output", str(run), *[a for o in overrides for a in ("--set", o)]]
+    result = subprocess.run([sys.executable, "-m", "hamur_fast.cli", *args], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600, cwd=HERE.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.stdout.count("test metrics (hamur_mlp") == 1  # rank 0 only
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "learning_curves.png", "metrics.csv",
+                                                    "metrics.json", "test_metrics.json"]
+    payload = load_checkpoint(run / "checkpoint.pt")
+    assert payload["progress"]["epoch"] == 2 and payload["config"]["train"]["batch_size"] == 256
+
+    assert cli.main(["train", "--resume", str(run / "checkpoint.pt"), "--epochs", "3", "--quiet"]) == 0
+    history = load_checkpoint(run / "checkpoint.pt")["progress"]["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert history[:2] == payload["progress"]["history"]
+
+
+def test_converted_batch_norms_keep_their_state_and_single_process_results():
+    """Outside synchronised() a converted model is the same model: same state_dict keys, outputs and updates
+    (the hyper-network's released-mode D-fold running-statistics update included)."""
+    import copy
+
+    import hamur_fast as hf
+    from hamur_fast.distributed import SyncBatchNorm1d, convert_batch_norms
+
+    torch.manual_seed(0)
+    model = hf.models.build("hamur_dcn", 13, 3, mode="released", dims=[8], hyper_dims=[6], rank=3).double()
+    converted = convert_batch_norms(copy.deepcopy(model))
+    assert sum(isinstance(m, SyncBatchNorm1d) for m in converted.modules()) == 3  # shared MLP and hyper-network
+    assert list(converted.state_dict()) == list(model.state_dict())
+    e, domain = torch.randn(10, 13, dtype=torch.float64), torch.randint(0, 3, (10,))
+    for _ in range(2):
+        assert torch.equal(converted(e, domain), model(e, domain))
+    for (name, a), b in zip(converted.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_training_shards_are_equal_disjoint_and_cover_all_but_the_remainder():
+    from hamur_fast.data import TensorSplit
+    from hamur_fast.distributed.trainer import shard
+
+    split = TensorSplit(torch.arange(11).view(-1, 1).int(), torch.zeros(11, 1), torch.zeros(11).short(),
+                        torch.zeros(11))
+    parts = [shard(split, rank, 3) for rank in range(3)]
+    assert [len(p) for p in parts] == [3, 3, 3]
+    assert sorted(torch.cat([p.sparse for p in parts]).view(-1).tolist()) == list(range(9))
+
+
+def test_the_relaunched_command_leaves_nproc_to_torchrun():
+    from hamur_fast.distributed.runtime import _without_nproc
+
+    assert _without_nproc(["train", "--nproc", "2", "--config", "c.yaml", "--nproc=4", "--quiet"]) == [
+        "train", "--config", "c.yaml", "--quiet"]
