@@ -7,8 +7,8 @@ import torch
 import hamur_fast as hf
 from planted_data import INPUT_DIM, NUM_DOMAINS, planted_data, shared_linear_auc, train_and_auc
 
-NAMES = ["hamur_mlp", "hamur_dcn", "hamur_wide_deep", "mlp", "dcn", "wide_deep", "shared_bottom", "mmoe",
-         "ple", "star", "apg", "m2m", "pepnet", "epnet", "adasparse"]
+NAMES = ["hamur_mlp", "hamur_dcn", "hamur_wide_deep", "mlp", "dcn", "wide_deep", "mlp_shared", "shared_bottom",
+         "mmoe", "ple", "star", "apg", "m2m", "pepnet", "epnet", "adasparse"]
 
 # Small odd sizes keep the whole zoo fast; test_defaults_build_and_run covers the default sizes (and
 # the "auto" backend). The adapter kernels have their own parity tests: here the cells run on "torch".
@@ -17,6 +17,7 @@ SMALL = {
     "hamur_mlp": _HAMUR_SMALL, "mlp": _HAMUR_SMALL,
     "hamur_dcn": _HAMUR_SMALL, "dcn": _HAMUR_SMALL,
     "hamur_wide_deep": {**_HAMUR_SMALL, "wide_dim": 2}, "wide_deep": {**_HAMUR_SMALL, "wide_dim": 2},
+    "mlp_shared": dict(dims=[24, 11]),
     "shared_bottom": dict(bottom_dims=[24, 11], tower_dims=[7]),
     "mmoe": dict(num_experts=3, expert_dims=[24, 11], tower_dims=[7]),
     "ple": dict(level_dims=[24, 11], tower_dims=[7]),

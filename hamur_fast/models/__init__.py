@@ -5,6 +5,7 @@ from .base import MultiDomainModel
 from .epnet import EPNet
 from .hamur import HAMUR
 from .m2m import M2M
+from .mlp_shared import MLPShared
 from .mmoe import MMoE
 from .pepnet import PEPNet
 from .ple import PLE
@@ -13,5 +14,5 @@ from .registry import available, build
 from .shared_bottom import SharedBottom
 from .star import STAR
 
-__all__ = ["HAMUR", "PRESETS", "MultiDomainModel", "SharedBottom", "MMoE", "PLE", "STAR", "APG", "M2M",
+__all__ = ["HAMUR", "PRESETS", "MultiDomainModel", "MLPShared", "SharedBottom", "MMoE", "PLE", "STAR", "APG", "M2M",
            "PEPNet", "EPNet", "AdaSparse", "available", "build"]

@@ -16,6 +16,7 @@ from ..data.tensors import Batch
 from ..features import CTRModel
 from .captured_step import CapturedTrainStep
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .diagnostics import AdapterDiagnostics
 from .files import write_csv, write_json
 from .metrics import domain_metrics
 
@@ -84,6 +85,8 @@ class Trainer:
         self.epoch, self.best_auc, self.best_epoch, self.bad_epochs = 0, -math.inf, 0, 0
         self.history: list = []
         self.best_state = copy.deepcopy(self.model.state_dict())
+        # Adapter diagnostics per epoch (hamur_fast.train.diagnostics); a captured step runs no Python hooks.
+        self.diagnostics = AdapterDiagnostics(self.model)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         kind = torch.optim.Adam if self.config.optimizer == "adam" else torch.optim.AdamW
@@ -103,14 +106,17 @@ class Trainer:
             torch.manual_seed(self.config.seed)  # dropout draws; a resumed run restores the saved state instead
         while self.epoch < self.config.epochs and self.bad_epochs < self.config.patience:
             started = time.perf_counter()
+            if self.captured_step is None:
+                self.diagnostics.start()
             loss = self._train_epoch(data.train)
             seconds = time.perf_counter() - started
+            adapter = self.diagnostics.summary()
             val = self.evaluate(data.val)
             self.epoch += 1
             self._track_best(val["auc"])
             self.history.append({"epoch": self.epoch, "train_loss": loss, "seconds": round(seconds, 3),
                                  "rows_per_s": round(len(data.train) / seconds, 1),
-                                 **{f"val_{k}": v for k, v in val.items() if not k.startswith("rows")}})
+                                 **{f"val_{k}": v for k, v in val.items() if not k.startswith("rows")}, **adapter})
             self._write_epoch_outputs()
         self.model.load_state_dict(self.best_state)
         if self.run_dir is not None:
@@ -146,6 +152,7 @@ class Trainer:
             logits = self.model.logits(batch)
         loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label)
         loss.backward()
+        self.diagnostics.after_backward()
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
@@ -193,7 +200,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "progress": {"epoch": self.epoch, "best_auc": self.best_auc, "best_epoch": self.best_epoch,
                          "bad_epochs": self.bad_epochs, "history": self.history,
-                         "rng": torch.get_rng_state()},
+                         "rng": torch.get_rng_state(), "adapter_init": self.diagnostics.initial},
         })
 
     def restore(self, payload: dict) -> None:
@@ -208,6 +215,8 @@ class Trainer:
             self.history = list(progress["history"])
             self.best_state = payload["best_model"]
             torch.set_rng_state(progress["rng"])
+            if "adapter_init" in progress:
+                self.diagnostics.initial = progress["adapter_init"]
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"the checkpoint does not fit this model or trainer: {err}") from None
 
