@@ -9,8 +9,10 @@
 
 Released-mode factors are shared by the domains: their ``grad`` and ``shift`` are reported once, as
 domain ``shared``. Everything accumulates on the device (no host sync per step); values are read once
-per epoch. The contribution is observed through forward hooks on each :class:`HyperAdapter` call, so in
-the all-towers forms (released towers) it spans every tower's rows, by the domain id the cell was given.
+per epoch. The contribution is observed on each :class:`HyperAdapter` call (a forward hook) and on each
+``forward_all_towers`` call (released-mode towers: there only each row's own tower counts, as in the
+model's output). The paper-mode ablation ``tower_norm="released"`` calls tower d's cell on the whole batch
+as domain d, so there domain d's ratio spans every row through tower d.
 """
 from __future__ import annotations
 
@@ -57,15 +59,35 @@ class AdapterDiagnostics:
         self._hyper_grad = torch.zeros((), device=device, dtype=torch.float64)
         self._steps = 0
         self._hooks = [cell.register_forward_hook(self._observer(i)) for i, cell in enumerate(self.cells)]
+        for i, cell in enumerate(self.cells):
+            cell.forward_all_towers = self._all_towers_observer(i, cell)  # an instance attribute, removed by stop()
+        self._inside_all_towers = False
+
+    def _record(self, index: int, x, y, domain) -> None:
+        with torch.no_grad():
+            contribution = (y.float() - x.float()).square().sum(dim=1).double()
+            size = x.float().square().sum(dim=1).double()
+            self._sums[index].index_add_(1, domain, torch.stack([contribution, size]))
 
     def _observer(self, index: int):
         def observe(cell, args, output):
-            x, domain = args[0], args[2]
-            with torch.no_grad():
-                contribution = (output.float() - x.float()).square().sum(dim=1).double()
-                size = x.float().square().sum(dim=1).double()
-                self._sums[index].index_add_(1, domain, torch.stack([contribution, size]))
+            if not self._inside_all_towers:
+                self._record(index, args[0], output, args[2])
         return observe
+
+    def _all_towers_observer(self, index: int, cell: HyperAdapter):
+        original = type(cell).forward_all_towers.__get__(cell)
+
+        def forward_all_towers(x, rep, domain):
+            self._inside_all_towers = True
+            try:
+                y = original(x, rep, domain)
+            finally:
+                self._inside_all_towers = False
+            own = domain.view(1, -1, 1).expand(1, -1, x.shape[2])  # each row's own tower
+            self._record(index, x.gather(0, own)[0], y.gather(0, own)[0], domain)
+            return y
+        return forward_all_towers
 
     @torch.no_grad()
     def after_backward(self) -> None:
@@ -79,6 +101,9 @@ class AdapterDiagnostics:
         self._steps += 1
 
     def stop(self) -> None:
+        if self._hooks:
+            for cell in self.cells:
+                del cell.forward_all_towers
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
