@@ -19,9 +19,9 @@ from hamur_fast.train.experiment import RunResult, format_table, summarize  # no
 
 
 def load_runs(output: Path) -> dict:
-    """label -> ([val RunResult per seed], [test RunResult per seed]), labels in directory order."""
+    """label -> ([val RunResult per seed], [test RunResult per seed]), in the order the runs were made."""
     runs = {}
-    for seed_dir in sorted(output.glob("runs/*/seed*")):
+    for seed_dir in sorted(output.glob("runs/*/seed*"), key=lambda p: (p / "metrics.json").stat().st_mtime):
         if not (seed_dir / "test_metrics.json").is_file():
             continue  # a run still in progress
         history = json.loads((seed_dir / "metrics.json").read_text())

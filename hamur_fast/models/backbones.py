@@ -15,7 +15,7 @@ from .blocks import mlp_layers
 # Normalisation in the MLP backbone's towers (the "tower_norm" switch; paper mode only, released mode is
 # always "released"). See DomainTowers and benchmarks/RESULTS.md ("Tower normalisation") for the measurements.
 TOWER_NORMS = ("domain", "whole", "shared", "layer", "none", "released")
-DEFAULT_TOWER_NORM = "domain"
+DEFAULT_TOWER_NORM = "whole"
 
 
 def _adapters(widths: list, adapter_after: list, num_domains: int, sizes: dict, mode: str, backend: str):
