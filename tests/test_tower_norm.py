@@ -117,3 +117,21 @@ def test_tower_norm_errors_and_defaults():
         hf.models.build("mlp", WIDTH, 3, mode="released", tower_norm="shared", **SMALL)
     with pytest.raises(ValueError, match="has none"):
         hf.models.build("dcn", WIDTH, 3, tower_norm="shared", dims=[8])
+
+
+def test_checkpoints_from_before_tower_norm_load_with_per_domain_statistics(tmp_path, one_thread):
+    """Paper-mode MLP towers had per-domain statistics before the switch existed; such a checkpoint
+    records no tower_norm and must not be rebuilt with today's default."""
+    from hamur_fast.data import load_synthetic
+    from hamur_fast.train import load_checkpoint, load_trained, save_checkpoint, train_run
+
+    data = load_synthetic(rows=1_500, seed=1)
+    section = {"name": "mlp", "dims": [16, 8], "tower_norm": "domain"}
+    train_run({"model": section, "train": {"epochs": 1, "batch_size": 256}}, data, tmp_path, progress=False)
+    payload = load_checkpoint(tmp_path / "checkpoint.pt")
+    del payload["config"]["model"]["tower_norm"]  # as written before the switch
+    save_checkpoint(tmp_path / "old.pt", payload)
+    trainer, _ = load_trained(tmp_path / "old.pt")
+    assert trainer.model.core.backbone.tower_norm == "domain"
+    reference, _ = load_trained(tmp_path / "checkpoint.pt")
+    torch.testing.assert_close(trainer.predict(data.test), reference.predict(data.test), rtol=0, atol=0)

@@ -128,10 +128,21 @@ def load_trained(checkpoint_path, device: str | None = None):
     train_options = dict(payload["config"]["train"], progress=False)
     if device is not None:
         train_options["device"] = device
-    model = build_ctr_model(feature_map, payload["config"]["model"])
+    model = build_ctr_model(feature_map, checkpoint_model_section(payload))
     trainer = Trainer(model, TrainConfig.from_dict(train_options), feature_map)
     trainer.model.load_state_dict(payload["best_model"])
     return trainer, payload
+
+
+def checkpoint_model_section(payload: dict) -> dict:
+    """The model section that rebuilds a checkpoint's model. Paper-mode MLP towers had per-domain
+    statistics before ``tower_norm`` existed: a checkpoint that records no tower_norm but holds their
+    buffers (``DomainBatchNorm1d.num_batches_tracked`` in the first tower layer) gets ``tower_norm="domain"``."""
+    section = dict(payload["config"]["model"])
+    per_domain_towers = any(key.endswith("backbone.norms.0.num_batches_tracked") for key in payload["best_model"])
+    if per_domain_towers and "tower_norm" not in section and section.get("mode", "paper") == "paper":
+        section["tower_norm"] = "domain"
+    return section
 
 
 def resume_run(checkpoint_path, data: MultiDomainData | None = None, epochs: int | None = None,
@@ -143,7 +154,7 @@ def resume_run(checkpoint_path, data: MultiDomainData | None = None, epochs: int
     data = data or load_dataset(recorded_data(payload, checkpoint_path), feature_map=feature_map)
     train_config = replace(TrainConfig.from_dict(config["train"]), progress=progress,
                            **({"epochs": epochs} if epochs else {}))
-    model = build_ctr_model(feature_map, config["model"])
+    model = build_ctr_model(feature_map, checkpoint_model_section(payload))
     run_dir = Path(checkpoint_path).parent
     trainer = Trainer(model, train_config, feature_map, run_dir, {"data": config["data"], "model": config["model"]})
     trainer.restore(payload)
