@@ -90,8 +90,14 @@ def test_forward_backward_in_training(name, rows):
     prob.log().sum().backward()
     for param_name, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), param_name
-        if rows >= 37:  # every domain present: every parameter must get a signal
-            assert param.grad.abs().sum() > 0, f"{name}: no gradient reaches {param_name}"
+        if rows >= 37 and param_name not in cancelled_by_batch_norm(model):  # every domain present:
+            assert param.grad.abs().sum() > 0, f"{name}: no gradient reaches {param_name}"  # all get a signal
+
+
+def cancelled_by_batch_norm(model) -> set:
+    """Parameters whose gradient is exactly zero by design: with tower_norm="whole" the first tower
+    layer's statistics are exact functions of its bias too, so the normalisation cancels that bias."""
+    return {"backbone.linears.0.bias"} if getattr(getattr(model, "backbone", None), "tower_norm", "") == "whole" else set()
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -30,12 +30,12 @@ def _adapters(widths: list, adapter_after: list, num_domains: int, sizes: dict, 
 class DomainTowers(nn.Module):
     """Per-domain MLP towers ``F -> dims... -> 1`` (Linear, BN, ReLU each) with adapter cells inside.
 
-    paper mode: each row runs through its own domain's tower only; tower BatchNorm statistics are
-    taken over that domain's rows. released mode: every tower runs on the whole mixed batch (so each
-    tower's BatchNorm and each adapter's normalisation see the whole batch) and row b keeps tower
+    paper mode: each row runs through its own domain's tower only (routed), with the tower
+    normalisation ``tower_norm`` chooses. released mode: every tower runs on the whole mixed batch (so
+    each tower's BatchNorm and each adapter's normalisation see the whole batch) and row b keeps tower
     d_b's output, exactly as the released code.
 
-    ``tower_norm`` (paper mode; a key of ``sizes``) chooses the towers' normalisation:
+    ``tower_norm`` (paper mode; a key of ``sizes``; default ``DEFAULT_TOWER_NORM``):
     - "domain": BatchNorm statistics per domain, over the rows routed to the tower;
     - "whole": the released code's statistics (tower d's over the whole batch) with routed compute,
       derived exactly after the first layer from the batch mean and covariance of the input
@@ -65,8 +65,10 @@ class DomainTowers(nn.Module):
         """Towers without adapter cells (paper mode): the per-domain heads of the multi-task baselines.
 
         Call as ``towers(x, domain, None)``; with empty ``dims`` each tower is one ``Linear(input_dim, 1)``.
+        Their statistics stay per domain (``tower_norm`` "domain") whatever the MLP backbone's default.
         """
-        return cls(input_dim, num_domains, dict(dims=list(dims), adapter_after=[]), "paper", False, "auto")
+        sizes = dict(dims=list(dims), adapter_after=[], tower_norm="domain")
+        return cls(input_dim, num_domains, sizes, "paper", False, "auto")
 
     def forward(self, e, domain, rep):
         if self.mode == "released" or (self.tower_norm == "released" and self.training):
