@@ -2,6 +2,10 @@
 ``sweep`` write (``<output>/runs/<label>/seed<k>/metrics.json`` and ``test_metrics.json``).
 
     python benchmarks/val_test_table.py runs/ml1m_tower_norm runs/ml1m_tower_norm_hamur [--mark "tower_norm=whole"]
+    python benchmarks/val_test_table.py --by-value runs/ml1m_tower_norm runs/synthetic_tower_norm ...
+
+``--by-value`` prints instead one row per swept value (the label after "="): its mean validation AUC in each
+output directory and the mean over the directories (over those that have it for every directory).
 
 The validation figures are those of each run's best epoch (the epoch whose weights were restored and
 tested), the numbers a default is chosen by; the test figures are reported, never chosen on.
@@ -36,11 +40,30 @@ def load_runs(output: Path) -> dict:
     return runs
 
 
+def by_value_table(outputs: list) -> str:
+    means = {}  # value -> {output: mean validation AUC}
+    for output in outputs:
+        for label, (val, _) in load_runs(output).items():
+            value = label.split("=", 1)[-1]
+            means.setdefault(value, {})[output.name] = sum(r.test["auc"] for r in val) / len(val)
+    names = [output.name for output in outputs]
+    lines = ["| value | " + " | ".join(names) + " | mean |", "|---|" + "---|" * (len(names) + 1)]
+    for value, row in means.items():
+        cells = [f"{row[n]:.4f}" if n in row else "-" for n in names]
+        mean = f"{sum(row.values()) / len(row):.5f}" if len(row) == len(names) else "-"
+        lines.append(f"| {value} | " + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outputs", nargs="+", type=Path, help="compare/sweep output directories")
     parser.add_argument("--mark", help="label text of the chosen default's rows")
+    parser.add_argument("--by-value", action="store_true", help="mean validation AUC per swept value")
     args = parser.parse_args(argv)
+    if args.by_value:
+        print(by_value_table(args.outputs))
+        return 0
     val_rows, test_rows, domains = {}, {}, None
     for output in args.outputs:
         written = output.glob("*.json")  # compare.json or sweep_<param>.json, once the runs are done
