@@ -1,4 +1,4 @@
-"""The ``hamur-fast`` command: demo, train, eval, predict, export, compare, sweep.
+"""The ``hamur-fast`` command: demo, train, eval, predict, export, compare, sweep, doctor.
 
 Every command reads a YAML config (sections data, model, train, output; see configs/) and takes
 ``--set section.key=value`` overrides; tables print as Markdown, files go under the output directory.
@@ -41,12 +41,16 @@ def main(argv=None) -> int:
 def cmd_demo(args) -> int:
     config = _config(args, DEMO_CONFIG)
     output = Path(args.output or "runs/demo")
-    print("HAMUR demo: synthetic multi-domain clicks (3 domains, domain 2 rare; see hamur_fast.data.synthetic),\n"
+    domains = config["data"].get("domains")
+    shape = f"{domains} domains, Zipf-like shares" if domains else "3 domains, domain 2 rare"
+    print(f"HAMUR demo: synthetic multi-domain clicks ({shape}; see hamur_fast.data.synthetic),\n"
           "HAMUR-MLP against the same per-domain MLP towers without adapters.\n")
     seeds = [int(s) for s in ex.split_values(args.seeds)]
     result = ex.compare(config, ["hamur_mlp", "mlp"], seeds, output, progress=not args.quiet)
     print(f"\nTest AUC per domain, mean ± std over seeds {seeds} (best epoch by validation AUC):\n\n"
           f"{result['table']}\n")
+    if (output / "compare_domains.md").is_file() and len(result["domains"]) > ex.MANY_DOMAINS:
+        print(f"Every domain's AUC: {output / 'compare_domains.md'}")
     print(f"Plots: {output / 'compare_domain_auc.png'}, learning curves under {output / 'runs'}/*/seed*/")
     return 0
 
@@ -208,7 +212,21 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--models", help="comma-separated, e.g. hamur_mlp,hamur_mlp:mode=released,mlp")
         else:
             sub.add_argument("--param", help="name=v1,v2,...; names: k, hyper_width, hyper, norm or section.key")
+    doctor = commands.add_parser("doctor", help="versions, devices, backends, and a self-check of every backend",
+                                 description="versions, devices, backends built (or why not), and a self-check "
+                                             "of every backend against the reference; exit status 1 on a failure")
+    doctor.add_argument("--device", help="device to check (default: cuda when available, else cpu)")
+    doctor.add_argument("--repeats", type=int, default=5, help="timed repetitions per check (median)")
+    doctor.add_argument("--dtypes", help="comma-separated dtypes to check (default float32,float64,bfloat16)")
+    doctor.set_defaults(run=cmd_doctor, threads=None)
     return parser
+
+
+def cmd_doctor(args) -> int:
+    from . import doctor
+
+    return doctor.main([*(["--device", args.device] if args.device else []), "--repeats", str(args.repeats),
+                        *(["--dtypes", args.dtypes] if args.dtypes else [])])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""The HAMUR adapter cell as fused Triton kernels, forward and backward: backend="triton".
+"""The HAMUR adapter cell as fused Triton kernels and their launchers, forward and backward.
 
-Math (SPEC sections 2 and 3; reference: hamur_fast.ops.reference.hyper_adapter). For row b with
+Math (SPEC sections 2 and 3; reference: hamur_fast.ops.backends.reference.hyper_adapter). For row b with
 domain d (paper mode; released mode shares one set of factors), I_b the (k, k) representation:
     p = x DL[d]        q = p I_b        a = sigmoid(q DR[d] + db[d])
     u = a UL[d]        v = u I_b        o = v UR[d] + ub[d]
@@ -23,14 +23,14 @@ Design
   partials with Chan's formula (kernels/domain_norm.py), normalise (recomputes o = v UR + ub from
   v instead of storing the (B, h) o). Backward: norm sums (dnb, dnw), then one main kernel (dx and
   dI_b; two sweeps over the rows' I_b, du in the first, dp and both dI terms in the second), then the factor
-  gradients as per-domain sums of outer products over the rows (split over programs, summed by
-  torch), fed by (B, <=h)-sized per-row vectors the main kernel writes.
+  gradients as per-domain sums of outer products over the rows (the grouped linear op's weight-gradient
+  kernels, kernels/grouped_linear.py: tiles of one domain's rows, partials summed per domain), fed by
+  (B, <=h)-sized per-row vectors the main kernel writes.
 - All offsets that scale with B are int64. Every buffer handed back is fully written (the tests
   allocate through a NaN-filling ``empty``).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -38,9 +38,20 @@ import triton.language as tl
 
 from . import domain_norm as dn
 from .domain_norm import block_size, load_group_rows, merge_group_stats, norm_input_grad
+from .grouped_linear import domain_weight_grads
 
 ROWS_PER_BLOCK = 16  # the M of every tl.dot; also bounds the (rows, 16, k) I_b chunk in registers
 REP_CHUNK = 16  # rows of I_b per step (tl.dot needs >= 16 columns of p)
+# The h axis is walked in tiles of at most H_TILE columns (64 once k > 64), so that no tl.dot operand or
+# register tile grows with h: every kernel fits an sm_90 block's 232,448 bytes of shared memory for any
+# width up to MAX_WIDTH (benchmarks/triton_sm90_sizes.py, compiled for sm_90a: benchmarks/RESULTS.md).
+H_TILE = 128
+# The sizes these kernels take (the triton backend declares them as its capabilities). k and s are held
+# whole per row block (a (rows, 16, k) tile of I_b, a (k, s) factor): their limits are what compiled within
+# the shared-memory limit; h is tiled, and its limit is what was compiled and tested.
+MAX_WIDTH = 1024
+MAX_RANK = 128
+MAX_BOTTLENECK = 128
 
 
 # --------------------------------------------------------------------------------------------------
@@ -48,14 +59,19 @@ REP_CHUNK = 16  # rows of I_b per step (tl.dot needs >= 16 columns of p)
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr):
-    """This program's positions in the (domain-sorted) row order, their rows, domains and domain range."""
+    """This program's positions in the (domain-sorted) row order, their rows, domains and domain range, and
+    which positions hold a row with a valid domain id (-1 stands for an invalid one)."""
     pos = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     pos_mask = pos < batch
     if PER_DOMAIN:
         rows = tl.load(order + pos, mask=pos_mask, other=0)
-        domain = tl.load(domain_sorted + pos, mask=pos_mask, other=0).to(tl.int32)
-        d_lo = tl.min(tl.where(pos_mask, domain, num_domains), axis=0)
-        d_hi = tl.max(tl.where(pos_mask, domain, -1), axis=0)
+        domain = tl.load(domain_sorted + pos, mask=pos_mask, other=0)
+        # An id outside [0, D) (value checks off, torch.compile) indexes nothing: its row is left out of
+        # every factor product and statistic, and its outputs are NaN.
+        valid = pos_mask & (domain >= 0) & (domain < num_domains)
+        domain = tl.where(valid, domain, -1).to(tl.int32)
+        d_lo = tl.min(tl.where(valid, domain, num_domains), axis=0)
+        d_hi = tl.max(domain, axis=0)
     else:
         rows = pos
         # One shared factor set: the same one-trip loop over "domain 0" as paper mode. With constant
@@ -63,7 +79,8 @@ def _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN: tl.constexp
         domain = tl.zeros([BLOCK_B], tl.int32)
         d_lo = tl.min(domain, axis=0)
         d_hi = tl.max(domain, axis=0)
-    return pos.to(tl.int64), pos_mask, rows.to(tl.int64), domain, d_lo, d_hi
+        valid = pos_mask
+    return pos.to(tl.int64), pos_mask, rows.to(tl.int64), domain, d_lo, d_hi, valid
 
 
 @triton.jit
@@ -102,12 +119,33 @@ def _load_rows(base, pos_or_rows, cols, width, pos_mask):
 
 
 @triton.jit
-def _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, pos_mask, k_idx, h_idx, rank, width,
+def _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width,
                  PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """o = v UR[d] + ub[d], recomputed from the saved (B, k) v wherever o is needed."""
+    """Columns h_idx of o = v UR[d] + ub[d], recomputed from the saved (B, k) v wherever o is needed."""
     o = _project(v, up_right, domain, d_lo, d_hi, rank * width if PER_DOMAIN else 0, k_idx, width, rank,
                  h_idx, 1, width, BLOCK_B, BLOCK_H)
-    return o + load_group_rows(up_bias, domain, h_idx, pos_mask, h_idx < width, width, PER_DOMAIN)
+    return o + load_group_rows(up_bias, domain, h_idx, valid, h_idx < width, width, PER_DOMAIN)
+
+
+@triton.jit
+def _down_left_chunk(x, rows, pos_mask, down_left, domain, d_lo, d_hi, i_idx, width, rank,
+                     PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                     CHUNK: tl.constexpr):
+    """Columns i_idx of p = x DL[d], summed over h in tiles of BLOCK_H (x is re-read from cache per chunk:
+    a whole (rows, h) x tile would not fit the registers, nor its operand the shared memory, at h = 1024)."""
+    p = tl.zeros([BLOCK_B, CHUNK], tl.float32)
+    for h0 in range(0, width, BLOCK_H):
+        h_idx = h0 + tl.arange(0, BLOCK_H)
+        p += _project(_load_rows(x, rows, h_idx, width, pos_mask), down_left, domain, d_lo, d_hi,
+                      width * rank if PER_DOMAIN else 0, h_idx, rank, width, i_idx, 1, rank, BLOCK_B, CHUNK)
+    return p
+
+
+@triton.jit
+def _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN: tl.constexpr):
+    h_mask = h_idx < width
+    return (o - load_group_rows(mean, domain, h_idx, valid, h_mask, width, PER_DOMAIN)) * \
+        load_group_rows(rstd, domain, h_idx, valid, h_mask, width, PER_DOMAIN)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,25 +157,23 @@ def _cell_fwd_project_kernel(
         q_out, v_out, part_count, part_mean, part_m2, batch, width, rank, bottleneck, num_domains,
         PER_DOMAIN: tl.constexpr, COMPUTE_STATS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
-    pos, pos_mask, rows, domain, d_lo, d_hi = _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN,
-                                                         BLOCK_B)
-    h_idx, k_idx = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_K)
-    s_idx, c_idx = tl.arange(0, BLOCK_S), tl.arange(0, CHUNK)
-    hk, ks = (width * rank, rank * bottleneck) if PER_DOMAIN else (0, 0)
-    x_tile = _load_rows(x, rows, h_idx, width, pos_mask)
+    pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains,
+                                                                PER_DOMAIN, BLOCK_B)
+    k_idx, s_idx, c_idx = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_S), tl.arange(0, CHUNK)
+    ks = rank * bottleneck if PER_DOMAIN else 0
 
     # Down projection: q = (x DL) I, 16 rows of I_b at a time against the matching 16 columns of x DL.
     q = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
     for i0 in range(0, rank, CHUNK):
         i_idx = i0 + c_idx
-        p_chunk = _project(x_tile, down_left, domain, d_lo, d_hi, hk, h_idx, rank, width, i_idx, 1, rank,
-                           BLOCK_B, CHUNK)
+        p_chunk = _down_left_chunk(x, rows, pos_mask, down_left, domain, d_lo, d_hi, i_idx, width, rank,
+                                   PER_DOMAIN, BLOCK_B, BLOCK_H, CHUNK)
         q += tl.sum(p_chunk[:, :, None] * _rep_chunk(rep, rows, pos_mask, i_idx, k_idx, rank), axis=1)
     _store_rows(q_out, pos, k_idx, rank, q, pos_mask)
 
     z = _project(q, down_right, domain, d_lo, d_hi, ks, k_idx, bottleneck, rank, s_idx, 1, bottleneck,
                  BLOCK_B, BLOCK_S)
-    a = tl.sigmoid(z + load_group_rows(down_bias, domain, s_idx, pos_mask, s_idx < bottleneck, bottleneck,
+    a = tl.sigmoid(z + load_group_rows(down_bias, domain, s_idx, valid, s_idx < bottleneck, bottleneck,
                                        PER_DOMAIN))
 
     # Up projection through the same I_b (these chunks were just read: cache hits).
@@ -150,11 +186,13 @@ def _cell_fwd_project_kernel(
     _store_rows(v_out, pos, k_idx, rank, v, pos_mask)
 
     if COMPUTE_STATS:
-        o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, pos_mask, k_idx, h_idx, rank, width, PER_DOMAIN,
-                         BLOCK_B, BLOCK_H)
-        dn.store_group_partial_stats(o, domain, pos_mask, h_idx, h_idx < width, tl.program_id(0),
-                                     num_domains if PER_DOMAIN else 1, width, part_count, part_mean, part_m2,
-                                     True)
+        for h0 in range(0, width, BLOCK_H):
+            h_idx = h0 + tl.arange(0, BLOCK_H)
+            o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width,
+                             PER_DOMAIN, BLOCK_B, BLOCK_H)
+            dn.store_group_partial_stats(o, domain, valid, h_idx, h_idx < width, tl.program_id(0),
+                                         num_domains if PER_DOMAIN else 1, width, part_count, part_mean, part_m2,
+                                         h0 == 0)
 
 
 @triton.jit
@@ -162,18 +200,18 @@ def _cell_fwd_normalize_kernel(
         x, order, domain_sorted, v_in, up_right, up_bias, norm_weight, norm_bias, mean, rstd, y,
         batch, width, rank, num_domains,
         PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    pos, pos_mask, rows, domain, d_lo, d_hi = _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN,
-                                                         BLOCK_B)
-    h_idx, k_idx = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_K)
+    """Program (row block, column tile): y = x + nw * (o - mean) * rstd + nb on its tile."""
+    pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains,
+                                                                PER_DOMAIN, BLOCK_B)
+    h_idx, k_idx = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_K)
     h_mask = h_idx < width
     o = _cell_output(_load_rows(v_in, pos, k_idx, rank, pos_mask), up_right, up_bias, domain, d_lo, d_hi,
-                     pos_mask, k_idx, h_idx, rank, width, PER_DOMAIN, BLOCK_B, BLOCK_H)
-    xhat = (o - load_group_rows(mean, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN)
+                     valid, k_idx, h_idx, rank, width, PER_DOMAIN, BLOCK_B, BLOCK_H)
+    xhat = _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
     out = _load_rows(x, rows, h_idx, width, pos_mask) + \
-        load_group_rows(norm_weight, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN) * xhat + \
-        load_group_rows(norm_bias, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN)
-    _store_rows(y, rows, h_idx, width, out, pos_mask)
+        load_group_rows(norm_weight, domain, h_idx, valid, h_mask, width, PER_DOMAIN) * xhat + \
+        load_group_rows(norm_bias, domain, h_idx, valid, h_mask, width, PER_DOMAIN)
+    _store_rows(y, rows, h_idx, width, tl.where(valid[:, None], out, float("nan")), pos_mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,16 +222,15 @@ def _cell_bwd_norm_sums_kernel(
         dy, order, domain_sorted, v_in, up_right, up_bias, mean, rstd, part_dy, part_dy_xhat,
         batch, width, rank, num_domains,
         PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    pos, pos_mask, rows, domain, d_lo, d_hi = _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN,
-                                                         BLOCK_B)
-    h_idx, k_idx = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_K)
-    h_mask = h_idx < width
+    """Program (row block, column tile): per-domain partial sums of dy and dy * xhat on its tile."""
+    pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains,
+                                                                PER_DOMAIN, BLOCK_B)
+    h_idx, k_idx = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_K)
     o = _cell_output(_load_rows(v_in, pos, k_idx, rank, pos_mask), up_right, up_bias, domain, d_lo, d_hi,
-                     pos_mask, k_idx, h_idx, rank, width, PER_DOMAIN, BLOCK_B, BLOCK_H)
-    xhat = (o - load_group_rows(mean, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN)
+                     valid, k_idx, h_idx, rank, width, PER_DOMAIN, BLOCK_B, BLOCK_H)
+    xhat = _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
     grad = _load_rows(dy, rows, h_idx, width, pos_mask)
-    dn.store_group_partial_sums(grad, grad * xhat, domain, pos_mask, h_idx, h_mask, tl.program_id(0),
+    dn.store_group_partial_sums(grad, grad * xhat, domain, valid, h_idx, h_idx < width, tl.program_id(0),
                                 num_domains if PER_DOMAIN else 1, width, part_dy, part_dy_xhat)
 
 
@@ -206,31 +243,32 @@ def _cell_bwd_main_kernel(
         batch, width, rank, bottleneck, num_domains,
         PER_DOMAIN: tl.constexpr, BATCH_STATS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
-    pos, pos_mask, rows, domain, d_lo, d_hi = _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN,
-                                                         BLOCK_B)
-    h_idx, k_idx = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_K)
-    s_idx, c_idx = tl.arange(0, BLOCK_S), tl.arange(0, CHUNK)
-    h_mask = h_idx < width
+    pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains,
+                                                                PER_DOMAIN, BLOCK_B)
+    k_idx, s_idx, c_idx = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_S), tl.arange(0, CHUNK)
     hk, ks = (width * rank, rank * bottleneck) if PER_DOMAIN else (0, 0)
 
-    # Through the normalisation: do = d y / d o (batch or running statistics).
+    # Through the normalisation, tile by tile over h: do = d y / d o (batch or running statistics), and
+    # dv = do UR^T summed over the tiles.
     v = _load_rows(v_in, pos, k_idx, rank, pos_mask)
-    o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, pos_mask, k_idx, h_idx, rank, width, PER_DOMAIN,
-                     BLOCK_B, BLOCK_H)
-    xhat = (o - load_group_rows(mean, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN)
-    grad_y = _load_rows(dy, rows, h_idx, width, pos_mask)
-    grad_o = norm_input_grad(grad_y, xhat, domain, pos_mask, h_idx, h_mask, width, norm_weight, rstd, count,
-                             sum_dy, sum_dy_xhat, BATCH_STATS, PER_DOMAIN)
-    _store_rows(do_out, pos, h_idx, width, grad_o, pos_mask)
+    grad_v = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
+    for h0 in range(0, width, BLOCK_H):
+        h_idx = h0 + tl.arange(0, BLOCK_H)
+        h_mask = h_idx < width
+        o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width, PER_DOMAIN,
+                         BLOCK_B, BLOCK_H)
+        xhat = _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
+        grad_o = norm_input_grad(_load_rows(dy, rows, h_idx, width, pos_mask), xhat, domain, valid, h_idx, h_mask,
+                                 width, norm_weight, rstd, count, sum_dy, sum_dy_xhat, BATCH_STATS, PER_DOMAIN)
+        _store_rows(do_out, pos, h_idx, width, grad_o, pos_mask)
+        grad_v += _project(grad_o, up_right, domain, d_lo, d_hi, hk, h_idx, 1, width, k_idx, width, rank,
+                           BLOCK_B, BLOCK_K)
 
-    # dv = do UR^T; a recomputed from the saved q.
-    grad_v = _project(grad_o, up_right, domain, d_lo, d_hi, hk, h_idx, 1, width, k_idx, width, rank,
-                      BLOCK_B, BLOCK_K)
+    # a recomputed from the saved q.
     q = _load_rows(q_in, pos, k_idx, rank, pos_mask)
     a = tl.sigmoid(_project(q, down_right, domain, d_lo, d_hi, ks, k_idx, bottleneck, rank, s_idx, 1, bottleneck,
                             BLOCK_B, BLOCK_S)
-                   + load_group_rows(down_bias, domain, s_idx, pos_mask, s_idx < bottleneck, bottleneck,
+                   + load_group_rows(down_bias, domain, s_idx, valid, s_idx < bottleneck, bottleneck,
                                      PER_DOMAIN))
     _store_rows(a_out, pos, s_idx, bottleneck, a, pos_mask)
 
@@ -247,73 +285,31 @@ def _cell_bwd_main_kernel(
     grad_q = _project(grad_z, down_right, domain, d_lo, d_hi, ks, s_idx, 1, bottleneck, k_idx, bottleneck, rank,
                       BLOCK_B, BLOCK_K)
 
-    # One more sweep over I_b (cache hits): dI = p^T dq + u^T dv written once, dp = dq I^T, dx.
-    x_tile = _load_rows(x, rows, h_idx, width, pos_mask)
-    grad_x = grad_y
+    # One more sweep over I_b (cache hits): dp = dq I^T (stored) and dI = p^T dq + u^T dv, written once.
     for i0 in range(0, rank, CHUNK):
         i_idx = i0 + c_idx
         # dp first, so that the I_b chunk is dead before the dI chunk is formed (fewer live 3-D tiles).
         grad_p = tl.sum(_rep_chunk(rep, rows, pos_mask, i_idx, k_idx, rank) * grad_q[:, None, :], axis=2)
         _store_rows(dp_out, pos, i_idx, rank, grad_p, pos_mask)
-        grad_x += _project(grad_p, down_left, domain, d_lo, d_hi, hk, i_idx, 1, rank, h_idx, rank, width,
-                           BLOCK_B, BLOCK_H)
-        p_chunk = _project(x_tile, down_left, domain, d_lo, d_hi, hk, h_idx, rank, width, i_idx, 1, rank,
-                           BLOCK_B, CHUNK)
+        p_chunk = _down_left_chunk(x, rows, pos_mask, down_left, domain, d_lo, d_hi, i_idx, width, rank,
+                                   PER_DOMAIN, BLOCK_B, BLOCK_H, CHUNK)
         u_chunk = _project(a, up_left, domain, d_lo, d_hi, ks, s_idx, rank, bottleneck, i_idx, 1, rank,
                            BLOCK_B, CHUNK)
         grad_rep = p_chunk[:, :, None] * grad_q[:, None, :] + u_chunk[:, :, None] * grad_v[:, None, :]
+        grad_rep = tl.where(valid[:, None, None], grad_rep, float("nan"))
         rep_offsets = rows[:, None, None] * (rank * rank) + i_idx[None, :, None] * rank + k_idx[None, None, :]
         rep_mask = pos_mask[:, None, None] & (i_idx < rank)[None, :, None] & (k_idx < rank)[None, None, :]
         tl.store(drep + rep_offsets, grad_rep.to(drep.dtype.element_ty), mask=rep_mask)
-    _store_rows(dx, rows, h_idx, width, grad_x, pos_mask)
 
-
-@triton.jit
-def _domain_outer_sum_kernel(
-        lhs, order, rhs, domain_sorted, out, rhs_sum_out, batch, lhs_width, rhs_width, num_groups, rows_per_program,
-        LHS_IN_ORDER: tl.constexpr, PER_DOMAIN: tl.constexpr, WITH_RHS_SUM: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Per program and domain d: sum over its rows of domain d of lhs[b]^T rhs[b] (and of rhs[b]).
-
-    Each program owns a contiguous range of the domain-sorted positions, so it usually meets one
-    domain and skips the others' row loop entirely. ``lhs`` is indexed by original row when
-    LHS_IN_ORDER (x), by sorted position otherwise (the saved per-row vectors).
-    """
-    program = tl.program_id(0)
-    m_idx = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_idx = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask, n_mask = m_idx < lhs_width, n_idx < rhs_width
-    first_m_tile = (tl.zeros([BLOCK_N], tl.int32) + tl.program_id(1)) == 0  # vector: the interpreter wants it
-    start = program * rows_per_program
-    stop = tl.minimum(start + rows_per_program, batch)
-    if PER_DOMAIN:
-        d_first = tl.load(domain_sorted + start).to(tl.int32)
-        d_last = tl.load(domain_sorted + stop - 1).to(tl.int32)
-    else:
-        d_first = 0
-        d_last = 0
-    for d in range(num_groups):
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        rhs_sum = tl.zeros([BLOCK_N], tl.float32)
-        row_stop = tl.where((d >= d_first) & (d <= d_last), stop, start)
-        for p0 in range(start, row_stop, BLOCK_B):
-            pos = p0 + tl.arange(0, BLOCK_B)
-            take = pos < stop
-            if PER_DOMAIN:
-                take = take & (tl.load(domain_sorted + pos, mask=take, other=-1) == d)
-            lhs_rows = tl.load(order + pos, mask=take, other=0) if LHS_IN_ORDER else pos
-            lhs_t = tl.load(lhs + lhs_rows.to(tl.int64)[None, :] * lhs_width + m_idx[:, None],
-                            mask=take[None, :] & m_mask[:, None], other=0.0).to(tl.float32)
-            right = tl.load(rhs + pos.to(tl.int64)[:, None] * rhs_width + n_idx[None, :],
-                            mask=take[:, None] & n_mask[None, :], other=0.0)
-            acc += tl.dot(lhs_t, right, input_precision="ieee")
-            if WITH_RHS_SUM:
-                rhs_sum += tl.sum(right, axis=0)
-        slot = program.to(tl.int64) * num_groups + d
-        tl.store(out + (slot * lhs_width + m_idx)[:, None] * rhs_width + n_idx[None, :], acc,
-                 mask=m_mask[:, None] & n_mask[None, :])
-        if WITH_RHS_SUM:
-            tl.store(rhs_sum_out + slot * rhs_width + n_idx, rhs_sum, mask=n_mask & first_m_tile)
+    # dx = dy + dp DL^T, tile by tile over h, from the dp this program just stored (the barrier makes every
+    # thread's stores visible to the whole program).
+    tl.debug_barrier()
+    grad_p = _load_rows(dp_out, pos, k_idx, rank, pos_mask)
+    for h0 in range(0, width, BLOCK_H):
+        h_idx = h0 + tl.arange(0, BLOCK_H)
+        grad_x = _load_rows(dy, rows, h_idx, width, pos_mask) + \
+            _project(grad_p, down_left, domain, d_lo, d_hi, hk, k_idx, 1, rank, h_idx, rank, width, BLOCK_B, BLOCK_H)
+        _store_rows(dx, rows, h_idx, width, tl.where(valid[:, None], grad_x, float("nan")), pos_mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,9 +324,19 @@ def _sizes(x, rep, down_right, norm_weight):
     return batch, width, rank, bottleneck, per_domain, num_domains
 
 
+def check_sizes(width, rank, bottleneck):
+    """ValueError naming the size when a cell is beyond what the kernels take."""
+    for name, size, limit in (("width h", width, MAX_WIDTH), ("rank k", rank, MAX_RANK),
+                              ("bottleneck s", bottleneck, MAX_BOTTLENECK)):
+        if size > limit:
+            raise ValueError(f"the triton kernels take {name} up to {limit}, got {size}")
+
+
 def _tile_meta(width, rank, bottleneck):
-    meta = dict(BLOCK_B=ROWS_PER_BLOCK, BLOCK_H=block_size(width), BLOCK_K=block_size(rank),
-                BLOCK_S=block_size(bottleneck), CHUNK=REP_CHUNK)
+    check_sizes(width, rank, bottleneck)
+    block_k = block_size(rank)
+    meta = dict(BLOCK_B=ROWS_PER_BLOCK, BLOCK_H=block_size(width, H_TILE if block_k <= 64 else H_TILE // 2),
+                BLOCK_K=block_k, BLOCK_S=block_size(bottleneck), CHUNK=REP_CHUNK)
     # The (rows, chunk, k) I_b tile dominates the registers: give it more warps when it is large.
     meta["num_warps"] = 8 if ROWS_PER_BLOCK * REP_CHUNK * meta["BLOCK_K"] >= 16384 else 4
     return meta
@@ -349,6 +355,7 @@ def _domain_order(domain, per_domain):
     return order, domain[order]
 
 
+@dn.on_first_tensors_device
 def adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_batch_stats: bool, eps: float,
                          empty=torch.empty):
     """Returns (y, q, v, order, count, mean, m2, rstd); q, v (B, k) fp32 in sorted order for backward."""
@@ -379,7 +386,7 @@ def adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_
         count = torch.zeros(num_domains, device=device, dtype=torch.float32)
         m2 = torch.zeros_like(mean)
     y = empty(x.shape, device=device, dtype=x.dtype)
-    _cell_fwd_normalize_kernel[grid](
+    _cell_fwd_normalize_kernel[(grid[0], triton.cdiv(width, meta["BLOCK_H"]))](
         x, order if per_domain else dummy, domain_sorted if per_domain else dummy, v, up_right, up_bias,
         norm_weight, norm_bias, mean, rstd, y, batch, width, rank, num_domains, PER_DOMAIN=per_domain,
         **_without_rep_tiles(meta))
@@ -387,30 +394,7 @@ def adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_
     return y, q, v, order_out, count, mean, m2, rstd
 
 
-def _per_domain_outer_sums(lhs, rhs, order, domain_sorted, num_groups, lhs_in_order, with_rhs_sum, empty):
-    """(G, m, n) sums of lhs[b]^T rhs[b] over each domain's rows (and (G, n) sums of rhs[b]), fp32."""
-    batch, lhs_width = lhs.shape
-    rhs_width = rhs.shape[1]
-    per_domain = domain_sorted is not None
-    # Two programs per SM: enough to fill the GPU, few enough that the (programs, G, m, n) partials stay
-    # a few percent of the step's bytes.
-    target_programs = 2 * torch.cuda.get_device_properties(lhs.device).multi_processor_count \
-        if lhs.device.type == "cuda" else 2
-    rows_per_program = ROWS_PER_BLOCK * triton.cdiv(triton.cdiv(batch, target_programs), ROWS_PER_BLOCK)
-    programs = triton.cdiv(batch, rows_per_program)
-    block_m, block_n = block_size(lhs_width, 64), block_size(rhs_width, 128)
-    partial = empty((programs, num_groups, lhs_width, rhs_width), device=lhs.device, dtype=torch.float32)
-    partial_rhs = empty((programs, num_groups, rhs_width), device=lhs.device, dtype=torch.float32) \
-        if with_rhs_sum else partial
-    dummy = rhs
-    _domain_outer_sum_kernel[(programs, triton.cdiv(lhs_width, block_m), triton.cdiv(rhs_width, block_n))](
-        lhs, order if lhs_in_order and per_domain else dummy, rhs, domain_sorted if per_domain else dummy,
-        partial, partial_rhs, batch, lhs_width, rhs_width, num_groups, rows_per_program,
-        LHS_IN_ORDER=lhs_in_order and per_domain, PER_DOMAIN=per_domain, WITH_RHS_SUM=with_rhs_sum,
-        BLOCK_B=ROWS_PER_BLOCK, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8)  # 4 warps spilled (sm_90a)
-    return partial.sum(0), (partial_rhs.sum(0) if with_rhs_sum else None)
-
-
+@dn.on_first_tensors_device
 def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, rstd, use_batch_stats: bool,
                           empty=torch.empty):
     """Gradients (dx, drep, d down_left, d down_right, d down_bias, d up_left, d up_right, d up_bias,
@@ -428,7 +412,7 @@ def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, 
     f32 = dict(device=device, dtype=torch.float32)
 
     part_dy, part_dy_xhat = (empty((grid[0], num_domains, width), **f32) for _ in range(2))
-    _cell_bwd_norm_sums_kernel[grid](
+    _cell_bwd_norm_sums_kernel[(grid[0], triton.cdiv(width, meta["BLOCK_H"]))](
         dy, *sorted_args, v, up_right, up_bias, mean, rstd, part_dy, part_dy_xhat,
         batch, width, rank, num_domains, PER_DOMAIN=per_domain, **_without_rep_tiles(meta))
     sum_dy, sum_dy_xhat = part_dy.sum(0), part_dy_xhat.sum(0)
@@ -444,9 +428,17 @@ def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, 
         batch, width, rank, bottleneck, num_domains,
         PER_DOMAIN=per_domain, BATCH_STATS=use_batch_stats, **meta)
 
+    # Factor gradients: per domain, sums over its rows of lhs[b]^T rhs[b] (and of rhs[b]), by the grouped
+    # linear op's weight-gradient kernels: O(B) work and O(B / 256 + D) partials whatever D is.
+    if per_domain:
+        offsets = torch.searchsorted(domain_sorted, torch.arange(num_domains + 2, device=device))
+    else:
+        offsets = torch.tensor([0, batch, batch], device=device)
+
     def outer(lhs, rhs, lhs_in_order=False, with_rhs_sum=False):
-        return _per_domain_outer_sums(lhs, rhs, order, domain_sorted, num_domains, lhs_in_order, with_rhs_sum,
-                                      empty)
+        return domain_weight_grads(lhs, rhs, order if per_domain else dummy, offsets, num_domains, with_rhs_sum,
+                                   torch.float32, x_by_order=lhs_in_order and per_domain, grad_by_order=False,
+                                   empty=empty)
 
     d_down_left, _ = outer(x, grad_p, lhs_in_order=True)
     d_down_right, d_down_bias = outer(q, grad_z, with_rhs_sum=True)
@@ -455,92 +447,3 @@ def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, 
     grads = (d_down_left, d_down_right, d_down_bias, d_up_left, d_up_right, d_up_bias, sum_dy_xhat, sum_dy)
     param_grads = tuple(g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, params))
     return (dx, drep) + param_grads
-
-
-# --------------------------------------------------------------------------------------------------
-# Custom ops (what torch.compile and torch.export see) and the backend
-# --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("hamur_fast::adapter_cell_fwd", mutates_args=())
-def adapter_cell_fwd(x: torch.Tensor, rep: torch.Tensor, domain: torch.Tensor, down_left: torch.Tensor,
-                     down_right: torch.Tensor, down_bias: torch.Tensor, up_left: torch.Tensor,
-                     up_right: torch.Tensor, up_bias: torch.Tensor, norm_weight: torch.Tensor,
-                     norm_bias: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                     use_batch_stats: bool, eps: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                torch.Tensor, torch.Tensor, torch.Tensor]:
-    params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
-    return adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_batch_stats, eps)
-
-
-@adapter_cell_fwd.register_fake
-def _(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias,
-      running_mean, running_var, use_batch_stats, eps):
-    batch, rank = x.shape[0], rep.shape[1]
-    per_domain = norm_weight.dim() == 2
-    num_groups = norm_weight.shape[0] if per_domain else 1
-    saved = x.new_empty((batch, rank), dtype=torch.float32)
-    stats = x.new_empty((num_groups, x.shape[1]), dtype=torch.float32)
-    order = x.new_empty((batch if per_domain else 0,), dtype=torch.int64)
-    return (torch.empty_like(x), saved, torch.empty_like(saved), order,
-            x.new_empty((num_groups,), dtype=torch.float32), stats, torch.empty_like(stats), torch.empty_like(stats))
-
-
-@torch.library.custom_op("hamur_fast::adapter_cell_bwd", mutates_args=())
-def adapter_cell_bwd(dy: torch.Tensor, x: torch.Tensor, rep: torch.Tensor, domain: torch.Tensor,
-                     down_left: torch.Tensor, down_right: torch.Tensor, down_bias: torch.Tensor,
-                     up_left: torch.Tensor, up_right: torch.Tensor, up_bias: torch.Tensor,
-                     norm_weight: torch.Tensor, norm_bias: torch.Tensor, q: torch.Tensor, v: torch.Tensor,
-                     order: torch.Tensor, count: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                     use_batch_stats: bool) -> list[torch.Tensor]:
-    params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
-    return list(adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, rstd,
-                                      use_batch_stats))
-
-
-@adapter_cell_bwd.register_fake
-def _(dy, x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias,
-      q, v, order, count, mean, rstd, use_batch_stats):
-    return [torch.empty_like(t) for t in (x, rep, down_left, down_right, down_bias, up_left, up_right,
-                                          up_bias, norm_weight, norm_bias)]
-
-
-def _setup_cell(ctx, inputs, output):
-    x, rep, domain, *params = inputs[:11]
-    _, q, v, order, count, mean, _, rstd = output
-    ctx.save_for_backward(x, rep, domain, *params, q, v, order, count, mean, rstd)
-    ctx.use_batch_stats = inputs[13]
-
-
-def _cell_backward(ctx, dy, *_aux_grads):
-    x, rep, domain, *rest = ctx.saved_tensors
-    params, (q, v, order, count, mean, rstd) = rest[:8], rest[8:]
-    grads = adapter_cell_bwd(dy, x, rep, domain, *params, q, v, order, count, mean, rstd, ctx.use_batch_stats)
-    dx, drep, *param_grads = grads
-    return (dx, drep, None, *param_grads, None, None, None, None)
-
-
-adapter_cell_fwd.register_autograd(_cell_backward, setup_context=_setup_cell)
-
-
-def hyper_adapter(x, rep, domain, params, running_mean, running_var, *, mode, training, momentum, eps):
-    """backend="triton" adapter cell (arguments already validated by hamur_fast.ops.hyper_adapter)."""
-    use_batch_stats = mode == "released" or training or running_mean is None
-    y, _, _, _, count, mean, m2, _ = adapter_cell_fwd(x, rep, domain, *params, running_mean, running_var,
-                                                      use_batch_stats, eps)
-    if mode == "paper" and training and running_mean is not None:
-        dn.update_running_stats_(running_mean, running_var, mean, m2, count, momentum)
-    return y
-
-
-def _supports(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def _register() -> None:
-    from hamur_fast.ops.registry import Backend, register_backend
-
-    register_backend(Backend("triton", hyper_adapter, dn.domain_norm, supports=_supports,
-                             auto_priority=lambda device: 10 if device.type == "cuda" else None))
-
-
-_register()

@@ -18,17 +18,31 @@ Backward: dbias and dweight are plain per-group sums (partials + torch.sum); the
 with n_var = n (paper, biased variance) or max(n - 1, 1) (released, unbiased variance); in eval
 with running statistics it is rstd * w * dy. A group with one row has xhat = 0 and do = 0: no NaN.
 
-Layout: ``reference`` math lives in hamur_fast.ops.reference; here come the kernels, then the
-launchers, then the custom ops (``hamur_fast::domain_norm_fwd`` / ``domain_norm_bwd`` and the
-mutating ``hamur_fast::update_running_stats_``) with their fake and autograd registrations.
+Layout: ``reference`` math lives in hamur_fast.ops.backends.reference; here come the kernels, then the
+launchers; the custom ops over them (backend="triton") are in hamur_fast/ops/backends/triton.py.
 """
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on the GPU
+
+
+def on_first_tensors_device(launcher):
+    """Run ``launcher`` with its first argument's device current. Triton launches on the current device and
+    that device's current torch stream, so cuda:1 tensors given while cuda:0 is current would otherwise be
+    read by a kernel on cuda:0."""
+    @functools.wraps(launcher)
+    def guarded(first, *args, **kwargs):
+        guard = torch.cuda.device(first.device) if first.device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return launcher(first, *args, **kwargs)
+    return guarded
 
 
 def block_size(n: int, cap: int | None = None) -> int:
@@ -141,39 +155,47 @@ def merge_group_stats_kernel(part_count, part_mean, part_m2, num_parts, parts_pe
 
 
 @triton.jit
+def _row_groups(group_ids, rows, row_mask, num_groups, PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Each row's statistics group, and which rows have one: an id outside [0, G) (value checks off,
+    torch.compile) becomes -1, indexes no table, joins no statistic, and its output row is NaN."""
+    if PER_DOMAIN:
+        group = tl.load(group_ids + rows, mask=row_mask, other=0)
+        valid = row_mask & (group >= 0) & (group < num_groups)
+        group = tl.where(valid, group, -1).to(tl.int32)
+    else:
+        group = tl.zeros([BLOCK_B], tl.int32)
+        valid = row_mask
+    return group, valid
+
+
+@triton.jit
 def _partial_stats_kernel(o, group_ids, part_count, part_mean, part_m2, batch, width, num_groups,
                           PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask, col_mask = rows < batch, cols < width
-    if PER_DOMAIN:
-        group = tl.load(group_ids + rows, mask=row_mask, other=0).to(tl.int32)
-    else:
-        group = tl.zeros([BLOCK_B], tl.int32)
+    group, valid = _row_groups(group_ids, rows, row_mask, num_groups, PER_DOMAIN, BLOCK_B)
     tile = rows.to(tl.int64)[:, None] * width + cols[None, :]
     values = tl.load(o + tile, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-    store_group_partial_stats(values, group, row_mask, cols, col_mask, tl.program_id(0), num_groups, width,
+    store_group_partial_stats(values, group, valid, cols, col_mask, tl.program_id(0), num_groups, width,
                               part_count, part_mean, part_m2, tl.program_id(1) == 0)
 
 
 @triton.jit
-def _normalize_kernel(o, group_ids, mean, rstd, weight, bias, y, batch, width,
+def _normalize_kernel(o, group_ids, mean, rstd, weight, bias, y, batch, width, num_groups,
                       PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask, col_mask = rows < batch, cols < width
-    if PER_DOMAIN:
-        group = tl.load(group_ids + rows, mask=row_mask, other=0).to(tl.int32)
-    else:
-        group = tl.zeros([BLOCK_B], tl.int32)
+    group, valid = _row_groups(group_ids, rows, row_mask, num_groups, PER_DOMAIN, BLOCK_B)
     tile = rows.to(tl.int64)[:, None] * width + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     values = tl.load(o + tile, mask=mask, other=0.0).to(tl.float32)
-    xhat = (values - load_group_rows(mean, group, cols, row_mask, col_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, group, cols, row_mask, col_mask, width, PER_DOMAIN)
-    out = load_group_rows(weight, group, cols, row_mask, col_mask, width, PER_DOMAIN) * xhat + \
-        load_group_rows(bias, group, cols, row_mask, col_mask, width, PER_DOMAIN)
-    tl.store(y + tile, out.to(y.dtype.element_ty), mask=mask)
+    xhat = (values - load_group_rows(mean, group, cols, valid, col_mask, width, PER_DOMAIN)) * \
+        load_group_rows(rstd, group, cols, valid, col_mask, width, PER_DOMAIN)
+    out = load_group_rows(weight, group, cols, valid, col_mask, width, PER_DOMAIN) * xhat + \
+        load_group_rows(bias, group, cols, valid, col_mask, width, PER_DOMAIN)
+    tl.store(y + tile, tl.where(valid[:, None], out, float("nan")).to(y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -182,17 +204,14 @@ def _partial_grad_sums_kernel(dy, o, group_ids, mean, rstd, part_dy, part_dy_xha
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask, col_mask = rows < batch, cols < width
-    if PER_DOMAIN:
-        group = tl.load(group_ids + rows, mask=row_mask, other=0).to(tl.int32)
-    else:
-        group = tl.zeros([BLOCK_B], tl.int32)
+    group, valid = _row_groups(group_ids, rows, row_mask, num_groups, PER_DOMAIN, BLOCK_B)
     tile = rows.to(tl.int64)[:, None] * width + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     grad = tl.load(dy + tile, mask=mask, other=0.0).to(tl.float32)
     xhat = (tl.load(o + tile, mask=mask, other=0.0).to(tl.float32)
-            - load_group_rows(mean, group, cols, row_mask, col_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, group, cols, row_mask, col_mask, width, PER_DOMAIN)
-    store_group_partial_sums(grad, grad * xhat, group, row_mask, cols, col_mask, tl.program_id(0), num_groups,
+            - load_group_rows(mean, group, cols, valid, col_mask, width, PER_DOMAIN)) * \
+        load_group_rows(rstd, group, cols, valid, col_mask, width, PER_DOMAIN)
+    store_group_partial_sums(grad, grad * xhat, group, valid, cols, col_mask, tl.program_id(0), num_groups,
                              width, part_dy, part_dy_xhat)
 
 
@@ -216,25 +235,22 @@ def norm_input_grad(grad, xhat, group, row_mask, cols, col_mask, width, weight, 
 
 
 @triton.jit
-def _input_grad_kernel(dy, o, group_ids, mean, rstd, weight, count, sum_dy, sum_dy_xhat, do, batch, width,
+def _input_grad_kernel(dy, o, group_ids, mean, rstd, weight, count, sum_dy, sum_dy_xhat, do, batch, width, num_groups,
                        PER_DOMAIN: tl.constexpr, BATCH_STATS: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask, col_mask = rows < batch, cols < width
-    if PER_DOMAIN:
-        group = tl.load(group_ids + rows, mask=row_mask, other=0).to(tl.int32)
-    else:
-        group = tl.zeros([BLOCK_B], tl.int32)
+    group, valid = _row_groups(group_ids, rows, row_mask, num_groups, PER_DOMAIN, BLOCK_B)
     tile = rows.to(tl.int64)[:, None] * width + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     grad = tl.load(dy + tile, mask=mask, other=0.0).to(tl.float32)
     xhat = (tl.load(o + tile, mask=mask, other=0.0).to(tl.float32)
-            - load_group_rows(mean, group, cols, row_mask, col_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, group, cols, row_mask, col_mask, width, PER_DOMAIN)
-    out = norm_input_grad(grad, xhat, group, row_mask, cols, col_mask, width, weight, rstd, count, sum_dy,
+            - load_group_rows(mean, group, cols, valid, col_mask, width, PER_DOMAIN)) * \
+        load_group_rows(rstd, group, cols, valid, col_mask, width, PER_DOMAIN)
+    out = norm_input_grad(grad, xhat, group, valid, cols, col_mask, width, weight, rstd, count, sum_dy,
                           sum_dy_xhat, BATCH_STATS, PER_DOMAIN)
-    tl.store(do + tile, out.to(do.dtype.element_ty), mask=mask)
+    tl.store(do + tile, tl.where(valid[:, None], out, float("nan")).to(do.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -285,6 +301,7 @@ def _merge_pass(part_count, part_mean, part_m2, ranges, eps, unbiased, empty):
     return count, mean, m2, rstd
 
 
+@on_first_tensors_device
 def merge_group_stats(part_count, part_mean, part_m2, eps: float, unbiased: bool, empty=torch.empty):
     """Fold (blocks, G[, h]) partials into per-group count (G,), mean, M2 and rstd (G, h), all fp32.
 
@@ -299,6 +316,7 @@ def merge_group_stats(part_count, part_mean, part_m2, eps: float, unbiased: bool
     return count[0], mean[0], m2[0], rstd
 
 
+@on_first_tensors_device
 def update_running_stats(running_mean, running_var, mean, m2, count, momentum: float) -> None:
     num_groups, width = mean.shape
     block_h = block_size(width, 128)
@@ -306,6 +324,7 @@ def update_running_stats(running_mean, running_var, mean, m2, count, momentum: f
         running_mean, running_var, mean, m2, count, width, momentum, BLOCK_H=block_h)
 
 
+@on_first_tensors_device
 def domain_norm_forward(o, domain, weight, bias, running_mean, running_var, use_batch_stats: bool, eps: float,
                         empty=torch.empty):
     """Returns y and, for backward and the running-stat update, count (G,), mean, m2, rstd (G, h)."""
@@ -327,10 +346,11 @@ def domain_norm_forward(o, domain, weight, bias, running_mean, running_var, use_
         count = torch.zeros(num_groups, device=o.device, dtype=torch.float32)
         m2 = torch.zeros_like(mean)
     y = empty(o.shape, device=o.device, dtype=o.dtype)
-    _normalize_kernel[grid](o, domain, mean, rstd, weight, bias, y, batch, width, **meta)
+    _normalize_kernel[grid](o, domain, mean, rstd, weight, bias, y, batch, width, num_groups, **meta)
     return y, count, mean, m2, rstd
 
 
+@on_first_tensors_device
 def domain_norm_backward(dy, o, domain, weight, count, mean, rstd, use_batch_stats: bool, empty=torch.empty):
     """Returns (do, dweight, dbias) for y = weight[g] * (o - mean[g]) * rstd[g] + bias[g]."""
     dy, o, domain, weight = (t.contiguous() for t in (dy, o, domain, weight))
@@ -346,75 +366,6 @@ def domain_norm_backward(dy, o, domain, weight, count, mean, rstd, use_batch_sta
     sum_dy, sum_dy_xhat = part_dy.sum(0), part_dy_xhat.sum(0)
     do = empty(o.shape, device=o.device, dtype=o.dtype)
     _input_grad_kernel[grid](dy, o, domain, mean, rstd, weight, count, sum_dy, sum_dy_xhat, do, batch, width,
-                             BATCH_STATS=use_batch_stats, **meta)
+                             num_groups, BATCH_STATS=use_batch_stats, **meta)
     shape = weight.shape
     return do, sum_dy_xhat.reshape(shape).to(weight.dtype), sum_dy.reshape(shape).to(weight.dtype)
-
-
-# --------------------------------------------------------------------------------------------------
-# Custom ops: what torch.compile / torch.export see. Running statistics are updated by a separate
-# mutating op because an op with an autograd formula must be functional.
-# --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("hamur_fast::domain_norm_fwd", mutates_args=())
-def domain_norm_fwd(o: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                    running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                    use_batch_stats: bool, eps: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return domain_norm_forward(o, domain, weight, bias, running_mean, running_var, use_batch_stats, eps)
-
-
-@domain_norm_fwd.register_fake
-def _(o, domain, weight, bias, running_mean, running_var, use_batch_stats, eps):
-    num_groups = weight.shape[0] if weight.dim() == 2 else 1
-    stats = o.new_empty((num_groups, o.shape[1]), dtype=torch.float32)
-    return (torch.empty_like(o), o.new_empty((num_groups,), dtype=torch.float32), stats,
-            torch.empty_like(stats), torch.empty_like(stats))
-
-
-@torch.library.custom_op("hamur_fast::domain_norm_bwd", mutates_args=())
-def domain_norm_bwd(dy: torch.Tensor, o: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor,
-                    count: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, use_batch_stats: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return domain_norm_backward(dy, o, domain, weight, count, mean, rstd, use_batch_stats)
-
-
-@domain_norm_bwd.register_fake
-def _(dy, o, domain, weight, count, mean, rstd, use_batch_stats):
-    return torch.empty_like(o), torch.empty_like(weight), torch.empty_like(weight)
-
-
-def _setup_domain_norm(ctx, inputs, output):
-    o, domain, weight, _, _, _, use_batch_stats, _ = inputs
-    _, count, mean, _, rstd = output
-    ctx.save_for_backward(o, domain, weight, count, mean, rstd)
-    ctx.use_batch_stats = use_batch_stats
-
-
-def _domain_norm_backward(ctx, dy, *_stat_grads):
-    o, domain, weight, count, mean, rstd = ctx.saved_tensors
-    do, dweight, dbias = domain_norm_bwd(dy, o, domain, weight, count, mean, rstd, ctx.use_batch_stats)
-    return do, None, dweight, dbias, None, None, None, None
-
-
-domain_norm_fwd.register_autograd(_domain_norm_backward, setup_context=_setup_domain_norm)
-
-
-@torch.library.custom_op("hamur_fast::update_running_stats_", mutates_args=("running_mean", "running_var"))
-def update_running_stats_(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
-                          m2: torch.Tensor, count: torch.Tensor, momentum: float) -> None:
-    update_running_stats(running_mean, running_var, mean, m2, count, momentum)
-
-
-@update_running_stats_.register_fake
-def _(running_mean, running_var, mean, m2, count, momentum):
-    return None
-
-
-def domain_norm(o, domain, weight, bias, running_mean, running_var, *, mode, training, momentum, eps):
-    """backend="triton" DomainNorm (arguments already validated by hamur_fast.ops.domain_norm)."""
-    use_batch_stats = mode == "released" or training or running_mean is None
-    y, count, mean, m2, _ = domain_norm_fwd(o, domain, weight, bias, running_mean, running_var,
-                                            use_batch_stats, eps)
-    if mode == "paper" and training and running_mean is not None:
-        update_running_stats_(running_mean, running_var, mean, m2, count, momentum)
-    return y

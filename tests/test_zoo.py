@@ -8,7 +8,7 @@ import hamur_fast as hf
 from planted_data import INPUT_DIM, NUM_DOMAINS, planted_data, shared_linear_auc, train_and_auc
 
 NAMES = ["hamur_mlp", "hamur_dcn", "hamur_wide_deep", "mlp", "dcn", "wide_deep", "mlp_shared", "shared_bottom",
-         "mmoe", "ple", "star", "apg", "m2m", "pepnet", "epnet", "adasparse"]
+         "mmoe", "ple", "star", "apg", "m2m", "pepnet", "epnet", "adasparse", "sarnet", "adaptdhm", "m3oe", "ppnet"]
 
 # Small odd sizes keep the whole zoo fast; test_defaults_build_and_run covers the default sizes (and
 # the "auto" backend). The adapter kernels have their own parity tests: here the cells run on "torch".
@@ -28,6 +28,10 @@ SMALL = {
     "pepnet": dict(dims=[24, 11], domain_embed_dim=5),
     "epnet": dict(dims=[24, 11], domain_embed_dim=5),
     "adasparse": dict(dims=[24, 11], domain_embed_dim=5),
+    "sarnet": dict(shared_experts=3, specific_experts=2, expert_dim=16, tower_dims=[9]),
+    "adaptdhm": dict(num_clusters=3, dims=[24, 11]),
+    "m3oe": dict(star_dims=[24, 11], expert_dims=[9], num_experts=3),
+    "ppnet": dict(dims=[24, 11], domain_embed_dim=5),
 }
 
 
@@ -51,7 +55,7 @@ def test_available_lists_exactly_the_zoo():
 
 
 def test_unknown_name_lists_the_available_ones():
-    with pytest.raises(ValueError, match="unknown model 'hamur'.*available: hamur_mlp, .*adasparse"):
+    with pytest.raises(ValueError, match="unknown model 'hamur'.*available: hamur_mlp, .*adasparse, .*ppnet"):
         hf.models.build("hamur", INPUT_DIM, NUM_DOMAINS)
 
 

@@ -251,7 +251,17 @@ CellShape cell_shape(const Tensor& x, const Tensor& rep, const Tensor& down_righ
   return {x.size(0), x.size(1), rep.size(1), down_right.size(-1), per_domain ? norm_weight.size(0) : 1};
 }
 
+// Every domain id is read before any table is indexed with it: the Python-side check may be off
+// (hf.set_value_checks(False)) or skipped (torch.compile), and reading B ids costs nothing on the CPU.
+void check_groups(const Rows& rows, int64_t batch, int64_t groups) {
+  if (!rows.per_domain) return;  // released mode never indexes by domain
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(rows.domain[b] >= 0 && rows.domain[b] < groups, "domain id ", rows.domain[b], " at row ", b,
+                " is out of range for ", groups, " domains");
+}
+
 std::vector<int64_t> count_rows(const Rows& rows, int64_t batch, int64_t groups) {
+  check_groups(rows, batch, groups);
   std::vector<int64_t> count(groups, 0);
   for (int64_t b = 0; b < batch; ++b) ++count[rows.group(b)];
   return count;
@@ -287,15 +297,17 @@ GroupOrder order_by_group(const Rows& rows, const std::vector<int64_t>& count, c
 // The same grouping rebuilt in backward from the saved order and counts.
 GroupOrder saved_order(const Tensor& order, const Tensor& count) {
   const Tensor counts = count.round().to(at::kLong).contiguous();
-  const int64_t groups = counts.numel();
-  GroupOrder out{order, std::vector<int64_t>(groups + 1, 0), std::vector<int64_t>(order.numel()),
-                 std::vector<int64_t>(order.numel())};
-  for (int64_t g = 0; g < groups; ++g) {
-    out.start[g + 1] = out.start[g] + counts.data_ptr<int64_t>()[g];
+  const int64_t groups = counts.numel(), batch = order.numel();
+  GroupOrder out{order, std::vector<int64_t>(groups + 1, 0), std::vector<int64_t>(batch), std::vector<int64_t>(batch)};
+  for (int64_t g = 0; g < groups; ++g) out.start[g + 1] = out.start[g] + counts.data_ptr<int64_t>()[g];
+  TORCH_CHECK(out.start[groups] == batch, "adapter_backward: the saved counts do not add up to the batch");
+  for (int64_t g = 0; g < groups; ++g)
     std::fill(out.slot_group.begin() + out.start[g], out.slot_group.begin() + out.start[g + 1], g);
-  }
   const int64_t* rows = order.data_ptr<int64_t>();
-  for (int64_t i = 0; i < order.numel(); ++i) out.slot_of[rows[i]] = i;
+  for (int64_t i = 0; i < batch; ++i) {
+    TORCH_CHECK(rows[i] >= 0 && rows[i] < batch, "adapter_backward: the saved order is not a permutation");
+    out.slot_of[rows[i]] = i;
+  }
   return out;
 }
 
@@ -490,6 +502,8 @@ void check_cpu_inputs(const Tensor& x, const Tensor& domain) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "hamur_fast CPU kernels take float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(domain.scalar_type() == at::kLong, "domain must be int64, got ", domain.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && domain.dim() == 1 && domain.size(0) == x.size(0),
+              "domain must hold one id per row of the (B, h) input");
 }
 
 // ------------------------------------------------------------------------------------ forward
@@ -558,6 +572,7 @@ Tensor adapter_infer_cpu(const Tensor& x_in, const Tensor& rep_in, const Tensor&
   const Tensor ul = up_left_in.contiguous(), ur = up_right_in.contiguous(), ub = up_bias_in.contiguous();
   const CellShape shape = cell_shape(x, rep, dr, /*per_domain=*/true, norm_weight);
   const Rows rows{domain.data_ptr<int64_t>(), true};
+  check_groups(rows, shape.batch, shape.groups);
   // DomainNorm with running statistics is one per-domain affine map: y = x + o * scale + shift.
   const Tensor scale = (norm_weight * at::rsqrt(running_var + eps)).contiguous();
   const Tensor shift = (norm_bias - running_mean * scale).contiguous();
@@ -692,6 +707,7 @@ std::tuple<Tensor, Tensor, Tensor> domain_norm_backward_cpu(const Tensor& grad_y
   const Tensor count = count_in.contiguous();
   const int64_t batch = o.size(0), width = o.size(1), groups = mean.size(0);
   const Rows rows{domain.data_ptr<int64_t>(), per_domain};
+  check_groups(rows, batch, groups);
   Tensor grad_o = at::empty_like(o), grad_weight, grad_bias;
   AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "domain_norm_backward_cpu", [&] {
     const scalar_t *gy_p = gy.data_ptr<scalar_t>(), *o_p = o.data_ptr<scalar_t>();
@@ -847,11 +863,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hamur_fast, CPU, m) {
-  m.impl("adapter_forward", &adapter_forward_cpu);
-  m.impl("adapter_backward", &adapter_backward_cpu);
-  m.impl("adapter_infer", &adapter_infer_cpu);
-  m.impl("domain_norm_forward", &domain_norm_forward_cpu);
-  m.impl("domain_norm_backward", &domain_norm_backward_cpu);
+  m.impl("compiled_cell_forward", &adapter_forward_cpu);
+  m.impl("compiled_cell_backward", &adapter_backward_cpu);
+  m.impl("compiled_cell_infer", &adapter_infer_cpu);
+  m.impl("compiled_norm_forward", &domain_norm_forward_cpu);
+  m.impl("compiled_norm_backward", &domain_norm_backward_cpu);
 }
 
 }  // namespace hamur_fast

@@ -35,6 +35,8 @@ void check_cuda_inputs(const Tensor& x, const Tensor& domain) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "hamur_fast CUDA kernels take float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(domain.scalar_type() == at::kLong, "domain must be int64, got ", domain.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && domain.dim() == 1 && domain.size(0) == x.size(0),
+              "domain must hold one id per row of the (B, h) input");
 }
 
 cuda::CellDims cell_dims(const Tensor& x, const Tensor& rep, const Tensor& down_right, const Tensor& norm_weight,
@@ -95,7 +97,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
                  "project_rows");
     statistics<scalar_t>(o, domain, per_domain, stat_mean, stat_var, eps, mean, var, rstd, count, stream);
     check_launch(cuda::launch_normalise<scalar_t>(o.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                                  domain.data_ptr<int64_t>(), per_domain, dims.batch, dims.width,
+                                                  domain.data_ptr<int64_t>(), per_domain, dims.groups, dims.batch,
+                                                  dims.width,
                                                   norm_weight.data_ptr<scalar_t>(), norm_bias.data_ptr<scalar_t>(),
                                                   mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(),
                                                   y.data_ptr<scalar_t>(), stream),
@@ -145,7 +148,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> domain_norm_forward_cuda(
   AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "domain_norm_forward_cuda", [&] {
     statistics<scalar_t>(o, domain, per_domain, stat_mean, stat_var, eps, mean, var, rstd, count, stream);
     check_launch(cuda::launch_normalise<scalar_t>(o.data_ptr<scalar_t>(), nullptr, domain.data_ptr<int64_t>(),
-                                                  per_domain, o.size(0), o.size(1), weight.data_ptr<scalar_t>(),
+                                                  per_domain, groups, o.size(0), o.size(1), weight.data_ptr<scalar_t>(),
                                                   bias.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
                                                   rstd.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), stream),
                  "normalise");
@@ -189,7 +192,7 @@ std::tuple<Tensor, Tensor, Tensor> domain_norm_backward_cuda(const Tensor& grad_
   Tensor grad_o = at::empty_like(o);
   AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "domain_norm_backward_cuda", [&] {
     check_launch(cuda::launch_grad_o<scalar_t>(gy.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
-                                               domain.data_ptr<int64_t>(), per_domain, o.size(0), o.size(1),
+                                               domain.data_ptr<int64_t>(), per_domain, mean.size(0), o.size(0), o.size(1),
                                                weight.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
                                                rstd.data_ptr<scalar_t>(), mean_gy.data_ptr<scalar_t>(),
                                                xhat_coef.data_ptr<scalar_t>(), grad_o.data_ptr<scalar_t>(), stream),
@@ -267,11 +270,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hamur_fast, CUDA, m) {
-  m.impl("adapter_forward", &adapter_forward_cuda);
-  m.impl("adapter_backward", &adapter_backward_cuda);
-  m.impl("adapter_infer", &adapter_infer_cuda);
-  m.impl("domain_norm_forward", &domain_norm_forward_cuda);
-  m.impl("domain_norm_backward", &domain_norm_backward_cuda);
+  m.impl("compiled_cell_forward", &adapter_forward_cuda);
+  m.impl("compiled_cell_backward", &adapter_backward_cuda);
+  m.impl("compiled_cell_infer", &adapter_infer_cuda);
+  m.impl("compiled_norm_forward", &domain_norm_forward_cuda);
+  m.impl("compiled_norm_backward", &domain_norm_backward_cuda);
 }
 
 }  // namespace hamur_fast

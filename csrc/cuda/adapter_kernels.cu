@@ -25,8 +25,18 @@ __device__ __forceinline__ double exp_of(double v) { return exp(v); }
 __device__ __forceinline__ float rsqrt_of(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double rsqrt_of(double v) { return rsqrt(v); }
 
-__device__ __forceinline__ int64_t group_of(const int64_t* domain, bool per_domain, int64_t b) {
-  return per_domain ? domain[b] : 0;
+// Row b's statistics group: its domain (paper) or 0 (released); -1 for an id outside [0, groups), which the
+// Python-side check misses when value checks are off or under torch.compile. Such a row indexes no table,
+// joins no statistic, and gets NaN outputs (y, grad_x, grad_rep) and zero internal gradients.
+__device__ __forceinline__ int64_t group_of(const int64_t* domain, bool per_domain, int64_t groups, int64_t b) {
+  if (!per_domain) return 0;
+  const int64_t d = domain[b];
+  return d >= 0 && d < groups ? d : -1;
+}
+
+template <typename T>
+__device__ __forceinline__ T quiet_nan() {
+  return static_cast<T>(__longlong_as_double(0x7ff8000000000000ll));
 }
 
 // out[j] = sum_i v[i] * M[i * n + j] for j < n (M row-major m x n). Consecutive threads take consecutive
@@ -98,7 +108,20 @@ __global__ void __launch_bounds__(kRowThreads) project_rows_kernel(
   T* shared = reinterpret_cast<T*>(shared_bytes);
   const int64_t h = dims.width, k = dims.rank, s = dims.bottleneck;
   const int64_t b = blockIdx.x;
-  const int64_t d = group_of(domain, dims.per_domain, b);
+  const int64_t d = group_of(domain, dims.per_domain, dims.groups, b);
+  if (d < 0) {  // the whole block takes this branch: no barrier is split
+    for (int64_t j = threadIdx.x; j < h; j += blockDim.x) {
+      if constexpr (kInfer) {
+        y[b * h + j] = quiet_nan<T>();
+      } else {
+        o[b * h + j] = T(0);
+      }
+    }
+    if constexpr (!kInfer) {
+      for (int64_t j = threadIdx.x; j < 4 * k + s; j += blockDim.x) hidden[b * (4 * k + s) + j] = T(0);
+    }
+    return;
+  }
   T* x_s = shared;     // h
   T* rep_s = x_s + h;  // k * k
   T* u = rep_s + k * k;
@@ -166,7 +189,7 @@ __global__ void __launch_bounds__(kColumnTile * kRowLanes) column_stats_kernel(
   for (int64_t g = 0; g < groups; ++g) {
     double sum = 0, rows = 0;
     for (int64_t b = threadIdx.y; b < batch; b += kRowLanes) {
-      if (group_of(domain, per_domain, b) != g) continue;
+      if (group_of(domain, per_domain, groups, b) != g) continue;
       rows += 1;
       if (active) sum += static_cast<double>(o[b * width + col]);
     }
@@ -180,7 +203,7 @@ __global__ void __launch_bounds__(kColumnTile * kRowLanes) column_stats_kernel(
     double squares = 0;
     if (active) {
       for (int64_t b = threadIdx.y; b < batch; b += kRowLanes) {
-        if (group_of(domain, per_domain, b) != g) continue;
+        if (group_of(domain, per_domain, groups, b) != g) continue;
         const double centred = static_cast<double>(o[b * width + col]) - group_mean;
         squares += centred * centred;
       }
@@ -202,14 +225,20 @@ __global__ void __launch_bounds__(kColumnTile * kRowLanes) column_stats_kernel(
 
 template <typename T>
 __global__ void normalise_kernel(const T* __restrict__ o, const T* __restrict__ residual,
-                                 const int64_t* __restrict__ domain, bool per_domain, int64_t batch, int64_t width,
+                                 const int64_t* __restrict__ domain, bool per_domain, int64_t groups,
+                                 int64_t batch, int64_t width,
                                  const T* __restrict__ weight, const T* __restrict__ bias, const T* __restrict__ mean,
                                  const T* __restrict__ rstd, T* __restrict__ out) {
   const int64_t total = batch * width;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = e / width, j = e - b * width;
-    const int64_t c = group_of(domain, per_domain, b) * width + j;
+    const int64_t g = group_of(domain, per_domain, groups, b);
+    if (g < 0) {
+      out[e] = quiet_nan<T>();
+      continue;
+    }
+    const int64_t c = g * width + j;
     const T base = residual != nullptr ? residual[e] : T(0);
     out[e] = base + (o[e] - mean[c]) * weight[c] * rstd[c] + bias[c];
   }
@@ -230,7 +259,7 @@ __global__ void __launch_bounds__(kColumnTile * kRowLanes) norm_grad_kernel(
     if (active) {
       const double m = mean[g * width + col], rs = rstd[g * width + col];
       for (int64_t b = threadIdx.y; b < batch; b += kRowLanes) {
-        if (group_of(domain, per_domain, b) != g) continue;
+        if (group_of(domain, per_domain, groups, b) != g) continue;
         const double gy = grad_y[b * width + col];
         sum_gy += gy;
         sum_gy_xhat += gy * ((static_cast<double>(o[b * width + col]) - m) * rs);
@@ -264,15 +293,17 @@ __device__ __forceinline__ T grad_o_element(T gy, T o, int64_t c, const T* weigh
 
 template <typename T>
 __global__ void grad_o_kernel(const T* __restrict__ grad_y, const T* __restrict__ o, const int64_t* __restrict__ domain,
-                              bool per_domain, int64_t batch, int64_t width, const T* __restrict__ weight,
+                              bool per_domain, int64_t groups, int64_t batch, int64_t width,
+                              const T* __restrict__ weight,
                               const T* __restrict__ mean, const T* __restrict__ rstd, const T* __restrict__ mean_gy,
                               const T* __restrict__ xhat_coef, T* __restrict__ grad_o) {
   const int64_t total = batch * width;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = e / width, j = e - b * width;
-    const int64_t c = group_of(domain, per_domain, b) * width + j;
-    grad_o[e] = grad_o_element(grad_y[e], o[e], c, weight, mean, rstd, mean_gy, xhat_coef);
+    const int64_t g = group_of(domain, per_domain, groups, b);
+    grad_o[e] = g < 0 ? quiet_nan<T>()
+                      : grad_o_element(grad_y[e], o[e], g * width + j, weight, mean, rstd, mean_gy, xhat_coef);
   }
 }
 
@@ -287,7 +318,16 @@ __global__ void __launch_bounds__(kRowThreads) backward_rows_kernel(
   T* shared = reinterpret_cast<T*>(shared_bytes);
   const int64_t h = dims.width, k = dims.rank, s = dims.bottleneck;
   const int64_t b = blockIdx.x;
-  const int64_t d = group_of(domain, dims.per_domain, b);
+  const int64_t d = group_of(domain, dims.per_domain, dims.groups, b);
+  if (d < 0) {  // NaN where the row's gradient is handed back, zeros where the factor gradients sum rows
+    for (int64_t j = threadIdx.x; j < h; j += blockDim.x) {
+      grad_o[b * h + j] = T(0);
+      grad_x[b * h + j] = quiet_nan<T>();
+    }
+    for (int64_t e = threadIdx.x; e < k * k; e += blockDim.x) grad_rep[b * k * k + e] = quiet_nan<T>();
+    for (int64_t j = threadIdx.x; j < 2 * k + s; j += blockDim.x) grad_core[b * (2 * k + s) + j] = T(0);
+    return;
+  }
   T* go = shared;          // h
   T* rep_s = go + h;       // k * k
   T* row = rep_s + k * k;  // u, p, q, r (k each), a (s): this row's hidden
@@ -385,12 +425,12 @@ cudaError_t launch_column_stats(const T* o, const int64_t* domain, bool per_doma
 }
 
 template <typename T>
-cudaError_t launch_normalise(const T* o, const T* residual, const int64_t* domain, bool per_domain, int64_t batch,
-                             int64_t width, const T* weight, const T* bias, const T* mean, const T* rstd, T* out,
-                             cudaStream_t stream) {
+cudaError_t launch_normalise(const T* o, const T* residual, const int64_t* domain, bool per_domain, int64_t groups,
+                             int64_t batch, int64_t width, const T* weight, const T* bias, const T* mean,
+                             const T* rstd, T* out, cudaStream_t stream) {
   if (batch * width == 0) return cudaSuccess;
-  normalise_kernel<T><<<elementwise_blocks(batch * width), 256, 0, stream>>>(o, residual, domain, per_domain, batch,
-                                                                             width, weight, bias, mean, rstd, out);
+  normalise_kernel<T><<<elementwise_blocks(batch * width), 256, 0, stream>>>(
+      o, residual, domain, per_domain, groups, batch, width, weight, bias, mean, rstd, out);
   return cudaGetLastError();
 }
 
@@ -407,12 +447,12 @@ cudaError_t launch_norm_grad(const T* grad_y, const T* o, const int64_t* domain,
 }
 
 template <typename T>
-cudaError_t launch_grad_o(const T* grad_y, const T* o, const int64_t* domain, bool per_domain, int64_t batch,
-                          int64_t width, const T* weight, const T* mean, const T* rstd, const T* mean_gy,
-                          const T* xhat_coef, T* grad_o, cudaStream_t stream) {
+cudaError_t launch_grad_o(const T* grad_y, const T* o, const int64_t* domain, bool per_domain, int64_t groups,
+                          int64_t batch, int64_t width, const T* weight, const T* mean, const T* rstd,
+                          const T* mean_gy, const T* xhat_coef, T* grad_o, cudaStream_t stream) {
   if (batch * width == 0) return cudaSuccess;
   grad_o_kernel<T><<<elementwise_blocks(batch * width), 256, 0, stream>>>(
-      grad_y, o, domain, per_domain, batch, width, weight, mean, rstd, mean_gy, xhat_coef, grad_o);
+      grad_y, o, domain, per_domain, groups, batch, width, weight, mean, rstd, mean_gy, xhat_coef, grad_o);
   return cudaGetLastError();
 }
 
@@ -439,12 +479,12 @@ cudaError_t launch_backward_rows(const CellDims& dims, const CellFactors<T>& f, 
                                        const T*, const T*, const T*, const T*, double, T*, cudaStream_t);            \
   template cudaError_t launch_column_stats<T>(const T*, const int64_t*, bool, int64_t, int64_t, int64_t, double, T*, \
                                               T*, T*, T*, cudaStream_t);                                             \
-  template cudaError_t launch_normalise<T>(const T*, const T*, const int64_t*, bool, int64_t, int64_t, const T*,     \
-                                           const T*, const T*, const T*, T*, cudaStream_t);                          \
+  template cudaError_t launch_normalise<T>(const T*, const T*, const int64_t*, bool, int64_t, int64_t, int64_t,     \
+                                           const T*, const T*, const T*, const T*, T*, cudaStream_t);                \
   template cudaError_t launch_norm_grad<T>(const T*, const T*, const int64_t*, bool, bool, int64_t, int64_t,         \
                                            int64_t, const T*, const T*, const T*, T*, T*, T*, T*, cudaStream_t);     \
-  template cudaError_t launch_grad_o<T>(const T*, const T*, const int64_t*, bool, int64_t, int64_t, const T*,        \
-                                        const T*, const T*, const T*, const T*, T*, cudaStream_t);                   \
+  template cudaError_t launch_grad_o<T>(const T*, const T*, const int64_t*, bool, int64_t, int64_t, int64_t,        \
+                                        const T*, const T*, const T*, const T*, const T*, T*, cudaStream_t);         \
   template cudaError_t launch_backward_rows<T>(const CellDims&, const CellFactors<T>&, const T*, const T*, const T*, \
                                                const int64_t*, const T*, const T*, const T*, const T*, const T*,     \
                                                const T*, const T*, T*, T*, T*, T*, cudaStream_t);

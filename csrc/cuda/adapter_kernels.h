@@ -23,6 +23,10 @@ struct CellFactors {
   const T *down_left, *down_right, *down_bias, *up_left, *up_right, *up_bias;
 };
 
+// A domain id outside [0, groups) (value checks off, torch.compile) is never used as an index: its row gets
+// NaN where the op hands a row back (y, grad_o of DomainNorm, grad_x, grad_rep) and is left out of every
+// statistic and factor gradient.
+//
 // Training forward, one block per row: hidden (B, 4k + s) = [u | p | q | r | a] and o (B, h), rows in order.
 template <typename T>
 cudaError_t launch_project_rows(const CellDims& dims, const CellFactors<T>& f, const T* x, const T* rep,
@@ -42,9 +46,9 @@ cudaError_t launch_column_stats(const T* o, const int64_t* domain, bool per_doma
 
 // out = residual + (o - mean) * weight * rstd + bias with each row's group; residual may be null.
 template <typename T>
-cudaError_t launch_normalise(const T* o, const T* residual, const int64_t* domain, bool per_domain, int64_t batch,
-                             int64_t width, const T* weight, const T* bias, const T* mean, const T* rstd, T* out,
-                             cudaStream_t stream);
+cudaError_t launch_normalise(const T* o, const T* residual, const int64_t* domain, bool per_domain, int64_t groups,
+                             int64_t batch, int64_t width, const T* weight, const T* bias, const T* mean,
+                             const T* rstd, T* out, cudaStream_t stream);
 
 // DomainNorm backward terms per group and column: grad_weight = sum(gy * xhat), grad_bias = sum(gy), and
 // for grad_o = weight * rstd * (gy - mean_gy - xhat * xhat_coef): mean_gy and xhat_coef (0 unless
@@ -57,9 +61,9 @@ cudaError_t launch_norm_grad(const T* grad_y, const T* o, const int64_t* domain,
 
 // grad_o (B, h) from the terms above (DomainNorm alone).
 template <typename T>
-cudaError_t launch_grad_o(const T* grad_y, const T* o, const int64_t* domain, bool per_domain, int64_t batch,
-                          int64_t width, const T* weight, const T* mean, const T* rstd, const T* mean_gy,
-                          const T* xhat_coef, T* grad_o, cudaStream_t stream);
+cudaError_t launch_grad_o(const T* grad_y, const T* o, const int64_t* domain, bool per_domain, int64_t groups,
+                          int64_t batch, int64_t width, const T* weight, const T* mean, const T* rstd,
+                          const T* mean_gy, const T* xhat_coef, T* grad_o, cudaStream_t stream);
 
 // Cell backward, one block per row: grad_o (B, h), grad_core (B, 2k + s) = [grad_q | grad_z | grad_u]
 // (the per-row factors of the weight gradients), grad_rep (B, k, k) and grad_x (B, h).

@@ -2,8 +2,10 @@
 
 Generative process, every draw from ``numpy.random.default_rng(seed)``:
 
-1. Domains ``d = 0..D-1`` with shares ``pi`` (default 0.55, 0.37, 0.08: domain 2 is rare). Each user belongs
-   to one domain (like the MovieLens age groups): user ``u`` gets domain ``d`` with probability ``pi_d``.
+1. Domains ``d = 0..D-1`` with shares ``pi`` (default 0.55, 0.37, 0.08: domain 2 is rare; ``domains=D``
+   instead gives Zipf-like shares ``pi_d ~ 1 / (d + 1)^zipf``, the skew of real multi-scenario logs: a few
+   large domains and a long tail of rare ones). Each user belongs to one domain (like the MovieLens age
+   groups): user ``u`` gets domain ``d`` with probability ``pi_d``.
 2. Latent tastes: user factors ``p_u ~ N(0, I_r)``, item factors ``q_i ~ N(0, I_r)``. Each domain mixes a
    shared taste matrix with its own: ``A_d = sqrt(1 - rho) S + sqrt(rho) R_d``, entries of ``S`` and ``R_d``
    ~ N(0, 1/r). ``rho`` (``specificity``) = 0 gives every domain the same click pattern; 1 unrelated ones.
@@ -31,17 +33,41 @@ from .splits import encode_splits, frames_by_split, random_split
 DEFAULT_SHARES = (0.55, 0.37, 0.08)
 
 
+def zipf_shares(num_domains: int, exponent: float = 1.0) -> tuple:
+    """Shares proportional to ``1 / (d + 1) ** exponent`` for d = 0..D-1 (domain 0 the largest)."""
+    if num_domains < 1 or exponent < 0:
+        raise DataError(f"need domains >= 1 and zipf >= 0, got domains={num_domains} and zipf={exponent}")
+    weights = 1.0 / np.arange(1, num_domains + 1, dtype=np.float64) ** exponent
+    return tuple(weights / weights.sum())
+
+
+def domain_shares(shares=None, domains: int | None = None, zipf: float = 1.0) -> tuple:
+    """The shares to draw from: explicit ``shares``, Zipf-like ones for ``domains``, else the default three."""
+    if shares is not None and domains is not None:
+        raise DataError("give either data.shares or data.domains, not both")
+    if domains is not None:
+        if isinstance(domains, bool) or not isinstance(domains, (int, np.integer)):
+            raise DataError(f"data.domains must be an integer number of domains, got {domains!r}")
+        return zipf_shares(int(domains), zipf)
+    return tuple(shares) if shares is not None else DEFAULT_SHARES
+
+
 def synthetic_schema(num_domains: int) -> Schema:
     return Schema(label="click", domain="domain", domain_mapping={d: d for d in range(num_domains)},
                   sparse=["user_id", "item_id", "ctx_a", "ctx_b"], dense=["x_num", "x_gauss"])
 
 
-def generate(rows: int = 40_000, seed: int = 0, shares=DEFAULT_SHARES, users: int = 600, items: int = 300,
-             rank: int = 8, specificity: float = 0.6) -> pd.DataFrame:
-    """Draw ``rows`` clicks by the process in the module docstring; the same arguments give the same frame."""
-    shares = np.asarray(shares, dtype=np.float64)
+def generate(rows: int = 40_000, seed: int = 0, shares=None, users: int = 600, items: int = 300,
+             rank: int = 8, specificity: float = 0.6, domains: int | None = None, zipf: float = 1.0) -> pd.DataFrame:
+    """Draw ``rows`` clicks by the process in the module docstring; the same arguments give the same frame.
+
+    ``shares`` (summing to 1) or ``domains`` (Zipf-like shares with exponent ``zipf``) set the domains.
+    """
+    shares = np.asarray(domain_shares(shares, domains, zipf), dtype=np.float64)
     if rows < 1 or len(shares) < 1 or (shares <= 0).any() or not np.isclose(shares.sum(), 1.0):
         raise DataError(f"need rows >= 1 and positive domain shares summing to 1, got {rows} and {list(shares)}")
+    if users < len(shares):
+        raise DataError(f"need at least one user per domain: users={users} < {len(shares)} domains")
     if not 0.0 <= specificity <= 1.0:
         raise DataError(f"specificity must be in [0, 1], got {specificity}")
     rng = np.random.default_rng(seed)
@@ -50,8 +76,9 @@ def generate(rows: int = 40_000, seed: int = 0, shares=DEFAULT_SHARES, users: in
 
     user_domain = rng.choice(num_domains, size=users, p=shares)
     for d in range(num_domains):  # every domain keeps at least one user, however rare
-        if not (user_domain == d).any():
-            user_domain[rng.integers(users)] = d
+        if not (user_domain == d).any():  # taken from a domain that has users to spare
+            spare = np.flatnonzero(np.bincount(user_domain, minlength=num_domains)[user_domain] > 1)
+            user_domain[rng.choice(spare)] = d
     user_factors, item_factors = rng.normal(size=(users, rank)), rng.normal(size=(items, rank))
     shared = rng.normal(scale=rank ** -0.5, size=(rank, rank))
     tastes = mix[0] * shared + mix[1] * rng.normal(scale=rank ** -0.5, size=(num_domains, rank, rank))
@@ -92,9 +119,10 @@ def _user_in_domain(rng, user_domain: np.ndarray, domain: np.ndarray) -> np.ndar
 
 def load_synthetic(rows: int = 40_000, seed: int = 0, split=(0.8, 0.1, 0.1), split_seed: int = 2022,
                    feature_map=None, **process):
-    """Encoded splits of freshly generated data (``process``: shares, users, items, rank, specificity)."""
+    """Encoded splits of freshly generated data (``process``: shares or domains and zipf, users, items, rank,
+    specificity)."""
     frame = generate(rows, seed, **process)
-    num_domains = len(process.get("shares", DEFAULT_SHARES))
+    num_domains = len(domain_shares(process.get("shares"), process.get("domains"), process.get("zipf", 1.0)))
     schema = feature_map.schema if feature_map is not None else synthetic_schema(num_domains)
     return encode_splits(frames_by_split(random_split(frame, split, split_seed), "synthetic data"), schema, None,
                          feature_map)

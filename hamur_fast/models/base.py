@@ -39,3 +39,9 @@ class MultiDomainModel(nn.Module, abc.ABC):
 
     def forward(self, e: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(e, domain))
+
+    def auxiliary_losses(self) -> dict:
+        """Extra training losses of the latest forward in training mode, name -> scalar tensor (empty for
+        most models). The Trainer adds them to the click loss and logs each per epoch; AdaSparse reports
+        its sparsity regulariser here."""
+        return {}

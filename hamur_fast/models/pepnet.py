@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .base import MultiDomainModel
-from .blocks import mlp_layers
-from .epnet import EmbeddingPersonalizedGate, GateNU
+from .epnet import EmbeddingPersonalizedGate
+from .ppnet import GatedMLP
 
 
 class PEPNet(MultiDomainModel):
@@ -14,7 +13,7 @@ class PEPNet(MultiDomainModel):
 
     - EPNet: ``O_ep = GateNU(E(F_d) ; stopgrad(E)) * E`` (:class:`EmbeddingPersonalizedGate`).
     - PPNet: ``delta^l = GateNU^l(P ; stopgrad(O_ep))``, ``H^{l+1} = f((delta^l * H^l) W^l + b^l)`` with
-      ``H^0 = O_ep`` and ``f`` = BN, ReLU, Dropout; ``logit = w^T H^L + b``.
+      ``H^0 = O_ep`` and ``f`` = BN, ReLU, Dropout; ``logit = w^T H^L + b`` (:class:`GatedMLP`).
 
     The persona prior ``P`` (user, item and author id embeddings in the paper) is the instance
     embedding ``e`` itself: the model sees ``e``, not per-field ids.
@@ -24,14 +23,8 @@ class PEPNet(MultiDomainModel):
                  dropout: float = 0.0):
         super().__init__(input_dim, num_domains)
         self.embedding_gate = EmbeddingPersonalizedGate(input_dim, num_domains, domain_embed_dim)
-        widths = [input_dim, *dims]
-        self.layers = mlp_layers(input_dim, list(dims), dropout)
-        self.layer_gates = nn.ModuleList(GateNU(2 * input_dim, width) for width in widths[:-1])
-        self.out = nn.Linear(widths[-1], 1)
+        self.dnn = GatedMLP(input_dim, 2 * input_dim, dims, dropout)
 
     def compute_logits(self, e, domain):
         h = self.embedding_gate(e, domain)
-        prior = torch.cat([e, h.detach()], dim=1)
-        for gate, layer in zip(self.layer_gates, self.layers):
-            h = layer(gate(prior) * h)
-        return self.out(h).squeeze(1)
+        return self.dnn(h, torch.cat([e, h.detach()], dim=1))

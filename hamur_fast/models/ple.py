@@ -45,14 +45,24 @@ class ExtractionLayer(nn.Module):
         shared_out = mixture(torch.softmax(self.shared_gate(shared_input), dim=-1), every_expert)
         return task_out, shared_out
 
+    def routed(self, task_input: torch.Tensor, shared_input: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        """The last layer's task output for each row's own domain only: task_input (B, in) is row b's
+        g^{d_b} (or the shared input at depth 1); grouped per-domain products, cost ~ B whatever D is."""
+        batch = shared_input.shape[0]
+        task_experts = torch.relu(self.task_experts.routed(task_input, domain)).view(batch, self.specific, self.width)
+        shared_experts = torch.relu(self.shared_experts(shared_input)).view(batch, self.shared, self.width)
+        candidates = torch.cat([task_experts, shared_experts], dim=1)
+        return mixture(torch.softmax(self.task_gates.routed(task_input, domain), dim=-1), candidates)
+
 
 class PLE(MultiDomainModel):
     """Progressive layered extraction: ``g^{k,j} = w^{k,j}(g^{k,j-1}) S^{k,j}(g^{k,j-1}, g^{s,j-1})``
     over N stacked CGC layers, then domain d's tower ``y_d = t^d(g^{d,N})`` (``tower_dims -> 1``).
 
     ``level_dims`` gives the expert width of each extraction layer; ``specific_experts`` per domain
-    and ``shared_experts`` per layer. Every domain's path runs on every row, because the shared gate
-    of a non-final layer mixes all domains' experts; each row then keeps its own domain's output.
+    and ``shared_experts`` per layer. Every domain's path of a non-final layer runs on every row (its
+    shared gate mixes all domains' experts: D times the work by the model's definition); the last
+    layer, without a shared gate, runs each row's own domain only.
     """
 
     def __init__(self, input_dim: int, num_domains: int, level_dims=(256, 128), specific_experts: int = 1,
@@ -70,7 +80,9 @@ class PLE(MultiDomainModel):
 
     def compute_logits(self, e, domain):
         task, shared = e, e
-        for level in self.levels:
+        for level in self.levels[:-1]:
             task, shared = level(task, shared)
-        own_task = task[domain, torch.arange(e.shape[0], device=e.device)]  # row b keeps g^{d_b,N}
-        return self.towers(own_task, domain, None)
+        if task.dim() == 3:
+            task = task[domain, torch.arange(e.shape[0], device=e.device)]  # row b keeps g^{d_b}
+        # The last layer has no shared gate, so each row needs its own domain's experts only.
+        return self.towers(self.levels[-1].routed(task, shared, domain), domain, None)

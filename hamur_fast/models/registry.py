@@ -4,16 +4,20 @@ from __future__ import annotations
 import functools
 import inspect
 
+from .adaptdhm import AdaptDHM
 from .adasparse import AdaSparse
 from .apg import APG
 from .base import MultiDomainModel
 from .epnet import EPNet
 from .hamur import HAMUR
 from .m2m import M2M
+from .m3oe import M3oE
 from .mlp_shared import MLPShared
 from .mmoe import MMoE
 from .pepnet import PEPNet
 from .ple import PLE
+from .ppnet import PPNet
+from .sarnet import SARNet
 from .shared_bottom import SharedBottom
 from .star import STAR
 
@@ -36,6 +40,10 @@ _MODELS = {
     "pepnet": PEPNet,
     "epnet": EPNet,
     "adasparse": AdaSparse,
+    "sarnet": SARNet,
+    "adaptdhm": AdaptDHM,
+    "m3oe": M3oE,
+    "ppnet": PPNet,
 }
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops.eager import project_per_domain
+from ..ops import grouped_linear
 from .base import MultiDomainModel
 from .blocks import MLP, fan_in_uniform_
 
@@ -50,7 +50,7 @@ class StarLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         weight = self.domain_weight * self.shared_weight  # (D, in, out), then each row's own slice
-        return project_per_domain(x, weight, domain) + self.shared_bias + self.domain_bias[domain]
+        return grouped_linear.run(x, domain, weight, self.domain_bias + self.shared_bias)
 
 
 class STAR(MultiDomainModel):

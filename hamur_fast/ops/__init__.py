@@ -1,45 +1,23 @@
-"""Functional ops: the HAMUR adapter cell and DomainNorm, checked, then dispatched to a backend.
+"""Functional ops: the HAMUR adapter cell and DomainNorm, checked, planned, then run by a backend.
 
 ``hyper_adapter`` and ``domain_norm`` validate every argument (raising ``ValueError`` that names the
-argument and the offending value before any compute), then hand the work to the chosen backend.
+argument and the offending value before any compute), turn (mode, training, running statistics) into one
+:class:`~hamur_fast.ops.contract.Plan`, pick a backend whose capabilities cover the call
+(:func:`~hamur_fast.ops.registry.resolve`), run it, and update the running statistics from the per-domain
+(count, mean, M2) the backend returns. The contract every backend follows: :mod:`hamur_fast.ops.contract`;
+the backends: :mod:`hamur_fast.ops.backends`.
 """
 from __future__ import annotations
-
-import importlib
 
 import torch
 
 from .. import _checks
-from . import eager, reference
-from .registry import Backend, available_backends, register_backend, resolve
+from . import backends, grouped_linear  # noqa: F401  (registers every backend this installation offers)
+from .contract import MODES, Backend, Capabilities, GroupStats, Plan, make_plan, update_running_stats
+from .registry import available_backends, register_backend, resolve
 
-__all__ = ["hyper_adapter", "domain_norm", "available_backends", "register_backend", "Backend"]
-
-MODES = ("paper", "released")
-
-register_backend(Backend("reference", reference.hyper_adapter, reference.domain_norm,
-                         supports=lambda device: True, auto_priority=lambda device: None))
-register_backend(Backend("torch", eager.hyper_adapter, eager.domain_norm,
-                         supports=lambda device: True, auto_priority=lambda device: 100))
-
-# Kernel backends register themselves when imported. A module raises ImportError when what it needs
-# is absent (no triton, extension not built), and the package then works with the rest.
-OPTIONAL_BACKEND_MODULES = (
-    "hamur_fast.kernels.adapter_cell",  # backend "triton" (kernels/adapter_cell.py)
-    "hamur_fast.ops.compiled",  # backends "cpu" and "cuda" (the csrc/ extension hamur_fast._C)
-)
-
-
-def _register_optional_backends() -> None:
-    for module in OPTIONAL_BACKEND_MODULES:
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            if not (module.startswith(err.name or "\0") or err.name in ("triton", "hamur_fast._C")):
-                raise  # a real bug inside an existing backend module must not be hidden
-
-
-_register_optional_backends()
+__all__ = ["hyper_adapter", "domain_norm", "available_backends", "register_backend", "Backend", "Capabilities",
+           "GroupStats", "Plan"]
 
 
 def check_mode(mode: str) -> str:
@@ -83,9 +61,12 @@ def domain_norm(o, domain, weight, bias, running_mean=None, running_var=None, *,
     param_domains = _check_norm_args(o, weight, bias, running_mean, running_var, mode)
     _checks.check_domain(domain, batch, param_domains if mode == "paper" else num_domains)
     _checks.check_same_device(o=o, domain=domain, weight=weight)
-    impl = resolve(backend, o.device)
-    return impl.domain_norm(o, domain, weight, bias, running_mean, running_var,
-                            mode=mode, training=training, momentum=momentum, eps=eps)
+    plan = make_plan(mode, training, running_mean is not None, momentum, eps)
+    impl = resolve(backend, o.device, o.dtype)
+    y, stats = impl.domain_norm(o, domain.long(), weight, bias, running_mean, running_var, plan)
+    if plan.update_running:
+        update_running_stats(running_mean, running_var, stats, plan.momentum)
+    return y
 
 
 def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias,
@@ -122,7 +103,7 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
     for name, (tensor, shape) in expected.items():
         _checks.check_float(name, tensor)
         _checks.check_shape(name, tensor, shape)
-    if torch.is_autocast_enabled(x.device.type):
+    if grouped_linear.autocast_dtype(x.device) is not None:  # (meta, where models run shape-only, has no autocast)
         # Like BatchNorm under autocast, the cell (its normalisation above all) runs in the precision of
         # its parameters; autocast hands the activations in lower precision, so they are cast up here.
         x, rep = x.to(down_left.dtype), rep.to(down_left.dtype)
@@ -131,7 +112,10 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
         raise ValueError(f"x, rep and the factor matrices must share one dtype, got {sorted(map(str, dtypes))}")
     _checks.check_domain(domain, batch, param_domains if mode == "paper" else num_domains)
     _checks.check_same_device(x=x, rep=rep, domain=domain, down_left=down_left)
-    impl = resolve(backend, x.device)
+    plan = make_plan(mode, training, running_mean is not None, momentum, eps)
+    impl = resolve(backend, x.device, x.dtype, width=width, rank=rank, bottleneck=bottleneck)
     params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
-    return impl.hyper_adapter(x, rep, domain, params, running_mean, running_var,
-                              mode=mode, training=training, momentum=momentum, eps=eps)
+    y, stats = impl.hyper_adapter(x, rep, domain.long(), params, running_mean, running_var, plan)
+    if plan.update_running:
+        update_running_stats(running_mean, running_var, stats, plan.momentum)
+    return y

@@ -208,6 +208,8 @@ def summarize(results: list) -> dict:
     summary["runs"] = (float(len(results)), 0.0)
     summary["best_epoch"] = (float(np.mean([r.best_epoch for r in results])), 0.0)
     summary["seconds"] = (float(np.mean([r.seconds for r in results])), 0.0)
+    # Training throughput: each run's mean over its epochs, then the mean over runs.
+    summary["rows_per_s"] = (float(np.mean([np.mean([row["rows_per_s"] for row in r.history]) for r in results])), 0.0)
     return summary
 
 
@@ -219,13 +221,58 @@ def format_table(summary_by_row: dict, labels: list, first_column: str = "model"
     """Markdown table: one row per model (or value), test AUC overall and per domain as mean ± std
     (the mean alone when there was one run)."""
     header = [first_column, "overall AUC", *[f"AUC {label}" for label in labels], "overall logloss",
-              "best epoch", "s/run"]
+              "best epoch", "s/run", "train rows/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, stats in summary_by_row.items():
         spread = stats["runs"][0] > 1
         cells = [str(row), *[_cell(stats[key], spread) for key in ["auc", *[f"auc_d{d}" for d in range(len(labels))],
                                                                      "logloss"]],
+                 f"{stats['best_epoch'][0]:.1f}", f"{stats['seconds'][0]:.0f}", f"{stats['rows_per_s'][0]:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# Above this many domains a table summarises them (worst, median, best, rare) and the full per-domain
+# table goes to a file of its own: 50 AUC columns help nobody.
+MANY_DOMAINS = 8
+RARE_FRACTION = 0.1  # "rare domains": the smallest 10% by training rows (at least one)
+
+
+def rare_domains(train_counts: list) -> list:
+    """The smallest ``RARE_FRACTION`` of the domains by training rows, at least one, smallest first."""
+    order = np.argsort(np.asarray(train_counts), kind="stable")
+    return [int(d) for d in order[:max(1, round(RARE_FRACTION * len(train_counts)))]]
+
+
+def format_domain_summary(summary_by_row: dict, train_counts: list, first_column: str = "model") -> str:
+    """Markdown table for many domains: per row, test AUC overall, of its worst, median and best domain
+    (domain named), and the mean over the rare domains; domains without a defined AUC are left out."""
+    rare = rare_domains(train_counts)
+    header = [first_column, "overall AUC", "worst domain", "median domain", "best domain",
+              f"rare domains ({len(rare)}, <= {max(train_counts[d] for d in rare):,} train rows)",
+              "overall logloss", "best epoch", "s/run"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, stats in summary_by_row.items():
+        per_domain = {d: stats[f"auc_d{d}"][0] for d in range(len(train_counts))}
+        ranked = sorted((auc, d) for d, auc in per_domain.items() if math.isfinite(auc))
+        rare_aucs = [per_domain[d] for d in rare if math.isfinite(per_domain[d])]
+        picks = [ranked[0], ranked[len(ranked) // 2], ranked[-1]] if ranked else []
+        cells = [str(row), _cell(stats["auc"], stats["runs"][0] > 1),
+                 *([f"{auc:.4f} (d{d})" for auc, d in picks] or ["n/a"] * 3),
+                 f"{np.mean(rare_aucs):.4f}" if rare_aucs else "n/a",
+                 _cell(stats["logloss"], stats["runs"][0] > 1),
                  f"{stats['best_epoch'][0]:.1f}", f"{stats['seconds'][0]:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_domain_table(summary_by_row: dict, labels: list, train_counts: list) -> str:
+    """The full per-domain table the other way round: one line per domain, one AUC column per model."""
+    header = ["domain", "train rows", *[f"AUC {row}" for row in summary_by_row]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for d, label in enumerate(labels):
+        cells = [label, f"{train_counts[d]:,}",
+                 *[_cell(stats[f"auc_d{d}"], stats["runs"][0] > 1) for stats in summary_by_row.values()]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -257,13 +304,20 @@ def compare(config: dict, models: list, seeds: list, output, progress: bool = Tr
             results.append(result)
         summaries[label] = summarize(results)
         raw[label] = [{"seed": r.seed, "best_epoch": r.best_epoch, **r.test} for r in results]
-    table = format_table(summaries, labels)
+    train_counts = data.train.domain_counts(len(labels))
+    from .plots import plot_domain_auc, plot_domain_auc_by_size
+    title = f"test AUC per domain, mean ± std over {len(seeds)} seed(s)"
+    if len(labels) > MANY_DOMAINS:
+        table = format_domain_summary(summaries, train_counts)
+        write_text(output / "compare_domains.md", format_domain_table(summaries, labels, train_counts) + "\n")
+        plot_domain_auc_by_size(summaries, train_counts, output / "compare_domain_auc.png",
+                                f"test AUC per domain, mean over {len(seeds)} seed(s)")
+    else:
+        table = format_table(summaries, labels)
+        plot_domain_auc(summaries, labels, output / "compare_domain_auc.png", title)
     write_text(output / "compare.md", table + "\n")
-    write_json(output / "compare.json", {"domains": labels, "seeds": list(seeds), "runs": raw,
-                                         "summary": _json_summaries(summaries)})
-    from .plots import plot_domain_auc
-    plot_domain_auc(summaries, labels, output / "compare_domain_auc.png",
-                    f"test AUC per domain, mean ± std over {len(seeds)} seed(s)")
+    write_json(output / "compare.json", {"domains": labels, "train_rows": train_counts, "seeds": list(seeds),
+                                         "runs": raw, "summary": _json_summaries(summaries)})
     return {"table": table, "summary": summaries, "domains": labels}
 
 

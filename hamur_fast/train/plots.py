@@ -83,6 +83,22 @@ def plot_domain_auc(summary: dict, domain_labels: list, path, title: str = "") -
     _save(figure, path)
 
 
+def plot_domain_auc_by_size(summary: dict, train_counts: list, path, title: str = "") -> None:
+    """For many domains: each domain's mean test AUC against its training rows (log axis), one marker
+    series per model, so the long tail of rare domains reads at a glance."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4))
+    counts = np.maximum(np.asarray(train_counts, dtype=np.float64), 1)
+    for label, stats in summary.items():
+        means = np.array([stats[f"auc_d{d}"][0] for d in range(len(counts))])
+        shown = np.isfinite(means)
+        axis.scatter(counts[shown], means[shown], s=18, alpha=0.75,
+                     label=f"{label} (overall {stats['auc'][0]:.4f})")
+    axis.set_xscale("log"), axis.set_xlabel("training rows of the domain"), axis.set_ylabel("test AUC")
+    axis.legend(fontsize=8), axis.set_title(title or "test AUC per domain")
+    _save(figure, path)
+
+
 def plot_sweep(values: list, summary: list, domain_labels: list, param: str, path) -> None:
     """Test AUC (mean, std as band) overall and per domain against the swept value."""
     plt = _pyplot()

@@ -62,6 +62,13 @@ class TrainConfig:
         return cls(**options)
 
 
+def auxiliary_losses(model) -> dict:
+    """The extra training losses a model reports for its latest forward (``MultiDomainModel.auxiliary_losses``;
+    a :class:`CTRModel` asks its core): name -> scalar tensor, empty for most models."""
+    report = getattr(getattr(model, "core", model), "auxiliary_losses", None)
+    return report() if callable(report) else {}
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,7 +115,7 @@ class Trainer:
             started = time.perf_counter()
             if self.captured_step is None:
                 self.diagnostics.start()
-            loss = self._train_epoch(data.train)
+            loss, auxiliary = self._train_epoch(data.train)
             seconds = time.perf_counter() - started
             adapter = self.diagnostics.summary()
             val = self.evaluate(data.val)
@@ -116,6 +123,7 @@ class Trainer:
             self._track_best(val["auc"])
             self.history.append({"epoch": self.epoch, "train_loss": loss, "seconds": round(seconds, 3),
                                  "rows_per_s": round(len(data.train) / seconds, 1),
+                                 **{f"train_{name}": value for name, value in auxiliary.items()},
                                  **{f"val_{k}": v for k, v in val.items() if not k.startswith("rows")}, **adapter})
             self._write_epoch_outputs()
         self.model.load_state_dict(self.best_state)
@@ -126,9 +134,10 @@ class Trainer:
                                  f"{self.run_config.get('model', {}).get('name', 'model')}: learning curves")
         return self.history
 
-    def _train_epoch(self, split: TensorSplit) -> float:
+    def _train_epoch(self, split: TensorSplit) -> tuple:
+        """(mean click loss, {name: mean auxiliary loss}) over the epoch's rows."""
         self.model.train()
-        total, rows = 0.0, 0
+        total, rows, auxiliary = 0.0, 0, {}
         bar = tqdm(total=len(split), unit="rows", unit_scale=True, desc=f"epoch {self.epoch + 1}",
                    disable=not self.config.progress, leave=False)
         for batch in split.batches(self.config.batch_size, shuffle=True, seed=self.config.seed, epoch=self.epoch,
@@ -137,26 +146,34 @@ class Trainer:
                 continue  # batch normalisation cannot train on a single row
             if self.captured_step is not None and len(batch.domain) != self.config.batch_size:
                 continue  # a captured step has static shapes
-            loss = self._step(batch)
+            loss, extra = self._step(batch)
             total, rows = total + loss * len(batch.domain), rows + len(batch.domain)
+            for name, value in extra.items():
+                auxiliary[name] = auxiliary.get(name, 0.0) + value * len(batch.domain)
             bar.update(len(batch.domain))
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         bar.close()
-        return total / max(rows, 1)
+        return total / max(rows, 1), {name: value / max(rows, 1) for name, value in auxiliary.items()}
 
-    def _step(self, batch) -> float:
+    def _step(self, batch) -> tuple:
+        """One optimizer step; returns (click loss, {name: auxiliary loss}) as floats. The model's auxiliary
+        losses (``auxiliary_losses()``, e.g. AdaSparse's sparsity regulariser) are added to the minimised loss."""
         if self.captured_step is not None:
-            return self.captured_step.step((batch.sparse, batch.dense), batch.domain, batch.label).item()
+            loss = self.captured_step.step((batch.sparse, batch.dense), batch.domain, batch.label).item()
+            if auxiliary_losses(self.model):
+                raise ValueError("cuda_graph does not include the model's auxiliary losses; train it without cuda_graph")
+            return loss, {}
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
             logits = self.model.logits(batch)
         loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label)
-        loss.backward()
+        extra = {name: value.float() for name, value in auxiliary_losses(self.model).items()}
+        (loss + sum(extra.values())).backward()
         self.diagnostics.after_backward()
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
-        return loss.item()
+        return loss.item(), {name: value.item() for name, value in extra.items()}
 
     def _track_best(self, val_auc: float) -> None:
         if val_auc > self.best_auc:  # NaN (one-class validation set) never counts as better
