@@ -20,6 +20,7 @@ from .data.download import DATASETS, download
 from .inference import export_checkpoint
 from .train import CheckpointError
 from .train import experiment as ex
+from .train.diagnostics import checkpoint_report
 from .train.files import atomic_path, write_json
 from .train.trainer import TrainingError
 
@@ -103,6 +104,8 @@ def cmd_eval(args) -> int:
     data = load_dataset(data_config, feature_map=trainer.feature_map)
     metrics = trainer.evaluate(getattr(data, args.split))
     _print_metrics(metrics, f"{args.split} metrics of {args.checkpoint}")
+    if args.diagnostics:
+        print("\n" + checkpoint_report(trainer, payload, getattr(data, args.split), args.split))
     if args.output:
         write_json(args.output, metrics)
     return 0
@@ -256,6 +259,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = command("eval", cmd_eval, "evaluate a checkpoint on its data's test (or val) split", config=False)
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--split", choices=["test", "val", "train"], default="test")
+    evaluate.add_argument("--diagnostics", action="store_true",
+                          help="also print the adapter diagnostics (contribution, gradient norms, factor shift)")
     predict = command("predict", cmd_predict, "click probabilities for a CSV/Parquet file in the raw layout",
                       config=False)
     predict.add_argument("--checkpoint", required=True)

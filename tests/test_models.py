@@ -53,10 +53,11 @@ def test_paper_eval_rows_are_independent(backbone):
     assert torch.allclose(single, full[3:4], atol=1e-6)
 
 
-def test_paper_towers_see_only_their_domain():
-    """A row's output does not depend on rows of other domains in the training batch either."""
+def test_per_domain_towers_see_only_their_domain():
+    """tower_norm="domain": a row's output does not depend on rows of other domains in the training batch
+    either (the other tower norms share statistics across domains: tests/test_tower_norm.py)."""
     torch.manual_seed(0)
-    model = hf.models.HAMUR(20, 3, "mlp", use_adapter=False, **SMALL)
+    model = hf.models.HAMUR(20, 3, "mlp", use_adapter=False, tower_norm="domain", **SMALL)
     e, domain = batch(60)
     domain = torch.arange(60) % 3
     base = model(e, domain)

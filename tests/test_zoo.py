@@ -7,8 +7,8 @@ import torch
 import hamur_fast as hf
 from planted_data import INPUT_DIM, NUM_DOMAINS, planted_data, shared_linear_auc, train_and_auc
 
-NAMES = ["hamur_mlp", "hamur_dcn", "hamur_wide_deep", "mlp", "dcn", "wide_deep", "shared_bottom", "mmoe",
-         "ple", "star", "apg", "m2m", "pepnet", "epnet", "adasparse", "sarnet", "adaptdhm", "m3oe", "ppnet"]
+NAMES = ["hamur_mlp", "hamur_dcn", "hamur_wide_deep", "mlp", "dcn", "wide_deep", "mlp_shared", "shared_bottom",
+         "mmoe", "ple", "star", "apg", "m2m", "pepnet", "epnet", "adasparse", "sarnet", "adaptdhm", "m3oe", "ppnet"]
 
 # Small odd sizes keep the whole zoo fast; test_defaults_build_and_run covers the default sizes (and
 # the "auto" backend). The adapter kernels have their own parity tests: here the cells run on "torch".
@@ -17,6 +17,7 @@ SMALL = {
     "hamur_mlp": _HAMUR_SMALL, "mlp": _HAMUR_SMALL,
     "hamur_dcn": _HAMUR_SMALL, "dcn": _HAMUR_SMALL,
     "hamur_wide_deep": {**_HAMUR_SMALL, "wide_dim": 2}, "wide_deep": {**_HAMUR_SMALL, "wide_dim": 2},
+    "mlp_shared": dict(dims=[24, 11]),
     "shared_bottom": dict(bottom_dims=[24, 11], tower_dims=[7]),
     "mmoe": dict(num_experts=3, expert_dims=[24, 11], tower_dims=[7]),
     "ple": dict(level_dims=[24, 11], tower_dims=[7]),
@@ -93,8 +94,14 @@ def test_forward_backward_in_training(name, rows):
     prob.log().sum().backward()
     for param_name, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), param_name
-        if rows >= 37:  # every domain present: every parameter must get a signal
-            assert param.grad.abs().sum() > 0, f"{name}: no gradient reaches {param_name}"
+        if rows >= 37 and param_name not in cancelled_by_batch_norm(model):  # every domain present:
+            assert param.grad.abs().sum() > 0, f"{name}: no gradient reaches {param_name}"  # all get a signal
+
+
+def cancelled_by_batch_norm(model) -> set:
+    """Parameters whose gradient is exactly zero by design: with tower_norm="whole" the first tower
+    layer's statistics are exact functions of its bias too, so the normalisation cancels that bias."""
+    return {"backbone.linears.0.bias"} if getattr(getattr(model, "backbone", None), "tower_norm", "") == "whole" else set()
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -3,7 +3,8 @@
 In eval, every normalisation that uses running statistics is an affine map per channel
 (``y = z * scale + shift`` with ``scale = weight / sqrt(running_var + eps)``,
 ``shift = bias - running_mean * scale``), so it merges exactly into the linear map before it:
-- per-domain tower BatchNorm (``DomainBatchNorm1d``) into the preceding ``DomainLinear``;
+- per-domain tower BatchNorm (``DomainBatchNorm1d``, and the running-statistics tower_norm variants)
+  into the preceding ``DomainLinear``;
 - shared ``BatchNorm1d`` into the preceding ``nn.Linear`` of a ``Linear -> BN -> ...`` block, in the
   hyper-network and in the shared MLPs (``SharedMLP``, ``MLP``);
 - the adapter cell's running-statistics normalisation (paper DomainNorm, and the "batch" ablation)
@@ -97,6 +98,8 @@ class NormFoldedAway(nn.Module):
 
 def _fold_towers(towers: DomainTowers) -> None:
     for j, (linear, norm) in enumerate(zip(towers.linears, towers.norms)):
+        if getattr(norm, "running_mean", None) is None:
+            continue  # tower_norm "layer" (statistics of each row) or "none": nothing to fold
         scale, shift = _affine(norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps)
         _merge_into_linear(linear.weight, linear.bias, scale, shift)
         towers.norms[j] = NormFoldedAway()

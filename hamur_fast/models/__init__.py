@@ -7,6 +7,7 @@ from .epnet import EPNet
 from .hamur import HAMUR
 from .m2m import M2M
 from .m3oe import M3oE
+from .mlp_shared import MLPShared
 from .mmoe import MMoE
 from .pepnet import PEPNet
 from .ple import PLE
@@ -17,5 +18,5 @@ from .sarnet import SARNet
 from .shared_bottom import SharedBottom
 from .star import STAR
 
-__all__ = ["HAMUR", "PRESETS", "MultiDomainModel", "SharedBottom", "MMoE", "PLE", "STAR", "APG", "M2M",
+__all__ = ["HAMUR", "PRESETS", "MultiDomainModel", "MLPShared", "SharedBottom", "MMoE", "PLE", "STAR", "APG", "M2M",
            "PEPNet", "EPNet", "AdaSparse", "SARNet", "AdaptDHM", "M3oE", "PPNet", "available", "build"]

@@ -9,7 +9,16 @@ import torch
 from torch import nn
 
 from ..nn import DomainBatchNorm1d, DomainLinear, HyperAdapter
+from ..nn.domain_layers import NoTowerNorm, SharedStatsBatchNorm, TowerLayerNorm, WholeBatchFirstLayerNorm
 from .blocks import mlp_layers
+
+# Normalisation in the MLP backbone's towers (the "tower_norm" switch; paper mode only, released mode is
+# always "released"). See DomainTowers and benchmarks/RESULTS.md ("Tower normalisation") for the measurements:
+# per-domain statistics ("domain", the default before) cost ~0.006 AUC; "shared" and "none" tie for the best
+# mean validation AUC (mlp and hamur_mlp, MovieLens sample and synthetic data); "shared" keeps BatchNorm in
+# the towers (deep towers untested without it) and was the better of the two for hamur_mlp on both data sets.
+TOWER_NORMS = ("domain", "whole", "shared", "layer", "none", "released")
+DEFAULT_TOWER_NORM = "shared"
 
 
 def _adapters(widths: list, adapter_after: list, num_domains: int, sizes: dict, mode: str, backend: str):
@@ -24,10 +33,22 @@ def _adapters(widths: list, adapter_after: list, num_domains: int, sizes: dict, 
 class DomainTowers(nn.Module):
     """Per-domain MLP towers ``F -> dims... -> 1`` (Linear, BN, ReLU each) with adapter cells inside.
 
-    paper mode: each row runs through its own domain's tower only; tower BatchNorm statistics are
-    taken over that domain's rows. released mode: every tower runs on the whole mixed batch (so each
-    tower's BatchNorm and each adapter's normalisation see the whole batch) and row b keeps tower
+    paper mode: each row runs through its own domain's tower only (routed), with the tower
+    normalisation ``tower_norm`` chooses. released mode: every tower runs on the whole mixed batch (so
+    each tower's BatchNorm and each adapter's normalisation see the whole batch) and row b keeps tower
     d_b's output, exactly as the released code.
+
+    ``tower_norm`` (paper mode; a key of ``sizes``; default ``DEFAULT_TOWER_NORM``):
+    - "domain": BatchNorm statistics per domain, over the rows routed to the tower;
+    - "whole": the released code's statistics (tower d's over the whole batch) with routed compute,
+      derived exactly after the first layer from the batch mean and covariance of the input
+      (:class:`WholeBatchFirstLayerNorm`); deeper layers cannot be derived (they would need every
+      tower on every row) and use the "shared" statistics;
+    - "shared": one set of statistics over the whole routed batch, shared by all towers;
+    - "layer": LayerNorm per row; "none": Linear -> ReLU;
+    - "released": every tower on the whole batch in training (D times the work; adapter cell d on the
+      whole batch as domain d), routed in eval, where the result is the same row by row.
+    Every variant keeps a per-domain affine map and is row-wise (batch-independent) in eval.
     """
 
     def __init__(self, input_dim: int, num_domains: int, sizes: dict, mode: str, use_adapter: bool,
@@ -36,7 +57,8 @@ class DomainTowers(nn.Module):
         self.mode, self.num_domains = mode, num_domains
         widths = [input_dim, *sizes["dims"]]
         self.linears = nn.ModuleList(DomainLinear(i, o, num_domains) for i, o in zip(widths, widths[1:]))
-        self.norms = nn.ModuleList(DomainBatchNorm1d(o, num_domains, backend=backend) for o in widths[1:])
+        self.tower_norm = sizes.get("tower_norm") or ("released" if mode == "released" else DEFAULT_TOWER_NORM)
+        self.norms = _tower_norms(widths[1:], num_domains, self.tower_norm, backend)
         self.out = DomainLinear(widths[-1], 1, num_domains)
         self.adapter_after = list(sizes["adapter_after"]) if use_adapter else []
         self.adapters = _adapters(widths, self.adapter_after, num_domains, sizes, mode, backend)
@@ -46,16 +68,23 @@ class DomainTowers(nn.Module):
         """Towers without adapter cells (paper mode): the per-domain heads of the multi-task baselines.
 
         Call as ``towers(x, domain, None)``; with empty ``dims`` each tower is one ``Linear(input_dim, 1)``.
+        Their statistics stay per domain (``tower_norm`` "domain") whatever the MLP backbone's default.
         """
-        return cls(input_dim, num_domains, dict(dims=list(dims), adapter_after=[]), "paper", False, "auto")
+        sizes = dict(dims=list(dims), adapter_after=[], tower_norm="domain")
+        return cls(input_dim, num_domains, sizes, "paper", False, "auto")
 
     def forward(self, e, domain, rep):
-        if self.mode == "released":
+        if self.mode == "released" or (self.tower_norm == "released" and self.training):
             return self._all_towers(e, domain, rep)
         h = e
         cells = iter(self.adapters)
         for j, (linear, norm) in enumerate(zip(self.linears, self.norms)):
-            h = torch.relu(norm.routed(linear.routed(h, domain), domain))
+            z = linear.routed(h, domain)
+            if isinstance(norm, WholeBatchFirstLayerNorm):
+                z = norm.routed_from_input(z, domain, h, linear)
+            else:
+                z = norm.routed(z, domain)
+            h = torch.relu(z)
             if j in self.adapter_after:
                 h = next(cells)(h, rep, domain)
         return self.out.routed(h, domain).squeeze(1)
@@ -66,9 +95,28 @@ class DomainTowers(nn.Module):
         for j, (linear, norm) in enumerate(zip(self.linears, self.norms)):
             h = torch.relu(norm.all_domains(linear.all_domains(h)))
             if j in self.adapter_after:
-                h = next(cells).forward_all_towers(h, rep, domain)
+                cell = next(cells)
+                if self.mode == "released":
+                    h = cell.forward_all_towers(h, rep, domain)
+                else:  # paper cells: tower d's cell is domain d's, applied to the whole batch
+                    h = torch.stack([cell(tower, rep, torch.full_like(domain, d)) for d, tower in enumerate(h)])
         logits = self.out.all_domains(h).squeeze(2)  # (D, B): every tower's logit for every row
         return logits.gather(0, domain.unsqueeze(0)).squeeze(0)
+
+
+def _tower_norms(widths: list, num_domains: int, tower_norm: str, backend: str) -> nn.ModuleList:
+    """One normalisation per tower layer of width ``widths[j]`` (see DomainTowers)."""
+    if tower_norm not in TOWER_NORMS:
+        raise ValueError(f"tower_norm must be one of {TOWER_NORMS}, got {tower_norm!r}")
+    if tower_norm in ("domain", "released"):
+        return nn.ModuleList(DomainBatchNorm1d(w, num_domains, backend=backend) for w in widths)
+    if tower_norm == "whole":
+        return nn.ModuleList([WholeBatchFirstLayerNorm(widths[0], num_domains),
+                              *(SharedStatsBatchNorm(w, num_domains) for w in widths[1:])])
+    variant = {"shared": SharedStatsBatchNorm, "layer": TowerLayerNorm}.get(tower_norm)
+    if variant is None:  # "none"
+        return nn.ModuleList(NoTowerNorm() for _ in widths)
+    return nn.ModuleList(variant(w, num_domains) for w in widths)
 
 
 class SharedMLP(nn.Module):

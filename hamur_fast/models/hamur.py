@@ -7,7 +7,7 @@ from torch import nn
 from .. import ops
 from ..nn import HyperNetwork
 from ..nn.adapter import NORMS, BackendAttribute
-from .backbones import BACKBONES, WideDeepBackbone
+from .backbones import BACKBONES, DEFAULT_TOWER_NORM, TOWER_NORMS, WideDeepBackbone
 from .base import MultiDomainModel
 from .presets import resolve_sizes
 
@@ -31,15 +31,20 @@ class HAMUR(BackendAttribute, MultiDomainModel):
     - ``norm="domain"`` (DomainNorm, SPEC 2), ``"layer"``, ``"batch"`` or ``"none"`` inside every cell
       (see :class:`hamur_fast.nn.HyperAdapter`).
     - ``adapter_after=[layer indices]``: the insertion depth of the cells.
+    - ``tower_norm`` (MLP backbone, paper mode): the towers' normalisation, one of ``TOWER_NORMS``
+      (see :class:`hamur_fast.models.backbones.DomainTowers`); None = the paper-mode default
+      (``DEFAULT_TOWER_NORM``), and released mode always runs "released".
     """
 
     def __init__(self, input_dim: int, num_domains: int, backbone: str = "mlp", mode: str = "paper",
                  preset: str | None = None, *, use_adapter: bool = True, hyper: str = "dynamic",
-                 norm: str = "domain", backend: str = "auto", **sizes):
+                 norm: str = "domain", tower_norm: str | None = None, backend: str = "auto", **sizes):
         ops.check_mode(mode)
         super().__init__(input_dim, num_domains)
         _check_ablation(use_adapter, hyper, norm)
-        self.sizes = {**resolve_sizes(backbone, preset, sizes), "hyper": hyper, "norm": norm}
+        tower_norm = _resolve_tower_norm(tower_norm, backbone, mode)
+        self.sizes = {**resolve_sizes(backbone, preset, sizes), "hyper": hyper, "norm": norm,
+                      "tower_norm": tower_norm}
         self.backbone_name, self.mode = backbone, mode
         self.backbone = BACKBONES[backbone](input_dim, num_domains, self.sizes, mode, use_adapter, backend)
         rank = self.sizes["rank"]
@@ -78,3 +83,15 @@ def _check_ablation(use_adapter: bool, hyper: str, norm: str) -> None:
     if not use_adapter and (hyper, norm) != (HYPERS[0], NORMS[0]):
         raise ValueError(f"hyper={hyper!r} and norm={norm!r} configure the adapter cells, "
                          "but this model has none (use_adapter=False)")
+
+
+def _resolve_tower_norm(tower_norm: str | None, backbone: str, mode: str) -> str | None:
+    if tower_norm is None:
+        return None if backbone != "mlp" else ("released" if mode == "released" else DEFAULT_TOWER_NORM)
+    if tower_norm not in TOWER_NORMS:
+        raise ValueError(f"tower_norm must be one of {TOWER_NORMS}, got {tower_norm!r}")
+    if backbone != "mlp":
+        raise ValueError(f"tower_norm configures the towers of the mlp backbone; backbone {backbone!r} has none")
+    if mode == "released" and tower_norm != "released":
+        raise ValueError(f"released mode runs the released towers; tower_norm={tower_norm!r} needs mode='paper'")
+    return tower_norm

@@ -12,6 +12,7 @@ from .epnet import EPNet
 from .hamur import HAMUR
 from .m2m import M2M
 from .m3oe import M3oE
+from .mlp_shared import MLPShared
 from .mmoe import MMoE
 from .pepnet import PEPNet
 from .ple import PLE
@@ -29,6 +30,7 @@ _MODELS = {
     "mlp": functools.partial(HAMUR, backbone="mlp", use_adapter=False),
     "dcn": functools.partial(HAMUR, backbone="dcn", use_adapter=False),
     "wide_deep": functools.partial(HAMUR, backbone="wide_deep", use_adapter=False),
+    "mlp_shared": MLPShared,
     "shared_bottom": SharedBottom,
     "mmoe": MMoE,
     "ple": PLE,

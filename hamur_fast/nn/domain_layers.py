@@ -83,3 +83,107 @@ class DomainBatchNorm1d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, num_domains={self.num_domains}"
+
+
+# ---------------------------------------------------------------------------- tower-norm variants
+# Routed compute (each row through its own domain's tower only) with other normalisation statistics
+# than DomainBatchNorm1d's per-domain ones: the "tower_norm" switch of the MLP backbone. Every variant
+# keeps a per-domain affine map and is row-wise in eval (running statistics, or per-row LayerNorm).
+
+
+def _per_domain_affine(standard: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       domain: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(bias[domain], standard, weight[domain])
+
+
+class _TowerNormBase(nn.Module):
+    """Per-domain affine (D, C) shared by the variants below."""
+
+    def __init__(self, num_features: int, num_domains: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.num_features, self.num_domains, self.eps, self.momentum = num_features, num_domains, eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_domains, num_features))
+        self.bias = nn.Parameter(torch.zeros(num_domains, num_features))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, num_domains={self.num_domains}"
+
+
+class SharedStatsBatchNorm(_TowerNormBase):
+    """Tower BatchNorm with ONE set of statistics shared by all towers: the mean and variance of the
+    routed batch (every row through its own domain's tower), one set of running statistics for eval;
+    the affine map stays per domain. Costs what per-domain statistics cost (less: no per-domain split)."""
+
+    def __init__(self, num_features: int, num_domains: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__(num_features, num_domains, eps, momentum)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def routed(self, z: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        standard = F.batch_norm(z, self.running_mean, self.running_var, training=self.training,
+                                momentum=self.momentum, eps=self.eps)
+        return _per_domain_affine(standard, self.weight, self.bias, domain)
+
+
+class TowerLayerNorm(_TowerNormBase):
+    """LayerNorm over each row's features inside its own tower (no batch statistics), per-domain affine."""
+
+    def routed(self, z: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        standard = F.layer_norm(z, (self.num_features,), eps=self.eps)
+        return _per_domain_affine(standard, self.weight, self.bias, domain)
+
+
+class NoTowerNorm(nn.Module):
+    """No normalisation in the towers (Linear -> ReLU): the identity, with no parameters."""
+
+    def routed(self, z: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+def affine_batch_moments(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    """Batch mean and biased variance of every tower's ``z_d = x W_d^T + b_d`` over ALL rows of ``x``,
+    without computing any ``z_d`` on the whole batch.
+
+    x: (B, F); weight: (D, C, F); bias: (D, C) -> mean, var: (D, C). ``z_d`` is affine in ``x``, so with
+    ``mu`` and ``S`` the batch mean and biased covariance of ``x``: ``mean_d = W_d mu + b_d`` and
+    ``var_d = diag(W_d S W_d^T)`` (SPEC section 6 uses the same identity for the generator). Cost
+    O(B F^2 + D C F^2), independent of B times D; autograd through these formulas gives exactly the
+    gradients of the direct computation.
+    """
+    mu = x.mean(dim=0)
+    centred = x - mu
+    covariance = centred.t() @ centred / x.shape[0]  # (F, F), from centred rows: no cancellation
+    mean = weight @ mu + bias
+    var = ((weight @ covariance) * weight).sum(dim=-1)  # row-wise quadratic forms w^T S w
+    return mean, var.clamp(min=0)
+
+
+class WholeBatchFirstLayerNorm(_TowerNormBase):
+    """Tower BatchNorm after the FIRST tower layer with the statistics the released code has (tower d's
+    BatchNorm over the whole mixed batch), derived exactly from the batch mean and covariance of the
+    tower input (:func:`affine_batch_moments`) while every row still runs through its own tower only.
+
+    Only the first layer allows this: a deeper layer's input is ``relu(...)`` of tower d's previous layer
+    on the whole batch, which has no closed form in the batch moments of ``x``; it would take tower d
+    on every row (D times the work). Running statistics per tower (D, C), updated like BatchNorm1d's
+    (unbiased variance) from the whole-batch statistics, are used in eval.
+    """
+
+    def __init__(self, num_features: int, num_domains: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__(num_features, num_domains, eps, momentum)
+        self.register_buffer("running_mean", torch.zeros(num_domains, num_features))
+        self.register_buffer("running_var", torch.ones(num_domains, num_features))
+
+    def routed_from_input(self, z: torch.Tensor, domain: torch.Tensor, x: torch.Tensor,
+                          linear: "DomainLinear") -> torch.Tensor:
+        """z = linear.routed(x, domain): (B, C); x: the tower input (B, F) that produced it."""
+        if self.training:
+            mean, var = affine_batch_moments(x, linear.weight, linear.bias)
+            batch = x.shape[0]
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(var.detach() * (batch / max(batch - 1, 1)), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return torch.addcmul(self.bias[domain], z - mean[domain], scale[domain])

@@ -192,12 +192,23 @@ def _trainer_from(payload: dict, checkpoint_path, options: dict, run_dir=None, t
     try:
         feature_map = FeatureMap.from_dict(payload["feature_map"])
         train_config = TrainConfig.from_dict({**config["train"], **options})
-        model = build_ctr_model(feature_map, config["model"])
+        model = build_ctr_model(feature_map, checkpoint_model_section(payload))
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{checkpoint_path}: its config does not describe a model this hamur_fast can "
                               f"build ({_first_line(err)})") from None
     return trainer_class(model, train_config, feature_map, run_dir,
                          {"data": config.get("data"), "model": config["model"]})
+
+
+def checkpoint_model_section(payload: dict) -> dict:
+    """The model section that rebuilds a checkpoint's model. Paper-mode MLP towers had per-domain
+    statistics before ``tower_norm`` existed: a checkpoint that records no tower_norm but holds their
+    buffers (``DomainBatchNorm1d.num_batches_tracked`` in the first tower layer) gets ``tower_norm="domain"``."""
+    section = dict(payload["config"]["model"])
+    per_domain_towers = any(key.endswith("backbone.norms.0.num_batches_tracked") for key in payload["best_model"])
+    if per_domain_towers and "tower_norm" not in section and section.get("mode", "paper") == "paper":
+        section["tower_norm"] = "domain"
+    return section
 
 
 def resume_run(checkpoint_path, data: MultiDomainData | None = None, epochs: int | None = None,

@@ -22,10 +22,19 @@ def _save(figure, path) -> None:
 
 
 def plot_learning_curves(history: list, path, title: str = "") -> None:
-    """Training loss and validation logloss (left), validation AUC overall and per domain (right)."""
+    """Training loss and validation logloss (left), validation AUC overall and per domain (right); with
+    adapter diagnostics in the history (hamur_fast.train.diagnostics), a second row of three panels:
+    contribution ratio, factor gradient norms (and the hyper-network's), factor shift from init."""
     plt = _pyplot()
     epochs = [row["epoch"] for row in history]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    diagnostics = any(key.startswith("adapter") for key in history[0])
+    figure, axes = plt.subplots(2 if diagnostics else 1, 2 if not diagnostics else 3,
+                                figsize=(10 if not diagnostics else 14, 3.6 * (2 if diagnostics else 1)),
+                                squeeze=False, layout="constrained")
+    left, right = axes[0][0], axes[0][1]
+    if diagnostics:
+        axes[0][2].axis("off")
+        _plot_adapter_diagnostics(history, epochs, axes[1])
     left.plot(epochs, [row["train_loss"] for row in history], marker="o", label="train loss")
     left.plot(epochs, [row["val_logloss"] for row in history], marker="o", label="val logloss")
     left.set_xlabel("epoch"), left.set_ylabel("binary cross-entropy"), left.legend()
@@ -35,6 +44,20 @@ def plot_learning_curves(history: list, path, title: str = "") -> None:
     right.set_xlabel("epoch"), right.set_ylabel("AUC"), right.legend(fontsize=8)
     figure.suptitle(title or "learning curves")
     _save(figure, path)
+
+
+def _plot_adapter_diagnostics(history: list, epochs: list, axes) -> None:
+    panels = [("ratio", "||DomainNorm(o)|| / ||x||"), ("grad", "factor gradient norm"),
+              ("shift", "||W - W0|| / ||W0||")]
+    for axis, (what, ylabel) in zip(axes, panels):
+        for key in sorted(k for k in history[0] if k.startswith("adapter") and f"_{what}_" in k):
+            axis.plot(epochs, [row[key] for row in history], marker=".", label=key.replace(f"_{what}_", " "))
+        if what == "grad" and "hyper_grad" in history[0]:
+            axis.plot(epochs, [row["hyper_grad"] for row in history], linestyle="--", color="k",
+                      label="hyper-network")
+            axis.set_yscale("log")
+        axis.set_xlabel("epoch"), axis.set_ylabel(ylabel), axis.legend(fontsize=7)
+        axis.set_title(f"adapter {what}", fontsize=9)
 
 
 def plot_domain_auc(summary: dict, domain_labels: list, path, title: str = "") -> None:

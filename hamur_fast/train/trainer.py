@@ -26,6 +26,7 @@ from ..data.tensors import Batch
 from ..features import CTRModel
 from .captured_step import CapturedTrainStep
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .diagnostics import AdapterDiagnostics
 from .files import check_writable, locked_directory, write_csv, write_json
 from .metrics import domain_metrics
 
@@ -200,6 +201,8 @@ class Trainer:
         self.history: list = []
         self.best_state = copy.deepcopy(self.model.state_dict())
         self.data_fingerprint: str | None = None  # of the data this run trained on; a resume must match it
+        # Adapter diagnostics per epoch (hamur_fast.train.diagnostics); a captured step runs no Python hooks.
+        self.diagnostics = AdapterDiagnostics(self.model)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         kind = torch.optim.Adam if self.config.optimizer == "adam" else torch.optim.AdamW
@@ -225,8 +228,11 @@ class Trainer:
                 torch.manual_seed(self.config.seed)  # dropout draws; a resumed run restores the saved state
             while self.epoch < self.config.epochs and self.bad_epochs < self.config.patience:
                 started = time.perf_counter()
+                if self.captured_step is None:
+                    self.diagnostics.start()
                 loss, auxiliary = self._train_epoch(data.train)
                 seconds = time.perf_counter() - started
+                adapter = self.diagnostics.summary()
                 val = self.evaluate(data.val)
                 if not (math.isfinite(val["auc"]) and math.isfinite(val["logloss"])):
                     raise TrainingError(f"validation metrics are not finite after epoch {self.epoch + 1} "
@@ -237,7 +243,7 @@ class Trainer:
                 self.history.append({"epoch": self.epoch, "train_loss": loss, "seconds": round(seconds, 3),
                                      "rows_per_s": round(len(data.train) / seconds, 1),
                                      **{f"train_{name}": value for name, value in auxiliary.items()},
-                                     **{f"val_{k}": v for k, v in val.items() if not k.startswith("rows")}})
+                                     **{f"val_{k}": v for k, v in val.items() if not k.startswith("rows")}, **adapter})
                 self._write_epoch_outputs()
         self.model.load_state_dict(self.best_state)
         if self.run_dir is not None:
@@ -319,6 +325,7 @@ class Trainer:
         loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label)
         extra = {name: value.float() for name, value in auxiliary_losses(self.model).items()}
         (loss + sum(extra.values())).backward()
+        self.diagnostics.after_backward()
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
@@ -369,7 +376,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "progress": {"epoch": self.epoch, "best_auc": self.best_auc, "best_epoch": self.best_epoch,
                          "bad_epochs": self.bad_epochs, "history": self.history,
-                         "rng": torch.get_rng_state(),
+                         "rng": torch.get_rng_state(), "adapter_init": self.diagnostics.initial,
                          "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
             "run": {"data_fingerprint": self.data_fingerprint, "torch": str(torch.__version__),
                     "hamur_fast": _package_version(), "device": str(self.device)},
@@ -390,6 +397,8 @@ class Trainer:
             torch.set_rng_state(progress["rng"])
             if progress.get("cuda_rng") and self.device.type == "cuda":
                 torch.cuda.set_rng_state_all(progress["cuda_rng"])
+            if "adapter_init" in progress:
+                self.diagnostics.initial = progress["adapter_init"]
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"the checkpoint does not fit this model or trainer: {err}") from None
         run = payload.get("run", {})
