@@ -64,7 +64,7 @@ def worker(args) -> None:
     context = runtime.start("cpu")
     source = ({"kind": "movielens", "path": args.movielens} if args.movielens else
               {"kind": "synthetic", "rows": args.rows, "seed": 0})
-    data = load_sharded(source, context)
+    data, _ = load_sharded(source, context)
     torch.manual_seed(0)
     model = hf.features.build_ctr_model(data.feature_map, {"name": "hamur_mlp", "preset": "movielens",
                                                             "mode": args.mode, "embed_dim": 16})

@@ -92,7 +92,7 @@ def train_steps(trainer, batches, part=None) -> list:
     """Snapshots after steps 1 and STEPS; ``part(batch)`` is this rank's share of a global batch."""
     records = []
     for step, batch in enumerate(batches, 1):
-        loss = trainer._step(cast(part(batch) if part else batch, trainer))
+        loss, _ = trainer._step(cast(part(batch) if part else batch, trainer))
         if step in (1, STEPS):
             records.append(snapshot(trainer, loss))
     return records

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data import Batch, FeatureMap, MultiDomainData, TensorSplit, load_dataset
 from ..train import experiment
-from ..train.trainer import Trainer, TrainConfig
+from ..train.trainer import Trainer, TrainConfig, data_fingerprint
 from . import runtime
 from .statistics import convert_batch_norms, synchronised
 
@@ -51,8 +51,9 @@ class DistributedTrainer(Trainer):
     processes. ``run_dir`` is used by rank 0 only."""
 
     def __init__(self, model: nn.Module, config: TrainConfig, feature_map, run_dir=None, run_config=None,
-                 context: runtime.DistributedContext | None = None):
+                 context: runtime.DistributedContext | None = None, whole_data_fingerprint: str | None = None):
         self.context = context or runtime.start(config.device)
+        self.whole_data_fingerprint = whole_data_fingerprint  # of the unsharded data (see load_sharded)
         world = self.context.world_size
         if config.batch_size % world or config.eval_batch_size < world:
             raise ValueError(f"train.batch_size ({config.batch_size}) must be a multiple of the number of "
@@ -74,6 +75,10 @@ class DistributedTrainer(Trainer):
             self.best_state = {k: v.clone() for k, v in self.model.state_dict().items()}  # rank 0's weights
 
     # ------------------------------------------------------------------ training
+    def _data_fingerprint(self, data: MultiDomainData) -> str:
+        # A checkpoint must not depend on the number of processes, so a resume with another one matches.
+        return self.whole_data_fingerprint or super()._data_fingerprint(data)
+
     def _training_batches(self, split: TensorSplit):
         return split.batches(self.config.batch_size // self.context.world_size, shuffle=True,
                              seed=self.config.seed, epoch=self.epoch, device=self.device,
@@ -130,11 +135,14 @@ def shard(split: TensorSplit, rank: int, world_size: int) -> TensorSplit:
 
 
 def load_sharded(data_config: dict, context: runtime.DistributedContext,
-                 feature_map: FeatureMap | None = None) -> MultiDomainData:
-    """The data for this rank: the feature map fitted once (by rank 0, unless given) and shared, this rank's
-    shard of the training rows, the whole validation and test splits."""
+                 feature_map: FeatureMap | None = None) -> tuple:
+    """``(data, fingerprint)`` for this rank: the feature map fitted once (by rank 0, unless given) and shared,
+    this rank's shard of the training rows, the whole validation and test splits; ``fingerprint`` is the
+    whole (unsharded) data's :func:`~hamur_fast.train.trainer.data_fingerprint`, the same for any number of
+    processes."""
     if not context.enabled:
-        return load_dataset(data_config, feature_map=feature_map)
+        data = load_dataset(data_config, feature_map=feature_map)
+        return data, data_fingerprint(data)
     data = None
     if feature_map is None:
         message = [None]
@@ -145,8 +153,9 @@ def load_sharded(data_config: dict, context: runtime.DistributedContext,
         feature_map = FeatureMap.from_dict(message[0])
     if data is None:
         data = load_dataset(data_config, feature_map=feature_map)
+    fingerprint = data_fingerprint(data)
     data.train = shard(data.train, context.rank, context.world_size)
-    return data
+    return data, fingerprint
 
 
 # ---------------------------------------------------------------------------- runs (the CLI's)
@@ -154,11 +163,11 @@ def train_run(config: dict, run_dir=None, progress: bool = True) -> experiment.R
     """:func:`hamur_fast.train.train_run` as one rank of the data-parallel run torchrun started."""
     context = runtime.start(config.get("train", {}).get("device", "auto"))
     try:
-        data = load_sharded(config.get("data", experiment.DEFAULT_DATA), context)
+        data, fingerprint = load_sharded(config.get("data", experiment.DEFAULT_DATA), context)
         # Rank 0 alone locks and writes the run directory.
         return experiment.train_run({**config, "data": config.get("data", experiment.DEFAULT_DATA)}, data,
                                     run_dir if context.is_main else None, progress=progress,
-                                    trainer_class=_bound(context))
+                                    trainer_class=_bound(context, fingerprint))
     finally:
         runtime.stop()
 
@@ -170,14 +179,14 @@ def resume_run(checkpoint_path, epochs: int | None = None, progress: bool = True
     context = runtime.start(payload["config"]["train"].get("device", "auto"))
     try:
         feature_map = FeatureMap.from_dict(payload["feature_map"])
-        data = load_sharded(experiment.recorded_data(payload, checkpoint_path), context, feature_map)
+        data, fingerprint = load_sharded(experiment.recorded_data(payload, checkpoint_path), context, feature_map)
         return experiment.resume_run(checkpoint_path, data, epochs, progress, overrides, run_dir,
-                                     trainer_class=_bound(context))
+                                     trainer_class=_bound(context, fingerprint))
     finally:
         runtime.stop()
 
 
-def _bound(context):
+def _bound(context, whole_data_fingerprint):
     def make(*args, **kwargs):
-        return DistributedTrainer(*args, context=context, **kwargs)
+        return DistributedTrainer(*args, context=context, whole_data_fingerprint=whole_data_fingerprint, **kwargs)
     return make

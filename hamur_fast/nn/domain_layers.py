@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -120,8 +121,9 @@ class SharedStatsBatchNorm(_TowerNormBase):
         self.register_buffer("running_var", torch.ones(num_features))
 
     def routed(self, z: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        standard = F.batch_norm(z, self.running_mean, self.running_var, training=self.training,
-                                momentum=self.momentum, eps=self.eps)
+        # batch_norm: the global batch's statistics while a data-parallel step synchronises them.
+        standard = batch_norm(z, self.running_mean, self.running_var, None, None, self.training, self.momentum,
+                              self.eps)
         return _per_domain_affine(standard, self.weight, self.bias, domain)
 
 

@@ -252,9 +252,13 @@ class Trainer:
                                  f"{self.run_config.get('model', {}).get('name', 'model')}: learning curves")
         return self.history
 
+    def _data_fingerprint(self, data: MultiDomainData) -> str:
+        """The digest a resume checks (a data-parallel trainer, holding a shard, returns the whole data's)."""
+        return data_fingerprint(data)
+
     def _check_trainable(self, data: MultiDomainData) -> None:
         """Everything that would make the run fail, or succeed having done nothing, checked before epoch 1."""
-        fingerprint = data_fingerprint(data)
+        fingerprint = self._data_fingerprint(data)
         if self.data_fingerprint is not None and fingerprint != self.data_fingerprint:
             raise DataError("these data differ from the data the checkpoint's run was trained on (another file, "
                             "split or feature map): a resume must continue on the same data")
