@@ -10,10 +10,11 @@ import importlib
 import torch
 
 from .. import _checks
-from . import eager, reference
+from . import eager, generated, reference
 from .registry import Backend, available_backends, register_backend, resolve
 
-__all__ = ["hyper_adapter", "domain_norm", "available_backends", "register_backend", "Backend"]
+__all__ = ["hyper_adapter", "hyper_adapter_generated", "domain_norm", "available_backends", "register_backend",
+           "Backend"]
 
 MODES = ("paper", "released")
 
@@ -27,6 +28,7 @@ register_backend(Backend("torch", eager.hyper_adapter, eager.domain_norm,
 OPTIONAL_BACKEND_MODULES = (
     "hamur_fast.kernels.adapter_cell",  # backend "triton" (kernels/adapter_cell.py)
     "hamur_fast.ops.compiled",  # backends "cpu" and "cuda" (the csrc/ extension hamur_fast._C)
+    "hamur_fast.kernels.adapter_generated",  # level 2 (fused weight generation) of backend "triton"
 )
 
 
@@ -40,6 +42,8 @@ def _register_optional_backends() -> None:
 
 
 _register_optional_backends()
+generated.register_materialising_backends()
+hyper_adapter_generated = generated.hyper_adapter_generated
 
 
 def check_mode(mode: str) -> str:
@@ -99,6 +103,20 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
     norm_weight / norm_bias / running_mean / running_var (D, h). Returns y (B, h).
     ``num_domains`` bounds the domain ids in released mode, whose parameters have no domain axis.
     """
+    params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
+    if torch.is_autocast_enabled(x.device.type):
+        # Like BatchNorm under autocast, the cell (its normalisation above all) runs in the precision of
+        # its parameters; autocast hands the activations in lower precision, so they are cast up here.
+        x, rep = x.to(down_left.dtype), rep.to(down_left.dtype)
+    check_cell_args(x, rep, domain, params, running_mean, running_var, mode, num_domains)
+    impl = resolve(backend, x.device)
+    return impl.hyper_adapter(x, rep, domain, params, running_mean, running_var,
+                              mode=mode, training=training, momentum=momentum, eps=eps)
+
+
+def check_cell_args(x, rep, domain, params, running_mean, running_var, mode, num_domains):
+    """Validate the adapter cell's arguments (shapes as in :func:`hyper_adapter`) before any compute."""
+    down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = params
     check_mode(mode)
     _checks.check_float("x", x, 2)
     batch = _checks.check_batch("x", x)
@@ -122,16 +140,8 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
     for name, (tensor, shape) in expected.items():
         _checks.check_float(name, tensor)
         _checks.check_shape(name, tensor, shape)
-    if torch.is_autocast_enabled(x.device.type):
-        # Like BatchNorm under autocast, the cell (its normalisation above all) runs in the precision of
-        # its parameters; autocast hands the activations in lower precision, so they are cast up here.
-        x, rep = x.to(down_left.dtype), rep.to(down_left.dtype)
     dtypes = {t.dtype for t in (x, rep, down_left, down_right, up_left, up_right)}
     if len(dtypes) > 1:
         raise ValueError(f"x, rep and the factor matrices must share one dtype, got {sorted(map(str, dtypes))}")
     _checks.check_domain(domain, batch, param_domains if mode == "paper" else num_domains)
     _checks.check_same_device(x=x, rep=rep, domain=domain, down_left=down_left)
-    impl = resolve(backend, x.device)
-    params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
-    return impl.hyper_adapter(x, rep, domain, params, running_mean, running_var,
-                              mode=mode, training=training, momentum=momentum, eps=eps)

@@ -61,3 +61,28 @@ def hyper_adapter(x, rep, domain, params, running_mean, running_var, *, mode, tr
         mode=mode, training=training, momentum=momentum, eps=eps,
     )
     return x + normed
+
+
+def hyper_adapter_generated(x, g, domain, gen, params, running_mean, running_var, *, mode, training, momentum,
+                            eps):
+    """Level 2 as the plainest code: materialise z = g W^T + c, BatchNorm it over the batch (or with the
+    running statistics), ReLU, reshape to I (B, k, k), then the cell above. The generator's running
+    statistics advance ``gen.updates`` times by the literal update, one step after another."""
+    batch = g.shape[0]
+    z = g @ gen.weight.t() + gen.bias
+    if gen.norm_weight is not None:
+        if training or gen.running_mean is None:
+            mean, var = z.mean(dim=0), z.var(dim=0, unbiased=False)
+            if training and gen.running_mean is not None and batch >= 2:
+                with torch.no_grad():
+                    for _ in range(gen.updates):
+                        gen.running_mean.copy_((1 - gen.momentum) * gen.running_mean + gen.momentum * mean)
+                        gen.running_var.copy_((1 - gen.momentum) * gen.running_var
+                                              + gen.momentum * var * batch / (batch - 1))
+        else:
+            mean, var = gen.running_mean, gen.running_var
+        z = (z - mean) / torch.sqrt(var + gen.eps) * gen.norm_weight + gen.norm_bias
+    rank = int(round(z.shape[1] ** 0.5))
+    rep = torch.relu(z).view(batch, rank, rank)
+    return hyper_adapter(x, rep, domain, params, running_mean, running_var, mode=mode, training=training,
+                         momentum=momentum, eps=eps)
