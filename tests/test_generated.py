@@ -143,3 +143,20 @@ def test_errors_name_the_argument():
         bad = domain.clone()
         bad[0] = 3
         hf.ops.hyper_adapter_generated(x, g, bad, *gen, *gen_stats, *params, backend="torch")
+
+
+triton_only = pytest.mark.skipif(not TRITON, reason="no CUDA device and TRITON_INTERPRET is not 1")
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_SIZES = [  # (B, h, k, s, p): odd sizes; B = 203 spans several row blocks and weight-gradient ranges
+    (1, 13, 5, 7, 9), (2, 13, 5, 7, 9), (3, 13, 5, 7, 9), (37, 20, 6, 5, 11), (203, 13, 5, 7, 9)]
+
+
+@triton_only
+@pytest.mark.parametrize("mode", ["paper", "released"])
+@pytest.mark.parametrize("size", TRITON_SIZES, ids=lambda s: "B%d" % s[0])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_matches_reference(size, mode, training):
+    batch, width, rank, bottleneck, hidden = size
+    inputs = generated_inputs(batch, width, rank, bottleneck, 3, hidden, mode, seed=batch)
+    assert_matches_reference("triton", inputs, mode, training, updates=3 if mode == "released" else 1,
+                             device=TRITON_DEVICE)
