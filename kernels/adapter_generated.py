@@ -248,7 +248,7 @@ def _gen_weight_grad_kernel(
     n = i * rank + k_idx
     k_mask = k_idx < rank
     base = program.to(tl.int64) * gen_width * rank * rank
-    tl.store(part_dw + base + p_idx[:, None] * (rank * rank) + n[None, :], acc,
+    tl.store(part_dw + base + n[None, :] * gen_width + p_idx[:, None], acc,
              mask=(p_idx < gen_width)[:, None] & k_mask[None, :])
     tl.store(part_dc + program.to(tl.int64) * rank * rank + n, acc_c, mask=k_mask)
 
@@ -313,14 +313,14 @@ def _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q
     ranges = max(1, min(triton.cdiv(target, rank), triton.cdiv(batch, ROWS_PER_BLOCK)))
     rows_per_program = ROWS_PER_BLOCK * triton.cdiv(triton.cdiv(batch, ranges), ROWS_PER_BLOCK)
     ranges = triton.cdiv(batch, rows_per_program)
-    part_dw = empty((ranges, gen_width, rank * rank), device=g.device, dtype=torch.float32)
+    part_dw = empty((ranges, rank * rank, gen_width), device=g.device, dtype=torch.float32)
     part_dc = empty((ranges, rank * rank), device=g.device, dtype=torch.float32)
     _gen_weight_grad_kernel[(ranges, rank)](
         g, centre, gen_weight, gen_bias, order if order.numel() else p, p, u, grad_q, grad_v, part_dw, part_dc,
         batch, rank, gen_width, rows_per_program, PER_DOMAIN=order.numel() > 0,
         GEN_PRECISION=PRECISIONS[precision], BLOCK_B=ROWS_PER_BLOCK, BLOCK_K=block_size(rank),
         BLOCK_P=block_size(gen_width), num_warps=4)
-    return part_dw.sum(0).t(), part_dc.sum(0)
+    return part_dw.sum(0), part_dc.sum(0)
 
 
 def generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, params, q, v, order, count, mean,

@@ -160,3 +160,125 @@ def test_triton_matches_reference(size, mode, training):
     inputs = generated_inputs(batch, width, rank, bottleneck, 3, hidden, mode, seed=batch)
     assert_matches_reference("triton", inputs, mode, training, updates=3 if mode == "released" else 1,
                              device=TRITON_DEVICE)
+
+
+def nan_empty(*shape, **kw):
+    """An allocator whose buffers hold NaN (int buffers: a large sentinel) until a kernel writes them."""
+    tensor = torch.empty(*shape, **kw)
+    return tensor.fill_(float("nan") if tensor.is_floating_point() else 2 ** 40)
+
+
+def kernel_args(mode, training, batch=37, seed=3, device=TRITON_DEVICE):
+    """Float32 arguments of the level-2 launchers: (x, GeneratedRep, domain, params, cell stats)."""
+    x, g, domain, gen, gen_stats, params, stats = generated_inputs(batch, 13, 6, 7, 3, 11, mode, seed=seed)
+    f32 = lambda t: t.to(device=device, dtype=torch.float32) if t is not None else None
+    generator = generated.Generator(*map(f32, gen), *map(f32, gen_stats))
+    rep = generated.fold_generator(f32(g), generator, training)
+    return f32(x), rep, domain.to(device), [f32(p) for p in params], [f32(s) for s in stats]
+
+
+@triton_only
+@pytest.mark.parametrize("mode, training", [("paper", True), ("paper", False), ("released", True)])
+def test_every_buffer_is_written(mode, training):
+    """Outputs, saved vectors and partials all come from NaN-poisoned buffers: the results must not change."""
+    from hamur_fast.kernels import adapter_generated as kernels
+
+    x, rep, domain, params, stats = kernel_args(mode, training)
+    use_batch_stats = training or mode == "released"
+    fwd = [kernels.generated_cell_forward(x, rep.g, rep.centre, rep.weight, rep.bias, domain, params, *stats,
+                                          use_batch_stats, 1e-5, "ieee", empty=alloc)
+           for alloc in (torch.empty, nan_empty)]
+    for a, b in zip(*fwd):
+        assert torch.equal(a, b)
+    y, q, v, order, count, mean, m2, rstd = fwd[1]
+    assert torch.isfinite(y).all()
+    dy = torch.randn_like(y)
+    grads = [kernels.generated_cell_backward(dy, x, rep.g, rep.centre, rep.weight, rep.bias, domain, params, q, v,
+                                             order, count, mean, rstd, use_batch_stats, "ieee", empty=alloc)
+             for alloc in (torch.empty, nan_empty)]
+    for name, a, b in zip(["x", "g", "centre", "gen_weight", "gen_bias", *NAMES[6:]], *grads):
+        assert torch.isfinite(b).all() and torch.equal(a, b), name
+
+
+class AllocationLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the storage size (in elements) of every tensor any op returns: views of a small storage (an
+    expanded stand-in) count as small, every allocation as what it holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.sizes.append((t.untyped_storage().nbytes() // t.element_size(), str(func)))
+        return out
+
+
+@triton_only
+@pytest.mark.parametrize("backend, fused", [("triton", True), ("torch", False)])
+def test_no_tensor_of_size_batch_times_k_squared(backend, fused):
+    """Forward and backward of the Triton path create no (B, k*k) tensor (nor any within a factor 2 of it);
+    the materialising torch path, logged the same way, does (so the log would see one)."""
+    batch, rank = 96, 12  # B k^2 = 13824: larger than everything else the step needs (at most ~3k elements)
+    x, g, domain, gen, gen_stats, params, stats = generated_inputs(batch, 13, rank, 7, 3, 11, "paper", seed=5)
+    leaves = [t.float().to(TRITON_DEVICE).requires_grad_() for t in (x, g, *gen, *params)]
+    running = [s.float().to(TRITON_DEVICE) for s in (*gen_stats, *stats)]
+    with AllocationLog() as log:
+        y = hf.ops.hyper_adapter_generated(leaves[0], leaves[1], domain.to(TRITON_DEVICE), *leaves[2:6],
+                                           *running[:2], *leaves[6:], *running[2:], backend=backend)
+        y.sum().backward()
+    largest = max(log.sizes)
+    assert (largest[0] * 2 <= batch * rank * rank) == fused, largest
+
+
+@triton_only
+@pytest.mark.parametrize("mode", ["paper", "released"])
+def test_opcheck_registered_ops(mode):
+    x, rep, domain, params, stats = kernel_args(mode, True, batch=19)
+    leaves = [t.detach().requires_grad_() for t in (x, rep.g, rep.centre, rep.weight, rep.bias, *params)]
+    fwd_args = (*leaves[:5], domain, *leaves[5:], *stats, True, 1e-5, "ieee")
+    torch.library.opcheck(torch.ops.hamur_fast.generated_cell_fwd.default, fwd_args)
+    with torch.no_grad():
+        y, q, v, order, count, mean, m2, rstd = torch.ops.hamur_fast.generated_cell_fwd(*fwd_args)
+    plain = [t.detach() for t in leaves]
+    bwd_args = (torch.randn_like(y), *plain[:5], domain, *plain[5:], q, v, order, count, mean, rstd, True, "ieee")
+    torch.library.opcheck(torch.ops.hamur_fast.generated_cell_bwd.default, bwd_args)
+
+
+@triton_only
+@pytest.mark.parametrize("mode", ["paper", "released"])
+def test_torch_compile_and_export_see_the_ops(mode):
+    """torch.compile (fullgraph) traces the fold, the fused cell's forward and backward and both running-stat
+    updates; torch.export keeps the op in the graph."""
+    x, g, domain, gen, gen_stats, params, stats = generated_inputs(19, 13, 6, 7, 3, 11, mode, seed=4)
+    leaves = [t.float().detach().requires_grad_() for t in (x, g, *gen, *params)]
+
+    def step(*tensors_and_stats):
+        tensors, running = tensors_and_stats[:14], tensors_and_stats[14:]
+        return hf.ops.hyper_adapter_generated(tensors[0], tensors[1], domain, *tensors[2:6], *running[:2],
+                                              *tensors[6:], *running[2:], mode=mode, backend="triton",
+                                              gen_updates=2).square().sum()
+
+    runs = {}
+    for name, fn in (("eager", step), ("compiled", torch.compile(step, backend="aot_eager", fullgraph=True))):
+        running = [s.float().clone() for s in (*gen_stats, *stats) if s is not None]
+        runs[name] = torch.autograd.grad(fn(*leaves, *running), leaves), running
+    (eager_grads, eager_stats), (compiled_grads, compiled_stats) = runs["eager"], runs["compiled"]
+    for a, b in zip(eager_grads, compiled_grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    for before, a, b in zip([s for s in (*gen_stats, *stats) if s is not None], eager_stats, compiled_stats):
+        assert not torch.equal(a, before.float())  # the training step did update them, compiled or not
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+    f32 = [t.float() if t is not None else None for t in (*gen, *gen_stats, *params, *stats)]
+
+    class Cell(torch.nn.Module):
+        def forward(self, x, g, domain):
+            return hf.ops.hyper_adapter_generated(x, g, domain, *f32, mode=mode, training=False, backend="triton")
+
+    args = (x.float(), g.float(), domain)
+    exported = torch.export.export(Cell(), args)
+    assert any("generated_cell_fwd" in str(node.target) for node in exported.graph.nodes)
+    assert torch.allclose(exported.module()(*args), Cell()(*args), rtol=1e-6, atol=1e-6)
