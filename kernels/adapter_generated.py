@@ -41,17 +41,6 @@ PRECISIONS = {"ieee": 0, "tf32": 1, "bf16": 2}
 # Shared pieces
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _gen_dot(a, b, GEN_PRECISION: tl.constexpr):
-    """a @ b in the generator's precision, fp32 accumulation."""
-    if GEN_PRECISION == 2:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
-    elif GEN_PRECISION == 1:
-        return tl.dot(a, b, input_precision="tf32")
-    else:
-        return tl.dot(a, b, input_precision="ieee")
-
-
-@triton.jit
 def _centred_g(g, centre, rows, row_mask, p_idx, gen_width):
     """The block's rows of g - m, (rows, BLOCK_P), zero in padding rows and columns."""
     p_mask = p_idx < gen_width
@@ -70,13 +59,14 @@ def _generated_rep_row(g_tile, gen_weight, gen_bias, i, k_idx, p_idx, rank, gen_
     w_t = tl.load(gen_weight + n[None, :].to(tl.int64) * gen_width + p_idx[:, None],
                   mask=k_mask[None, :] & (p_idx < gen_width)[:, None], other=0.0).to(tl.float32)
     c = tl.load(gen_bias + n, mask=k_mask, other=0.0).to(tl.float32)
-    return tl.maximum(_gen_dot(g_tile, w_t, GEN_PRECISION) + c[None, :], 0.0), w_t
-
-
-@triton.jit
-def _column(t, k_idx, i):
-    """Column i of a (rows, BLOCK_K) tile, as a (rows,) vector."""
-    return tl.sum(tl.where(k_idx[None, :] == i, t, 0.0), axis=1)
+    # The dot is written out here, not in a helper: the interpreter pays ~1 ms per nested jit call.
+    if GEN_PRECISION == 2:
+        z = tl.dot(g_tile.to(tl.bfloat16), w_t.to(tl.bfloat16), out_dtype=tl.float32)
+    elif GEN_PRECISION == 1:
+        z = tl.dot(g_tile, w_t, input_precision="tf32")
+    else:
+        z = tl.dot(g_tile, w_t, input_precision="ieee")
+    return tl.maximum(z + c[None, :], 0.0), w_t
 
 
 @triton.jit
@@ -87,7 +77,7 @@ def _through_generated_rep(lhs, g_tile, gen_weight, gen_bias, k_idx, p_idx, rank
     for i in range(0, rank):
         rep_row, _ = _generated_rep_row(g_tile, gen_weight, gen_bias, i, k_idx, p_idx, rank, gen_width,
                                         GEN_PRECISION)
-        out += _column(lhs, k_idx, i)[:, None] * rep_row
+        out += tl.sum(tl.where(k_idx[None, :] == i, lhs, 0.0), axis=1)[:, None] * rep_row  # column i of lhs
     return out
 
 
@@ -200,8 +190,16 @@ def _gen_bwd_main_kernel(
         rep_row, w_t = _generated_rep_row(g_tile, gen_weight, gen_bias, i, k_idx, p_idx, rank, gen_width,
                                           GEN_PRECISION)
         grad_p += tl.where(k_idx[None, :] == i, tl.sum(rep_row * grad_q, axis=1)[:, None], 0.0)
-        grad_rep = _column(p, k_idx, i)[:, None] * grad_q + _column(u, k_idx, i)[:, None] * grad_v
-        grad_g += _gen_dot(tl.where(rep_row > 0.0, grad_rep, 0.0), tl.trans(w_t), GEN_PRECISION)
+        column = k_idx[None, :] == i
+        grad_rep = tl.sum(tl.where(column, p, 0.0), axis=1)[:, None] * grad_q + \
+            tl.sum(tl.where(column, u, 0.0), axis=1)[:, None] * grad_v
+        grad_gen = tl.where(rep_row > 0.0, grad_rep, 0.0)
+        if GEN_PRECISION == 2:
+            grad_g += tl.dot(grad_gen.to(tl.bfloat16), tl.trans(w_t).to(tl.bfloat16), out_dtype=tl.float32)
+        elif GEN_PRECISION == 1:
+            grad_g += tl.dot(grad_gen, tl.trans(w_t), input_precision="tf32")
+        else:
+            grad_g += tl.dot(grad_gen, tl.trans(w_t), input_precision="ieee")
     _store_rows(dp_out, pos, k_idx, rank, grad_p, pos_mask)
     grad_x = grad_y + _project(grad_p, down_left, domain, d_lo, d_hi, hk, k_idx, 1, rank, h_idx, rank, width,
                                BLOCK_B, BLOCK_H)
@@ -243,7 +241,12 @@ def _gen_weight_grad_kernel(
         grad_rep = p_i[:, None] * _load_rows(dq_in, pos, k_idx, rank, take) + \
             u_i[:, None] * _load_rows(dv_in, pos, k_idx, rank, take)
         grad_gen = tl.where(rep_row > 0.0, grad_rep, 0.0)  # zero in padding rows: p_i, u_i load as 0
-        acc += _gen_dot(tl.trans(g_tile), grad_gen, GEN_PRECISION)
+        if GEN_PRECISION == 2:
+            acc += tl.dot(tl.trans(g_tile).to(tl.bfloat16), grad_gen.to(tl.bfloat16), out_dtype=tl.float32)
+        elif GEN_PRECISION == 1:
+            acc += tl.dot(tl.trans(g_tile), grad_gen, input_precision="tf32")
+        else:
+            acc += tl.dot(tl.trans(g_tile), grad_gen, input_precision="ieee")
         acc_c += tl.sum(grad_gen, axis=0)
     n = i * rank + k_idx
     k_mask = k_idx < rank
