@@ -83,6 +83,15 @@ def test_torch_backend_matches_reference(size, mode, training):
     assert_matches_reference("torch", inputs, mode, training, updates=3 if mode == "released" else 1)
 
 
+@pytest.mark.skipif("cpu" not in hf.available_backends(), reason="the compiled extension is not built")
+@pytest.mark.parametrize("mode", ["paper", "released"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compiled_cpu_backend_matches_reference(mode, training):
+    """backend="cpu": level 2 on top of the C++ level-1 cell (I materialised by one GEMM)."""
+    inputs = generated_inputs(203, 20, 6, 5, 3, 11, mode, seed=11)
+    assert_matches_reference("cpu", inputs, mode, training, updates=3 if mode == "released" else 1)
+
+
 def test_reference_equals_level1_reference_on_materialised_rep():
     """The oracle itself: the level-1 reference cell on I = ReLU(BN(g W^T + c)) built by nn modules."""
     x, g, domain, (w, c, nw, nb), (rm, rv), params, stats = generated_inputs(37, 13, 5, 7, 3, 9, "paper")
