@@ -157,6 +157,7 @@ def test_errors_name_the_argument():
 triton_only = pytest.mark.skipif(not TRITON, reason="no CUDA device and TRITON_INTERPRET is not 1")
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETER = not torch.cuda.is_available()
+SLOW = os.environ.get("HAMUR_SLOW_TESTS") == "1"  # the interpreter's slow model-level Triton runs too
 # (B, h, k, s, p), mode, training. On a GPU: every size in every mode; under the interpreter (~3 s a call) a
 # selection that still has B = 1, 2, 3 and 37 (two blocks of rows), both modes, training and eval.
 TRITON_SIZES = [(1, 13, 5, 7, 9), (2, 13, 5, 7, 9), (3, 13, 5, 7, 9), (37, 20, 6, 5, 11), (1023, 13, 5, 7, 9)]
@@ -376,7 +377,7 @@ def test_released_golden_parity_through_fused_path(name, shared_dir):
         compare(our_tensor(model, golden, key, kind), golden[f"{kind}/{key}"], f"{kind}/{key}", 1e-9)
 
 
-@pytest.mark.skipif(INTERPRETER and os.environ.get("HAMUR_SLOW_TESTS") != "1",
+@pytest.mark.skipif(INTERPRETER and not SLOW,
                     reason="GPU only (about 140 s per file under the Triton interpreter; HAMUR_SLOW_TESTS=1 runs it)")
 @pytest.mark.parametrize("name", GOLDEN_FILES)
 def test_released_golden_parity_fp32_triton(name, shared_dir):
@@ -425,3 +426,27 @@ def test_triton_model_uses_level2_by_default_and_folds(one_thread):
     assert isinstance(folded.hyper.net[-3], torch.nn.Identity) and folded.uses_fused_generation(e.device)
     with torch.no_grad():
         assert rel_err(folded(e, domain), model(e, domain).double()) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if torch.cuda.is_available() or SLOW else []))
+def test_torch_compile_traces_the_whole_model_at_level2(backend, one_thread):
+    """A HAMUR training forward and backward at level 2 (two cells sharing one g) compiles without a graph
+    break (fullgraph: no host sync, nothing untraceable) and matches eager."""
+    gen = torch.Generator().manual_seed(3)
+    e, domain = torch.randn(13, 23, generator=gen), torch.randint(0, 3, (13,), generator=gen)
+    label = torch.randint(0, 2, (13,), generator=gen).float()
+    models = [small_hamur("mlp", "paper", {"adapter_after": [0, 1]}, backend, True, dtype=torch.float32)
+              for _ in range(2)]
+
+    def loss_of(model):
+        return torch.nn.functional.binary_cross_entropy_with_logits(model.logits(e, domain), label)
+
+    expected = loss_of(models[0])
+    compiled = torch.compile(loss_of, fullgraph=True, backend="aot_eager")(models[1])
+    assert rel_err(compiled, expected.double()) <= 1e-5
+    expected.backward()
+    compiled.backward()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert (b.grad - a.grad).abs().max() <= 1e-4 * a.grad.abs().max() + 1e-7, name
+    for (name, a), b in zip(models[0].named_buffers(), models[1].buffers()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), name
