@@ -64,8 +64,11 @@ class HyperNetwork(nn.Module):
 
     # Fusion level 2: the last layer (Linear, BN, ReLU, Dropout = net[-4:]) runs inside the adapter cells.
     def can_generate_in_cells(self) -> bool:
-        """False while the last layer's dropout is active (a fused cell applies no dropout)."""
-        return not (self.training and self.net[-1].p > 0)
+        """False while the last layer's dropout is active (a fused cell applies no dropout) or its BatchNorm
+        keeps a cumulative average (momentum None), which the fused update does not reproduce."""
+        norm = self.net[-3]
+        cumulative = isinstance(norm, nn.BatchNorm1d) and norm.momentum is None
+        return not (self.training and (self.net[-1].p > 0 or cumulative))
 
     def generated(self, e: torch.Tensor) -> generated.GeneratedRep:
         """What fused cells need instead of I: the last hidden g, with the last Linear + BN folded into an
