@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 import hamur_fast as hf
 from bench_layers import LiveTensorPeak
-from timing import sync, take_turns
+from timing import failure, sync, take_turns
 from hamur_fast.compat import ReleasedMLP
-from hamur_fast.ops.registry import resolve
+from hamur_fast.ops.registry import auto_backends, resolve
 from hamur_fast.train.captured_step import CapturedTrainStep, bce_step
 
 INPUT_DIM, DOMAINS = 113, 3
@@ -78,16 +78,7 @@ def ours_graph_step(mode, device, batch):
 def eager_backends(device):
     """"auto"'s pick first, then every other backend "auto" may pick on ``device``, then "torch"."""
     auto = resolve("auto", device).name
-    names = [auto]
-    for name in hf.available_backends():
-        if name in (auto, "reference", "torch"):
-            continue
-        try:
-            backend = resolve(name, device)
-        except ValueError:  # registered, but it does not run on this device
-            continue
-        if backend.auto_priority(device) is not None:
-            names.append(name)
+    names = [auto] + [name for name in auto_backends(device) if name not in (auto, "torch")]
     return names + (["torch"] if auto != "torch" else [])
 
 
@@ -134,8 +125,10 @@ def warm_up(step, inputs, device, warmup):
 
 
 def time_all_ms(steps, inputs, device, repeats):
-    """Median ms of each step; the steps take turns, so load from other processes hits all alike."""
-    return [statistics.median(samples) * 1e3 for samples in take_turns(steps, inputs, device, repeats)]
+    """Median ms of each step (or its error text); the steps take turns, so load from other processes hits
+    all alike."""
+    return [samples if isinstance(samples, str) else statistics.median(samples) * 1e3
+            for samples in take_turns(steps, inputs, device, repeats)]
 
 
 def cpu_peak_mib(step, inputs, compiled):
@@ -156,11 +149,18 @@ def bench(batch, args, device):
             step = factory()
             ready.append((label, step, warm_up(step, inputs, device, args.warmup)))
         except Exception as err:  # noqa: BLE001 - reported in the table, with its type and message
-            failed.append((label, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
+            failed.append((label, failure(err)))
     times = time_all_ms([step for _, step, _ in ready], inputs, device, args.repeats)
     rows = []
     for (label, step, cuda_peak), ms in zip(ready, times):
-        peak = cuda_peak if cuda_peak is not None else cpu_peak_mib(step, inputs, "compile" in label)
+        if isinstance(ms, str):
+            failed.append((label, ms))
+            continue
+        try:
+            peak = cuda_peak if cuda_peak is not None else cpu_peak_mib(step, inputs, "compile" in label)
+        except Exception as err:  # noqa: BLE001
+            failed.append((label, failure(err)))
+            continue
         rows.append((label, ms, batch / ms * 1e3, peak))
     return rows, failed
 
@@ -211,6 +211,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    hf.set_value_checks(False)  # as on a serving path: no domain-id read-back (a host sync) inside a timed step
     device = torch.device(args.device)
     if args.warmup < 4 and device.type == "cuda":
         parser.error("--warmup must be >= 4 on CUDA: CapturedTrainStep captures on its 4th step")

@@ -48,8 +48,9 @@ def main():
                 for precision in args.precisions:
                     before = len(compiled)
                     launch_all(8192, 128, 32, 3, gen_width, rank, mode == "paper", precision)
-                    print(f"p={gen_width} k={rank} {mode} {precision}: rows {before + 1}-{len(compiled)} of the table "
-                          "(none: the same specializations as above)", flush=True)
+                    rows = (f"rows {before + 1}-{len(compiled)} of the table" if len(compiled) > before
+                            else "no new rows (the specializations above)")
+                    print(f"p={gen_width} k={rank} {mode} {precision}: {rows}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Timing shared by the benchmarks: device sync, and providers that take turns call by call."""
+"""Timing shared by the benchmarks: device sync, providers that take turns call by call, and isolation of a
+provider that fails (it is reported with its error; the others go on).
+
+Benchmarks switch the domain-id value checks off (``hf.set_value_checks(False)``, as a serving path would), so a
+timed call contains no host sync of its own: the only syncs are the clock's, around each call.
+"""
 from __future__ import annotations
 
 import time
@@ -11,15 +16,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def failure(err: BaseException) -> str:
+    """One line naming what went wrong, for a FAILED row."""
+    message = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {message[0] if message else ''}"
+
+
 def take_turns(fns, inputs, device, calls) -> list:
     """Seconds of each call of each function; the functions take turns call by call, so load from
-    other processes hits all of them alike. Returns one list of ``calls`` samples per function."""
-    samples = [[] for _ in fns]
+    other processes hits all of them alike. Returns, per function, its ``calls`` samples, or the error
+    text (a str) of the call that raised: that function then leaves the turns, the others go on."""
+    results = [[] for _ in fns]
     for _ in range(calls):
-        for fn, times in zip(fns, samples):
-            sync(device)
-            start = time.perf_counter()
-            fn(*inputs)
-            sync(device)
-            times.append(time.perf_counter() - start)
-    return samples
+        for i, fn in enumerate(fns):
+            if isinstance(results[i], str):
+                continue
+            try:
+                sync(device)
+                start = time.perf_counter()
+                fn(*inputs)
+                sync(device)
+            except Exception as err:  # noqa: BLE001 - one provider failing must not lose the others' table
+                results[i] = failure(err)
+                continue
+            results[i].append(time.perf_counter() - start)
+    return results

@@ -1,4 +1,4 @@
-"""The ``hamur-fast`` command: demo, train, eval, predict, export, compare, sweep.
+"""The ``hamur-fast`` command: demo, train, eval, predict, export, compare, sweep, doctor.
 
 Every command reads a YAML config (sections data, model, train, output; see configs/) and takes
 ``--set section.key=value`` overrides; tables print as Markdown, files go under the output directory.
@@ -203,7 +203,21 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--models", help="comma-separated, e.g. hamur_mlp,hamur_mlp:mode=released,mlp")
         else:
             sub.add_argument("--param", help="name=v1,v2,...; names: k, hyper_width, hyper, norm or section.key")
+    doctor = commands.add_parser("doctor", help="versions, devices, backends, and a self-check of every backend",
+                                 description="versions, devices, backends built (or why not), and a self-check "
+                                             "of every backend against the reference; exit status 1 on a failure")
+    doctor.add_argument("--device", help="device to check (default: cuda when available, else cpu)")
+    doctor.add_argument("--repeats", type=int, default=5, help="timed repetitions per check (median)")
+    doctor.add_argument("--dtypes", help="comma-separated dtypes to check (default float32,float64,bfloat16)")
+    doctor.set_defaults(run=cmd_doctor, threads=None)
     return parser
+
+
+def cmd_doctor(args) -> int:
+    from . import doctor
+
+    return doctor.main([*(["--device", args.device] if args.device else []), "--repeats", str(args.repeats),
+                        *(["--dtypes", args.dtypes] if args.dtypes else [])])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""The HAMUR adapter cell as fused Triton kernels, forward and backward: backend="triton".
+"""The HAMUR adapter cell as fused Triton kernels and their launchers, forward and backward.
 
-Math (SPEC sections 2 and 3; reference: hamur_fast.ops.reference.hyper_adapter). For row b with
+Math (SPEC sections 2 and 3; reference: hamur_fast.ops.backends.reference.hyper_adapter). For row b with
 domain d (paper mode; released mode shares one set of factors), I_b the (k, k) representation:
     p = x DL[d]        q = p I_b        a = sigmoid(q DR[d] + db[d])
     u = a UL[d]        v = u I_b        o = v UR[d] + ub[d]
@@ -30,7 +30,6 @@ Design
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -455,92 +454,3 @@ def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, 
     grads = (d_down_left, d_down_right, d_down_bias, d_up_left, d_up_right, d_up_bias, sum_dy_xhat, sum_dy)
     param_grads = tuple(g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, params))
     return (dx, drep) + param_grads
-
-
-# --------------------------------------------------------------------------------------------------
-# Custom ops (what torch.compile and torch.export see) and the backend
-# --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("hamur_fast::adapter_cell_fwd", mutates_args=())
-def adapter_cell_fwd(x: torch.Tensor, rep: torch.Tensor, domain: torch.Tensor, down_left: torch.Tensor,
-                     down_right: torch.Tensor, down_bias: torch.Tensor, up_left: torch.Tensor,
-                     up_right: torch.Tensor, up_bias: torch.Tensor, norm_weight: torch.Tensor,
-                     norm_bias: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                     use_batch_stats: bool, eps: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                torch.Tensor, torch.Tensor, torch.Tensor]:
-    params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
-    return adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_batch_stats, eps)
-
-
-@adapter_cell_fwd.register_fake
-def _(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias,
-      running_mean, running_var, use_batch_stats, eps):
-    batch, rank = x.shape[0], rep.shape[1]
-    per_domain = norm_weight.dim() == 2
-    num_groups = norm_weight.shape[0] if per_domain else 1
-    saved = x.new_empty((batch, rank), dtype=torch.float32)
-    stats = x.new_empty((num_groups, x.shape[1]), dtype=torch.float32)
-    order = x.new_empty((batch if per_domain else 0,), dtype=torch.int64)
-    return (torch.empty_like(x), saved, torch.empty_like(saved), order,
-            x.new_empty((num_groups,), dtype=torch.float32), stats, torch.empty_like(stats), torch.empty_like(stats))
-
-
-@torch.library.custom_op("hamur_fast::adapter_cell_bwd", mutates_args=())
-def adapter_cell_bwd(dy: torch.Tensor, x: torch.Tensor, rep: torch.Tensor, domain: torch.Tensor,
-                     down_left: torch.Tensor, down_right: torch.Tensor, down_bias: torch.Tensor,
-                     up_left: torch.Tensor, up_right: torch.Tensor, up_bias: torch.Tensor,
-                     norm_weight: torch.Tensor, norm_bias: torch.Tensor, q: torch.Tensor, v: torch.Tensor,
-                     order: torch.Tensor, count: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                     use_batch_stats: bool) -> list[torch.Tensor]:
-    params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
-    return list(adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, rstd,
-                                      use_batch_stats))
-
-
-@adapter_cell_bwd.register_fake
-def _(dy, x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias,
-      q, v, order, count, mean, rstd, use_batch_stats):
-    return [torch.empty_like(t) for t in (x, rep, down_left, down_right, down_bias, up_left, up_right,
-                                          up_bias, norm_weight, norm_bias)]
-
-
-def _setup_cell(ctx, inputs, output):
-    x, rep, domain, *params = inputs[:11]
-    _, q, v, order, count, mean, _, rstd = output
-    ctx.save_for_backward(x, rep, domain, *params, q, v, order, count, mean, rstd)
-    ctx.use_batch_stats = inputs[13]
-
-
-def _cell_backward(ctx, dy, *_aux_grads):
-    x, rep, domain, *rest = ctx.saved_tensors
-    params, (q, v, order, count, mean, rstd) = rest[:8], rest[8:]
-    grads = adapter_cell_bwd(dy, x, rep, domain, *params, q, v, order, count, mean, rstd, ctx.use_batch_stats)
-    dx, drep, *param_grads = grads
-    return (dx, drep, None, *param_grads, None, None, None, None)
-
-
-adapter_cell_fwd.register_autograd(_cell_backward, setup_context=_setup_cell)
-
-
-def hyper_adapter(x, rep, domain, params, running_mean, running_var, *, mode, training, momentum, eps):
-    """backend="triton" adapter cell (arguments already validated by hamur_fast.ops.hyper_adapter)."""
-    use_batch_stats = mode == "released" or training or running_mean is None
-    y, _, _, _, count, mean, m2, _ = adapter_cell_fwd(x, rep, domain, *params, running_mean, running_var,
-                                                      use_batch_stats, eps)
-    if mode == "paper" and training and running_mean is not None:
-        dn.update_running_stats_(running_mean, running_var, mean, m2, count, momentum)
-    return y
-
-
-def _supports(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def _register() -> None:
-    from hamur_fast.ops.registry import Backend, register_backend
-
-    register_backend(Backend("triton", hyper_adapter, dn.domain_norm, supports=_supports,
-                             auto_priority=lambda device: 10 if device.type == "cuda" else None))
-
-
-_register()

@@ -18,9 +18,8 @@ Backward: dbias and dweight are plain per-group sums (partials + torch.sum); the
 with n_var = n (paper, biased variance) or max(n - 1, 1) (released, unbiased variance); in eval
 with running statistics it is rstd * w * dy. A group with one row has xhat = 0 and do = 0: no NaN.
 
-Layout: ``reference`` math lives in hamur_fast.ops.reference; here come the kernels, then the
-launchers, then the custom ops (``hamur_fast::domain_norm_fwd`` / ``domain_norm_bwd`` and the
-mutating ``hamur_fast::update_running_stats_``) with their fake and autograd registrations.
+Layout: ``reference`` math lives in hamur_fast.ops.backends.reference; here come the kernels, then the
+launchers; the custom ops over them (backend="triton") are in hamur_fast/ops/backends/triton.py.
 """
 from __future__ import annotations
 
@@ -349,72 +348,3 @@ def domain_norm_backward(dy, o, domain, weight, count, mean, rstd, use_batch_sta
                              BATCH_STATS=use_batch_stats, **meta)
     shape = weight.shape
     return do, sum_dy_xhat.reshape(shape).to(weight.dtype), sum_dy.reshape(shape).to(weight.dtype)
-
-
-# --------------------------------------------------------------------------------------------------
-# Custom ops: what torch.compile / torch.export see. Running statistics are updated by a separate
-# mutating op because an op with an autograd formula must be functional.
-# --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("hamur_fast::domain_norm_fwd", mutates_args=())
-def domain_norm_fwd(o: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                    running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                    use_batch_stats: bool, eps: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return domain_norm_forward(o, domain, weight, bias, running_mean, running_var, use_batch_stats, eps)
-
-
-@domain_norm_fwd.register_fake
-def _(o, domain, weight, bias, running_mean, running_var, use_batch_stats, eps):
-    num_groups = weight.shape[0] if weight.dim() == 2 else 1
-    stats = o.new_empty((num_groups, o.shape[1]), dtype=torch.float32)
-    return (torch.empty_like(o), o.new_empty((num_groups,), dtype=torch.float32), stats,
-            torch.empty_like(stats), torch.empty_like(stats))
-
-
-@torch.library.custom_op("hamur_fast::domain_norm_bwd", mutates_args=())
-def domain_norm_bwd(dy: torch.Tensor, o: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor,
-                    count: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, use_batch_stats: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return domain_norm_backward(dy, o, domain, weight, count, mean, rstd, use_batch_stats)
-
-
-@domain_norm_bwd.register_fake
-def _(dy, o, domain, weight, count, mean, rstd, use_batch_stats):
-    return torch.empty_like(o), torch.empty_like(weight), torch.empty_like(weight)
-
-
-def _setup_domain_norm(ctx, inputs, output):
-    o, domain, weight, _, _, _, use_batch_stats, _ = inputs
-    _, count, mean, _, rstd = output
-    ctx.save_for_backward(o, domain, weight, count, mean, rstd)
-    ctx.use_batch_stats = use_batch_stats
-
-
-def _domain_norm_backward(ctx, dy, *_stat_grads):
-    o, domain, weight, count, mean, rstd = ctx.saved_tensors
-    do, dweight, dbias = domain_norm_bwd(dy, o, domain, weight, count, mean, rstd, ctx.use_batch_stats)
-    return do, None, dweight, dbias, None, None, None, None
-
-
-domain_norm_fwd.register_autograd(_domain_norm_backward, setup_context=_setup_domain_norm)
-
-
-@torch.library.custom_op("hamur_fast::update_running_stats_", mutates_args=("running_mean", "running_var"))
-def update_running_stats_(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
-                          m2: torch.Tensor, count: torch.Tensor, momentum: float) -> None:
-    update_running_stats(running_mean, running_var, mean, m2, count, momentum)
-
-
-@update_running_stats_.register_fake
-def _(running_mean, running_var, mean, m2, count, momentum):
-    return None
-
-
-def domain_norm(o, domain, weight, bias, running_mean, running_var, *, mode, training, momentum, eps):
-    """backend="triton" DomainNorm (arguments already validated by hamur_fast.ops.domain_norm)."""
-    use_batch_stats = mode == "released" or training or running_mean is None
-    y, count, mean, m2, _ = domain_norm_fwd(o, domain, weight, bias, running_mean, running_var,
-                                            use_batch_stats, eps)
-    if mode == "paper" and training and running_mean is not None:
-        update_running_stats_(running_mean, running_var, mean, m2, count, momentum)
-    return y

@@ -74,12 +74,7 @@ def test_captured_step_rejects_bad_batches():
 
 def backends_on_cpu():
     """"torch" and every kernel backend that "auto" may pick on the CPU (their custom ops get compiled)."""
-    names = ["torch"]
-    for name in hf.available_backends():
-        if name not in ("torch", "reference") and hf.ops.registry.resolve(name, torch.device("cpu")).auto_priority(
-                torch.device("cpu")) is not None:
-            names.append(name)
-    return names
+    return ["torch"] + [name for name in hf.ops.registry.auto_backends("cpu") if name != "torch"]
 
 
 @pytest.mark.parametrize("backend, mode", [(b, "paper") for b in backends_on_cpu()] + [("torch", "released")])
@@ -131,3 +126,30 @@ def test_cuda_captured_step_needs_a_capturable_optimizer():
     model = small_hamur().cuda()
     with pytest.raises(ValueError, match="capturable=True"):
         CapturedTrainStep(model, adam(model, capturable=False), BATCH, "cuda")
+
+
+def test_bad_domain_ids_held_on_the_cpu_are_caught_before_the_step():
+    model = small_hamur()
+    step = CapturedTrainStep(model, adam(model), BATCH, "cpu")
+    e, domain, label = next(batches(1))
+    domain[7] = DOMAINS
+    with pytest.raises(ValueError, match=f"domain id {DOMAINS} is out of range"):
+        step(e, domain, label)
+
+
+@CUDA
+def test_captured_steps_do_not_sync_with_the_host():
+    """After warm-up and capture, a step with inputs already on the GPU never waits for the device."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = small_hamur().cuda()
+    step = CapturedTrainStep(model, adam(model, capturable=True), BATCH, "cuda", warmup_steps=2)
+    data = list(batches(6, device="cuda"))
+    for e, domain, label in data[:3]:  # warm-up and capture
+        step(e, domain, label)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(e, domain, label) for e, domain, label in data[3:]]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(loss) for loss in losses)

@@ -257,12 +257,12 @@ def test_opcheck_registered_ops(mode):
     x, rep, domain, params, stats = kernel_args(mode, True, batch=11)
     leaves = [t.detach().requires_grad_() for t in (x, rep.g, rep.centre, rep.weight, rep.bias, *params)]
     fwd_args = (*leaves[:5], domain, *leaves[5:], *stats, True, 1e-5, "ieee")
-    torch.library.opcheck(torch.ops.hamur_fast.generated_cell_fwd.default, fwd_args)
+    torch.library.opcheck(torch.ops.hamur_fast.triton_generated_cell_forward.default, fwd_args)
     with torch.no_grad():
-        y, q, v, order, count, mean, m2, rstd = torch.ops.hamur_fast.generated_cell_fwd(*fwd_args)
+        y, q, v, order, count, mean, m2, rstd = torch.ops.hamur_fast.triton_generated_cell_forward(*fwd_args)
     plain = [t.detach() for t in leaves]
     bwd_args = (torch.randn_like(y), *plain[:5], domain, *plain[5:], q, v, order, count, mean, rstd, True, "ieee")
-    torch.library.opcheck(torch.ops.hamur_fast.generated_cell_bwd.default, bwd_args)
+    torch.library.opcheck(torch.ops.hamur_fast.triton_generated_cell_backward.default, bwd_args)
 
 
 @triton_only
@@ -298,7 +298,7 @@ def test_torch_compile_and_export_see_the_ops(mode):
 
     args = (x.float(), g.float(), domain)
     exported = torch.export.export(Cell(), args)
-    assert any("generated_cell_fwd" in str(node.target) for node in exported.graph.nodes)
+    assert any("triton_generated_cell_forward" in str(node.target) for node in exported.graph.nodes)
     assert torch.allclose(exported.module()(*args), Cell()(*args), rtol=1e-6, atol=1e-6)
 
 

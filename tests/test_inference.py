@@ -103,12 +103,8 @@ def test_folding_removes_every_normalisation_and_leaves_the_original_alone():
 
 
 def kernel_backends_on_cpu():
-    names = []
-    for name in hf.available_backends():
-        backend = hf.ops.registry.resolve(name, torch.device("cpu")) if name not in ("torch", "reference") else None
-        if backend is not None and backend.auto_priority(torch.device("cpu")) is not None:
-            names.append(name)
-    return names
+    return [name for name in hf.ops.registry.auto_backends("cpu")
+            if hf.ops.registry.get_backend(name).capabilities.fused_cell]
 
 
 @pytest.mark.parametrize("backend", kernel_backends_on_cpu())

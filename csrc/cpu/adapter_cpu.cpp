@@ -847,11 +847,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hamur_fast, CPU, m) {
-  m.impl("adapter_forward", &adapter_forward_cpu);
-  m.impl("adapter_backward", &adapter_backward_cpu);
-  m.impl("adapter_infer", &adapter_infer_cpu);
-  m.impl("domain_norm_forward", &domain_norm_forward_cpu);
-  m.impl("domain_norm_backward", &domain_norm_backward_cpu);
+  m.impl("compiled_cell_forward", &adapter_forward_cpu);
+  m.impl("compiled_cell_backward", &adapter_backward_cpu);
+  m.impl("compiled_cell_infer", &adapter_infer_cpu);
+  m.impl("compiled_norm_forward", &domain_norm_forward_cpu);
+  m.impl("compiled_norm_backward", &domain_norm_backward_cpu);
 }
 
 }  // namespace hamur_fast

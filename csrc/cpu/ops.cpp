@@ -1,7 +1,10 @@
 // The hamur_fast operator library: schemas, and the Python module hamur_fast._C that loads them.
 //
 // Kernels register per device in csrc/cpu/adapter_cpu.cpp and csrc/cuda/adapter_cuda.cpp; autograd and
-// fake (meta) implementations are registered from Python in hamur_fast/ops/compiled.py.
+// fake (meta) implementations are registered from Python in hamur_fast/ops/backends/compiled.py.
+// Names follow the one scheme of every hamur_fast operator, <implementation>_<op>_<pass>, and the
+// intermediates the one vocabulary (p, q, z, a, u, v, o, count, mean, m2, rstd): both are tabulated in
+// hamur_fast/ops/contract.py.
 //
 // Conventions shared by every op:
 //   per_domain = true  is SPEC section 2 (paper): parameters carry a leading domain axis D, statistics
@@ -13,10 +16,10 @@
 //   Outputs mean, rstd, var, count are per statistics group (G = D or 1): the mean, 1/sqrt(var + eps),
 //   the variance used for normalising, and the number of rows; backward and the running-statistics
 //   update read them.
-//   adapter_forward also returns, for backward, a slot order of the rows: order (B,) int64 (slot i holds
+//   compiled_cell_forward also returns, for backward, a slot order of the rows: order (B,) int64 (slot i holds
 //   original row order[i]; the CPU kernels group rows by statistics group, stably, the CUDA kernels keep
 //   the identity), and o (B, h) and hidden (B, 4k + s) in that slot order;
-//   hidden holds each row's u = x.U, p = u.I, q = a.U', r = q.I and a = sigmoid(p.V + b), the rank-k and
+//   hidden holds each row's p = x DL, q = p I, u = a UL, v = u I and a = sigmoid(q DR + db), the rank-k and
 //   bottleneck intermediates (O(k) per row, never O(h*s)).
 #include <Python.h>
 #include <torch/library.h>
@@ -31,12 +34,12 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(hamur_fast, m) {
   m.def(
-      "adapter_forward(Tensor x, Tensor rep, Tensor domain, Tensor down_left, Tensor down_right, "
+      "compiled_cell_forward(Tensor x, Tensor rep, Tensor domain, Tensor down_left, Tensor down_right, "
       "Tensor down_bias, Tensor up_left, Tensor up_right, Tensor up_bias, Tensor norm_weight, "
       "Tensor norm_bias, Tensor? stat_mean, Tensor? stat_var, bool per_domain, float eps) -> "
       "(Tensor y, Tensor o, Tensor hidden, Tensor order, Tensor mean, Tensor rstd, Tensor var, Tensor count)");
   m.def(
-      "adapter_backward(Tensor grad_y, Tensor x, Tensor rep, Tensor domain, Tensor down_left, "
+      "compiled_cell_backward(Tensor grad_y, Tensor x, Tensor rep, Tensor domain, Tensor down_left, "
       "Tensor down_right, Tensor up_left, Tensor up_right, Tensor norm_weight, Tensor o, Tensor hidden, "
       "Tensor order, Tensor mean, Tensor rstd, Tensor count, bool per_domain, bool batch_stats) -> "
       "(Tensor grad_x, Tensor grad_rep, Tensor grad_down_left, Tensor grad_down_right, "
@@ -45,15 +48,15 @@ TORCH_LIBRARY(hamur_fast, m) {
   // Eval with running statistics, no autograd: the whole cell with DomainNorm folded into a per-domain
   // affine map, nothing saved.
   m.def(
-      "adapter_infer(Tensor x, Tensor rep, Tensor domain, Tensor down_left, Tensor down_right, "
+      "compiled_cell_infer(Tensor x, Tensor rep, Tensor domain, Tensor down_left, Tensor down_right, "
       "Tensor down_bias, Tensor up_left, Tensor up_right, Tensor up_bias, Tensor norm_weight, "
       "Tensor norm_bias, Tensor running_mean, Tensor running_var, float eps) -> Tensor");
   m.def(
-      "domain_norm_forward(Tensor o, Tensor domain, Tensor weight, Tensor bias, Tensor? stat_mean, "
+      "compiled_norm_forward(Tensor o, Tensor domain, Tensor weight, Tensor bias, Tensor? stat_mean, "
       "Tensor? stat_var, bool per_domain, float eps) -> "
       "(Tensor y, Tensor mean, Tensor rstd, Tensor var, Tensor count)");
   m.def(
-      "domain_norm_backward(Tensor grad_y, Tensor o, Tensor domain, Tensor weight, Tensor mean, "
+      "compiled_norm_backward(Tensor grad_y, Tensor o, Tensor domain, Tensor weight, Tensor mean, "
       "Tensor rstd, Tensor count, bool per_domain, bool batch_stats) -> "
       "(Tensor grad_o, Tensor grad_weight, Tensor grad_bias)");
 }

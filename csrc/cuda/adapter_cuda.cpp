@@ -267,11 +267,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hamur_fast, CUDA, m) {
-  m.impl("adapter_forward", &adapter_forward_cuda);
-  m.impl("adapter_backward", &adapter_backward_cuda);
-  m.impl("adapter_infer", &adapter_infer_cuda);
-  m.impl("domain_norm_forward", &domain_norm_forward_cuda);
-  m.impl("domain_norm_backward", &domain_norm_backward_cuda);
+  m.impl("compiled_cell_forward", &adapter_forward_cuda);
+  m.impl("compiled_cell_backward", &adapter_backward_cuda);
+  m.impl("compiled_cell_infer", &adapter_infer_cuda);
+  m.impl("compiled_norm_forward", &domain_norm_forward_cuda);
+  m.impl("compiled_norm_backward", &domain_norm_backward_cuda);
 }
 
 }  // namespace hamur_fast

@@ -24,12 +24,9 @@ from torch import nn
 from ..models.backbones import DomainTowers, SharedMLP
 from ..models.blocks import MLP
 from ..nn import DomainNorm, HyperAdapter, HyperNetwork
-from ..ops import eager, generated
+from ..ops import generated
+from ..ops.backends.torch import adapter_projection
 from ..ops.registry import resolve
-
-# Backends whose adapter cell runs as separate eager ops: there, removing the normalisation saves
-# work. A kernel backend applies the affine in registers, so its cells are kept as they are.
-_EAGER_BACKENDS = ("torch", "reference")
 
 
 def fold_for_inference(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
@@ -141,13 +138,18 @@ class FoldedHyperAdapter(nn.Module):
     def forward(self, x, rep, domain):
         if isinstance(rep, generated.GeneratedRep):  # fused generation was forced on an eager backend
             rep = rep.materialise()
-        return x + eager.adapter_projection(x, rep, domain, self.down_left, self.down_right, self.down_bias,
+        return x + adapter_projection(x, rep, domain, self.down_left, self.down_right, self.down_bias,
                                             self.up_left, self.up_right, self.up_bias)
 
 
 def _foldable_cell(cell: HyperAdapter, device: torch.device) -> bool:
+    """Folding pays where the cell's normalisation runs as separate ops; a backend whose kernels fuse it
+    (``capabilities.fused_cell``) applies the affine in registers, so its cells are kept as they are."""
     uses_running_stats = cell.norm == "batch" or (cell.norm == "domain" and cell.mode == "paper")
-    return uses_running_stats and resolve(cell.backend, device).name in _EAGER_BACKENDS
+    if not uses_running_stats:
+        return False
+    backend = resolve(cell.backend, device, cell.up_right.dtype, cell.width, cell.rank, cell.bottleneck)
+    return not backend.capabilities.fused_cell
 
 
 def _replace_adapters(model: nn.Module, device: torch.device) -> None:

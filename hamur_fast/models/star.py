@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops.eager import project_per_domain
+from ..ops.backends.torch import project_per_domain
 from .base import MultiDomainModel
 from .blocks import MLP, fan_in_uniform_
 

@@ -8,8 +8,9 @@ from torch import nn
 import torch.nn.functional as F
 
 from .. import _checks, ops
-from ..ops import eager, generated
-from ..ops.registry import check_backend_name
+from ..ops import generated
+from ..ops.backends.torch import adapter_projection
+from ..ops.registry import check_backend_name, resolve
 
 # Normalisations the adapter cell can apply to its output (the "norm" ablation of HAMUR).
 NORMS = ("domain", "layer", "batch", "none")
@@ -150,7 +151,7 @@ class HyperAdapter(BackendAttribute, nn.Module):
                                      backend=self.backend, num_domains=self.num_domains)
         self._check_inputs(x, rep, domain)
         projection = self.parameters_in_op_order()[:6]
-        return x + self._normalise(eager.adapter_projection(x, rep, domain, *projection), domain)
+        return x + self._normalise(adapter_projection(x, rep, domain, *projection), domain)
 
     def _forward_generated(self, x, rep, domain):
         if self.norm != "domain" or rep.rank != self.rank:
@@ -166,18 +167,20 @@ class HyperAdapter(BackendAttribute, nn.Module):
     def forward_all_towers(self, x: torch.Tensor, rep: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         """The cell on T towers' outputs x (T, B, width), each normalised over its own whole batch.
 
-        This is how the released MLP model uses its cell (once per domain tower); with the "torch"
-        backend the T applications run as one batched computation, otherwise one op call per tower.
+        This is how the released MLP model uses its cell (once per domain tower); a backend that offers
+        ``hyper_adapter_all_towers`` runs the T applications as one batched computation, otherwise the
+        cell runs once per tower.
         """
-        batched = (self.mode == "released" and self.norm == "domain"
-                   and ops.registry.resolve(self.backend, x.device).name == "torch")
-        if not batched:
+        impl = None
+        if self.mode == "released" and self.norm == "domain":
+            impl = resolve(self.backend, x.device, x.dtype, self.width, self.rank, self.bottleneck)
+        if impl is None or impl.hyper_adapter_all_towers is None:
             return torch.stack([self(tower, rep, domain) for tower in x])
         if isinstance(rep, generated.GeneratedRep):
             rep = rep.materialise()
         _checks.check_float("x", x, 3)
         self._check_inputs(x[0], rep, domain)
-        return eager.released_cell_all_towers(x, rep, self.parameters_in_op_order(), self.eps)
+        return impl.hyper_adapter_all_towers(x, rep, self.parameters_in_op_order(), self.eps)
 
     def _check_inputs(self, x, rep, domain) -> None:
         _checks.check_float("x", x, 2)

@@ -14,7 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops.eager import project_per_domain
+from ..ops.backends.torch import project_per_domain
 
 
 class DomainLinear(nn.Module):

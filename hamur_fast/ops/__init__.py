@@ -1,49 +1,23 @@
-"""Functional ops: the HAMUR adapter cell and DomainNorm, checked, then dispatched to a backend.
+"""Functional ops: the HAMUR adapter cell and DomainNorm, checked, planned, then run by a backend.
 
 ``hyper_adapter`` and ``domain_norm`` validate every argument (raising ``ValueError`` that names the
-argument and the offending value before any compute), then hand the work to the chosen backend.
+argument and the offending value before any compute), turn (mode, training, running statistics) into one
+:class:`~hamur_fast.ops.contract.Plan`, pick a backend whose capabilities cover the call
+(:func:`~hamur_fast.ops.registry.resolve`), run it, and update the running statistics from the per-domain
+(count, mean, M2) the backend returns. The contract every backend follows: :mod:`hamur_fast.ops.contract`;
+the backends: :mod:`hamur_fast.ops.backends`.
 """
 from __future__ import annotations
-
-import importlib
 
 import torch
 
 from .. import _checks
-from . import eager, generated, reference
-from .registry import Backend, available_backends, register_backend, resolve
+from . import backends  # noqa: F401  (registers every backend this installation offers)
+from .contract import MODES, Backend, Capabilities, GroupStats, Plan, make_plan, update_running_stats
+from .registry import available_backends, register_backend, resolve
 
-__all__ = ["hyper_adapter", "hyper_adapter_generated", "domain_norm", "available_backends", "register_backend",
-           "Backend"]
-
-MODES = ("paper", "released")
-
-register_backend(Backend("reference", reference.hyper_adapter, reference.domain_norm,
-                         supports=lambda device: True, auto_priority=lambda device: None))
-register_backend(Backend("torch", eager.hyper_adapter, eager.domain_norm,
-                         supports=lambda device: True, auto_priority=lambda device: 100))
-
-# Kernel backends register themselves when imported. A module raises ImportError when what it needs
-# is absent (no triton, extension not built), and the package then works with the rest.
-OPTIONAL_BACKEND_MODULES = (
-    "hamur_fast.kernels.adapter_cell",  # backend "triton" (kernels/adapter_cell.py)
-    "hamur_fast.ops.compiled",  # backends "cpu" and "cuda" (the csrc/ extension hamur_fast._C)
-    "hamur_fast.kernels.adapter_generated",  # level 2 (fused weight generation) of backend "triton"
-)
-
-
-def _register_optional_backends() -> None:
-    for module in OPTIONAL_BACKEND_MODULES:
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            if not (module.startswith(err.name or "\0") or err.name in ("triton", "hamur_fast._C")):
-                raise  # a real bug inside an existing backend module must not be hidden
-
-
-_register_optional_backends()
-generated.register_materialising_backends()
-hyper_adapter_generated = generated.hyper_adapter_generated
+__all__ = ["hyper_adapter", "hyper_adapter_generated", "domain_norm", "available_backends", "register_backend", "Backend", "Capabilities",
+           "GroupStats", "Plan"]
 
 
 def check_mode(mode: str) -> str:
@@ -87,9 +61,12 @@ def domain_norm(o, domain, weight, bias, running_mean=None, running_var=None, *,
     param_domains = _check_norm_args(o, weight, bias, running_mean, running_var, mode)
     _checks.check_domain(domain, batch, param_domains if mode == "paper" else num_domains)
     _checks.check_same_device(o=o, domain=domain, weight=weight)
-    impl = resolve(backend, o.device)
-    return impl.domain_norm(o, domain, weight, bias, running_mean, running_var,
-                            mode=mode, training=training, momentum=momentum, eps=eps)
+    plan = make_plan(mode, training, running_mean is not None, momentum, eps)
+    impl = resolve(backend, o.device, o.dtype)
+    y, stats = impl.domain_norm(o, domain.long(), weight, bias, running_mean, running_var, plan)
+    if plan.update_running:
+        update_running_stats(running_mean, running_var, stats, plan.momentum)
+    return y
 
 
 def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias,
@@ -108,14 +85,18 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
         # Like BatchNorm under autocast, the cell (its normalisation above all) runs in the precision of
         # its parameters; autocast hands the activations in lower precision, so they are cast up here.
         x, rep = x.to(down_left.dtype), rep.to(down_left.dtype)
-    check_cell_args(x, rep, domain, params, running_mean, running_var, mode, num_domains)
-    impl = resolve(backend, x.device)
-    return impl.hyper_adapter(x, rep, domain, params, running_mean, running_var,
-                              mode=mode, training=training, momentum=momentum, eps=eps)
+    width, rank, bottleneck = check_cell_args(x, rep, domain, params, running_mean, running_var, mode, num_domains)
+    plan = make_plan(mode, training, running_mean is not None, momentum, eps)
+    impl = resolve(backend, x.device, x.dtype, width=width, rank=rank, bottleneck=bottleneck)
+    y, stats = impl.hyper_adapter(x, rep, domain.long(), params, running_mean, running_var, plan)
+    if plan.update_running:
+        update_running_stats(running_mean, running_var, stats, plan.momentum)
+    return y
 
 
 def check_cell_args(x, rep, domain, params, running_mean, running_var, mode, num_domains):
-    """Validate the adapter cell's arguments (shapes as in :func:`hyper_adapter`) before any compute."""
+    """Validate the adapter cell's arguments (shapes as in :func:`hyper_adapter`) before any compute;
+    returns (h, k, s)."""
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = params
     check_mode(mode)
     _checks.check_float("x", x, 2)
@@ -145,3 +126,10 @@ def check_cell_args(x, rep, domain, params, running_mean, running_var, mode, num
         raise ValueError(f"x, rep and the factor matrices must share one dtype, got {sorted(map(str, dtypes))}")
     _checks.check_domain(domain, batch, param_domains if mode == "paper" else num_domains)
     _checks.check_same_device(x=x, rep=rep, domain=domain, down_left=down_left)
+    return width, rank, bottleneck
+
+
+from . import generated  # noqa: E402  (level 2 builds on the checks above and on the registered backends)
+
+generated.register_materialising_backends()
+hyper_adapter_generated = generated.hyper_adapter_generated

@@ -24,14 +24,16 @@ released code evaluates the hyper-network once per domain) with the closed form 
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import dataclasses
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from . import reference
-from .registry import available_backends, resolve
+from .backends import reference
+from .contract import Backend, GroupStats, make_plan, update_running_stats
+from .registry import available_backends, get_backend, register_backend, resolve
 
 PRECISIONS = ("ieee", "tf32", "bf16")
 
@@ -67,56 +69,41 @@ class GeneratedRep(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------------
-# Level-2 backends: name -> cell(x, rep: GeneratedRep, domain, params, running_mean, running_var, *, mode,
-# training, momentum, eps, precision) -> y. ``fused`` says whether it keeps I out of memory (models use
-# level 2 by default only there).
+# Level-2 backends: ``Backend.generated_cell`` of the contract (hamur_fast/ops/contract.py)
 # --------------------------------------------------------------------------------------------------
-class GeneratedBackend(NamedTuple):
-    name: str
-    cell: Callable
-    fused: bool
+def generated_backend(name: str, device: torch.device, dtype: torch.dtype, width: int, rank: int,
+                      bottleneck: int) -> Backend:
+    """The backend that runs level 2 for this call ("auto": the one "auto" picks for level 1)."""
+    impl = resolve(name, device, dtype, width=width, rank=rank, bottleneck=bottleneck)
+    if impl.generated_cell is None:
+        raise ValueError(f"backend {impl.name!r} has no fused weight generation (level 2); backends with it: "
+                         f"{[n for n in available_backends() if get_backend(n).generated_cell is not None]}")
+    return impl
 
 
-_GENERATED: dict[str, GeneratedBackend] = {}
-
-
-def register_generated_backend(backend: GeneratedBackend) -> None:
-    _GENERATED[backend.name] = backend
-
-
-def generated_backend(name: str, device: torch.device) -> GeneratedBackend:
-    """The level-2 implementation of backend ``name`` ("auto": the backend "auto" picks for level 1)."""
-    level1 = resolve(name, device)
-    if level1.name == "reference":
-        raise ValueError("the reference backend computes level 2 only through hyper_adapter_generated "
-                         "(it materialises z and normalises it over the batch)")
-    if level1.name not in _GENERATED:
-        raise ValueError(f"backend {level1.name!r} has no fused weight generation (level 2); "
-                         f"backends with it: {sorted(_GENERATED)}")
-    return _GENERATED[level1.name]
-
-
-def supports_fused_generation(name: str, device: torch.device) -> bool:
+def supports_fused_generation(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
     """True when backend ``name`` on ``device`` runs level 2 without materialising I."""
-    level1 = resolve(name, device)
-    return level1.name in _GENERATED and _GENERATED[level1.name].fused
+    try:
+        impl = resolve(name, device, dtype)
+    except ValueError:
+        return False
+    return impl.generated_cell is not None and impl.capabilities.fused_generation
 
 
-def _materialising_cell(level1_name: str) -> Callable:
-    """Level 2 on top of a level-1 backend: I materialised by one GEMM (+ ReLU), then that backend's cell."""
-    def cell(x, rep, domain, params, running_mean, running_var, *, mode, training, momentum, eps, precision):
-        impl = resolve(level1_name, x.device)
-        return impl.hyper_adapter(x, rep.materialise(), domain, params, running_mean, running_var,
-                                  mode=mode, training=training, momentum=momentum, eps=eps)
+def _materialising_cell_of(level1: Backend):
+    def cell(x, rep, domain, params, running_mean, running_var, plan, precision):
+        return level1.hyper_adapter(x, rep.materialise(), domain, params, running_mean, running_var, plan)
     return cell
 
 
 def register_materialising_backends() -> None:
     """Level 2 of the eager backend and of the compiled extension's backends: I by one GEMM, then their level-1
     cell (on the CPU, FLOPs and not bytes limit the cell, so materialising I costs little there)."""
-    for name in ("torch", "cpu", "cuda"):
+    for name in ("reference", "torch", "cpu", "cuda"):
         if name in available_backends():
-            register_generated_backend(GeneratedBackend(name, _materialising_cell(name), fused=False))
+            level1 = get_backend(name)
+            if level1.generated_cell is None:
+                register_backend(dataclasses.replace(level1, generated_cell=_materialising_cell_of(level1)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,13 +149,12 @@ def fold_generator(g: torch.Tensor, gen: Generator, training: bool) -> Generated
 
 
 def update_generator_running_stats(gen: Generator, mean_z, var_z, batch: int) -> None:
-    """BatchNorm1d's update (unbiased variance), ``gen.updates`` identical steps in closed form; none for B=1."""
-    if batch < 2:
-        return
-    momentum = 1.0 - (1.0 - gen.momentum) ** gen.updates
-    with torch.no_grad():
-        gen.running_mean.lerp_(mean_z.to(gen.running_mean.dtype), momentum)
-        gen.running_var.lerp_((var_z * (batch / (batch - 1))).to(gen.running_var.dtype), momentum)
+    """BatchNorm1d's update through the contract's one rule (one group of ``batch`` rows; none for B=1),
+    ``gen.updates`` identical steps in closed form: one step with momentum ``1 - (1 - m)^n``."""
+    count = mean_z.new_full((1,), float(batch))
+    stats = GroupStats(count, mean_z.unsqueeze(0), (var_z * batch).unsqueeze(0))
+    update_running_stats(gen.running_mean.view(1, -1), gen.running_var.view(1, -1), stats,
+                         1.0 - (1.0 - gen.momentum) ** gen.updates)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,15 +218,20 @@ def hyper_adapter_generated(x, g, domain, gen_weight, gen_bias, gen_norm_weight,
     _checks.check_same_device(x=x, g=g, gen_weight=gen_weight)
     params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
     # The level-1 checks on the cell's arguments, with a (B, k, k) stand-in for I that costs no memory.
-    check_cell_args(x, x.new_zeros(()).expand(x.shape[0], rank, rank), domain, params, running_mean, running_var,
-                    mode, num_domains)
-    if resolve(backend, x.device).name == "reference":
-        return reference.hyper_adapter_generated(x, g, domain, gen, params, running_mean, running_var,
-                                                 mode=mode, training=training, momentum=momentum, eps=eps)
-    impl = generated_backend(backend, x.device)
-    rep = fold_generator(g, gen, training)
-    return impl.cell(x, rep, domain, params, running_mean, running_var, mode=mode, training=training,
-                     momentum=momentum, eps=eps, precision=precision)
+    stand_in = x.new_zeros(()).expand(x.shape[0], rank, rank)  # I's shape for the checks, no memory
+    width, _, bottleneck = check_cell_args(x, stand_in, domain, params, running_mean, running_var, mode,
+                                           num_domains)
+    plan = make_plan(mode, training, running_mean is not None, momentum, eps)
+    impl = generated_backend(backend, x.device, x.dtype, width, rank, bottleneck)
+    if impl.name == "reference":  # the oracle: z materialised and normalised over the batch, no moment identity
+        y, stats = reference.hyper_adapter_generated(x, g, domain.long(), gen, params, running_mean, running_var,
+                                                     plan, training)
+    else:
+        y, stats = impl.generated_cell(x, fold_generator(g, gen, training), domain.long(), params, running_mean,
+                                       running_var, plan, precision)
+    if plan.update_running:
+        update_running_stats(running_mean, running_var, stats, plan.momentum)
+    return y
 
 
 def generated_cell(x, rep: GeneratedRep, domain, params, running_mean=None, running_var=None, *, mode="paper",
@@ -248,5 +239,10 @@ def generated_cell(x, rep: GeneratedRep, domain, params, running_mean=None, runn
     """One adapter cell on an already folded generator (``fold_generator``): how a model with several cells
     sharing one ``g`` runs level 2: the generator is folded (and its statistics advanced) once per step,
     and every cell regenerates I from ``g``. Arguments checked by the layer (HyperAdapter)."""
-    return generated_backend(backend, x.device).cell(x, rep, domain, params, running_mean, running_var, mode=mode, training=training,
-                     momentum=momentum, eps=eps, precision=precision)
+    width, rank, bottleneck = x.shape[1], rep.rank, params[1].shape[-1]
+    plan = make_plan(mode, training, running_mean is not None, momentum, eps)
+    impl = generated_backend(backend, x.device, x.dtype, width, rank, bottleneck)
+    y, stats = impl.generated_cell(x, rep, domain.long(), params, running_mean, running_var, plan, precision)
+    if plan.update_running:
+        update_running_stats(running_mean, running_var, stats, plan.momentum)
+    return y

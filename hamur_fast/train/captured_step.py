@@ -113,8 +113,14 @@ class CapturedTrainStep:
                                  f"got {rows}; drop or pad the last partial batch")
         _checks.check_float("label", label, 1)
         _checks.check_shape("label", label, (self.batch_size,))
-        # On the caller's device: a replay runs no Python checks, so bad ids must be caught here.
-        _checks.check_domain(domain, self.batch_size, self.num_domains)
+        # A replay runs no Python checks, so bad ids are caught here, but only where that is free: ids the
+        # caller holds on the CPU are read there; reading ids that already live on the GPU would sync with the
+        # host every step (the kernels stay memory-safe for any id: a bad one gives NaN or an error in its row).
+        if domain.device.type == "cpu":
+            _checks.check_domain(domain, self.batch_size, self.num_domains)
+        else:
+            with _checks.domain_values_checked():  # dtype and shape only
+                _checks.check_domain(domain, self.batch_size, self.num_domains)
         if self.graph is not None:
             for static, t in zip(self.static_e, _as_tuple(e)):
                 if (t.dtype, t.shape) != (static.dtype, static.shape):

@@ -3,11 +3,14 @@
 It follows SPEC sections 2 and 3 literally: it forms each row's adapter weights
 ``U_d I_b V_d`` as the paper's Fig. 2 draws them (a (B, h, s) tensor: fine for tests, far too
 big for training) and normalises domain by domain in a Python loop. It works in any dtype,
-float64 included, and is differentiable by plain autograd.
+float64 included, on any device, and is differentiable by plain autograd. "auto" never picks it.
 """
 from __future__ import annotations
 
 import torch
+
+from ..contract import FLOAT_DTYPES, Backend, Capabilities, GroupStats
+from ..registry import register_backend
 
 
 def _per_row(param: torch.Tensor, domain: torch.Tensor, released: bool) -> torch.Tensor:
@@ -17,37 +20,38 @@ def _per_row(param: torch.Tensor, domain: torch.Tensor, released: bool) -> torch
     return param[domain]
 
 
-def domain_norm(o, domain, weight, bias, running_mean, running_var, *, mode, training, momentum, eps):
-    if mode == "released":
+def domain_norm(o, domain, weight, bias, running_mean, running_var, plan):
+    if not plan.per_domain:
         # Whole mixed batch, unbiased variance (torch.var's default), train and eval alike.
         # One row has no unbiased variance; we take 0 there (the released code returns NaN).
         mean = o.mean(dim=0)
-        var = ((o - mean) ** 2).sum(dim=0) / max(o.shape[0] - 1, 1)
-        return weight * (o - mean) / torch.sqrt(var + eps) + bias
+        m2 = ((o - mean) ** 2).sum(dim=0)
+        var = m2 / max(o.shape[0] - 1, 1)
+        stats = GroupStats(o.new_full((1,), o.shape[0]), mean.detach()[None], m2.detach()[None])
+        return weight * (o - mean) / torch.sqrt(var + plan.eps) + bias, stats
 
+    num_domains, width = weight.shape
     out = torch.zeros_like(o)
-    for d in range(weight.shape[0]):
+    count = o.new_zeros(num_domains)
+    means, m2s = o.new_zeros(num_domains, width), o.new_zeros(num_domains, width)
+    for d in range(num_domains):
         rows = domain == d
-        count = int(rows.sum())
-        if count == 0:
+        if not rows.any():
             continue
-        if training or running_mean is None:
-            mean = o[rows].mean(dim=0)
-            var = o[rows].var(dim=0, unbiased=False)
-            if training and running_mean is not None and count >= 2:
-                with torch.no_grad():
-                    running_mean[d] = (1 - momentum) * running_mean[d] + momentum * mean
-                    running_var[d] = (1 - momentum) * running_var[d] + momentum * var * count / (count - 1)
+        if plan.batch_statistics:
+            mean, var = o[rows].mean(dim=0), o[rows].var(dim=0, unbiased=False)
+            count[d] = rows.sum()
+            means[d], m2s[d] = mean.detach(), var.detach() * count[d]
         else:
             mean, var = running_mean[d], running_var[d]
-        normalised = weight[d] * (o - mean) / torch.sqrt(var + eps) + bias[d]
+        normalised = weight[d] * (o - mean) / torch.sqrt(var + plan.eps) + bias[d]
         out = torch.where(rows.unsqueeze(1), normalised, out)
-    return out
+    return out, (GroupStats(count, means, m2s) if plan.batch_statistics else None)
 
 
-def hyper_adapter(x, rep, domain, params, running_mean, running_var, *, mode, training, momentum, eps):
+def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan):
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = params
-    released = mode == "released"
+    released = not plan.per_domain
     w_down = torch.einsum(
         "bhk,bkj,bjs->bhs", _per_row(down_left, domain, released), rep, _per_row(down_right, domain, released)
     )
@@ -56,18 +60,18 @@ def hyper_adapter(x, rep, domain, params, running_mean, running_var, *, mode, tr
         "bsk,bkj,bjh->bsh", _per_row(up_left, domain, released), rep, _per_row(up_right, domain, released)
     )
     o = torch.einsum("bs,bsh->bh", a, w_up) + _per_row(up_bias, domain, released)
-    normed = domain_norm(
-        o, domain, norm_weight, norm_bias, running_mean, running_var,
-        mode=mode, training=training, momentum=momentum, eps=eps,
-    )
-    return x + normed
+    normed, stats = domain_norm(o, domain, norm_weight, norm_bias, running_mean, running_var, plan)
+    return x + normed, stats
 
 
-def hyper_adapter_generated(x, g, domain, gen, params, running_mean, running_var, *, mode, training, momentum,
-                            eps):
-    """Level 2 as the plainest code: materialise z = g W^T + c, BatchNorm it over the batch (or with the
-    running statistics), ReLU, reshape to I (B, k, k), then the cell above. The generator's running
-    statistics advance ``gen.updates`` times by the literal update, one step after another."""
+register_backend(Backend("reference", hyper_adapter, domain_norm,
+                         Capabilities(devices=frozenset({"cpu", "cuda"}), dtypes=FLOAT_DTYPES)))
+
+
+def hyper_adapter_generated(x, g, domain, gen, params, running_mean, running_var, plan, training):
+    """Fusion level 2 as the plainest code (the oracle): materialise z = g W^T + c, BatchNorm it over the
+    batch (or with the running statistics), ReLU, reshape to I (B, k, k), then the cell above. The
+    generator's running statistics advance ``gen.updates`` times by the literal update, one after another."""
     batch = g.shape[0]
     z = g @ gen.weight.t() + gen.bias
     if gen.norm_weight is not None:
@@ -83,6 +87,4 @@ def hyper_adapter_generated(x, g, domain, gen, params, running_mean, running_var
             mean, var = gen.running_mean, gen.running_var
         z = (z - mean) / torch.sqrt(var + gen.eps) * gen.norm_weight + gen.norm_bias
     rank = int(round(z.shape[1] ** 0.5))
-    rep = torch.relu(z).view(batch, rank, rank)
-    return hyper_adapter(x, rep, domain, params, running_mean, running_var, mode=mode, training=training,
-                         momentum=momentum, eps=eps)
+    return hyper_adapter(x, torch.relu(z).view(batch, rank, rank), domain, params, running_mean, running_var, plan)

@@ -1,34 +1,34 @@
 """backends "cpu" and "cuda": the compiled core ``hamur_fast._C`` (C++ and CUDA sources in csrc/).
 
-Importing ``hamur_fast._C`` registers the ``torch.ops.hamur_fast`` operators (schemas: csrc/cpu/ops.cpp)
+Importing ``hamur_fast._C`` registers the ``torch.ops.hamur_fast.compiled_*`` operators (schemas: csrc/cpu/ops.cpp)
 with their CPU kernels, and their CUDA kernels when the extension was built with CUDA. This module adds
 what the dispatcher needs from Python: fake (meta) implementations, so torch.compile and torch.export
 trace through the ops, and autograd formulas that call the fused backward kernels. It raises ImportError
 when the extension was not built; :mod:`hamur_fast.ops` then carries on without these backends.
 
-The kernels compute in float32 or float64; half-precision inputs are computed in float32 and cast back.
+The kernels compute in float32 or float64 (float64 stays float64); half-precision inputs are computed in
+float32 and cast back. They return the variance they normalised with; the contract's M2 is derived here.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import _C  # noqa: F401  (registers torch.ops.hamur_fast)
-from . import eager
-from .registry import Backend, register_backend
+from ... import _C  # noqa: F401  (registers torch.ops.hamur_fast.compiled_*)
+from ..contract import FLOAT_DTYPES, Backend, Capabilities, GroupStats
+from ..registry import record_unavailable, register_backend
 
 ops = torch.ops.hamur_fast
 
-# What "auto" ranks these backends at (lower wins; "torch" is 100, "triton" 10 on CUDA). On the CPU "cpu" is
-# picked because benchmarks/bench_layers.py measured it faster than "torch" (benchmarks/RESULTS.md). "cuda"
-# is chosen by name only (backend="cuda") until a GPU run of tests/test_csrc.py and
-# benchmarks/bench_cuda_infer.py shows it correct and faster than "triton" there.
-CPU_AUTO_PRIORITY = 50
-CUDA_AUTO_PRIORITY = None
+# "auto" ranks (lower wins; "torch" is 100, "triton" 10 on CUDA). On the CPU "cpu" is picked because
+# benchmarks/bench_layers.py measured it faster than "torch" (benchmarks/RESULTS.md). "cuda" is chosen by
+# name only (backend="cuda") until a GPU run of the backend tests and benchmarks/bench_cuda_infer.py shows it
+# correct and faster than "triton" there.
+CPU_AUTO_RANK = 50
 
 
 def has_kernel(device_type: str) -> bool:
     """Whether the extension registered kernels for ``device_type`` ("CPU" or "CUDA")."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("hamur_fast::adapter_forward", device_type)
+    return torch._C._dispatch_has_kernel_for_dispatch_key("hamur_fast::compiled_cell_forward", device_type)
 
 
 # ----------------------------------------------------------------------------- fake (meta) implementations
@@ -39,7 +39,7 @@ def _statistics_like(t, weight, per_domain):
             t.new_empty((groups,)))
 
 
-@torch.library.register_fake("hamur_fast::adapter_forward")
+@torch.library.register_fake("hamur_fast::compiled_cell_forward")
 def _adapter_forward_fake(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias,
                           norm_weight, norm_bias, stat_mean, stat_var, per_domain, eps):
     hidden = x.new_empty((x.shape[0], 4 * rep.shape[1] + down_right.shape[-1]))
@@ -47,7 +47,7 @@ def _adapter_forward_fake(x, rep, domain, down_left, down_right, down_bias, up_l
     return (torch.empty_like(x), torch.empty_like(x), hidden, order, *_statistics_like(x, norm_weight, per_domain))
 
 
-@torch.library.register_fake("hamur_fast::adapter_backward")
+@torch.library.register_fake("hamur_fast::compiled_cell_backward")
 def _adapter_backward_fake(grad_y, x, rep, domain, down_left, down_right, up_left, up_right, norm_weight, o,
                            hidden, order, mean, rstd, count, per_domain, batch_stats):
     bottleneck = down_right.shape[-1]
@@ -57,18 +57,18 @@ def _adapter_backward_fake(grad_y, x, rep, domain, down_left, down_right, up_lef
             torch.empty_like(norm_weight), torch.empty_like(norm_weight), torch.empty_like(norm_weight))
 
 
-@torch.library.register_fake("hamur_fast::adapter_infer")
+@torch.library.register_fake("hamur_fast::compiled_cell_infer")
 def _adapter_infer_fake(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias,
                         norm_weight, norm_bias, running_mean, running_var, eps):
     return torch.empty_like(x)
 
 
-@torch.library.register_fake("hamur_fast::domain_norm_forward")
+@torch.library.register_fake("hamur_fast::compiled_norm_forward")
 def _domain_norm_forward_fake(o, domain, weight, bias, stat_mean, stat_var, per_domain, eps):
     return (torch.empty_like(o), *_statistics_like(o, weight, per_domain))
 
 
-@torch.library.register_fake("hamur_fast::domain_norm_backward")
+@torch.library.register_fake("hamur_fast::compiled_norm_backward")
 def _domain_norm_backward_fake(grad_y, o, domain, weight, mean, rstd, count, per_domain, batch_stats):
     return torch.empty_like(o), torch.empty_like(weight), torch.empty_like(weight)
 
@@ -88,13 +88,13 @@ def _adapter_setup_context(ctx, inputs, output):
 
 
 def _adapter_backward(ctx, grad_y, *_unused_grads):
-    grads = ops.adapter_backward(grad_y, *ctx.saved_tensors, ctx.per_domain, ctx.batch_stats)
+    grads = ops.compiled_cell_backward(grad_y, *ctx.saved_tensors, ctx.per_domain, ctx.batch_stats)
     grad_x, grad_rep, grad_dl, grad_dr, grad_db, grad_ul, grad_ur, grad_ub, grad_nw, grad_nb = grads
     return (grad_x, grad_rep, None, grad_dl, grad_dr, grad_db, grad_ul, grad_ur, grad_ub, grad_nw, grad_nb,
             None, None, None, None)
 
 
-torch.library.register_autograd("hamur_fast::adapter_forward", _adapter_backward,
+torch.library.register_autograd("hamur_fast::compiled_cell_forward", _adapter_backward,
                                 setup_context=_adapter_setup_context)
 
 
@@ -108,12 +108,12 @@ def _norm_setup_context(ctx, inputs, output):
 
 
 def _norm_backward(ctx, grad_y, *_unused_grads):
-    grad_o, grad_weight, grad_bias = ops.domain_norm_backward(grad_y, *ctx.saved_tensors, ctx.per_domain,
+    grad_o, grad_weight, grad_bias = ops.compiled_norm_backward(grad_y, *ctx.saved_tensors, ctx.per_domain,
                                                               ctx.batch_stats)
     return grad_o, None, grad_weight, grad_bias, None, None, None, None
 
 
-torch.library.register_autograd("hamur_fast::domain_norm_forward", _norm_backward, setup_context=_norm_setup_context)
+torch.library.register_autograd("hamur_fast::compiled_norm_forward", _norm_backward, setup_context=_norm_setup_context)
 
 
 # ----------------------------------------------------------------------------- backend functions
@@ -125,42 +125,52 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _statistics_source(mode, training, running_mean, running_var, dtype):
-    """The statistics to normalise with: running ones in paper-mode eval, else None (batch statistics)."""
-    if mode == "paper" and not training and running_mean is not None:
-        return running_mean.to(dtype), running_var.to(dtype)
-    return None, None
+def _statistics_given(plan, running_mean, running_var, dtype):
+    """The statistics to normalise with: the running ones when the plan says so, else None (the batch's)."""
+    if plan.batch_statistics:
+        return None, None
+    return running_mean.to(dtype), running_var.to(dtype)
 
 
-def hyper_adapter(x, rep, domain, params, running_mean, running_var, *, mode, training, momentum, eps):
-    domain = domain.long()  # the kernels index with int64; the ops layer also accepts int32 ids
+def _group_stats(plan, mean, var, count) -> GroupStats | None:
+    """The contract's (count, mean, M2) from the kernels' normalising variance."""
+    if not plan.batch_statistics:
+        return None
+    rows = count.unsqueeze(1)
+    return GroupStats(count, mean, var * (rows if plan.per_domain else (rows - 1).clamp(min=1)))
+
+
+def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan):
     dtype = _compute_dtype(x.dtype)
     x_c, rep_c = x.to(dtype), rep.to(dtype)
     params = tuple(p.to(dtype) for p in params)
-    stat_mean, stat_var = _statistics_source(mode, training, running_mean, running_var, dtype)
+    stat_mean, stat_var = _statistics_given(plan, running_mean, running_var, dtype)
     if stat_mean is not None and not _needs_grad(x_c, rep_c, *params):
-        return ops.adapter_infer(x_c, rep_c, domain, *params, stat_mean, stat_var, eps).to(x.dtype)
-    y, _o, _hidden, _order, mean, _rstd, var, count = ops.adapter_forward(x_c, rep_c, domain, *params, stat_mean, stat_var,
-                                                                  mode == "paper", eps)
-    if training and running_mean is not None:
-        eager.update_running_stats(running_mean, running_var, count, mean, var, momentum)
-    return y.to(x.dtype)
+        return ops.compiled_cell_infer(x_c, rep_c, domain, *params, stat_mean, stat_var, plan.eps).to(x.dtype), None
+    y, _o, _hidden, _order, mean, _rstd, var, count = ops.compiled_cell_forward(
+        x_c, rep_c, domain, *params, stat_mean, stat_var, plan.per_domain, plan.eps)
+    return y.to(x.dtype), _group_stats(plan, mean, var, count)
 
 
-def domain_norm(o, domain, weight, bias, running_mean, running_var, *, mode, training, momentum, eps):
-    domain = domain.long()
+def domain_norm(o, domain, weight, bias, running_mean, running_var, plan):
     dtype = _compute_dtype(o.dtype)
-    stat_mean, stat_var = _statistics_source(mode, training, running_mean, running_var, dtype)
-    y, mean, _rstd, var, count = ops.domain_norm_forward(o.to(dtype), domain, weight.to(dtype), bias.to(dtype),
-                                                         stat_mean, stat_var, mode == "paper", eps)
-    if training and running_mean is not None:
-        eager.update_running_stats(running_mean, running_var, count, mean, var, momentum)
-    return y.to(o.dtype)
+    stat_mean, stat_var = _statistics_given(plan, running_mean, running_var, dtype)
+    y, mean, _rstd, var, count = ops.compiled_norm_forward(o.to(dtype), domain, weight.to(dtype), bias.to(dtype),
+                                                           stat_mean, stat_var, plan.per_domain, plan.eps)
+    return y.to(o.dtype), _group_stats(plan, mean, var, count)
+
+
+def _capabilities(device_type: str, auto_rank: dict) -> Capabilities:
+    return Capabilities(devices=frozenset({device_type}), dtypes=FLOAT_DTYPES, auto_rank=auto_rank, fused_cell=True,
+                        self_check=True)
 
 
 if has_kernel("CPU"):
-    register_backend(Backend("cpu", hyper_adapter, domain_norm, supports=lambda device: device.type == "cpu",
-                             auto_priority=lambda device: CPU_AUTO_PRIORITY))
+    register_backend(Backend("cpu", hyper_adapter, domain_norm, _capabilities("cpu", {"cpu": CPU_AUTO_RANK})))
+else:
+    record_unavailable("cpu", "the extension hamur_fast._C was built without its CPU kernels")
 if has_kernel("CUDA"):
-    register_backend(Backend("cuda", hyper_adapter, domain_norm, supports=lambda device: device.type == "cuda",
-                             auto_priority=lambda device: CUDA_AUTO_PRIORITY))
+    register_backend(Backend("cuda", hyper_adapter, domain_norm, _capabilities("cuda", {})))
+else:
+    record_unavailable("cuda", "the extension hamur_fast._C was built without CUDA kernels (no CUDA torch or no "
+                               "matching nvcc at build time)")

@@ -4,13 +4,16 @@ Compared with the released einsum math it
 - multiplies right-to-left through the rank-k space (O(hk + k^2 + ks) per row, never a (B, h, s) tensor),
 - selects per-domain factors by one stacked GEMM and a gather (no per-row weight copies),
 - reduces per-domain statistics with a one-hot matmul (no Python loop, no host-device sync),
-- updates running statistics with ``torch.where`` (no ``.item()``), so it is CUDA-graph capturable.
+- returns the per-domain (count, mean, M2) without reading anything back, so it is CUDA-graph capturable.
 Gradients come from autograd.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..contract import FLOAT_DTYPES, Backend, Capabilities, GroupStats
+from ..registry import register_backend
 
 
 def project_per_domain(v: torch.Tensor, weight: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
@@ -59,45 +62,32 @@ def _through_rep(v: torch.Tensor, rep: torch.Tensor) -> torch.Tensor:
 
 
 def domain_statistics(o: torch.Tensor, domain: torch.Tensor, num_domains: int):
-    """Per-domain count, mean and biased variance of the rows of ``o`` (two-pass, stable)."""
+    """Per-domain count, mean and M2 of the rows of ``o`` (two-pass, stable), and the centred rows."""
     onehot = F.one_hot(domain, num_domains).to(o.dtype)  # (B, D)
     count = onehot.sum(dim=0)
-    safe = count.clamp(min=1).unsqueeze(1)
-    mean = (onehot.t() @ o) / safe
+    mean = (onehot.t() @ o) / count.clamp(min=1).unsqueeze(1)
     centred = o - mean[domain]
-    var = (onehot.t() @ (centred * centred)) / safe
-    return count, mean, var, centred
+    m2 = onehot.t() @ (centred * centred)
+    return count, mean, m2, centred
 
 
-def update_running_stats(running_mean, running_var, count, mean, var, momentum):
-    """BatchNorm-style update, per domain, only where the domain had >= 2 rows; no host sync."""
-    with torch.no_grad():
-        seen = (count >= 2).unsqueeze(1)
-        unbiased = var * (count / (count - 1).clamp(min=1)).unsqueeze(1)
-        running_mean.copy_(torch.where(seen, torch.lerp(running_mean, mean.to(running_mean.dtype), momentum),
-                                       running_mean))
-        running_var.copy_(torch.where(seen, torch.lerp(running_var, unbiased.to(running_var.dtype), momentum),
-                                      running_var))
-
-
-def domain_norm(o, domain, weight, bias, running_mean, running_var, *, mode, training, momentum, eps):
-    if mode == "released":
+def domain_norm(o, domain, weight, bias, running_mean, running_var, plan):
+    if not plan.per_domain:
         mean = o.mean(dim=0)
         centred = o - mean
-        var = (centred * centred).sum(dim=0) / max(o.shape[0] - 1, 1)
-        return torch.addcmul(bias, centred * torch.rsqrt(var + eps), weight)
+        m2 = (centred * centred).sum(dim=0)
+        stats = GroupStats(o.new_full((1,), o.shape[0]), mean.detach()[None], m2.detach()[None])
+        return torch.addcmul(bias, centred * torch.rsqrt(m2 / max(o.shape[0] - 1, 1) + plan.eps), weight), stats
 
-    num_domains = weight.shape[0]
-    if training or running_mean is None:
-        count, mean, var, centred = domain_statistics(o, domain, num_domains)
-        if training and running_mean is not None:
-            update_running_stats(running_mean, running_var, count, mean, var, momentum)
-        scale = weight * torch.rsqrt(var + eps)
-        return torch.addcmul(bias[domain], centred, scale[domain])
-    # Eval: the running statistics fold into one per-domain affine map.
-    scale = weight * torch.rsqrt(running_var + eps)
+    if plan.batch_statistics:
+        count, mean, m2, centred = domain_statistics(o, domain, weight.shape[0])
+        scale = weight * torch.rsqrt(m2 / count.clamp(min=1).unsqueeze(1) + plan.eps)
+        stats = GroupStats(count.detach(), mean.detach(), m2.detach())
+        return torch.addcmul(bias[domain], centred, scale[domain]), stats
+    # Running statistics: they fold into one per-domain affine map.
+    scale = weight * torch.rsqrt(running_var + plan.eps)
     shift = bias - running_mean * scale
-    return torch.addcmul(shift[domain], o, scale[domain])
+    return torch.addcmul(shift[domain], o, scale[domain]), None
 
 
 def adapter_projection(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias):
@@ -109,12 +99,11 @@ def adapter_projection(x, rep, domain, down_left, down_right, down_bias, up_left
     return low_rank(a, up_left, up_right) + _per_row(up_bias, domain)
 
 
-def hyper_adapter(x, rep, domain, params, running_mean, running_var, *, mode, training, momentum, eps):
+def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan):
     *projection, norm_weight, norm_bias = params
     o = adapter_projection(x, rep, domain, *projection)
-    normed = domain_norm(o, domain, norm_weight, norm_bias, running_mean, running_var,
-                         mode=mode, training=training, momentum=momentum, eps=eps)
-    return x + normed
+    normed, stats = domain_norm(o, domain, norm_weight, norm_bias, running_mean, running_var, plan)
+    return x + normed, stats
 
 
 def released_cell_all_towers(x, rep, params, eps):
@@ -133,3 +122,9 @@ def released_cell_all_towers(x, rep, params, eps):
     centred = o - o.mean(dim=1, keepdim=True)
     var = (centred * centred).sum(dim=1, keepdim=True) / max(o.shape[1] - 1, 1)
     return x + torch.addcmul(bias, centred * torch.rsqrt(var + eps), weight)
+
+
+register_backend(Backend(
+    "torch", hyper_adapter, domain_norm,
+    Capabilities(devices=frozenset({"cpu", "cuda"}), dtypes=FLOAT_DTYPES, auto_rank={"cpu": 100, "cuda": 100}),
+    hyper_adapter_all_towers=released_cell_all_towers))

@@ -1,0 +1,187 @@
+"""The backend contract: what the checked ops hand a backend, what a backend hands back, what it declares.
+
+The checked entry points (:func:`hamur_fast.ops.hyper_adapter`, :func:`hamur_fast.ops.domain_norm`)
+validate their arguments, turn (mode, training, running statistics) into one :class:`Plan`, pick a
+:class:`Backend` whose :class:`Capabilities` cover the call (:mod:`hamur_fast.ops.registry`), call it,
+and then update the running statistics themselves from the :class:`GroupStats` the backend returns
+(:func:`update_running_stats`). A backend never decides "batch or running statistics, update or not"
+and never writes a running statistic.
+
+Backend functions (arguments already validated, ``domain`` int64; ``params`` is the tuple
+``(down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)``)::
+
+    hyper_adapter(x, rep, domain, params, running_mean, running_var, plan) -> (y, stats)
+    domain_norm(o, domain, weight, bias, running_mean, running_var, plan)  -> (y, stats)
+
+``running_mean`` / ``running_var`` are read only when ``plan.statistics == "running"``. ``stats`` is the
+:class:`GroupStats` of the batch when ``plan.statistics == "batch"``, else None. Statistics are returned
+as (count, mean, M2): the form Chan's parallel formula merges exactly, which is what a cross-process
+collective will exchange between a backend's statistics pass and its normalise pass.
+
+One vocabulary, shared by every backend, its kernels and its saved tensors (SPEC sections 2 and 3; row
+b, domain d = domain[b], statistics group g = d in paper mode and g = 0 in released mode, I_b = rep[b]):
+
+=============  ==========  =========================================================================
+name           shape       meaning
+=============  ==========  =========================================================================
+p              (B, k)      x DL[d]                          (DL = down_left)
+q              (B, k)      p I_b
+z              (B, s)      q DR[d] + db[d]                  (DR = down_right, db = down_bias)
+a              (B, s)      sigmoid(z)
+u              (B, k)      a UL[d]                          (UL = up_left)
+v              (B, k)      u I_b
+o              (B, h)      v UR[d] + ub[d]                  (UR = up_right, ub = up_bias): the cell's
+                           output before normalisation, the input of ``domain_norm``
+y              (B, h)      x + nw[g] (o - mean[g]) rstd[g] + nb[g]   (``domain_norm``: without x +)
+count          (G,)        rows per statistics group (G = D paper, 1 released)
+mean, m2       (G, h)      per-group mean and sum of squared deviations (M2) of o
+rstd           (G, h)      1 / sqrt(var + eps), var = m2 / count (paper) or m2 / max(count - 1, 1)
+                           (released), or running_var in paper-mode eval
+order          (B,)        row order sorted by group (kernels that group rows); slot i holds row order[i]
+=============  ==========  =========================================================================
+
+Registered operators: ``torch.ops.hamur_fast.<implementation>_<op>_<pass>``, one name per kernel
+entry point, nothing else registered under ``hamur_fast``:
+
+=============================  ========================  ==================================================
+operator                       defined in                returns
+=============================  ========================  ==================================================
+triton_cell_forward            ops/backends/triton.py    y, q, v, order, count, mean, m2, rstd
+triton_cell_backward           ops/backends/triton.py    the ten input gradients (x, rep, params)
+triton_norm_forward            ops/backends/triton.py    y, count, mean, m2, rstd
+triton_norm_backward           ops/backends/triton.py    grad o, grad weight, grad bias
+compiled_cell_forward          csrc/cpu/ops.cpp          y, o, hidden (p, q, u, v, a), order, mean, rstd,
+                                                         var, count
+compiled_cell_backward         csrc/cpu/ops.cpp          the ten input gradients
+compiled_cell_infer            csrc/cpu/ops.cpp          y (eval with running statistics, no autograd)
+compiled_norm_forward          csrc/cpu/ops.cpp          y, mean, rstd, var, count
+compiled_norm_backward         csrc/cpu/ops.cpp          grad o, grad weight, grad bias
+triton_generated_cell_forward  ops/backends/              y, q, v, order, count, mean, m2, rstd (fusion level 2:
+                               triton_generated.py       I generated from g inside the kernels)
+triton_generated_cell_backward ops/backends/              grads of x, g, centre, W', c' and the eight params
+                               triton_generated.py
+=============================  ========================  ==================================================
+
+Fusion level 2 (:mod:`hamur_fast.ops.generated`): a backend may also offer
+``generated_cell(x, rep: GeneratedRep, domain, params, running_mean, running_var, plan, precision) -> (y, stats)``,
+the cell on ``I = ReLU((g - centre) W'^T + c')`` (the hyper-network's last layer folded by the entry point);
+``Capabilities.fused_generation`` says that it keeps I out of memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+
+MODES = ("paper", "released")
+FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the normalisation of one call runs; built only by :func:`make_plan`.
+
+    mode: "paper" (per-domain groups, biased variance) or "released" (one group, unbiased variance).
+    statistics: "batch" (normalise with the batch's statistics, returned as GroupStats) or "running"
+        (paper-mode eval: normalise with running_mean / running_var; no GroupStats).
+    update_running: the entry point will fold the returned GroupStats into the running statistics.
+    """
+
+    mode: str
+    statistics: str
+    update_running: bool
+    momentum: float
+    eps: float
+
+    @property
+    def per_domain(self) -> bool:
+        return self.mode == "paper"
+
+    @property
+    def batch_statistics(self) -> bool:
+        return self.statistics == "batch"
+
+
+def make_plan(mode: str, training: bool, has_running: bool, momentum: float, eps: float) -> Plan:
+    """The one place where (mode, training, running statistics present) becomes a plan."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    running = mode == "paper" and has_running
+    return Plan(mode=mode, statistics="running" if running and not training else "batch",
+                update_running=running and training, momentum=float(momentum), eps=float(eps))
+
+
+class GroupStats(NamedTuple):
+    """Per-group batch statistics of o, detached: count (G,), mean (G, h), m2 (G, h)."""
+
+    count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+
+def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, stats: GroupStats,
+                         momentum: float) -> None:
+    """BatchNorm's rule per group, with the unbiased variance, only where the group had >= 2 rows.
+
+    No host sync (``torch.where``, not ``.item()``), so it runs inside CUDA graphs and torch.compile.
+    """
+    with torch.no_grad():
+        count = stats.count.to(running_mean.dtype).unsqueeze(1)
+        seen = count >= 2
+        mean = stats.mean.to(running_mean.dtype)
+        unbiased = stats.m2.to(running_var.dtype) / (count - 1).clamp(min=1)
+        running_mean.copy_(torch.where(seen, torch.lerp(running_mean, mean, momentum), running_mean))
+        running_var.copy_(torch.where(seen, torch.lerp(running_var, unbiased, momentum), running_var))
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend's kernels take. ``None`` means no limit.
+
+    The size limits bound the adapter cell (h = width, k = rank, s = bottleneck); DomainNorm alone is
+    limited by devices and dtypes only. ``auto_rank`` orders "auto" per device type (lower first; a
+    device type absent from it is never picked by "auto", though an explicit ``backend=`` may still run
+    there). ``fused_cell``: the cell's normalisation runs inside the backend's kernels, so folding it
+    into the weights for inference saves nothing. ``self_check``: "auto" uses the backend on a device
+    and dtype only after its in-process check against the reference passed there.
+    """
+
+    devices: frozenset
+    dtypes: frozenset
+    max_width: int | None = None
+    max_rank: int | None = None
+    max_bottleneck: int | None = None
+    auto_rank: dict = field(default_factory=dict)
+    fused_cell: bool = False
+    self_check: bool = False
+    fused_generation: bool = False
+
+    def limit(self, device: torch.device, dtype: torch.dtype, width: int | None = None, rank: int | None = None,
+              bottleneck: int | None = None) -> str | None:
+        """None when the call is covered, else the first limit it exceeds, in words."""
+        if device.type not in self.devices:
+            return f"device {device.type} (takes {sorted(self.devices)})"
+        if dtype not in self.dtypes:
+            return f"dtype {dtype} (takes {sorted(str(d) for d in self.dtypes)})"
+        for what, size, most in (("width h", width, self.max_width), ("rank k", rank, self.max_rank),
+                                 ("bottleneck s", bottleneck, self.max_bottleneck)):
+            if size is not None and most is not None and size > most:
+                return f"{what}={size} (at most {most})"
+        return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the two ops, and what it can do.
+
+    ``hyper_adapter_all_towers(x (T, B, h), rep, params, eps) -> (T, B, h)``, when not None, runs the
+    released-mode cell on T towers' outputs at once (each normalised over its own whole batch).
+    """
+
+    name: str
+    hyper_adapter: Callable
+    domain_norm: Callable
+    capabilities: Capabilities
+    hyper_adapter_all_towers: Callable | None = None
+    generated_cell: Callable | None = None  # fusion level 2, see the module docstring

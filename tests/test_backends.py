@@ -1,0 +1,314 @@
+"""Every backend on the device at hand against the float64 reference: one suite, parametrized over
+``hf.available_backends(DEVICE)``.
+
+On a machine without a GPU, DEVICE is the CPU: "torch", the C++ backend "cpu" when the extension is built,
+and "triton" under the Triton interpreter (conftest.py sets TRITON_INTERPRET=1). With a GPU, DEVICE is
+cuda: "torch", "triton" and "cuda" when built. What is specific to one backend (its registered ops, its
+buffers, its own helpers) is tested in test_ops.py (torch), test_triton_adapter.py and test_csrc.py.
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hamur_fast as hf
+from golden import BUFFER_WORDS, load, our_tensor, released_keys, released_model
+from hamur_fast.ops import registry
+from helpers import NAMES, assert_matches_reference, cell_inputs, fp32_exact, rel_err, run_with_grads
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = [name for name in hf.available_backends(DEVICE) if name != "reference"]
+
+
+def capabilities(name):
+    return registry.get_backend(name).capabilities
+
+
+def interpreted(name):
+    """Triton on the CPU runs under the interpreter: far slower, so it skips the largest sizes."""
+    return name == "triton" and DEVICE == "cpu"
+
+
+def backends_with(dtype):
+    return [name for name in BACKENDS if dtype in capabilities(name).dtypes]
+
+
+KERNEL_BACKENDS = [name for name in BACKENDS if capabilities(name).fused_cell]
+
+SIZES = [  # (B, h, k, s, D, edge): odd sizes, h, k, s not multiples of 16; edge: domain 0 absent and domain 1 one
+    # row, otherwise random domains that all have rows; rank 1 and bottleneck 1 (one-row factors)
+    (1, 13, 5, 7, 3, True), (2, 13, 5, 7, 3, True), (3, 13, 5, 7, 3, True), (37, 40, 12, 31, 3, True),
+    (203, 40, 12, 32, 3, False), (19, 21, 1, 1, 3, True), (1023, 40, 35, 17, 3, True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["paper", "released"])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "B{}-h{}-k{}-s{}-D{}-{}".format(*s[:5], "edge" if s[5] else "mixed"))
+def test_cell_matches_reference_fp32(size, mode, backend, request):
+    batch, width, rank, bottleneck, num_domains, edge = size
+    if batch > 1000 and interpreted(backend):
+        pytest.skip("too slow under the Triton interpreter (test_triton_adapter.py covers a long batch)")
+    if (backend, batch, mode) == ("triton", 2, "released"):
+        # Known, as on main at 9bad9d8: up_bias's gradient (a cancelling sum) keeps a residue of 1e-4 of its
+        # terms' absolute sum on a two-row released batch, where PyTorch's fp32 keeps 2e-6.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="triton: up_bias gradient residue, two rows"))
+    inputs = fp32_exact(cell_inputs(batch, width, rank, bottleneck, num_domains, mode, seed=100 + batch,
+                                    edge_domains=edge))
+    domain = inputs[2]
+    if mode == "paper" and edge and batch >= 3:
+        assert (domain == 0).sum() == 0 and (domain == 1).sum() == 1  # the edge cases are really there
+    if not edge:
+        assert all((domain == d).sum() >= 2 for d in range(num_domains))
+    assert_matches_reference(backend, DEVICE, inputs, mode, seed=batch)
+
+
+@pytest.mark.parametrize("backend", backends_with(torch.float64))
+@pytest.mark.parametrize("mode", ["paper", "released"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cell_matches_reference_fp64(training, mode, backend):
+    """float64 stays float64 (never computed in fp32 on the way)."""
+    assert_matches_reference(backend, DEVICE, cell_inputs(203, 40, 12, 31, 3, mode, seed=7), mode, training,
+                             torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["paper", "released"])
+def test_eval_mode_matches_reference(mode, backend):
+    """paper: running statistics (no batch dependence); released: whole-batch statistics still."""
+    assert_matches_reference(backend, DEVICE, fp32_exact(cell_inputs(29, 21, 7, 10, 3, mode, seed=3)), mode,
+                             training=False)
+
+
+@pytest.mark.parametrize("backend", backends_with(torch.bfloat16))
+@pytest.mark.parametrize("mode", ["paper", "released"])
+def test_bf16_within_twice_plain_pytorch_error(mode, backend):
+    inputs = cell_inputs(37, 40, 12, 32, 3, mode, seed=21)
+    upstream = torch.randn(37, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(21))
+    ref_y, ref_leaves, _ = run_with_grads("reference", torch.float64, "cpu", inputs, mode, upstream)
+    plain_y, plain_leaves, _ = run_with_grads("reference", torch.bfloat16, "cpu", inputs, mode, upstream)
+    y, leaves, _ = run_with_grads(backend, torch.bfloat16, DEVICE, inputs, mode, upstream)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y.cpu(), ref_y) <= 2 * rel_err(plain_y, ref_y) + 1e-3
+    for name, fast, plain, slow in list(zip(NAMES, leaves, plain_leaves, ref_leaves))[:7]:  # x .. up_right
+        assert fast.grad.dtype == torch.bfloat16, name
+        assert rel_err(fast.grad.cpu(), slow.grad) <= 2 * rel_err(plain.grad, slow.grad) + 1e-3, name
+
+
+def on_device(x, rep, domain, params, stats):
+    return (x.to(DEVICE), rep.to(DEVICE), domain.to(DEVICE), [p.to(DEVICE) for p in params],
+            [s.to(DEVICE) if s is not None else None for s in stats])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paper_eval_rows_do_not_depend_on_the_batch(backend):
+    x, rep, domain, params, stats = on_device(*cell_inputs(9, 13, 5, 7, 3, "paper", dtype=torch.float32, seed=8))
+    whole = hf.ops.hyper_adapter(x, rep, domain, *params, *stats, training=False, backend=backend)
+    single = hf.ops.hyper_adapter(x[4:5], rep[4:5], domain[4:5], *params, *stats, training=False, backend=backend)
+    assert torch.allclose(whole[4:5], single, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_row_domain_normalises_to_bias_and_keeps_running_stats(backend):
+    x, rep, domain, params, stats = cell_inputs(37, 13, 5, 7, 3, "paper", dtype=torch.float32, seed=5)
+    lone = int((domain == 1).nonzero()[0])
+    x_d, rep_d, domain_d, params_d, running = on_device(x, rep, domain, params, [s.clone() for s in stats])
+    y = hf.ops.hyper_adapter(x_d, rep_d, domain_d, *params_d, *running, backend=backend)
+    assert torch.allclose(y[lone].cpu(), x[lone] + params[7][1], rtol=0, atol=1e-6)  # x + norm_bias[1]
+    for before, after in zip(stats, running):
+        assert torch.equal(after[0].cpu(), before[0])  # domain 0 absent: not updated
+        assert torch.equal(after[1].cpu(), before[1])  # domain 1 has one row: not updated
+        assert not torch.equal(after[2].cpu(), before[2])  # domain 2, many rows: updated
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_running_stats_follow_batchnorm_rule(backend):
+    """Domains with >= 2 rows update like BatchNorm1d; domains with 0 or 1 rows keep their statistics."""
+    dtype = torch.float64 if torch.float64 in capabilities(backend).dtypes else torch.float32
+    g = torch.Generator().manual_seed(6)
+    o = torch.randn(9, 6, generator=g, dtype=dtype)
+    domain = torch.tensor([0, 0, 0, 0, 2, 0, 0, 0, 0])  # domain 1 absent, domain 2 has one row
+    weight, bias = torch.ones(3, 6, dtype=dtype), torch.zeros(3, 6, dtype=dtype)
+    mean, var = torch.zeros(3, 6, dtype=dtype, device=DEVICE), torch.ones(3, 6, dtype=dtype, device=DEVICE)
+    out = hf.ops.domain_norm(o.to(DEVICE), domain.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE), mean, var,
+                             backend=backend).cpu()
+    bn = torch.nn.BatchNorm1d(6, dtype=dtype)
+    expected = bn(o[domain == 0])
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel_err(out[domain == 0], expected) < tolerance
+    assert torch.equal(out[domain == 2], bias[2:3])  # one row normalises to the bias, no NaN
+    assert rel_err(mean[0].cpu(), bn.running_mean) < tolerance and rel_err(var[0].cpu(), bn.running_var) < tolerance
+    assert torch.equal(mean[1:].cpu(), torch.zeros(2, 6, dtype=dtype))
+    assert torch.equal(var[1:].cpu(), torch.ones(2, 6, dtype=dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode, training", [("paper", True), ("paper", False), ("released", True)])
+def test_domain_norm_matches_reference(mode, training, backend):
+    g = torch.Generator().manual_seed(9)
+    batch, width, num_domains = 41, 19, 3
+    o = (torch.randn(batch, width, generator=g, dtype=torch.float64) * 3 + 50).float().double()  # |mean| >> std
+    domain = torch.randint(1, num_domains, (batch,), generator=g)
+    domain[domain == 2] = 1
+    domain[5] = 2  # domain 0 absent, domain 2 a single row
+    shape = (num_domains, width) if mode == "paper" else (width,)
+    weight = (1 + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)).float().double()
+    bias = (0.1 * torch.randn(shape, generator=g, dtype=torch.float64)).float().double()
+    stats = ([torch.randn(shape, generator=g, dtype=torch.float64).float().double(),
+              (0.5 + torch.rand(shape, generator=g, dtype=torch.float64)).float().double()]
+             if mode == "paper" else [None, None])
+    upstream = torch.randn(batch, width, generator=g, dtype=torch.float64)
+    results = {}
+    for name, dtype, dev in (("reference", torch.float64, "cpu"), (backend, torch.float32, DEVICE)):
+        leaves = [t.to(device=dev, dtype=dtype).detach().requires_grad_() for t in (o, weight, bias)]
+        run_stats = [s.to(device=dev, dtype=dtype).clone() if s is not None else None for s in stats]
+        out = hf.ops.domain_norm(leaves[0], domain.to(dev), leaves[1], leaves[2], *run_stats, mode=mode,
+                                 training=training, backend=name, num_domains=num_domains)
+        out.backward(upstream.to(device=dev, dtype=dtype))
+        results[name] = (out.detach(), [t.grad for t in leaves], run_stats)
+    (ref_out, ref_grads, ref_stats), (out, grads, run_stats) = results["reference"], results[backend]
+    assert rel_err(out.cpu(), ref_out) <= 1e-5
+    for fast, slow in zip(grads, ref_grads):
+        assert rel_err(fast.cpu(), slow) <= 1e-5
+    for fast, slow in zip(run_stats, ref_stats):
+        if slow is not None:
+            assert rel_err(fast.cpu(), slow) <= 1e-6
+    if mode == "paper" and training:
+        assert torch.equal(out[5].cpu(), bias[2].float())  # single row -> bias
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs_give_the_same_result(backend):
+    x, rep, domain, params, stats = on_device(*cell_inputs(37, 13, 5, 7, 3, "paper", dtype=torch.float32, seed=4))
+    strided_x = x.t().contiguous().t()  # column-major
+    strided_rep = rep.transpose(1, 2).contiguous().transpose(1, 2)
+    strided_params = [p.transpose(-1, -2).contiguous().transpose(-1, -2) for p in params]
+    assert not strided_x.is_contiguous() and not strided_rep.is_contiguous()
+    expected = hf.ops.hyper_adapter(x, rep, domain, *params, *[s.clone() for s in stats], backend=backend)
+    got = hf.ops.hyper_adapter(strided_x, strided_rep, domain, *strided_params, *[s.clone() for s in stats],
+                               backend=backend)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_domain_ids_give_the_same_result(backend):
+    x, rep, domain, params, stats = on_device(*cell_inputs(37, 13, 5, 7, 3, "paper", dtype=torch.float32, seed=14))
+    results = [hf.ops.hyper_adapter(x, rep, ids, *params, *[s.clone() for s in stats], backend=backend)
+               for ids in (domain, domain.int())]
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["paper", "released"])
+def test_no_nan_for_single_row_batch(mode, backend):
+    x, rep, domain, params, stats = on_device(*cell_inputs(1, 9, 4, 5, 3, mode, seed=5, dtype=torch.float32))
+    leaves = [t.detach().requires_grad_() for t in (x, rep, *params)]
+    out = hf.ops.hyper_adapter(leaves[0], leaves[1], domain, *leaves[2:], *stats, mode=mode, backend=backend)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+@pytest.mark.parametrize("backend", backends_with(torch.float64))
+@pytest.mark.parametrize("mode", ["paper", "released"])
+def test_gradcheck_hyper_adapter(backend, mode):
+    x, rep, domain, params, stats = on_device(*cell_inputs(7, 6, 4, 5, 3, mode, seed=11))
+    leaves = [t.detach().requires_grad_() for t in (x, rep, *params)]
+
+    def cell(*tensors):
+        fresh = [s.clone() if s is not None else None for s in stats]  # gradcheck calls it many times
+        return hf.ops.hyper_adapter(tensors[0], tensors[1], domain, *tensors[2:], *fresh, mode=mode, backend=backend)
+
+    assert torch.autograd.gradcheck(cell, leaves, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_hyper_adapter_module_trains_like_the_torch_backend(backend):
+    """The nn.Module path: one training step gives the torch backend's gradients and running statistics."""
+    torch.manual_seed(0)
+    cells = [hf.HyperAdapter(24, 6, 3, bottleneck=10, backend=b).to(DEVICE) for b in ("torch", backend)]
+    cells[1].load_state_dict(cells[0].state_dict())
+    g = torch.Generator().manual_seed(1)
+    x, rep = torch.randn(33, 24, generator=g).to(DEVICE), torch.rand(33, 6, 6, generator=g).to(DEVICE)
+    domain = torch.randint(0, 3, (33,), generator=g).to(DEVICE)
+    for cell in cells:
+        cell(x, rep, domain).square().mean().backward()
+    for (name, a), b in zip(cells[0].named_parameters(), cells[1].parameters()):
+        if name == "up_bias":  # zero by construction: both are fp32 residues of a cancelling sum
+            assert b.grad.abs().max() <= max(1e-6, 4 * a.grad.abs().max()), name
+        else:
+            assert rel_err(b.grad.cpu(), a.grad.cpu().double()) <= 1e-5, name
+    assert rel_err(cells[1].running_mean.cpu(), cells[0].running_mean.cpu().double()) <= 1e-6
+    assert rel_err(cells[1].running_var.cpu(), cells[0].running_var.cpu().double()) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("mode", ["paper", "released"])
+def test_torch_compile_and_export_see_the_ops(mode, backend):
+    """torch.compile (fullgraph) traces forward, backward and the running-statistics update through the
+    backend's registered ops; torch.export keeps them in the graph."""
+    x, rep, domain, params, stats = on_device(*cell_inputs(6, 13, 5, 7, 3, mode, dtype=torch.float32, seed=12))
+
+    def cell(x, rep, *params_and_stats):
+        return hf.ops.hyper_adapter(x, rep, domain, *params_and_stats, mode=mode, backend=backend).square().sum()
+
+    leaves = [t.detach().requires_grad_() for t in (x, rep, *params)]
+    runs = {}
+    for name, fn in (("eager", cell), ("compiled", torch.compile(cell, backend="aot_eager", fullgraph=True))):
+        running = [s.clone() if s is not None else None for s in stats]
+        runs[name] = torch.autograd.grad(fn(*leaves, *running), leaves), running
+    (eager_grads, eager_stats), (compiled_grads, compiled_stats) = runs["eager"], runs["compiled"]
+    for a, b in zip(eager_grads, compiled_grads):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    if mode == "paper":
+        for before, a, b in zip(stats, eager_stats, compiled_stats):
+            assert not torch.equal(a, before)  # the training step did update them, compiled or not
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+    class Cell(torch.nn.Module):
+        def forward(self, x, rep, domain):
+            return hf.ops.hyper_adapter(x, rep, domain, *params, *stats, mode=mode, training=False, backend=backend)
+
+    exported = torch.export.export(Cell(), (x, rep, domain))
+    assert any(str(node.target).startswith("hamur_fast.") for node in exported.graph.nodes)
+    assert torch.allclose(exported.module()(x, rep, domain), Cell()(x, rep, domain), rtol=1e-6, atol=1e-6)
+
+
+def test_auto_on_this_device_is_a_fast_backend_never_the_reference():
+    chosen = registry.resolve("auto", torch.device(DEVICE)).name
+    assert chosen != "reference" and chosen in BACKENDS
+
+
+# ----------------------------------------------------------------------------- released golden files
+@pytest.fixture(params=["official_mlp2.npz", "official_mlp7.npz"])
+def golden(request, shared_dir):
+    return load(shared_dir / "golden" / request.param)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_released_golden_parity_fp32(golden, backend):
+    """The released model in fp32 with its adapter cells on ``backend`` reproduces the float64 golden vectors
+    as closely as the same model on backend="torch" does (both bounded by fp32 arithmetic)."""
+    e = torch.from_numpy(golden["input_e"])
+    domain = torch.from_numpy(golden["input_domain"]).to(DEVICE)
+    label = torch.from_numpy(golden["input_label"]).float().to(DEVICE)
+    grads = [n for n in released_keys(golden) if not n.endswith(BUFFER_WORDS)]
+    errors = {}
+    for name in ("torch", backend):
+        model = released_model(golden).float().to(DEVICE)
+        model.backend = name
+        model.train()
+        inp = e.float().to(DEVICE).requires_grad_()
+        prob = model(inp, domain)
+        F.binary_cross_entropy(prob, label).backward()
+        err = {"output_prob": rel_err(prob.detach().cpu(), torch.from_numpy(golden["output_prob"])),
+               "grad_input_e": rel_err(inp.grad.cpu(), torch.from_numpy(golden["grad_input_e"]))}
+        for key in grads:
+            expected = torch.from_numpy(np.asarray(golden[f"grad/{key}"]))
+            ours = our_tensor(model, golden, key, "grad").cpu()
+            # Zero by construction (adapter up_bias): bounded in absolute terms below.
+            err[key] = ours.abs().max().item() if expected.abs().max() < 1e-12 else rel_err(ours, expected)
+        errors[name] = err
+    for what, err in errors[backend].items():
+        assert err <= max(1e-4, 2 * errors["torch"][what]), (what, err, errors["torch"][what])
+    assert errors[backend]["output_prob"] <= 1e-5
