@@ -13,6 +13,7 @@ import torch
 from ...kernels import adapter_generated as kernels
 from ..contract import GroupStats
 from ..registry import get_backend, register_backend
+from .triton import triton_cell_forward
 
 
 # --------------------------------------------------------------------------------------------------
@@ -33,15 +34,11 @@ def triton_generated_cell_forward(x: torch.Tensor, g: torch.Tensor, centre: torc
 @triton_generated_cell_forward.register_fake
 def _(x, g, centre, gen_weight, gen_bias, domain, down_left, down_right, down_bias, up_left, up_right, up_bias,
       norm_weight, norm_bias, running_mean, running_var, use_batch_stats, eps, precision):
-    # The outputs of level 1's cell (adapter_cell_fwd).
-    batch, rank = x.shape[0], down_left.shape[-1]
-    per_domain = norm_weight.dim() == 2
-    num_groups = norm_weight.shape[0] if per_domain else 1
-    saved = x.new_empty((batch, rank), dtype=torch.float32)
-    stats = x.new_empty((num_groups, x.shape[1]), dtype=torch.float32)
-    order = x.new_empty((batch if per_domain else 0,), dtype=torch.int64)
-    return (torch.empty_like(x), saved, torch.empty_like(saved), order,
-            x.new_empty((num_groups,), dtype=torch.float32), stats, torch.empty_like(stats), torch.empty_like(stats))
+    # The outputs of level 1's cell: its fake, on a stand-in for I of the right shape (a view, no memory).
+    rank = down_left.shape[-1]
+    return triton_cell_forward(x, x.new_zeros(()).expand(x.shape[0], rank, rank), domain, down_left, down_right,
+                               down_bias, up_left, up_right, up_bias, norm_weight, norm_bias, running_mean,
+                               running_var, use_batch_stats, eps)
 
 
 @torch.library.custom_op("hamur_fast::triton_generated_cell_backward", mutates_args=())
