@@ -30,8 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import hamur_fast as hf
 from bench_layers import LiveTensorPeak
-from bench_train import eager_backends
-from timing import failure, sync, take_turns
+from bench_train import eager_backends, warm_up
+from timing import failure, take_turns
 from hamur_fast.ops import grouped_linear
 from hamur_fast.train.captured_step import bce_step
 
@@ -106,19 +106,6 @@ def measure(model_name, num_domains, args, device):
         else:
             rows.append((*label, statistics.median(times) * 1e3, peak, gflop))
     return rows, failed
-
-
-def warm_up(step, inputs, device, warmup):
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    for _ in range(warmup):
-        step(*inputs)
-    if device.type != "cuda":
-        return None
-    sync(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def print_table(model_name, results, gpu_flops):
