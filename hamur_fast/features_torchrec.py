@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.types import ShardingType
 
 from .data import FeatureMap
 from .features import CTRModel, embedding_width
@@ -51,8 +53,21 @@ class TorchRecFeatureEmbedding(nn.Module):
         pooled = torch.cat([by_field[field] for field in self.fields], dim=1)
         return torch.cat([pooled, dense.to(pooled.dtype)], dim=1)
 
+
 def table_name(field: str) -> str:
     return f"table_{field}"
+
+
+class TableSharder(EmbeddingBagCollectionSharder):
+    """TorchRec's sharder, with row-wise sharding offered on CPU too. TorchRec 1.8 lists row-wise for CUDA only,
+    but on CPU its row-wise path (fbgemm-gpu-cpu's fused table kernel, gloo's all-to-all and reduce-scatter)
+    runs, and trains like ``nn.Embedding`` tables (tests/test_distributed.py checks it on 2 gloo processes)."""
+
+    def sharding_types(self, compute_device_type: str) -> list:
+        types = super().sharding_types(compute_device_type)
+        if compute_device_type == "cpu" and ShardingType.ROW_WISE.value not in types:
+            types.append(ShardingType.ROW_WISE.value)
+        return types
 
 
 def build_torchrec_ctr_model(feature_map: FeatureMap, core: nn.Module, embed_dim: int = 16,
@@ -66,12 +81,11 @@ def shard(module: nn.Module, context, sharding: str = "table_wise", embedding_op
     """``DistributedModelParallel`` of ``module`` (which holds a :class:`TorchRecFeatureEmbedding`) over the
     ranks of ``context`` (a :class:`hamur_fast.distributed.DistributedContext`).
 
-    The tables are sharded ``sharding`` ("table_wise" or "row_wise"; TorchRec offers row-wise on CUDA only) with
+    The tables are sharded ``sharding`` ("table_wise" or "row_wise", on CPU as on CUDA: see :class:`TableSharder`) with
     TorchRec's fused kernel, which applies ``embedding_optimizer(**embedding_optimizer_options)`` inside the
     backward (``lr`` 0.01 unless given; FBGEMM has fused SGD, Adagrad, Adam...): ``dmp.fused_optimizer``. The rest
     of the model is data-parallel (DDP, unused parameters allowed: paper-mode layers of a domain absent on a
     rank get no gradient there); train it with an optimizer over :func:`dense_parameters`."""
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.distributed.types import ShardingEnv
@@ -79,7 +93,7 @@ def shard(module: nn.Module, context, sharding: str = "table_wise", embedding_op
 
     if sharding not in SHARDING_TYPES:
         raise ValueError(f"sharding must be one of {SHARDING_TYPES}, got {sharding!r}")
-    sharders = [EmbeddingBagCollectionSharder()]
+    sharders = [TableSharder()]
     offered = sharders[0].sharding_types(context.device.type)
     if sharding not in offered:
         raise ValueError(f"TorchRec does not offer {sharding} sharding on {context.device.type} (only {offered})")

@@ -132,9 +132,10 @@ def suite_equivalence(context) -> dict:
     return results
 
 
-# The TorchRec feature stage (tables sharded table-wise, fused SGD in the backward) against nn.Embedding tables
+# The TorchRec feature stage (tables sharded table-wise or row-wise, fused SGD in the backward) against nn.Embedding tables
 # trained by plain SGD; TorchRec's tables are float32.
 TORCHREC_CASES = [("hamur_mlp", mode, "torch", torch.float32) for mode in ("paper", "released")]
+TORCHREC_SHARDINGS = ("table_wise", "row_wise")
 EMBEDDING_LR = 0.5  # large enough for the table updates to matter within three steps
 
 
@@ -162,11 +163,11 @@ def suite_torchrec(context) -> dict:
     fmap = feature_map()
     share = GLOBAL_BATCH // context.world_size
     results = {}
-    for case in TORCHREC_CASES:
+    for sharding, case in ((s, c) for s in TORCHREC_SHARDINGS for c in TORCHREC_CASES):
         plain = build(fmap, case)
         model = build_torchrec_ctr_model(fmap, plain.core, SMALL["embed_dim"])
         convert_batch_norms(model)
-        sharded = shard(LogitsModule(model), context, "table_wise", torch.optim.SGD, {"lr": EMBEDDING_LR})
+        sharded = shard(LogitsModule(model), context, sharding, torch.optim.SGD, {"lr": EMBEDDING_LR})
         load_tables(sharded, plain.features)
         dense = dense_parameters(sharded)
         optimizer = torch.optim.SGD(dense.values(), lr=0.05, momentum=0.9, weight_decay=1e-3)
@@ -183,7 +184,7 @@ def suite_torchrec(context) -> dict:
                 records.append({"loss": loss.item(), "grads": {unwrapped(n): p.grad.clone() for n, p in dense.items()
                                                                if p.grad is not None},
                                 "state": sharded_state(sharded)})
-        results[case_key(case)] = records
+        results[f"{sharding}-{case_key(case)}"] = records
     return results
 
 

@@ -114,16 +114,22 @@ def test_two_ranks_train_like_one_process(ranks, case):
                      TOLERANCE[case[3]], "predictions")
 
 
+@pytest.mark.parametrize("sharding", workers.TORCHREC_SHARDINGS)
 @pytest.mark.parametrize("case", workers.TORCHREC_CASES, ids=workers.case_key)
-def test_torchrec_table_wise_feature_stage_trains_like_nn_embedding(ranks, case):
-    """The feature stage as a TorchRec EmbeddingBagCollection sharded table-wise by DistributedModelParallel (fused
-    SGD on the tables), HAMUR as the dense part, 2 ranks, against one process with nn.Embedding tables."""
+def test_torchrec_sharded_feature_stage_trains_like_nn_embedding(ranks, case, sharding):
+    """The feature stage as a TorchRec EmbeddingBagCollection sharded by DistributedModelParallel (table-wise:
+    each table on one rank; row-wise: each table's rows split over both; fused SGD on the tables), HAMUR as the
+    dense part, 2 ranks, against one process with nn.Embedding tables."""
     if "torchrec" not in ranks[0]:
         pytest.skip("torchrec is not installed (pip install hamur_fast[torchrec])")
     fields = workers.feature_map().sparse_fields
     tables = {f"features.ebc.embedding_bags.table_{field}.weight": f"features.tables.{i}.weight"
               for i, field in enumerate(fields)}
-    key = workers.case_key(case)
+    key = f"{sharding}-{workers.case_key(case)}"
+    holders = {name: {rank for rank, r in enumerate(ranks) for k in r["torchrec"][key][0]["state"]
+                      if isinstance(k, tuple) and k[0] == name} for name in tables}
+    # Table-wise: each table whole on one rank; row-wise: each table's rows split over both ranks.
+    assert all(len(held) == (WORLD if sharding == "row_wise" else 1) for held in holders.values()), holders
     assert_like_one_process([r["torchrec"][key] for r in ranks], workers.one_process_embedding(case), case, tables)
 
 
