@@ -9,10 +9,11 @@ from .feature_map import FeatureMap
 from .load import load_dataset, read_prediction_input
 from .movielens import load_movielens, read_movielens
 from .schema import Schema
+from .shards import RowShard
 from .synthetic import generate, load_synthetic
 from .table import load_table, read_schema
 from .tensors import Batch, MultiDomainData, TensorSplit
 
-__all__ = ["DataError", "FeatureMap", "Schema", "Batch", "TensorSplit", "MultiDomainData", "load_dataset",
+__all__ = ["DataError", "FeatureMap", "Schema", "RowShard", "Batch", "TensorSplit", "MultiDomainData", "load_dataset",
            "read_prediction_input", "load_movielens", "read_movielens", "load_aliccp", "load_table", "read_schema",
            "generate", "load_synthetic"]

@@ -43,24 +43,27 @@ def aliccp_schema(columns: list, where="the training file") -> Schema:
                   dense=[c for c in DENSE if c in columns])
 
 
-def load_aliccp(train, val, test, chunksize: int = 500_000, feature_map=None):
-    """Encoded splits from the three given files, the feature map fitted on ``train`` (unless given)."""
+def load_aliccp(train, val, test, chunksize: int = 500_000, feature_map=None, shard=None):
+    """Encoded splits from the three given files, the feature map fitted on ``train`` (unless given).
+    ``shard``: only those rows of ``train`` are kept (each chunk's, before the checks and the encoding)."""
     for path in (train, val, test):
         existing_file(path)  # fail before a long pass over the training file, not after it
     columns = csv_header(train)
     if columns is None:
         raise DataError(f"{train}: the training file needs a header line naming the columns")
     schema = feature_map.schema if feature_map is not None else aliccp_schema(columns, train)
-    chunks = {name: _checked_chunks(path, schema, chunksize, columns)
+    chunks = {name: _checked_chunks(path, schema, chunksize, columns, shard if name == "train" else None)
               for name, path in (("train", train), ("val", val), ("test", test))}
     return encode_splits(chunks, schema, None, feature_map)
 
 
-def _checked_chunks(path, schema: Schema, chunksize: int, train_columns: list):
-    """Chunks with every used column present, complete and numeric (errors name the line)."""
+def _checked_chunks(path, schema: Schema, chunksize: int, train_columns: list, shard=None):
+    """Chunks (``shard``'s rows of them) with every used column present, complete and numeric (errors name
+    the line)."""
     names = None if csv_header(path) is not None else train_columns
     integer_columns = [schema.label, *schema.sparse]
-    for chunk in iter_csv(path, chunksize, names=names):
+    chunks = iter_csv(path, chunksize, names=names)
+    for chunk in (chunks if shard is None else shard.frames(chunks)):
         used = schema.required_columns()
         check_columns(chunk, used, path)
         check_complete(chunk, used, path)

@@ -6,6 +6,7 @@ from .errors import DataError
 from .feature_map import FeatureMap
 from .movielens import add_derived_columns, load_movielens
 from .readers import read_table
+from .shards import RowShard
 from .synthetic import load_synthetic
 from .table import load_table
 from .tensors import MultiDomainData
@@ -16,17 +17,22 @@ LOADERS = {"movielens": load_movielens, "aliccp": load_aliccp, "table": load_tab
 PREPARE = {"movielens": add_derived_columns}
 
 
-def load_dataset(config: dict, feature_map: FeatureMap | None = None) -> MultiDomainData:
+def load_dataset(config: dict, feature_map: FeatureMap | None = None,
+                 shard: RowShard | None = None) -> MultiDomainData:
     """``config``: ``{kind: movielens|aliccp|table|synthetic, ...the loader's keyword arguments}``.
 
     With ``feature_map`` (from a checkpoint) nothing is fitted: the splits are encoded as at training time.
+    With ``shard`` too, only that shard's training rows are encoded (validation and test whole).
     """
     options = dict(config)
     kind = options.pop("kind", None)
     if kind not in LOADERS:
         raise DataError(f"data.kind must be one of {sorted(LOADERS)}, got {kind!r}")
+    if shard is not None and feature_map is None:
+        raise ValueError("a shard of the training rows is encoded with a feature map fitted on all of them: "
+                         "give feature_map")
     try:
-        return LOADERS[kind](**options, feature_map=feature_map)
+        return LOADERS[kind](**options, feature_map=feature_map, shard=shard)
     except TypeError as err:
         if "argument" not in str(err):
             raise

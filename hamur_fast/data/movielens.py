@@ -66,8 +66,9 @@ def add_derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(cate_id=frame["genres"].astype(str).str.split("|").str[0])
 
 
-def load_movielens(path, split=(0.8, 0.1, 0.1), seed: int = 2022, feature_map=None):
-    """Encoded train/val/test splits (random 8:1:1, seed 2022 by default) with a feature map fitted on train."""
+def load_movielens(path, split=(0.8, 0.1, 0.1), seed: int = 2022, feature_map=None, shard=None):
+    """Encoded train/val/test splits (random 8:1:1, seed 2022 by default) with a feature map fitted on train
+    (unless given); ``shard``: only those training rows (the random split needs the whole file read)."""
     frame = add_derived_columns(read_movielens(path))
-    return encode_splits(frames_by_split(random_split(frame, split, seed), str(path)), SCHEMA, "movielens",
+    return encode_splits(frames_by_split(random_split(frame, split, seed), str(path), shard), SCHEMA, "movielens",
                          feature_map)

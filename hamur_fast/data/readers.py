@@ -95,18 +95,31 @@ def iter_csv(path, chunksize: int, names: list | None = None, dtype: dict | None
 def read_table(path, dtype: dict | None = None) -> pd.DataFrame:
     """A whole CSV or Parquet file, indexed by line number (Parquet rows count from 1). ``dtype`` as for
     :func:`iter_csv` (Parquet files carry their own types)."""
-    path = existing_file(path)
-    if path.suffix.lower() in {".parquet", ".pq"}:
-        try:
-            frame = pd.read_parquet(path)
-        except Exception as err:  # pyarrow raises several types for unreadable files
-            raise DataError(f"{path}: not a readable Parquet file: {err}") from None
-        frame.index = pd.RangeIndex(1, len(frame) + 1)
-        return frame
-    frame = pd.concat(list(iter_csv(path, chunksize=1 << 20, dtype=dtype)))
-    if len(frame) == 0:
+    chunks = [chunk for chunk in iter_table(path, dtype) if len(chunk)]
+    if not chunks:
         raise DataError(f"{path}: the file has a header but no rows")
-    return frame
+    return pd.concat(chunks)
+
+
+def iter_table(path, dtype: dict | None = None, chunksize: int = 1 << 20) -> Iterator[pd.DataFrame]:
+    """Chunks of a CSV or Parquet file, indexed as by :func:`read_table` (Parquet: record batches of at most
+    ``chunksize`` rows, so a reader that keeps some rows of each never holds the whole file)."""
+    path = existing_file(path)
+    if path.suffix.lower() not in {".parquet", ".pq"}:
+        yield from iter_csv(path, chunksize, dtype=dtype)
+        return
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=chunksize)
+        start = 1
+        for batch in batches:
+            chunk = batch.to_pandas()
+            chunk.index = pd.RangeIndex(start, start + len(chunk))
+            yield chunk
+            start += len(chunk)
+    except Exception as err:  # pyarrow raises several types for unreadable files
+        raise DataError(f"{path}: not a readable Parquet file: {err}") from None
 
 
 def check_columns(frame: pd.DataFrame, columns: list, where) -> None:

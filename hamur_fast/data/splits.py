@@ -9,6 +9,7 @@ import pandas as pd
 from .errors import DataError
 from .feature_map import FeatureMap
 from .schema import Schema
+from .shards import RowShard
 from .tensors import MultiDomainData, TensorSplit
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -47,11 +48,14 @@ def _encode_all(feature_map: FeatureMap, chunks: Iterable, name: str) -> TensorS
     return TensorSplit.concat(parts)
 
 
-def frames_by_split(frames: list, where: str) -> dict:
-    """Three in-memory frames as single-chunk inputs for :func:`encode_splits`; none may be empty."""
+def frames_by_split(frames: list, where: str, shard: RowShard | None = None) -> dict:
+    """Three in-memory frames as single-chunk inputs for :func:`encode_splits`; none may be empty. With
+    ``shard``, only its rows of the training split are given."""
     for name, frame in zip(SPLIT_NAMES, frames):
         if len(frame) == 0:
             rows = sum(len(f) for f in frames)
             raise DataError(f"{where}: the {name} split is empty ({rows} rows in all); give more rows or "
                             "another split")
+    if shard is not None:
+        frames = [shard.take(frames[0]), *frames[1:]]
     return {name: [(frame, f"{where} ({name} split)")] for name, frame in zip(SPLIT_NAMES, frames)}

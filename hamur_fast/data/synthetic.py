@@ -118,11 +118,12 @@ def _user_in_domain(rng, user_domain: np.ndarray, domain: np.ndarray) -> np.ndar
 
 
 def load_synthetic(rows: int = 40_000, seed: int = 0, split=(0.8, 0.1, 0.1), split_seed: int = 2022,
-                   feature_map=None, **process):
+                   feature_map=None, shard=None, **process):
     """Encoded splits of freshly generated data (``process``: shares or domains and zipf, users, items, rank,
-    specificity)."""
+    specificity). ``shard``: only those training rows are encoded (every row is drawn: the draws are
+    vectorised over all rows, so a subset could not be drawn alone)."""
     frame = generate(rows, seed, **process)
     num_domains = len(domain_shares(process.get("shares"), process.get("domains"), process.get("zipf", 1.0)))
     schema = feature_map.schema if feature_map is not None else synthetic_schema(num_domains)
-    return encode_splits(frames_by_split(random_split(frame, split, split_seed), "synthetic data"), schema, None,
-                         feature_map)
+    return encode_splits(frames_by_split(random_split(frame, split, split_seed), "synthetic data", shard), schema,
+                         None, feature_map)

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from .errors import DataError
-from .readers import existing_file, read_table
+from .readers import existing_file, iter_table, read_table
 from .schema import Schema
 from .splits import encode_splits, frames_by_split, random_split
 
@@ -36,13 +36,18 @@ def read_schema(schema) -> Schema:
     return Schema.from_dict(schema)
 
 
-def load_table(path, schema, val=None, test=None, split=(0.8, 0.1, 0.1), seed: int = 2022, feature_map=None):
-    """Encoded splits of a user table; the feature map is fitted on the training split (unless given)."""
+def load_table(path, schema, val=None, test=None, split=(0.8, 0.1, 0.1), seed: int = 2022, feature_map=None,
+               shard=None):
+    """Encoded splits of a user table; the feature map is fitted on the training split (unless given).
+    ``shard``: only those training rows, kept chunk by chunk from a training file of its own (a file split at
+    random is read whole: the split needs every row)."""
     schema = feature_map.schema if feature_map is not None else read_schema(schema)
     if (val is None) != (test is None):
         raise DataError("give both val and test files, or neither (then the file is split at random)")
     if val is None:
-        chunks = frames_by_split(random_split(read_table(path), split, seed), str(path))
+        chunks = frames_by_split(random_split(read_table(path), split, seed), str(path), shard)
     else:
-        chunks = {name: [(read_table(p), str(p))] for name, p in (("train", path), ("val", val), ("test", test))}
+        train = iter_table(path) if shard is None else shard.frames(iter_table(path))
+        chunks = {"train": ((frame, str(path)) for frame in train),
+                  **{name: [(read_table(p), str(p))] for name, p in (("val", val), ("test", test))}}
     return encode_splits(chunks, schema, None, feature_map)

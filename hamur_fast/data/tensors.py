@@ -46,6 +46,12 @@ class TensorSplit:
                    torch.cat([p.domain for p in parts]),
                    torch.cat([p.label for p in parts]) if labelled else None)
 
+    def take(self, rows) -> "TensorSplit":
+        """The rows ``rows`` (a slice, e.g. ``slice(rank, None, N)``, or an index tensor) of the split, in
+        tensors of their own when strided (so a shard does not hold on to the rows around it)."""
+        return TensorSplit(*(None if t is None else t[rows].contiguous()
+                             for t in (self.sparse, self.dense, self.domain, self.label)))
+
     def domain_counts(self, num_domains: int) -> list:
         return torch.bincount(self.domain.long(), minlength=num_domains).tolist()
 

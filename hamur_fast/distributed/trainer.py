@@ -1,9 +1,11 @@
 """Data-parallel training: ``DistributedTrainer`` (DDP with synchronised batch statistics) and the runs behind
 ``hamur-fast train --nproc N`` / torchrun.
 
-- Data: rank 0 loads the data and fits the feature map once; it is broadcast, the other ranks encode with it
-  (nothing refitted), and each rank keeps its shard of the training rows (rows ``rank, rank + N, ...``, the
-  split trimmed to a multiple of N so that every rank takes the same number of equal steps).
+- Data: rank 0 fits the feature map once (reading every training row: fitting needs them) and broadcasts it;
+  the other ranks read and encode only their shard of the training rows with it (rows ``rank, rank + N, ...``,
+  kept chunk by chunk as the loaders read; :class:`~hamur_fast.data.RowShard`), and the whole validation and
+  test splits. The shards are trimmed to a multiple of N rows in all, so that every rank takes the same number
+  of equal steps. The whole data's fingerprint (a resume checks it) is the sum of the ranks' row digests.
 - Steps: the global batch ``train.batch_size`` is split evenly, ``batch_size / N`` rows per rank; DDP averages
   the gradients, every normalisation merges its statistics over the ranks (:mod:`.statistics`), and the
   loss is scaled so that a step equals one process's step on the union of the ranks' rows.
@@ -22,9 +24,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..data import Batch, FeatureMap, MultiDomainData, TensorSplit, load_dataset
+from ..data import Batch, FeatureMap, MultiDomainData, RowShard, TensorSplit, load_dataset
+from ..data.fingerprint import data_fingerprint, digest, fingerprint
 from ..train import experiment
-from ..train.trainer import Trainer, TrainConfig, data_fingerprint
+from ..train.trainer import Trainer, TrainConfig
 from . import runtime
 from .statistics import convert_batch_norms, synchronised
 
@@ -128,34 +131,39 @@ class DistributedTrainer(Trainer):
 # ---------------------------------------------------------------------------- data
 def shard(split: TensorSplit, rank: int, world_size: int) -> TensorSplit:
     """Rows ``rank, rank + N, ...`` of the split trimmed to a multiple of N: equal shards, the same number of
-    steps on every rank (at most N - 1 rows of the split go unused)."""
-    rows = torch.arange(rank, len(split) // world_size * world_size, world_size)
-    return TensorSplit(split.sparse[rows], split.dense[rows], split.domain[rows],
-                       None if split.label is None else split.label[rows])
+    steps on every rank (at most N - 1 rows of the split go unused). What :func:`load_sharded` gives each rank."""
+    return split.take(slice(rank, len(split) // world_size * world_size, world_size))
 
 
 def load_sharded(data_config: dict, context: runtime.DistributedContext,
                  feature_map: FeatureMap | None = None) -> tuple:
     """``(data, fingerprint)`` for this rank: the feature map fitted once (by rank 0, unless given) and shared,
-    this rank's shard of the training rows, the whole validation and test splits; ``fingerprint`` is the
-    whole (unsharded) data's :func:`~hamur_fast.train.trainer.data_fingerprint`, the same for any number of
-    processes."""
+    this rank's :func:`shard` of the training rows (the only training rows the other ranks read and encode),
+    the whole validation and test splits; ``fingerprint`` is the whole (unsharded) data's
+    :func:`~hamur_fast.data.fingerprint.data_fingerprint`, the same for any number of processes."""
     if not context.enabled:
         data = load_dataset(data_config, feature_map=feature_map)
         return data, data_fingerprint(data)
-    data = None
+    rows = RowShard(context.rank, context.world_size)
+    whole = None
     if feature_map is None:
         message = [None]
         if context.is_main:
-            data = load_dataset(data_config)
-            message = [data.feature_map.to_dict()]
+            whole = load_dataset(data_config)
+            message = [whole.feature_map.to_dict()]
         dist.broadcast_object_list(message, src=0, group=context.group)
         feature_map = FeatureMap.from_dict(message[0])
-    if data is None:
-        data = load_dataset(data_config, feature_map=feature_map)
-    fingerprint = data_fingerprint(data)
-    data.train = shard(data.train, context.rank, context.world_size)
-    return data, fingerprint
+    if whole is not None:  # rank 0 encoded every training row while fitting: it keeps its own
+        data = whole
+        data.train = whole.train.take(slice(rows.rank, None, rows.world_size))
+    else:
+        data = load_dataset(data_config, feature_map=feature_map, shard=rows)
+    # Rank r holds the rows at positions r, r + N, ...: their digests add up to the whole split's.
+    digests = [None] * rows.world_size
+    dist.all_gather_object(digests, digest(data.train, rows.rank, rows.world_size), group=context.group)
+    whole_train = sum(digests[1:], digests[0])
+    data.train = data.train.take(slice(0, whole_train.rows // rows.world_size))  # = shard(whole train)
+    return data, fingerprint(whole_train, digest(data.val), digest(data.test))
 
 
 # ---------------------------------------------------------------------------- runs (the CLI's)

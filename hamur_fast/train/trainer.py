@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
 import time
 import warnings
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import DataError, MultiDomainData, TensorSplit
+from ..data.fingerprint import data_fingerprint
 from ..data.tensors import Batch
 from ..features import CTRModel
 from .captured_step import CapturedTrainStep
@@ -152,17 +152,6 @@ def require_both_classes(split: TensorSplit, name: str) -> None:
     if positives in (0, len(split)):
         raise DataError(f"the {name} split has one class only ({len(split):,} rows, all labelled "
                         f"{int(split.label[0])}): its AUC is undefined; use more data or another split")
-
-
-def data_fingerprint(data: MultiDomainData) -> str:
-    """A digest of the encoded splits: a resume checks that it continues on the data it started on."""
-    digest = hashlib.blake2b(digest_size=16)
-    for split in (data.train, data.val, data.test):
-        for tensor in (split.sparse, split.dense, split.domain, split.label):
-            if tensor is not None:
-                digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
-                digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _package_version() -> str:
