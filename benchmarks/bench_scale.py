@@ -11,6 +11,8 @@ Measured per rank and step, by counting what goes into the collectives:
   the backward and the rows-per-domain all_reduce (hamur_fast.distributed.statistics);
 - embedding all-to-all: what a TorchRec table-wise feature stage would exchange instead of all-reducing the
   embedding tables' gradients (pooled rows forward and their gradients backward, plus the ids), from the sizes.
+And the seconds each rank takes to load its data (``load_sharded``: rank 0 fits the feature map on every training
+row, the other ranks read and encode only their shard of them).
 Then a projection for 8 GPUs from those bytes and a single-GPU step time (default: the FACTS.md anchor, 17.7 ms
 for this model at B=4096 on an H200, released math, eager), with stated link bandwidths and latencies.
 """
@@ -64,7 +66,13 @@ def worker(args) -> None:
     context = runtime.start("cpu")
     source = ({"kind": "movielens", "path": args.movielens} if args.movielens else
               {"kind": "synthetic", "rows": args.rows, "seed": 0})
+    started = time.perf_counter()
     data, _ = load_sharded(source, context)
+    load_seconds = [None] * context.world_size
+    if context.enabled:
+        dist.all_gather_object(load_seconds, time.perf_counter() - started, group=context.group)
+    else:
+        load_seconds = [time.perf_counter() - started]
     torch.manual_seed(0)
     model = hf.features.build_ctr_model(data.feature_map, {"name": "hamur_mlp", "preset": "movielens",
                                                             "mode": args.mode, "embed_dim": 16})
@@ -96,7 +104,7 @@ def worker(args) -> None:
             "stats_gathered": counter.gathered / args.steps, "stats_reduced": counter.reduced / args.steps,
             "stats_gathers": counter.gathers / args.steps, "stats_reduces": counter.reduces / args.steps,
             "table_params": tables, "dense_params": dense, "fields": len(data.feature_map.sparse_fields),
-            "embed_dim": 16}))
+            "embed_dim": 16, "load_s": load_seconds}))
     runtime.stop()
 
 
@@ -130,6 +138,13 @@ def report(args, results: list) -> None:
     for r in results:
         print(f"| {r['processes']} x {r['threads']} | {r['step_ms']:.1f} | {r['rows_per_s']:,.0f} | "
               f"{r['rows_per_s'] / base:.2f}x |")
+    print("\nData loading, seconds per rank (load_sharded; rank 0 fits the feature map on every training row, "
+          "the other ranks encode only their shard):\n")
+    print("| processes x threads | rank 0 | other ranks |")
+    print("|---|---|---|")
+    for r in results:
+        others = ", ".join(f"{s:.2f}" for s in r["load_s"][1:]) or "-"
+        print(f"| {r['processes']} x {r['threads']} | {r['load_s'][0]:.2f} | {others} |")
     two = next(r for r in results if r["processes"] == 2)
     fields, dim = two["fields"], two["embed_dim"]
     table_bytes = two["table_params"] * 4
