@@ -3,14 +3,16 @@
     python benchmarks/bench_scale.py [--batch 4096] [--steps 20] [--mode paper] [--gpu-step-ms 17.7]
 
 Runs HAMUR-MLP with the released MovieLens sizes (preset movielens, embedding dim 16) as ``DistributedTrainer``
-steps under torchrun, global batch ``--batch``, on ``--movielens DIR`` (e.g. ../shared/data/ml-1m-sample) or, by
+steps under torchrun, global batch ``--batch``, on ``--movielens DIR`` (e.g. ../shared/data/ml-1m-sample),
+``--aliccp DIR`` (ali_ccp_train.csv, ali_ccp_val.csv, ali_ccp_test.csv in the released processed layout) or, by
 default, the built-in synthetic data; each process one thread, plus one process with two threads.
 Measured per rank and step, by counting what goes into the collectives:
 - gradients: the bytes DDP all-reduces (its buckets, seen by a comm hook);
 - statistics: the per-domain (count, mean, M2) all_gathers of the forward, the (dmean, dvar) all_reduces of
   the backward and the rows-per-domain all_reduce (hamur_fast.distributed.statistics);
-- embedding all-to-all: what a TorchRec table-wise feature stage would exchange instead of all-reducing the
-  embedding tables' gradients (pooled rows forward and their gradients backward, plus the ids), from the sizes.
+- embedding all-to-all: what a TorchRec table-wise or row-wise feature stage would exchange instead of
+  all-reducing the embedding tables' gradients (pooled rows forward and their gradients backward, plus the ids),
+  computed from the sizes.
 And the seconds each rank takes to load its data (``load_sharded``: rank 0 fits the feature map on every training
 row, the other ranks read and encode only their shard of them).
 Then a projection for 8 GPUs from those bytes and a single-GPU step time (default: the FACTS.md anchor, 17.7 ms
@@ -64,8 +66,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     context = runtime.start("cpu")
-    source = ({"kind": "movielens", "path": args.movielens} if args.movielens else
-              {"kind": "synthetic", "rows": args.rows, "seed": 0})
+    source = data_source(args)
     started = time.perf_counter()
     data, _ = load_sharded(source, context)
     load_seconds = [None] * context.world_size
@@ -114,10 +115,20 @@ def launch(args, processes: int, threads: int) -> dict:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                    __file__, "--worker", "--out", str(out), "--threads", str(threads), "--batch", str(args.batch),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--mode", args.mode,
-                   "--rows", str(args.rows), *(["--movielens", args.movielens] if args.movielens else [])]
+                   "--rows", str(args.rows), *(["--movielens", args.movielens] if args.movielens else []),
+                   *(["--aliccp", args.aliccp] if args.aliccp else [])]
         subprocess.run(command, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return json.loads(out.read_text())
+
+
+def data_source(args) -> dict:
+    if args.movielens:
+        return {"kind": "movielens", "path": args.movielens}
+    if args.aliccp:
+        return {"kind": "aliccp", **{split: str(Path(args.aliccp) / f"ali_ccp_{split}.csv")
+                                     for split in ("train", "val", "test")}}
+    return {"kind": "synthetic", "rows": args.rows, "seed": 0}
 
 
 def embedding_all_to_all_bytes(batch: int, ranks: int, fields: int, dim: int) -> float:
@@ -128,8 +139,19 @@ def embedding_all_to_all_bytes(batch: int, ranks: int, fields: int, dim: int) ->
     return rows * fields * remote * (2 * dim * 4 + 8 + 4)
 
 
+def row_wise_bytes(batch: int, ranks: int, fields: int, dim: int) -> float:
+    """Per rank and step, row-wise TorchRec, on the wire of a ring: every rank pools the ids of all B rows that
+    fall in its rows of each table, a reduce-scatter sums those partial vectors into each rank's B/N rows
+    (forward) and an all-gather sends their gradients back (backward), (N-1)/N of B x F vectors each way; first
+    the ids go to the ranks that hold their rows ((N-1)/N of them, int64) with one length per row, field and
+    rank (int32)."""
+    remote = (ranks - 1) / ranks
+    rows = batch / ranks
+    return 2 * remote * batch * fields * dim * 4 + rows * fields * (remote * 8 + (ranks - 1) * 4)
+
+
 def report(args, results: list) -> None:
-    print(f"HAMUR-MLP (preset movielens, {args.mode} mode) on {args.movielens or 'synthetic data'}, global batch "
+    print(f"HAMUR-MLP (preset movielens, {args.mode} mode) on {args.movielens or args.aliccp or 'synthetic data'}, global batch "
           f"{args.batch}, CPU, gloo; "
           f"{args.steps} timed steps after {args.warmup}\n")
     print("| processes x threads | step ms | rows/s | vs 1 process, 1 thread |")
@@ -161,6 +183,8 @@ def report(args, results: list) -> None:
     print(f"| of the gradients: the embedding tables' | {table_bytes:,} | - |")
     print(f"| TorchRec table-wise instead of replicated tables: embedding all-to-all (computed) | "
           f"{embedding_all_to_all_bytes(args.batch, 2, fields, dim):,.0f} | 4 |")
+    print(f"| TorchRec row-wise instead: ids all-to-all, pooled reduce-scatter and gradient all-gather (computed, "
+          f"wire) | {row_wise_bytes(args.batch, 2, fields, dim):,.0f} | 4 |")
 
     ranks = 8
     dense_bytes = two["dense_params"] * 4
@@ -176,7 +200,9 @@ def report(args, results: list) -> None:
     collectives = two["stats_gathers"] + two["stats_reduces"]
     latency_ms = collectives * SMALL_COLLECTIVE_US / 1e3
     for name, wire in (("DDP, tables replicated", ring * (dense_bytes + table_bytes)),
-                       ("DDP dense + TorchRec table-wise", ring * dense_bytes + alltoall)):
+                       ("DDP dense + TorchRec table-wise", ring * dense_bytes + alltoall),
+                       ("DDP dense + TorchRec row-wise", ring * dense_bytes
+                        + row_wise_bytes(args.batch * ranks, ranks, fields, dim))):
         total = wire + statistics_wire
         comms = [total / (bandwidth * 1e9) * 1e3 + latency_ms for bandwidth in (NVLINK_BUS_GBPS, INFINIBAND_GBPS)]
         steps = [args.gpu_step_ms + c for c in comms]
@@ -199,6 +225,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=["paper", "released"], default="paper")
     parser.add_argument("--rows", type=int, default=100_000, help="synthetic rows (without --movielens)")
     parser.add_argument("--movielens", help="a MovieLens-1M directory (or merged CSV) instead of synthetic data")
+    parser.add_argument("--aliccp", help="a directory of Ali-CCP CSV files (ali_ccp_train.csv ...) instead")
     parser.add_argument("--gpu-step-ms", type=float, default=17.7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--worker", action="store_true")
