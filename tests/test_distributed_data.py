@@ -109,6 +109,18 @@ def test_a_shard_keeps_its_positions_across_chunks_of_any_size():
         RowShard(2, 2)
 
 
+def test_parquet_is_read_in_record_batches_numbered_like_the_whole_file(configs):
+    from hamur_fast.data.readers import iter_table, read_table
+
+    path = configs["table_parquet"]["path"]
+    chunks = list(iter_table(path, chunksize=5))
+    whole = pd.read_parquet(path)
+    assert [len(c) for c in chunks] == [5] * (len(whole) // 5) + [len(whole) % 5] * (len(whole) % 5 > 0)
+    whole.index = pd.RangeIndex(1, len(whole) + 1)
+    pd.testing.assert_frame_equal(pd.concat(chunks), whole)
+    pd.testing.assert_frame_equal(read_table(path), whole)
+
+
 def test_a_shard_needs_the_feature_map_fitted_on_every_row(configs):
     with pytest.raises(ValueError, match="feature_map"):
         load_dataset(configs["synthetic"], shard=RowShard(0, WORLD))
