@@ -13,8 +13,8 @@ Measured per rank and step, by counting what goes into the collectives:
 - embedding all-to-all: what a TorchRec table-wise or row-wise feature stage would exchange instead of
   all-reducing the embedding tables' gradients (pooled rows forward and their gradients backward, plus the ids),
   computed from the sizes.
-And the seconds each rank takes to load its data (``load_sharded``: rank 0 fits the feature map on every training
-row, the other ranks read and encode only their shard of them).
+And the seconds and the memory peak of each rank loading its data (``load_sharded``), fitting the feature map
+(rank 0 reads every training row, the other ranks only their shard of them) and with a given one (a resume).
 Then a projection for 8 GPUs from those bytes and a single-GPU step time (default: the FACTS.md anchor, 17.7 ms
 for this model at B=4096 on an H200, released math, eager), with stated link bandwidths and latencies.
 """
@@ -67,13 +67,18 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     context = runtime.start("cpu")
     source = data_source(args)
-    started = time.perf_counter()
-    data, _ = load_sharded(source, context)
-    load_seconds = [None] * context.world_size
-    if context.enabled:
-        dist.all_gather_object(load_seconds, time.perf_counter() - started, group=context.group)
-    else:
-        load_seconds = [time.perf_counter() - started]
+    # Each rank's seconds to load and its memory peak while loading: fitting the feature map (rank 0), then as a
+    # resume does, with the feature map given.
+    loading, feature_map = {}, None
+    for how in ("fitted", "given"):
+        reset_peak_memory()
+        started = time.perf_counter()
+        data, _ = load_sharded(source, context, feature_map)
+        mine = (time.perf_counter() - started, peak_memory_mib())
+        feature_map = data.feature_map
+        loading[how] = [mine] * context.world_size
+        if context.enabled:
+            dist.all_gather_object(loading[how], mine, group=context.group)
     torch.manual_seed(0)
     model = hf.features.build_ctr_model(data.feature_map, {"name": "hamur_mlp", "preset": "movielens",
                                                             "mode": args.mode, "embed_dim": 16})
@@ -105,8 +110,19 @@ def worker(args) -> None:
             "stats_gathered": counter.gathered / args.steps, "stats_reduced": counter.reduced / args.steps,
             "stats_gathers": counter.gathers / args.steps, "stats_reduces": counter.reduces / args.steps,
             "table_params": tables, "dense_params": dense, "fields": len(data.feature_map.sparse_fields),
-            "embed_dim": 16, "load_s": load_seconds}))
+            "embed_dim": 16, "loading": loading}))
     runtime.stop()
+
+
+def reset_peak_memory() -> None:
+    """Linux: the peak resident set size (VmHWM) restarts from the current size."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mib() -> float:
+    """The peak resident set size since :func:`reset_peak_memory` (the imports' memory included)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
 
 
 def launch(args, processes: int, threads: int) -> dict:
@@ -125,9 +141,9 @@ def launch(args, processes: int, threads: int) -> dict:
 def data_source(args) -> dict:
     if args.movielens:
         return {"kind": "movielens", "path": args.movielens}
-    if args.aliccp:
-        return {"kind": "aliccp", **{split: str(Path(args.aliccp) / f"ali_ccp_{split}.csv")
-                                     for split in ("train", "val", "test")}}
+    if args.aliccp:  # chunks of 100,000 rows: a file of a few of them reads as the 42M-row one does in 500,000s
+        return {"kind": "aliccp", "chunksize": 100_000, **{split: str(Path(args.aliccp) / f"ali_ccp_{split}.csv")
+                                                           for split in ("train", "val", "test")}}
     return {"kind": "synthetic", "rows": args.rows, "seed": 0}
 
 
@@ -160,13 +176,17 @@ def report(args, results: list) -> None:
     for r in results:
         print(f"| {r['processes']} x {r['threads']} | {r['step_ms']:.1f} | {r['rows_per_s']:,.0f} | "
               f"{r['rows_per_s'] / base:.2f}x |")
-    print("\nData loading, seconds per rank (load_sharded; rank 0 fits the feature map on every training row, "
-          "the other ranks encode only their shard):\n")
-    print("| processes x threads | rank 0 | other ranks |")
-    print("|---|---|---|")
+    print("\nData loading per rank (load_sharded), seconds and peak resident MiB while loading (imports included). "
+          "Fitted: rank 0 fits the feature map on every training row, the others wait for it, then read and "
+          "encode only their shard; given (a resume): every rank reads and encodes only its shard.\n")
+    print("| processes x threads | feature map | rank 0: s | rank 0: MiB | other ranks: s | other ranks: MiB |")
+    print("|---|---|---|---|---|---|")
     for r in results:
-        others = ", ".join(f"{s:.2f}" for s in r["load_s"][1:]) or "-"
-        print(f"| {r['processes']} x {r['threads']} | {r['load_s'][0]:.2f} | {others} |")
+        for how, ranks in r["loading"].items():
+            (seconds, peak), others = ranks[0], ranks[1:]
+            print(f"| {r['processes']} x {r['threads']} | {how} | {seconds:.2f} | {peak:,.0f} | "
+                  f"{', '.join(f'{s:.2f}' for s, _ in others) or '-'} | "
+                  f"{', '.join(f'{m:,.0f}' for _, m in others) or '-'} |")
     two = next(r for r in results if r["processes"] == 2)
     fields, dim = two["fields"], two["embed_dim"]
     table_bytes = two["table_params"] * 4
