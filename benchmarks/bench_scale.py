@@ -71,6 +71,7 @@ def worker(args) -> None:
     # resume does, with the feature map given.
     loading, feature_map = {}, None
     for how in ("fitted", "given"):
+        data = None  # the previous pass's data is no part of this pass's memory
         reset_peak_memory()
         started = time.perf_counter()
         data, _ = load_sharded(source, context, feature_map)
