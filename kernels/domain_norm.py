@@ -205,11 +205,11 @@ def merge_group_stats_kernel(part_mean, part_m2, offsets, domain_sorted, rank, r
     first_valid = tl.load(offsets)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_mask = cols < width
-    count = tl.sum(tl.zeros([BLOCK_P], tl.float32), axis=0)
-    shift = tl.zeros([BLOCK_H], tl.float32)
-    sum_dev = tl.zeros([BLOCK_H], tl.float32)
-    sum_dev_sq = tl.zeros([BLOCK_H], tl.float32)
-    sum_m2 = tl.zeros([BLOCK_H], tl.float32)
+    count = tl.full([], 0.0, tl.float32)
+    shift = tl.full([BLOCK_H], 0.0, tl.float32)
+    sum_dev = tl.full([BLOCK_H], 0.0, tl.float32)
+    sum_dev_sq = tl.full([BLOCK_H], 0.0, tl.float32)
+    sum_m2 = tl.full([BLOCK_H], 0.0, tl.float32)
     for p0 in range(first, last + 1, BLOCK_P):
         parts = p0 + tl.arange(0, BLOCK_P)
         n_i, part_mask = _part_rows(parts, last, start, end, rows_per_part)
@@ -241,8 +241,9 @@ def merge_group_stats_kernel(part_mean, part_m2, offsets, domain_sorted, rank, r
                                out_slots_per_part, group_rank, domain_sorted, rank, first_valid, count > 0.0,
                                PER_DOMAIN)
         out = out_slot * width + cols
-        tl.store(mean_out + out, mean, mask=col_mask & (count > 0.0))
-        tl.store(m2_out + out, m2, mask=col_mask & (count > 0.0))
+        written = col_mask & (count + tl.full([BLOCK_H], 0.0, tl.float32) > 0.0)  # broadcast: scalar & vector masks
+        tl.store(mean_out + out, mean, mask=written)
+        tl.store(m2_out + out, m2, mask=written)
 
 
 @triton.jit
@@ -256,9 +257,9 @@ def merge_group_sums_kernel(part_a, part_b, offsets, domain_sorted, rank, rows_p
     first_valid = tl.load(offsets)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_mask = cols < width
-    count = tl.sum(tl.zeros([BLOCK_P], tl.float32), axis=0)
-    sum_a = tl.zeros([BLOCK_H], tl.float32)
-    sum_b = tl.zeros([BLOCK_H], tl.float32)
+    count = tl.full([], 0.0, tl.float32)
+    sum_a = tl.full([BLOCK_H], 0.0, tl.float32)
+    sum_b = tl.full([BLOCK_H], 0.0, tl.float32)
     for p0 in range(first, last + 1, BLOCK_P):
         parts = p0 + tl.arange(0, BLOCK_P)
         n_i, part_mask = _part_rows(parts, last, start, end, rows_per_part)
@@ -275,7 +276,7 @@ def merge_group_sums_kernel(part_a, part_b, offsets, domain_sorted, rank, rows_p
     else:
         out = _group_slot(tl.program_id(2).to(tl.int64), rows_per_part * parts_per_program, out_slots_per_part,
                           group_rank, domain_sorted, rank, first_valid, count > 0.0, PER_DOMAIN) * width + cols
-        written = col_mask & (count > 0.0)
+        written = col_mask & (count + tl.full([BLOCK_H], 0.0, tl.float32) > 0.0)
     tl.store(a_out + out, sum_a, mask=written)
     tl.store(b_out + out, sum_b, mask=written)
 
