@@ -19,8 +19,9 @@ Design
   sweep re-reads the few KB the first just brought in, meant to be served by L1/L2 so that DRAM sees
   each I_b about once per pass (a design intent: not yet measured on a GPU).
 - DomainNorm needs whole-batch (per-domain) statistics, so the forward has three launches:
-  project (writes the (B, k) vectors q and v, and per-block partial statistics of o), merge the
-  partials with Chan's formula (kernels/domain_norm.py), normalise (recomputes o = v UR + ub from
+  project (writes the (B, k) vectors q and v, and per-block partial statistics of o in the compact
+  per-domain layout of kernels/domain_norm.py: O(B x h) whatever D is), merge the partials with Chan's
+  formula, normalise (recomputes o = v UR + ub from
   v instead of storing the (B, h) o). Backward: norm sums (dnb, dnw), then one main kernel (dx and
   dI_b; two sweeps over the rows' I_b, du in the first, dp and both dI terms in the second), then the factor
   gradients as per-domain sums of outer products over the rows (the grouped linear op's weight-gradient

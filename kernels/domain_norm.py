@@ -5,15 +5,21 @@ paper mode, the whole batch (one group) in released mode. Paper mode in eval use
 statistics instead of batch ones.
 
 How the batch statistics are reduced (used here and by the fused adapter cell in adapter_cell.py):
-1. every program reduces its block of rows to, per group, (count, mean, M2) with a two-pass
-   centred sum in registers, and stores them in a partials buffer (blocks, G, h);
-2. one merge kernel per (group, column tile) folds the partials together with Chan's parallel
-   formula (in its shifted form, see merge_group_stats_kernel), never E[x^2] - E[x]^2, which loses
-   accuracy when |mean| >> std;
-3. a normalise kernel applies the affine map.
+1. the rows are sorted by group on the device (paper mode; ``sort_groups``: argsort, then each group's
+   sorted positions by searchsorted), so a group's rows are contiguous;
+2. every program reduces its block of sorted rows to (mean, M2) per group present, with a two-pass
+   centred sum in registers, visiting only the groups present (a data-dependent loop), and stores
+   them compactly: the j-th group of the block in slot j of the block's min(rows, G) slots. Memory is
+   O(B x h) whatever G is (GroupSegments says how a group's slot is found again);
+3. one merge kernel per (group, column tile) folds the partials of that group's own blocks (its sorted
+   positions say which) with Chan's parallel formula (in its shifted form, see
+   merge_group_stats_kernel), never E[x^2] - E[x]^2, which loses accuracy when |mean| >> std; counts
+   come from the positions, not from the partials;
+4. a normalise kernel applies the affine map.
 Nothing reads a value back to the host, so the sequence is CUDA-graph capturable.
 
-Backward: dbias and dweight are plain per-group sums (partials + torch.sum); the input gradient is
+Backward: dbias and dweight are plain per-group sums (partials in the same layout, merge_group_sums); the
+input gradient is
     do = rstd * w * (dy - sum(dy) / n - xhat * sum(dy * xhat) / n_var)
 with n_var = n (paper, biased variance) or max(n - 1, 1) (released, unbiased variance); in eval
 with running statistics it is rstd * w * dy. A group with one row has xhat = 0 and do = 0: no NaN.
