@@ -88,17 +88,14 @@ def _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN: tl.constexp
 def _project(lhs, factor, domain, d_lo, d_hi, domain_stride, r_idx, r_stride, r_size, c_idx, c_stride, c_size,
              BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """Row b of the result is ``lhs[b] @ W[domain[b]]``, W[d][r, c] at factor + d*domain_stride + r*r_stride
-    + c*c_stride (swap the strides for a transposed factor). One tl.dot per domain present in the block,
-    from d_lo up, each next one the smallest id above the last (ids between that no row holds cost nothing,
-    however many domains there are); released mode passes domain_stride 0 and all rows in domain 0."""
+    + c*c_stride (swap the strides for a transposed factor). One tl.dot per domain present in the block;
+    released mode passes domain_stride 0 and all rows in domain 0."""
     offsets = r_idx[:, None] * r_stride + c_idx[None, :] * c_stride
     mask = (r_idx[:, None] < r_size) & (c_idx[None, :] < c_size)
     out = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
-    d = d_lo
-    while d <= d_hi:
+    for d in range(d_lo, d_hi + 1):
         weight = tl.load(factor + d * domain_stride + offsets, mask=mask, other=0.0).to(tl.float32)
         out = tl.where((domain == d)[:, None], tl.dot(lhs, weight, input_precision="ieee"), out)
-        d = tl.min(tl.where(domain > d, domain, dn.NO_GROUP), axis=0)
     return out
 
 
