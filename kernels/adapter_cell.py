@@ -355,67 +355,123 @@ def _domain_order(domain, per_domain):
     return order, domain[order]
 
 
+def _prepared(x, rep, domain, params):
+    """Contiguous inputs, the sizes, and the rows' order and sorted domains (paper mode) or a dummy pointer
+    for the arguments a constexpr branch never reads (released mode)."""
+    x, rep, domain = x.contiguous(), rep.contiguous(), domain.contiguous()
+    params = tuple(t.contiguous() for t in params)
+    sizes = _sizes(x, rep, params[1], params[6])
+    order, domain_sorted = _domain_order(domain, sizes[4])
+    sorted_args = (order, domain_sorted) if sizes[4] else (domain, domain)
+    return x, rep, domain, params, sizes, sorted_args
+
+
+def _order_out(sorted_args, per_domain, device):
+    return sorted_args[0] if per_domain else torch.zeros(0, device=device, dtype=torch.int64)
+
+
+def _sorted_args(domain, order, per_domain):
+    """(order, sorted domains) from a saved order, or the dummy pointers (released mode)."""
+    return (order, domain[order]) if per_domain else (domain, domain)
+
+
+# The forward and backward at their seams, where a data-parallel step puts its collectives: the projection with
+# this process's per-block partial statistics | merge | normalise, and norm sums | (all_reduce) | main kernel.
+@dn.on_first_tensors_device
+def cell_project(x, rep, domain, params, use_batch_stats: bool, empty=torch.empty):
+    """The cell up to its normalisation: q, v (B, k) fp32 in sorted order, the order (empty in released mode),
+    and the per-block partial (count, mean, M2) of o (unwritten without batch statistics)."""
+    x, rep, domain, params, sizes, sorted_args = _prepared(x, rep, domain, params)
+    batch, width, rank, bottleneck, per_domain, num_domains = sizes
+    meta = _tile_meta(width, rank, bottleneck)
+    blocks = triton.cdiv(batch, ROWS_PER_BLOCK)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    q, v = empty((batch, rank), **f32), empty((batch, rank), **f32)
+    part_count = empty((blocks, num_domains), **f32)
+    part_mean, part_m2 = (empty((blocks, num_domains, width), **f32) for _ in range(2))
+    _cell_fwd_project_kernel[(blocks,)](
+        x, rep, *sorted_args, *params[:6], q, v, part_count, part_mean, part_m2,
+        batch, width, rank, bottleneck, num_domains,
+        PER_DOMAIN=per_domain, COMPUTE_STATS=use_batch_stats, **meta)
+    return q, v, _order_out(sorted_args, per_domain, x.device), (part_count, part_mean, part_m2)
+
+
+@dn.on_first_tensors_device
+def cell_statistics(x, rep, domain, params, empty=torch.empty):
+    """This process's (count, mean, M2) of o per group, and (q, v, order) for the passes after it."""
+    q, v, order, parts = cell_project(x, rep, domain, params, True, empty)
+    count, mean, m2, _rstd = merge_group_stats(*parts, 0.0, False, empty)
+    return (count, mean, m2), (q, v, order)
+
+
+@dn.on_first_tensors_device
+def cell_normalise(x, domain, params, v, order, mean, rstd, empty=torch.empty):
+    """y = x + nw (o - mean) rstd + nb, o recomputed from v, with the given per-group mean and rstd (fp32)."""
+    x, domain = x.contiguous(), domain.contiguous()
+    up_right, up_bias, norm_weight, norm_bias = (params[i].contiguous() for i in (4, 5, 6, 7))
+    batch, width, rank = x.shape[0], x.shape[1], v.shape[1]
+    per_domain = norm_weight.dim() == 2
+    num_domains = norm_weight.shape[0] if per_domain else 1
+    meta = _without_rep_tiles(_tile_meta(width, rank, params[1].shape[-1]))
+    y = empty(x.shape, device=x.device, dtype=x.dtype)
+    _cell_fwd_normalize_kernel[(triton.cdiv(batch, ROWS_PER_BLOCK), triton.cdiv(width, meta["BLOCK_H"]))](
+        x, *_sorted_args(domain, order, per_domain), v, up_right, up_bias, norm_weight, norm_bias,
+        mean.float().contiguous(), rstd.float().contiguous(), y, batch, width, rank, num_domains,
+        PER_DOMAIN=per_domain, **meta)
+    return y
+
+
+@dn.on_first_tensors_device
+def cell_grad_sums(dy, domain, params, v, order, mean, rstd, empty=torch.empty):
+    """Per-group (sum dy, sum dy * xhat), each (G, h) fp32: the norm bias and weight gradients of these rows."""
+    dy, domain = dy.contiguous(), domain.contiguous()
+    up_right, up_bias, norm_weight = (params[i].contiguous() for i in (4, 5, 6))
+    batch, width, rank = dy.shape[0], dy.shape[1], v.shape[1]
+    per_domain = norm_weight.dim() == 2
+    num_domains = norm_weight.shape[0] if per_domain else 1
+    meta = _without_rep_tiles(_tile_meta(width, rank, params[1].shape[-1]))
+    blocks = triton.cdiv(batch, ROWS_PER_BLOCK)
+    part_dy, part_dy_xhat = (empty((blocks, num_domains, width), device=dy.device, dtype=torch.float32)
+                             for _ in range(2))
+    _cell_bwd_norm_sums_kernel[(blocks, triton.cdiv(width, meta["BLOCK_H"]))](
+        dy, *_sorted_args(domain, order, per_domain), v, up_right, up_bias, mean.float().contiguous(),
+        rstd.float().contiguous(), part_dy, part_dy_xhat,
+        batch, width, rank, num_domains, PER_DOMAIN=per_domain, **meta)
+    return part_dy.sum(0), part_dy_xhat.sum(0)
+
+
 @dn.on_first_tensors_device
 def adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_batch_stats: bool, eps: float,
                          empty=torch.empty):
     """Returns (y, q, v, order, count, mean, m2, rstd); q, v (B, k) fp32 in sorted order for backward."""
-    x, rep, domain = x.contiguous(), rep.contiguous(), domain.contiguous()
-    down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = \
-        (t.contiguous() for t in params)
-    batch, width, rank, bottleneck, per_domain, num_domains = _sizes(x, rep, down_right, norm_weight)
-    order, domain_sorted = _domain_order(domain, per_domain)
-    dummy = domain  # pointer for arguments a constexpr branch never reads
-    meta = _tile_meta(width, rank, bottleneck)
-    grid = (triton.cdiv(batch, ROWS_PER_BLOCK),)
-    device = x.device
-    q = empty((batch, rank), device=device, dtype=torch.float32)
-    v = empty((batch, rank), device=device, dtype=torch.float32)
-    part_count = empty((grid[0], num_domains), device=device, dtype=torch.float32)
-    part_mean, part_m2 = (empty((grid[0], num_domains, width), device=device, dtype=torch.float32)
-                          for _ in range(2))
-    _cell_fwd_project_kernel[grid](
-        x, rep, order if per_domain else dummy, domain_sorted if per_domain else dummy,
-        down_left, down_right, down_bias, up_left, up_right, up_bias, q, v, part_count, part_mean, part_m2,
-        batch, width, rank, bottleneck, num_domains,
-        PER_DOMAIN=per_domain, COMPUTE_STATS=use_batch_stats, **meta)
+    q, v, order, parts = cell_project(x, rep, domain, params, use_batch_stats, empty)
+    per_domain = params[6].dim() == 2
     if use_batch_stats:
-        count, mean, m2, rstd = merge_group_stats(part_count, part_mean, part_m2, eps, not per_domain, empty)
+        count, mean, m2, rstd = merge_group_stats(*parts, eps, not per_domain, empty)
     else:  # paper mode in eval: running statistics
         mean = running_mean.float().clone()
         rstd = torch.rsqrt(running_var.float() + eps)
-        count = torch.zeros(num_domains, device=device, dtype=torch.float32)
+        count = torch.zeros(mean.shape[0], device=x.device, dtype=torch.float32)
         m2 = torch.zeros_like(mean)
-    y = empty(x.shape, device=device, dtype=x.dtype)
-    _cell_fwd_normalize_kernel[(grid[0], triton.cdiv(width, meta["BLOCK_H"]))](
-        x, order if per_domain else dummy, domain_sorted if per_domain else dummy, v, up_right, up_bias,
-        norm_weight, norm_bias, mean, rstd, y, batch, width, rank, num_domains, PER_DOMAIN=per_domain,
-        **_without_rep_tiles(meta))
-    order_out = order if per_domain else torch.zeros(0, device=device, dtype=torch.int64)
-    return y, q, v, order_out, count, mean, m2, rstd
+    y = cell_normalise(x, domain, params, v, order, mean, rstd, empty)
+    return y, q, v, order, count, mean, m2, rstd
 
 
 @dn.on_first_tensors_device
-def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, rstd, use_batch_stats: bool,
-                          empty=torch.empty):
-    """Gradients (dx, drep, d down_left, d down_right, d down_bias, d up_left, d up_right, d up_bias,
-    d norm_weight, d norm_bias), each in its input's dtype and shape."""
-    dy, x, rep = dy.contiguous(), x.contiguous(), rep.contiguous()
+def cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd, sum_dy, sum_dy_xhat,
+                     use_batch_stats: bool, empty=torch.empty):
+    """(dx, drep, and the six projection factors' gradients) from the given count and group sums (this
+    process's, or every process's in a data-parallel step), each in its input's dtype and shape."""
+    dy, x, rep, domain = dy.contiguous(), x.contiguous(), rep.contiguous(), domain.contiguous()
     contiguous = [t.contiguous() for t in params]
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = contiguous
     batch, width, rank, bottleneck, per_domain, num_domains = _sizes(x, rep, down_right, norm_weight)
-    domain_sorted = domain[order] if per_domain else None
-    dummy = domain
-    sorted_args = (order if per_domain else dummy, domain_sorted if per_domain else dummy)
+    sorted_args = _sorted_args(domain, order, per_domain)
+    order, domain_sorted = sorted_args
     meta = _tile_meta(width, rank, bottleneck)
     grid = (triton.cdiv(batch, ROWS_PER_BLOCK),)
     device = x.device
     f32 = dict(device=device, dtype=torch.float32)
-
-    part_dy, part_dy_xhat = (empty((grid[0], num_domains, width), **f32) for _ in range(2))
-    _cell_bwd_norm_sums_kernel[(grid[0], triton.cdiv(width, meta["BLOCK_H"]))](
-        dy, *sorted_args, v, up_right, up_bias, mean, rstd, part_dy, part_dy_xhat,
-        batch, width, rank, num_domains, PER_DOMAIN=per_domain, **_without_rep_tiles(meta))
-    sum_dy, sum_dy_xhat = part_dy.sum(0), part_dy_xhat.sum(0)
 
     dx = empty(x.shape, device=device, dtype=x.dtype)
     drep = empty(rep.shape, device=device, dtype=rep.dtype)
@@ -424,7 +480,8 @@ def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, 
     grad_u, grad_p = empty((batch, rank), **f32), empty((batch, rank), **f32)
     _cell_bwd_main_kernel[grid](
         dy, x, rep, *sorted_args, q, v, down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight,
-        mean, rstd, count, sum_dy, sum_dy_xhat, dx, drep, grad_o, a, grad_u, grad_z, grad_p,
+        mean.float().contiguous(), rstd.float().contiguous(), count.float().contiguous(),
+        sum_dy.float().contiguous(), sum_dy_xhat.float().contiguous(), dx, drep, grad_o, a, grad_u, grad_z, grad_p,
         batch, width, rank, bottleneck, num_domains,
         PER_DOMAIN=per_domain, BATCH_STATS=use_batch_stats, **meta)
 
@@ -436,7 +493,7 @@ def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, 
         offsets = torch.tensor([0, batch, batch], device=device)
 
     def outer(lhs, rhs, lhs_in_order=False, with_rhs_sum=False):
-        return domain_weight_grads(lhs, rhs, order if per_domain else dummy, offsets, num_domains, with_rhs_sum,
+        return domain_weight_grads(lhs, rhs, order, offsets, num_domains, with_rhs_sum,
                                    torch.float32, x_by_order=lhs_in_order and per_domain, grad_by_order=False,
                                    empty=empty)
 
@@ -444,6 +501,19 @@ def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, 
     d_down_right, d_down_bias = outer(q, grad_z, with_rhs_sum=True)
     d_up_left, _ = outer(a, grad_u)
     d_up_right, d_up_bias = outer(v, grad_o, with_rhs_sum=True)
-    grads = (d_down_left, d_down_right, d_down_bias, d_up_left, d_up_right, d_up_bias, sum_dy_xhat, sum_dy)
+    grads = (d_down_left, d_down_right, d_down_bias, d_up_left, d_up_right, d_up_bias)
     param_grads = tuple(g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, params))
     return (dx, drep) + param_grads
+
+
+@dn.on_first_tensors_device
+def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, rstd, use_batch_stats: bool,
+                          empty=torch.empty):
+    """Gradients (dx, drep, d down_left, d down_right, d down_bias, d up_left, d up_right, d up_bias,
+    d norm_weight, d norm_bias), each in its input's dtype and shape."""
+    sum_dy, sum_dy_xhat = cell_grad_sums(dy, domain, params, v, order, mean, rstd, empty)
+    grads = cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd, sum_dy, sum_dy_xhat,
+                             use_batch_stats, empty)
+    norm_weight = params[6]
+    return grads + (sum_dy_xhat.reshape(norm_weight.shape).to(norm_weight.dtype),
+                    sum_dy.reshape(norm_weight.shape).to(norm_weight.dtype))

@@ -9,6 +9,8 @@ gradient, every parameter and every buffer (running statistics included).
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -112,13 +114,36 @@ def one_process(case) -> dict:
     return {"steps": records, "predictions": trainer.predict(eval_split(fmap))}
 
 
+def count_norm_passes() -> collections.Counter:
+    """Wrap every registered backend's split passes (contract: NormPasses) so that each call is counted as
+    (backend, pass, module of the function that ran); returns the live counter."""
+    from hamur_fast.ops import registry
+
+    calls = collections.Counter()
+
+    def counted(backend, name, function):
+        def run(*args, **kwargs):
+            calls[(backend, name, function.__module__)] += 1
+            return function(*args, **kwargs)
+        return run
+
+    for name in registry.available_backends():
+        backend = registry.get_backend(name)
+        passes = backend.norm_passes
+        wrapped = type(passes)(*(counted(name, field, getattr(passes, field)) for field in passes._fields))
+        registry.register_backend(dataclasses.replace(backend, norm_passes=wrapped))
+    return calls
+
+
 def suite_equivalence(context) -> dict:
     from hamur_fast.distributed.trainer import DistributedTrainer
 
     fmap = feature_map()
     results = {}
     share = GLOBAL_BATCH // context.world_size
+    calls = count_norm_passes()
     for case in CASES:
+        calls.clear()
         trainer = with_sgd(DistributedTrainer(build(fmap, case), config(), fmap, context=context))
 
         def part(batch):
@@ -126,9 +151,10 @@ def suite_equivalence(context) -> dict:
             return Batch(*(t[rows] for t in batch))
 
         records = train_steps(trainer, global_batches(fmap), part)
+        passes = dict(calls)  # the training steps' (evaluation normalises locally)
         split = eval_split(fmap)
         results[case_key(case)] = {"steps": records, "predictions": trainer.predict(split),
-                                   "metrics": trainer.evaluate(split)}
+                                   "metrics": trainer.evaluate(split), "passes": passes}
     return results
 
 

@@ -58,10 +58,11 @@ def domain_norm(o, domain, weight, bias, running_mean=None, running_var=None, *,
     _checks.check_domain(domain, batch, param_domains if mode == "paper" else num_domains)
     _checks.check_same_device(o=o, domain=domain, weight=weight)
     plan = make_plan(mode, training, running_mean is not None, momentum, eps)
-    group = _statistics.active_group()
-    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged
-        return _statistics.domain_norm(o, domain.long(), weight, bias, running_mean, running_var, plan, group)
     impl = resolve(backend, o.device, o.dtype)
+    group = _statistics.active_group()
+    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged between passes
+        return _statistics.domain_norm(o, domain.long(), weight, bias, running_mean, running_var, plan,
+                                       impl.norm_passes, group)
     y, stats = impl.domain_norm(o, domain.long(), weight, bias, running_mean, running_var, plan)
     if plan.update_running:
         update_running_stats(running_mean, running_var, stats, plan.momentum)
@@ -114,10 +115,11 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
     plan = make_plan(mode, training, running_mean is not None, momentum, eps)
     impl = resolve(backend, x.device, x.dtype, width=width, rank=rank, bottleneck=bottleneck)
     group = _statistics.active_group()
-    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged
+    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged between passes
+        # The projection by autograd over torch ops, the normalisation by the backend's split passes.
         o = adapter_projection(x, rep, domain.long(), down_left, down_right, down_bias, up_left, up_right, up_bias)
         return x + _statistics.domain_norm(o, domain.long(), norm_weight, norm_bias, running_mean, running_var,
-                                           plan, group)
+                                           plan, impl.norm_passes, group)
     params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
     y, stats = impl.hyper_adapter(x, rep, domain.long(), params, running_mean, running_var, plan)
     if plan.update_running:

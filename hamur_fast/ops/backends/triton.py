@@ -18,7 +18,7 @@ import torch
 
 from ...kernels import adapter_cell as cell_kernels
 from ...kernels import domain_norm as norm_kernels
-from ..contract import Backend, Capabilities, GroupStats
+from ..contract import Backend, Capabilities, GroupStats, NormPasses
 from ..registry import register_backend
 
 # The largest adapter-cell sizes the kernels take within the sm_90 shared-memory limit (232,448 bytes per
@@ -156,8 +156,15 @@ def domain_norm(o, domain, weight, bias, running_mean, running_var, plan):
     return y, (GroupStats(count, mean, m2) if plan.batch_statistics else None)
 
 
+def group_statistics(o, groups, num_groups):
+    return GroupStats(*norm_kernels.group_statistics(o, groups, num_groups))
+
+
+# The split passes are DomainNorm's kernels (kernels/domain_norm.py) launched one by one.
+NORM_PASSES = NormPasses(group_statistics, norm_kernels.normalise, norm_kernels.grad_sums, norm_kernels.input_grad)
+
 _DEVICES = {"cuda", "cpu"} if os.environ.get("TRITON_INTERPRET") == "1" else {"cuda"}
 register_backend(Backend("triton", hyper_adapter, domain_norm, Capabilities(
     devices=frozenset(_DEVICES), dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
     max_width=MAX_WIDTH, max_rank=MAX_RANK, max_bottleneck=MAX_BOTTLENECK, auto_rank={"cuda": 10},
-    fused_cell=True, self_check=True)))
+    fused_cell=True, self_check=True), norm_passes=NORM_PASSES))
