@@ -114,9 +114,9 @@ def one_process(case) -> dict:
     return {"steps": records, "predictions": trainer.predict(eval_split(fmap))}
 
 
-def count_norm_passes() -> collections.Counter:
-    """Wrap every registered backend's split passes (contract: NormPasses) so that each call is counted as
-    (backend, pass, module of the function that ran); returns the live counter."""
+def count_split_passes() -> collections.Counter:
+    """Wrap every registered backend's split passes (contract: NormPasses and CellPasses) so that each call is
+    counted as (backend, "norm.<pass>" or "cell.<pass>", module of the function that ran); returns the counter."""
     from hamur_fast.ops import registry
 
     calls = collections.Counter()
@@ -127,11 +127,15 @@ def count_norm_passes() -> collections.Counter:
             return function(*args, **kwargs)
         return run
 
+    def wrapped(backend, kind, passes):
+        if passes is None:
+            return None
+        return type(passes)(*(counted(backend, f"{kind}.{field}", getattr(passes, field)) for field in passes._fields))
+
     for name in registry.available_backends():
         backend = registry.get_backend(name)
-        passes = backend.norm_passes
-        wrapped = type(passes)(*(counted(name, field, getattr(passes, field)) for field in passes._fields))
-        registry.register_backend(dataclasses.replace(backend, norm_passes=wrapped))
+        registry.register_backend(dataclasses.replace(backend, norm_passes=wrapped(name, "norm", backend.norm_passes),
+                                                      cell_passes=wrapped(name, "cell", backend.cell_passes)))
     return calls
 
 
@@ -141,7 +145,7 @@ def suite_equivalence(context) -> dict:
     fmap = feature_map()
     results = {}
     share = GLOBAL_BATCH // context.world_size
-    calls = count_norm_passes()
+    calls = count_split_passes()
     for case in CASES:
         calls.clear()
         trainer = with_sgd(DistributedTrainer(build(fmap, case), config(), fmap, context=context))

@@ -16,7 +16,7 @@ from helpers import rel_err
 
 from hamur_fast.distributed.statistics import merge_moments
 from hamur_fast.ops.backends.torch import group_statistics
-from hamur_fast.ops.contract import NormPasses
+from hamur_fast.ops.contract import CellPasses, NormPasses
 from hamur_fast.train import domain_metrics
 
 HERE = Path(__file__).resolve().parent
@@ -116,23 +116,29 @@ def test_two_ranks_train_like_one_process(ranks, case):
                      TOLERANCE[case[3]], "predictions")
 
 
-# Where each kernel backend's split passes live: under sync nothing else normalises a hamur op of the model.
+# Each kernel backend's split passes: where they live, and which the adapter cell of a synchronised step runs
+# (Triton splits its fused cell; the C++ cell projects by torch ops and normalises by its norm passes).
 PASS_MODULES = {"cpu": {"hamur_fast.ops.backends.compiled"},
                 "triton": {"hamur_fast.ops.backends.triton", "hamur_fast.kernels.domain_norm"}}
+CELL_PASSES = {"cpu": {f"norm.{name}" for name in NormPasses._fields},
+               "triton": {f"cell.{name}" for name in CellPasses._fields}}
 
 
 @pytest.mark.parametrize("case", [c for c in workers.CASES if c[2] in PASS_MODULES], ids=workers.case_key)
 def test_under_sync_the_kernel_backend_runs_its_own_split_passes(ranks, case):
-    """Every normalisation of a hamur op in a synchronised step ran the chosen kernel backend's four passes
-    (its kernels), not the torch backend's: counted by wrapping every backend's passes in the workers."""
+    """The model's adapter cell (the hamur op of hamur_mlp), in each of the three synchronised steps, ran the
+    chosen kernel backend's split passes (its kernels), not the torch backend's: counted by wrapping every
+    backend's passes in the workers."""
+    backend = case[2]
     for rank_results in ranks:
         calls = rank_results["equivalence"][workers.case_key(case)]["passes"]
-        assert {backend for backend, _, _ in calls} == {case[2]}, calls
-        assert {name for _, name, _ in calls} == set(NormPasses._fields), calls
-        assert {module for _, _, module in calls} <= PASS_MODULES[case[2]], calls
-        # forward and backward of every step: the statistics pass ran as often as the input-grad pass
-        per_pass = {name: sum(n for (_, p, _), n in calls.items() if p == name) for name in NormPasses._fields}
-        assert per_pass["statistics"] == per_pass["input_grad"] > 0, per_pass
+        assert {b for b, _, _ in calls} == {backend}, calls
+        assert {module for _, _, module in calls} <= PASS_MODULES[backend], calls
+        per_pass = {name: n for (_, name, _), n in calls.items()}
+        assert set(per_pass) == CELL_PASSES[backend], calls
+        # every pass equally often: once per cell call (one cell; one per tower in released mode) and step
+        calls_per_step, remainder = divmod(per_pass.popitem()[1], workers.STEPS)
+        assert calls_per_step > 0 and remainder == 0 and set(per_pass.values()) == {calls_per_step * workers.STEPS}
 
 
 @pytest.mark.parametrize("case", workers.TORCHREC_CASES, ids=workers.case_key)

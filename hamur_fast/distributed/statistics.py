@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.backends.torch import NORM_PASSES as TORCH_PASSES  # BatchNorm layers have no backend of their own
+from ..ops.backends.torch import adapter_projection
 from ..ops.contract import GroupStats, Plan, update_running_stats
 
 _ACTIVE_GROUP = None  # the process group whose ranks share batch statistics, while synchronised() is active
@@ -92,6 +93,21 @@ def all_gather_stats(stats: GroupStats, group) -> GroupStats:
     return GroupStats(*merge_moments(gathered[..., 0], gathered[..., 1:1 + width], gathered[..., 1 + width:]))
 
 
+def _merged(local: GroupStats, group, unbiased: bool, eps: float):
+    """Every rank's statistics merged, and the rstd they normalise with."""
+    stats = all_gather_stats(local, group)
+    count = stats.count.unsqueeze(1)
+    return stats, torch.rsqrt(stats.m2 / ((count - 1) if unbiased else count).clamp(min=1) + eps)
+
+
+def _all_reduced(sum_dy: torch.Tensor, sum_dy_xhat: torch.Tensor, group):
+    """Per-group sums of dy and dy * xhat over every rank's rows (one all_reduce): every rank's loss reaches the
+    global statistics, so each row's input gradient needs them all."""
+    packed = torch.stack([sum_dy, sum_dy_xhat])
+    dist.all_reduce(packed, group=group)
+    return packed[0], packed[1]
+
+
 class _SynchronisedNorm(torch.autograd.Function):
     """y = weight[g] (o - mean[g]) rstd[g] + bias[g] with the statistics of every rank's rows, by a backend's
     split passes (:class:`~hamur_fast.ops.contract.NormPasses`) with the collectives between them:
@@ -104,12 +120,9 @@ class _SynchronisedNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, o, weight, bias, groups, num_groups, unbiased, eps, passes, group):
-        stats = all_gather_stats(passes.statistics(o, groups, num_groups), group)
-        count = stats.count.unsqueeze(1)
-        var = stats.m2 / ((count - 1) if unbiased else count).clamp(min=1)
-        rstd = torch.rsqrt(var + eps)
-        tables = weight.reshape(num_groups, -1), bias.reshape(num_groups, -1)
-        y = passes.normalise(o, groups, *tables, stats.mean, rstd)
+        stats, rstd = _merged(passes.statistics(o, groups, num_groups), group, unbiased, eps)
+        y = passes.normalise(o, groups, weight.reshape(num_groups, -1), bias.reshape(num_groups, -1), stats.mean,
+                             rstd)
         ctx.save_for_backward(o, weight, groups, stats.count, stats.mean, rstd)
         ctx.settings = num_groups, unbiased, passes, group
         ctx.mark_non_differentiable(*stats)
@@ -120,14 +133,40 @@ class _SynchronisedNorm(torch.autograd.Function):
         o, weight, groups, count, mean, rstd = ctx.saved_tensors
         num_groups, unbiased, passes, group = ctx.settings
         sum_dy, sum_dy_xhat = passes.grad_sums(dy, o, groups, mean, rstd, num_groups)
-        # Every rank's loss reaches the global statistics: the sums over all ranks' rows enter each row's grad.
-        packed = torch.stack([sum_dy, sum_dy_xhat])
-        dist.all_reduce(packed, group=group)
-        grad_o = passes.input_grad(dy, o, groups, weight.reshape(num_groups, -1), mean, rstd, count, packed[0],
-                                   packed[1], unbiased)
+        grad_o = passes.input_grad(dy, o, groups, weight.reshape(num_groups, -1), mean, rstd, count,
+                                   *_all_reduced(sum_dy, sum_dy_xhat, group), unbiased)
         grad_weight = sum_dy_xhat.reshape(weight.shape).to(weight.dtype)
         grad_bias = sum_dy.reshape(weight.shape).to(weight.dtype)
         return grad_o, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+class _SynchronisedCell(torch.autograd.Function):
+    """The adapter cell y = x + DomainNorm(o) with the statistics of every rank's rows, by a backend's cell
+    passes (:class:`~hamur_fast.ops.contract.CellPasses`): the same collectives between the same seams as
+    :class:`_SynchronisedNorm`; the norm weight and bias gradients are this rank's own sums."""
+
+    @staticmethod
+    def forward(ctx, x, rep, domain, unbiased, eps, passes, group, *params):
+        local, saved = passes.project(x, rep, domain, params)
+        stats, rstd = _merged(local, group, unbiased, eps)
+        y = passes.normalise(x, domain, params, saved, stats.mean, rstd)
+        ctx.save_for_backward(x, rep, domain, stats.count, stats.mean, rstd, *params, *saved)
+        ctx.settings = unbiased, passes, group, len(params)
+        ctx.mark_non_differentiable(*stats)
+        return (y, *stats)
+
+    @staticmethod
+    def backward(ctx, dy, *_unused_grads):
+        x, rep, domain, count, mean, rstd, *rest = ctx.saved_tensors
+        unbiased, passes, group, num_params = ctx.settings
+        params, saved = tuple(rest[:num_params]), tuple(rest[num_params:])
+        sum_dy, sum_dy_xhat = passes.grad_sums(dy, domain, params, saved, mean, rstd)
+        grads = passes.input_grads(dy, x, rep, domain, params, saved, count, mean, rstd,
+                                   *_all_reduced(sum_dy, sum_dy_xhat, group), unbiased)
+        norm_weight = params[6]
+        norm_grads = (sum_dy_xhat.reshape(norm_weight.shape).to(norm_weight.dtype),
+                      sum_dy.reshape(norm_weight.shape).to(norm_weight.dtype))
+        return (grads[0], grads[1], None, None, None, None, None, *grads[2:], *norm_grads)
 
 
 def synchronised_norm(o, groups, num_groups, weight, bias, unbiased: bool, eps: float, passes, group):
@@ -149,6 +188,22 @@ def domain_norm(o, domain, weight, bias, running_mean, running_var, plan: Plan, 
     y, stats = synchronised_norm(o, domain, weight.shape[0], weight, bias, False, plan.eps, passes, group)
     if plan.update_running:
         update_running_stats(running_mean, running_var, stats, plan.momentum)
+    return y
+
+
+def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan: Plan, backend, group):
+    """The adapter cell with the statistics of the global batch, what the checked op runs while
+    :func:`synchronised` is on: by ``backend``'s cell passes when it has them, else the projection by autograd
+    over torch ops and the normalisation by the backend's norm passes."""
+    *projection, norm_weight, norm_bias = params
+    if backend.cell_passes is None:
+        o = adapter_projection(x, rep, domain, *projection)
+        return x + domain_norm(o, domain, norm_weight, norm_bias, running_mean, running_var, plan,
+                               backend.norm_passes, group)
+    y, *stats = _SynchronisedCell.apply(x, rep, domain, not plan.per_domain, plan.eps, backend.cell_passes, group,
+                                        *params)
+    if plan.update_running:
+        update_running_stats(running_mean, running_var, GroupStats(*stats), plan.momentum)
     return y
 
 

@@ -16,7 +16,6 @@ from . import backends, grouped_linear  # noqa: F401  (registers every backend t
 from .contract import Backend, Capabilities, GroupStats, Plan, check_mode, make_plan, update_running_stats
 from .registry import available_backends, register_backend, resolve
 from ..distributed import statistics as _statistics
-from .backends.torch import adapter_projection
 
 __all__ = ["hyper_adapter", "domain_norm", "available_backends", "register_backend", "Backend", "Capabilities",
            "GroupStats", "Plan"]
@@ -115,12 +114,9 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
     plan = make_plan(mode, training, running_mean is not None, momentum, eps)
     impl = resolve(backend, x.device, x.dtype, width=width, rank=rank, bottleneck=bottleneck)
     group = _statistics.active_group()
-    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged between passes
-        # The projection by autograd over torch ops, the normalisation by the backend's split passes.
-        o = adapter_projection(x, rep, domain.long(), down_left, down_right, down_bias, up_left, up_right, up_bias)
-        return x + _statistics.domain_norm(o, domain.long(), norm_weight, norm_bias, running_mean, running_var,
-                                           plan, impl.norm_passes, group)
     params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
+    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged between passes
+        return _statistics.hyper_adapter(x, rep, domain.long(), params, running_mean, running_var, plan, impl, group)
     y, stats = impl.hyper_adapter(x, rep, domain.long(), params, running_mean, running_var, plan)
     if plan.update_running:
         update_running_stats(running_mean, running_var, stats, plan.momentum)

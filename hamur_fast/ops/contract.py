@@ -33,6 +33,17 @@ in the backend's compute dtype (float32 for Triton), and the given ones are hand
 
 None of them records autograd history; the weight and bias gradients are the (local) ``grad_sums``.
 
+A backend whose adapter cell fuses its normalisation may split the cell at the same seams (:class:`CellPasses`,
+``Backend.cell_passes``; ``params`` as above, ``saved`` whatever tensors the backend's later passes need).
+Without them a data-parallel step runs the projection by autograd over torch ops and then the backend's
+``norm_passes``::
+
+    project(x, rep, domain, params)                                  -> (GroupStats of o, saved)
+    normalise(x, domain, params, saved, mean, rstd)                  -> y = x + nw[g] (o - mean[g]) rstd[g] + nb[g]
+    grad_sums(dy, domain, params, saved, mean, rstd)                 -> (sum_dy, sum_dy_xhat), each (G, h)
+    input_grads(dy, x, rep, domain, params, saved, count, mean, rstd, sum_dy, sum_dy_xhat, unbiased)
+                                                                     -> (dx, drep, and the six factors' gradients)
+
 One vocabulary, shared by every backend, its kernels and its saved tensors (SPEC sections 2 and 3; row
 b, domain d = domain[b], statistics group g = d in paper mode and g = 0 in released mode, I_b = rep[b]):
 
@@ -194,12 +205,22 @@ class NormPasses(NamedTuple):
     input_grad: Callable
 
 
+class CellPasses(NamedTuple):
+    """The adapter cell split at its normalisation (signatures: the module docstring)."""
+
+    project: Callable
+    normalise: Callable
+    grad_sums: Callable
+    input_grads: Callable
+
+
 @dataclass(frozen=True)
 class Backend:
     """One implementation of the two ops, and what it can do.
 
     ``norm_passes``: the backend's normalisation as split passes (:class:`NormPasses`), run with a collective
-    between them while batch statistics are synchronised across processes.
+    between them while batch statistics are synchronised across processes; ``cell_passes``, when not None, the
+    adapter cell split the same way (else such a step projects by torch ops and normalises by ``norm_passes``).
     ``hyper_adapter_all_towers(x (T, B, h), rep, params, eps) -> (T, B, h)``, when not None, runs the
     released-mode cell on T towers' outputs at once (each normalised over its own whole batch).
     """
@@ -209,4 +230,5 @@ class Backend:
     domain_norm: Callable
     capabilities: Capabilities
     norm_passes: NormPasses
+    cell_passes: CellPasses | None = None
     hyper_adapter_all_towers: Callable | None = None
