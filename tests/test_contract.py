@@ -127,6 +127,42 @@ def test_split_passes_compose_to_the_normalisation_and_its_gradients(backend, mo
         assert torch.equal(grad_o[7], torch.zeros(width, dtype=dtype))  # a one-row domain: xhat = 0, do = 0
 
 
+@pytest.mark.parametrize("backend", [b for b in hf.available_backends("cpu")
+                                     if registry.get_backend(b).cell_passes is not None])
+@pytest.mark.parametrize("mode", ["paper", "released"])
+def test_cell_passes_compose_to_the_fused_cell_and_its_gradients(backend, mode):
+    """project -> normalise and grad_sums -> input_grads (nothing in between) against the backend's own fused
+    cell and its autograd gradients; paper mode with a domain absent from the batch."""
+    dtype = pass_dtype(backend)
+    x, rep, domain, params, stats = cell_inputs(21, 13, 5, 7, 4, mode, dtype=dtype, seed=8)
+    domain[domain == 3] = 0
+    impl = registry.get_backend(backend)
+    plan = make_plan(mode, True, stats[0] is not None, 0.1, 1e-5)
+    leaves = [t.clone().requires_grad_() for t in (x, rep, *params)]
+    y_fused, fused_stats = impl.hyper_adapter(leaves[0], leaves[1], domain, leaves[2:], *stats, plan)
+    dy = torch.randn(y_fused.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    y_fused.backward(dy)
+
+    passes, unbiased = impl.cell_passes, mode == "released"
+    local, saved = passes.project(x, rep, domain, tuple(params))
+    for name, a, e in zip(GroupStats._fields, local, fused_stats):
+        assert rel_err(a, e) <= 1e-6, name
+    count = local.count.unsqueeze(1)
+    rstd = torch.rsqrt(local.m2 / ((count - 1) if unbiased else count).clamp(min=1) + 1e-5)
+    y = passes.normalise(x, domain, tuple(params), saved, local.mean, rstd)
+    assert rel_err(y, y_fused) <= 1e-6
+    sum_dy, sum_dy_xhat = passes.grad_sums(dy, domain, tuple(params), saved, local.mean, rstd)
+    grads = passes.input_grads(dy, x, rep, domain, tuple(params), saved, local.count, local.mean, rstd, sum_dy,
+                               sum_dy_xhat, unbiased)
+    assert len(grads) == 8
+    for what, got, leaf in zip(["x", "rep", "down_left", "down_right", "down_bias", "up_left", "up_right", "up_bias"],
+                               grads, leaves):
+        scale = leaf.grad.abs().max()  # up_bias, before the normalisation, has gradient 0 up to rounding
+        assert (got - leaf.grad).abs().max() <= 1e-5 * scale, what
+    assert rel_err(sum_dy_xhat.reshape(params[6].shape), leaves[8].grad) <= 1e-5
+    assert rel_err(sum_dy.reshape(params[7].shape), leaves[9].grad) <= 1e-5
+
+
 # ----------------------------------------------------------------------------- capabilities and "auto"
 def test_capability_limit_names_the_limit():
     caps = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}), max_width=64, max_rank=8)
