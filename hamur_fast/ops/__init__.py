@@ -4,12 +4,12 @@
 argument and the offending value before any compute), turn (mode, training, running statistics) into one
 :class:`~hamur_fast.ops.contract.Plan`, pick a backend whose capabilities cover the call
 (:func:`~hamur_fast.ops.registry.resolve`), run it, and update the running statistics from the per-domain
-(count, mean, M2) the backend returns. The contract every backend follows: :mod:`hamur_fast.ops.contract`;
-the backends: :mod:`hamur_fast.ops.backends`.
+(count, mean, M2) the backend returns. While a data-parallel step synchronises batch statistics
+(:func:`hamur_fast.distributed.synchronised`), the same backend runs as split passes with the collectives
+between them (:mod:`hamur_fast.distributed.statistics`). The contract every backend follows:
+:mod:`hamur_fast.ops.contract`; the backends: :mod:`hamur_fast.ops.backends`.
 """
 from __future__ import annotations
-
-import torch
 
 from .. import _checks
 from . import backends, grouped_linear  # noqa: F401  (registers every backend this installation offers)
