@@ -8,6 +8,8 @@ when the extension was not built; :mod:`hamur_fast.ops` then carries on without 
 
 The kernels compute in float32 or float64 (float64 stays float64); half-precision inputs are computed in
 float32 and cast back. They return the variance they normalised with; the contract's M2 is derived here.
+The split passes of a data-parallel step (contract: NormPasses) are compiled_norm_statistics,
+compiled_norm_normalise, the group sums of compiled_norm_backward and compiled_norm_input_grad.
 """
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ from ..registry import record_unavailable, register_backend
 from . import torch as torch_backend
 
 ops = torch.ops.hamur_fast
+_stale = [name for name in ("compiled_norm_statistics", "compiled_norm_normalise", "compiled_norm_input_grad")
+          if not hasattr(ops, name)]
+if _stale:  # an extension built from older sources: say so (doctor shows it) rather than fail at import
+    raise ImportError(f"hamur_fast._C is older than its sources (no {', '.join(_stale)}): rebuild it with "
+                      "pip install --no-build-isolation -e .", name="hamur_fast._C")
 
 # "auto" ranks (lower wins; "torch" is 100, "triton" 10 on CUDA). On the CPU "cpu" is picked because
 # benchmarks/bench_layers.py measured it faster than "torch" (benchmarks/RESULTS.md). "cuda" is chosen by

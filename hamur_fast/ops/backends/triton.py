@@ -3,7 +3,8 @@
 The launchers (kernels/adapter_cell.py, kernels/domain_norm.py) do the GPU work; here they become
 ``torch.ops.hamur_fast.triton_*`` operators with fake implementations (so torch.compile and torch.export
 trace them as single ops) and autograd formulas that call the backward launchers. Intermediates and
-operator names: :mod:`hamur_fast.ops.contract`.
+operator names: :mod:`hamur_fast.ops.contract`. The split passes a data-parallel step runs with collectives
+between them (NormPasses, CellPasses) are the same kernels' launchers called one by one.
 
 The kernels compute in float32 (``tl.dot`` in IEEE precision) and store in the input's dtype, so float64 is
 not among the declared dtypes: "auto" sends float64 to a backend that computes in float64, and
