@@ -19,8 +19,9 @@ Design
   sweep re-reads the few KB the first just brought in, meant to be served by L1/L2 so that DRAM sees
   each I_b about once per pass (a design intent: not yet measured on a GPU).
 - DomainNorm needs whole-batch (per-domain) statistics, so the forward has three launches:
-  project (writes the (B, k) vectors q and v, and per-block partial statistics of o), merge the
-  partials with Chan's formula (kernels/domain_norm.py), normalise (recomputes o = v UR + ub from
+  project (writes the (B, k) vectors q and v, and per-block partial statistics of o in the compact
+  per-domain layout of kernels/domain_norm.py: O(B x h) whatever D is), merge the partials with Chan's
+  formula, normalise (recomputes o = v UR + ub from
   v instead of storing the (B, h) o). Backward: norm sums (dnb, dnw), then one main kernel (dx and
   dI_b; two sweeps over the rows' I_b, du in the first, dp and both dI terms in the second), then the factor
   gradients as per-domain sums of outer products over the rows (the grouped linear op's weight-gradient
@@ -154,7 +155,7 @@ def _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN: tl.
 @triton.jit
 def _cell_fwd_project_kernel(
         x, rep, order, domain_sorted, down_left, down_right, down_bias, up_left, up_right, up_bias,
-        q_out, v_out, part_count, part_mean, part_m2, batch, width, rank, bottleneck, num_domains,
+        q_out, v_out, part_mean, part_m2, batch, width, rank, bottleneck, num_domains, slots_per_part,
         PER_DOMAIN: tl.constexpr, COMPUTE_STATS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
     pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains,
@@ -190,9 +191,8 @@ def _cell_fwd_project_kernel(
             h_idx = h0 + tl.arange(0, BLOCK_H)
             o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width,
                              PER_DOMAIN, BLOCK_B, BLOCK_H)
-            dn.store_group_partial_stats(o, domain, valid, h_idx, h_idx < width, tl.program_id(0),
-                                         num_domains if PER_DOMAIN else 1, width, part_count, part_mean, part_m2,
-                                         h0 == 0)
+            dn.store_group_partial_stats(o, domain, valid, h_idx, h_idx < width, tl.program_id(0), slots_per_part,
+                                         width, part_mean, part_m2)
 
 
 @triton.jit
@@ -220,7 +220,7 @@ def _cell_fwd_normalize_kernel(
 @triton.jit
 def _cell_bwd_norm_sums_kernel(
         dy, order, domain_sorted, v_in, up_right, up_bias, mean, rstd, part_dy, part_dy_xhat,
-        batch, width, rank, num_domains,
+        batch, width, rank, num_domains, slots_per_part,
         PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (row block, column tile): per-domain partial sums of dy and dy * xhat on its tile."""
     pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains,
@@ -231,7 +231,7 @@ def _cell_bwd_norm_sums_kernel(
     xhat = _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
     grad = _load_rows(dy, rows, h_idx, width, pos_mask)
     dn.store_group_partial_sums(grad, grad * xhat, domain, valid, h_idx, h_idx < width, tl.program_id(0),
-                                num_domains if PER_DOMAIN else 1, width, part_dy, part_dy_xhat)
+                                slots_per_part, width, part_dy, part_dy_xhat)
 
 
 @triton.jit
@@ -347,32 +347,22 @@ def _without_rep_tiles(meta):
     return {key: meta[key] for key in ("BLOCK_B", "BLOCK_H", "BLOCK_K", "num_warps")}
 
 
-def _domain_order(domain, per_domain):
-    """Row order sorted by domain (stable) and the sorted domains; identity (None) when shared."""
-    if not per_domain:
-        return None, None
-    order = torch.argsort(domain, stable=True)
-    return order, domain[order]
+def _segments(domain, params, order=None):
+    """The rows sorted by domain (paper mode; by the forward's saved ``order`` when given), dn.GroupSegments."""
+    norm_weight = params[6]
+    per_domain = norm_weight.dim() == 2
+    return dn.sort_groups(domain, norm_weight.shape[0] if per_domain else 1, per_domain,
+                          order if per_domain else None)
 
 
-def _prepared(x, rep, domain, params):
-    """Contiguous inputs, the sizes, and the rows' order and sorted domains (paper mode) or a dummy pointer
-    for the arguments a constexpr branch never reads (released mode)."""
-    x, rep, domain = x.contiguous(), rep.contiguous(), domain.contiguous()
-    params = tuple(t.contiguous() for t in params)
-    sizes = _sizes(x, rep, params[1], params[6])
-    order, domain_sorted = _domain_order(domain, sizes[4])
-    sorted_args = (order, domain_sorted) if sizes[4] else (domain, domain)
-    return x, rep, domain, params, sizes, sorted_args
+def _sorted_args(segments, domain):
+    """(order, sorted domains) kernel arguments, or ``domain`` as the pointer no released-mode kernel reads."""
+    return (domain, domain) if segments.order is None else (segments.order, segments.domain_sorted)
 
 
-def _order_out(sorted_args, per_domain, device):
-    return sorted_args[0] if per_domain else torch.zeros(0, device=device, dtype=torch.int64)
-
-
-def _sorted_args(domain, order, per_domain):
-    """(order, sorted domains) from a saved order, or the dummy pointers (released mode)."""
-    return (order, domain[order]) if per_domain else (domain, domain)
+def _order_out(segments, device):
+    """The order saved for backward: empty in released mode (identity)."""
+    return torch.zeros(0, device=device, dtype=torch.int64) if segments.order is None else segments.order
 
 
 # The forward and backward at their seams, where a data-parallel step puts its collectives: the projection with
@@ -380,27 +370,28 @@ def _sorted_args(domain, order, per_domain):
 @dn.on_first_tensors_device
 def cell_project(x, rep, domain, params, use_batch_stats: bool, empty=torch.empty):
     """The cell up to its normalisation: q, v (B, k) fp32 in sorted order, the order (empty in released mode),
-    and the per-block partial (count, mean, M2) of o (unwritten without batch statistics)."""
-    x, rep, domain, params, sizes, sorted_args = _prepared(x, rep, domain, params)
-    batch, width, rank, bottleneck, per_domain, num_domains = sizes
+    the rows' dn.GroupSegments and the per-block partial (mean, M2) of o (empty without batch statistics)."""
+    x, rep, domain = x.contiguous(), rep.contiguous(), domain.contiguous()
+    params = tuple(t.contiguous() for t in params)
+    batch, width, rank, bottleneck, per_domain, num_domains = _sizes(x, rep, params[1], params[6])
+    segments = _segments(domain, params)
     meta = _tile_meta(width, rank, bottleneck)
-    blocks = triton.cdiv(batch, ROWS_PER_BLOCK)
     f32 = dict(device=x.device, dtype=torch.float32)
     q, v = empty((batch, rank), **f32), empty((batch, rank), **f32)
-    part_count = empty((blocks, num_domains), **f32)
-    part_mean, part_m2 = (empty((blocks, num_domains, width), **f32) for _ in range(2))
-    _cell_fwd_project_kernel[(blocks,)](
-        x, rep, *sorted_args, *params[:6], q, v, part_count, part_mean, part_m2,
-        batch, width, rank, bottleneck, num_domains,
+    # Scratch for the statistics only when they are computed (a kernel that skips them never reads these).
+    part_mean, part_m2 = dn.empty_partials(segments, ROWS_PER_BLOCK, width if use_batch_stats else 0, x.device, empty)
+    _cell_fwd_project_kernel[(triton.cdiv(batch, ROWS_PER_BLOCK),)](
+        x, rep, *_sorted_args(segments, domain), *params[:6], q, v, part_mean, part_m2,
+        batch, width, rank, bottleneck, num_domains, segments.slots_per_part(ROWS_PER_BLOCK),
         PER_DOMAIN=per_domain, COMPUTE_STATS=use_batch_stats, **meta)
-    return q, v, _order_out(sorted_args, per_domain, x.device), (part_count, part_mean, part_m2)
+    return q, v, _order_out(segments, x.device), segments, (part_mean, part_m2)
 
 
 @dn.on_first_tensors_device
 def cell_statistics(x, rep, domain, params, empty=torch.empty):
     """This process's (count, mean, M2) of o per group, and (q, v, order) for the passes after it."""
-    q, v, order, parts = cell_project(x, rep, domain, params, True, empty)
-    count, mean, m2, _rstd = merge_group_stats(*parts, 0.0, False, empty)
+    q, v, order, segments, parts = cell_project(x, rep, domain, params, True, empty)
+    count, mean, m2, _rstd = merge_group_stats(*parts, segments, ROWS_PER_BLOCK, 0.0, False, empty)
     return (count, mean, m2), (q, v, order)
 
 
@@ -413,9 +404,10 @@ def cell_normalise(x, domain, params, v, order, mean, rstd, empty=torch.empty):
     per_domain = norm_weight.dim() == 2
     num_domains = norm_weight.shape[0] if per_domain else 1
     meta = _without_rep_tiles(_tile_meta(width, rank, params[1].shape[-1]))
+    sorted_args = (order, domain[order]) if per_domain else (domain, domain)  # (no segments needed here)
     y = empty(x.shape, device=x.device, dtype=x.dtype)
     _cell_fwd_normalize_kernel[(triton.cdiv(batch, ROWS_PER_BLOCK), triton.cdiv(width, meta["BLOCK_H"]))](
-        x, *_sorted_args(domain, order, per_domain), v, up_right, up_bias, norm_weight, norm_bias,
+        x, *sorted_args, v, up_right, up_bias, norm_weight, norm_bias,
         mean.float().contiguous(), rstd.float().contiguous(), y, batch, width, rank, num_domains,
         PER_DOMAIN=per_domain, **meta)
     return y
@@ -430,24 +422,23 @@ def cell_grad_sums(dy, domain, params, v, order, mean, rstd, empty=torch.empty):
     per_domain = norm_weight.dim() == 2
     num_domains = norm_weight.shape[0] if per_domain else 1
     meta = _without_rep_tiles(_tile_meta(width, rank, params[1].shape[-1]))
-    blocks = triton.cdiv(batch, ROWS_PER_BLOCK)
-    part_dy, part_dy_xhat = (empty((blocks, num_domains, width), device=dy.device, dtype=torch.float32)
-                             for _ in range(2))
-    _cell_bwd_norm_sums_kernel[(blocks, triton.cdiv(width, meta["BLOCK_H"]))](
-        dy, *_sorted_args(domain, order, per_domain), v, up_right, up_bias, mean.float().contiguous(),
+    segments = _segments(domain, params, order)
+    part_dy, part_dy_xhat = dn.empty_partials(segments, ROWS_PER_BLOCK, width, dy.device, empty)
+    _cell_bwd_norm_sums_kernel[(triton.cdiv(batch, ROWS_PER_BLOCK), triton.cdiv(width, meta["BLOCK_H"]))](
+        dy, *_sorted_args(segments, domain), v, up_right, up_bias, mean.float().contiguous(),
         rstd.float().contiguous(), part_dy, part_dy_xhat,
-        batch, width, rank, num_domains, PER_DOMAIN=per_domain, **meta)
-    return part_dy.sum(0), part_dy_xhat.sum(0)
+        batch, width, rank, num_domains, segments.slots_per_part(ROWS_PER_BLOCK), PER_DOMAIN=per_domain, **meta)
+    return dn.merge_group_sums(part_dy, part_dy_xhat, segments, ROWS_PER_BLOCK, empty)
 
 
 @dn.on_first_tensors_device
 def adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_batch_stats: bool, eps: float,
                          empty=torch.empty):
     """Returns (y, q, v, order, count, mean, m2, rstd); q, v (B, k) fp32 in sorted order for backward."""
-    q, v, order, parts = cell_project(x, rep, domain, params, use_batch_stats, empty)
+    q, v, order, segments, parts = cell_project(x, rep, domain, params, use_batch_stats, empty)
     per_domain = params[6].dim() == 2
     if use_batch_stats:
-        count, mean, m2, rstd = merge_group_stats(*parts, eps, not per_domain, empty)
+        count, mean, m2, rstd = merge_group_stats(*parts, segments, ROWS_PER_BLOCK, eps, not per_domain, empty)
     else:  # paper mode in eval: running statistics
         mean = running_mean.float().clone()
         rstd = torch.rsqrt(running_var.float() + eps)
@@ -466,8 +457,8 @@ def cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd,
     contiguous = [t.contiguous() for t in params]
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = contiguous
     batch, width, rank, bottleneck, per_domain, num_domains = _sizes(x, rep, down_right, norm_weight)
-    sorted_args = _sorted_args(domain, order, per_domain)
-    order, domain_sorted = sorted_args
+    segments = _segments(domain, params, order)
+    sorted_args = _sorted_args(segments, domain)
     meta = _tile_meta(width, rank, bottleneck)
     grid = (triton.cdiv(batch, ROWS_PER_BLOCK),)
     device = x.device
@@ -487,13 +478,8 @@ def cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd,
 
     # Factor gradients: per domain, sums over its rows of lhs[b]^T rhs[b] (and of rhs[b]), by the grouped
     # linear op's weight-gradient kernels: O(B) work and O(B / 256 + D) partials whatever D is.
-    if per_domain:
-        offsets = torch.searchsorted(domain_sorted, torch.arange(num_domains + 2, device=device))
-    else:
-        offsets = torch.tensor([0, batch, batch], device=device)
-
     def outer(lhs, rhs, lhs_in_order=False, with_rhs_sum=False):
-        return domain_weight_grads(lhs, rhs, order, offsets, num_domains, with_rhs_sum,
+        return domain_weight_grads(lhs, rhs, sorted_args[0], segments.offsets, num_domains, with_rhs_sum,
                                    torch.float32, x_by_order=lhs_in_order and per_domain, grad_by_order=False,
                                    empty=empty)
 
