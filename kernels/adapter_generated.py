@@ -30,8 +30,10 @@ import triton.language as tl
 
 from . import adapter_cell as cell
 from . import domain_norm as dn
-from .adapter_cell import _cell_output, _load_rows, _project, _row_block, _store_rows
+from .adapter_cell import (_cell_output, _down_left_chunk, _load_rows, _normalized_tile, _project, _row_block,
+                           _store_rows)
 from .domain_norm import block_size, load_group_rows, norm_input_grad
+from .grouped_linear import domain_weight_grads
 
 ROWS_PER_BLOCK = 32  # rows per program: the M of every tl.dot; each W'_i slice serves them all
 PRECISIONS = {"ieee": 0, "tf32": 1, "bf16": 2}
@@ -93,6 +95,20 @@ def _times_generated_rep_t(rhs, g_tile, gen_weight, gen_bias, k_idx, p_idx, rank
     return out
 
 
+@triton.jit
+def _store_output_partial_stats(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, rank, width, num_domains,
+                                part_count, part_mean, part_m2, PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr,
+                                BLOCK_H: tl.constexpr):
+    """This block's per-domain partial (count, mean, M2) of o = v UR + ub, tile by tile over h (as level 1)."""
+    for h0 in range(0, width, BLOCK_H):
+        h_idx = h0 + tl.arange(0, BLOCK_H)
+        o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width, PER_DOMAIN,
+                         BLOCK_B, BLOCK_H)
+        dn.store_group_partial_stats(o, domain, valid, h_idx, h_idx < width, tl.program_id(0),
+                                     num_domains if PER_DOMAIN else 1, width, part_count, part_mean, part_m2,
+                                     h0 == 0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
@@ -104,33 +120,29 @@ def _gen_fwd_project_kernel(
         PER_DOMAIN: tl.constexpr, COMPUTE_STATS: tl.constexpr, GEN_PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
         BLOCK_P: tl.constexpr):
-    pos, pos_mask, rows, domain, d_lo, d_hi = _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN,
-                                                         BLOCK_B)
-    h_idx, k_idx = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_K)
-    s_idx, p_idx = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_P)
-    hk, ks = (width * rank, rank * bottleneck) if PER_DOMAIN else (0, 0)
+    pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains,
+                                                                PER_DOMAIN, BLOCK_B)
+    k_idx, s_idx, p_idx = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_P)
+    ks = rank * bottleneck if PER_DOMAIN else 0
     g_tile = _centred_g(g, centre, rows, pos_mask, p_idx, gen_width)
 
-    p = _project(_load_rows(x, rows, h_idx, width, pos_mask), down_left, domain, d_lo, d_hi, hk, h_idx, rank,
-                 width, k_idx, 1, rank, BLOCK_B, BLOCK_K)
+    # q = (x DL) I: x DL summed over h tiles (level 1's helper, all k columns at once), then I row by row.
+    p = _down_left_chunk(x, rows, pos_mask, down_left, domain, d_lo, d_hi, k_idx, width, rank, PER_DOMAIN,
+                         BLOCK_B, BLOCK_H, BLOCK_K)
     q = _through_generated_rep(p, g_tile, gen_weight, gen_bias, k_idx, p_idx, rank, gen_width, GEN_PRECISION,
                                BLOCK_B, BLOCK_K)
     _store_rows(q_out, pos, k_idx, rank, q, pos_mask)
     a = tl.sigmoid(_project(q, down_right, domain, d_lo, d_hi, ks, k_idx, bottleneck, rank, s_idx, 1, bottleneck,
                             BLOCK_B, BLOCK_S)
-                   + load_group_rows(down_bias, domain, s_idx, pos_mask, s_idx < bottleneck, bottleneck,
-                                     PER_DOMAIN))
+                   + load_group_rows(down_bias, domain, s_idx, valid, s_idx < bottleneck, bottleneck, PER_DOMAIN))
     u = _project(a, up_left, domain, d_lo, d_hi, ks, s_idx, rank, bottleneck, k_idx, 1, rank, BLOCK_B, BLOCK_K)
     v = _through_generated_rep(u, g_tile, gen_weight, gen_bias, k_idx, p_idx, rank, gen_width, GEN_PRECISION,
                                BLOCK_B, BLOCK_K)
     _store_rows(v_out, pos, k_idx, rank, v, pos_mask)
 
     if COMPUTE_STATS:
-        o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, pos_mask, k_idx, h_idx, rank, width, PER_DOMAIN,
-                         BLOCK_B, BLOCK_H)
-        dn.store_group_partial_stats(o, domain, pos_mask, h_idx, h_idx < width, tl.program_id(0),
-                                     num_domains if PER_DOMAIN else 1, width, part_count, part_mean, part_m2,
-                                     True)
+        _store_output_partial_stats(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, rank, width,
+                                    num_domains, part_count, part_mean, part_m2, PER_DOMAIN, BLOCK_B, BLOCK_H)
 
 
 @triton.jit
@@ -143,33 +155,35 @@ def _gen_bwd_main_kernel(
         PER_DOMAIN: tl.constexpr, BATCH_STATS: tl.constexpr, GEN_PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
         BLOCK_P: tl.constexpr):
-    pos, pos_mask, rows, domain, d_lo, d_hi = _row_block(order, domain_sorted, batch, num_domains, PER_DOMAIN,
-                                                         BLOCK_B)
-    h_idx, k_idx = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_K)
-    s_idx, p_idx = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_P)
-    h_mask = h_idx < width
+    pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains,
+                                                                PER_DOMAIN, BLOCK_B)
+    k_idx, s_idx, p_idx = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_P)
     hk, ks = (width * rank, rank * bottleneck) if PER_DOMAIN else (0, 0)
-    g_tile = _centred_g(g, centre, rows, pos_mask, p_idx, gen_width)
 
-    # Through the normalisation (as level 1): do, then dv = do UR^T, a recomputed from the saved q.
-    o = _cell_output(_load_rows(v_in, pos, k_idx, rank, pos_mask), up_right, up_bias, domain, d_lo, d_hi,
-                     pos_mask, k_idx, h_idx, rank, width, PER_DOMAIN, BLOCK_B, BLOCK_H)
-    xhat = (o - load_group_rows(mean, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, domain, h_idx, pos_mask, h_mask, width, PER_DOMAIN)
-    grad_y = _load_rows(dy, rows, h_idx, width, pos_mask)
-    grad_o = norm_input_grad(grad_y, xhat, domain, pos_mask, h_idx, h_mask, width, norm_weight, rstd, count,
-                             sum_dy, sum_dy_xhat, BATCH_STATS, PER_DOMAIN)
-    _store_rows(do_out, pos, h_idx, width, grad_o, pos_mask)
-    grad_v = _project(grad_o, up_right, domain, d_lo, d_hi, hk, h_idx, 1, width, k_idx, width, rank,
-                      BLOCK_B, BLOCK_K)
+    # Through the normalisation, tile by tile over h (as level 1): do, and dv = do UR^T summed over the tiles.
+    v = _load_rows(v_in, pos, k_idx, rank, pos_mask)
+    grad_v = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
+    for h0 in range(0, width, BLOCK_H):
+        h_idx = h0 + tl.arange(0, BLOCK_H)
+        o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width, PER_DOMAIN,
+                         BLOCK_B, BLOCK_H)
+        xhat = _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
+        grad_o = norm_input_grad(_load_rows(dy, rows, h_idx, width, pos_mask), xhat, domain, valid, h_idx,
+                                 h_idx < width, width, norm_weight, rstd, count, sum_dy, sum_dy_xhat, BATCH_STATS,
+                                 PER_DOMAIN)
+        _store_rows(do_out, pos, h_idx, width, grad_o, pos_mask)
+        grad_v += _project(grad_o, up_right, domain, d_lo, d_hi, hk, h_idx, 1, width, k_idx, width, rank,
+                           BLOCK_B, BLOCK_K)
+
+    # a recomputed from the saved q.
     q = _load_rows(q_in, pos, k_idx, rank, pos_mask)
     a = tl.sigmoid(_project(q, down_right, domain, d_lo, d_hi, ks, k_idx, bottleneck, rank, s_idx, 1, bottleneck,
                             BLOCK_B, BLOCK_S)
-                   + load_group_rows(down_bias, domain, s_idx, pos_mask, s_idx < bottleneck, bottleneck,
-                                     PER_DOMAIN))
+                   + load_group_rows(down_bias, domain, s_idx, valid, s_idx < bottleneck, bottleneck, PER_DOMAIN))
     _store_rows(a_out, pos, s_idx, bottleneck, a, pos_mask)
 
     # du = dv I^T (first sweep over the generated I), da = du UL^T, dq = dz DR^T.
+    g_tile = _centred_g(g, centre, rows, pos_mask, p_idx, gen_width)
     grad_u = _times_generated_rep_t(grad_v, g_tile, gen_weight, gen_bias, k_idx, p_idx, rank, gen_width,
                                     GEN_PRECISION, BLOCK_B, BLOCK_K)
     _store_rows(du_out, pos, k_idx, rank, grad_u, pos_mask)
@@ -181,16 +195,21 @@ def _gen_bwd_main_kernel(
                       BLOCK_B, BLOCK_K)
 
     # Second sweep: dp = dq I^T, and row i of dI = p_i dq + u_i dv through the ReLU into dg = dz W'.
-    p = _project(_load_rows(x, rows, h_idx, width, pos_mask), down_left, domain, d_lo, d_hi, hk, h_idx, rank,
-                 width, k_idx, 1, rank, BLOCK_B, BLOCK_K)
+    p = _down_left_chunk(x, rows, pos_mask, down_left, domain, d_lo, d_hi, k_idx, width, rank, PER_DOMAIN,
+                         BLOCK_B, BLOCK_H, BLOCK_K)
     u = _project(a, up_left, domain, d_lo, d_hi, ks, s_idx, rank, bottleneck, k_idx, 1, rank, BLOCK_B, BLOCK_K)
+    # What the weight-gradient kernel needs to rebuild dI (rank 2 per row), stored while live.
+    _store_rows(p_out, pos, k_idx, rank, p, pos_mask)
+    _store_rows(u_out, pos, k_idx, rank, u, pos_mask)
+    _store_rows(dq_out, pos, k_idx, rank, grad_q, pos_mask)
+    _store_rows(dv_out, pos, k_idx, rank, grad_v, pos_mask)
     grad_p = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
     grad_g = tl.zeros([BLOCK_B, BLOCK_P], tl.float32)
     for i in range(0, rank):
         rep_row, w_t = _generated_rep_row(g_tile, gen_weight, gen_bias, i, k_idx, p_idx, rank, gen_width,
                                           GEN_PRECISION)
-        grad_p += tl.where(k_idx[None, :] == i, tl.sum(rep_row * grad_q, axis=1)[:, None], 0.0)
         column = k_idx[None, :] == i
+        grad_p += tl.where(column, tl.sum(rep_row * grad_q, axis=1)[:, None], 0.0)
         grad_rep = tl.sum(tl.where(column, p, 0.0), axis=1)[:, None] * grad_q + \
             tl.sum(tl.where(column, u, 0.0), axis=1)[:, None] * grad_v
         grad_gen = tl.where(rep_row > 0.0, grad_rep, 0.0)
@@ -201,15 +220,15 @@ def _gen_bwd_main_kernel(
         else:
             grad_g += tl.dot(grad_gen, tl.trans(w_t), input_precision="ieee")
     _store_rows(dp_out, pos, k_idx, rank, grad_p, pos_mask)
-    grad_x = grad_y + _project(grad_p, down_left, domain, d_lo, d_hi, hk, k_idx, 1, rank, h_idx, rank, width,
-                               BLOCK_B, BLOCK_H)
-    _store_rows(dx, rows, h_idx, width, grad_x, pos_mask)
-    _store_rows(dg, rows, p_idx, gen_width, grad_g, pos_mask)
-    # What the weight-gradient kernel needs to rebuild dI (rank 2 per row).
-    _store_rows(p_out, pos, k_idx, rank, p, pos_mask)
-    _store_rows(u_out, pos, k_idx, rank, u, pos_mask)
-    _store_rows(dq_out, pos, k_idx, rank, grad_q, pos_mask)
-    _store_rows(dv_out, pos, k_idx, rank, grad_v, pos_mask)
+    # A row whose domain id is out of range (value checks off) gets NaN gradients, as at level 1.
+    _store_rows(dg, rows, p_idx, gen_width, tl.where(valid[:, None], grad_g, float("nan")), pos_mask)
+
+    # dx = dy + dp DL^T, tile by tile over h.
+    for h0 in range(0, width, BLOCK_H):
+        h_idx = h0 + tl.arange(0, BLOCK_H)
+        grad_x = _load_rows(dy, rows, h_idx, width, pos_mask) + \
+            _project(grad_p, down_left, domain, d_lo, d_hi, hk, k_idx, 1, rank, h_idx, rank, width, BLOCK_B, BLOCK_H)
+        _store_rows(dx, rows, h_idx, width, tl.where(valid[:, None], grad_x, float("nan")), pos_mask)
 
 
 @triton.jit
@@ -267,11 +286,18 @@ def _sizes(x, g, down_left, down_right, norm_weight):
     return batch, width, rank, bottleneck, gen_width, per_domain, num_domains
 
 
-def _tile_meta(width, rank, bottleneck, gen_width):
-    return dict(BLOCK_B=ROWS_PER_BLOCK, BLOCK_H=block_size(width), BLOCK_K=block_size(rank),
-                BLOCK_S=block_size(bottleneck), BLOCK_P=block_size(gen_width), num_warps=4)
+def _tile_meta(level1_meta, gen_width):
+    """Level 1's tiles of h, k and s (BLOCK_H a tile of h, not its whole width), plus BLOCK_P for g and the
+    rows per program. Up to k = 64, 32 rows and 4 warps; beyond, the (rows, k) tiles the backward keeps live
+    (p, u, dq, dv, dp, dg and row i of I) and the (p, k) slice of W' take 16 rows and 8 warps, which keeps
+    ptxas from spilling (sm_90a compile table: benchmarks/RESULTS.md)."""
+    wide = level1_meta["BLOCK_K"] > 64
+    meta = {key: level1_meta[key] for key in ("BLOCK_H", "BLOCK_K", "BLOCK_S")}
+    return dict(meta, BLOCK_B=ROWS_PER_BLOCK // 2 if wide else ROWS_PER_BLOCK, BLOCK_P=block_size(gen_width),
+                num_warps=8 if wide else 4)
 
 
+@dn.on_first_tensors_device
 def generated_cell_forward(x, g, centre, gen_weight, gen_bias, domain, params, running_mean, running_var,
                            use_batch_stats: bool, eps: float, precision: str, empty=torch.empty):
     """Returns (y, q, v, order, count, mean, m2, rstd) as level 1's adapter_cell_forward does."""
@@ -283,8 +309,9 @@ def generated_cell_forward(x, g, centre, gen_weight, gen_bias, domain, params, r
                                                                                 norm_weight)
     order, domain_sorted = cell._domain_order(domain, per_domain)
     sorted_args = (order, domain_sorted) if per_domain else (domain, domain)  # unread when shared
-    meta = _tile_meta(width, rank, bottleneck, gen_width)
-    grid = (triton.cdiv(batch, ROWS_PER_BLOCK),)
+    level1_meta = cell._tile_meta(width, rank, bottleneck)
+    meta = _tile_meta(level1_meta, gen_width)
+    grid = (triton.cdiv(batch, meta["BLOCK_B"]),)
     f32 = dict(device=x.device, dtype=torch.float32)
     q, v = empty((batch, rank), **f32), empty((batch, rank), **f32)
     part_count = empty((grid[0], num_domains), **f32)
@@ -298,34 +325,63 @@ def generated_cell_forward(x, g, centre, gen_weight, gen_bias, domain, params, r
     else:  # paper mode in eval: running statistics
         mean, rstd = running_mean.float().clone(), torch.rsqrt(running_var.float() + eps)
         count, m2 = torch.zeros(num_domains, **f32), torch.zeros_like(mean)
+    # The normalise pass never touches I: level 1's kernel, on its own (row block, h tile) grid.
     y = empty(x.shape, device=x.device, dtype=x.dtype)
-    norm_grid = (triton.cdiv(batch, cell.ROWS_PER_BLOCK),)
-    cell._cell_fwd_normalize_kernel[norm_grid](
+    cell._cell_fwd_normalize_kernel[_level1_tile_grid(batch, width, level1_meta)](
         x, *sorted_args, v, up_right, up_bias, norm_weight, norm_bias, mean, rstd, y, batch, width, rank,
-        num_domains, PER_DOMAIN=per_domain, **cell._without_rep_tiles(cell._tile_meta(width, rank, bottleneck)))
+        num_domains, PER_DOMAIN=per_domain, **cell._without_rep_tiles(level1_meta))
     order_out = order if per_domain else torch.zeros(0, device=x.device, dtype=torch.int64)
     return y, q, v, order_out, count, mean, m2, rstd
 
 
-def _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q, grad_v, precision, empty):
+def _level1_tile_grid(batch, width, level1_meta):
+    return triton.cdiv(batch, level1_meta["BLOCK_B"]), triton.cdiv(width, level1_meta["BLOCK_H"])
+
+
+def _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q, grad_v, precision, meta, empty):
     """(dW' (k*k, p), dc' (k*k,)) from partials over ranges of rows, in fp32."""
     batch, gen_width = g.shape
-    rank = p.shape[1]
+    rank, rows_per_block = p.shape[1], meta["BLOCK_B"]
     # Programs = row ranges x k rows of I: about two per SM on a GPU, two ranges under the interpreter.
     target = 2 * torch.cuda.get_device_properties(g.device).multi_processor_count if g.device.type == "cuda" else 2
-    ranges = max(1, min(triton.cdiv(target, rank), triton.cdiv(batch, ROWS_PER_BLOCK)))
-    rows_per_program = ROWS_PER_BLOCK * triton.cdiv(triton.cdiv(batch, ranges), ROWS_PER_BLOCK)
+    ranges = max(1, min(triton.cdiv(target, rank), triton.cdiv(batch, rows_per_block)))
+    rows_per_program = rows_per_block * triton.cdiv(triton.cdiv(batch, ranges), rows_per_block)
     ranges = triton.cdiv(batch, rows_per_program)
     part_dw = empty((ranges, rank * rank, gen_width), device=g.device, dtype=torch.float32)
     part_dc = empty((ranges, rank * rank), device=g.device, dtype=torch.float32)
     _gen_weight_grad_kernel[(ranges, rank)](
         g, centre, gen_weight, gen_bias, order if order.numel() else p, p, u, grad_q, grad_v, part_dw, part_dc,
         batch, rank, gen_width, rows_per_program, PER_DOMAIN=order.numel() > 0,
-        GEN_PRECISION=PRECISIONS[precision], BLOCK_B=ROWS_PER_BLOCK, BLOCK_K=block_size(rank),
-        BLOCK_P=block_size(gen_width), num_warps=4)
+        GEN_PRECISION=PRECISIONS[precision], BLOCK_B=rows_per_block, BLOCK_K=meta["BLOCK_K"],
+        BLOCK_P=meta["BLOCK_P"], num_warps=meta["num_warps"])
     return part_dw.sum(0), part_dc.sum(0)
 
 
+def _factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, order, domain_sorted, num_domains, per_domain,
+                  empty):
+    """The cell's factor gradients as level 1 forms them: per-domain sums of outer products over the rows (the
+    grouped linear op's weight-gradient kernels); every vector but x is in domain-sorted order."""
+    batch = x.shape[0]
+    if per_domain:
+        offsets = torch.searchsorted(domain_sorted, torch.arange(num_domains + 2, device=x.device))
+    else:
+        offsets = torch.tensor([0, batch, batch], device=x.device)
+
+    rows = order if per_domain else offsets  # unread when shared (any int64 tensor on the device)
+
+    def outer(lhs, rhs, lhs_in_order=False, with_rhs_sum=False):
+        return domain_weight_grads(lhs, rhs, rows, offsets, num_domains, with_rhs_sum,
+                                   torch.float32, x_by_order=lhs_in_order and per_domain, grad_by_order=False,
+                                   empty=empty)
+
+    d_down_left, _ = outer(x, grad_p, lhs_in_order=True)
+    d_down_right, d_down_bias = outer(q, grad_z, with_rhs_sum=True)
+    d_up_left, _ = outer(a, grad_u)
+    d_up_right, d_up_bias = outer(v, grad_o, with_rhs_sum=True)
+    return d_down_left, d_down_right, d_down_bias, d_up_left, d_up_right, d_up_bias
+
+
+@dn.on_first_tensors_device
 def generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, params, q, v, order, count, mean,
                             rstd, use_batch_stats: bool, precision: str, empty=torch.empty):
     """Gradients (dx, dg, d centre, d gen_weight, d gen_bias, then the cell's eight parameters)."""
@@ -336,39 +392,32 @@ def generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, para
                                                                                 norm_weight)
     domain_sorted = domain[order] if per_domain else None
     sorted_args = (order, domain_sorted) if per_domain else (domain, domain)
-    level1_meta = cell._without_rep_tiles(cell._tile_meta(width, rank, bottleneck))
+    level1_meta = cell._tile_meta(width, rank, bottleneck)
+    meta = _tile_meta(level1_meta, gen_width)
     f32 = dict(device=x.device, dtype=torch.float32)
 
-    norm_grid = (triton.cdiv(batch, cell.ROWS_PER_BLOCK),)
+    # The norm-gradient sums never touch I: level 1's kernel.
+    norm_grid = _level1_tile_grid(batch, width, level1_meta)
     part_dy, part_dy_xhat = (empty((norm_grid[0], num_domains, width), **f32) for _ in range(2))
     cell._cell_bwd_norm_sums_kernel[norm_grid](
         dy, *sorted_args, v, up_right, up_bias, mean, rstd, part_dy, part_dy_xhat, batch, width, rank, num_domains,
-        PER_DOMAIN=per_domain, **level1_meta)
+        PER_DOMAIN=per_domain, **cell._without_rep_tiles(level1_meta))
     sum_dy, sum_dy_xhat = part_dy.sum(0), part_dy_xhat.sum(0)
 
     dx, dg = empty(x.shape, device=x.device, dtype=x.dtype), empty(g.shape, **f32)
     grad_o = empty((batch, width), **f32)
     a, grad_z = empty((batch, bottleneck), **f32), empty((batch, bottleneck), **f32)
     grad_u, grad_p, p, u, grad_q, grad_v = (empty((batch, rank), **f32) for _ in range(6))
-    _gen_bwd_main_kernel[(triton.cdiv(batch, ROWS_PER_BLOCK),)](
+    _gen_bwd_main_kernel[(triton.cdiv(batch, meta["BLOCK_B"]),)](
         dy, x, g, centre, gen_weight, gen_bias, *sorted_args, q, v, down_left, down_right, down_bias, up_left,
         up_right, up_bias, norm_weight, mean, rstd, count, sum_dy, sum_dy_xhat,
         dx, dg, grad_o, a, grad_u, grad_z, grad_p, p, u, grad_q, grad_v,
         batch, width, rank, bottleneck, gen_width, num_domains,
-        PER_DOMAIN=per_domain, BATCH_STATS=use_batch_stats, GEN_PRECISION=PRECISIONS[precision],
-        **_tile_meta(width, rank, bottleneck, gen_width))
+        PER_DOMAIN=per_domain, BATCH_STATS=use_batch_stats, GEN_PRECISION=PRECISIONS[precision], **meta)
     d_gen_weight, d_gen_bias = _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q,
-                                                       grad_v, precision, empty)
-
-    def outer(lhs, rhs, lhs_in_order=False, with_rhs_sum=False):
-        return cell._per_domain_outer_sums(lhs, rhs, order if per_domain else None, domain_sorted, num_domains,
-                                           lhs_in_order, with_rhs_sum, empty)
-
-    d_down_left, _ = outer(x, grad_p, lhs_in_order=True)
-    d_down_right, d_down_bias = outer(q, grad_z, with_rhs_sum=True)
-    d_up_left, _ = outer(a, grad_u)
-    d_up_right, d_up_bias = outer(v, grad_o, with_rhs_sum=True)
-    grads = (d_down_left, d_down_right, d_down_bias, d_up_left, d_up_right, d_up_bias, sum_dy_xhat, sum_dy)
+                                                       grad_v, precision, meta, empty)
+    grads = _factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, order, domain_sorted, num_domains,
+                          per_domain, empty) + (sum_dy_xhat, sum_dy)
     param_grads = tuple(t.reshape(param.shape).to(param.dtype) for t, param in zip(grads, params))
     generator_grads = (dg.to(g.dtype), -dg.sum(0).to(centre.dtype), d_gen_weight.to(gen_weight.dtype),
                        d_gen_bias.to(gen_bias.dtype))
