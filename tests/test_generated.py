@@ -161,10 +161,12 @@ SLOW = os.environ.get("HAMUR_SLOW_TESTS") == "1"  # the interpreter's slow model
 # (B, h, k, s, p), mode, training. On a GPU: every size in every mode; under the interpreter (~3 s a call) a
 # selection that still has B = 1, 2, 3 and 37 (two blocks of rows), both modes, training and eval.
 TRITON_SIZES = [(1, 13, 5, 7, 9), (2, 13, 5, 7, 9), (3, 13, 5, 7, 9), (37, 20, 6, 5, 11), (1023, 13, 5, 7, 9)]
+# h past one tile of the kernels' h axis (two tiles of 128), and k > 64: 16-row blocks, h in three tiles of 64.
+TILED_CASES = [((7, 150, 5, 7, 9), "released", True), ((19, 131, 65, 7, 9), "paper", True)]
 TRITON_CASES = ([(size, mode, training) for size in TRITON_SIZES for mode in ("paper", "released")
                  for training in (True, False)] if not INTERPRETER else
                 [(TRITON_SIZES[0], "paper", True), (TRITON_SIZES[1], "released", True), (TRITON_SIZES[2], "paper", False),
-                 (TRITON_SIZES[3], "paper", True), (TRITON_SIZES[3], "released", False)])
+                 (TRITON_SIZES[3], "paper", True), (TRITON_SIZES[3], "released", False)]) + TILED_CASES
 # The slow checks (opcheck, compile) in one mode under the interpreter, both on a GPU.
 SLOW_CHECK_MODES = ["paper"] if INTERPRETER else ["paper", "released"]
 
@@ -353,6 +355,17 @@ def test_model_level2_equals_level1(backbone, mode, extra, one_thread):
         model.eval()
     with torch.no_grad():
         assert rel_err(models[0](e, domain), models[1](e, domain)) < 1e-12
+
+
+def test_level2_stays_off_while_statistics_are_synchronised(monkeypatch):
+    """Inside a data-parallel step that merges batch statistics over ranks, the model runs level 1: the
+    generator BatchNorm's moments (SPEC section 6) are this process's only at level 2."""
+    from hamur_fast.models import hamur
+
+    model = small_hamur("mlp", "paper", {}, "torch", True)
+    assert model.uses_fused_generation(torch.device("cpu"))
+    monkeypatch.setattr(hamur, "active_group", lambda: object())  # what synchronised(group) makes it return
+    assert not model.uses_fused_generation(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("name", GOLDEN_FILES)

@@ -18,8 +18,8 @@ from .registry import available_backends, register_backend, resolve
 from ..distributed import statistics as _statistics
 from .backends.torch import adapter_projection
 
-__all__ = ["hyper_adapter", "hyper_adapter_generated", "domain_norm", "available_backends", "register_backend", "Backend", "Capabilities",
-           "GroupStats", "Plan"]
+__all__ = ["hyper_adapter", "hyper_adapter_generated", "domain_norm", "available_backends", "register_backend",
+           "Backend", "Capabilities", "GroupStats", "Plan"]
 
 
 def _check_norm_args(o, weight, bias, running_mean, running_var, mode):
