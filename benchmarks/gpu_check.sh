@@ -2,7 +2,8 @@
 # The GPU check, in two device calls; logs under $OUT, a short table last.
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh 1   # <= 300 s: install, doctor, GPU tests of the kernel backends,
 #                                                 #   a small bench_layers
-#   OUT=/tmp/out bash benchmarks/gpu_check.sh 2   # <= 540 s: the benchmarks (installs first only when needed)
+#   OUT=/tmp/out bash benchmarks/gpu_check.sh 2   # <= 540 s: the benchmarks, bench_domains last (installs first
+#                                                 #   only when needed)
 # Each call's step limits add up to at most its budget (tests/test_benchmarks.py reads them), and a step is also
 # cut to what is left of the budget. Exits non-zero when any step fails or times out, and when no CUDA device is
 # visible: a GPU check that quietly ran on the CPU, or skipped its tests, must not look like a pass.
@@ -84,17 +85,19 @@ call_2() {
   if ! "$PY" -c "import hamur_fast, hamur_fast._C" 2>/dev/null; then
     step install 110 "${INSTALL[@]}" || { finish; exit 1; }
   fi
-  step bench_layers 120 "$PY" benchmarks/bench_layers.py --batch 4096 65536
+  step bench_layers 110 "$PY" benchmarks/bench_layers.py --batch 4096 65536
   # Whole training step (released, released under torch.compile, ours eager and CUDA graph) and serving latency.
-  step bench_train 170 "$PY" benchmarks/bench_train.py --batch 4096 40960 --repeats 10
-  step bench_infer 60 "$PY" benchmarks/bench_infer.py
-  step bench_cuda_infer 60 "$PY" benchmarks/bench_cuda_infer.py  # eval cell, batch 1..512: "cuda" vs "triton"
+  step bench_train 150 "$PY" benchmarks/bench_train.py --batch 4096 40960 --repeats 10
+  step bench_infer 45 "$PY" benchmarks/bench_infer.py
+  step bench_cuda_infer 45 "$PY" benchmarks/bench_cuda_infer.py  # eval cell, batch 1..512: "cuda" vs "triton"
+  # Training-step time, memory and FLOPs against the number of domains (goal: D=100 within 1.5x of D=3).
+  step bench_domains 60 "$PY" benchmarks/bench_domains.py --domains 3 100 300 --repeats 5 --stacked-max-domains 100
   goals
 }
 
 # The issue's goals, from the B=65536 table of bench_layers (h=128, k=35, s=32, D=3, fp32, fwd+bwd).
 goals() {
-  "$PY" - "$OUT/bench_layers.log" >"$OUT/goals.txt" 2>&1 <<'EOF' || failed=1
+  "$PY" - "$OUT/bench_layers.log" "$OUT/bench_domains.log" >"$OUT/goals.txt" 2>&1 <<'EOF' || failed=1
 import re, sys
 rows, batch = {}, None
 for line in open(sys.argv[1]):
@@ -120,6 +123,21 @@ for mode in ("released", "paper"):
         checks.append((">= 40x released einsum", einsum[0] / triton[0] >= 40, f"{einsum[0] / triton[0]:.1f}x"))
     for what, passed, value in checks:
         print(f"  {mode:8} triton {triton[0]:.3f} ms  {what:26} {value:>7}  {'met' if passed else 'NOT met'}")
+# bench_domains: "model, B=...:" heads, then rows "D adapter grouped-op ms x ..." (x: ratio to D=3).
+model = None
+try:
+    lines = open(sys.argv[2]).read().splitlines()
+except OSError:
+    lines = []
+print("goals of bench_domains (training step at D=100 within 1.5x of D=3)")
+for line in lines:
+    head = re.match(r"(\w+), B=\d+:", line)
+    if head:
+        model = head.group(1)
+    row = re.match(r"\s*100\s+(\S+)\s+(\S+)\s+([\d.]+)\s+([\d.]+)\s", line)
+    if row and row.group(2) != "stacked":
+        ratio = float(row.group(4))
+        print(f"  {model:10} adapter {row.group(1):7} {row.group(2):9} {ratio:5.2f}x  {'met' if ratio <= 1.5 else 'NOT met'}")
 EOF
 }
 

@@ -31,6 +31,7 @@ CASES = [(model, mode, backend, dtype)
 CASES += [("hamur_mlp", mode, "triton", torch.float32) for mode in ("paper", "released")]  # interpreter on CPU
 CASES += [("hamur_dcn", mode, "torch", torch.float64) for mode in ("paper", "released")]
 CASES += [("star", "paper", None, torch.float64)]
+CASES += [("hamur_mlp:tower_norm=whole", "paper", "torch", torch.float64)]  # first tower layer: whole-batch moments
 
 
 def feature_map():
@@ -60,10 +61,11 @@ def eval_split(fmap, rows: int = 23) -> TensorSplit:
 
 def build(fmap, case):
     name, mode, backend, dtype = case
+    name, _, tower_norm = name.partition(":tower_norm=")  # e.g. "hamur_mlp:tower_norm=whole"
     torch.manual_seed(7)
     options = {"name": name, **SMALL}
     if name.startswith("hamur"):
-        options.update(mode=mode, backend=backend)
+        options.update(mode=mode, backend=backend, **({"tower_norm": tower_norm} if tower_norm else {}))
     else:
         options = {"name": name, "embed_dim": 4}
     return build_ctr_model(fmap, options).to(dtype)

@@ -50,9 +50,11 @@ def test_cell_matches_reference_fp32(size, mode, backend, request):
     if batch > 1000 and interpreted(backend):
         pytest.skip("too slow under the Triton interpreter (test_triton_adapter.py covers a long batch)")
     if (backend, batch, mode) == ("triton", 2, "released"):
-        # Known, as on main at 9bad9d8: up_bias's gradient (a cancelling sum) keeps a residue of 1e-4 of its
-        # terms' absolute sum on a two-row released batch, where PyTorch's fp32 keeps 2e-6.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="triton: up_bias gradient residue, two rows"))
+        # Known: on a two-row whole batch y depends on o only through eps (xhat = +-1/sqrt(2) up to eps / var),
+        # so every factor gradient is a cancellation set by eps: PyTorch's fp32 already misses 1e-5 (5e-5), and
+        # the kernels' fp32 rounding lands at 1e-4 to 4e-4, past the test's 4x PyTorch's error (up_left,
+        # up_right). up_bias, whose gradient is exactly zero with batch statistics, is now returned as zero.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="triton: eps-dominated gradients, two rows"))
     inputs = fp32_exact(cell_inputs(batch, width, rank, bottleneck, num_domains, mode, seed=100 + batch,
                                     edge_domains=edge))
     domain = inputs[2]

@@ -24,6 +24,7 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
@@ -158,6 +159,23 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
                              momentum)
     out = (x - mean) * torch.rsqrt(var + eps)
     return out if weight is None else torch.addcmul(bias, out, weight)
+
+
+def mean_and_covariance(x: torch.Tensor):
+    """``(count, mean (C,), biased covariance (C, C))`` of the rows of x (B, C): this rank's, or every rank's
+    while :func:`synchronised` is active. Two-pass (centred on the global mean, so no cancellation); the two
+    ``all_reduce`` calls are ``torch.distributed.nn``'s, whose backward sums the gradients over the ranks, as the
+    backward of a statistic of every rank's rows must (the convention of :class:`_GlobalMoments`)."""
+    group = active_group()
+    count = torch.tensor(float(x.shape[0]), dtype=x.dtype, device=x.device)
+    if group is None:
+        mean = x.mean(dim=0)
+        centred = x - mean
+        return count, mean, centred.t() @ centred / count
+    dist.all_reduce(count, group=group)
+    mean = dist_nn.all_reduce(x.sum(dim=0), group=group) / count
+    centred = x - mean
+    return count, mean, dist_nn.all_reduce(centred.t() @ centred, group=group) / count
 
 
 class SyncBatchNorm1d(nn.BatchNorm1d):

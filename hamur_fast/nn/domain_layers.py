@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..distributed.statistics import batch_norm, domain_counts
+from ..distributed.statistics import batch_norm, domain_counts, mean_and_covariance
 from ..ops import grouped_linear
 
 
@@ -146,18 +146,17 @@ def affine_batch_moments(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """Batch mean and biased variance of every tower's ``z_d = x W_d^T + b_d`` over ALL rows of ``x``,
     without computing any ``z_d`` on the whole batch.
 
-    x: (B, F); weight: (D, C, F); bias: (D, C) -> mean, var: (D, C). ``z_d`` is affine in ``x``, so with
-    ``mu`` and ``S`` the batch mean and biased covariance of ``x``: ``mean_d = W_d mu + b_d`` and
+    x: (B, F); weight: (D, C, F); bias: (D, C) -> count, mean, var: (D, C). ``z_d`` is affine in ``x``, so
+    with ``mu`` and ``S`` the batch mean and biased covariance of ``x``: ``mean_d = W_d mu + b_d`` and
     ``var_d = diag(W_d S W_d^T)`` (SPEC section 6 uses the same identity for the generator). Cost
     O(B F^2 + D C F^2), independent of B times D; autograd through these formulas gives exactly the
-    gradients of the direct computation.
+    gradients of the direct computation. Under data parallelism (:func:`~hamur_fast.distributed.statistics.
+    synchronised`) ``mu``, ``S`` and the row count are those of every rank's rows.
     """
-    mu = x.mean(dim=0)
-    centred = x - mu
-    covariance = centred.t() @ centred / x.shape[0]  # (F, F), from centred rows: no cancellation
+    count, mu, covariance = mean_and_covariance(x)  # (F,), (F, F)
     mean = weight @ mu + bias
     var = ((weight @ covariance) * weight).sum(dim=-1)  # row-wise quadratic forms w^T S w
-    return mean, var.clamp(min=0)
+    return count, mean, var.clamp(min=0)
 
 
 class WholeBatchFirstLayerNorm(_TowerNormBase):
@@ -180,11 +179,10 @@ class WholeBatchFirstLayerNorm(_TowerNormBase):
                           linear: "DomainLinear") -> torch.Tensor:
         """z = linear.routed(x, domain): (B, C); x: the tower input (B, F) that produced it."""
         if self.training:
-            mean, var = affine_batch_moments(x, linear.weight, linear.bias)
-            batch = x.shape[0]
+            count, mean, var = affine_batch_moments(x, linear.weight, linear.bias)
             with torch.no_grad():
                 self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_var.lerp_(var.detach() * (batch / max(batch - 1, 1)), self.momentum)
+                self.running_var.lerp_(var.detach() * (count / (count - 1).clamp(min=1)), self.momentum)
         else:
             mean, var = self.running_mean, self.running_var
         scale = self.weight * torch.rsqrt(var + self.eps)
