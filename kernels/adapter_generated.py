@@ -35,7 +35,11 @@ from .adapter_cell import (_cell_output, _down_left_chunk, _load_rows, _normaliz
 from .domain_norm import block_size, load_group_rows, norm_input_grad
 from .grouped_linear import domain_weight_grads
 
-ROWS_PER_BLOCK = 32  # rows per program: the M of every tl.dot; each W'_i slice serves them all
+# Rows per program: the M of every tl.dot (each W'_i slice serves them all). 16 rows and 8 warps: with 32 rows
+# and 4 warps the (rows, k) tiles and the (p, k) slice of W' made ptxas spill up to 105 KB per thread at
+# k = 65 (sm_90a compile tables: benchmarks/RESULTS.md).
+ROWS_PER_BLOCK = 16
+NUM_WARPS = 8
 PRECISIONS = {"ieee": 0, "tf32": 1, "bf16": 2}
 
 
@@ -287,14 +291,10 @@ def _sizes(x, g, down_left, down_right, norm_weight):
 
 
 def _tile_meta(level1_meta, gen_width):
-    """Level 1's tiles of h, k and s (BLOCK_H a tile of h, not its whole width), plus BLOCK_P for g and the
-    rows per program. Up to k = 64, 32 rows and 4 warps; beyond, the (rows, k) tiles the backward keeps live
-    (p, u, dq, dv, dp, dg and row i of I) and the (p, k) slice of W' take 16 rows and 8 warps, which keeps
-    ptxas from spilling (sm_90a compile table: benchmarks/RESULTS.md)."""
-    wide = level1_meta["BLOCK_K"] > 64
+    """Level 1's tiles of h, k and s (BLOCK_H a tile of h, not its whole width), plus the rows per program and
+    BLOCK_P for g."""
     meta = {key: level1_meta[key] for key in ("BLOCK_H", "BLOCK_K", "BLOCK_S")}
-    return dict(meta, BLOCK_B=ROWS_PER_BLOCK // 2 if wide else ROWS_PER_BLOCK, BLOCK_P=block_size(gen_width),
-                num_warps=8 if wide else 4)
+    return dict(meta, BLOCK_B=ROWS_PER_BLOCK, BLOCK_P=block_size(gen_width), num_warps=NUM_WARPS)
 
 
 @dn.on_first_tensors_device
@@ -358,9 +358,10 @@ def _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q
 
 
 def _factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, order, domain_sorted, num_domains, per_domain,
-                  empty):
+                  use_batch_stats, empty):
     """The cell's factor gradients as level 1 forms them: per-domain sums of outer products over the rows (the
-    grouped linear op's weight-gradient kernels); every vector but x is in domain-sorted order."""
+    grouped linear op's weight-gradient kernels); every vector but x is in domain-sorted order. Under batch
+    statistics up_bias's gradient is exactly zero (the group mean cancels it), returned as zero."""
     batch = x.shape[0]
     if per_domain:
         offsets = torch.searchsorted(domain_sorted, torch.arange(num_domains + 2, device=x.device))
@@ -377,7 +378,9 @@ def _factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, order, domain_sort
     d_down_left, _ = outer(x, grad_p, lhs_in_order=True)
     d_down_right, d_down_bias = outer(q, grad_z, with_rhs_sum=True)
     d_up_left, _ = outer(a, grad_u)
-    d_up_right, d_up_bias = outer(v, grad_o, with_rhs_sum=True)
+    d_up_right, d_up_bias = outer(v, grad_o, with_rhs_sum=not use_batch_stats)
+    if use_batch_stats:
+        d_up_bias = torch.zeros(d_up_right.shape[0], d_up_right.shape[-1], device=x.device, dtype=torch.float32)
     return d_down_left, d_down_right, d_down_bias, d_up_left, d_up_right, d_up_bias
 
 
@@ -417,7 +420,7 @@ def generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, para
     d_gen_weight, d_gen_bias = _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q,
                                                        grad_v, precision, meta, empty)
     grads = _factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, order, domain_sorted, num_domains,
-                          per_domain, empty) + (sum_dy_xhat, sum_dy)
+                          per_domain, use_batch_stats, empty) + (sum_dy_xhat, sum_dy)
     param_grads = tuple(t.reshape(param.shape).to(param.dtype) for t, param in zip(grads, params))
     generator_grads = (dg.to(g.dtype), -dg.sum(0).to(centre.dtype), d_gen_weight.to(gen_weight.dtype),
                        d_gen_bias.to(gen_bias.dtype))

@@ -161,7 +161,7 @@ SLOW = os.environ.get("HAMUR_SLOW_TESTS") == "1"  # the interpreter's slow model
 # (B, h, k, s, p), mode, training. On a GPU: every size in every mode; under the interpreter (~3 s a call) a
 # selection that still has B = 1, 2, 3 and 37 (two blocks of rows), both modes, training and eval.
 TRITON_SIZES = [(1, 13, 5, 7, 9), (2, 13, 5, 7, 9), (3, 13, 5, 7, 9), (37, 20, 6, 5, 11), (1023, 13, 5, 7, 9)]
-# h past one tile of the kernels' h axis (two tiles of 128), and k > 64: 16-row blocks, h in three tiles of 64.
+# h past one tile of the kernels' h axis (two tiles of 128), and k > 64 (BLOCK_K = 128: h in three tiles of 64).
 TILED_CASES = [((7, 150, 5, 7, 9), "released", True), ((19, 131, 65, 7, 9), "paper", True)]
 TRITON_CASES = ([(size, mode, training) for size in TRITON_SIZES for mode in ("paper", "released")
                  for training in (True, False)] if not INTERPRETER else
