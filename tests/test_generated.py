@@ -220,6 +220,37 @@ def test_every_buffer_is_written(mode, training):
         assert torch.isfinite(b).all() and torch.equal(a, b), name
 
 
+@triton_only
+@pytest.mark.parametrize("bad", [-1, 10**6])
+def test_out_of_range_id_stays_in_its_row(bad):
+    """An id outside [0, D) that reaches the kernels (value checks off) gives NaN in its row only, exactly as
+    level 1 on the same I: the other rows' outputs and input gradients and every cell parameter's gradient
+    match level 1's kernels (tests/test_invalid_domain_ids.py checks level 1 against the batch without it)."""
+    from hamur_fast.kernels import adapter_cell, adapter_generated as kernels
+
+    x, rep, domain, params, stats = kernel_args("paper", True, batch=20)
+    domain[4] = bad
+    keep = torch.arange(20) != 4
+    fwd2 = kernels.generated_cell_forward(x, rep.g, rep.centre, rep.weight, rep.bias, domain, params, *stats, True,
+                                          1e-5, "ieee")
+    fwd1 = adapter_cell.adapter_cell_forward(x, rep.materialise(), domain, params, *stats, True, 1e-5)
+    assert torch.isnan(fwd2[0][4]).all() and torch.isnan(fwd1[0][4]).all()
+    torch.testing.assert_close(fwd2[0][keep], fwd1[0][keep], rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(x)
+    dy[4] = 0
+    y, q, v, order, count, mean, m2, rstd = fwd2
+    grads2 = kernels.generated_cell_backward(dy, x, rep.g, rep.centre, rep.weight, rep.bias, domain, params, q, v,
+                                             order, count, mean, rstd, True, "ieee")
+    y, q, v, order, count, mean, m2, rstd = fwd1
+    grads1 = adapter_cell.adapter_cell_backward(dy, x, rep.materialise(), domain, params, q, v, order, count,
+                                                mean, rstd, True)
+    assert torch.isnan(grads2[0][4]).all() and torch.isnan(grads2[1][4]).all()  # dx and dg of that row
+    torch.testing.assert_close(grads2[0][keep], grads1[0][keep], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(grads2[1][keep]).all()
+    for name, a, b in zip(NAMES[6:], grads2[5:], grads1[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
 class AllocationLog(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the storage size (in elements) of every tensor any op returns: views of a small storage (an
     expanded stand-in) count as small, every allocation as what it holds."""
