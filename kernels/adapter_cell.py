@@ -19,8 +19,9 @@ Design
   sweep re-reads the few KB the first just brought in, meant to be served by L1/L2 so that DRAM sees
   each I_b about once per pass (a design intent: not yet measured on a GPU).
 - DomainNorm needs whole-batch (per-domain) statistics, so the forward has three launches:
-  project (writes the (B, k) vectors q and v, and per-block partial statistics of o), merge the
-  partials with Chan's formula (kernels/domain_norm.py), normalise (recomputes o = v UR + ub from
+  project (writes the (B, k) vectors q and v, and per-block partial statistics of o in the compact
+  per-domain layout of kernels/domain_norm.py: O(B x h) whatever D is), merge the partials with Chan's
+  formula, normalise (recomputes o = v UR + ub from
   v instead of storing the (B, h) o). Backward: norm sums (dnb, dnw), then one main kernel (dx and
   dI_b; two sweeps over the rows' I_b, du in the first, dp and both dI terms in the second), then the factor
   gradients as per-domain sums of outer products over the rows (the grouped linear op's weight-gradient
@@ -154,7 +155,7 @@ def _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN: tl.
 @triton.jit
 def _cell_fwd_project_kernel(
         x, rep, order, domain_sorted, down_left, down_right, down_bias, up_left, up_right, up_bias,
-        q_out, v_out, part_count, part_mean, part_m2, batch, width, rank, bottleneck, num_domains,
+        q_out, v_out, part_mean, part_m2, batch, width, rank, bottleneck, num_domains, slots_per_part,
         PER_DOMAIN: tl.constexpr, COMPUTE_STATS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
     pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains,
@@ -190,9 +191,8 @@ def _cell_fwd_project_kernel(
             h_idx = h0 + tl.arange(0, BLOCK_H)
             o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width,
                              PER_DOMAIN, BLOCK_B, BLOCK_H)
-            dn.store_group_partial_stats(o, domain, valid, h_idx, h_idx < width, tl.program_id(0),
-                                         num_domains if PER_DOMAIN else 1, width, part_count, part_mean, part_m2,
-                                         h0 == 0)
+            dn.store_group_partial_stats(o, domain, valid, h_idx, h_idx < width, tl.program_id(0), slots_per_part,
+                                         width, part_mean, part_m2)
 
 
 @triton.jit
@@ -220,7 +220,7 @@ def _cell_fwd_normalize_kernel(
 @triton.jit
 def _cell_bwd_norm_sums_kernel(
         dy, order, domain_sorted, v_in, up_right, up_bias, mean, rstd, part_dy, part_dy_xhat,
-        batch, width, rank, num_domains,
+        batch, width, rank, num_domains, slots_per_part,
         PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (row block, column tile): per-domain partial sums of dy and dy * xhat on its tile."""
     pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains,
@@ -231,7 +231,7 @@ def _cell_bwd_norm_sums_kernel(
     xhat = _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
     grad = _load_rows(dy, rows, h_idx, width, pos_mask)
     dn.store_group_partial_sums(grad, grad * xhat, domain, valid, h_idx, h_idx < width, tl.program_id(0),
-                                num_domains if PER_DOMAIN else 1, width, part_dy, part_dy_xhat)
+                                slots_per_part, width, part_dy, part_dy_xhat)
 
 
 @triton.jit
@@ -347,14 +347,6 @@ def _without_rep_tiles(meta):
     return {key: meta[key] for key in ("BLOCK_B", "BLOCK_H", "BLOCK_K", "num_warps")}
 
 
-def _domain_order(domain, per_domain):
-    """Row order sorted by domain (stable) and the sorted domains; identity (None) when shared."""
-    if not per_domain:
-        return None, None
-    order = torch.argsort(domain, stable=True)
-    return order, domain[order]
-
-
 @dn.on_first_tensors_device
 def adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_batch_stats: bool, eps: float,
                          empty=torch.empty):
@@ -363,23 +355,24 @@ def adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = \
         (t.contiguous() for t in params)
     batch, width, rank, bottleneck, per_domain, num_domains = _sizes(x, rep, down_right, norm_weight)
-    order, domain_sorted = _domain_order(domain, per_domain)
+    segments = dn.sort_groups(domain, num_domains, per_domain)
+    order, domain_sorted = segments.order, segments.domain_sorted
     dummy = domain  # pointer for arguments a constexpr branch never reads
     meta = _tile_meta(width, rank, bottleneck)
     grid = (triton.cdiv(batch, ROWS_PER_BLOCK),)
     device = x.device
     q = empty((batch, rank), device=device, dtype=torch.float32)
     v = empty((batch, rank), device=device, dtype=torch.float32)
-    part_count = empty((grid[0], num_domains), device=device, dtype=torch.float32)
-    part_mean, part_m2 = (empty((grid[0], num_domains, width), device=device, dtype=torch.float32)
-                          for _ in range(2))
+    # Scratch for the statistics only when they are computed (a kernel that skips them never reads these).
+    part_mean, part_m2 = dn.empty_partials(segments, ROWS_PER_BLOCK, width if use_batch_stats else 0, device, empty)
     _cell_fwd_project_kernel[grid](
         x, rep, order if per_domain else dummy, domain_sorted if per_domain else dummy,
-        down_left, down_right, down_bias, up_left, up_right, up_bias, q, v, part_count, part_mean, part_m2,
-        batch, width, rank, bottleneck, num_domains,
+        down_left, down_right, down_bias, up_left, up_right, up_bias, q, v, part_mean, part_m2,
+        batch, width, rank, bottleneck, num_domains, segments.slots_per_part(ROWS_PER_BLOCK),
         PER_DOMAIN=per_domain, COMPUTE_STATS=use_batch_stats, **meta)
     if use_batch_stats:
-        count, mean, m2, rstd = merge_group_stats(part_count, part_mean, part_m2, eps, not per_domain, empty)
+        count, mean, m2, rstd = merge_group_stats(part_mean, part_m2, segments, ROWS_PER_BLOCK, eps, not per_domain,
+                                                  empty)
     else:  # paper mode in eval: running statistics
         mean = running_mean.float().clone()
         rstd = torch.rsqrt(running_var.float() + eps)
@@ -403,19 +396,20 @@ def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, 
     contiguous = [t.contiguous() for t in params]
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = contiguous
     batch, width, rank, bottleneck, per_domain, num_domains = _sizes(x, rep, down_right, norm_weight)
-    domain_sorted = domain[order] if per_domain else None
+    segments = dn.sort_groups(domain, num_domains, per_domain, order)
     dummy = domain
-    sorted_args = (order if per_domain else dummy, domain_sorted if per_domain else dummy)
+    sorted_args = (order, segments.domain_sorted) if per_domain else (dummy, dummy)
     meta = _tile_meta(width, rank, bottleneck)
     grid = (triton.cdiv(batch, ROWS_PER_BLOCK),)
     device = x.device
     f32 = dict(device=device, dtype=torch.float32)
 
-    part_dy, part_dy_xhat = (empty((grid[0], num_domains, width), **f32) for _ in range(2))
+    part_dy, part_dy_xhat = dn.empty_partials(segments, ROWS_PER_BLOCK, width, device, empty)
     _cell_bwd_norm_sums_kernel[(grid[0], triton.cdiv(width, meta["BLOCK_H"]))](
         dy, *sorted_args, v, up_right, up_bias, mean, rstd, part_dy, part_dy_xhat,
-        batch, width, rank, num_domains, PER_DOMAIN=per_domain, **_without_rep_tiles(meta))
-    sum_dy, sum_dy_xhat = part_dy.sum(0), part_dy_xhat.sum(0)
+        batch, width, rank, num_domains, segments.slots_per_part(ROWS_PER_BLOCK), PER_DOMAIN=per_domain,
+        **_without_rep_tiles(meta))
+    sum_dy, sum_dy_xhat = dn.merge_group_sums(part_dy, part_dy_xhat, segments, ROWS_PER_BLOCK, empty)
 
     dx = empty(x.shape, device=device, dtype=x.dtype)
     drep = empty(rep.shape, device=device, dtype=rep.dtype)
@@ -430,10 +424,7 @@ def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, 
 
     # Factor gradients: per domain, sums over its rows of lhs[b]^T rhs[b] (and of rhs[b]), by the grouped
     # linear op's weight-gradient kernels: O(B) work and O(B / 256 + D) partials whatever D is.
-    if per_domain:
-        offsets = torch.searchsorted(domain_sorted, torch.arange(num_domains + 2, device=device))
-    else:
-        offsets = torch.tensor([0, batch, batch], device=device)
+    offsets = segments.offsets
 
     def outer(lhs, rhs, lhs_in_order=False, with_rhs_sum=False):
         return domain_weight_grads(lhs, rhs, order if per_domain else dummy, offsets, num_domains, with_rhs_sum,

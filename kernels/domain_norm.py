@@ -5,15 +5,21 @@ paper mode, the whole batch (one group) in released mode. Paper mode in eval use
 statistics instead of batch ones.
 
 How the batch statistics are reduced (used here and by the fused adapter cell in adapter_cell.py):
-1. every program reduces its block of rows to, per group, (count, mean, M2) with a two-pass
-   centred sum in registers, and stores them in a partials buffer (blocks, G, h);
-2. one merge kernel per (group, column tile) folds the partials together with Chan's parallel
-   formula (in its shifted form, see merge_group_stats_kernel), never E[x^2] - E[x]^2, which loses
-   accuracy when |mean| >> std;
-3. a normalise kernel applies the affine map.
+1. the rows are sorted by group on the device (paper mode; ``sort_groups``: argsort, then each group's
+   sorted positions by searchsorted), so a group's rows are contiguous;
+2. every program reduces its block of sorted rows to (mean, M2) per group present, with a two-pass
+   centred sum in registers, visiting only the groups present (a data-dependent loop), and stores
+   them compactly: the j-th group of the block in slot j of the block's min(rows, G) slots. Memory is
+   O(B x h) whatever G is (GroupSegments says how a group's slot is found again);
+3. one merge kernel per (group, column tile) folds the partials of that group's own blocks (its sorted
+   positions say which) with Chan's parallel formula (in its shifted form, see
+   merge_group_stats_kernel), never E[x^2] - E[x]^2, which loses accuracy when |mean| >> std; counts
+   come from the positions, not from the partials;
+4. a normalise kernel applies the affine map.
 Nothing reads a value back to the host, so the sequence is CUDA-graph capturable.
 
-Backward: dbias and dweight are plain per-group sums (partials + torch.sum); the input gradient is
+Backward: dbias and dweight are plain per-group sums (partials in the same layout, merge_group_sums); the
+input gradient is
     do = rstd * w * (dy - sum(dy) / n - xhat * sum(dy * xhat) / n_var)
 with n_var = n (paper, biased variance) or max(n - 1, 1) (released, unbiased variance); in eval
 with running statistics it is rstd * w * dy. A group with one row has xhat = 0 and do = 0: no NaN.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -52,37 +59,84 @@ def block_size(n: int, cap: int | None = None) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# Rows sorted by statistics group, and the compact partials layout
+# --------------------------------------------------------------------------------------------------
+class GroupSegments(NamedTuple):
+    """The rows sorted by statistics group on the device (argsort, searchsorted, cumsum: no host sync).
+
+    Per-group partials are kept compact: a part (a block of ``rows`` consecutive sorted positions) holds
+    at most min(rows, G) groups, so it gets that many slots, and the j-th group present in it (by id)
+    takes slot j. Memory is then O(B x h) whatever G is (B rounded up to a block: one partial per row
+    at most), never more than the (blocks, G, h) of one slot per group. A group g's slot in part p is
+    ``p * slots + rank[g] - rank[first group of p]``, rank = the number of non-empty groups before g.
+    One group (released mode) needs no sort: identity order, one slot per part.
+    """
+    order: torch.Tensor | None          # (B,) the row at each sorted position; None: identity
+    domain_sorted: torch.Tensor | None  # (B,) the ids in sorted order (ids out of [0, G) sort to both ends)
+    offsets: torch.Tensor               # (G + 2,) int64: group g's rows sit at positions [offsets[g], offsets[g + 1])
+    rank: torch.Tensor | None           # (G,) int64, the number of non-empty groups before g
+    num_groups: int
+    batch: int
+
+    def slots_per_part(self, rows: int) -> int:
+        return min(rows, self.num_groups) if self.order is not None else 1
+
+
+def sort_groups(domain, num_groups: int, per_domain: bool, order=None) -> GroupSegments:
+    """``domain``'s rows sorted by group (stable; or in a given ``order``, that sort saved by a forward), with
+    each group's sorted positions; see GroupSegments."""
+    batch, device = domain.shape[0], domain.device
+    if not per_domain:
+        whole_batch = torch.arange(3, device=device).clamp(max=1) * batch  # [0, B, B], built on the device
+        return GroupSegments(None, None, whole_batch, None, 1, batch)
+    order = torch.argsort(domain, stable=True) if order is None else order
+    domain_sorted = domain[order]
+    offsets = torch.searchsorted(domain_sorted, torch.arange(num_groups + 2, device=device, dtype=domain.dtype))
+    non_empty = (offsets[1:num_groups + 1] > offsets[:num_groups]).long()
+    return GroupSegments(order, domain_sorted, offsets, torch.cumsum(non_empty, 0) - non_empty, num_groups, batch)
+
+
+NO_GROUP: tl.constexpr = tl.constexpr(2 ** 31 - 1)  # above every id: "no group left" in the loops below
+
+
+# --------------------------------------------------------------------------------------------------
 # Kernels and the jit helpers the adapter cell shares
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def store_group_partial_stats(o, group, row_mask, cols, col_mask, block, num_groups, width,
-                              part_count, part_mean, part_m2, write_count):
-    """Reduce a (rows, cols) tile to per-group (count, mean, M2) and store them at slot ``block``.
+def store_group_partial_stats(o, group, row_mask, cols, col_mask, block, slots_per_part, width, part_mean, part_m2):
+    """Reduce a (rows, cols) tile of group-sorted rows to (mean, M2) per group present and store the j-th
+    group's at slot ``block * slots_per_part + j`` (see GroupSegments; the counts follow from the offsets).
 
-    Two passes over the registers (mean first, then centred squares), so M2 is accurate.
+    The loop visits only the groups present (next = the smallest id above the current one), so its cost
+    follows the rows, not G. Two passes over the registers (mean first, then centred squares): M2 is accurate.
     """
-    for g in range(num_groups):
+    slot = block.to(tl.int64) * slots_per_part
+    g = tl.min(tl.where(row_mask, group, NO_GROUP), axis=0)
+    while g < NO_GROUP:
         in_group = row_mask & (group == g)
         count = tl.sum(in_group.to(tl.float32), axis=0)
-        mean = tl.sum(tl.where(in_group[:, None], o, 0.0), axis=0) / tl.maximum(count, 1.0)
+        mean = tl.sum(tl.where(in_group[:, None], o, 0.0), axis=0) / count
         centred = tl.where(in_group[:, None], o - mean[None, :], 0.0)
-        m2 = tl.sum(centred * centred, axis=0)
-        slot = block.to(tl.int64) * num_groups + g
         tl.store(part_mean + slot * width + cols, mean, mask=col_mask)
-        tl.store(part_m2 + slot * width + cols, m2, mask=col_mask)
-        tl.store(part_count + slot, count, mask=write_count)
+        tl.store(part_m2 + slot * width + cols, tl.sum(centred * centred, axis=0), mask=col_mask)
+        slot += 1
+        g = tl.min(tl.where(row_mask & (group > g), group, NO_GROUP), axis=0)
 
 
 @triton.jit
-def store_group_partial_sums(dy, dy_xhat, group, row_mask, cols, col_mask, block, num_groups, width,
+def store_group_partial_sums(dy, dy_xhat, group, row_mask, cols, col_mask, block, slots_per_part, width,
                              part_dy, part_dy_xhat):
-    """Per-group column sums of dy and dy * xhat for this tile (the norm bias and weight gradients)."""
-    for g in range(num_groups):
+    """Per-group column sums of dy and dy * xhat of a tile of group-sorted rows (the norm bias and weight
+    gradients), in the slots of store_group_partial_stats."""
+    slot = block.to(tl.int64) * slots_per_part
+    g = tl.min(tl.where(row_mask, group, NO_GROUP), axis=0)
+    while g < NO_GROUP:
         in_group = (row_mask & (group == g))[:, None]
-        slot = block.to(tl.int64) * num_groups + g
         tl.store(part_dy + slot * width + cols, tl.sum(tl.where(in_group, dy, 0.0), axis=0), mask=col_mask)
         tl.store(part_dy_xhat + slot * width + cols, tl.sum(tl.where(in_group, dy_xhat, 0.0), axis=0),
                  mask=col_mask)
+        slot += 1
+        g = tl.min(tl.where(row_mask & (group > g), group, NO_GROUP), axis=0)
 
 
 @triton.jit
@@ -102,12 +156,49 @@ def load_group_rows(table, group, cols, row_mask, col_mask, width, PER_DOMAIN: t
 
 
 @triton.jit
-def merge_group_stats_kernel(part_count, part_mean, part_m2, num_parts, parts_per_program, num_groups, width, eps,
-                             count_out, mean_out, m2_out, rstd_out,
-                             UNBIASED: tl.constexpr, FINAL: tl.constexpr, BLOCK_P: tl.constexpr,
-                             BLOCK_H: tl.constexpr):
-    """Fold a range of per-block partials of one group and one column tile into count, mean and M2
-    (stored at slot program_id(2)), and, in the FINAL pass (one range), rstd.
+def _group_slot(parts, rows_per_part, slots_per_part, group_rank, domain_sorted, rank, first_valid, mask,
+                PER_DOMAIN: tl.constexpr):
+    """Slot of the group of rank ``group_rank`` in ``parts`` (which hold some of its rows): the part's first
+    slot plus the number of non-empty groups between the part's first group and this one."""
+    if PER_DOMAIN:
+        lead = tl.load(domain_sorted + tl.maximum(parts * rows_per_part, first_valid), mask=mask, other=0)
+        slot = parts * slots_per_part + group_rank - tl.load(rank + lead, mask=mask, other=0)
+    else:
+        slot = parts
+    return slot
+
+
+@triton.jit
+def _group_parts(offsets, rank, rows_per_part, parts_per_program, PER_DOMAIN: tl.constexpr):
+    """This program's group g (program_id(0)): its sorted positions [start, end), its rank, and the parts
+    [first, last] of range program_id(2) that hold some of its rows (first > last when none)."""
+    g = tl.program_id(0)
+    start, end = tl.load(offsets + g), tl.load(offsets + g + 1)
+    range_first = tl.program_id(2).to(tl.int64) * parts_per_program
+    first = tl.maximum(start // rows_per_part, range_first)
+    last = tl.minimum(tl.where(end > start, (end - 1) // rows_per_part, -1), range_first + parts_per_program - 1)
+    group_rank = tl.load(rank + g) if PER_DOMAIN else 0
+    return g, start, end, first, last, group_rank
+
+
+@triton.jit
+def _part_rows(parts, last, start, end, rows_per_part):
+    """How many of the group's rows each part holds (0 past ``last``), and which parts hold any."""
+    n_rows = tl.minimum(end, (parts + 1) * rows_per_part) - tl.maximum(start, parts * rows_per_part)
+    mask = (parts <= last) & (n_rows > 0)
+    return tl.where(mask, n_rows, 0).to(tl.float32), mask
+
+
+@triton.jit
+def merge_group_stats_kernel(part_mean, part_m2, offsets, domain_sorted, rank, rows_per_part, slots_per_part,
+                             parts_per_program, out_slots_per_part, width, mean_out, m2_out, count_out, rstd_out,
+                             eps, PER_DOMAIN: tl.constexpr, UNBIASED: tl.constexpr, FINAL: tl.constexpr,
+                             BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Fold the partials of one group and one column tile held by a range of parts into count, mean and M2,
+    stored at the group's slot of the range (a part of the next pass), or, in the FINAL pass (one range),
+    at the group's row, with rstd. A group's rows are contiguous in sorted order, so its partials lie in
+    the parts from offsets[g] // rows_per_part to (offsets[g + 1] - 1) // rows_per_part: the work and the
+    reads follow the rows, not G.
 
     Chan's parallel formula, written around a shift c (the first non-empty chunk's mean):
         mean = c + S1 / n,  M2 = sum M2_i + S2 - S1^2 / n,  S1 = sum n_i (mean_i - c), S2 = sum n_i (mean_i - c)^2.
@@ -115,21 +206,21 @@ def merge_group_stats_kernel(part_count, part_mean, part_m2, num_parts, parts_pe
     and S2 - S1^2 / n only cancels the small between-block part, so M2 keeps fp32 accuracy even when
     |mean| >> std (where fp32 E[x^2] - E[x]^2 returns noise).
     """
-    g = tl.program_id(0)
+    g, start, end, first, last, group_rank = _group_parts(offsets, rank, rows_per_part, parts_per_program,
+                                                          PER_DOMAIN)
+    first_valid = tl.load(offsets)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_mask = cols < width
-    first = tl.program_id(2) * parts_per_program
-    last = tl.minimum(first + parts_per_program, num_parts)
-    count = tl.sum(tl.zeros([BLOCK_P], tl.float32), axis=0)
-    shift = tl.zeros([BLOCK_H], tl.float32)
-    sum_dev = tl.zeros([BLOCK_H], tl.float32)
-    sum_dev_sq = tl.zeros([BLOCK_H], tl.float32)
-    sum_m2 = tl.zeros([BLOCK_H], tl.float32)
-    for p0 in range(first, last, BLOCK_P):
+    count = tl.full([], 0.0, tl.float32)
+    shift = tl.full([BLOCK_H], 0.0, tl.float32)
+    sum_dev = tl.full([BLOCK_H], 0.0, tl.float32)
+    sum_dev_sq = tl.full([BLOCK_H], 0.0, tl.float32)
+    sum_m2 = tl.full([BLOCK_H], 0.0, tl.float32)
+    for p0 in range(first, last + 1, BLOCK_P):
         parts = p0 + tl.arange(0, BLOCK_P)
-        slot = parts.to(tl.int64) * num_groups + g
-        part_mask = parts < last
-        n_i = tl.load(part_count + slot, mask=part_mask, other=0.0)
+        n_i, part_mask = _part_rows(parts, last, start, end, rows_per_part)
+        slot = _group_slot(parts, rows_per_part, slots_per_part, group_rank, domain_sorted, rank, first_valid,
+                           part_mask, PER_DOMAIN)
         tile_mask = part_mask[:, None] & col_mask[None, :]
         tile = slot[:, None] * width + cols[None, :]
         mean_i = tl.load(part_mean + tile, mask=tile_mask, other=0.0)
@@ -144,14 +235,56 @@ def merge_group_stats_kernel(part_count, part_mean, part_m2, num_parts, parts_pe
     mean_dev = sum_dev / tl.maximum(count, 1.0)
     mean = shift + mean_dev
     m2 = sum_m2 + tl.maximum(sum_dev_sq - sum_dev * mean_dev, 0.0)
-    out_slot = tl.program_id(2).to(tl.int64) * num_groups + g
-    out = out_slot * width + cols
-    tl.store(mean_out + out, mean, mask=col_mask)
-    tl.store(m2_out + out, m2, mask=col_mask)
-    tl.store(count_out + out_slot, count, mask=tl.program_id(1) == 0)
     if FINAL:
+        out = g.to(tl.int64) * width + cols
+        tl.store(mean_out + out, mean, mask=col_mask)
+        tl.store(m2_out + out, m2, mask=col_mask)
+        tl.store(count_out + g, count, mask=tl.program_id(1) == 0)
         divisor = tl.maximum(count - 1.0, 1.0) if UNBIASED else tl.maximum(count, 1.0)
         tl.store(rstd_out + out, 1.0 / tl.sqrt(m2 / divisor + eps), mask=col_mask)
+    else:
+        out_slot = _group_slot(tl.program_id(2).to(tl.int64), rows_per_part * parts_per_program,
+                               out_slots_per_part, group_rank, domain_sorted, rank, first_valid, count > 0.0,
+                               PER_DOMAIN)
+        out = out_slot * width + cols
+        written = col_mask & (count + tl.full([BLOCK_H], 0.0, tl.float32) > 0.0)  # broadcast: scalar & vector masks
+        tl.store(mean_out + out, mean, mask=written)
+        tl.store(m2_out + out, m2, mask=written)
+
+
+@triton.jit
+def merge_group_sums_kernel(part_a, part_b, offsets, domain_sorted, rank, rows_per_part, slots_per_part,
+                            parts_per_program, out_slots_per_part, width, a_out, b_out,
+                            PER_DOMAIN: tl.constexpr, FINAL: tl.constexpr, BLOCK_P: tl.constexpr,
+                            BLOCK_H: tl.constexpr):
+    """The plain per-group sums of two partials (dy and dy * xhat), over the parts of merge_group_stats_kernel."""
+    g, start, end, first, last, group_rank = _group_parts(offsets, rank, rows_per_part, parts_per_program,
+                                                          PER_DOMAIN)
+    first_valid = tl.load(offsets)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_mask = cols < width
+    count = tl.full([], 0.0, tl.float32)
+    sum_a = tl.full([BLOCK_H], 0.0, tl.float32)
+    sum_b = tl.full([BLOCK_H], 0.0, tl.float32)
+    for p0 in range(first, last + 1, BLOCK_P):
+        parts = p0 + tl.arange(0, BLOCK_P)
+        n_i, part_mask = _part_rows(parts, last, start, end, rows_per_part)
+        slot = _group_slot(parts, rows_per_part, slots_per_part, group_rank, domain_sorted, rank, first_valid,
+                           part_mask, PER_DOMAIN)
+        tile_mask = part_mask[:, None] & col_mask[None, :]
+        tile = slot[:, None] * width + cols[None, :]
+        sum_a += tl.sum(tl.load(part_a + tile, mask=tile_mask, other=0.0), axis=0)
+        sum_b += tl.sum(tl.load(part_b + tile, mask=tile_mask, other=0.0), axis=0)
+        count += tl.sum(n_i, axis=0)
+    if FINAL:
+        out = g.to(tl.int64) * width + cols
+        written = col_mask
+    else:
+        out = _group_slot(tl.program_id(2).to(tl.int64), rows_per_part * parts_per_program, out_slots_per_part,
+                          group_rank, domain_sorted, rank, first_valid, count > 0.0, PER_DOMAIN) * width + cols
+        written = col_mask & (count + tl.full([BLOCK_H], 0.0, tl.float32) > 0.0)
+    tl.store(a_out + out, sum_a, mask=written)
+    tl.store(b_out + out, sum_b, mask=written)
 
 
 @triton.jit
@@ -169,16 +302,28 @@ def _row_groups(group_ids, rows, row_mask, num_groups, PER_DOMAIN: tl.constexpr,
 
 
 @triton.jit
-def _partial_stats_kernel(o, group_ids, part_count, part_mean, part_m2, batch, width, num_groups,
+def _sorted_rows(order, domain_sorted, batch, num_groups, PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr):
+    """This program's rows in group-sorted order (identity with one group), their groups and validity."""
+    pos = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    pos_mask = pos < batch
+    group, valid = _row_groups(domain_sorted, pos, pos_mask, num_groups, PER_DOMAIN, BLOCK_B)
+    if PER_DOMAIN:
+        rows = tl.load(order + pos, mask=pos_mask, other=0)
+    else:
+        rows = pos
+    return rows.to(tl.int64), pos_mask, group, valid
+
+
+@triton.jit
+def _partial_stats_kernel(o, order, domain_sorted, part_mean, part_m2, batch, width, num_groups, slots_per_part,
                           PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows, row_mask, group, valid = _sorted_rows(order, domain_sorted, batch, num_groups, PER_DOMAIN, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask, col_mask = rows < batch, cols < width
-    group, valid = _row_groups(group_ids, rows, row_mask, num_groups, PER_DOMAIN, BLOCK_B)
-    tile = rows.to(tl.int64)[:, None] * width + cols[None, :]
+    col_mask = cols < width
+    tile = rows[:, None] * width + cols[None, :]
     values = tl.load(o + tile, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-    store_group_partial_stats(values, group, valid, cols, col_mask, tl.program_id(0), num_groups, width,
-                              part_count, part_mean, part_m2, tl.program_id(1) == 0)
+    store_group_partial_stats(values, group, valid, cols, col_mask, tl.program_id(0), slots_per_part, width,
+                              part_mean, part_m2)
 
 
 @triton.jit
@@ -199,19 +344,19 @@ def _normalize_kernel(o, group_ids, mean, rstd, weight, bias, y, batch, width, n
 
 
 @triton.jit
-def _partial_grad_sums_kernel(dy, o, group_ids, mean, rstd, part_dy, part_dy_xhat, batch, width, num_groups,
+def _partial_grad_sums_kernel(dy, o, order, domain_sorted, mean, rstd, part_dy, part_dy_xhat, batch, width,
+                              num_groups, slots_per_part,
                               PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows, row_mask, group, valid = _sorted_rows(order, domain_sorted, batch, num_groups, PER_DOMAIN, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask, col_mask = rows < batch, cols < width
-    group, valid = _row_groups(group_ids, rows, row_mask, num_groups, PER_DOMAIN, BLOCK_B)
-    tile = rows.to(tl.int64)[:, None] * width + cols[None, :]
+    col_mask = cols < width
+    tile = rows[:, None] * width + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     grad = tl.load(dy + tile, mask=mask, other=0.0).to(tl.float32)
     xhat = (tl.load(o + tile, mask=mask, other=0.0).to(tl.float32)
             - load_group_rows(mean, group, cols, valid, col_mask, width, PER_DOMAIN)) * \
         load_group_rows(rstd, group, cols, valid, col_mask, width, PER_DOMAIN)
-    store_group_partial_sums(grad, grad * xhat, group, valid, cols, col_mask, tl.program_id(0), num_groups,
+    store_group_partial_sums(grad, grad * xhat, group, valid, cols, col_mask, tl.program_id(0), slots_per_part,
                              width, part_dy, part_dy_xhat)
 
 
@@ -286,34 +431,59 @@ TILE_WARPS = 8
 MERGE_COLS = 32
 
 
-def _merge_pass(part_count, part_mean, part_m2, ranges, eps, unbiased, empty):
-    """One launch: ``ranges`` programs per (group, column tile), each folding a contiguous range of partials."""
-    num_parts, num_groups, width = part_mean.shape
-    f32 = dict(device=part_mean.device, dtype=torch.float32)
-    count = empty((ranges, num_groups), **f32)
-    mean, m2 = empty((ranges, num_groups, width), **f32), empty((ranges, num_groups, width), **f32)
-    final = ranges == 1
-    rstd = empty((num_groups, width), **f32) if final else mean
+def empty_partials(segments: GroupSegments, rows_per_part: int, width: int, device, empty=torch.empty):
+    """Two (parts x slots, width) fp32 partials buffers for blocks of ``rows_per_part`` sorted rows."""
+    slots = triton.cdiv(segments.batch, rows_per_part) * segments.slots_per_part(rows_per_part)
+    return tuple(empty((slots, width), device=device, dtype=torch.float32) for _ in range(2))
+
+
+def _merge(kernel, part_a, part_b, segments, rows_per_part, outputs, empty, **constants):
+    """Run ``kernel`` over the partials: one program per (group, column tile) in the final pass. Many parts
+    (B = 65536 gives 4096 blocks) are first folded by many programs in parallel, range by range, into the
+    slots of ranges of MERGE_PARTS_PER_PROGRAM parts: a single pass would leave the programs of a large
+    group looping over all of its parts."""
+    width = part_a.shape[1]
+    dummy = segments.offsets  # pointer for arguments a constexpr branch never reads
+    sorted_args = (segments.offsets, dummy if segments.order is None else segments.domain_sorted,
+                   dummy if segments.rank is None else segments.rank)
     block_h = block_size(width, MERGE_COLS)
-    merge_group_stats_kernel[(num_groups, triton.cdiv(width, block_h), ranges)](
-        part_count, part_mean, part_m2, num_parts, triton.cdiv(num_parts, ranges), num_groups, width, eps,
-        count, mean, m2, rstd, UNBIASED=unbiased, FINAL=final, BLOCK_P=MERGE_PARTS_PER_STEP, BLOCK_H=block_h)
+    meta = dict(PER_DOMAIN=segments.order is not None, BLOCK_P=MERGE_PARTS_PER_STEP, BLOCK_H=block_h, **constants)
+
+    def launch(a, b, rows, parts_per_program, outs, final):
+        ranges = triton.cdiv(triton.cdiv(segments.batch, rows), parts_per_program)
+        kernel[(segments.num_groups, triton.cdiv(width, block_h), ranges)](
+            a, b, *sorted_args, rows, segments.slots_per_part(rows), parts_per_program,
+            segments.slots_per_part(rows * parts_per_program), width, *outs, FINAL=final, **meta)
+
+    if triton.cdiv(segments.batch, rows_per_part) > MERGE_PARTS_PER_PROGRAM:
+        folded = empty_partials(segments, rows_per_part * MERGE_PARTS_PER_PROGRAM, width, part_a.device, empty)
+        launch(part_a, part_b, rows_per_part, MERGE_PARTS_PER_PROGRAM, folded + outputs[2:], final=False)
+        part_a, part_b = folded
+        rows_per_part *= MERGE_PARTS_PER_PROGRAM
+    launch(part_a, part_b, rows_per_part, triton.cdiv(segments.batch, rows_per_part), outputs, final=True)
+
+
+@on_first_tensors_device
+def merge_group_stats(part_mean, part_m2, segments: GroupSegments, rows_per_part: int, eps: float, unbiased: bool,
+                      empty=torch.empty):
+    """Fold the partial (mean, M2) of blocks of ``rows_per_part`` sorted rows (store_group_partial_stats)
+    into per-group count (G,), mean, M2 and rstd (G, h), all fp32."""
+    f32 = dict(device=part_mean.device, dtype=torch.float32)
+    width = part_mean.shape[1]
+    outputs = (empty((segments.num_groups, width), **f32), empty((segments.num_groups, width), **f32),
+               empty((segments.num_groups,), **f32), empty((segments.num_groups, width), **f32), eps)
+    _merge(merge_group_stats_kernel, part_mean, part_m2, segments, rows_per_part, outputs, empty, UNBIASED=unbiased)
+    mean, m2, count, rstd, _ = outputs
     return count, mean, m2, rstd
 
 
 @on_first_tensors_device
-def merge_group_stats(part_count, part_mean, part_m2, eps: float, unbiased: bool, empty=torch.empty):
-    """Fold (blocks, G[, h]) partials into per-group count (G,), mean, M2 and rstd (G, h), all fp32.
-
-    Many partials (B = 65536 gives 4096 blocks) are first folded by many programs in parallel, range by
-    range, then once more: a single pass would leave a handful of programs looping over all of them.
-    """
-    if part_mean.shape[0] > MERGE_PARTS_PER_PROGRAM:
-        ranges = triton.cdiv(part_mean.shape[0], MERGE_PARTS_PER_PROGRAM)
-        part_count, part_mean, part_m2, _ = _merge_pass(part_count, part_mean, part_m2, ranges, eps, unbiased,
-                                                        empty)
-    count, mean, m2, rstd = _merge_pass(part_count, part_mean, part_m2, 1, eps, unbiased, empty)
-    return count[0], mean[0], m2[0], rstd
+def merge_group_sums(part_dy, part_dy_xhat, segments: GroupSegments, rows_per_part: int, empty=torch.empty):
+    """Per-group sums (G, h) of the partial sums of store_group_partial_sums."""
+    f32 = dict(device=part_dy.device, dtype=torch.float32)
+    outputs = tuple(empty((segments.num_groups, part_dy.shape[1]), **f32) for _ in range(2))
+    _merge(merge_group_sums_kernel, part_dy, part_dy_xhat, segments, rows_per_part, outputs, empty)
+    return outputs
 
 
 @on_first_tensors_device
@@ -322,6 +492,11 @@ def update_running_stats(running_mean, running_var, mean, m2, count, momentum: f
     block_h = block_size(width, 128)
     _update_running_stats_kernel[(num_groups, triton.cdiv(width, block_h))](
         running_mean, running_var, mean, m2, count, width, momentum, BLOCK_H=block_h)
+
+
+def _sorted_args(segments: GroupSegments, dummy):
+    """(order, domain_sorted) kernel arguments; ``dummy`` where one group reads neither."""
+    return (dummy, dummy) if segments.order is None else (segments.order, segments.domain_sorted)
 
 
 @on_first_tensors_device
@@ -335,11 +510,12 @@ def domain_norm_forward(o, domain, weight, bias, running_mean, running_var, use_
     grid = (triton.cdiv(batch, ROWS_PER_BLOCK), triton.cdiv(width, block_size(width, 128)))
     meta = dict(PER_DOMAIN=per_domain, BLOCK_B=ROWS_PER_BLOCK, BLOCK_H=block_size(width, 128), num_warps=TILE_WARPS)
     if use_batch_stats:
-        part_count = empty((grid[0], num_groups), device=o.device, dtype=torch.float32)
-        part_mean, part_m2 = (empty((grid[0], num_groups, width), device=o.device, dtype=torch.float32)
-                              for _ in range(2))
-        _partial_stats_kernel[grid](o, domain, part_count, part_mean, part_m2, batch, width, num_groups, **meta)
-        count, mean, m2, rstd = merge_group_stats(part_count, part_mean, part_m2, eps, not per_domain, empty)
+        segments = sort_groups(domain, num_groups, per_domain)
+        part_mean, part_m2 = empty_partials(segments, ROWS_PER_BLOCK, width, o.device, empty)
+        _partial_stats_kernel[grid](o, *_sorted_args(segments, domain), part_mean, part_m2, batch, width, num_groups,
+                                    segments.slots_per_part(ROWS_PER_BLOCK), **meta)
+        count, mean, m2, rstd = merge_group_stats(part_mean, part_m2, segments, ROWS_PER_BLOCK, eps, not per_domain,
+                                                  empty)
     else:  # paper mode in eval: the running statistics, no dependence on the rest of the batch
         mean = running_mean.float().clone()
         rstd = torch.rsqrt(running_var.float() + eps)
@@ -359,11 +535,11 @@ def domain_norm_backward(dy, o, domain, weight, count, mean, rstd, use_batch_sta
     num_groups = mean.shape[0]
     grid = (triton.cdiv(batch, ROWS_PER_BLOCK), triton.cdiv(width, block_size(width, 128)))
     meta = dict(PER_DOMAIN=per_domain, BLOCK_B=ROWS_PER_BLOCK, BLOCK_H=block_size(width, 128), num_warps=TILE_WARPS)
-    part_dy, part_dy_xhat = (empty((grid[0], num_groups, width), device=o.device, dtype=torch.float32)
-                             for _ in range(2))
-    _partial_grad_sums_kernel[grid](dy, o, domain, mean, rstd, part_dy, part_dy_xhat, batch, width, num_groups,
-                                    **meta)
-    sum_dy, sum_dy_xhat = part_dy.sum(0), part_dy_xhat.sum(0)
+    segments = sort_groups(domain, num_groups, per_domain)
+    part_dy, part_dy_xhat = empty_partials(segments, ROWS_PER_BLOCK, width, o.device, empty)
+    _partial_grad_sums_kernel[grid](dy, o, *_sorted_args(segments, domain), mean, rstd, part_dy, part_dy_xhat, batch,
+                                    width, num_groups, segments.slots_per_part(ROWS_PER_BLOCK), **meta)
+    sum_dy, sum_dy_xhat = merge_group_sums(part_dy, part_dy_xhat, segments, ROWS_PER_BLOCK, empty)
     do = empty(o.shape, device=o.device, dtype=o.dtype)
     _input_grad_kernel[grid](dy, o, domain, mean, rstd, weight, count, sum_dy, sum_dy_xhat, do, batch, width,
                              num_groups, BATCH_STATS=use_batch_stats, **meta)

@@ -112,28 +112,80 @@ def test_many_domain_summary_table_and_full_table():
 # --------------------------------------------------------------------------------------------------
 # The level-1 Triton kernels (adapter cell, DomainNorm) with many domains, small sizes under the interpreter
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"),
-                    reason="no CUDA device and TRITON_INTERPRET is not 1")
-def test_level1_kernels_with_many_domains():
-    """Every per-domain statistic, factor selection and factor gradient at D = 120 (most domains empty, a
-    block of 16 sorted rows spanning domains far apart) against the float64 reference. D = 1000 runs the
-    same code (the static grids are checked up to D = 1000 in test_grouped_linear.py), but under the
-    interpreter each of its D-long loops costs seconds."""
-    pytest.importorskip("hamur_fast.kernels.adapter_cell")
-    from helpers import cell_inputs, rel_err, run_with_grads
+LEVEL1 = pytest.mark.skipif(not (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"),
+                            reason="no CUDA device and TRITON_INTERPRET is not 1")
+SPARSE_DOMAINS = [0, 999, 500, 3, 3, 998, 17, 640, 641, 2] * 3 + [7, 999, 0, 123, 124, 125, 999]  # B = 37
 
+
+class RecordingEmpty:
+    """The launchers' ``empty``: allocates (NaN-filled, so unwritten outputs show) and records each shape."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def __call__(self, shape, **kw):
+        self.shapes.append(tuple(shape))
+        tensor = torch.empty(shape, **kw)
+        return tensor.fill_(float("nan") if tensor.is_floating_point() else 2 ** 40)
+
+    def not_per_domain(self, num_domains):
+        """Allocations that do not scale with D by their nature (the per-domain statistics, the factor gradients
+        (D, in, out) and their per-tile partials have a leading axis of at least D, far above this B)."""
+        return [shape for shape in self.shapes if not shape or shape[0] < num_domains]
+
+
+def level1_launches(num_domains, device, domain, check_against_reference):
+    """Adapter cell and DomainNorm, forward and backward (paper mode, batch statistics), through the launchers
+    with a RecordingEmpty; optionally checked against the float64 reference. Returns the recorder."""
+    from helpers import NAMES, cell_inputs, rel_err, run_with_grads
+    from hamur_fast.kernels import adapter_cell, domain_norm
+
+    batch, width = len(domain), 13
+    x, rep, _, params, stats = cell_inputs(batch, width, 5, 7, num_domains, "paper", seed=5, edge_domains=False)
+    upstream = torch.randn(batch, width, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    record = RecordingEmpty()
+    f32 = [t.float().to(device) for t in (x, rep, *params, *stats, upstream)]
+    x32, rep32, params32, stats32, dy = f32[0], f32[1], f32[2:10], f32[10:12], f32[12]
+    domain = domain.to(device)
+    y, q, v, order, count, mean, m2, rstd = adapter_cell.adapter_cell_forward(x32, rep32, domain, params32, *stats32,
+                                                                              True, 1e-5, empty=record)
+    grads = adapter_cell.adapter_cell_backward(dy, x32, rep32, domain, params32, q, v, order, count, mean, rstd, True,
+                                               empty=record)
+    norm_y, norm_count, norm_mean, _, norm_rstd = domain_norm.domain_norm_forward(
+        x32, domain, params32[6], params32[7], *stats32, True, 1e-5, empty=record)
+    norm_grads = domain_norm.domain_norm_backward(dy, x32, domain, params32[6], norm_count, norm_mean, norm_rstd,
+                                                  True, empty=record)
+    if check_against_reference:
+        inputs = (x, rep, domain.cpu(), params, stats)
+        ref_y, ref_leaves, _ = run_with_grads("reference", torch.float64, "cpu", inputs, "paper", upstream)
+        assert rel_err(y.cpu(), ref_y) < 1e-5
+        for name, fast, slow in zip(NAMES, grads, ref_leaves):
+            if slow.grad.abs().max() < 1e-12:  # zero by construction (up_bias feeds the normalisation)
+                assert fast.abs().max() < 1e-4, name
+            else:
+                assert rel_err(fast.cpu(), slow.grad) < 1e-4, name
+        leaves = [t.detach().requires_grad_() for t in (x, params[6], params[7])]
+        ref_norm = hf.ops.domain_norm(*leaves[:1], domain.cpu(), *leaves[1:], *[s.clone() for s in stats],
+                                      backend="reference")
+        ref_norm.backward(upstream)
+        assert rel_err(norm_y.cpu(), ref_norm.detach()) < 1e-5
+        assert torch.equal(norm_count.cpu(), torch.bincount(domain.cpu(), minlength=num_domains).float())
+        for fast, slow in zip(norm_grads, leaves):
+            assert rel_err(fast.cpu(), slow.grad) < 1e-5
+    return record
+
+
+@LEVEL1
+def test_level1_kernels_with_1000_domains_and_scratch_that_does_not_grow_with_d():
+    """D = 1000, B = 37 (odd), rows unsorted, most domains empty, some with one row, a block of sorted rows
+    spanning domains far apart: output, every gradient and the statistics of the adapter cell and of DomainNorm
+    against the float64 reference. And every buffer the launchers allocate that is not per-domain by nature
+    (outputs, saved vectors, statistics partials, merge scratch) is the same at D = 100 as at D = 1000: the
+    partials hold min(rows per block, D) slots per block, never a slot per (block, domain)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    x, rep, _, params, stats = cell_inputs(20, 13, 5, 7, 120, "paper", seed=5, edge_domains=False)
-    domain = torch.tensor([0, 119, 60, 3, 3, 118] * 3 + [7, 119])  # unsorted, gaps, 1-row domains
-    inputs = (x, rep, domain, params, stats)
-    upstream = torch.randn(20, 13, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    ref_y, ref_leaves, ref_stats = run_with_grads("reference", torch.float64, "cpu", inputs, "paper", upstream)
-    y, leaves, new_stats = run_with_grads("triton", torch.float32, device, inputs, "paper", upstream)
-    assert rel_err(y.cpu(), ref_y) < 1e-5
-    for fast, slow in zip(leaves, ref_leaves):
-        if slow.grad.abs().max() < 1e-12:  # zero by construction (up_bias feeds the normalisation): fp32 residue
-            assert fast.grad.abs().max() < 1e-4
-        else:
-            assert rel_err(fast.grad.cpu(), slow.grad) < 1e-4
-    for fast, slow in zip(new_stats, ref_stats):
-        assert rel_err(fast.cpu(), slow) < 1e-5
+    domain = torch.tensor(SPARSE_DOMAINS)
+    many = level1_launches(1000, device, domain, check_against_reference=True)
+    fewer = level1_launches(100, device, domain % 100, check_against_reference=False)
+    assert many.not_per_domain(1000) == fewer.not_per_domain(100)
+    assert max(shape[0] for shape in many.not_per_domain(1000)) < 100  # nothing per-domain slipped through
+    assert [shape for shape in many.shapes if shape and shape[0] == 1000] and len(many.shapes) == len(fewer.shapes)

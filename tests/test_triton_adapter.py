@@ -73,35 +73,64 @@ def test_every_buffer_is_written(mode, training, device):
         assert torch.isfinite(b).all() and torch.equal(a, b)
 
 
+def compact_partials(domain_sorted, values, num_groups, rows_per_part):
+    """Per-part partials in the layout store_group_partial_stats writes (kernels/domain_norm.py, GroupSegments),
+    built here in float64 part by part: the j-th group present in a part (by id) at slot j of the part's
+    min(rows_per_part, G) slots. Returns each slot's group (-1: unused), count, mean and M2; unused slots hold
+    NaN, so a merge that read one would show it. Ids outside [0, G) join no partial."""
+    parts = -(-len(domain_sorted) // rows_per_part)
+    slots = min(rows_per_part, num_groups)
+    group, count = torch.full((parts * slots,), -1), torch.zeros(parts * slots, dtype=torch.float64)
+    mean, m2 = (torch.full((parts * slots, values.shape[1]), float("nan"), dtype=torch.float64) for _ in range(2))
+    for p in range(parts):
+        part = slice(p * rows_per_part, (p + 1) * rows_per_part)
+        ids, rows = domain_sorted[part], values[part]
+        for j, g in enumerate(sorted({int(i) for i in ids if 0 <= i < num_groups})):
+            v = rows[ids == g]
+            group[p * slots + j], count[p * slots + j], mean[p * slots + j] = g, len(v), v.mean(0)
+            m2[p * slots + j] = ((v - v.mean(0)) ** 2).sum(0)
+    return group, count, mean, m2
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_statistics_merge_is_exact_and_stable(device):
-    """Merging 300 per-block partials (two passes of several steps each, through NaN-poisoned buffers) of
-    values with |mean| >> std gives the exact count, mean and M2 of those partials; E[x^2] - E[x]^2 in fp32
-    loses the variance here."""
+@pytest.mark.parametrize("num_groups", [1, 2, 7])
+def test_statistics_merge_is_exact_and_stable(num_groups, device):
+    """Merging the partials of 300 parts of 4 sorted rows (more than MERGE_PARTS_PER_PROGRAM: two passes, the
+    first into the slots of ranges of parts; NaN-poisoned buffers), with a run of one group over many parts,
+    an empty group and out-of-range ids, of values with |mean| >> std, gives the exact count, mean and M2 of
+    those partials; E[x^2] - E[x]^2 in fp32 loses the variance here. The backward's plain sums likewise."""
     g = torch.Generator().manual_seed(2)
-    num_parts, num_groups, width = 300, 2, 5
-    values = [[1000 + torch.randn(int(n), width, generator=g, dtype=torch.float64) for n in row]
-              for row in torch.randint(0, 4, (num_parts, num_groups), generator=g)]  # 0 to 3 rows per block
-    count = torch.tensor([[len(v) for v in row] for row in values], dtype=torch.float64)
-    mean = torch.stack([torch.stack([v.mean(0) if len(v) else torch.zeros(width, dtype=torch.float64)
-                                     for v in row]) for row in values])
-    m2 = torch.stack([torch.stack([((v - v.mean(0)) ** 2).sum(0) if len(v) else torch.zeros(width,
-                                   dtype=torch.float64) for v in row]) for row in values])
-    parts = [t.float().to(device) for t in (count, mean, m2)]
-    got_count, got_mean, got_m2, got_rstd = triton_norm.merge_group_stats(*parts, 1e-5, unbiased=False,
-                                                                           empty=nan_empty)
+    rows_per_part, width = 4, 5
+    if num_groups == 1:  # released mode: one group, rows in their own order
+        domain = torch.zeros(1197, dtype=torch.int64)
+    else:  # a long run of group 0, group 1 empty, short runs of the rest, ids outside [0, G) at both ends
+        domain = torch.cat([torch.full((3,), -1), torch.zeros(700, dtype=torch.int64),
+                            torch.randint(2, max(num_groups, 3), (491,), generator=g) % num_groups,
+                            torch.full((3,), num_groups)])
+        domain = domain[torch.randperm(len(domain), generator=g)]
+    assert -(-len(domain) // rows_per_part) > triton_norm.MERGE_PARTS_PER_PROGRAM
+    segments = triton_norm.sort_groups(domain.to(device), num_groups, per_domain=num_groups > 1)
+    values = 1000 + torch.randn(len(domain), width, generator=g, dtype=torch.float64)
+    group, n, mu, sq = compact_partials(domain.sort(stable=True).values, values, num_groups, rows_per_part)
+    parts = mu.float().to(device), sq.float().to(device)  # what the kernels see (NaN in unused slots)
+    got_count, got_mean, got_m2, got_rstd = triton_norm.merge_group_stats(*parts, segments, rows_per_part, 1e-5,
+                                                                           unbiased=False, empty=nan_empty)
     # The exact merge, in float64, of the same fp32-rounded partials the kernel saw.
-    n, mu, sq = (t.cpu().double() for t in parts)
-    total = n.sum(0)
-    exact_mean = (n[..., None] * mu).sum(0) / total[:, None]
-    exact_m2 = sq.sum(0) + (n[..., None] * (mu - exact_mean) ** 2).sum(0)
-    naive_var = ((n[..., None] * (sq / n.clamp(min=1)[..., None] + mu ** 2)).float().sum(0) / total[:, None].float()
-                 - exact_mean.float() ** 2)  # E[x^2] - E[x]^2 in fp32, for contrast
+    member = (group[:, None] == torch.arange(num_groups)).double()  # (slots, G)
+    mu, sq = (t.cpu().double().nan_to_num() for t in parts)
+    total = member.T @ n
+    exact_mean = (member.T @ (n[:, None] * mu)) / total.clamp(min=1)[:, None]
+    exact_m2 = member.T @ (sq + n[:, None] * (mu - exact_mean[group.clamp(min=0)]) ** 2)
     assert torch.equal(got_count.cpu().double(), total)
     assert rel_err(got_mean.cpu(), exact_mean) <= 5e-7
     assert rel_err(got_m2.cpu(), exact_m2) <= 1e-5
-    assert rel_err(got_rstd.cpu(), (exact_m2 / total[:, None] + 1e-5) ** -0.5) <= 1e-5
-    assert rel_err(naive_var.double(), exact_m2 / total[:, None]) > 1e-2
+    assert rel_err(got_rstd.cpu(), (exact_m2 / total.clamp(min=1)[:, None] + 1e-5) ** -0.5) <= 1e-5
+    big = total.argmax()  # E[x^2] - E[x]^2 in fp32 on the largest group, for contrast
+    naive_var = ((member[:, big, None] * n[:, None] * (sq / n.clamp(min=1)[:, None] + mu ** 2)).float().sum(0)
+                 / total[big].float() - exact_mean[big].float() ** 2)
+    assert rel_err(naive_var.double(), exact_m2[big] / total[big]) > 1e-2
+    sum_mu, sum_sq = triton_norm.merge_group_sums(*parts, segments, rows_per_part, empty=nan_empty)
+    assert rel_err(sum_mu.cpu(), member.T @ mu) <= 1e-6 and rel_err(sum_sq.cpu(), member.T @ sq) <= 1e-6
 
 
 def test_backend_registration():
