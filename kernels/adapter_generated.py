@@ -100,17 +100,17 @@ def _times_generated_rep_t(rhs, g_tile, gen_weight, gen_bias, k_idx, p_idx, rank
 
 
 @triton.jit
-def _store_output_partial_stats(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, rank, width, num_domains,
-                                part_count, part_mean, part_m2, PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr,
+def _store_output_partial_stats(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, rank, width, slots_per_part,
+                                part_mean, part_m2, PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr,
                                 BLOCK_H: tl.constexpr):
-    """This block's per-domain partial (count, mean, M2) of o = v UR + ub, tile by tile over h (as level 1)."""
+    """This block's partial (mean, M2) of o = v UR + ub per domain present (the compact slots of
+    kernels/domain_norm.py), tile by tile over h (as level 1)."""
     for h0 in range(0, width, BLOCK_H):
         h_idx = h0 + tl.arange(0, BLOCK_H)
         o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width, PER_DOMAIN,
                          BLOCK_B, BLOCK_H)
-        dn.store_group_partial_stats(o, domain, valid, h_idx, h_idx < width, tl.program_id(0),
-                                     num_domains if PER_DOMAIN else 1, width, part_count, part_mean, part_m2,
-                                     h0 == 0)
+        dn.store_group_partial_stats(o, domain, valid, h_idx, h_idx < width, tl.program_id(0), slots_per_part,
+                                     width, part_mean, part_m2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,8 +119,8 @@ def _store_output_partial_stats(v, up_right, up_bias, domain, d_lo, d_hi, valid,
 @triton.jit
 def _gen_fwd_project_kernel(
         x, g, centre, gen_weight, gen_bias, order, domain_sorted, down_left, down_right, down_bias, up_left,
-        up_right, up_bias, q_out, v_out, part_count, part_mean, part_m2,
-        batch, width, rank, bottleneck, gen_width, num_domains,
+        up_right, up_bias, q_out, v_out, part_mean, part_m2,
+        batch, width, rank, bottleneck, gen_width, num_domains, slots_per_part,
         PER_DOMAIN: tl.constexpr, COMPUTE_STATS: tl.constexpr, GEN_PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
         BLOCK_P: tl.constexpr):
@@ -146,7 +146,7 @@ def _gen_fwd_project_kernel(
 
     if COMPUTE_STATS:
         _store_output_partial_stats(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, rank, width,
-                                    num_domains, part_count, part_mean, part_m2, PER_DOMAIN, BLOCK_B, BLOCK_H)
+                                    slots_per_part, part_mean, part_m2, PER_DOMAIN, BLOCK_B, BLOCK_H)
 
 
 @triton.jit
@@ -307,21 +307,24 @@ def generated_cell_forward(x, g, centre, gen_weight, gen_bias, domain, params, r
         (t.contiguous() for t in params)
     batch, width, rank, bottleneck, gen_width, per_domain, num_domains = _sizes(x, g, down_left, down_right,
                                                                                 norm_weight)
-    order, domain_sorted = cell._domain_order(domain, per_domain)
-    sorted_args = (order, domain_sorted) if per_domain else (domain, domain)  # unread when shared
+    segments = dn.sort_groups(domain, num_domains, per_domain)
+    order = segments.order
+    sorted_args = (order, segments.domain_sorted) if per_domain else (domain, domain)  # unread when shared
     level1_meta = cell._tile_meta(width, rank, bottleneck)
     meta = _tile_meta(level1_meta, gen_width)
-    grid = (triton.cdiv(batch, meta["BLOCK_B"]),)
+    rows_per_part = meta["BLOCK_B"]
     f32 = dict(device=x.device, dtype=torch.float32)
     q, v = empty((batch, rank), **f32), empty((batch, rank), **f32)
-    part_count = empty((grid[0], num_domains), **f32)
-    part_mean, part_m2 = (empty((grid[0], num_domains, width), **f32) for _ in range(2))
-    _gen_fwd_project_kernel[grid](
+    # Scratch for the statistics only when they are computed (a kernel that skips them never reads these).
+    part_mean, part_m2 = dn.empty_partials(segments, rows_per_part, width if use_batch_stats else 0, x.device, empty)
+    _gen_fwd_project_kernel[(triton.cdiv(batch, rows_per_part),)](
         x, g, centre, gen_weight, gen_bias, *sorted_args, down_left, down_right, down_bias, up_left, up_right,
-        up_bias, q, v, part_count, part_mean, part_m2, batch, width, rank, bottleneck, gen_width, num_domains,
+        up_bias, q, v, part_mean, part_m2, batch, width, rank, bottleneck, gen_width, num_domains,
+        segments.slots_per_part(rows_per_part),
         PER_DOMAIN=per_domain, COMPUTE_STATS=use_batch_stats, GEN_PRECISION=PRECISIONS[precision], **meta)
     if use_batch_stats:
-        count, mean, m2, rstd = dn.merge_group_stats(part_count, part_mean, part_m2, eps, not per_domain, empty)
+        count, mean, m2, rstd = dn.merge_group_stats(part_mean, part_m2, segments, rows_per_part, eps,
+                                                     not per_domain, empty)
     else:  # paper mode in eval: running statistics
         mean, rstd = running_mean.float().clone(), torch.rsqrt(running_var.float() + eps)
         count, m2 = torch.zeros(num_domains, **f32), torch.zeros_like(mean)
@@ -357,21 +360,15 @@ def _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q
     return part_dw.sum(0), part_dc.sum(0)
 
 
-def _factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, order, domain_sorted, num_domains, per_domain,
-                  use_batch_stats, empty):
+def _factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, segments, use_batch_stats, empty):
     """The cell's factor gradients as level 1 forms them: per-domain sums of outer products over the rows (the
     grouped linear op's weight-gradient kernels); every vector but x is in domain-sorted order. Under batch
     statistics up_bias's gradient is exactly zero (the group mean cancels it), returned as zero."""
-    batch = x.shape[0]
-    if per_domain:
-        offsets = torch.searchsorted(domain_sorted, torch.arange(num_domains + 2, device=x.device))
-    else:
-        offsets = torch.tensor([0, batch, batch], device=x.device)
-
-    rows = order if per_domain else offsets  # unread when shared (any int64 tensor on the device)
+    per_domain = segments.order is not None
+    rows = segments.order if per_domain else segments.offsets  # unread when shared (any int64 tensor)
 
     def outer(lhs, rhs, lhs_in_order=False, with_rhs_sum=False):
-        return domain_weight_grads(lhs, rhs, rows, offsets, num_domains, with_rhs_sum,
+        return domain_weight_grads(lhs, rhs, rows, segments.offsets, segments.num_groups, with_rhs_sum,
                                    torch.float32, x_by_order=lhs_in_order and per_domain, grad_by_order=False,
                                    empty=empty)
 
@@ -393,19 +390,19 @@ def generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, para
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = contiguous
     batch, width, rank, bottleneck, gen_width, per_domain, num_domains = _sizes(x, g, down_left, down_right,
                                                                                 norm_weight)
-    domain_sorted = domain[order] if per_domain else None
-    sorted_args = (order, domain_sorted) if per_domain else (domain, domain)
+    segments = dn.sort_groups(domain, num_domains, per_domain, order)
+    sorted_args = (order, segments.domain_sorted) if per_domain else (domain, domain)
     level1_meta = cell._tile_meta(width, rank, bottleneck)
     meta = _tile_meta(level1_meta, gen_width)
     f32 = dict(device=x.device, dtype=torch.float32)
 
     # The norm-gradient sums never touch I: level 1's kernel.
-    norm_grid = _level1_tile_grid(batch, width, level1_meta)
-    part_dy, part_dy_xhat = (empty((norm_grid[0], num_domains, width), **f32) for _ in range(2))
-    cell._cell_bwd_norm_sums_kernel[norm_grid](
+    level1_rows = level1_meta["BLOCK_B"]
+    part_dy, part_dy_xhat = dn.empty_partials(segments, level1_rows, width, x.device, empty)
+    cell._cell_bwd_norm_sums_kernel[_level1_tile_grid(batch, width, level1_meta)](
         dy, *sorted_args, v, up_right, up_bias, mean, rstd, part_dy, part_dy_xhat, batch, width, rank, num_domains,
-        PER_DOMAIN=per_domain, **cell._without_rep_tiles(level1_meta))
-    sum_dy, sum_dy_xhat = part_dy.sum(0), part_dy_xhat.sum(0)
+        segments.slots_per_part(level1_rows), PER_DOMAIN=per_domain, **cell._without_rep_tiles(level1_meta))
+    sum_dy, sum_dy_xhat = dn.merge_group_sums(part_dy, part_dy_xhat, segments, level1_rows, empty)
 
     dx, dg = empty(x.shape, device=x.device, dtype=x.dtype), empty(g.shape, **f32)
     grad_o = empty((batch, width), **f32)
@@ -419,8 +416,8 @@ def generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, para
         PER_DOMAIN=per_domain, BATCH_STATS=use_batch_stats, GEN_PRECISION=PRECISIONS[precision], **meta)
     d_gen_weight, d_gen_bias = _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q,
                                                        grad_v, precision, meta, empty)
-    grads = _factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, order, domain_sorted, num_domains,
-                          per_domain, use_batch_stats, empty) + (sum_dy_xhat, sum_dy)
+    grads = _factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, segments, use_batch_stats, empty) + \
+        (sum_dy_xhat, sum_dy)
     param_grads = tuple(t.reshape(param.shape).to(param.dtype) for t, param in zip(grads, params))
     generator_grads = (dg.to(g.dtype), -dg.sum(0).to(centre.dtype), d_gen_weight.to(gen_weight.dtype),
                        d_gen_bias.to(gen_bias.dtype))
