@@ -6,7 +6,7 @@ from torch import nn
 
 from .. import ops
 from ..distributed.statistics import active_group
-from ..ops import generated
+from ..ops import generated, grouped_linear
 from ..nn import HyperNetwork
 from ..nn.adapter import NORMS, BackendAttribute
 from .backbones import BACKBONES, DEFAULT_TOWER_NORM, TOWER_NORMS, WideDeepBackbone
@@ -81,7 +81,7 @@ class HAMUR(BackendAttribute, MultiDomainModel):
     def uses_fused_generation(self, device: torch.device) -> bool:
         if self.hyper is None or not self.hyper.can_generate_in_cells() or self.fused_generation is False:
             return False
-        if torch.is_autocast_enabled(device.type):
+        if grouped_linear.autocast_dtype(device) is not None:  # meta-safe (meta has no autocast)
             return False  # the generator's statistics would be taken in the autocast dtype: level 1 there
         if active_group() is not None:
             return False  # a data-parallel step merges the generator BatchNorm's statistics over ranks: level 1
