@@ -347,69 +347,122 @@ def _without_rep_tiles(meta):
     return {key: meta[key] for key in ("BLOCK_B", "BLOCK_H", "BLOCK_K", "num_warps")}
 
 
+def _segments(domain, params, order=None):
+    """The rows sorted by domain (paper mode; by the forward's saved ``order`` when given), dn.GroupSegments."""
+    norm_weight = params[6]
+    per_domain = norm_weight.dim() == 2
+    return dn.sort_groups(domain, norm_weight.shape[0] if per_domain else 1, per_domain,
+                          order if per_domain else None)
+
+
+def _sorted_args(segments, domain):
+    """(order, sorted domains) kernel arguments, or ``domain`` as the pointer no released-mode kernel reads."""
+    return (domain, domain) if segments.order is None else (segments.order, segments.domain_sorted)
+
+
+def _order_out(segments, device):
+    """The order saved for backward: empty in released mode (identity)."""
+    return torch.zeros(0, device=device, dtype=torch.int64) if segments.order is None else segments.order
+
+
+# The forward and backward at their seams, where a data-parallel step puts its collectives: the projection with
+# this process's per-block partial statistics | merge | normalise, and norm sums | (all_reduce) | main kernel.
+@dn.on_first_tensors_device
+def cell_project(x, rep, domain, params, use_batch_stats: bool, empty=torch.empty):
+    """The cell up to its normalisation: q, v (B, k) fp32 in sorted order, the order (empty in released mode),
+    the rows' dn.GroupSegments and the per-block partial (mean, M2) of o (empty without batch statistics)."""
+    x, rep, domain = x.contiguous(), rep.contiguous(), domain.contiguous()
+    params = tuple(t.contiguous() for t in params)
+    batch, width, rank, bottleneck, per_domain, num_domains = _sizes(x, rep, params[1], params[6])
+    segments = _segments(domain, params)
+    meta = _tile_meta(width, rank, bottleneck)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    q, v = empty((batch, rank), **f32), empty((batch, rank), **f32)
+    # Scratch for the statistics only when they are computed (a kernel that skips them never reads these).
+    part_mean, part_m2 = dn.empty_partials(segments, ROWS_PER_BLOCK, width if use_batch_stats else 0, x.device, empty)
+    _cell_fwd_project_kernel[(triton.cdiv(batch, ROWS_PER_BLOCK),)](
+        x, rep, *_sorted_args(segments, domain), *params[:6], q, v, part_mean, part_m2,
+        batch, width, rank, bottleneck, num_domains, segments.slots_per_part(ROWS_PER_BLOCK),
+        PER_DOMAIN=per_domain, COMPUTE_STATS=use_batch_stats, **meta)
+    return q, v, _order_out(segments, x.device), segments, (part_mean, part_m2)
+
+
+@dn.on_first_tensors_device
+def cell_statistics(x, rep, domain, params, empty=torch.empty):
+    """This process's (count, mean, M2) of o per group, and (q, v, order) for the passes after it."""
+    q, v, order, segments, parts = cell_project(x, rep, domain, params, True, empty)
+    count, mean, m2, _rstd = merge_group_stats(*parts, segments, ROWS_PER_BLOCK, 0.0, False, empty)
+    return (count, mean, m2), (q, v, order)
+
+
+@dn.on_first_tensors_device
+def cell_normalise(x, domain, params, v, order, mean, rstd, empty=torch.empty):
+    """y = x + nw (o - mean) rstd + nb, o recomputed from v, with the given per-group mean and rstd (fp32)."""
+    x, domain = x.contiguous(), domain.contiguous()
+    up_right, up_bias, norm_weight, norm_bias = (params[i].contiguous() for i in (4, 5, 6, 7))
+    batch, width, rank = x.shape[0], x.shape[1], v.shape[1]
+    per_domain = norm_weight.dim() == 2
+    num_domains = norm_weight.shape[0] if per_domain else 1
+    meta = _without_rep_tiles(_tile_meta(width, rank, params[1].shape[-1]))
+    sorted_args = (order, domain[order]) if per_domain else (domain, domain)  # (no segments needed here)
+    y = empty(x.shape, device=x.device, dtype=x.dtype)
+    _cell_fwd_normalize_kernel[(triton.cdiv(batch, ROWS_PER_BLOCK), triton.cdiv(width, meta["BLOCK_H"]))](
+        x, *sorted_args, v, up_right, up_bias, norm_weight, norm_bias,
+        mean.float().contiguous(), rstd.float().contiguous(), y, batch, width, rank, num_domains,
+        PER_DOMAIN=per_domain, **meta)
+    return y
+
+
+@dn.on_first_tensors_device
+def cell_grad_sums(dy, domain, params, v, order, mean, rstd, empty=torch.empty):
+    """Per-group (sum dy, sum dy * xhat), each (G, h) fp32: the norm bias and weight gradients of these rows."""
+    dy, domain = dy.contiguous(), domain.contiguous()
+    up_right, up_bias, norm_weight = (params[i].contiguous() for i in (4, 5, 6))
+    batch, width, rank = dy.shape[0], dy.shape[1], v.shape[1]
+    per_domain = norm_weight.dim() == 2
+    num_domains = norm_weight.shape[0] if per_domain else 1
+    meta = _without_rep_tiles(_tile_meta(width, rank, params[1].shape[-1]))
+    segments = _segments(domain, params, order)
+    part_dy, part_dy_xhat = dn.empty_partials(segments, ROWS_PER_BLOCK, width, dy.device, empty)
+    _cell_bwd_norm_sums_kernel[(triton.cdiv(batch, ROWS_PER_BLOCK), triton.cdiv(width, meta["BLOCK_H"]))](
+        dy, *_sorted_args(segments, domain), v, up_right, up_bias, mean.float().contiguous(),
+        rstd.float().contiguous(), part_dy, part_dy_xhat,
+        batch, width, rank, num_domains, segments.slots_per_part(ROWS_PER_BLOCK), PER_DOMAIN=per_domain, **meta)
+    return dn.merge_group_sums(part_dy, part_dy_xhat, segments, ROWS_PER_BLOCK, empty)
+
+
 @dn.on_first_tensors_device
 def adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_batch_stats: bool, eps: float,
                          empty=torch.empty):
     """Returns (y, q, v, order, count, mean, m2, rstd); q, v (B, k) fp32 in sorted order for backward."""
-    x, rep, domain = x.contiguous(), rep.contiguous(), domain.contiguous()
-    down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = \
-        (t.contiguous() for t in params)
-    batch, width, rank, bottleneck, per_domain, num_domains = _sizes(x, rep, down_right, norm_weight)
-    segments = dn.sort_groups(domain, num_domains, per_domain)
-    order, domain_sorted = segments.order, segments.domain_sorted
-    dummy = domain  # pointer for arguments a constexpr branch never reads
-    meta = _tile_meta(width, rank, bottleneck)
-    grid = (triton.cdiv(batch, ROWS_PER_BLOCK),)
-    device = x.device
-    q = empty((batch, rank), device=device, dtype=torch.float32)
-    v = empty((batch, rank), device=device, dtype=torch.float32)
-    # Scratch for the statistics only when they are computed (a kernel that skips them never reads these).
-    part_mean, part_m2 = dn.empty_partials(segments, ROWS_PER_BLOCK, width if use_batch_stats else 0, device, empty)
-    _cell_fwd_project_kernel[grid](
-        x, rep, order if per_domain else dummy, domain_sorted if per_domain else dummy,
-        down_left, down_right, down_bias, up_left, up_right, up_bias, q, v, part_mean, part_m2,
-        batch, width, rank, bottleneck, num_domains, segments.slots_per_part(ROWS_PER_BLOCK),
-        PER_DOMAIN=per_domain, COMPUTE_STATS=use_batch_stats, **meta)
+    q, v, order, segments, parts = cell_project(x, rep, domain, params, use_batch_stats, empty)
+    per_domain = params[6].dim() == 2
     if use_batch_stats:
-        count, mean, m2, rstd = merge_group_stats(part_mean, part_m2, segments, ROWS_PER_BLOCK, eps, not per_domain,
-                                                  empty)
+        count, mean, m2, rstd = merge_group_stats(*parts, segments, ROWS_PER_BLOCK, eps, not per_domain, empty)
     else:  # paper mode in eval: running statistics
         mean = running_mean.float().clone()
         rstd = torch.rsqrt(running_var.float() + eps)
-        count = torch.zeros(num_domains, device=device, dtype=torch.float32)
+        count = torch.zeros(mean.shape[0], device=x.device, dtype=torch.float32)
         m2 = torch.zeros_like(mean)
-    y = empty(x.shape, device=device, dtype=x.dtype)
-    _cell_fwd_normalize_kernel[(grid[0], triton.cdiv(width, meta["BLOCK_H"]))](
-        x, order if per_domain else dummy, domain_sorted if per_domain else dummy, v, up_right, up_bias,
-        norm_weight, norm_bias, mean, rstd, y, batch, width, rank, num_domains, PER_DOMAIN=per_domain,
-        **_without_rep_tiles(meta))
-    order_out = order if per_domain else torch.zeros(0, device=device, dtype=torch.int64)
-    return y, q, v, order_out, count, mean, m2, rstd
+    y = cell_normalise(x, domain, params, v, order, mean, rstd, empty)
+    return y, q, v, order, count, mean, m2, rstd
 
 
 @dn.on_first_tensors_device
-def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, rstd, use_batch_stats: bool,
-                          empty=torch.empty):
-    """Gradients (dx, drep, d down_left, d down_right, d down_bias, d up_left, d up_right, d up_bias,
-    d norm_weight, d norm_bias), each in its input's dtype and shape."""
-    dy, x, rep = dy.contiguous(), x.contiguous(), rep.contiguous()
+def cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd, sum_dy, sum_dy_xhat,
+                     use_batch_stats: bool, empty=torch.empty):
+    """(dx, drep, and the six projection factors' gradients) from the given count and group sums (this
+    process's, or every process's in a data-parallel step), each in its input's dtype and shape."""
+    dy, x, rep, domain = dy.contiguous(), x.contiguous(), rep.contiguous(), domain.contiguous()
     contiguous = [t.contiguous() for t in params]
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = contiguous
     batch, width, rank, bottleneck, per_domain, num_domains = _sizes(x, rep, down_right, norm_weight)
-    segments = dn.sort_groups(domain, num_domains, per_domain, order)
-    dummy = domain
-    sorted_args = (order, segments.domain_sorted) if per_domain else (dummy, dummy)
+    segments = _segments(domain, params, order)
+    sorted_args = _sorted_args(segments, domain)
     meta = _tile_meta(width, rank, bottleneck)
     grid = (triton.cdiv(batch, ROWS_PER_BLOCK),)
     device = x.device
     f32 = dict(device=device, dtype=torch.float32)
-
-    part_dy, part_dy_xhat = dn.empty_partials(segments, ROWS_PER_BLOCK, width, device, empty)
-    _cell_bwd_norm_sums_kernel[(grid[0], triton.cdiv(width, meta["BLOCK_H"]))](
-        dy, *sorted_args, v, up_right, up_bias, mean, rstd, part_dy, part_dy_xhat,
-        batch, width, rank, num_domains, segments.slots_per_part(ROWS_PER_BLOCK), PER_DOMAIN=per_domain,
-        **_without_rep_tiles(meta))
-    sum_dy, sum_dy_xhat = dn.merge_group_sums(part_dy, part_dy_xhat, segments, ROWS_PER_BLOCK, empty)
 
     dx = empty(x.shape, device=device, dtype=x.dtype)
     drep = empty(rep.shape, device=device, dtype=rep.dtype)
@@ -418,16 +471,15 @@ def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, 
     grad_u, grad_p = empty((batch, rank), **f32), empty((batch, rank), **f32)
     _cell_bwd_main_kernel[grid](
         dy, x, rep, *sorted_args, q, v, down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight,
-        mean, rstd, count, sum_dy, sum_dy_xhat, dx, drep, grad_o, a, grad_u, grad_z, grad_p,
+        mean.float().contiguous(), rstd.float().contiguous(), count.float().contiguous(),
+        sum_dy.float().contiguous(), sum_dy_xhat.float().contiguous(), dx, drep, grad_o, a, grad_u, grad_z, grad_p,
         batch, width, rank, bottleneck, num_domains,
         PER_DOMAIN=per_domain, BATCH_STATS=use_batch_stats, **meta)
 
     # Factor gradients: per domain, sums over its rows of lhs[b]^T rhs[b] (and of rhs[b]), by the grouped
     # linear op's weight-gradient kernels: O(B) work and O(B / 256 + D) partials whatever D is.
-    offsets = segments.offsets
-
     def outer(lhs, rhs, lhs_in_order=False, with_rhs_sum=False):
-        return domain_weight_grads(lhs, rhs, order if per_domain else dummy, offsets, num_domains, with_rhs_sum,
+        return domain_weight_grads(lhs, rhs, sorted_args[0], segments.offsets, num_domains, with_rhs_sum,
                                    torch.float32, x_by_order=lhs_in_order and per_domain, grad_by_order=False,
                                    empty=empty)
 
@@ -441,6 +493,19 @@ def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, 
     d_up_right, d_up_bias = outer(v, grad_o, with_rhs_sum=not use_batch_stats)
     if use_batch_stats:
         d_up_bias = torch.zeros_like(up_bias, dtype=torch.float32)
-    grads = (d_down_left, d_down_right, d_down_bias, d_up_left, d_up_right, d_up_bias, sum_dy_xhat, sum_dy)
+    grads = (d_down_left, d_down_right, d_down_bias, d_up_left, d_up_right, d_up_bias)
     param_grads = tuple(g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, params))
     return (dx, drep) + param_grads
+
+
+@dn.on_first_tensors_device
+def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, rstd, use_batch_stats: bool,
+                          empty=torch.empty):
+    """Gradients (dx, drep, d down_left, d down_right, d down_bias, d up_left, d up_right, d up_bias,
+    d norm_weight, d norm_bias), each in its input's dtype and shape."""
+    sum_dy, sum_dy_xhat = cell_grad_sums(dy, domain, params, v, order, mean, rstd, empty)
+    grads = cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd, sum_dy, sum_dy_xhat,
+                             use_batch_stats, empty)
+    norm_weight = params[6]
+    return grads + (sum_dy_xhat.reshape(norm_weight.shape).to(norm_weight.dtype),
+                    sum_dy.reshape(norm_weight.shape).to(norm_weight.dtype))

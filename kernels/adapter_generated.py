@@ -303,7 +303,7 @@ def generated_cell_forward(x, g, centre, gen_weight, gen_bias, domain, params, r
     """Returns (y, q, v, order, count, mean, m2, rstd) as level 1's adapter_cell_forward does."""
     x, g, centre, gen_weight, gen_bias, domain = (t.contiguous() for t in (x, g, centre, gen_weight, gen_bias,
                                                                             domain))
-    down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = \
+    down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, _ = \
         (t.contiguous() for t in params)
     batch, width, rank, bottleneck, gen_width, per_domain, num_domains = _sizes(x, g, down_left, down_right,
                                                                                 norm_weight)
@@ -328,17 +328,10 @@ def generated_cell_forward(x, g, centre, gen_weight, gen_bias, domain, params, r
     else:  # paper mode in eval: running statistics
         mean, rstd = running_mean.float().clone(), torch.rsqrt(running_var.float() + eps)
         count, m2 = torch.zeros(num_domains, **f32), torch.zeros_like(mean)
-    # The normalise pass never touches I: level 1's kernel, on its own (row block, h tile) grid.
-    y = empty(x.shape, device=x.device, dtype=x.dtype)
-    cell._cell_fwd_normalize_kernel[_level1_tile_grid(batch, width, level1_meta)](
-        x, *sorted_args, v, up_right, up_bias, norm_weight, norm_bias, mean, rstd, y, batch, width, rank,
-        num_domains, PER_DOMAIN=per_domain, **cell._without_rep_tiles(level1_meta))
     order_out = order if per_domain else torch.zeros(0, device=x.device, dtype=torch.int64)
+    # The normalise pass never touches I: level 1's.
+    y = cell.cell_normalise(x, domain, params, v, order_out, mean, rstd, empty)
     return y, q, v, order_out, count, mean, m2, rstd
-
-
-def _level1_tile_grid(batch, width, level1_meta):
-    return triton.cdiv(batch, level1_meta["BLOCK_B"]), triton.cdiv(width, level1_meta["BLOCK_H"])
 
 
 def _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q, grad_v, precision, meta, empty):
@@ -387,7 +380,7 @@ def generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, para
     """Gradients (dx, dg, d centre, d gen_weight, d gen_bias, then the cell's eight parameters)."""
     dy, x, g, centre, gen_weight, gen_bias = (t.contiguous() for t in (dy, x, g, centre, gen_weight, gen_bias))
     contiguous = [t.contiguous() for t in params]
-    down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = contiguous
+    down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, _ = contiguous
     batch, width, rank, bottleneck, gen_width, per_domain, num_domains = _sizes(x, g, down_left, down_right,
                                                                                 norm_weight)
     segments = dn.sort_groups(domain, num_domains, per_domain, order)
@@ -396,13 +389,8 @@ def generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, para
     meta = _tile_meta(level1_meta, gen_width)
     f32 = dict(device=x.device, dtype=torch.float32)
 
-    # The norm-gradient sums never touch I: level 1's kernel.
-    level1_rows = level1_meta["BLOCK_B"]
-    part_dy, part_dy_xhat = dn.empty_partials(segments, level1_rows, width, x.device, empty)
-    cell._cell_bwd_norm_sums_kernel[_level1_tile_grid(batch, width, level1_meta)](
-        dy, *sorted_args, v, up_right, up_bias, mean, rstd, part_dy, part_dy_xhat, batch, width, rank, num_domains,
-        segments.slots_per_part(level1_rows), PER_DOMAIN=per_domain, **cell._without_rep_tiles(level1_meta))
-    sum_dy, sum_dy_xhat = dn.merge_group_sums(part_dy, part_dy_xhat, segments, level1_rows, empty)
+    # The norm-gradient sums never touch I: level 1's.
+    sum_dy, sum_dy_xhat = cell.cell_grad_sums(dy, domain, contiguous, v, order, mean, rstd, empty)
 
     dx, dg = empty(x.shape, device=x.device, dtype=x.dtype), empty(g.shape, **f32)
     grad_o = empty((batch, width), **f32)

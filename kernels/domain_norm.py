@@ -398,25 +398,6 @@ def _input_grad_kernel(dy, o, group_ids, mean, rstd, weight, count, sum_dy, sum_
     tl.store(do + tile, tl.where(valid[:, None], out, float("nan")).to(do.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _update_running_stats_kernel(running_mean, running_var, mean, m2, count, width, momentum,
-                                 BLOCK_H: tl.constexpr):
-    """BatchNorm-style update with the unbiased variance, only for groups that had >= 2 rows."""
-    g = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offsets = g.to(tl.int64) * width + cols
-    n = tl.load(count + g) + tl.zeros([BLOCK_H], tl.float32)  # broadcast: scalar & vector masks
-    mask = (cols < width) & (n >= 2.0)
-    old_mean = tl.load(running_mean + offsets, mask=mask, other=0.0).to(tl.float32)
-    old_var = tl.load(running_var + offsets, mask=mask, other=0.0).to(tl.float32)
-    batch_mean = tl.load(mean + offsets, mask=mask, other=0.0)
-    batch_var = tl.load(m2 + offsets, mask=mask, other=0.0) / tl.maximum(n - 1.0, 1.0)
-    tl.store(running_mean + offsets, ((1.0 - momentum) * old_mean + momentum * batch_mean)
-             .to(running_mean.dtype.element_ty), mask=mask)
-    tl.store(running_var + offsets, ((1.0 - momentum) * old_var + momentum * batch_var)
-             .to(running_var.dtype.element_ty), mask=mask)
-
-
 # --------------------------------------------------------------------------------------------------
 # Launchers. ``empty`` allocates every output and scratch buffer; tests pass a NaN-filling allocator
 # to prove that the kernels write every element they hand back.
@@ -486,62 +467,133 @@ def merge_group_sums(part_dy, part_dy_xhat, segments: GroupSegments, rows_per_pa
     return outputs
 
 
-@on_first_tensors_device
-def update_running_stats(running_mean, running_var, mean, m2, count, momentum: float) -> None:
-    num_groups, width = mean.shape
-    block_h = block_size(width, 128)
-    _update_running_stats_kernel[(num_groups, triton.cdiv(width, block_h))](
-        running_mean, running_var, mean, m2, count, width, momentum, BLOCK_H=block_h)
-
-
 def _sorted_args(segments: GroupSegments, dummy):
     """(order, domain_sorted) kernel arguments; ``dummy`` where one group reads neither."""
     return (dummy, dummy) if segments.order is None else (segments.order, segments.domain_sorted)
 
 
+def _tiles(o, per_domain):
+    """Grid (row blocks, column tiles) and meta-parameters of the row-tile kernels on o (B, h)."""
+    batch, width = o.shape
+    block_h = block_size(width, 128)
+    grid = (triton.cdiv(batch, ROWS_PER_BLOCK), triton.cdiv(width, block_h))
+    return grid, dict(PER_DOMAIN=per_domain, BLOCK_B=ROWS_PER_BLOCK, BLOCK_H=block_h, num_warps=TILE_WARPS)
+
+
+def _group_ids(o, groups):
+    """(the ids the row-order kernels read, per_domain): groups None is one group of all rows, whose ids no
+    kernel reads."""
+    if groups is None:
+        return torch.zeros(1, device=o.device, dtype=torch.int64), False
+    return groups.contiguous(), True
+
+
+def _segments(o, groups, num_groups: int) -> GroupSegments:
+    """The rows sorted by group; one group (groups None) needs no sort and sort_groups reads only the row count."""
+    return sort_groups(o[:, 0] if groups is None else groups, num_groups, groups is not None)
+
+
+def _partial_stats(o, segments: GroupSegments, empty):
+    grid, meta = _tiles(o, segments.order is not None)
+    part_mean, part_m2 = empty_partials(segments, ROWS_PER_BLOCK, o.shape[1], o.device, empty)
+    _partial_stats_kernel[grid](o, *_sorted_args(segments, segments.offsets), part_mean, part_m2, *o.shape,
+                                segments.num_groups, segments.slots_per_part(ROWS_PER_BLOCK), **meta)
+    return part_mean, part_m2
+
+
+# The split passes (hamur_fast.ops.contract.NormPasses): a data-parallel step runs a collective between them.
+# Statistics, sums and the tables handed in are float32; y and do come in o's dtype.
+@on_first_tensors_device
+def group_statistics(o, groups, num_groups: int, empty=torch.empty):
+    """This process's per-group (count (G,), mean (G, h), M2 (G, h)) of o's rows."""
+    o = o.contiguous()
+    segments = _segments(o, groups, num_groups if groups is not None else 1)
+    count, mean, m2, _rstd = merge_group_stats(*_partial_stats(o, segments, empty), segments, ROWS_PER_BLOCK, 0.0,
+                                               False, empty)
+    return count, mean, m2
+
+
+@on_first_tensors_device
+def normalise(o, groups, weight, bias, mean, rstd, empty=torch.empty):
+    """y = weight[g] (o - mean[g]) rstd[g] + bias[g] with the given per-group tables (G, h)."""
+    o, weight, bias = o.contiguous(), weight.contiguous(), bias.contiguous()
+    group_ids, per_domain = _group_ids(o, groups)
+    grid, meta = _tiles(o, per_domain)
+    y = empty(o.shape, device=o.device, dtype=o.dtype)
+    _normalize_kernel[grid](o, group_ids, mean.float().contiguous(), rstd.float().contiguous(), weight, bias, y,
+                            *o.shape, mean.shape[0], **meta)
+    return y
+
+
+@on_first_tensors_device
+def grad_sums(dy, o, groups, mean, rstd, num_groups: int, empty=torch.empty):
+    """Per-group column sums (sum_dy, sum_dy_xhat), each (G, h) float32, of this process's rows."""
+    dy, o = dy.contiguous(), o.contiguous()
+    segments = _segments(o, groups, num_groups)
+    grid, meta = _tiles(o, groups is not None)
+    part_dy, part_dy_xhat = empty_partials(segments, ROWS_PER_BLOCK, o.shape[1], o.device, empty)
+    _partial_grad_sums_kernel[grid](dy, o, *_sorted_args(segments, segments.offsets), mean.float().contiguous(),
+                                    rstd.float().contiguous(), part_dy, part_dy_xhat, *o.shape, num_groups,
+                                    segments.slots_per_part(ROWS_PER_BLOCK), **meta)
+    return merge_group_sums(part_dy, part_dy_xhat, segments, ROWS_PER_BLOCK, empty)
+
+
+@on_first_tensors_device
+def input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, unbiased: bool, empty=torch.empty):
+    """do = rstd w (dy - sum_dy / n - xhat sum_dy_xhat / n_var) from the given count and sums.
+
+    The kernel divides by the variance's own denominator (n per domain, max(n - 1, 1) for one group); another one
+    (a biased one-group BatchNorm) is reached by rescaling sum_dy_xhat here."""
+    dy, o, weight = dy.contiguous(), o.contiguous(), weight.contiguous()
+    group_ids, per_domain = _group_ids(o, groups)
+    count = count.float().contiguous()
+    sum_dy_xhat = sum_dy_xhat.float()
+    if unbiased == per_domain:
+        biased, unbiased_n = count.clamp(min=1), (count - 1).clamp(min=1)
+        ratio = biased / unbiased_n if per_domain else unbiased_n / biased  # kernel's n_var / wanted n_var
+        sum_dy_xhat = sum_dy_xhat * ratio.unsqueeze(1)
+    grid, meta = _tiles(o, per_domain)
+    do = empty(o.shape, device=o.device, dtype=o.dtype)
+    _input_grad_kernel[grid](dy, o, group_ids, mean.float().contiguous(), rstd.float().contiguous(), weight, count,
+                             sum_dy.float().contiguous(), sum_dy_xhat.contiguous(), do, *o.shape, mean.shape[0],
+                             BATCH_STATS=True, **meta)
+    return do
+
+
+# The op in one piece: the same passes with this process's statistics, as backend="triton" runs it.
 @on_first_tensors_device
 def domain_norm_forward(o, domain, weight, bias, running_mean, running_var, use_batch_stats: bool, eps: float,
                         empty=torch.empty):
     """Returns y and, for backward and the running-stat update, count (G,), mean, m2, rstd (G, h)."""
-    o, domain, weight, bias = (t.contiguous() for t in (o, domain, weight, bias))
-    batch, width = o.shape
+    o, domain = o.contiguous(), domain.contiguous()
     per_domain = weight.dim() == 2
+    groups = domain if per_domain else None
     num_groups = weight.shape[0] if per_domain else 1
-    grid = (triton.cdiv(batch, ROWS_PER_BLOCK), triton.cdiv(width, block_size(width, 128)))
-    meta = dict(PER_DOMAIN=per_domain, BLOCK_B=ROWS_PER_BLOCK, BLOCK_H=block_size(width, 128), num_warps=TILE_WARPS)
     if use_batch_stats:
-        segments = sort_groups(domain, num_groups, per_domain)
-        part_mean, part_m2 = empty_partials(segments, ROWS_PER_BLOCK, width, o.device, empty)
-        _partial_stats_kernel[grid](o, *_sorted_args(segments, domain), part_mean, part_m2, batch, width, num_groups,
-                                    segments.slots_per_part(ROWS_PER_BLOCK), **meta)
-        count, mean, m2, rstd = merge_group_stats(part_mean, part_m2, segments, ROWS_PER_BLOCK, eps, not per_domain,
-                                                  empty)
+        segments = _segments(o, groups, num_groups)
+        count, mean, m2, rstd = merge_group_stats(*_partial_stats(o, segments, empty), segments, ROWS_PER_BLOCK,
+                                                  eps, not per_domain, empty)
     else:  # paper mode in eval: the running statistics, no dependence on the rest of the batch
         mean = running_mean.float().clone()
         rstd = torch.rsqrt(running_var.float() + eps)
         count = torch.zeros(num_groups, device=o.device, dtype=torch.float32)
         m2 = torch.zeros_like(mean)
-    y = empty(o.shape, device=o.device, dtype=o.dtype)
-    _normalize_kernel[grid](o, domain, mean, rstd, weight, bias, y, batch, width, num_groups, **meta)
-    return y, count, mean, m2, rstd
+    return normalise(o, groups, weight, bias, mean, rstd, empty), count, mean, m2, rstd
 
 
 @on_first_tensors_device
 def domain_norm_backward(dy, o, domain, weight, count, mean, rstd, use_batch_stats: bool, empty=torch.empty):
     """Returns (do, dweight, dbias) for y = weight[g] * (o - mean[g]) * rstd[g] + bias[g]."""
     dy, o, domain, weight = (t.contiguous() for t in (dy, o, domain, weight))
-    batch, width = o.shape
     per_domain = weight.dim() == 2
-    num_groups = mean.shape[0]
-    grid = (triton.cdiv(batch, ROWS_PER_BLOCK), triton.cdiv(width, block_size(width, 128)))
-    meta = dict(PER_DOMAIN=per_domain, BLOCK_B=ROWS_PER_BLOCK, BLOCK_H=block_size(width, 128), num_warps=TILE_WARPS)
-    segments = sort_groups(domain, num_groups, per_domain)
-    part_dy, part_dy_xhat = empty_partials(segments, ROWS_PER_BLOCK, width, o.device, empty)
-    _partial_grad_sums_kernel[grid](dy, o, *_sorted_args(segments, domain), mean, rstd, part_dy, part_dy_xhat, batch,
-                                    width, num_groups, segments.slots_per_part(ROWS_PER_BLOCK), **meta)
-    sum_dy, sum_dy_xhat = merge_group_sums(part_dy, part_dy_xhat, segments, ROWS_PER_BLOCK, empty)
-    do = empty(o.shape, device=o.device, dtype=o.dtype)
-    _input_grad_kernel[grid](dy, o, domain, mean, rstd, weight, count, sum_dy, sum_dy_xhat, do, batch, width,
-                             num_groups, BATCH_STATS=use_batch_stats, **meta)
+    groups = domain if per_domain else None
+    sum_dy, sum_dy_xhat = grad_sums(dy, o, groups, mean, rstd, mean.shape[0], empty)
+    if use_batch_stats:
+        do = input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, not per_domain, empty)
+    else:  # running statistics: do = rstd w dy
+        grid, meta = _tiles(o, per_domain)
+        do = empty(o.shape, device=o.device, dtype=o.dtype)
+        _input_grad_kernel[grid](dy, o, _group_ids(o, groups)[0], mean, rstd, weight, count, sum_dy, sum_dy_xhat,
+                                 do, *o.shape, mean.shape[0], BATCH_STATS=False, **meta)
     shape = weight.shape
     return do, sum_dy_xhat.reshape(shape).to(weight.dtype), sum_dy.reshape(shape).to(weight.dtype)

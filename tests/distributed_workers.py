@@ -9,6 +9,8 @@ gradient, every parameter and every buffer (running statistics included).
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -114,13 +116,40 @@ def one_process(case) -> dict:
     return {"steps": records, "predictions": trainer.predict(eval_split(fmap))}
 
 
+def count_split_passes() -> collections.Counter:
+    """Wrap every registered backend's split passes (contract: NormPasses and CellPasses) so that each call is
+    counted as (backend, "norm.<pass>" or "cell.<pass>", module of the function that ran); returns the counter."""
+    from hamur_fast.ops import registry
+
+    calls = collections.Counter()
+
+    def counted(backend, name, function):
+        def run(*args, **kwargs):
+            calls[(backend, name, function.__module__)] += 1
+            return function(*args, **kwargs)
+        return run
+
+    def wrapped(backend, kind, passes):
+        if passes is None:
+            return None
+        return type(passes)(*(counted(backend, f"{kind}.{field}", getattr(passes, field)) for field in passes._fields))
+
+    for name in registry.available_backends():
+        backend = registry.get_backend(name)
+        registry.register_backend(dataclasses.replace(backend, norm_passes=wrapped(name, "norm", backend.norm_passes),
+                                                      cell_passes=wrapped(name, "cell", backend.cell_passes)))
+    return calls
+
+
 def suite_equivalence(context) -> dict:
     from hamur_fast.distributed.trainer import DistributedTrainer
 
     fmap = feature_map()
     results = {}
     share = GLOBAL_BATCH // context.world_size
+    calls = count_split_passes()
     for case in CASES:
+        calls.clear()
         trainer = with_sgd(DistributedTrainer(build(fmap, case), config(), fmap, context=context))
 
         def part(batch):
@@ -128,9 +157,10 @@ def suite_equivalence(context) -> dict:
             return Batch(*(t[rows] for t in batch))
 
         records = train_steps(trainer, global_batches(fmap), part)
+        passes = dict(calls)  # the training steps' (evaluation normalises locally)
         split = eval_split(fmap)
         results[case_key(case)] = {"steps": records, "predictions": trainer.predict(split),
-                                   "metrics": trainer.evaluate(split)}
+                                   "metrics": trainer.evaluate(split), "passes": passes}
     return results
 
 

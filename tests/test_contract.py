@@ -71,6 +71,98 @@ def test_every_backend_returns_the_batch_statistics(backend, mode):
     assert (none is None) == (mode == "paper")
 
 
+# ----------------------------------------------------------------------------- the split passes
+def pass_dtype(backend):
+    return torch.float64 if torch.float64 in registry.get_backend(backend).capabilities.dtypes else torch.float32
+
+
+@pytest.mark.parametrize("backend", [b for b in hf.available_backends("cpu")])
+@pytest.mark.parametrize("mode", ["paper", "released", "batchnorm"])
+def test_split_passes_compose_to_the_normalisation_and_its_gradients(backend, mode):
+    """statistics -> normalise and grad_sums -> input_grad, as a data-parallel step runs them on one process
+    (nothing in between), against the float64 reference's output and autograd gradients: paper mode (per
+    domain, a domain absent and one with 1 row), released mode (one group, unbiased), BatchNorm (one group,
+    biased). Odd sizes, fresh random inputs."""
+    dtype = pass_dtype(backend)
+    g = torch.Generator().manual_seed(11)
+    batch, width, domains = 23, 13, 4
+    o = torch.randn(batch, width, generator=g, dtype=torch.float64) * 3 + 5
+    domain = torch.randint(0, 2, (batch,), generator=g)
+    domain[7] = 3  # domain 3: one row; domain 2: none
+    per_domain = mode == "paper"
+    groups, num_groups = (domain, domains) if per_domain else (None, 1)
+    weight = torch.randn(num_groups, width, generator=g, dtype=torch.float64)
+    bias = torch.randn(num_groups, width, generator=g, dtype=torch.float64)
+    dy = torch.randn(batch, width, generator=g, dtype=torch.float64)
+    unbiased = mode == "released"
+    passes = registry.get_backend(backend).norm_passes
+    eps = 1e-5
+
+    # Expected: the float64 reference (released: the reference's own unbiased whole-batch op; BatchNorm: torch's).
+    o_ref, w_ref, b_ref = (t.clone().requires_grad_() for t in (o, weight, bias))
+    if mode == "batchnorm":
+        y_ref = torch.nn.functional.batch_norm(o_ref, None, None, w_ref[0], b_ref[0], True, 0.0, eps)
+    else:
+        plan = make_plan("paper" if per_domain else "released", True, False, 0.1, eps)
+        y_ref, _ = registry.get_backend("reference").domain_norm(o_ref, domain, w_ref if per_domain else w_ref[0],
+                                                                 b_ref if per_domain else b_ref[0], None, None, plan)
+    y_ref.backward(dy)
+
+    cast = [t.to(dtype) for t in (o, weight, bias, dy)]
+    o_c, w_c, b_c, dy_c = cast
+    stats = passes.statistics(o_c, groups, num_groups)
+    assert stats.count.shape == (num_groups,) and stats.mean.shape == stats.m2.shape == (num_groups, width)
+    count = stats.count.unsqueeze(1)
+    rstd = torch.rsqrt(stats.m2 / ((count - 1) if unbiased else count).clamp(min=1) + eps)
+    y = passes.normalise(o_c, groups, w_c, b_c, stats.mean, rstd)
+    sum_dy, sum_dy_xhat = passes.grad_sums(dy_c, o_c, groups, stats.mean, rstd, num_groups)
+    grad_o = passes.input_grad(dy_c, o_c, groups, w_c, stats.mean, rstd, stats.count, sum_dy, sum_dy_xhat, unbiased)
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    assert y.dtype == grad_o.dtype == dtype
+    assert rel_err(y, y_ref) <= tolerance
+    assert rel_err(grad_o, o_ref.grad) <= tolerance
+    assert rel_err(sum_dy_xhat, w_ref.grad) <= tolerance and rel_err(sum_dy, b_ref.grad) <= tolerance
+    if per_domain:
+        assert stats.count.tolist() == [float((domain == d).sum()) for d in range(domains)]
+        assert torch.equal(grad_o[7], torch.zeros(width, dtype=dtype))  # a one-row domain: xhat = 0, do = 0
+
+
+@pytest.mark.parametrize("backend", [b for b in hf.available_backends("cpu")
+                                     if registry.get_backend(b).cell_passes is not None])
+@pytest.mark.parametrize("mode", ["paper", "released"])
+def test_cell_passes_compose_to_the_fused_cell_and_its_gradients(backend, mode):
+    """project -> normalise and grad_sums -> input_grads (nothing in between) against the backend's own fused
+    cell and its autograd gradients; paper mode with a domain absent from the batch."""
+    dtype = pass_dtype(backend)
+    x, rep, domain, params, stats = cell_inputs(21, 13, 5, 7, 4, mode, dtype=dtype, seed=8)
+    domain[domain == 3] = 0
+    impl = registry.get_backend(backend)
+    plan = make_plan(mode, True, stats[0] is not None, 0.1, 1e-5)
+    leaves = [t.clone().requires_grad_() for t in (x, rep, *params)]
+    y_fused, fused_stats = impl.hyper_adapter(leaves[0], leaves[1], domain, leaves[2:], *stats, plan)
+    dy = torch.randn(y_fused.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    y_fused.backward(dy)
+
+    passes, unbiased = impl.cell_passes, mode == "released"
+    local, saved = passes.project(x, rep, domain, tuple(params))
+    for name, a, e in zip(GroupStats._fields, local, fused_stats):
+        assert rel_err(a, e) <= 1e-6, name
+    count = local.count.unsqueeze(1)
+    rstd = torch.rsqrt(local.m2 / ((count - 1) if unbiased else count).clamp(min=1) + 1e-5)
+    y = passes.normalise(x, domain, tuple(params), saved, local.mean, rstd)
+    assert rel_err(y, y_fused) <= 1e-6
+    sum_dy, sum_dy_xhat = passes.grad_sums(dy, domain, tuple(params), saved, local.mean, rstd)
+    grads = passes.input_grads(dy, x, rep, domain, tuple(params), saved, local.count, local.mean, rstd, sum_dy,
+                               sum_dy_xhat, unbiased)
+    assert len(grads) == 8
+    for what, got, leaf in zip(["x", "rep", "down_left", "down_right", "down_bias", "up_left", "up_right", "up_bias"],
+                               grads, leaves):
+        scale = leaf.grad.abs().max()  # up_bias, before the normalisation, has gradient 0 up to rounding
+        assert (got - leaf.grad).abs().max() <= 1e-5 * scale, what
+    assert rel_err(sum_dy_xhat.reshape(params[6].shape), leaves[8].grad) <= 1e-5
+    assert rel_err(sum_dy.reshape(params[7].shape), leaves[9].grad) <= 1e-5
+
+
 # ----------------------------------------------------------------------------- capabilities and "auto"
 def test_capability_limit_names_the_limit():
     caps = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}), max_width=64, max_rank=8)
@@ -85,7 +177,7 @@ def test_capability_limit_names_the_limit():
 def fake_backend(name, rank, hyper_adapter=torch_backend.hyper_adapter, self_check=True, **limits):
     return Backend(name, hyper_adapter, torch_backend.domain_norm, Capabilities(
         devices=frozenset({"cpu"}), dtypes=contract.FLOAT_DTYPES, auto_rank={"cpu": rank}, self_check=self_check,
-        **limits))
+        **limits), norm_passes=torch_backend.NORM_PASSES)
 
 
 @pytest.fixture

@@ -114,6 +114,15 @@ def test_opcheck(mode, training, device):
                           (torch.randn_like(y), x, domain, params[6], mean, rstd, count, per_domain, batch_stats))
     if not batch_stats:
         torch.library.opcheck(ops.compiled_cell_infer.default, (x, rep, domain, *params, *stats, 1e-5))
+    if device != "cpu":  # the split passes of a data-parallel step have CPU kernels only
+        return
+    torch.library.opcheck(ops.compiled_norm_statistics.default, (x, domain, 3, per_domain))
+    weight = params[6].reshape(-1, x.shape[1])
+    torch.library.opcheck(ops.compiled_norm_normalise.default, (x, domain, weight, params[7].reshape(weight.shape),
+                                                                mean, rstd, per_domain))
+    torch.library.opcheck(ops.compiled_norm_input_grad.default,
+                          (torch.randn_like(y), x, domain, weight, mean, rstd, count, torch.randn_like(mean),
+                           torch.randn_like(mean), per_domain, not per_domain))
 
 
 def test_backend_registration():

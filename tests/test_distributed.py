@@ -14,7 +14,9 @@ import torch
 import distributed_workers as workers
 from helpers import rel_err
 
-from hamur_fast.distributed.statistics import local_moments, merge_moments
+from hamur_fast.distributed.statistics import merge_moments
+from hamur_fast.ops.backends.torch import group_statistics
+from hamur_fast.ops.contract import CellPasses, NormPasses
 from hamur_fast.train import domain_metrics
 
 HERE = Path(__file__).resolve().parent
@@ -114,6 +116,31 @@ def test_two_ranks_train_like_one_process(ranks, case):
                      TOLERANCE[case[3]], "predictions")
 
 
+# Each kernel backend's split passes: where they live, and which the adapter cell of a synchronised step runs
+# (Triton splits its fused cell; the C++ cell projects by torch ops and normalises by its norm passes).
+PASS_MODULES = {"cpu": {"hamur_fast.ops.backends.compiled"},
+                "triton": {"hamur_fast.ops.backends.triton", "hamur_fast.kernels.domain_norm"}}
+CELL_PASSES = {"cpu": {f"norm.{name}" for name in NormPasses._fields},
+               "triton": {f"cell.{name}" for name in CellPasses._fields}}
+
+
+@pytest.mark.parametrize("case", [c for c in workers.CASES if c[2] in PASS_MODULES], ids=workers.case_key)
+def test_under_sync_the_kernel_backend_runs_its_own_split_passes(ranks, case):
+    """The model's adapter cell (the hamur op of hamur_mlp), in each of the three synchronised steps, ran the
+    chosen kernel backend's split passes (its kernels), not the torch backend's: counted by wrapping every
+    backend's passes in the workers."""
+    backend = case[2]
+    for rank_results in ranks:
+        calls = rank_results["equivalence"][workers.case_key(case)]["passes"]
+        assert {b for b, _, _ in calls} == {backend}, calls
+        assert {module for _, _, module in calls} <= PASS_MODULES[backend], calls
+        per_pass = {name: n for (_, name, _), n in calls.items()}
+        assert set(per_pass) == CELL_PASSES[backend], calls
+        # every pass equally often: once per cell call (one cell; one per tower in released mode) and step
+        calls_per_step, remainder = divmod(per_pass.popitem()[1], workers.STEPS)
+        assert calls_per_step > 0 and remainder == 0 and set(per_pass.values()) == {calls_per_step * workers.STEPS}
+
+
 @pytest.mark.parametrize("case", workers.TORCHREC_CASES, ids=workers.case_key)
 def test_torchrec_table_wise_feature_stage_trains_like_nn_embedding(ranks, case):
     """The feature stage as a TorchRec EmbeddingBagCollection sharded table-wise by DistributedModelParallel (fused
@@ -141,9 +168,9 @@ def test_chan_merge_of_rank_moments_equals_moments_of_all_rows():
     groups = torch.randint(0, 4, (40,), generator=g)
     groups[groups == 3] = 0  # group 3 absent everywhere
     groups[:20][groups[:20] == 2] = 1  # group 2 absent from the first part
-    parts = [local_moments(x[s], groups[s], 4) for s in (slice(0, 20), slice(20, 33), slice(33, 40))]
+    parts = [group_statistics(x[s], groups[s], 4) for s in (slice(0, 20), slice(20, 33), slice(33, 40))]
     count, mean, m2 = merge_moments(*(torch.stack(t) for t in zip(*parts)))
-    expected_count, expected_mean, expected_m2 = local_moments(x, groups, 4)
+    expected_count, expected_mean, expected_m2 = group_statistics(x, groups, 4)
     assert torch.equal(count, expected_count)
     assert_close(mean, expected_mean, 1e-14, "mean")
     assert_close(m2, expected_m2, 1e-13, "M2")

@@ -32,7 +32,7 @@ def wrong_backend(monkeypatch):
 
     monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
     registry.register_backend(contract.Backend("off_by_a_little", off, torch_backend.domain_norm, contract.Capabilities(
-        devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32}))))
+        devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32})), norm_passes=torch_backend.NORM_PASSES))
 
 
 def test_a_failing_check_is_shown_and_exits_1(wrong_backend, capsys):

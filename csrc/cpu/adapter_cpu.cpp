@@ -400,13 +400,15 @@ HAMUR_ROW_PASS void infer_rows(const CellShape& shape, const Rows& rows, const F
 }
 
 // ------------------------------------------------------------------------------------ statistics
-// Per-group mean and normalising variance of o's rows: two passes over o (no E[o^2] - E[o]^2
-// cancellation), accumulated in double per chunk. Empty groups get mean 0, var 0.
+// Per-group mean and M2 (sum of squared deviations) of o's rows, in double: two passes over o (no
+// E[o^2] - E[o]^2 cancellation), accumulated per chunk. Empty groups get mean 0, M2 0.
 template <typename T>
-void batch_statistics(const T* o, const Rows& rows, int64_t batch, int64_t width, int64_t groups,
-                      const std::vector<int64_t>& count, T* mean, T* var) {
+void batch_moments(const T* o, const Rows& rows, int64_t batch, int64_t width, int64_t groups,
+                   const std::vector<int64_t>& count, std::vector<double>& mean_acc, std::vector<double>& sq_acc) {
   const int64_t chunks = num_chunks(batch), n = groups * width;
-  std::vector<double> partial(chunks * n, 0.0), mean_acc(n, 0.0), sq_acc(n, 0.0);
+  std::vector<double> partial(chunks * n, 0.0);
+  mean_acc.assign(n, 0.0);
+  sq_acc.assign(n, 0.0);
   auto reduce_partials = [&](std::vector<double>& total) {
     for (int64_t c = 0; c < chunks; ++c)
       for (int64_t j = 0; j < n; ++j) total[j] += partial[c * n + j];
@@ -439,6 +441,14 @@ void batch_statistics(const T* o, const Rows& rows, int64_t batch, int64_t width
     }
   });
   reduce_partials(sq_acc);
+}
+
+// Per-group mean and normalising variance of o's rows (batch_moments). Empty groups get mean 0, var 0.
+template <typename T>
+void batch_statistics(const T* o, const Rows& rows, int64_t batch, int64_t width, int64_t groups,
+                      const std::vector<int64_t>& count, T* mean, T* var) {
+  std::vector<double> mean_acc, sq_acc;
+  batch_moments(o, rows, batch, width, groups, count, mean_acc, sq_acc);
   for (int64_t g = 0; g < groups; ++g) {
     // Paper mode normalises with the biased variance, released mode with the unbiased one (torch.var).
     const int64_t denominator = rows.per_domain ? std::max<int64_t>(count[g], 1) : std::max<int64_t>(count[g] - 1, 1);
@@ -642,6 +652,31 @@ struct NormGrad {
   }
 };
 
+// The per-group terms of grad_o from the group sums of gy and gy * xhat (G, h): this rank's, or, in a
+// data-parallel step, every rank's (with the global count). unbiased: the variance divides by n - 1.
+template <typename T, typename S>
+NormGrad<T> norm_grad_terms(const S* sum_gy, const S* sum_gy_xhat, int64_t groups, int64_t width, const T* weight,
+                            const T* mean, const T* rstd, const T* count, bool batch_stats, bool unbiased) {
+  const int64_t n = groups * width;
+  NormGrad<T> out{std::vector<T>(n), std::vector<T>(n), std::vector<T>(n), std::vector<T>(n, T(0)),
+                  std::vector<T>(n, T(0)), mean, rstd};
+  for (int64_t g = 0; g < groups; ++g) {
+    const double rows_in_group = count[g];
+    const double var_denominator = unbiased ? std::max(rows_in_group - 1, 1.0) : std::max(rows_in_group, 1.0);
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t i = g * width + j;
+      out.grad_bias[i] = static_cast<T>(sum_gy[i]);
+      out.grad_weight[i] = static_cast<T>(sum_gy_xhat[i]);
+      out.gain[i] = weight[i] * rstd[i];
+      if (batch_stats && rows_in_group > 0) {
+        out.mean_gy[i] = static_cast<T>(sum_gy[i] / rows_in_group);
+        out.xhat_coef[i] = static_cast<T>(sum_gy_xhat[i] / var_denominator);
+      }
+    }
+  }
+  return out;
+}
+
 // gy row i is gy + gy_order[i] * width (gy_order null: row i), o and `rows` are indexed by i.
 template <typename T>
 NormGrad<T> norm_grad(const T* gy, const int64_t* gy_order, const T* o, const Rows& rows, int64_t batch,
@@ -666,28 +701,11 @@ NormGrad<T> norm_grad(const T* gy, const int64_t* gy_order, const T* o, const Ro
       }
     }
   });
-  NormGrad<T> out{std::vector<T>(n), std::vector<T>(n), std::vector<T>(n), std::vector<T>(n, T(0)),
-                  std::vector<T>(n, T(0)), mean, rstd};
-  for (int64_t g = 0; g < groups; ++g) {
-    const double rows_in_group = count[g];
-    const double var_denominator = rows.per_domain ? std::max(rows_in_group, 1.0) : std::max(rows_in_group - 1, 1.0);
-    for (int64_t j = 0; j < width; ++j) {
-      const int64_t i = g * width + j;
-      double sum_gy = 0, sum_gy_xhat = 0;
-      for (int64_t c = 0; c < chunks; ++c) {
-        sum_gy += partial[c * 2 * n + i];
-        sum_gy_xhat += partial[c * 2 * n + n + i];
-      }
-      out.grad_bias[i] = static_cast<T>(sum_gy);
-      out.grad_weight[i] = static_cast<T>(sum_gy_xhat);
-      out.gain[i] = weight[i] * rstd[i];
-      if (batch_stats && rows_in_group > 0) {
-        out.mean_gy[i] = static_cast<T>(sum_gy / rows_in_group);
-        out.xhat_coef[i] = static_cast<T>(sum_gy_xhat / var_denominator);
-      }
-    }
-  }
-  return out;
+  std::vector<double> sums(2 * n, 0.0);  // sum(gy) then sum(gy * xhat)
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t i = 0; i < 2 * n; ++i) sums[i] += partial[c * 2 * n + i];
+  return norm_grad_terms<T>(sums.data(), sums.data() + n, groups, width, weight, mean, rstd, count, batch_stats,
+                            /*unbiased=*/!rows.per_domain);
 }
 
 template <typename T>
@@ -723,6 +741,81 @@ std::tuple<Tensor, Tensor, Tensor> domain_norm_backward_cpu(const Tensor& grad_y
     grad_bias = to_tensor(ng.grad_bias, weight.sizes(), o.options());
   });
   return {grad_o, grad_weight, grad_bias};
+}
+
+// The split passes of DomainNorm that a data-parallel step runs with a collective between them
+// (hamur_fast/distributed/statistics.py): this rank's per-group (count, mean, M2), the normalisation with
+// given (global) mean and rstd, and the input gradient from given count and group sums. The group sums are
+// compiled_norm_backward's weight and bias gradients.
+std::tuple<Tensor, Tensor, Tensor> domain_norm_statistics_cpu(const Tensor& o_in, const Tensor& domain_in,
+                                                              int64_t num_groups, bool per_domain) {
+  check_cpu_inputs(o_in, domain_in);
+  TORCH_CHECK(num_groups >= 1, "num_groups must be >= 1, got ", num_groups);
+  const Tensor o = o_in.contiguous(), domain = domain_in.contiguous();
+  const int64_t batch = o.size(0), width = o.size(1), groups = per_domain ? num_groups : 1;
+  const Rows rows{domain.data_ptr<int64_t>(), per_domain};
+  const std::vector<int64_t> counts = count_rows(rows, batch, groups);
+  Tensor count = at::empty({groups}, o.options());
+  Tensor mean = at::empty({groups, width}, o.options()), m2 = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "domain_norm_statistics_cpu", [&] {
+    std::vector<double> mean_acc, sq_acc;
+    batch_moments(o.data_ptr<scalar_t>(), rows, batch, width, groups, counts, mean_acc, sq_acc);
+    for (int64_t g = 0; g < groups; ++g) count.data_ptr<scalar_t>()[g] = static_cast<scalar_t>(counts[g]);
+    std::copy(mean_acc.begin(), mean_acc.end(), mean.data_ptr<scalar_t>());
+    std::copy(sq_acc.begin(), sq_acc.end(), m2.data_ptr<scalar_t>());
+  });
+  return {count, mean, m2};
+}
+
+Tensor domain_norm_normalise_cpu(const Tensor& o_in, const Tensor& domain_in, const Tensor& weight_in,
+                                 const Tensor& bias_in, const Tensor& mean_in, const Tensor& rstd_in, bool per_domain) {
+  check_cpu_inputs(o_in, domain_in);
+  const Tensor o = o_in.contiguous(), domain = domain_in.contiguous();
+  const Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
+  const Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  const int64_t batch = o.size(0), width = o.size(1), groups = mean.size(0);
+  for (const Tensor* t : {&weight, &bias, &mean, &rstd})
+    TORCH_CHECK(t->numel() == groups * width && t->scalar_type() == o.scalar_type(),
+                "compiled_norm_normalise: every per-group table must be (G, h) in o's dtype");
+  const Rows rows{domain.data_ptr<int64_t>(), per_domain};
+  check_groups(rows, batch, groups);
+  Tensor y = at::empty_like(o);
+  AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "domain_norm_normalise_cpu", [&] {
+    normalise_rows<scalar_t>(o.data_ptr<scalar_t>(), nullptr, nullptr, rows, batch, width, weight, bias, mean, rstd,
+                             y.data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+Tensor domain_norm_input_grad_cpu(const Tensor& grad_y_in, const Tensor& o_in, const Tensor& domain_in,
+                                  const Tensor& weight_in, const Tensor& mean_in, const Tensor& rstd_in,
+                                  const Tensor& count_in, const Tensor& sum_dy_in, const Tensor& sum_dy_xhat_in,
+                                  bool per_domain, bool unbiased) {
+  check_cpu_inputs(o_in, domain_in);
+  const Tensor gy = grad_y_in.contiguous(), o = o_in.contiguous(), domain = domain_in.contiguous();
+  const Tensor weight = weight_in.contiguous(), mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  const Tensor count = count_in.contiguous(), sum_dy = sum_dy_in.contiguous(), sum_dy_xhat = sum_dy_xhat_in.contiguous();
+  const int64_t batch = o.size(0), width = o.size(1), groups = mean.size(0);
+  for (const Tensor* t : {&weight, &rstd, &sum_dy, &sum_dy_xhat})
+    TORCH_CHECK(t->numel() == groups * width && t->scalar_type() == o.scalar_type(),
+                "compiled_norm_input_grad: every per-group table must be (G, h) in o's dtype");
+  TORCH_CHECK(count.numel() == groups && count.scalar_type() == o.scalar_type(), "count must be (G,) in o's dtype");
+  const Rows rows{domain.data_ptr<int64_t>(), per_domain};
+  check_groups(rows, batch, groups);
+  Tensor grad_o = at::empty_like(o);
+  AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "domain_norm_input_grad_cpu", [&] {
+    const NormGrad<scalar_t> ng = norm_grad_terms<scalar_t>(
+        sum_dy.data_ptr<scalar_t>(), sum_dy_xhat.data_ptr<scalar_t>(), groups, width, weight.data_ptr<scalar_t>(),
+        mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), count.data_ptr<scalar_t>(), /*batch_stats=*/true,
+        unbiased);
+    const scalar_t *gy_p = gy.data_ptr<scalar_t>(), *o_p = o.data_ptr<scalar_t>();
+    scalar_t* grad_o_p = grad_o.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
+      for (int64_t b = first; b < end; ++b)
+        ng.grad_o_row(rows.group(b), width, gy_p + b * width, o_p + b * width, grad_o_p + b * width);
+    });
+  });
+  return grad_o;
 }
 
 // Backward of the rank-k core for one row (hidden as saved by forward). From grad_r = d loss / d r it
@@ -868,6 +961,9 @@ TORCH_LIBRARY_IMPL(hamur_fast, CPU, m) {
   m.impl("compiled_cell_infer", &adapter_infer_cpu);
   m.impl("compiled_norm_forward", &domain_norm_forward_cpu);
   m.impl("compiled_norm_backward", &domain_norm_backward_cpu);
+  m.impl("compiled_norm_statistics", &domain_norm_statistics_cpu);
+  m.impl("compiled_norm_normalise", &domain_norm_normalise_cpu);
+  m.impl("compiled_norm_input_grad", &domain_norm_input_grad_cpu);
 }
 
 }  // namespace hamur_fast

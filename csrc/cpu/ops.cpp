@@ -59,4 +59,18 @@ TORCH_LIBRARY(hamur_fast, m) {
       "compiled_norm_backward(Tensor grad_y, Tensor o, Tensor domain, Tensor weight, Tensor mean, "
       "Tensor rstd, Tensor count, bool per_domain, bool batch_stats) -> "
       "(Tensor grad_o, Tensor grad_weight, Tensor grad_bias)");
+  // The split passes a data-parallel step runs with collectives between them: this rank's per-group
+  // (count, mean, M2); the normalisation with given (every rank's) mean and rstd; the input gradient from
+  // given count and group sums of grad_y and grad_y * xhat (the sums: compiled_norm_backward's weight and
+  // bias gradients).
+  m.def(
+      "compiled_norm_statistics(Tensor o, Tensor domain, int num_groups, bool per_domain) -> "
+      "(Tensor count, Tensor mean, Tensor m2)");
+  m.def(
+      "compiled_norm_normalise(Tensor o, Tensor domain, Tensor weight, Tensor bias, Tensor mean, Tensor rstd, "
+      "bool per_domain) -> Tensor y");
+  m.def(
+      "compiled_norm_input_grad(Tensor grad_y, Tensor o, Tensor domain, Tensor weight, Tensor mean, "
+      "Tensor rstd, Tensor count, Tensor sum_dy, Tensor sum_dy_xhat, bool per_domain, bool unbiased) -> "
+      "Tensor grad_o");
 }

@@ -6,7 +6,7 @@
 """
 from . import runtime
 from .runtime import DistributedContext, launch_with_torchrun, launched_by_torchrun, start, stop
-from .statistics import SyncBatchNorm1d, convert_batch_norms, global_moments, merge_moments, synchronised
+from .statistics import SyncBatchNorm1d, convert_batch_norms, merge_moments, synchronised, synchronised_norm
 
 __all__ = ["DistributedContext", "start", "stop", "launch_with_torchrun", "launched_by_torchrun", "SyncBatchNorm1d",
-           "convert_batch_norms", "global_moments", "merge_moments", "synchronised"]
+           "convert_batch_norms", "merge_moments", "synchronised", "synchronised_norm"]

@@ -4,19 +4,18 @@
 argument and the offending value before any compute), turn (mode, training, running statistics) into one
 :class:`~hamur_fast.ops.contract.Plan`, pick a backend whose capabilities cover the call
 (:func:`~hamur_fast.ops.registry.resolve`), run it, and update the running statistics from the per-domain
-(count, mean, M2) the backend returns. The contract every backend follows: :mod:`hamur_fast.ops.contract`;
-the backends: :mod:`hamur_fast.ops.backends`.
+(count, mean, M2) the backend returns. While a data-parallel step synchronises batch statistics
+(:func:`hamur_fast.distributed.synchronised`), the same backend runs as split passes with the collectives
+between them (:mod:`hamur_fast.distributed.statistics`). The contract every backend follows:
+:mod:`hamur_fast.ops.contract`; the backends: :mod:`hamur_fast.ops.backends`.
 """
 from __future__ import annotations
-
-import torch
 
 from .. import _checks
 from . import backends, grouped_linear  # noqa: F401  (registers every backend this installation offers)
 from .contract import Backend, Capabilities, GroupStats, Plan, check_mode, make_plan, update_running_stats
 from .registry import available_backends, register_backend, resolve
 from ..distributed import statistics as _statistics
-from .backends.torch import adapter_projection
 
 __all__ = ["hyper_adapter", "hyper_adapter_generated", "domain_norm", "available_backends", "register_backend",
            "Backend", "Capabilities", "GroupStats", "Plan"]
@@ -58,10 +57,11 @@ def domain_norm(o, domain, weight, bias, running_mean=None, running_var=None, *,
     _checks.check_domain(domain, batch, param_domains if mode == "paper" else num_domains)
     _checks.check_same_device(o=o, domain=domain, weight=weight)
     plan = make_plan(mode, training, running_mean is not None, momentum, eps)
-    group = _statistics.active_group()
-    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged
-        return _statistics.domain_norm(o, domain.long(), weight, bias, running_mean, running_var, plan, group)
     impl = resolve(backend, o.device, o.dtype)
+    group = _statistics.active_group()
+    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged between passes
+        return _statistics.domain_norm(o, domain.long(), weight, bias, running_mean, running_var, plan,
+                                       impl.norm_passes, group)
     y, stats = impl.domain_norm(o, domain.long(), weight, bias, running_mean, running_var, plan)
     if plan.update_running:
         update_running_stats(running_mean, running_var, stats, plan.momentum)
@@ -88,10 +88,8 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
     plan = make_plan(mode, training, running_mean is not None, momentum, eps)
     impl = resolve(backend, x.device, x.dtype, width=width, rank=rank, bottleneck=bottleneck)
     group = _statistics.active_group()
-    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged
-        o = adapter_projection(x, rep, domain.long(), down_left, down_right, down_bias, up_left, up_right, up_bias)
-        return x + _statistics.domain_norm(o, domain.long(), norm_weight, norm_bias, running_mean, running_var,
-                                           plan, group)
+    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged between passes
+        return _statistics.hyper_adapter(x, rep, domain.long(), params, running_mean, running_var, plan, impl, group)
     y, stats = impl.hyper_adapter(x, rep, domain.long(), params, running_mean, running_var, plan)
     if plan.update_running:
         update_running_stats(running_mean, running_var, stats, plan.momentum)

@@ -16,7 +16,33 @@ Backend functions (arguments already validated, ``domain`` int64; ``params`` is 
 ``running_mean`` / ``running_var`` are read only when ``plan.statistics == "running"``. ``stats`` is the
 :class:`GroupStats` of the batch when ``plan.statistics == "batch"``, else None. Statistics are returned
 as (count, mean, M2): the form Chan's parallel formula merges exactly, which is what a cross-process
-collective will exchange between a backend's statistics pass and its normalise pass.
+collective exchanges between a backend's statistics pass and its normalise pass.
+
+The split passes of a batch-statistics normalisation (:class:`NormPasses`, ``Backend.norm_passes``): what a
+data-parallel step runs with a collective between them (:mod:`hamur_fast.distributed.statistics`: statistics
+-> all_gather + Chan merge -> normalise; grad_sums -> all_reduce -> input_grad). ``groups`` is the (B,) int64
+statistics group of each row (paper mode: the domain), or None for one group of all rows (released mode,
+BatchNorm); the per-group tables are (G, h) (released mode's (h,) weight is passed as (1, h)); statistics come
+in the backend's compute dtype (float32 for Triton), and the given ones are handed back in that dtype::
+
+    statistics(o, groups, num_groups)                             -> GroupStats of this process's rows
+    normalise(o, groups, weight, bias, mean, rstd)                -> y = weight[g] (o - mean[g]) rstd[g] + bias[g]
+    grad_sums(dy, o, groups, mean, rstd, num_groups)              -> (sum_dy, sum_dy_xhat), each (G, h)
+    input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, unbiased) -> do
+        do = rstd w (dy - sum_dy / n - xhat sum_dy_xhat / n_var), n = count[g], n_var = n or max(n - 1, 1)
+
+None of them records autograd history; the weight and bias gradients are the (local) ``grad_sums``.
+
+A backend whose adapter cell fuses its normalisation may split the cell at the same seams (:class:`CellPasses`,
+``Backend.cell_passes``; ``params`` as above, ``saved`` whatever tensors the backend's later passes need).
+Without them a data-parallel step runs the projection by autograd over torch ops and then the backend's
+``norm_passes``::
+
+    project(x, rep, domain, params)                                  -> (GroupStats of o, saved)
+    normalise(x, domain, params, saved, mean, rstd)                  -> y = x + nw[g] (o - mean[g]) rstd[g] + nb[g]
+    grad_sums(dy, domain, params, saved, mean, rstd)                 -> (sum_dy, sum_dy_xhat), each (G, h)
+    input_grads(dy, x, rep, domain, params, saved, count, mean, rstd, sum_dy, sum_dy_xhat, unbiased)
+                                                                     -> (dx, drep, and the six factors' gradients)
 
 One vocabulary, shared by every backend, its kernels and its saved tensors (SPEC sections 2 and 3; row
 b, domain d = domain[b], statistics group g = d in paper mode and g = 0 in released mode, I_b = rep[b]):
@@ -56,6 +82,8 @@ compiled_cell_backward         csrc/cpu/ops.cpp          the ten input gradients
 compiled_cell_infer            csrc/cpu/ops.cpp          y (eval with running statistics, no autograd)
 compiled_norm_forward          csrc/cpu/ops.cpp          y, mean, rstd, var, count
 compiled_norm_backward         csrc/cpu/ops.cpp          grad o, grad weight, grad bias
+compiled_norm_statistics       csrc/cpu/ops.cpp          count, mean, m2 (the statistics pass)
+compiled_norm_input_grad       csrc/cpu/ops.cpp          grad o from given count and group sums
 triton_grouped_linear_forward  ops/grouped_linear.py     out (the grouped per-domain linear op, any D)
 triton_grouped_linear_backward ops/grouped_linear.py     grad x, grad weight, grad bias
 triton_generated_cell_forward  ops/backends/              y, q, v, order, count, mean, m2, rstd (fusion level 2:
@@ -178,10 +206,31 @@ class Capabilities:
         return None
 
 
+class NormPasses(NamedTuple):
+    """The split passes of a batch-statistics normalisation (signatures: the module docstring)."""
+
+    statistics: Callable
+    normalise: Callable
+    grad_sums: Callable
+    input_grad: Callable
+
+
+class CellPasses(NamedTuple):
+    """The adapter cell split at its normalisation (signatures: the module docstring)."""
+
+    project: Callable
+    normalise: Callable
+    grad_sums: Callable
+    input_grads: Callable
+
+
 @dataclass(frozen=True)
 class Backend:
     """One implementation of the two ops, and what it can do.
 
+    ``norm_passes``: the backend's normalisation as split passes (:class:`NormPasses`), run with a collective
+    between them while batch statistics are synchronised across processes; ``cell_passes``, when not None, the
+    adapter cell split the same way (else such a step projects by torch ops and normalises by ``norm_passes``).
     ``hyper_adapter_all_towers(x (T, B, h), rep, params, eps) -> (T, B, h)``, when not None, runs the
     released-mode cell on T towers' outputs at once (each normalised over its own whole batch).
     """
@@ -190,5 +239,7 @@ class Backend:
     hyper_adapter: Callable
     domain_norm: Callable
     capabilities: Capabilities
+    norm_passes: NormPasses
+    cell_passes: CellPasses | None = None
     hyper_adapter_all_towers: Callable | None = None
     generated_cell: Callable | None = None  # fusion level 2, see the module docstring

@@ -8,16 +8,24 @@ when the extension was not built; :mod:`hamur_fast.ops` then carries on without 
 
 The kernels compute in float32 or float64 (float64 stays float64); half-precision inputs are computed in
 float32 and cast back. They return the variance they normalised with; the contract's M2 is derived here.
+The split passes of a data-parallel step (contract: NormPasses) are compiled_norm_statistics,
+compiled_norm_normalise, the group sums of compiled_norm_backward and compiled_norm_input_grad.
 """
 from __future__ import annotations
 
 import torch
 
 from ... import _C  # noqa: F401  (registers torch.ops.hamur_fast.compiled_*)
-from ..contract import FLOAT_DTYPES, Backend, Capabilities, GroupStats
+from ..contract import FLOAT_DTYPES, Backend, Capabilities, GroupStats, NormPasses
 from ..registry import record_unavailable, register_backend
+from . import torch as torch_backend
 
 ops = torch.ops.hamur_fast
+_stale = [name for name in ("compiled_norm_statistics", "compiled_norm_normalise", "compiled_norm_input_grad")
+          if not hasattr(ops, name)]
+if _stale:  # an extension built from older sources: say so (doctor shows it) rather than fail at import
+    raise ImportError(f"hamur_fast._C is older than its sources (no {', '.join(_stale)}): rebuild it with "
+                      "pip install --no-build-isolation -e .", name="hamur_fast._C")
 
 # "auto" ranks (lower wins; "torch" is 100, "triton" 10 on CUDA). On the CPU "cpu" is picked because
 # benchmarks/bench_layers.py measured it faster than "torch" (benchmarks/RESULTS.md). "cuda" is chosen by
@@ -71,6 +79,22 @@ def _domain_norm_forward_fake(o, domain, weight, bias, stat_mean, stat_var, per_
 @torch.library.register_fake("hamur_fast::compiled_norm_backward")
 def _domain_norm_backward_fake(grad_y, o, domain, weight, mean, rstd, count, per_domain, batch_stats):
     return torch.empty_like(o), torch.empty_like(weight), torch.empty_like(weight)
+
+
+@torch.library.register_fake("hamur_fast::compiled_norm_statistics")
+def _norm_statistics_fake(o, domain, num_groups, per_domain):
+    groups = num_groups if per_domain else 1
+    return o.new_empty((groups,)), o.new_empty((groups, o.shape[1])), o.new_empty((groups, o.shape[1]))
+
+
+@torch.library.register_fake("hamur_fast::compiled_norm_normalise")
+def _norm_normalise_fake(o, domain, weight, bias, mean, rstd, per_domain):
+    return torch.empty_like(o)
+
+
+@torch.library.register_fake("hamur_fast::compiled_norm_input_grad")
+def _norm_input_grad_fake(grad_y, o, domain, weight, mean, rstd, count, sum_dy, sum_dy_xhat, per_domain, unbiased):
+    return torch.empty_like(o)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -160,17 +184,65 @@ def domain_norm(o, domain, weight, bias, running_mean, running_var, plan):
     return y.to(o.dtype), _group_stats(plan, mean, var, count)
 
 
+# ----------------------------------------------------------------------------- the split passes (contract: NormPasses)
+# The CPU kernels: compiled_norm_statistics, compiled_norm_normalise, the group sums of compiled_norm_backward
+# (its weight and bias gradients, with batch_stats off its grad o is a by-product), compiled_norm_input_grad.
+# groups None (one group of all rows) is per_domain=False with any ids: the kernels then never read them.
+def _split_rows(o, groups):
+    """(o in the compute dtype, the int64 ids the kernels take, per_domain)."""
+    o_c = o.to(_compute_dtype(o.dtype))
+    if groups is None:
+        return o_c, torch.zeros(o.shape[0], dtype=torch.long, device=o.device), False
+    return o_c, groups, True
+
+
+def group_statistics(o, groups, num_groups) -> GroupStats:
+    o_c, ids, per_domain = _split_rows(o, groups)
+    return GroupStats(*ops.compiled_norm_statistics(o_c, ids, num_groups, per_domain))
+
+
+def normalise(o, groups, weight, bias, mean, rstd):
+    o_c, ids, per_domain = _split_rows(o, groups)
+    dtype = o_c.dtype
+    return ops.compiled_norm_normalise(o_c, ids, weight.to(dtype), bias.to(dtype), mean.to(dtype), rstd.to(dtype),
+                                      per_domain).to(o.dtype)
+
+
+def grad_sums(dy, o, groups, mean, rstd, num_groups):
+    o_c, ids, per_domain = _split_rows(o, groups)
+    dtype = o_c.dtype
+    ones = torch.ones_like(mean, dtype=dtype)  # weight and count only shape the grad o this pass drops
+    _grad_o, sum_dy_xhat, sum_dy = ops.compiled_norm_backward(dy.to(dtype), o_c, ids, ones, mean.to(dtype),
+                                                              rstd.to(dtype), o_c.new_zeros(mean.shape[0]),
+                                                              per_domain, False)
+    return sum_dy, sum_dy_xhat
+
+
+def input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, unbiased):
+    o_c, ids, per_domain = _split_rows(o, groups)
+    dtype = o_c.dtype
+    tables = (t.to(dtype) for t in (weight, mean, rstd, count, sum_dy, sum_dy_xhat))
+    return ops.compiled_norm_input_grad(dy.to(dtype), o_c, ids, *tables, per_domain, unbiased).to(o.dtype)
+
+
+NORM_PASSES = NormPasses(group_statistics, normalise, grad_sums, input_grad)
+
+
 def _capabilities(device_type: str, auto_rank: dict) -> Capabilities:
     return Capabilities(devices=frozenset({device_type}), dtypes=FLOAT_DTYPES, auto_rank=auto_rank, fused_cell=True,
                         self_check=True)
 
 
 if has_kernel("CPU"):
-    register_backend(Backend("cpu", hyper_adapter, domain_norm, _capabilities("cpu", {"cpu": CPU_AUTO_RANK})))
+    register_backend(Backend("cpu", hyper_adapter, domain_norm, _capabilities("cpu", {"cpu": CPU_AUTO_RANK}),
+                             norm_passes=NORM_PASSES))
 else:
     record_unavailable("cpu", "the extension hamur_fast._C was built without its CPU kernels")
 if has_kernel("CUDA"):
-    register_backend(Backend("cuda", hyper_adapter, domain_norm, _capabilities("cuda", {})))
+    # The split passes have CPU kernels only: on CUDA this backend's data-parallel normalisation runs the torch
+    # backend's passes (between the same collectives).
+    register_backend(Backend("cuda", hyper_adapter, domain_norm, _capabilities("cuda", {}),
+                             norm_passes=torch_backend.NORM_PASSES))
 else:
     record_unavailable("cuda", "the extension hamur_fast._C was built without CUDA kernels (no CUDA torch or no "
                                "matching nvcc at build time)")

@@ -11,6 +11,7 @@ import torch
 
 from ..contract import FLOAT_DTYPES, Backend, Capabilities, GroupStats
 from ..registry import register_backend
+from .torch import NORM_PASSES
 
 
 def _per_row(param: torch.Tensor, domain: torch.Tensor, released: bool) -> torch.Tensor:
@@ -73,8 +74,9 @@ def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan):
     return x + normed, stats
 
 
+# The oracle has no split of its own: a data-parallel step on it runs the torch backend's passes.
 register_backend(Backend("reference", hyper_adapter, domain_norm,
-                         Capabilities(devices=frozenset({"cpu", "cuda"}), dtypes=FLOAT_DTYPES)))
+                         Capabilities(devices=frozenset({"cpu", "cuda"}), dtypes=FLOAT_DTYPES), norm_passes=NORM_PASSES))
 
 
 def hyper_adapter_generated(x, g, domain, gen, params, running_mean, running_var, plan, training):

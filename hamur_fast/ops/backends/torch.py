@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import grouped_linear
-from ..contract import FLOAT_DTYPES, Backend, Capabilities, GroupStats
+from ..contract import FLOAT_DTYPES, Backend, Capabilities, GroupStats, NormPasses
 from ..registry import register_backend
 
 
@@ -78,6 +78,57 @@ def domain_norm(o, domain, weight, bias, running_mean, running_var, plan):
     return torch.where(valid.unsqueeze(1), out, float("nan")), stats
 
 
+# ----------------------------------------------------------------------------- the split passes
+# DomainNorm as separate passes (contract: NormPasses), so that a collective can sit between them. groups None is
+# one group of all rows; an id outside [0, G) joins no statistic or sum and its row comes out NaN.
+def _rows_of(groups, num_groups, o):
+    """(group of each row, safe to index with; which rows are valid, or None when all are)."""
+    if groups is None:
+        return o.new_zeros(o.shape[0], dtype=torch.long), None
+    return ids_in_range(groups, num_groups)
+
+
+def _nan_invalid(out, valid):
+    return out if valid is None else torch.where(valid.unsqueeze(1), out, float("nan"))
+
+
+@torch.no_grad()
+def group_statistics(o, groups, num_groups) -> GroupStats:
+    rows, valid = _rows_of(groups, num_groups, o)
+    count, mean, m2, _ = domain_statistics(o, rows, num_groups, torch.ones_like(rows, dtype=torch.bool)
+                                           if valid is None else valid)
+    return GroupStats(count, mean, m2)
+
+
+@torch.no_grad()
+def normalise(o, groups, weight, bias, mean, rstd):
+    rows, valid = _rows_of(groups, mean.shape[0], o)
+    return _nan_invalid(torch.addcmul(bias[rows], o - mean[rows], (weight * rstd)[rows]), valid)
+
+
+@torch.no_grad()
+def grad_sums(dy, o, groups, mean, rstd, num_groups):
+    rows, valid = _rows_of(groups, num_groups, o)
+    if valid is not None:
+        dy = torch.where(valid.unsqueeze(1), dy, 0.0)
+    dy_xhat = dy * (o - mean[rows]) * rstd[rows]
+    sums = dy.new_zeros(2, num_groups, o.shape[1])
+    return sums[0].index_add_(0, rows, dy), sums[1].index_add_(0, rows, dy_xhat)
+
+
+@torch.no_grad()
+def input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, unbiased):
+    rows, valid = _rows_of(groups, mean.shape[0], o)
+    n = count.clamp(min=1).unsqueeze(1)
+    n_var = (count - 1).clamp(min=1).unsqueeze(1) if unbiased else n
+    xhat = (o - mean[rows]) * rstd[rows]
+    out = (weight * rstd)[rows] * (dy - (sum_dy / n)[rows] - xhat * (sum_dy_xhat / n_var)[rows])
+    return _nan_invalid(out, valid)
+
+
+NORM_PASSES = NormPasses(group_statistics, normalise, grad_sums, input_grad)
+
+
 def adapter_projection(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias):
     """The cell before normalisation: o = ((sigmoid(((x U) I) V + b) U') I) V' + b'."""
     def low_rank(v, left, right):  # ((v left) I) right, right-to-left through the rank-k space
@@ -118,4 +169,4 @@ register_backend(Backend(
     # meta: a model built there runs shape-only (FLOP and memory counts of the GPU path without a GPU)
     Capabilities(devices=frozenset({"cpu", "cuda", "meta"}), dtypes=FLOAT_DTYPES,
                  auto_rank={"cpu": 100, "cuda": 100, "meta": 100}),
-    hyper_adapter_all_towers=released_cell_all_towers))
+    norm_passes=NORM_PASSES, hyper_adapter_all_towers=released_cell_all_towers))

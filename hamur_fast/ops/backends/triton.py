@@ -3,7 +3,8 @@
 The launchers (kernels/adapter_cell.py, kernels/domain_norm.py) do the GPU work; here they become
 ``torch.ops.hamur_fast.triton_*`` operators with fake implementations (so torch.compile and torch.export
 trace them as single ops) and autograd formulas that call the backward launchers. Intermediates and
-operator names: :mod:`hamur_fast.ops.contract`.
+operator names: :mod:`hamur_fast.ops.contract`. The split passes a data-parallel step runs with collectives
+between them (NormPasses, CellPasses) are the same kernels' launchers called one by one.
 
 The kernels compute in float32 (``tl.dot`` in IEEE precision) and store in the input's dtype, so float64 is
 not among the declared dtypes: "auto" sends float64 to a backend that computes in float64, and
@@ -18,7 +19,7 @@ import torch
 
 from ...kernels import adapter_cell as cell_kernels
 from ...kernels import domain_norm as norm_kernels
-from ..contract import Backend, Capabilities, GroupStats
+from ..contract import Backend, Capabilities, CellPasses, GroupStats, NormPasses
 from ..registry import register_backend
 
 # The largest adapter-cell sizes the kernels take within the sm_90 shared-memory limit (232,448 bytes per
@@ -156,8 +157,42 @@ def domain_norm(o, domain, weight, bias, running_mean, running_var, plan):
     return y, (GroupStats(count, mean, m2) if plan.batch_statistics else None)
 
 
+def group_statistics(o, groups, num_groups):
+    return GroupStats(*norm_kernels.group_statistics(o, groups, num_groups))
+
+
+# The split passes are DomainNorm's kernels (kernels/domain_norm.py) launched one by one.
+NORM_PASSES = NormPasses(group_statistics, norm_kernels.normalise, norm_kernels.grad_sums, norm_kernels.input_grad)
+
+# The fused cell's kernels at their seams (kernels/adapter_cell.py): project (with this process's partial
+# statistics, merged locally) | normalise; norm sums | main kernel and the factor gradients. saved = (q, v, order).
+def cell_project(x, rep, domain, params):
+    stats, saved = cell_kernels.cell_statistics(x, rep, domain, params)
+    return GroupStats(*stats), saved
+
+
+def cell_normalise(x, domain, params, saved, mean, rstd):
+    _q, v, order = saved
+    return cell_kernels.cell_normalise(x, domain, params, v, order, mean, rstd)
+
+
+def cell_grad_sums(dy, domain, params, saved, mean, rstd):
+    _q, v, order = saved
+    return cell_kernels.cell_grad_sums(dy, domain, params, v, order, mean, rstd)
+
+
+def cell_input_grads(dy, x, rep, domain, params, saved, count, mean, rstd, sum_dy, sum_dy_xhat, unbiased):
+    per_domain = params[6].dim() == 2
+    if unbiased == per_domain:  # the kernels normalise paper mode with the biased, released with the unbiased
+        raise ValueError(f"the triton cell's {'paper' if per_domain else 'released'} mode takes unbiased={not per_domain}")
+    return cell_kernels.cell_input_grads(dy, x, rep, domain, params, *saved, count, mean, rstd, sum_dy, sum_dy_xhat,
+                                         True)
+
+
+CELL_PASSES = CellPasses(cell_project, cell_normalise, cell_grad_sums, cell_input_grads)
+
 _DEVICES = {"cuda", "cpu"} if os.environ.get("TRITON_INTERPRET") == "1" else {"cuda"}
 register_backend(Backend("triton", hyper_adapter, domain_norm, Capabilities(
     devices=frozenset(_DEVICES), dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
     max_width=MAX_WIDTH, max_rank=MAX_RANK, max_bottleneck=MAX_BOTTLENECK, auto_rank={"cuda": 10},
-    fused_cell=True, self_check=True)))
+    fused_cell=True, self_check=True), norm_passes=NORM_PASSES, cell_passes=CELL_PASSES))
