@@ -12,6 +12,16 @@ released mode (same math as the released code) and paper mode; "+compile" = torc
 "triton" joins on CUDA, and on the CPU only with --interpret (the Triton interpreter: slow, for
 checking the script, not for timing). "GB/s" = SPEC section 6's ideal bytes of fwd+bwd per row,
 4 * (5h + 3k^2), over the measured time, printed next to the device's measured copy bandwidth.
+
+The second table (skip it with --no-generator) times the hyper-network's last layer (Linear(p, k*k) ->
+BatchNorm1d -> ReLU, training mode) together with the cell, paper mode: "level 1 X" = the generator layer
+in eager PyTorch, then backend X's cell on the (B, k, k) matrix it wrote; "level 2 X" =
+hf.ops.hyper_adapter_generated on backend X (triton: I formed in registers; torch and cpu: I materialised
+by one GEMM, then their level-1 cell); "eager gen+cell+compile" = torch.compile of the eager generator and
+the "torch" cell, the baseline of the GPU goal. Beside each time: the level's ideal bytes per step
+(level 1: 4 * (5h + 6k^2 + 3p) per row, I written, read and its gradient written and read; level 2:
+4 * (5h + 4p), g read twice, dg written) and the FLOPs the level computes (level 2 counts the kernels'
+recomputation of I: 7 GEMMs of 2pk^2 per row against 3 at level 1).
 """
 from __future__ import annotations
 
@@ -192,6 +202,90 @@ def print_table(batch, rows, args, copy_gbs):
         print(f"{mode:9} {label:22} {ms:10.3f} {mib:10.1f} {base / ms:8.1f}x {gbs:7.0f} {gbs / copy_gbs:7.0%}")
 
 
+# ----------------------------------------------------------------------------- generator + cell
+def make_generator_inputs(batch, args, device):
+    """Cell inputs (paper mode), the last hidden layer g (B, p) and the generator layer (a Linear + BN)."""
+    x, _, domain, params, stats = make_inputs(batch, args.width, args.rank, args.bottleneck, args.domains,
+                                              "paper", device)
+    g = torch.relu(torch.randn(batch, args.hidden, device=device)).requires_grad_()
+    layer = torch.nn.Sequential(torch.nn.Linear(args.hidden, args.rank ** 2),
+                                torch.nn.BatchNorm1d(args.rank ** 2)).to(device)
+    return x, g, domain, params, stats, layer
+
+
+def level1_step(name):
+    def step(x, g, domain, params, stats, layer):
+        rep = torch.relu(layer(g)).view(g.shape[0], *(2 * [int(round(layer[0].out_features ** 0.5))]))
+        return hf.ops.hyper_adapter(x, rep, domain, *params, *stats, backend=name)
+    return step
+
+
+def level2_step(name):
+    def step(x, g, domain, params, stats, layer):
+        linear, norm = layer
+        return hf.ops.hyper_adapter_generated(x, g, domain, linear.weight, linear.bias, norm.weight, norm.bias,
+                                              norm.running_mean, norm.running_var, *params, *stats, backend=name)
+    return step
+
+
+def generator_providers(compile_too, device):
+    from hamur_fast.ops import generated
+
+    rows = []
+    for name in hf.available_backends():
+        if name == "reference" or not runs_on(name, device):
+            continue
+        rows.append((f"level 1 {name}", level1_step(name), 1))
+        if hf.ops.registry.get_backend(name).generated_cell is None:
+            continue
+        # Costed as level 2 only where I stays out of memory; elsewhere level 2 materialises I (level-1 costs).
+        rows.append((f"level 2 {name}", level2_step(name), 2 if generated.supports_fused_generation(name, device)
+                     else 1))
+    if compile_too:
+        rows.append(("eager gen+cell+compile", torch.compile(level1_step("torch"), dynamic=False), 1))
+    return rows
+
+
+def run_generator_step(fn, inputs):
+    x, g, domain, params, stats, layer = inputs
+    for t in (x, g, *params, *layer.parameters()):
+        t.grad = None
+    fn(*inputs).square().mean().backward()
+
+
+def generator_level_costs(batch, args):
+    """{level: (ideal bytes, FLOPs)} of one fwd+bwd step (see the module docstring)."""
+    h, k, s, p = args.width, args.rank, args.bottleneck, args.hidden
+    cell_flops = 12 * (h * k + k * s + k * k)
+    return {1: (batch * 4 * (5 * h + 6 * k * k + 3 * p), batch * (cell_flops + 3 * 2 * p * k * k)),
+            2: (batch * 4 * (5 * h + 4 * p), batch * (cell_flops + 7 * 2 * p * k * k))}
+
+
+def bench_generator(batch, args, device):
+    inputs = make_generator_inputs(batch, args, device)
+    rows = []
+    for label, fn, level in generator_providers(not args.no_compile, device):
+        for _ in range(2):  # warm-up (and compilation)
+            run_generator_step(fn, inputs)
+        samples, = take_turns([run_generator_step], (fn, inputs), device, args.repeats)
+        rows.append((label, level, statistics.median(samples) * 1e3))
+    return rows
+
+
+def print_generator_table(batch, rows, args):
+    costs = generator_level_costs(batch, args)
+    base = next((ms for label, _, ms in rows if label == "eager gen+cell+compile"), None)
+    print(f"\nB={batch}: generator layer (p={args.hidden}) + cell, paper mode, fwd+bwd, median ms; "
+          f"speed-up vs torch.compile of the eager generator+cell")
+    print(f"{'provider':24} {'ms':>10} {'speed-up':>9} {'level':>5} {'ideal MiB':>10} {'GB/s':>7} {'GFLOP':>7} "
+          f"{'GFLOP/s':>8}")
+    for label, level, ms in rows:
+        nbytes, flops = costs[level]
+        speed = f"{base / ms:8.2f}x" if base else f"{'-':>9}"
+        print(f"{label:24} {ms:10.3f} {speed} {level:>5} {nbytes / 2**20:10.1f} {nbytes / (ms * 1e6):7.1f} "
+              f"{flops / 1e9:7.2f} {flops / (ms * 1e6):8.1f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[4096, 65536])
@@ -199,6 +293,9 @@ def main():
     parser.add_argument("--rank", type=int, default=35)
     parser.add_argument("--bottleneck", type=int, default=32)
     parser.add_argument("--domains", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=64, help="p: width of the hyper-network's last hidden layer")
+    parser.add_argument("--no-generator", action="store_true", help="skip the generator+cell table")
+    parser.add_argument("--no-cell", action="store_true", help="skip the cell-only table")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -212,7 +309,10 @@ def main():
           f"h={args.width} k={args.rank} s={args.bottleneck} D={args.domains}, backends {hf.available_backends()}")
     copy_gbs = copy_bandwidth_gbs(device)
     for batch in args.batch:
-        print_table(batch, bench(batch, args, device), args, copy_gbs)
+        if not args.no_cell:
+            print_table(batch, bench(batch, args, device), args, copy_gbs)
+        if not args.no_generator:
+            print_generator_table(batch, bench_generator(batch, args, device), args)
 
 
 if __name__ == "__main__":

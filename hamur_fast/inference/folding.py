@@ -25,6 +25,7 @@ from torch import nn
 from ..models.backbones import DomainTowers, SharedMLP
 from ..models.blocks import MLP
 from ..nn import DomainNorm, HyperAdapter, HyperNetwork
+from ..ops import generated
 from ..ops.backends.torch import adapter_projection
 from ..ops.registry import resolve
 
@@ -138,6 +139,8 @@ class FoldedHyperAdapter(nn.Module):
         self.register_buffer("up_bias", (cell.up_bias.double() * scale + shift).to(dtype))
 
     def forward(self, x, rep, domain):
+        if isinstance(rep, generated.GeneratedRep):  # fused generation was forced on an eager backend
+            rep = rep.materialise()
         return x + adapter_projection(x, rep, domain, self.down_left, self.down_right, self.down_bias,
                                             self.up_left, self.up_right, self.up_bias)
 

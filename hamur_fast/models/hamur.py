@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..distributed.statistics import active_group
+from ..ops import generated, grouped_linear
 from ..nn import HyperNetwork
 from ..nn.adapter import NORMS, BackendAttribute
 from .backbones import BACKBONES, DEFAULT_TOWER_NORM, TOWER_NORMS, WideDeepBackbone
@@ -34,11 +36,16 @@ class HAMUR(BackendAttribute, MultiDomainModel):
     - ``tower_norm`` (MLP backbone, paper mode): the towers' normalisation, one of ``TOWER_NORMS``
       (see :class:`hamur_fast.models.backbones.DomainTowers`); None = the paper-mode default
       (``DEFAULT_TOWER_NORM``), and released mode always runs "released".
+
+    ``fused_generation`` ("auto", True, False): fusion level 2, the hyper-network's last layer computed
+    inside every adapter cell from the last hidden layer (see ``uses_fused_generation``); parameters,
+    state_dict keys and results do not depend on it.
     """
 
     def __init__(self, input_dim: int, num_domains: int, backbone: str = "mlp", mode: str = "paper",
                  preset: str | None = None, *, use_adapter: bool = True, hyper: str = "dynamic",
-                 norm: str = "domain", tower_norm: str | None = None, backend: str = "auto", **sizes):
+                 norm: str = "domain", tower_norm: str | None = None, backend: str = "auto",
+                 fused_generation: bool | str = "auto", **sizes):
         ops.check_mode(mode)
         super().__init__(input_dim, num_domains)
         _check_ablation(use_adapter, hyper, norm)
@@ -57,6 +64,28 @@ class HAMUR(BackendAttribute, MultiDomainModel):
         # exact zeros), so the static and dynamic variants start from the same kind of matrix.
         self.static_rep = nn.Parameter(torch.randn(num_domains, rank, rank).clamp(min=0)) if static else None
         self.backend = backend
+        self.fused_generation = fused_generation
+
+    @property
+    def fused_generation(self) -> bool | str:
+        """Fusion level 2 (the hyper-network's last layer inside every cell): "auto" (where the backend has a
+        fused level 2: "triton"), True (any backend with level 2; eager ones materialise I) or False (level 1)."""
+        return self._fused_generation
+
+    @fused_generation.setter
+    def fused_generation(self, value: bool | str) -> None:
+        if value not in ("auto", True, False):
+            raise ValueError(f"fused_generation must be 'auto', True or False, got {value!r}")
+        self._fused_generation = value
+
+    def uses_fused_generation(self, device: torch.device) -> bool:
+        if self.hyper is None or not self.hyper.can_generate_in_cells() or self.fused_generation is False:
+            return False
+        if grouped_linear.autocast_dtype(device) is not None:  # meta-safe (meta has no autocast)
+            return False  # the generator's statistics would be taken in the autocast dtype: level 1 there
+        if active_group() is not None:
+            return False  # a data-parallel step merges the generator BatchNorm's statistics over ranks: level 1
+        return self.fused_generation is True or generated.supports_fused_generation(self.backend, device)
 
     def _hyper_input(self, e: torch.Tensor) -> torch.Tensor:
         if isinstance(self.backbone, WideDeepBackbone):
@@ -72,6 +101,8 @@ class HAMUR(BackendAttribute, MultiDomainModel):
         return None
 
     def compute_logits(self, e: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        if self.uses_fused_generation(e.device):
+            return self.backbone(e, domain, self.hyper.generated(self._hyper_input(e)))
         return self.backbone(e, domain, self.representation(e, domain))
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .. import _checks, ops
 from ..distributed.statistics import active_group, batch_norm
+from ..ops import generated
 from ..ops.backends.torch import adapter_projection
 from ..ops.registry import check_backend_name, resolve
 
@@ -141,6 +142,9 @@ class HyperAdapter(BackendAttribute, nn.Module):
                 self.up_bias, self.norm_weight, self.norm_bias)
 
     def forward(self, x: torch.Tensor, rep: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        """``rep`` is I (B, rank, rank), or a ``GeneratedRep`` (fusion level 2: I generated inside the op)."""
+        if isinstance(rep, generated.GeneratedRep):
+            return self._forward_generated(x, rep, domain)
         if self.norm == "domain":
             return ops.hyper_adapter(x, rep, domain, *self.parameters_in_op_order(),
                                      self.running_mean, self.running_var, mode=self.mode,
@@ -149,6 +153,17 @@ class HyperAdapter(BackendAttribute, nn.Module):
         self._check_inputs(x, rep, domain)
         projection = self.parameters_in_op_order()[:6]
         return x + self._normalise(adapter_projection(x, rep, domain, *projection), domain)
+
+    def _forward_generated(self, x, rep, domain):
+        if self.norm != "domain" or rep.rank != self.rank:
+            return self(x, rep.materialise(), domain)  # the ablation norms (or a shape error) at level 1
+        params = self.parameters_in_op_order()
+        stand_in = x.new_zeros(()).expand(x.shape[0], self.rank, self.rank)  # I's shape for the checks, no memory
+        ops.check_cell_args(x, stand_in, domain, params, self.running_mean, self.running_var, self.mode,
+                            self.num_domains)
+        return generated.generated_cell(x, rep, domain, params, self.running_mean, self.running_var,
+                                        mode=self.mode, training=self.training, momentum=self.momentum,
+                                        eps=self.eps, backend=self.backend)
 
     def forward_all_towers(self, x: torch.Tensor, rep: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         """The cell on T towers' outputs x (T, B, width), each normalised over its own whole batch.
@@ -162,6 +177,8 @@ class HyperAdapter(BackendAttribute, nn.Module):
             impl = resolve(self.backend, x.device, x.dtype, self.width, self.rank, self.bottleneck)
         if impl is None or impl.hyper_adapter_all_towers is None:
             return torch.stack([self(tower, rep, domain) for tower in x])
+        if isinstance(rep, generated.GeneratedRep):
+            rep = rep.materialise()
         _checks.check_float("x", x, 3)
         self._check_inputs(x[0], rep, domain)
         return impl.hyper_adapter_all_towers(x, rep, self.parameters_in_op_order(), self.eps)

@@ -6,6 +6,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .. import _checks
+from ..ops import generated
 
 
 class RepeatedUpdateBatchNorm1d(nn.BatchNorm1d):
@@ -52,8 +53,36 @@ class HyperNetwork(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
+        self._check_input(e)
+        return self.net(e).view(-1, self.rank, self.rank)
+
+    def _check_input(self, e: torch.Tensor) -> None:
         _checks.check_float("e", e, 2)
         _checks.check_batch("e", e)
         if e.shape[1] != self.in_features:
             raise ValueError(f"e must have {self.in_features} features, got shape {tuple(e.shape)}")
-        return self.net(e).view(-1, self.rank, self.rank)
+
+    # Fusion level 2: the last layer (Linear, BN, ReLU, Dropout = net[-4:]) runs inside the adapter cells.
+    def can_generate_in_cells(self) -> bool:
+        """False while the last layer's dropout is active (a fused cell applies no dropout) or its BatchNorm
+        keeps a cumulative average (momentum None), which the fused update does not reproduce."""
+        norm = self.net[-3]
+        cumulative = isinstance(norm, nn.BatchNorm1d) and norm.momentum is None
+        return not (self.training and (self.net[-1].p > 0 or cumulative))
+
+    def generated(self, e: torch.Tensor) -> generated.GeneratedRep:
+        """What fused cells need instead of I: the last hidden g, with the last Linear + BN folded into an
+        affine map (:func:`hamur_fast.ops.generated.fold_generator`); advances the BN's running statistics
+        exactly as :meth:`forward` would."""
+        self._check_input(e)
+        linear, norm = self.net[-4], self.net[-3]
+        g = self.net[:-4](e)
+        if isinstance(norm, nn.BatchNorm1d):
+            repeats = getattr(norm, "updates_per_step", 1)
+            gen = generated.Generator(linear.weight, linear.bias, norm.weight, norm.bias, norm.running_mean,
+                                      norm.running_var, norm.momentum, norm.eps, repeats)
+            if self.training and norm.num_batches_tracked is not None:
+                norm.num_batches_tracked.add_(repeats)
+        else:  # the BatchNorm was folded into the Linear for inference (hamur_fast.inference.folding)
+            gen = generated.Generator(linear.weight, linear.bias, None, None, None, None)
+        return generated.fold_generator(g, gen, self.training)

@@ -17,8 +17,8 @@ from .contract import Backend, Capabilities, GroupStats, Plan, check_mode, make_
 from .registry import available_backends, register_backend, resolve
 from ..distributed import statistics as _statistics
 
-__all__ = ["hyper_adapter", "domain_norm", "available_backends", "register_backend", "Backend", "Capabilities",
-           "GroupStats", "Plan"]
+__all__ = ["hyper_adapter", "hyper_adapter_generated", "domain_norm", "available_backends", "register_backend",
+           "Backend", "Capabilities", "GroupStats", "Plan"]
 
 
 def _check_norm_args(o, weight, bias, running_mean, running_var, mode):
@@ -79,6 +79,27 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
     norm_weight / norm_bias / running_mean / running_var (D, h). Returns y (B, h).
     ``num_domains`` bounds the domain ids in released mode, whose parameters have no domain axis.
     """
+    params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
+    if grouped_linear.autocast_dtype(x.device) is not None:  # (meta, where models run shape-only, has no autocast)
+        # Like BatchNorm under autocast, the cell (its normalisation above all) runs in the precision of
+        # its parameters; autocast hands the activations in lower precision, so they are cast up here.
+        x, rep = x.to(down_left.dtype), rep.to(down_left.dtype)
+    width, rank, bottleneck = check_cell_args(x, rep, domain, params, running_mean, running_var, mode, num_domains)
+    plan = make_plan(mode, training, running_mean is not None, momentum, eps)
+    impl = resolve(backend, x.device, x.dtype, width=width, rank=rank, bottleneck=bottleneck)
+    group = _statistics.active_group()
+    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged between passes
+        return _statistics.hyper_adapter(x, rep, domain.long(), params, running_mean, running_var, plan, impl, group)
+    y, stats = impl.hyper_adapter(x, rep, domain.long(), params, running_mean, running_var, plan)
+    if plan.update_running:
+        update_running_stats(running_mean, running_var, stats, plan.momentum)
+    return y
+
+
+def check_cell_args(x, rep, domain, params, running_mean, running_var, mode, num_domains):
+    """Validate the adapter cell's arguments (shapes as in :func:`hyper_adapter`) before any compute;
+    returns (h, k, s)."""
+    down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = params
     check_mode(mode)
     _checks.check_float("x", x, 2)
     batch = _checks.check_batch("x", x)
@@ -102,22 +123,15 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
     for name, (tensor, shape) in expected.items():
         _checks.check_float(name, tensor)
         _checks.check_shape(name, tensor, shape)
-    if grouped_linear.autocast_dtype(x.device) is not None:  # (meta, where models run shape-only, has no autocast)
-        # Like BatchNorm under autocast, the cell (its normalisation above all) runs in the precision of
-        # its parameters; autocast hands the activations in lower precision, so they are cast up here.
-        x, rep = x.to(down_left.dtype), rep.to(down_left.dtype)
     dtypes = {t.dtype for t in (x, rep, down_left, down_right, up_left, up_right)}
     if len(dtypes) > 1:
         raise ValueError(f"x, rep and the factor matrices must share one dtype, got {sorted(map(str, dtypes))}")
     _checks.check_domain(domain, batch, param_domains if mode == "paper" else num_domains)
     _checks.check_same_device(x=x, rep=rep, domain=domain, down_left=down_left)
-    plan = make_plan(mode, training, running_mean is not None, momentum, eps)
-    impl = resolve(backend, x.device, x.dtype, width=width, rank=rank, bottleneck=bottleneck)
-    group = _statistics.active_group()
-    params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
-    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged between passes
-        return _statistics.hyper_adapter(x, rep, domain.long(), params, running_mean, running_var, plan, impl, group)
-    y, stats = impl.hyper_adapter(x, rep, domain.long(), params, running_mean, running_var, plan)
-    if plan.update_running:
-        update_running_stats(running_mean, running_var, stats, plan.momentum)
-    return y
+    return width, rank, bottleneck
+
+
+from . import generated  # noqa: E402  (level 2 builds on the checks above and on the registered backends)
+
+generated.register_materialising_backends()
+hyper_adapter_generated = generated.hyper_adapter_generated

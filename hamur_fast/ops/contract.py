@@ -86,7 +86,16 @@ compiled_norm_statistics       csrc/cpu/ops.cpp          count, mean, m2 (the st
 compiled_norm_input_grad       csrc/cpu/ops.cpp          grad o from given count and group sums
 triton_grouped_linear_forward  ops/grouped_linear.py     out (the grouped per-domain linear op, any D)
 triton_grouped_linear_backward ops/grouped_linear.py     grad x, grad weight, grad bias
+triton_generated_cell_forward  ops/backends/              y, q, v, order, count, mean, m2, rstd (fusion level 2:
+                               triton_generated.py       I generated from g inside the kernels)
+triton_generated_cell_backward ops/backends/              grads of x, g, centre, W', c' and the eight params
+                               triton_generated.py
 =============================  ========================  ==================================================
+
+Fusion level 2 (:mod:`hamur_fast.ops.generated`): a backend may also offer
+``generated_cell(x, rep: GeneratedRep, domain, params, running_mean, running_var, plan, precision) -> (y, stats)``,
+the cell on ``I = ReLU((g - centre) W'^T + c')`` (the hyper-network's last layer folded by the entry point);
+``Capabilities.fused_generation`` says that it keeps I out of memory.
 """
 from __future__ import annotations
 
@@ -181,6 +190,7 @@ class Capabilities:
     auto_rank: dict = field(default_factory=dict)
     fused_cell: bool = False
     self_check: bool = False
+    fused_generation: bool = False
 
     def limit(self, device: torch.device, dtype: torch.dtype, width: int | None = None, rank: int | None = None,
               bottleneck: int | None = None) -> str | None:
@@ -232,3 +242,4 @@ class Backend:
     norm_passes: NormPasses
     cell_passes: CellPasses | None = None
     hyper_adapter_all_towers: Callable | None = None
+    generated_cell: Callable | None = None  # fusion level 2, see the module docstring

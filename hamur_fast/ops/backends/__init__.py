@@ -23,6 +23,7 @@ _MODULES = {
     "hamur_fast.ops.backends.reference": ((), ()),
     "hamur_fast.ops.backends.torch": ((), ()),
     "hamur_fast.ops.backends.triton": (("triton",), ("triton",)),
+    "hamur_fast.ops.backends.triton_generated": ((), ("triton",)),  # level 2 of "triton"
     "hamur_fast.ops.backends.compiled": (("cpu", "cuda"), ("hamur_fast._C",)),
 }
 

@@ -77,3 +77,25 @@ def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan):
 # The oracle has no split of its own: a data-parallel step on it runs the torch backend's passes.
 register_backend(Backend("reference", hyper_adapter, domain_norm,
                          Capabilities(devices=frozenset({"cpu", "cuda"}), dtypes=FLOAT_DTYPES), norm_passes=NORM_PASSES))
+
+
+def hyper_adapter_generated(x, g, domain, gen, params, running_mean, running_var, plan, training):
+    """Fusion level 2 as the plainest code (the oracle): materialise z = g W^T + c, BatchNorm it over the
+    batch (or with the running statistics), ReLU, reshape to I (B, k, k), then the cell above. The
+    generator's running statistics advance ``gen.updates`` times by the literal update, one after another."""
+    batch = g.shape[0]
+    z = g @ gen.weight.t() + gen.bias
+    if gen.norm_weight is not None:
+        if training or gen.running_mean is None:
+            mean, var = z.mean(dim=0), z.var(dim=0, unbiased=False)
+            if training and gen.running_mean is not None and batch >= 2:
+                with torch.no_grad():
+                    for _ in range(gen.updates):
+                        gen.running_mean.copy_((1 - gen.momentum) * gen.running_mean + gen.momentum * mean)
+                        gen.running_var.copy_((1 - gen.momentum) * gen.running_var
+                                              + gen.momentum * var * batch / (batch - 1))
+        else:
+            mean, var = gen.running_mean, gen.running_var
+        z = (z - mean) / torch.sqrt(var + gen.eps) * gen.norm_weight + gen.norm_bias
+    rank = int(round(z.shape[1] ** 0.5))
+    return hyper_adapter(x, torch.relu(z).view(batch, rank, rank), domain, params, running_mean, running_var, plan)
