@@ -123,6 +123,18 @@ for mode in ("released", "paper"):
         checks.append((">= 40x released einsum", einsum[0] / triton[0] >= 40, f"{einsum[0] / triton[0]:.1f}x"))
     for what, passed, value in checks:
         print(f"  {mode:8} triton {triton[0]:.3f} ms  {what:26} {value:>7}  {'met' if passed else 'NOT met'}")
+# Fusion level 2: the generator+cell table's "level 2 triton" row at B=65536 (speed-up vs torch.compile of the
+# eager generator+cell; goal >= 8x). bench_train.log reports the training-step goals itself.
+batch, generator = None, False
+for line in open(sys.argv[1]):
+    head = re.match(r"B=(\d+): (generator)?", line)
+    if head:
+        batch, generator = int(head.group(1)), bool(head.group(2))
+    row = re.match(r"level 2 triton\s+([\d.]+)\s+([\d.]+)x", line)
+    if row and generator and batch == 65536:
+        speed = float(row.group(2))
+        print(f"  level 2 triton {float(row.group(1)):.3f} ms  generator+cell >= 8x torch.compile "
+              f"{speed:6.1f}x  {'met' if speed >= 8 else 'NOT met'}")
 # bench_domains: "model, B=...:" heads, then rows "D adapter grouped-op ms x ..." (x: ratio to D=3).
 model = None
 try:
