@@ -448,6 +448,32 @@ def adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_
     return y, q, v, order, count, mean, m2, rstd
 
 
+def factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, segments, use_batch_stats: bool, empty=torch.empty):
+    """The six projection factors' gradients (fp32, a leading group axis), shared by level 1 and level 2: per
+    domain, sums over its rows of lhs[b]^T rhs[b] (and of rhs[b]) by the grouped linear op's weight-gradient
+    kernels, O(B) work and O(B / 256 + D) partials whatever D is. x is in row order, every other vector in
+    domain-sorted order."""
+    per_domain = segments.order is not None
+    rows = segments.order if per_domain else segments.offsets  # unread when shared (any int64 tensor)
+
+    def outer(lhs, rhs, lhs_in_order=False, with_rhs_sum=False):
+        return domain_weight_grads(lhs, rhs, rows, segments.offsets, segments.num_groups, with_rhs_sum,
+                                   torch.float32, x_by_order=lhs_in_order and per_domain, grad_by_order=False,
+                                   empty=empty)
+
+    d_down_left, _ = outer(x, grad_p, lhs_in_order=True)
+    d_down_right, d_down_bias = outer(q, grad_z, with_rhs_sum=True)
+    d_up_left, _ = outer(a, grad_u)
+    # With batch statistics, up_bias shifts every row of its statistics group alike (the group is its domain
+    # in paper mode, the whole batch in released mode) and the normalisation subtracts the group's mean: y does
+    # not depend on it, its gradient is exactly zero. Summing do over the group instead would leave an fp32
+    # residue of 1e-4 of the terms' size on two-row groups (sum(xhat) = 0 only up to ulp(o) * rstd).
+    d_up_right, d_up_bias = outer(v, grad_o, with_rhs_sum=not use_batch_stats)
+    if use_batch_stats:
+        d_up_bias = torch.zeros(d_up_right.shape[0], d_up_right.shape[-1], device=x.device, dtype=torch.float32)
+    return d_down_left, d_down_right, d_down_bias, d_up_left, d_up_right, d_up_bias
+
+
 @dn.on_first_tensors_device
 def cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd, sum_dy, sum_dy_xhat,
                      use_batch_stats: bool, empty=torch.empty):
@@ -476,24 +502,7 @@ def cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd,
         batch, width, rank, bottleneck, num_domains,
         PER_DOMAIN=per_domain, BATCH_STATS=use_batch_stats, **meta)
 
-    # Factor gradients: per domain, sums over its rows of lhs[b]^T rhs[b] (and of rhs[b]), by the grouped
-    # linear op's weight-gradient kernels: O(B) work and O(B / 256 + D) partials whatever D is.
-    def outer(lhs, rhs, lhs_in_order=False, with_rhs_sum=False):
-        return domain_weight_grads(lhs, rhs, sorted_args[0], segments.offsets, num_domains, with_rhs_sum,
-                                   torch.float32, x_by_order=lhs_in_order and per_domain, grad_by_order=False,
-                                   empty=empty)
-
-    d_down_left, _ = outer(x, grad_p, lhs_in_order=True)
-    d_down_right, d_down_bias = outer(q, grad_z, with_rhs_sum=True)
-    d_up_left, _ = outer(a, grad_u)
-    # With batch statistics, up_bias shifts every row of its statistics group alike (the group is its domain
-    # in paper mode, the whole batch in released mode) and the normalisation subtracts the group's mean: y does
-    # not depend on it, its gradient is exactly zero. Summing do over the group instead would leave an fp32
-    # residue of 1e-4 of the terms' size on two-row groups (sum(xhat) = 0 only up to ulp(o) * rstd).
-    d_up_right, d_up_bias = outer(v, grad_o, with_rhs_sum=not use_batch_stats)
-    if use_batch_stats:
-        d_up_bias = torch.zeros_like(up_bias, dtype=torch.float32)
-    grads = (d_down_left, d_down_right, d_down_bias, d_up_left, d_up_right, d_up_bias)
+    grads = factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, segments, use_batch_stats, empty)
     param_grads = tuple(g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, params))
     return (dx, drep) + param_grads
 

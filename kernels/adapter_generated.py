@@ -33,7 +33,6 @@ from . import domain_norm as dn
 from .adapter_cell import (_cell_output, _down_left_chunk, _load_rows, _normalized_tile, _project, _row_block,
                            _store_rows)
 from .domain_norm import block_size, load_group_rows, norm_input_grad
-from .grouped_linear import domain_weight_grads
 
 # Rows per program: the M of every tl.dot (each W'_i slice serves them all). 16 rows and 8 warps: with 32 rows
 # and 4 warps the (rows, k) tiles and the (p, k) slice of W' made ptxas spill up to 105 KB per thread at
@@ -309,7 +308,7 @@ def generated_cell_forward(x, g, centre, gen_weight, gen_bias, domain, params, r
                                                                                 norm_weight)
     segments = dn.sort_groups(domain, num_domains, per_domain)
     order = segments.order
-    sorted_args = (order, segments.domain_sorted) if per_domain else (domain, domain)  # unread when shared
+    sorted_args = cell._sorted_args(segments, domain)
     level1_meta = cell._tile_meta(width, rank, bottleneck)
     meta = _tile_meta(level1_meta, gen_width)
     rows_per_part = meta["BLOCK_B"]
@@ -353,27 +352,6 @@ def _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q
     return part_dw.sum(0), part_dc.sum(0)
 
 
-def _factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, segments, use_batch_stats, empty):
-    """The cell's factor gradients as level 1 forms them: per-domain sums of outer products over the rows (the
-    grouped linear op's weight-gradient kernels); every vector but x is in domain-sorted order. Under batch
-    statistics up_bias's gradient is exactly zero (the group mean cancels it), returned as zero."""
-    per_domain = segments.order is not None
-    rows = segments.order if per_domain else segments.offsets  # unread when shared (any int64 tensor)
-
-    def outer(lhs, rhs, lhs_in_order=False, with_rhs_sum=False):
-        return domain_weight_grads(lhs, rhs, rows, segments.offsets, segments.num_groups, with_rhs_sum,
-                                   torch.float32, x_by_order=lhs_in_order and per_domain, grad_by_order=False,
-                                   empty=empty)
-
-    d_down_left, _ = outer(x, grad_p, lhs_in_order=True)
-    d_down_right, d_down_bias = outer(q, grad_z, with_rhs_sum=True)
-    d_up_left, _ = outer(a, grad_u)
-    d_up_right, d_up_bias = outer(v, grad_o, with_rhs_sum=not use_batch_stats)
-    if use_batch_stats:
-        d_up_bias = torch.zeros(d_up_right.shape[0], d_up_right.shape[-1], device=x.device, dtype=torch.float32)
-    return d_down_left, d_down_right, d_down_bias, d_up_left, d_up_right, d_up_bias
-
-
 @dn.on_first_tensors_device
 def generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, params, q, v, order, count, mean,
                             rstd, use_batch_stats: bool, precision: str, empty=torch.empty):
@@ -384,7 +362,7 @@ def generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, para
     batch, width, rank, bottleneck, gen_width, per_domain, num_domains = _sizes(x, g, down_left, down_right,
                                                                                 norm_weight)
     segments = dn.sort_groups(domain, num_domains, per_domain, order)
-    sorted_args = (order, segments.domain_sorted) if per_domain else (domain, domain)
+    sorted_args = cell._sorted_args(segments, domain)
     level1_meta = cell._tile_meta(width, rank, bottleneck)
     meta = _tile_meta(level1_meta, gen_width)
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -404,7 +382,7 @@ def generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, para
         PER_DOMAIN=per_domain, BATCH_STATS=use_batch_stats, GEN_PRECISION=PRECISIONS[precision], **meta)
     d_gen_weight, d_gen_bias = _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q,
                                                        grad_v, precision, meta, empty)
-    grads = _factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, segments, use_batch_stats, empty) + \
+    grads = cell.factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, segments, use_batch_stats, empty) + \
         (sum_dy_xhat, sum_dy)
     param_grads = tuple(t.reshape(param.shape).to(param.dtype) for t, param in zip(grads, params))
     generator_grads = (dg.to(g.dtype), -dg.sum(0).to(centre.dtype), d_gen_weight.to(gen_weight.dtype),
