@@ -20,6 +20,7 @@ from .data.download import DATASETS, download
 from .inference import export_checkpoint
 from .train import CheckpointError
 from .train import experiment as ex
+from .train import report
 from .train.diagnostics import checkpoint_report
 from .train.files import atomic_path, write_json
 from .train.trainer import TrainingError
@@ -39,6 +40,8 @@ def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc relaunches under torchrun
+    if distributed.runtime.is_main_process():  # rank 0 alone speaks for a data-parallel run
+        report.console(quiet=getattr(args, "quiet", False))
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         try:
@@ -69,7 +72,7 @@ def cmd_demo(args) -> int:
     print(f"HAMUR demo: synthetic multi-domain clicks ({shape}; see hamur_fast.data.synthetic),\n"
           "HAMUR-MLP against the same per-domain MLP towers without adapters.\n")
     seeds = [int(s) for s in ex.split_values(args.seeds)]
-    result = ex.compare(config, ["hamur_mlp", "mlp"], seeds, output, progress=not args.quiet)
+    result = ex.compare(config, ["hamur_mlp", "mlp"], seeds, output, progress=not args.quiet, log=report.log.info)
     print(f"\nTest AUC per domain, mean ± std over seeds {seeds} (best epoch by validation AUC):\n\n"
           f"{result['table']}\n")
     if (output / "compare_domains.md").is_file() and len(result["domains"]) > ex.MANY_DOMAINS:
@@ -93,8 +96,8 @@ def cmd_train(args) -> int:
         result = runs.train_run(config, run_dir=output, progress=not args.quiet)
     if not distributed.runtime.is_main_process():
         return 0
-    _print_metrics(result.test, f"test metrics ({result.label}, best epoch {result.best_epoch})")
-    print(f"checkpoint: {result.run_dir / 'checkpoint.pt'}")
+    # The data summary, epochs, stopping decision and test table were logged (and kept in train.log).
+    print(f"checkpoint: {result.run_dir / 'checkpoint.pt'}, log: {result.run_dir / report.LOG_NAME}")
     return 0
 
 
@@ -103,7 +106,8 @@ def cmd_eval(args) -> int:
     data_config = ex.apply_overrides({"data": ex.recorded_data(payload, args.checkpoint)}, args.set)["data"]
     data = load_dataset(data_config, feature_map=trainer.feature_map)
     metrics = trainer.evaluate(getattr(data, args.split))
-    _print_metrics(metrics, f"{args.split} metrics of {args.checkpoint}")
+    print("\n" + report.metrics_table(metrics, f"{args.split} metrics of {args.checkpoint}",
+                                      trainer.config.min_domain_rows))
     if args.diagnostics:
         print("\n" + checkpoint_report(trainer, payload, getattr(data, args.split), args.split))
     if args.output:
@@ -144,7 +148,7 @@ def cmd_compare(args) -> int:
     seeds = _seeds(args, section, config)
     output = Path(args.output or config.get("output", "runs/compare"))
     result = ex.compare(config, [str(m) if not isinstance(m, dict) else m for m in models], seeds, output,
-                        progress=not args.quiet)
+                        progress=not args.quiet, log=report.log.info)
     print(f"\nTest AUC, mean ± std over seeds {seeds}:\n\n{result['table']}\n\nwritten under {output}")
     return 0
 
@@ -163,7 +167,7 @@ def cmd_sweep(args) -> int:
         raise ValueError("name the swept parameter: --param k=8,16,35,64 or a sweep: {param, values} section")
     seeds = _seeds(args, section, config)
     output = Path(args.output or config.get("output", "runs/sweep"))
-    result = ex.sweep(config, param, values, seeds, output, progress=not args.quiet)
+    result = ex.sweep(config, param, values, seeds, output, progress=not args.quiet, log=report.log.info)
     print(f"\nTest AUC against {param}, mean ± std over seeds {seeds}:\n\n{result['table']}\n\nwritten under {output}")
     return 0
 
@@ -217,14 +221,6 @@ def _seeds(args, section: dict, config: dict) -> list:
     return list(section.get("seeds") or [config.get("train", {}).get("seed", 2022)])
 
 
-def _print_metrics(metrics: dict, title: str) -> None:
-    lines = [f"\n{title}:", "| domain | AUC | logloss | rows |", "|---|---|---|---|"]
-    for suffix in ["", *sorted(k.removeprefix("auc") for k in metrics if k.startswith("auc_d"))]:
-        lines.append(f"| {suffix.lstrip('_') or 'overall'} | {metrics['auc' + suffix]:.4f} | "
-                     f"{metrics['logloss' + suffix]:.4f} | {metrics['rows' + suffix]:,} |")
-    print("\n".join(lines))
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hamur-fast", description="HAMUR multi-domain CTR: demo, train, eval, predict, export, "
                      "compare, sweep, download (tables in Markdown, files under --output)")
@@ -241,7 +237,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         sub.add_argument("--threads", type=_positive_int,
                          help=f"torch CPU threads (default {DEFAULT_THREADS}; a resume reuses the run's)")
-        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        sub.add_argument("--quiet", action="store_true",
+                         help="no progress bars or per-epoch lines: the final table only (train.log keeps all)")
         return sub
 
     demo = command("demo", cmd_demo, "train HAMUR-MLP and MLP on built-in synthetic data, compare per domain",

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from .. import _yaml
+from . import report
 from ..data import FeatureMap, MultiDomainData, load_dataset
 from ..features import build_ctr_model
 from .checkpoint import CheckpointError, load_checkpoint
@@ -125,11 +126,14 @@ class RunResult:
 
 
 def train_run(config: dict, data: MultiDomainData | None = None, run_dir=None, label: str = "",
-              progress: bool = True, warn_replace: bool = True, trainer_class=Trainer) -> RunResult:
+              progress: bool = True, warn_replace: bool = True, trainer_class=Trainer,
+              standalone: bool = True) -> RunResult:
     """Train one model as configured and evaluate it on the test split (best weights by val AUC).
 
     ``run_dir`` is locked for the run and checked for writing before the data are read; an earlier run's files
-    there are replaced (with a warning, unless ``warn_replace`` is off)."""
+    there are replaced (with a warning, unless ``warn_replace`` is off). The run reports itself
+    (:mod:`hamur_fast.train.report`); ``standalone`` off (one run of a compare or sweep, which describe the
+    data once and print one table) leaves out its data summary and test table."""
     train_config = replace(TrainConfig.from_dict(config.get("train", {})), progress=progress)
     model_config = config.get("model", DEFAULT_MODEL)
     # Data handed over without a data section is recorded as unknown (None), never as the default.
@@ -144,7 +148,7 @@ def train_run(config: dict, data: MultiDomainData | None = None, run_dir=None, l
         model = build_ctr_model(data.feature_map, model_config)
         trainer = trainer_class(model, train_config, data.feature_map, run_dir,
                                 {"data": data_config, "model": model_config})
-        return _fit_and_test(trainer, data, label or model_config["name"], trainer.run_dir)
+        return _fit_and_test(trainer, data, label or model_config["name"], trainer.run_dir, standalone)
 
 
 def absolute_paths(data_config: dict | None) -> dict | None:
@@ -241,12 +245,18 @@ def resume_run(checkpoint_path, data: MultiDomainData | None = None, epochs: int
         return _fit_and_test(trainer, data, config["model"]["name"], trainer.run_dir)
 
 
-def _fit_and_test(trainer: Trainer, data: MultiDomainData, label: str, run_dir) -> RunResult:
+def _fit_and_test(trainer: Trainer, data: MultiDomainData, label: str, run_dir, standalone: bool = True) -> RunResult:
     started = time.perf_counter()
-    history = trainer.fit(data)
-    test = trainer.evaluate(data.test)
-    if run_dir is not None:
-        write_json(Path(run_dir) / "test_metrics.json", test)
+    with report.run_log(run_dir):
+        if standalone:
+            report.log.info(report.data_summary(data, trainer.config.min_domain_rows))
+        history = trainer.fit(data)
+        test = trainer.evaluate(data.test)
+        if run_dir is not None:
+            write_json(Path(run_dir) / "test_metrics.json", test)
+        if standalone:
+            title = f"test metrics ({label}, best epoch {trainer.best_epoch})"
+            report.log.log(report.RESULT, "\n" + report.metrics_table(test, title, trainer.config.min_domain_rows))
     return RunResult(label, trainer.config.seed, test, history, trainer.best_epoch, time.perf_counter() - started,
                      None if run_dir is None else Path(run_dir))
 
@@ -312,9 +322,9 @@ def format_table(summary_by_row: dict, labels: list, first_column: str = "model"
     return "\n".join(lines)
 
 
-# Above this many domains a table summarises them (worst, median, best, rare) and the full per-domain
+# Above MANY_DOMAINS (report.py) a table summarises them (worst, median, best, rare) and the full per-domain
 # table goes to a file of its own: 50 AUC columns help nobody.
-MANY_DOMAINS = 8
+MANY_DOMAINS = report.MANY_DOMAINS
 RARE_FRACTION = 0.1  # "rare domains": the smallest 10% by training rows (at least one)
 
 
@@ -326,11 +336,12 @@ def rare_domains(train_counts: list) -> list:
 
 def format_domain_summary(summary_by_row: dict, train_counts: list, first_column: str = "model") -> str:
     """Markdown table for many domains: per row, test AUC overall, of its worst, median and best domain
-    (domain named), and the mean over the rare domains; domains without a defined AUC are left out."""
+    (domain named), and the mean over the rare domains; domains without an AUC (too few test rows or one
+    class) are left out, and the last column counts them."""
     rare = rare_domains(train_counts)
     header = [first_column, "overall AUC", "worst domain", "median domain", "best domain",
               f"rare domains ({len(rare)}, <= {max(train_counts[d] for d in rare):,} train rows)",
-              "overall logloss", "best epoch", "s/run"]
+              "overall logloss", "best epoch", "s/run", "domains n/a"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, stats in summary_by_row.items():
         per_domain = {d: stats[f"auc_d{d}"][0] for d in range(len(train_counts))}
@@ -341,7 +352,7 @@ def format_domain_summary(summary_by_row: dict, train_counts: list, first_column
                  *([f"{auc:.4f} (d{d})" for auc, d in picks] or ["n/a"] * 3),
                  f"{np.mean(rare_aucs):.4f}" if rare_aucs else "n/a",
                  _cell(stats["logloss"], stats["runs"][0] > 1),
-                 f"{stats['best_epoch'][0]:.1f}", f"{stats['seconds'][0]:.0f}"]
+                 f"{stats['best_epoch'][0]:.1f}", f"{stats['seconds'][0]:.0f}", str(len(per_domain) - len(ranked))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -374,7 +385,7 @@ def compare(config: dict, models: list, seeds: list, output, progress: bool = Tr
 
 def _compare(config: dict, models: list, seeds: list, output: Path, progress: bool, log) -> dict:
     data = load_dataset(absolute_paths(config.get("data", DEFAULT_DATA)))
-    log(data.summary())
+    log(report.data_summary(data, _min_domain_rows(config)))
     labels = domain_labels(data.feature_map)
     summaries, raw = {}, {}
     for entry in models:
@@ -383,7 +394,7 @@ def _compare(config: dict, models: list, seeds: list, output: Path, progress: bo
         for seed in seeds:
             run_config = set_path({**config, "model": section}, "train.seed", int(seed))
             run_dir = output / "runs" / _slug(label) / f"seed{seed}"
-            result = train_run(run_config, data, run_dir, label, progress, warn_replace=False)
+            result = train_run(run_config, data, run_dir, label, progress, warn_replace=False, standalone=False)
             log(f"{label} seed {seed}: test AUC {result.test['auc']:.4f} "
                 f"(best epoch {result.best_epoch}, {result.seconds:.0f} s)")
             results.append(result)
@@ -416,7 +427,7 @@ def sweep(config: dict, param: str, values: list, seeds: list, output, progress:
 def _sweep(config: dict, param: str, values: list, seeds: list, output: Path, progress: bool, log) -> dict:
     path, convert = SWEEP_ALIASES.get(param, (param if "." in param else f"model.{param}", lambda v: v))
     data = load_dataset(absolute_paths(config.get("data", DEFAULT_DATA)))
-    log(data.summary())
+    log(report.data_summary(data, _min_domain_rows(config)))
     labels = domain_labels(data.feature_map)
     summaries = {}
     for value in values:
@@ -424,7 +435,8 @@ def _sweep(config: dict, param: str, values: list, seeds: list, output: Path, pr
         for seed in seeds:
             run_config = set_path(set_path(config, path, convert(value)), "train.seed", int(seed))
             run_dir = output / "runs" / f"{_slug(param)}={_slug(str(value))}" / f"seed{seed}"
-            result = train_run(run_config, data, run_dir, f"{param}={value}", progress, warn_replace=False)
+            result = train_run(run_config, data, run_dir, f"{param}={value}", progress, warn_replace=False,
+                               standalone=False)
             log(f"{param}={value} seed {seed}: test AUC {result.test['auc']:.4f} (best epoch {result.best_epoch})")
             results.append(result)
         summaries[str(value)] = summarize(results)
@@ -437,6 +449,10 @@ def _sweep(config: dict, param: str, values: list, seeds: list, output: Path, pr
     from .plots import plot_sweep
     plot_sweep(values, list(summaries.values()), labels, param, output / f"{name}.png")
     return {"table": table, "summary": summaries, "domains": labels}
+
+
+def _min_domain_rows(config: dict) -> int:
+    return TrainConfig.from_dict(config.get("train", {})).min_domain_rows
 
 
 def _first_line(err: Exception) -> str:

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -105,7 +106,20 @@ def write_text(path, text: str) -> None:
 
 
 def write_json(path, data) -> None:
-    write_text(path, json.dumps(data, indent=2, default=_plain) + "\n")
+    """Standard JSON: a NaN or infinite number (an AUC that is not available) is written as null."""
+    write_text(path, json.dumps(_finite(data), indent=2, default=_plain, allow_nan=False) + "\n")
+
+
+def _finite(value):
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a NumPy or torch scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def write_csv(path, rows: list) -> None:

@@ -30,12 +30,16 @@ def logloss(label, prob) -> float:
     return float(-np.mean(label * np.log(prob) + (1 - label) * np.log1p(-prob)))
 
 
-def domain_metrics(label, prob, domain, num_domains: int) -> dict:
-    """``{"auc", "logloss", "rows", "auc_d0", "logloss_d0", "rows_d0", ...}`` (flat, for tables and CSV)."""
+def domain_metrics(label, prob, domain, num_domains: int, min_rows: int = 0) -> dict:
+    """``{"auc", "logloss", "rows", "auc_d0", "logloss_d0", "rows_d0", ...}`` (flat, for tables and CSV).
+
+    A domain with fewer than ``min_rows`` rows gets AUC NaN ("n/a"): the AUC of a handful of rows is noise
+    (8 rows can score 0.0 or 1.0) and would pose as a domain's worst or best."""
     label, prob, domain = (np.asarray(a) for a in (label, prob, domain))
     result = {"auc": auc(label, prob), "logloss": logloss(label, prob), "rows": int(len(label))}
     for d in range(num_domains):
         rows = domain == d
-        result.update({f"auc_d{d}": auc(label[rows], prob[rows]), f"logloss_d{d}": logloss(label[rows], prob[rows]),
-                       f"rows_d{d}": int(rows.sum())})
+        count = int(rows.sum())
+        result.update({f"auc_d{d}": auc(label[rows], prob[rows]) if count >= min_rows else math.nan,
+                       f"logloss_d{d}": logloss(label[rows], prob[rows]), f"rows_d{d}": count})
     return result

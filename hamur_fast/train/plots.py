@@ -1,6 +1,8 @@
 """PNG plots (matplotlib, headless): learning curves, per-domain AUC by model, AUC against a swept value."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from .files import atomic_path
@@ -21,10 +23,11 @@ def _save(figure, path) -> None:
     _pyplot().close(figure)
 
 
-def plot_learning_curves(history: list, path, title: str = "") -> None:
-    """Training loss and validation logloss (left), validation AUC overall and per domain (right); with
-    adapter diagnostics in the history (hamur_fast.train.diagnostics), a second row of three panels:
-    contribution ratio, factor gradient norms (and the hyper-network's), factor shift from init."""
+def plot_learning_curves(history: list, path, title: str = "", train_counts: list | None = None) -> None:
+    """Training loss and validation logloss (left), validation AUC overall and per domain (right; past
+    MANY_DOMAINS domains: overall, worst, best and the rare domains' mean, ``train_counts`` naming the rare
+    ones); with adapter diagnostics in the history (hamur_fast.train.diagnostics), a second row of three
+    panels: contribution ratio, factor gradient norms (and the hyper-network's), factor shift from init."""
     plt = _pyplot()
     epochs = [row["epoch"] for row in history]
     diagnostics = any(key.startswith("adapter") for key in history[0])
@@ -39,11 +42,36 @@ def plot_learning_curves(history: list, path, title: str = "") -> None:
     left.plot(epochs, [row["val_logloss"] for row in history], marker="o", label="val logloss")
     left.set_xlabel("epoch"), left.set_ylabel("binary cross-entropy"), left.legend()
     right.plot(epochs, [row["val_auc"] for row in history], marker="o", linewidth=2, label="val AUC")
-    for key in sorted(k for k in history[0] if k.startswith("val_auc_d")):
-        right.plot(epochs, [row[key] for row in history], linestyle="--", label=key.replace("val_auc_", "domain "))
+    _plot_domain_curves(right, history, epochs, train_counts)
     right.set_xlabel("epoch"), right.set_ylabel("AUC"), right.legend(fontsize=8)
     figure.suptitle(title or "learning curves")
     _save(figure, path)
+
+
+def _plot_domain_curves(axis, history: list, epochs: list, train_counts: list | None) -> None:
+    """One dashed line per domain; past MANY_DOMAINS, the worst, best and rare-domain mean per epoch (the
+    rest is in metrics.csv). Domains without a validation AUC (too few rows, one class) are left out, and
+    the legend says how many."""
+    from .experiment import MANY_DOMAINS, rare_domains
+
+    keys = sorted((k for k in history[0] if k.startswith("val_auc_d")), key=lambda k: int(k.removeprefix("val_auc_d")))
+    aucs = np.array([[row[k] for k in keys] for row in history], dtype=np.float64).reshape(len(history), len(keys))
+    shown = np.isfinite(aucs).any(axis=0)
+    left_out = f" ({int((~shown).sum())} domain(s) n/a)" if not shown.all() else ""
+    if len(keys) <= MANY_DOMAINS:
+        for column in np.flatnonzero(shown):
+            axis.plot(epochs, aucs[:, column], linestyle="--", label=keys[column].replace("val_auc_", "domain "))
+        if left_out:
+            axis.plot([], [], " ", label=left_out.strip(" ()"))
+        return
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an epoch where no domain has an AUC
+        axis.plot(epochs, np.nanmin(aucs, axis=1), linestyle="--", label=f"worst domain{left_out}")
+        axis.plot(epochs, np.nanmax(aucs, axis=1), linestyle="--", label="best domain")
+        if train_counts is not None:
+            rare = [d for d in rare_domains(train_counts) if d < len(keys)]
+            axis.plot(epochs, np.nanmean(aucs[:, rare], axis=1), linestyle=":",
+                      label=f"rare domains' mean ({len(rare)})")
 
 
 def _plot_adapter_diagnostics(history: list, epochs: list, axes) -> None:
@@ -92,8 +120,9 @@ def plot_domain_auc_by_size(summary: dict, train_counts: list, path, title: str 
     for label, stats in summary.items():
         means = np.array([stats[f"auc_d{d}"][0] for d in range(len(counts))])
         shown = np.isfinite(means)
+        left_out = f", {int((~shown).sum())} domain(s) n/a" if not shown.all() else ""
         axis.scatter(counts[shown], means[shown], s=18, alpha=0.75,
-                     label=f"{label} (overall {stats['auc'][0]:.4f})")
+                     label=f"{label} (overall {stats['auc'][0]:.4f}{left_out})")
     axis.set_xscale("log"), axis.set_xlabel("training rows of the domain"), axis.set_ylabel("test AUC")
     axis.legend(fontsize=8), axis.set_title(title or "test AUC per domain")
     _save(figure, path)

@@ -25,6 +25,7 @@ from ..data.fingerprint import data_fingerprint
 from ..data.tensors import Batch
 from ..features import CTRModel
 from .captured_step import CapturedTrainStep
+from . import report
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .diagnostics import AdapterDiagnostics
 from .files import check_writable, locked_directory, write_csv, write_json
@@ -48,6 +49,8 @@ class TrainConfig:
     weight_decay: float = 1e-5
     optimizer: str = "adam"  # "adam" or "adamw"
     patience: int = 10  # epochs without a better validation AUC before stopping
+    # A domain with fewer rows than this in a split gets no AUC there ("n/a"): a handful of rows is noise.
+    min_domain_rows: int = 50
     grad_clip: float | None = None  # max global gradient norm
     seed: int = 2022
     device: str = "auto"  # "auto" = cuda when available
@@ -71,7 +74,7 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
         if self.cuda_graph and (self.bf16 or self.grad_clip):
             raise ValueError("cuda_graph does not combine with bf16 or grad_clip (they are not in the captured step)")
-        for name in ("epochs", "eval_batch_size", "patience", "threads"):
+        for name in ("epochs", "eval_batch_size", "patience", "threads", "min_domain_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 2:
@@ -233,12 +236,17 @@ class Trainer:
                                      "rows_per_s": round(len(data.train) / seconds, 1),
                                      **{f"train_{name}": value for name, value in auxiliary.items()},
                                      **{f"val_{k}": v for k, v in val.items() if not k.startswith("rows")}, **adapter})
+                report.log.info(report.epoch_line(self.history[-1], self.config.epochs, self.best_auc,
+                                                  self.best_epoch))
                 self._write_epoch_outputs()
+        report.log.info(report.stop_line(self.epoch, self.config.epochs, self.bad_epochs, self.config.patience,
+                                         self.best_auc, self.best_epoch))
         self.model.load_state_dict(self.best_state)
         if self.run_dir is not None:
             from .plots import plot_learning_curves  # matplotlib only when plots are written
             plot_learning_curves(self.history, self.run_dir / "learning_curves.png",
-                                 f"{self.run_config.get('model', {}).get('name', 'model')}: learning curves")
+                                 f"{self.run_config.get('model', {}).get('name', 'model')}: learning curves",
+                                 data.train.domain_counts(self.feature_map.num_domains))
         return self.history
 
     def _data_fingerprint(self, data: MultiDomainData) -> str:
@@ -354,7 +362,8 @@ class Trainer:
         if split.label is None:
             raise ValueError("cannot evaluate a split without labels")
         prob = self.predict(split)
-        return domain_metrics(split.label.numpy(), prob.numpy(), split.domain.numpy(), self.feature_map.num_domains)
+        return domain_metrics(split.label.numpy(), prob.numpy(), split.domain.numpy(), self.feature_map.num_domains,
+                              self.config.min_domain_rows)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path) -> None:
