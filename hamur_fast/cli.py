@@ -173,8 +173,9 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_download(args) -> int:
-    target = download(args.dataset, args.to, progress=not args.quiet, url=args.url)
-    print(f"{args.dataset} is ready in {target}")
+    target = download(args.dataset, args.to, progress=not args.quiet, url=args.url, source=args.source)
+    print(f"{args.dataset} is ready in {target} (checked: {', '.join(DATASETS[args.dataset].files)} at their "
+          "expected sizes)")
     return 0
 
 
@@ -277,11 +278,14 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--param", help="name=v1,v2,...; names: k, hyper_width, hyper, norm or section.key")
     fetch = commands.add_parser("download", help="fetch a public data set, check its checksum, unpack it",
                                 description="Download a public data set's official archive (progress bar), "
-                                "verify its SHA-256 and unpack it where the configs look for it.")
+                                "verify its size and SHA-256 and unpack it where the configs look for it; "
+                                "a folder already there is verified (files and sizes).")
     fetch.set_defaults(run=cmd_download)
     fetch.add_argument("dataset", choices=sorted(DATASETS))
     fetch.add_argument("--to", default="data", help="parent directory (default: data, where configs/ look)")
     fetch.add_argument("--url", help="another address of the same archive (a mirror); the checksum still applies")
+    fetch.add_argument("--from", dest="source", metavar="PATH",
+                       help="the archive already on disk (an offline machine): checked and unpacked like a download")
     fetch.add_argument("--quiet", action="store_true", help="no progress bar")
     doctor = commands.add_parser("doctor", help="versions, devices, backends, and a self-check of every backend",
                                  description="versions, devices, backends built (or why not), and a self-check "

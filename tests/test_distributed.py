@@ -200,7 +200,8 @@ def test_torchrec_sharded_feature_stage_trains_like_nn_embedding(ranks, case, sh
 def test_metrics_over_all_ranks_are_the_one_process_metrics_of_the_same_predictions(ranks):
     split = workers.eval_split(workers.feature_map())
     for key, got in ranks[0]["equivalence"].items():
-        expected = domain_metrics(split.label.numpy(), got["predictions"].numpy(), split.domain.numpy(), 3)
+        expected = domain_metrics(split.label.numpy(), got["predictions"].numpy(), split.domain.numpy(), 3,
+                                  workers.config().min_domain_rows)
         assert got["metrics"] == expected, key
         assert ranks[1]["equivalence"][key]["metrics"] == expected, key
 
@@ -236,7 +237,7 @@ def test_cli_trains_on_two_processes_and_resumes_on_one(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert result.stdout.count("test metrics (hamur_mlp") == 1  # rank 0 only
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "learning_curves.png", "metrics.csv",
-                                                    "metrics.json", "test_metrics.json"]
+                                                    "metrics.json", "test_metrics.json", "train.log"]
     payload = load_checkpoint(run / "checkpoint.pt")
     assert payload["progress"]["epoch"] == 2 and payload["config"]["train"]["batch_size"] == 256
 

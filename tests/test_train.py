@@ -120,7 +120,7 @@ def test_checkpoint_round_trip_predicts_identically(planted, tmp_path):
     trainer, payload = load_trained(tmp_path / "checkpoint.pt")
     assert payload["feature_map"] == planted.feature_map.to_dict()
     assert set(payload["config"]) == {"data", "model", "train"}
-    assert trainer.evaluate(planted.test) == pytest.approx(result.test)
+    assert trainer.evaluate(planted.test) == pytest.approx(result.test, nan_ok=True)  # nan: small domain
     assert len(list(tmp_path.glob(".*tmp"))) == 0  # no temporary file left behind
 
 

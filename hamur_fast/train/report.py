@@ -19,13 +19,26 @@ RESULT = logging.INFO + 5  # a final table: shown under --quiet too
 logging.addLevelName(RESULT, "RESULT")
 LOG_NAME = "train.log"
 MANY_DOMAINS = 8  # above this, per-domain lists are summarised (smallest, median, largest)
-_CONSOLE = logging.StreamHandler(sys.stdout)
+
+
+class _Stdout(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stdout`` is at the time (tests and notebooks replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+_CONSOLE = _Stdout()
 _CONSOLE.setFormatter(logging.Formatter("%(message)s"))
 
 
 def console(quiet: bool) -> None:
     """Show the run's lines on stdout (once, however often it is called); ``quiet``: the final tables only."""
-    _CONSOLE.setStream(sys.stdout)  # the current stdout (tests capture it)
     _CONSOLE.setLevel(RESULT if quiet else logging.INFO)
     log.setLevel(logging.INFO)
     if _CONSOLE not in log.handlers:
