@@ -31,6 +31,7 @@ DEMO_CONFIG = {
     "train": {"epochs": 6, "batch_size": 1024, "patience": 3},
 }
 DEMO_SEEDS = "1,2,3"
+EXPORT_FORMATS = {".pt2": "pt2", ".onnx": "onnx"}  # --output extension -> export format
 # These models are small: one intra-op thread is about as fast as two, and on busy shared cores far faster.
 # Results depend on the thread count (not on the run): the checkpoint records it and a resume reuses it.
 DEFAULT_THREADS = 1
@@ -133,9 +134,15 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     if not args.output:
-        raise ValueError("export needs --output FILE (.pt2, or .onnx with --format onnx)")
-    path = export_checkpoint(args.checkpoint, args.output, args.format)
-    print(f"wrote the {args.format} export of {args.checkpoint} to {path}")
+        raise ValueError("export needs --output FILE (.pt2 for torch.export, .onnx for ONNX)")
+    fmt = EXPORT_FORMATS.get(Path(args.output).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"--output {args.output}: the extension names the format, .pt2 (torch.export) or .onnx")
+    if args.format not in (None, fmt):
+        raise ValueError(f"--format {args.format} does not match --output {args.output} (a .{fmt} file): drop "
+                         "--format or change the extension")
+    path = export_checkpoint(args.checkpoint, args.output, fmt)
+    print(f"wrote the {fmt} export of {args.checkpoint} to {path}")
     return 0
 
 
@@ -266,7 +273,8 @@ def _parser() -> argparse.ArgumentParser:
     export = command("export", cmd_export, "export a checkpoint's model: torch.export (.pt2) or ONNX",
                      config=False)
     export.add_argument("--checkpoint", required=True)
-    export.add_argument("--format", choices=["pt2", "onnx"], default="pt2")
+    export.add_argument("--format", choices=sorted(set(EXPORT_FORMATS.values())),
+                        help="optional: the --output extension decides (.pt2 or .onnx); a different --format is refused")
     for name, handler, help_text in (("compare", cmd_compare, "several models x seeds: per-domain table and plot"),
                                      ("sweep", cmd_sweep, "one parameter over values x seeds: table and plot")):
         sub = command(name, handler, help_text)

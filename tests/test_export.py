@@ -169,3 +169,19 @@ def test_a_crafted_pt2_is_refused_before_anything_is_unpickled(tmp_path):
     (tmp_path / "plain.pt2").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a .pt2 archive"):
         load_exported(tmp_path / "plain.pt2")
+
+
+def test_cli_takes_the_format_from_the_extension_and_refuses_a_mismatch(tmp_path, monkeypatch, capsys):
+    from hamur_fast import cli
+    from hamur_fast.cli import main
+
+    written = []
+    monkeypatch.setattr(cli, "export_checkpoint", lambda checkpoint, path, fmt: written.append(fmt) or path)
+    assert main(["export", "--checkpoint", "c.pt", "--output", str(tmp_path / "m.onnx")]) == 0
+    assert main(["export", "--checkpoint", "c.pt", "--output", str(tmp_path / "m.PT2"), "--format", "pt2"]) == 0
+    assert written == ["onnx", "pt2"]
+    assert main(["export", "--checkpoint", "c.pt", "--output", str(tmp_path / "m.onnx"), "--format", "pt2"]) == 2
+    assert "--format pt2 does not match --output" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", "c.pt", "--output", str(tmp_path / "m.bin")]) == 2
+    assert "the extension names the format, .pt2 (torch.export) or .onnx" in capsys.readouterr().err
+    assert written == ["onnx", "pt2"]  # refused before any work
