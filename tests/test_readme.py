@@ -64,7 +64,8 @@ def test_python_blocks_run_in_order(checkout):
             exec(compile(code, f"README.md python block {number + 1}", "exec"), namespace)
         except Exception as err:
             pytest.fail(f"README python block {number + 1} failed: {type(err).__name__}: {err}\n{code}")
-    assert (checkout / "model.pt2").is_file() and (checkout / "runs" / "x" / "checkpoint.pt").is_file()
+    assert (checkout / "runs" / "model.pt2").is_file() and (checkout / "runs" / "x" / "checkpoint.pt").is_file()
+    assert not (checkout / "model.pt2").exists()  # examples write into runs/, never the checkout's root
 
 
 def test_bash_blocks_run(checkout, capsys):
@@ -80,5 +81,6 @@ def test_bash_blocks_run(checkout, capsys):
             assert status == 0, f"README line failed ({status}): {line}\n{capsys.readouterr().err}"
             ran += 1
     assert ran >= 9
-    assert (checkout / "scored.csv").is_file() and (checkout / "model.pt2").is_file()
+    assert (checkout / "runs" / "scored.csv").is_file() and (checkout / "runs" / "model.pt2").is_file()
+    assert {p.name for p in checkout.iterdir()} == {"configs", "data", "new.csv", "runs"}  # nothing in the root
     assert (checkout / "runs" / "released" / "checkpoint.pt").is_file()
