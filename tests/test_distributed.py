@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import distributed_workers as workers
-from helpers import rel_err
+from helpers import FP32_FACTOR, fp32_bound, rel_err
 
 from hamur_fast.distributed.statistics import merge_moments
 from hamur_fast.ops.backends.torch import group_statistics
@@ -22,13 +22,9 @@ from hamur_fast.train import domain_metrics
 HERE = Path(__file__).resolve().parent
 WORLD = 2
 FP64_TOLERANCE = 1e-10
-# fp32 is judged against the float64 run of the same computation: the N-rank error there may be FP32_FACTOR times
-# one process's (plain PyTorch's) error, plus a floor of a few units of fp32 rounding for a one-process run that
-# happens to land almost exactly. The bound follows what fp32 reaches on the machine at hand (a fixed 1e-5 failed
-# at 1.85e-5 in a fresh venv; some gradients here reach 2.2e-5 in plain PyTorch), while a wrong reduction or
-# a missed synchronisation is off by far more. Seen here: at most 4.4x one process's error.
-FP32_FACTOR = 8
-FP32_FLOOR = 16 * 2.0 ** -24
+# fp32: the N-rank run's error against the float64 run of the same computation, within helpers.fp32_bound of one
+# process's (plain PyTorch's) error there. A fixed 1e-5 failed at 1.85e-5 in a fresh venv; some gradients here
+# reach 2.2e-5 in plain PyTorch; seen: at most 4.4x one process's error. A missed reduction is off by far more.
 # A gradient zero in exact arithmetic (a bias before a normalisation) is a cancelling sum over the batch: its
 # residue is judged at the scale of the largest gradient, where both runs leave a few ulps times its terms.
 FP32_NULL_FLOOR = 64 * 2.0 ** -24
@@ -64,7 +60,7 @@ def as_float64(case):
 
 class Judge:
     """Compares an N-rank value with one process's. float64: within FP64_TOLERANCE of it. float32: against the
-    float64 run of the same computation (``exact``), within FP32_FACTOR x one process's fp32 error + FP32_FLOOR.
+    float64 run of the same computation (``exact``), within fp32_bound of one process's fp32 error there.
     ``scale``: judge the error at this size instead of the expected value's own (a quantity zero in exact math)."""
 
     def __init__(self, dtype):
@@ -79,8 +75,12 @@ class Judge:
             diff = (value.to(torch.float64) - target).abs().max().item()
             return diff / size if size > 0 else diff
 
-        floor = FP32_NULL_FLOOR if scale is not None else FP32_FLOOR
-        bound = FP32_FACTOR * error(one_process) + floor if self.fp32 else FP64_TOLERANCE
+        if not self.fp32:
+            bound = FP64_TOLERANCE
+        elif scale is not None:  # a cancelling sum: its own floor
+            bound = FP32_FACTOR * error(one_process) + FP32_NULL_FLOOR
+        else:
+            bound = fp32_bound(error(one_process))
         assert error(actual) <= bound, f"{what}: relative error {error(actual):.3g} > {bound:.3g}"
 
 
