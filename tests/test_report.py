@@ -91,6 +91,17 @@ def test_learning_curves_past_eight_domains_draw_four_lines(monkeypatch, tmp_pat
         "val AUC", "domain d0", "domain d1", "domain d2"]
 
 
+def test_sweep_plot_past_eight_domains_draws_four_lines(monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure))
+    summary = [{"auc": (0.7, 0.0), **{f"auc_d{d}": (0.6 + d / 100 if d else math.nan, 0.0) for d in range(12)}}
+               for _ in range(3)]
+    plots.plot_sweep([8, 16, 35], summary, [f"d{d}" for d in range(12)], "k", tmp_path / "s.png",
+                     train_counts=list(range(12)))
+    labels = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+    assert labels == ["overall", "worst domain (1 domain(s) n/a)", "best domain", "rare domains' mean (1)"]
+
+
 @pytest.mark.parametrize("patience, epochs, expected", [(2, 5, "early stopping after epoch 3"),
                                                         (10, 3, "finished 3 epochs (train.epochs=3)")])
 def test_stop_line_names_the_decision(patience, epochs, expected):

@@ -447,7 +447,8 @@ def _sweep(config: dict, param: str, values: list, seeds: list, output: Path, pr
                                          "seeds": list(seeds), "domains": labels,
                                          "summary": _json_summaries(summaries)})
     from .plots import plot_sweep
-    plot_sweep(values, list(summaries.values()), labels, param, output / f"{name}.png")
+    plot_sweep(values, list(summaries.values()), labels, param, output / f"{name}.png",
+               data.train.domain_counts(len(labels)))
     return {"table": table, "summary": summaries, "domains": labels}
 
 

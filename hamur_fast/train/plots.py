@@ -128,16 +128,34 @@ def plot_domain_auc_by_size(summary: dict, train_counts: list, path, title: str 
     _save(figure, path)
 
 
-def plot_sweep(values: list, summary: list, domain_labels: list, param: str, path) -> None:
-    """Test AUC (mean, std as band) overall and per domain against the swept value."""
+def plot_sweep(values: list, summary: list, domain_labels: list, param: str, path,
+               train_counts: list | None = None) -> None:
+    """Test AUC (mean, std as band) overall and per domain against the swept value; past MANY_DOMAINS
+    domains, overall, worst, best and the rare domains' mean (``train_counts`` naming the rare ones)."""
+    from .experiment import MANY_DOMAINS, rare_domains
+
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.8))
     x = np.arange(len(values))
-    for key, label in [("auc", "overall"), *[(f"auc_d{d}", name) for d, name in enumerate(domain_labels)]]:
-        means = np.array([s[key][0] for s in summary])
-        stds = np.array([s[key][1] for s in summary])
-        axis.plot(x, means, marker="o", linewidth=2 if key == "auc" else 1, label=label)
-        axis.fill_between(x, means - stds, means + stds, alpha=0.15)
+    if len(domain_labels) <= MANY_DOMAINS:
+        for key, label in [("auc", "overall"), *[(f"auc_d{d}", name) for d, name in enumerate(domain_labels)]]:
+            means = np.array([s[key][0] for s in summary])
+            stds = np.array([s[key][1] for s in summary])
+            axis.plot(x, means, marker="o", linewidth=2 if key == "auc" else 1, label=label)
+            axis.fill_between(x, means - stds, means + stds, alpha=0.15)
+    else:
+        aucs = np.array([[s[f"auc_d{d}"][0] for d in range(len(domain_labels))] for s in summary])
+        missing = int((~np.isfinite(aucs)).all(axis=0).sum())
+        axis.plot(x, [s["auc"][0] for s in summary], marker="o", linewidth=2, label="overall")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a value where no domain has an AUC
+            axis.plot(x, np.nanmin(aucs, axis=1), linestyle="--",
+                      label="worst domain" + (f" ({missing} domain(s) n/a)" if missing else ""))
+            axis.plot(x, np.nanmax(aucs, axis=1), linestyle="--", label="best domain")
+            if train_counts is not None:
+                rare = rare_domains(train_counts)
+                axis.plot(x, np.nanmean(aucs[:, rare], axis=1), linestyle=":",
+                          label=f"rare domains' mean ({len(rare)})")
     axis.set_xticks(x, [str(v) for v in values]), axis.set_xlabel(param), axis.set_ylabel("test AUC")
     axis.legend(fontsize=8), axis.set_title(f"test AUC against {param}")
     _save(figure, path)
