@@ -4,20 +4,21 @@
 #   bash scripts/run.sh test     # the test suite (what CI runs)
 # Extra arguments go to the job (e.g. `bash scripts/run.sh test -k triton`).
 #
-# The set-up runs once: a stamp in build/run-sh/ records a hash of what the installed package was built from
+# The set-up runs once: stamps in build/run-sh/ record a hash of what the installed package was built from
 # (csrc/, kernels/, setup.py, pyproject.toml, these scripts, the Python and torch versions); a later call whose
 # hash matches starts the job at once. `demo` installs the package and its runtime dependencies only; `test`
-# adds pytest, pyarrow, ONNX and TorchRec/FBGEMM.
+# adds the test extras (pytest, pyarrow, ONNX; read from the package's metadata) and TorchRec/FBGEMM, without
+# building the package again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 job=${1:-}
 shift || true
 case "$job" in
-  demo) extras="" ;;
-  test) extras="[test,parquet,onnx,torchrec]" ;;
+  demo|test) ;;
   *) echo "usage: bash scripts/run.sh {demo|test} [args...]" >&2; exit 2 ;;
 esac
+TEST_EXTRAS="test parquet onnx torchrec"
 
 say() { echo "[run.sh] $*"; }
 started=$SECONDS
@@ -31,9 +32,9 @@ step() {  # step "what" command...: one line before, the time after
 
 # What the installed package depends on; torch's version is read from its metadata (no torch import).
 source_hash() {
-  "$PY" - "$job" <<'EOF'
+  "$PY" - <<'EOF'
 import hashlib, importlib.metadata as md, pathlib, sys
-h = hashlib.sha256(f"{sys.argv[1]} {sys.executable} {sys.version}".encode())
+h = hashlib.sha256(f"{sys.executable} {sys.version}".encode())
 try:
     h.update(md.version("torch").encode())
 except md.PackageNotFoundError:
@@ -46,13 +47,14 @@ print(h.hexdigest())
 EOF
 }
 
-# pip's output, quiet but for the C++ build: ninja's "[i/n]" lines (one per compiled file) and any error.
+# pip's output, quiet but for what takes time: each dependency it fetches, ninja's "[i/n]" line per compiled
+# file, the link, and any error.
 build_progress() {
   local log=build/run-sh/pip.log status t0=$SECONDS line
   set +o pipefail  # the pip status is read below; the filters' own statuses do not matter
-  "$PY" -m pip install -v --no-build-isolation -e ".$extras" 2>&1 | tee "$log" |
-    grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\]|error:|^ERROR|^FAILED' |
-    sed -u -E 's#^ *(\[[0-9]+/[0-9]+\]) .* -c ([^ ]+/)?([^ /]+\.(cpp|cu)) .*#\1 compiling \3#; s#^ *(\[[0-9]+/[0-9]+\]) .* -o ([^ ]+/)?([^ /]+\.so)$#\1 linking \3#' |
+  "$PY" -m pip install -v --no-build-isolation -e . 2>&1 | tee "$log" |
+    grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\]| -shared .* -o |^Collecting|^Installing collected|error:|^ERROR|^FAILED' |
+    sed -u -E 's#^ *(\[[0-9]+/[0-9]+\]) .* -c ([^ ]+/)?([^ /]+\.(cpp|cu)) .*#\1 compiling \3#; s#^.* -shared .* -o ([^ ]+/)?([^ /]+\.so)( .*)?$#linking \2#' |
     while IFS= read -r line; do printf '    %4d s  %s\n' $((SECONDS - t0)) "${line:0:160}"; done
   status=${PIPESTATUS[0]}
   set -o pipefail
@@ -63,10 +65,22 @@ build_progress() {
   fi
 }
 
+# The requirements of the package's extras, from its installed metadata (setup.py is the one list).
+extras_requirements() {
+  "$PY" - $TEST_EXTRAS <<'EOF'
+import importlib.metadata as md, re, sys
+for requirement in md.requires("hamur_fast") or []:
+    name, _, marker = requirement.partition(";")
+    extra = re.search(r"extra\s*==\s*[\"']([\w-]+)[\"']", marker)
+    if extra and extra.group(1) in sys.argv[1:]:
+        print(name.strip())
+EOF
+}
+
 mkdir -p build/run-sh
-stamp=build/run-sh/$job.stamp
-if [ "$(cat "$stamp" 2>/dev/null)" = "$(source_hash)" ]; then
-  say "set-up unchanged since the last call ($stamp): nothing to install or build"
+hash=$(source_hash)
+if [ "$(cat build/run-sh/build.stamp 2>/dev/null)" = "$hash" ]; then
+  say "hamur_fast is installed and built from these sources (build/run-sh/build.stamp): nothing to build"
 else
   # torch: keep an installed one (the GPU machine's CUDA build); otherwise the CPU 2.13.0 wheel. NumPy comes
   # with it, so that torch never starts without NumPy (its "Failed to initialize NumPy" warning).
@@ -76,15 +90,19 @@ else
     step "torch 2.13.0, NumPy and build tools" "$PY" -m pip install -q torch==2.13.0 numpy setuptools wheel ninja
   fi
   # The editable install builds hamur_fast._C (csrc/; the C++ build takes minutes on 2 cores).
-  step "hamur_fast$extras: dependencies and the C++ extension" build_progress
-  if [ "$job" = test ]; then
-    # After the extras (which bring TorchRec's other dependencies): FBGEMM, then TorchRec without its metadata's
-    # GPU-only fbgemm-gpu requirement, so that pip has no unmet requirement to report.
-    step "TorchRec and FBGEMM" env PYTHON="$PY" bash scripts/install_torchrec.sh
-  fi
-  source_hash > "$stamp"
-  say "set-up done in $((SECONDS - started)) s"
+  step "hamur_fast: dependencies and the C++ extension" build_progress
+  hash=$(source_hash)  # torch may be new
+  echo "$hash" > build/run-sh/build.stamp
 fi
+if [ "$job" = test ] && [ "$(cat build/run-sh/test.stamp 2>/dev/null)" != "$hash" ]; then
+  mapfile -t requirements < <(extras_requirements)
+  step "test extras: ${requirements[*]}" "$PY" -m pip install -q "${requirements[@]}"
+  # After the extras (which bring TorchRec's other dependencies): FBGEMM, then TorchRec without its metadata's
+  # GPU-only fbgemm-gpu requirement, so that pip has no unmet requirement to report.
+  step "TorchRec and FBGEMM" env PYTHON="$PY" bash scripts/install_torchrec.sh
+  echo "$hash" > build/run-sh/test.stamp
+fi
+[ $((SECONDS - started)) -lt 2 ] || say "set-up done in $((SECONDS - started)) s"
 
 case "$job" in
   demo) exec "$PY" -m hamur_fast.cli demo "$@" ;;
