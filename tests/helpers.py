@@ -114,14 +114,16 @@ def assert_matches_reference(backend, device, inputs, mode, training=True, dtype
     y, leaves, stats = run_with_grads(backend, dtype, device, inputs, mode, upstream, training)
     # What PyTorch's own paths reach at this precision (the plainest, and "torch"), where the problem is
     # ill-conditioned (groups of 2 or 3 rows amplify rounding by about var / eps).
-    plain_runs = [run_with_grads(b, dtype, "cpu", inputs, mode, upstream, training)[1] for b in ("reference", "torch")]
+    plain = [run_with_grads(b, dtype, "cpu", inputs, mode, upstream, training) for b in ("reference", "torch")]
+    plain_runs = [leaves for _, leaves, _ in plain]
     tolerance = 1e-5 if dtype == torch.float32 else 1e-12
     # The scale a cancelling sum's residue is held to: its terms' absolute sum, or the largest gradient.
     cancelling = max(grad_o_abs_sum(inputs, mode, upstream, training).max().item(),
                      max(leaf.grad.abs().max().item() for leaf in ref_leaves))
 
     assert y.dtype == dtype and y.device.type == device and torch.isfinite(y).all()
-    assert rel_err(y.cpu(), ref_y) <= tolerance
+    # Output and running statistics: the fixed tolerance, or what plain PyTorch reaches at this precision.
+    assert rel_err(y.cpu(), ref_y) <= max(tolerance, 4 * max(rel_err(p_y, ref_y) for p_y, _, _ in plain))
     for name, fast, slow, *plain in zip(NAMES, leaves, ref_leaves, *plain_runs):
         grad = fast.grad.cpu()
         assert grad.shape == slow.shape and torch.isfinite(grad).all(), name
@@ -132,6 +134,7 @@ def assert_matches_reference(backend, device, inputs, mode, training=True, dtype
             continue
         plain_error = max(rel_err(p.grad, slow.grad) for p in plain)
         assert rel_err(grad, slow.grad) <= max(tolerance, 4 * plain_error), name
-    for fast, slow in zip(stats, ref_stats):
+    for index, (fast, slow) in enumerate(zip(stats, ref_stats)):
         if slow is not None:
-            assert rel_err(fast.cpu(), slow) <= tolerance / 10
+            plain_error = max(rel_err(p_stats[index], slow) for _, _, p_stats in plain)
+            assert rel_err(fast.cpu(), slow) <= max(tolerance / 10, 4 * plain_error)
