@@ -91,6 +91,16 @@ def test_learning_curves_past_eight_domains_draw_four_lines(monkeypatch, tmp_pat
         "val AUC", "domain d0", "domain d1", "domain d2"]
 
 
+def test_domain_bars_say_how_many_domains_have_no_auc(monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure))
+    stats = {"auc": (0.7, 0.0), "auc_d0": (0.7, 0.01), "auc_d1": (math.nan, 0.0), "auc_d2": (0.6, 0.02)}
+    plots.plot_domain_auc({"hamur_mlp": stats, "mlp": {**stats, "auc_d1": (0.65, 0.0)}}, ["d0", "d1", "d2"],
+                          tmp_path / "b.png")
+    labels = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+    assert labels == ["hamur_mlp (1 domain(s) n/a)", "mlp"]
+
+
 def test_sweep_plot_past_eight_domains_draws_four_lines(monkeypatch, tmp_path):
     figures = []
     monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure))

@@ -102,7 +102,9 @@ def plot_domain_auc(summary: dict, domain_labels: list, path, title: str = "") -
     for i, (label, stats) in enumerate(summary.items()):
         means = [stats[k][0] for k in keys]
         stds = [stats[k][1] for k in keys]
-        axis.bar(x + (i - (len(summary) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=label)
+        missing = sum(not np.isfinite(m) for m in means[1:])  # no bar: too few test rows, or one class
+        axis.bar(x + (i - (len(summary) - 1) / 2) * width, means, width, yerr=stds, capsize=2,
+                 label=label + (f" ({missing} domain(s) n/a)" if missing else ""))
     values = [stats[k][0] for stats in summary.values() for k in keys if np.isfinite(stats[k][0])]
     if values:
         axis.set_ylim(max(0.0, min(values) - 0.03), min(1.0, max(values) + 0.02))
