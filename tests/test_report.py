@@ -78,14 +78,18 @@ def test_learning_curves_past_eight_domains_draw_four_lines(monkeypatch, tmp_pat
     monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure))
     rng = np.random.default_rng(1)
     history = [{"epoch": e, "train_loss": 0.6, "val_logloss": 0.6, "val_auc": 0.7,
-                **{f"val_auc_d{d}": (math.nan if d == 19 else 0.6 + rng.random() / 10) for d in range(20)}}
+                **{f"val_auc_d{d}": (math.nan if d == 19 else 0.6 + rng.random() / 10) for d in range(20)},
+                **{f"adapter0_{what}_d{d}": rng.random() for what in ("ratio", "grad", "shift") for d in range(20)}}
                for e in (1, 2, 3)]
     plots.plot_learning_curves(history, tmp_path / "c.png", train_counts=list(range(100, 2100, 100)))
     auc_axis = figures[0].axes[1]
     labels = [text.get_text() for text in auc_axis.get_legend().get_texts()]
     assert labels == ["val AUC", "worst domain (1 domain(s) n/a)", "best domain", "rare domains' mean (2)"]
-    few = [{key: value for key, value in row.items() if not key.startswith("val_auc_d") or int(key[9:]) < 3}
-           for row in history]
+    diagnostics = figures[0].axes[3:]  # the second row: ratio, grad, shift
+    assert [[t.get_text() for t in a.get_legend().get_texts()] for a in diagnostics] == [
+        ["median of 20", "min to max"]] * 3
+    few = [{key: value for key, value in row.items() if not key.startswith(("val_auc_d", "adapter"))
+            or (key.startswith("val_auc_d") and int(key[9:]) < 3)} for row in history]
     plots.plot_learning_curves(few, tmp_path / "d.png")
     assert [t.get_text() for t in figures[1].axes[1].get_legend().get_texts()] == [
         "val AUC", "domain d0", "domain d1", "domain d2"]

@@ -77,9 +77,18 @@ def _plot_domain_curves(axis, history: list, epochs: list, train_counts: list | 
 def _plot_adapter_diagnostics(history: list, epochs: list, axes) -> None:
     panels = [("ratio", "||DomainNorm(o)|| / ||x||"), ("grad", "factor gradient norm"),
               ("shift", "||W - W0|| / ||W0||")]
+    from .experiment import MANY_DOMAINS
+
     for axis, (what, ylabel) in zip(axes, panels):
-        for key in sorted(k for k in history[0] if k.startswith("adapter") and f"_{what}_" in k):
-            axis.plot(epochs, [row[key] for row in history], marker=".", label=key.replace(f"_{what}_", " "))
+        keys = sorted(k for k in history[0] if k.startswith("adapter") and f"_{what}_" in k)
+        if len(keys) <= MANY_DOMAINS:
+            for key in keys:
+                axis.plot(epochs, [row[key] for row in history], marker=".", label=key.replace(f"_{what}_", " "))
+        else:  # one line per domain and cell would bury the panel: the median and the range over them
+            values = np.array([[row[key] for key in keys] for row in history], dtype=np.float64)
+            axis.plot(epochs, np.nanmedian(values, axis=1), marker=".", label=f"median of {len(keys)}")
+            axis.fill_between(epochs, np.nanmin(values, axis=1), np.nanmax(values, axis=1), alpha=0.2,
+                              label="min to max")
         if what == "grad" and "hyper_grad" in history[0]:
             axis.plot(epochs, [row["hyper_grad"] for row in history], linestyle="--", color="k",
                       label="hyper-network")
