@@ -87,10 +87,3 @@ class MultiDomainData:
         for name in ("train", "val", "test"):
             if len(getattr(self, name)) == 0:
                 raise DataError(f"the {name} split is empty")
-
-    def summary(self) -> str:
-        d = self.feature_map.num_domains
-        parts = [f"{name}: {len(s):,} rows, per domain {s.domain_counts(d)}, "
-                 f"positive rate {s.label.mean().item():.3f}"
-                 for name, s in (("train", self.train), ("val", self.val), ("test", self.test))]
-        return "\n".join(parts)
