@@ -18,6 +18,7 @@ from .distributed import trainer as distributed_trainer
 from .data import DataError, load_dataset, read_prediction_input
 from .data.download import DATASETS, download
 from .inference import export_checkpoint
+from .inference.serving import export_checkpoint_serving, load_serving
 from .train import CheckpointError
 from .train import experiment as ex
 from .train.diagnostics import checkpoint_report
@@ -114,9 +115,15 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     if not args.output:
         raise ValueError("predict needs --output FILE (.csv or .parquet)")
-    trainer, _ = ex.load_trained(args.checkpoint, args.device, args.threads)
-    frame, split = read_prediction_input(args.input, trainer.feature_map)
-    out = frame.assign(domain_id=split.domain.numpy(), probability=trainer.predict(split).numpy())
+    if (args.checkpoint is None) == (args.model is None):
+        raise ValueError("predict needs exactly one of --checkpoint CHECKPOINT and --model ARTIFACT")
+    if args.model:  # a whole-model export (.pt2 or AOTInductor package): no checkpoint, no training stack
+        frame, domain, probability = load_serving(args.model).predict_file(args.input)
+    else:
+        trainer, _ = ex.load_trained(args.checkpoint, args.device, args.threads)
+        frame, split = read_prediction_input(args.input, trainer.feature_map)
+        domain, probability = split.domain, trainer.predict(split)
+    out = frame.assign(domain_id=domain.numpy(), probability=probability.numpy())
     output = Path(args.output)
     with atomic_path(output) as temporary:
         if output.suffix.lower() in {".parquet", ".pq"}:
@@ -130,8 +137,13 @@ def cmd_predict(args) -> int:
 def cmd_export(args) -> int:
     if not args.output:
         raise ValueError("export needs --output FILE (.pt2, or .onnx with --format onnx)")
-    path = export_checkpoint(args.checkpoint, args.output, args.format)
-    print(f"wrote the {args.format} export of {args.checkpoint} to {path}")
+    if args.inputs == "embedded":
+        path = export_checkpoint(args.checkpoint, args.output, args.format)
+    elif args.format == "onnx":
+        raise ValueError("ONNX export takes the embedded inputs (e, domain): add --inputs embedded")
+    else:
+        path = export_checkpoint_serving(args.checkpoint, args.output, args.format)
+    print(f"wrote the {args.format} export ({args.inputs} inputs) of {args.checkpoint} to {path}")
     return 0
 
 
@@ -263,12 +275,16 @@ def _parser() -> argparse.ArgumentParser:
                           help="also print the adapter diagnostics (contribution, gradient norms, factor shift)")
     predict = command("predict", cmd_predict, "click probabilities for a CSV/Parquet file in the raw layout",
                       config=False)
-    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--checkpoint", help="a training checkpoint (or give --model)")
+    predict.add_argument("--model", help="a whole-model export of `hamur-fast export` (.pt2 or AOTInductor package)")
     predict.add_argument("--input", required=True)
     export = command("export", cmd_export, "export a checkpoint's model: torch.export (.pt2) or ONNX",
                      config=False)
     export.add_argument("--checkpoint", required=True)
-    export.add_argument("--format", choices=["pt2", "onnx"], default="pt2")
+    export.add_argument("--format", choices=["pt2", "aoti", "onnx"], default="pt2",
+                        help="pt2: torch.export program; aoti: AOTInductor package (compiled, C++-loadable); onnx")
+    export.add_argument("--inputs", choices=["raw", "embedded"], default="raw",
+                        help="raw (default): ids and dense values in, feature map inside; embedded: (e, domain)")
     for name, handler, help_text in (("compare", cmd_compare, "several models x seeds: per-domain table and plot"),
                                      ("sweep", cmd_sweep, "one parameter over values x seeds: table and plot")):
         sub = command(name, handler, help_text)

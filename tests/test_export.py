@@ -33,7 +33,8 @@ def test_export_checkpoint_round_trip_through_the_cli(tmp_path, capsys):
 
     checkpoint, _ = train_checkpoint(tmp_path)
     core = load_trained(checkpoint, "cpu")[0].model.core.eval()
-    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "cli.pt2")]) == 0
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "cli.pt2"),
+                 "--inputs", "embedded"]) == 0
     assert "cli.pt2" in capsys.readouterr().out
     g = torch.Generator().manual_seed(0)
     e, domain = torch.randn(11, core.input_dim, generator=g), torch.randint(0, core.num_domains, (11,), generator=g)
