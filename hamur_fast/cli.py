@@ -123,7 +123,7 @@ def cmd_predict(args) -> int:
         trainer, _ = ex.load_trained(args.checkpoint, args.device, args.threads)
         frame, split = read_prediction_input(args.input, trainer.feature_map)
         domain, probability = split.domain, trainer.predict(split)
-    out = frame.assign(domain_id=domain.numpy(), probability=probability.numpy())
+    out = frame.assign(domain_id=domain.numpy(), probability=probability.cpu().numpy())
     output = Path(args.output)
     with atomic_path(output) as temporary:
         if output.suffix.lower() in {".parquet", ".pq"}:
@@ -142,7 +142,7 @@ def cmd_export(args) -> int:
     elif args.format == "onnx":
         raise ValueError("ONNX export takes the embedded inputs (e, domain): add --inputs embedded")
     else:
-        path = export_checkpoint_serving(args.checkpoint, args.output, args.format)
+        path = export_checkpoint_serving(args.checkpoint, args.output, args.format, args.device or "cpu")
     print(f"wrote the {args.format} export ({args.inputs} inputs) of {args.checkpoint} to {path}")
     return 0
 

@@ -173,6 +173,8 @@ def test_serving_errors_are_clear(trained, tmp_path, capsys):
         load_serving(tmp_path / "embedded.pt2")
     with pytest.raises(ValueError, match="no serving artifact"):
         load_serving(tmp_path / "absent.pt2")
+    with pytest.raises(ValueError, match="runners must be >= 1"):
+        load_serving(tmp_path / "embedded.pt2", runners=0)
     capsys.readouterr()
     for args in ([], ["--checkpoint", str(checkpoint), "--model", str(tmp_path / "embedded.pt2")]):
         assert main(["predict", *args, "--input", str(rows), "--output", str(tmp_path / "x.csv")]) == 2
@@ -185,7 +187,7 @@ def test_aoti_package_runs_concurrent_callers(trained, artifacts):
     """Several threads calling one loaded package get each their own rows' probabilities."""
     from concurrent.futures import ThreadPoolExecutor
 
-    served = load_serving(artifacts["aoti"])
+    served = load_serving(artifacts["aoti"], runners=2)  # two calls at once, the others wait
     ids, dense, domain, _ = served.encode(pd.read_csv(trained[1], dtype={"zip": str}))
     expected = served(ids, dense, domain)
     chunks = [slice(s, s + 37) for s in range(0, ROWS, 37)]

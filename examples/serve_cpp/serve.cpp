@@ -15,6 +15,7 @@
 //   prepare "movielens":               cate_id = the text of "genres" up to its first '|'
 // The graph takes (ids (B, S) int64, dense (B, Dn) float32, domain (B,) int64) and returns probabilities (B,).
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -309,23 +310,30 @@ class Encoder {
   std::map<std::string, long long> domains_;
 };
 
-std::vector<torch::Tensor> rows_slice(const std::vector<torch::Tensor>& inputs, int64_t start, int64_t count) {
-  return {inputs[0].narrow(0, start, count).contiguous(), inputs[1].narrow(0, start, count).contiguous(),
-          inputs[2].narrow(0, start, count).contiguous()};
+// Rows [start, start + count) of the inputs, on the package's device.
+std::vector<torch::Tensor> rows_slice(const std::vector<torch::Tensor>& inputs, int64_t start, int64_t count,
+                                      const torch::Device& device) {
+  std::vector<torch::Tensor> out;
+  for (const auto& t : inputs) out.push_back(t.narrow(0, start, count).contiguous().to(device));
+  return out;
 }
 
 // CALLS timed calls of `batch` rows (the rows repeated as needed); prints "p50_us p99_us".
 void time_calls(torch::inductor::AOTIModelPackageLoader& loader, const std::vector<torch::Tensor>& inputs,
-                int64_t batch, int calls) {
+                int64_t batch, int calls, const torch::Device& device) {
   const int64_t n = inputs[0].size(0);
   auto index = torch::arange(batch, torch::kInt64).remainder(n);
-  std::vector<torch::Tensor> call = {inputs[0].index_select(0, index), inputs[1].index_select(0, index),
-                                     inputs[2].index_select(0, index)};
-  for (int i = 0; i < std::max(10, calls / 10); ++i) loader.run(call);  // warm-up
+  std::vector<torch::Tensor> call;
+  for (const auto& t : inputs) call.push_back(t.index_select(0, index).to(device));
+  auto run = [&] {
+    loader.run(call);
+    if (device.is_cuda()) torch::cuda::synchronize();  // the call ends when its kernels have run
+  };
+  for (int i = 0; i < std::max(10, calls / 10); ++i) run();  // warm-up
   std::vector<double> us;
   for (int i = 0; i < calls; ++i) {
     auto start = std::chrono::steady_clock::now();
-    loader.run(call);
+    run();
     us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count());
   }
   std::sort(us.begin(), us.end());
@@ -356,15 +364,17 @@ int main(int argc, char** argv) {
     if (document == metadata.end())
       throw std::runtime_error(std::string(argv[1]) + " has no hamur_fast.serving metadata: not a whole-model export");
     Encoder encoder(document->second);
+    // "cpu" or "cuda": what the package was compiled for (hamur-fast export --device).
+    const torch::Device device(metadata.count("AOTI_DEVICE_KEY") ? metadata["AOTI_DEVICE_KEY"] : "cpu");
     auto inputs = encoder.encode(read_csv(argv[2]));
     const int64_t n = inputs[0].size(0);
     if (calls > 0) {
-      time_calls(loader, inputs, batch > 0 ? batch : n, calls);
+      time_calls(loader, inputs, batch > 0 ? batch : n, calls, device);
       return 0;
     }
     const int64_t step = batch > 0 ? batch : n;
     for (int64_t start = 0; start < n; start += step) {
-      auto probability = loader.run(rows_slice(inputs, start, std::min(step, n - start)))[0];
+      auto probability = loader.run(rows_slice(inputs, start, std::min(step, n - start), device))[0].cpu();
       auto p = probability.accessor<float, 1>();
       for (int64_t i = 0; i < p.size(0); ++i) std::printf("%.9g\n", p[i]);
     }

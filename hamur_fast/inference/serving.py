@@ -78,13 +78,16 @@ class ServingModel(nn.Module):
         self.core = core
 
     def forward(self, ids: torch.Tensor, dense: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        return self.core(self.embed(ids, dense, domain), domain)
+
+    def embed(self, ids: torch.Tensor, dense: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        """The instance embedding ``e`` (B, input_dim), as the checkpoint's FeatureEmbedding makes it."""
         ids = torch.where((ids >= 0) & (ids < self.sizes), ids, torch.zeros_like(ids))
         if self.domain_indicator:
             ids = torch.cat([ids, (domain + 1).unsqueeze(1)], dim=1)
         rows = self.table[ids + self.offsets]  # (B, fields, embed_dim)
         scaled = (dense.to(self.table.dtype) - self.low) / self.span
-        e = torch.cat([rows.flatten(1), scaled], dim=1)
-        return self.core(e, domain)
+        return torch.cat([rows.flatten(1), scaled], dim=1)
 
 
 def serving_model(ctr_model: nn.Module, feature_map, device="cpu") -> ServingModel:
@@ -98,10 +101,11 @@ def serving_model(ctr_model: nn.Module, feature_map, device="cpu") -> ServingMod
     return ServingModel(feature_map, features, fold_for_inference(core, device)).eval()
 
 
-def serving_json(feature_map) -> str:
-    """The one JSON document an artifact carries: the feature map and the graph's inputs."""
+def serving_json(feature_map, device="cpu") -> str:
+    """The one JSON document an artifact carries: the feature map, the graph's inputs and its device."""
     return json.dumps({
         "format": 1,
+        "device": torch.device(device).type,
         "feature_map": feature_map.to_dict(),
         "inputs": {"ids": list(feature_map.schema.sparse), "dense": list(feature_map.schema.dense),
                    "domain": feature_map.schema.domain},
@@ -117,20 +121,22 @@ def example_inputs(feature_map, batch: int = 8, device="cpu"):
     return ids, dense, domain
 
 
-def export_serving(ctr_model: nn.Module, feature_map, path, format: str = "pt2") -> Path:
-    """Write the whole CTR model (raw ids and dense values -> probabilities) with its feature map to ``path``."""
+def export_serving(ctr_model: nn.Module, feature_map, path, format: str = "pt2", device="cpu") -> Path:
+    """Write the whole CTR model (raw ids and dense values -> probabilities) with its feature map to ``path``.
+
+    ``device``: where the artifact computes (an AOTInductor package is compiled for it: ``cuda`` on a GPU)."""
     if format not in SERVING_FORMATS:
         raise ValueError(f"format must be one of {SERVING_FORMATS} for a whole-model export, got {format!r}")
-    model = serving_model(ctr_model, feature_map)
+    model = serving_model(ctr_model, feature_map, device)
     if format == "aoti" and needs_whole_batch(model):
         raise ValueError("an AOTInductor package serves rows independently, but this model standardises over "
                          "the whole batch in eval (released-mode DomainNorm): export it as pt2, or use mode=paper")
-    program = _export(model, feature_map)
+    program = _export(model, feature_map, device)
     leftover = custom_ops(program)
     if leftover:  # backend="torch" should leave none; a zoo model with its own op would need its library
         raise ValueError(f"the graph still calls the custom op(s) {leftover}; serving artifacts take standard ops")
     path = Path(path)
-    document = serving_json(feature_map)
+    document = serving_json(feature_map, device)
     if format == "pt2":
         buffer = io.BytesIO()
         torch.export.save(program, buffer, extra_files={SERVING_FILE: document})
@@ -140,10 +146,10 @@ def export_serving(ctr_model: nn.Module, feature_map, path, format: str = "pt2")
     return path
 
 
-def _export(model: ServingModel, feature_map):
+def _export(model: ServingModel, feature_map, device):
     batch = torch.export.Dim("batch", min=2 if needs_whole_batch(model) else 1)
     with torch.no_grad():
-        return torch.export.export(model, example_inputs(feature_map),
+        return torch.export.export(model, example_inputs(feature_map, device=device),
                                    dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
 
 
@@ -162,12 +168,12 @@ def _compile_package(program, path: Path, document: str) -> None:
             os.unlink(temporary)
 
 
-def export_checkpoint_serving(checkpoint, path, format: str = "pt2") -> Path:
+def export_checkpoint_serving(checkpoint, path, format: str = "pt2", device="cpu") -> Path:
     """:func:`export_serving` of a training checkpoint's best weights and feature map."""
     from ..train import load_trained  # the training stack is needed only to read a checkpoint
 
     trainer, _ = load_trained(checkpoint, "cpu")
-    return export_serving(trainer.model, trainer.feature_map, path, format)
+    return export_serving(trainer.model, trainer.feature_map, path, format, device)
 
 
 class ServedModel:
@@ -177,13 +183,15 @@ class ServedModel:
     Thread-safe: the feature map is only read, and both runtimes may be called from several threads.
     """
 
-    def __init__(self, run, feature_map, kind: str):
-        self._run, self.feature_map, self.kind = run, feature_map, kind
+    def __init__(self, run, feature_map, kind: str, device: str):
+        self._run, self.feature_map, self.kind, self.device = run, feature_map, kind, torch.device(device)
 
     def __call__(self, ids: torch.Tensor, dense: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        """Probabilities (B,), on the artifact's device, of encoded rows (moved there if need be)."""
         with torch.inference_mode():
-            return self._run(ids.to(torch.int64).contiguous(), dense.to(torch.float32).contiguous(),
-                             domain.to(torch.int64).contiguous())
+            return self._run(ids.to(self.device, torch.int64).contiguous(),
+                             dense.to(self.device, torch.float32).contiguous(),
+                             domain.to(self.device, torch.int64).contiguous())
 
     def predict_frame(self, frame, where="input") -> torch.Tensor:
         """Probabilities of the rows of a frame in the training data's raw layout (label optional)."""
@@ -191,13 +199,7 @@ class ServedModel:
 
     def encode(self, frame, where="input"):
         """``(ids, dense, domain, split)``: the graph's inputs for a raw frame, and its encoded split."""
-        from ..data.load import PREPARE
-
-        fm = self.feature_map
-        if fm.prepare is not None:
-            frame = PREPARE[fm.prepare](frame)
-        split = fm.transform(frame, where, with_label=fm.schema.label in frame.columns, scale=False)
-        return (*encode_split(split, fm), split)
+        return encode_frame(self.feature_map, frame, where)
 
     def predict_file(self, path):
         """``(raw frame, domain ids, probabilities)`` for a CSV/Parquet file in the training data's raw layout."""
@@ -207,26 +209,46 @@ class ServedModel:
         return frame, split.domain, self(*encode_split(split, self.feature_map))
 
 
+def encode_frame(feature_map, frame, where="input"):
+    """The encoding step in Python: ``(ids, dense, domain, split)`` for a frame in the raw layout."""
+    from ..data.load import PREPARE
+
+    if feature_map.prepare is not None:
+        frame = PREPARE[feature_map.prepare](frame)
+    with_label = feature_map.schema.label in frame.columns
+    split = feature_map.transform(frame, where, with_label=with_label, scale=False)
+    return (*encode_split(split, feature_map), split)
+
+
 def encode_split(split, feature_map):
     """The graph's inputs from a split encoded with ``scale=False``."""
     fields = len(feature_map.schema.sparse)
     return split.sparse[:, :fields].to(torch.int64), split.dense, split.domain.to(torch.int64)
 
 
-def load_serving(path) -> ServedModel:
-    """Load a whole-model artifact written by :func:`export_serving`, ``.pt2`` or AOTInductor package."""
+def load_serving(path, runners: int = 1) -> ServedModel:
+    """Load a whole-model artifact written by :func:`export_serving`, ``.pt2`` or AOTInductor package.
+
+    ``runners``: how many calls of an AOTInductor package may run at once (each runner holds its own
+    activation buffers; further concurrent callers wait for one). A ``.pt2`` program has no such limit."""
+    from torch._inductor.package import load_package
+
     from ..data import FeatureMap
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no serving artifact at {path}")
+    if int(runners) < 1:
+        raise ValueError(f"runners must be >= 1, got {runners}")
     if _is_aoti_package(path):
-        compiled = torch._inductor.aoti_load_package(str(path))
+        compiled = load_package(str(path), "model", num_runners=int(runners))
         document = compiled.get_metadata().get(SERVING_METADATA)
         if document is None:
             raise ValueError(f"{path}: an AOTInductor package without a {SERVING_METADATA!r} entry: not written by "
                              "hamur-fast export (whole model)")
-        run, kind = compiled, "aoti"
+        loader = compiled.loader
+        # The loader's own entry: AOTICompiledModel.__call__ re-parses the call spec (JSON) on every call.
+        run, kind = (lambda ids, dense, domain: loader.boxed_run([ids, dense, domain])[0]), "aoti"
     else:
         extra = {SERVING_FILE: ""}
         module = load_exported(path, extra_files=extra)
@@ -234,7 +256,8 @@ def load_serving(path) -> ServedModel:
             raise ValueError(f"{path}: a .pt2 without {SERVING_FILE}: an embedded-input export ((e, domain) -> "
                              "probabilities; load it with load_exported), not a whole-model one")
         run, kind, document = module, "pt2", extra[SERVING_FILE]
-    return ServedModel(run, FeatureMap.from_dict(json.loads(document)["feature_map"]), kind)
+    content = json.loads(document)
+    return ServedModel(run, FeatureMap.from_dict(content["feature_map"]), kind, content.get("device", "cpu"))
 
 
 def _is_aoti_package(path: Path) -> bool:
