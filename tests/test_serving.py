@@ -173,6 +173,9 @@ def test_serving_errors_are_clear(trained, tmp_path, capsys):
         load_serving(tmp_path / "embedded.pt2")
     with pytest.raises(ValueError, match="no serving artifact"):
         load_serving(tmp_path / "absent.pt2")
+    (tmp_path / "text.pt2").write_text("not an archive")
+    with pytest.raises(ValueError, match="not a zip file"):
+        load_serving(tmp_path / "text.pt2")
     with pytest.raises(ValueError, match="runners must be >= 1"):
         load_serving(tmp_path / "embedded.pt2", runners=0)
     capsys.readouterr()
@@ -183,11 +186,12 @@ def test_serving_errors_are_clear(trained, tmp_path, capsys):
     assert "--inputs embedded" in capsys.readouterr().err
 
 
-def test_aoti_package_runs_concurrent_callers(trained, artifacts):
-    """Several threads calling one loaded package get each their own rows' probabilities."""
+@pytest.mark.parametrize("kind", ["pt2", "aoti"])
+def test_one_loaded_artifact_serves_concurrent_callers(trained, artifacts, kind):
+    """Several threads calling one loaded artifact get each their own rows' probabilities."""
     from concurrent.futures import ThreadPoolExecutor
 
-    served = load_serving(artifacts["aoti"], runners=2)  # two calls at once, the others wait
+    served = load_serving(artifacts[kind], runners=2)  # a package runs two calls at once, the others wait
     ids, dense, domain, _ = served.encode(pd.read_csv(trained[1], dtype={"zip": str}))
     expected = served(ids, dense, domain)
     chunks = [slice(s, s + 37) for s in range(0, ROWS, 37)]

@@ -42,13 +42,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .export import _check_archive, _write_bytes, custom_ops, load_exported
+from .export import _write_bytes, custom_ops, load_exported
 from .folding import fold_for_inference, needs_whole_batch
 
 SERVING_FORMATS = ("pt2", "aoti")
 SERVING_FILE = "hamur_fast_serving.json"  # extra file of a .pt2
 SERVING_METADATA = "hamur_fast.serving"  # metadata key of an AOTInductor package
-INPUT_NAMES = ("ids", "dense", "domain")
 
 
 class ServingModel(nn.Module):
@@ -265,5 +264,4 @@ def _is_aoti_package(path: Path) -> bool:
         with zipfile.ZipFile(path) as archive:
             return any("/data/aotinductor/" in name for name in archive.namelist())
     except zipfile.BadZipFile:
-        _check_archive(path.read_bytes(), path)  # raises the loader's own "not a .pt2 archive" message
-        raise
+        raise ValueError(f"{path}: not a serving artifact (not a zip file)") from None
