@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
 
 from . import distributed
 from .distributed import trainer as distributed_trainer
@@ -118,6 +119,7 @@ def cmd_predict(args) -> int:
     if (args.checkpoint is None) == (args.model is None):
         raise ValueError("predict needs exactly one of --checkpoint CHECKPOINT and --model ARTIFACT")
     if args.model:  # a whole-model export (.pt2 or AOTInductor package): no checkpoint, no training stack
+        torch.set_num_threads(args.threads or DEFAULT_THREADS)
         frame, domain, probability = load_serving(args.model).predict_file(args.input)
     else:
         trainer, _ = ex.load_trained(args.checkpoint, args.device, args.threads)

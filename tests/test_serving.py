@@ -24,7 +24,7 @@ from hamur_fast.inference import export_serving, load_serving
 from hamur_fast.inference.serving import serving_model
 from hamur_fast.train import load_trained, train_run
 
-from data_files import write_merged_csv
+from data_files import write_aliccp, write_merged_csv
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = 1000
@@ -199,3 +199,18 @@ def test_one_loaded_artifact_serves_concurrent_callers(trained, artifacts, kind)
         results = list(pool.map(lambda c: served(ids[c], dense[c], domain[c]), chunks * 3))
     assert_close(torch.cat(results[:len(chunks)]), expected.numpy(), "threads")
     assert all(torch.equal(a, b) for a, b in zip(results, results[:len(chunks)] * 3))
+
+
+def test_a_domain_column_that_is_also_a_sparse_field(tmp_path):
+    """Ali-CCP layout: the domain field 301 is itself embedded (no domain-indicator field is appended)."""
+    train, val, test = write_aliccp(tmp_path / "aliccp", rows=(300, 100, 100))
+    model = {"name": "hamur_mlp", "embed_dim": 4, "dims": [16, 8], "hyper_dims": [8], "rank": 4, "bottleneck": 4}
+    train_run({"data": {"kind": "aliccp", "train": str(train), "val": str(val), "test": str(test)}, "model": model,
+               "train": {"batch_size": 128, "epochs": 1, "seed": 3, "device": "cpu", "threads": 1}},
+              run_dir=tmp_path / "run", progress=False, warn_replace=False)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    assert load_trained(checkpoint, "cpu")[0].feature_map.schema.domain_is_sparse
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.pt2")]) == 0
+    expected = scored(["--checkpoint", str(checkpoint), "--input", str(test)], tmp_path / "checkpoint.csv")
+    through = scored(["--model", str(tmp_path / "m.pt2"), "--input", str(test)], tmp_path / "model.csv")
+    assert_close(through["probability"], expected["probability"], "Ali-CCP layout, .pt2")
