@@ -138,7 +138,7 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     if not args.output:
-        raise ValueError("export needs --output FILE (.pt2, or .onnx with --format onnx)")
+        raise ValueError("export needs --output FILE (.pt2 for --format pt2 and aoti, .onnx for --format onnx)")
     if args.inputs == "embedded":
         path = export_checkpoint(args.checkpoint, args.output, args.format)
     elif args.format == "onnx":
@@ -280,8 +280,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--checkpoint", help="a training checkpoint (or give --model)")
     predict.add_argument("--model", help="a whole-model export of `hamur-fast export` (.pt2 or AOTInductor package)")
     predict.add_argument("--input", required=True)
-    export = command("export", cmd_export, "export a checkpoint's model: torch.export (.pt2) or ONNX",
-                     config=False)
+    export = command("export", cmd_export, "export a checkpoint's model: torch.export (.pt2), AOTInductor package "
+                     "or ONNX; by default the whole model (raw rows in, the feature map inside)", config=False)
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--format", choices=["pt2", "aoti", "onnx"], default="pt2",
                         help="pt2: torch.export program; aoti: AOTInductor package (compiled, C++-loadable); onnx")
