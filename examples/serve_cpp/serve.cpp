@@ -4,7 +4,8 @@
 //   hamur_serve PACKAGE ROWS.csv [--batch N]            one probability per row on stdout (%.9g)
 //   hamur_serve PACKAGE ROWS.csv --time CALLS --batch N  p50 and p99 microseconds of CALLS calls of N rows
 //
-// ROWS.csv is in the training data's raw layout (a header line, then one row per line; RFC 4180 quoting).
+// ROWS.csv is in the training data's raw layout: UTF-8 CSV, a header line, then one row per line (RFC 4180
+// quoting; Parquet input is for `hamur-fast predict --model`).
 // The package carries its feature map as the JSON metadata entry "hamur_fast.serving" (see
 // hamur_fast/inference/serving.py); this program does the documented encoding step with it:
 //   sparse column, text vocabulary:    id = position of the cell's text in the vocabulary + 1, else 0
@@ -165,7 +166,8 @@ std::vector<std::vector<std::string>> read_csv(const std::string& path) {
   if (!file) throw std::runtime_error("cannot read " + path);
   std::stringstream buffer;
   buffer << file.rdbuf();
-  const std::string data = buffer.str();
+  std::string data = buffer.str();
+  if (data.rfind("\xEF\xBB\xBF", 0) == 0) data.erase(0, 3);  // a UTF-8 byte-order mark, as pandas skips it
   std::vector<std::vector<std::string>> rows(1);
   std::string cell;
   bool quoted = false;
