@@ -139,13 +139,14 @@ def cmd_predict(args) -> int:
 def cmd_export(args) -> int:
     if not args.output:
         raise ValueError("export needs --output FILE (.pt2 for --format pt2 and aoti, .onnx for --format onnx)")
-    if args.inputs == "embedded":
+    inputs = args.inputs or ("embedded" if args.format == "onnx" else "raw")
+    if inputs == "embedded":
         path = export_checkpoint(args.checkpoint, args.output, args.format)
     elif args.format == "onnx":
-        raise ValueError("ONNX export takes the embedded inputs (e, domain): add --inputs embedded")
+        raise ValueError("ONNX export takes the embedded inputs (e, domain): drop --inputs raw")
     else:
         path = export_checkpoint_serving(args.checkpoint, args.output, args.format, args.device or "cpu")
-    print(f"wrote the {args.format} export ({args.inputs} inputs) of {args.checkpoint} to {path}")
+    print(f"wrote the {args.format} export ({inputs} inputs) of {args.checkpoint} to {path}")
     return 0
 
 
@@ -285,8 +286,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--format", choices=["pt2", "aoti", "onnx"], default="pt2",
                         help="pt2: torch.export program; aoti: AOTInductor package (compiled, C++-loadable); onnx")
-    export.add_argument("--inputs", choices=["raw", "embedded"], default="raw",
-                        help="raw (default): ids and dense values in, feature map inside; embedded: (e, domain)")
+    export.add_argument("--inputs", choices=["raw", "embedded"],
+                        help="raw (pt2 and aoti default): ids and dense values in, feature map inside; "
+                             "embedded (onnx default): (e, domain) in")
     for name, handler, help_text in (("compare", cmd_compare, "several models x seeds: per-domain table and plot"),
                                      ("sweep", cmd_sweep, "one parameter over values x seeds: table and plot")):
         sub = command(name, handler, help_text)

@@ -182,8 +182,9 @@ def test_serving_errors_are_clear(trained, tmp_path, capsys):
     for args in ([], ["--checkpoint", str(checkpoint), "--model", str(tmp_path / "embedded.pt2")]):
         assert main(["predict", *args, "--input", str(rows), "--output", str(tmp_path / "x.csv")]) == 2
         assert "exactly one of --checkpoint" in capsys.readouterr().err
-    assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 2
-    assert "--inputs embedded" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--inputs", "raw",
+                 "--output", str(tmp_path / "m.onnx")]) == 2
+    assert "ONNX export takes the embedded inputs" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["pt2", "aoti"])
