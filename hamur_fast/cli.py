@@ -12,12 +12,14 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
 
 from . import distributed
 from .distributed import trainer as distributed_trainer
 from .data import DataError, load_dataset, read_prediction_input
 from .data.download import DATASETS, download
 from .inference import export_checkpoint
+from .inference.serving import export_checkpoint_serving, load_serving
 from .train import CheckpointError
 from .train import experiment as ex
 from .train import report
@@ -31,7 +33,7 @@ DEMO_CONFIG = {
     "train": {"epochs": 6, "batch_size": 1024, "patience": 3},
 }
 DEMO_SEEDS = "1,2,3"
-EXPORT_FORMATS = {".pt2": "pt2", ".onnx": "onnx"}  # --output extension -> export format
+EXPORT_FORMATS = {".pt2": ("pt2", "aoti"), ".onnx": ("onnx",)}  # --output extension -> formats, default first
 # These models are small: one intra-op thread is about as fast as two, and on busy shared cores far faster.
 # Results depend on the thread count (not on the run): the checkpoint records it and a resume reuses it.
 DEFAULT_THREADS = 1
@@ -119,9 +121,16 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     if not args.output:
         raise ValueError("predict needs --output FILE (.csv or .parquet)")
-    trainer, _ = ex.load_trained(args.checkpoint, args.device, args.threads)
-    frame, split = read_prediction_input(args.input, trainer.feature_map)
-    out = frame.assign(domain_id=split.domain.numpy(), probability=trainer.predict(split).numpy())
+    if (args.checkpoint is None) == (args.model is None):
+        raise ValueError("predict needs exactly one of --checkpoint CHECKPOINT and --model ARTIFACT")
+    if args.model:  # a whole-model export (.pt2 or AOTInductor package): no checkpoint, no training stack
+        torch.set_num_threads(args.threads or DEFAULT_THREADS)
+        frame, domain, probability = load_serving(args.model).predict_file(args.input)
+    else:
+        trainer, _ = ex.load_trained(args.checkpoint, args.device, args.threads)
+        frame, split = read_prediction_input(args.input, trainer.feature_map)
+        domain, probability = split.domain, trainer.predict(split)
+    out = frame.assign(domain_id=domain.numpy(), probability=probability.cpu().numpy())
     output = Path(args.output)
     with atomic_path(output) as temporary:
         if output.suffix.lower() in {".parquet", ".pq"}:
@@ -134,15 +143,23 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     if not args.output:
-        raise ValueError("export needs --output FILE (.pt2 for torch.export, .onnx for ONNX)")
-    fmt = EXPORT_FORMATS.get(Path(args.output).suffix.lower())
-    if fmt is None:
-        raise ValueError(f"--output {args.output}: the extension names the format, .pt2 (torch.export) or .onnx")
-    if args.format not in (None, fmt):
-        raise ValueError(f"--format {args.format} does not match --output {args.output} (a .{fmt} file): drop "
-                         "--format or change the extension")
-    path = export_checkpoint(args.checkpoint, args.output, fmt)
-    print(f"wrote the {fmt} export of {args.checkpoint} to {path}")
+        raise ValueError("export needs --output FILE (.pt2 for --format pt2 and aoti, .onnx for --format onnx)")
+    allowed = EXPORT_FORMATS.get(Path(args.output).suffix.lower())
+    if allowed is None:
+        raise ValueError(f"--output {args.output}: the extension names the format, .pt2 (torch.export or "
+                         "AOTInductor package) or .onnx")
+    if args.format not in (None, *allowed):
+        raise ValueError(f"--format {args.format} does not match --output {args.output} (a {'/'.join(allowed)} "
+                         "file): drop --format or change the extension")
+    fmt = args.format or allowed[0]
+    inputs = args.inputs or ("embedded" if fmt == "onnx" else "raw")
+    if inputs == "embedded":
+        path = export_checkpoint(args.checkpoint, args.output, fmt)
+    elif fmt == "onnx":
+        raise ValueError("ONNX export takes the embedded inputs (e, domain): drop --inputs raw")
+    else:
+        path = export_checkpoint_serving(args.checkpoint, args.output, fmt, args.device or "cpu")
+    print(f"wrote the {fmt} export ({inputs} inputs) of {args.checkpoint} to {path}")
     return 0
 
 
@@ -268,13 +285,18 @@ def _parser() -> argparse.ArgumentParser:
                           help="also print the adapter diagnostics (contribution, gradient norms, factor shift)")
     predict = command("predict", cmd_predict, "click probabilities for a CSV/Parquet file in the raw layout",
                       config=False)
-    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--checkpoint", help="a training checkpoint (or give --model)")
+    predict.add_argument("--model", help="a whole-model export of `hamur-fast export` (.pt2 or AOTInductor package)")
     predict.add_argument("--input", required=True)
-    export = command("export", cmd_export, "export a checkpoint's model: torch.export (.pt2) or ONNX",
-                     config=False)
+    export = command("export", cmd_export, "export a checkpoint's model: torch.export (.pt2), AOTInductor package "
+                     "or ONNX; by default the whole model (raw rows in, the feature map inside)", config=False)
     export.add_argument("--checkpoint", required=True)
-    export.add_argument("--format", choices=sorted(set(EXPORT_FORMATS.values())),
-                        help="optional: the --output extension decides (.pt2 or .onnx); a different --format is refused")
+    export.add_argument("--format", choices=["pt2", "aoti", "onnx"],
+                        help="optional: the --output extension decides (.pt2: pt2, or aoti for an AOTInductor "
+                             "package; .onnx: onnx); a format the extension does not name is refused")
+    export.add_argument("--inputs", choices=["raw", "embedded"],
+                        help="raw (pt2 and aoti default): ids and dense values in, feature map inside; "
+                             "embedded (onnx default): (e, domain) in")
     for name, handler, help_text in (("compare", cmd_compare, "several models x seeds: per-domain table and plot"),
                                      ("sweep", cmd_sweep, "one parameter over values x seeds: table and plot")):
         sub = command(name, handler, help_text)

@@ -33,7 +33,8 @@ def test_export_checkpoint_round_trip_through_the_cli(tmp_path, capsys):
 
     checkpoint, _ = train_checkpoint(tmp_path)
     core = load_trained(checkpoint, "cpu")[0].model.core.eval()
-    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "cli.pt2")]) == 0
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "cli.pt2"),
+                 "--inputs", "embedded"]) == 0
     assert "cli.pt2" in capsys.readouterr().out
     g = torch.Generator().manual_seed(0)
     e, domain = torch.randn(11, core.input_dim, generator=g), torch.randint(0, core.num_domains, (11,), generator=g)
@@ -178,10 +179,13 @@ def test_cli_takes_the_format_from_the_extension_and_refuses_a_mismatch(tmp_path
     written = []
     monkeypatch.setattr(cli, "export_checkpoint", lambda checkpoint, path, fmt: written.append(fmt) or path)
     assert main(["export", "--checkpoint", "c.pt", "--output", str(tmp_path / "m.onnx")]) == 0
-    assert main(["export", "--checkpoint", "c.pt", "--output", str(tmp_path / "m.PT2"), "--format", "pt2"]) == 0
+    assert main(["export", "--checkpoint", "c.pt", "--output", str(tmp_path / "m.PT2"), "--format", "pt2",
+                 "--inputs", "embedded"]) == 0
     assert written == ["onnx", "pt2"]
     assert main(["export", "--checkpoint", "c.pt", "--output", str(tmp_path / "m.onnx"), "--format", "pt2"]) == 2
     assert "--format pt2 does not match --output" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", "c.pt", "--output", str(tmp_path / "m.onnx"), "--format", "aoti"]) == 2
+    assert "--format aoti does not match --output" in capsys.readouterr().err
     assert main(["export", "--checkpoint", "c.pt", "--output", str(tmp_path / "m.bin")]) == 2
-    assert "the extension names the format, .pt2 (torch.export) or .onnx" in capsys.readouterr().err
+    assert "the extension names the format, .pt2 (torch.export or AOTInductor package) or .onnx" in capsys.readouterr().err
     assert written == ["onnx", "pt2"]  # refused before any work

@@ -26,6 +26,9 @@ NOT_RUN = {
     "bash scripts/run.sh test": "installs with pip (network) and then runs this very suite",
     "hamur-fast download movielens-1m": "needs the internet: tests/test_download.py runs it against a local "
                                         "server, and data/ml-1m is written here instead",
+    "cmake -S examples/serve_cpp": "the C++ build: tests/test_serving.py builds examples/serve_cpp this way",
+    "cmake --build build/serve_cpp": "the C++ build: tests/test_serving.py builds examples/serve_cpp this way",
+    "build/serve_cpp/hamur_serve": "the C++ runner: tests/test_serving.py runs it against predict --checkpoint",
 }
 SMALLER = {
     "demo": ["--epochs", "1", "--seeds", "1", "--set", "data.rows=3000"],

@@ -107,9 +107,10 @@ class FeatureMap:
         fm._scale(split.dense)
         return fm, split
 
-    def transform(self, frame: pd.DataFrame, where="input", with_label: bool = True) -> TensorSplit:
-        """Encode a frame with the fitted map; unseen categories get id 0, dense values the training scaling."""
-        return self._encode(frame, where, with_label, scale=True)
+    def transform(self, frame: pd.DataFrame, where="input", with_label: bool = True, scale: bool = True) -> TensorSplit:
+        """Encode a frame with the fitted map; unseen categories get id 0, dense values the training scaling
+        (``scale=False``: the raw values, for a serving graph that scales them itself)."""
+        return self._encode(frame, where, with_label, scale=scale)
 
     def _grow(self, frame: pd.DataFrame, where) -> None:
         """Extend vocabularies (and an order-of-appearance domain mapping) with this chunk's new values."""

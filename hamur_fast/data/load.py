@@ -39,14 +39,14 @@ def load_dataset(config: dict, feature_map: FeatureMap | None = None,
         raise DataError(f"data section for kind {kind!r}: {err}") from None
 
 
-def read_prediction_input(path, feature_map: FeatureMap) -> tuple:
+def read_prediction_input(path, feature_map: FeatureMap, scale: bool = True) -> tuple:
     """``(raw frame, encoded split)`` for a CSV/Parquet file in the training data's raw layout; the label
-    column is optional here (encoded when present)."""
+    column is optional here (encoded when present); ``scale=False`` keeps the dense values raw."""
     # Columns whose training vocabulary is text are read as text (a code like "02138" keeps its zero).
     text_columns = {c: str for c, vocabulary in feature_map.vocabularies.items() if vocabulary.dtype.kind == "O"}
     frame = read_table(path, dtype=text_columns)
     if feature_map.prepare is not None:
         frame = PREPARE[feature_map.prepare](frame)
     with_label = feature_map.schema.label in frame.columns
-    return frame, feature_map.transform(frame, str(path), with_label=with_label)
+    return frame, feature_map.transform(frame, str(path), with_label=with_label, scale=scale)
 

@@ -101,11 +101,12 @@ def export_program(model: nn.Module, example_e: torch.Tensor, example_domain: to
                                    dynamic_shapes=({0: batch}, {0: batch}))
 
 
-def load_exported(path) -> nn.Module:
+def load_exported(path, extra_files: dict | None = None) -> nn.Module:
     """Load a ``.pt2`` written by :func:`export_model`: a module ``(e, domain) -> probabilities``.
 
     Nothing in the file is unpickled beyond tensors: an archive with any other content is refused
-    (``ValueError`` naming the member) before torch reads it."""
+    (``ValueError`` naming the member) before torch reads it. ``extra_files`` (name -> "") is filled with
+    the text of the archive's extra JSON files of those names (a whole-model export's feature map)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no exported model at {path}")
@@ -113,7 +114,7 @@ def load_exported(path) -> nn.Module:
     _check_archive(data, path)
     # Importing this module imported hamur_fast, which registered the custom ops the graph may call.
     try:
-        program = torch.export.load(io.BytesIO(data))
+        program = torch.export.load(io.BytesIO(data), extra_files=extra_files)
     except Exception as err:  # a damaged graph: torch raises many types
         raise ValueError(f"{path}: not a loadable torch.export program ({type(err).__name__}: "
                          f"{(str(err).splitlines() or [''])[0]})") from None
