@@ -9,11 +9,14 @@ torch.compile is tracing, and can be switched off with
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 
 _VALUE_CHECKS = True
-_ALREADY_CHECKED = False
+# Per call, not per process: a context variable is private to each thread (and asyncio task), so one
+# caller's "already checked" block can never switch the check off for a concurrent caller.
+_ALREADY_CHECKED = contextvars.ContextVar("hamur_fast_domain_values_checked", default=False)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -26,17 +29,18 @@ def set_value_checks(enabled: bool) -> None:
 
 @contextlib.contextmanager
 def domain_values_checked():
-    """Inside this block, layers skip the domain-id value check: the caller (a model) already did it once."""
-    global _ALREADY_CHECKED
-    previous, _ALREADY_CHECKED = _ALREADY_CHECKED, True
+    """Inside this block, layers skip the domain-id value check: the caller (a model) already did it once.
+
+    The flag belongs to the current thread / task only (a ``contextvars.ContextVar``)."""
+    token = _ALREADY_CHECKED.set(True)
     try:
         yield
     finally:
-        _ALREADY_CHECKED = previous
+        _ALREADY_CHECKED.reset(token)
 
 
 def _value_checks_active(t: torch.Tensor) -> bool:
-    if not _VALUE_CHECKS or _ALREADY_CHECKED or torch.compiler.is_compiling():
+    if not _VALUE_CHECKS or _ALREADY_CHECKED.get() or torch.compiler.is_compiling():
         return False
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return False

@@ -1,4 +1,7 @@
 """Predictor and eval-mode folding: equal to the unfolded model's eval output (fp32 rel err <= 1e-5)."""
+import sys
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -200,3 +203,77 @@ def test_cuda_graph_predictor_equals_eval_model(mode):
         # Inputs on the host, as a server receives them; twice, so stale padding rows are exercised.
         for _ in range(2):
             assert rel_err(predictor.predict(e, domain), expected) <= 1e-5
+
+
+# --- Serving from many threads: the "ids already checked" flag belongs to one call, never to the process.
+
+_paused_inside, _paused_release = threading.Event(), threading.Event()
+
+
+class _PausingModel(hf.models.base.MultiDomainModel):
+    """Holds the thread named 'paused-caller' inside its forward (where the ids count as checked)."""
+
+    def __init__(self):
+        super().__init__(4, 2)
+        self.linear = nn.Linear(4, 1)
+
+    def compute_logits(self, e, domain):
+        if threading.current_thread().name == "paused-caller":
+            _paused_inside.set()
+            _paused_release.wait(30)
+        return self.linear(e).squeeze(1) + domain
+
+
+def test_a_call_inside_the_model_does_not_switch_the_id_check_off_for_another_thread():
+    predictor = Predictor(_PausingModel(), "cpu", batch_buckets=BUCKETS)
+    e = torch.randn(3, 4)
+    paused = threading.Thread(target=predictor.predict, args=(e, torch.tensor([0, 1, 0])), name="paused-caller")
+    paused.start()
+    try:
+        assert _paused_inside.wait(30)
+        for bad in (-1, 2, 10**6):
+            with pytest.raises(ValueError, match="domain id"):
+                predictor.predict(e, torch.tensor([0, bad, 1]))
+    finally:
+        _paused_release.set()
+        paused.join(30)
+
+
+def test_eight_threads_on_one_predictor_with_valid_and_invalid_ids():
+    model = hamur()
+    predictor = Predictor(model, "cpu", batch_buckets=BUCKETS)
+    batches = [inputs(batch, seed=batch) for batch in (1, 5, 13, 70)]
+    with torch.no_grad():
+        expected = [model(e, domain) for e, domain in batches]
+    bad_ids = (-1, DOMAINS, 10**6)
+    failures, start = [], threading.Barrier(8)
+
+    def serve(worker):
+        start.wait()
+        for step in range(40):
+            i = (worker + step) % len(batches)
+            e, domain = batches[i]
+            if (worker + step) % 2 == 0:
+                bad = domain.clone()
+                bad[step % len(bad)] = bad_ids[step % 3]
+                try:
+                    predictor.predict(e, bad)
+                    failures.append(f"worker {worker}: id {bad_ids[step % 3]} was served")
+                except ValueError:
+                    pass
+                except Exception as err:  # the id got past the check and failed somewhere inside
+                    failures.append(f"worker {worker}: id {bad_ids[step % 3]} reached the model: {err!r}")
+            elif rel_err(predictor.predict(e, domain), expected[i]) > 1e-5:
+                failures.append(f"worker {worker}: wrong prediction for batch {i}")
+
+    threads = [threading.Thread(target=serve, args=(w,)) for w in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, so that calls interleave at every line
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failures, failures[:5]

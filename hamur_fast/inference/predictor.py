@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import threading
 
 import torch
 from torch import nn
@@ -31,6 +32,10 @@ class Predictor:
     Released-mode models (whose DomainNorm standardises over the whole batch even in eval) always
     run the exact batch in one piece, without padding, chunking or graphs: anything else would
     change their predictions. Their folding (tower and hyper-network BatchNorm) stays exact.
+
+    One Predictor may be called from many threads at once: the "ids already checked" flag is private to
+    each call (see :func:`hamur_fast._checks.domain_values_checked`), the eager path keeps no state, and
+    each CUDA graph (whose input and output buffers are shared) is replayed by one thread at a time.
     """
 
     def __init__(self, model_or_checkpoint, device: torch.device | str | None = None,
@@ -110,15 +115,18 @@ class _BucketGraph:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool):
                 self.out = model(self.e, self.domain)
+        # The static buffers are shared: copy in, replay and copy out must not interleave across threads.
+        self.lock = threading.Lock()
 
     def replay(self, e: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         rows = e.shape[0]
-        # Rows past `rows` keep the previous call's (valid) inputs: in a model that passes
-        # `needs_whole_batch() == False` rows never interact, so they cannot affect the real rows.
-        self.e[:rows].copy_(e)
-        self.domain[:rows].copy_(domain)
-        self.graph.replay()
-        return self.out[:rows].clone()
+        with self.lock:
+            # Rows past `rows` keep the previous call's (valid) inputs: in a model that passes
+            # `needs_whole_batch() == False` rows never interact, so they cannot affect the real rows.
+            self.e[:rows].copy_(e)
+            self.domain[:rows].copy_(domain)
+            self.graph.replay()
+            return self.out[:rows].clone()
 
 
 def _load(model_or_checkpoint, device):
