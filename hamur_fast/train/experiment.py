@@ -17,7 +17,7 @@ import yaml
 from .. import _yaml
 from ..data import FeatureMap, MultiDomainData, load_dataset
 from ..features import build_ctr_model
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, check_weights, load_checkpoint
 from .files import locked_directory, write_json, write_text
 from .trainer import CHECKPOINT_NAME, TrainConfig, Trainer, require_both_classes, resolve_device
 
@@ -178,6 +178,7 @@ def load_trained(checkpoint_path, device: str | None = None, threads: int | None
         resolve_device(device)  # a device that is not there is the caller's error, not the checkpoint's
     options = {"progress": False, **({"device": device} if device else {}), **({"threads": threads} if threads else {})}
     trainer = _trainer_from(payload, checkpoint_path, options)
+    check_weights(payload["best_model"], trainer.model, f"{checkpoint_path}: its best weights")
     try:
         trainer.model.load_state_dict(payload["best_model"])
     except RuntimeError as err:
@@ -193,7 +194,7 @@ def _trainer_from(payload: dict, checkpoint_path, options: dict, run_dir=None, t
         feature_map = FeatureMap.from_dict(payload["feature_map"])
         train_config = TrainConfig.from_dict({**config["train"], **options})
         model = build_ctr_model(feature_map, checkpoint_model_section(payload))
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{checkpoint_path}: its config does not describe a model this hamur_fast can "
                               f"build ({_first_line(err)})") from None
     return trainer_class(model, train_config, feature_map, run_dir,

@@ -25,7 +25,8 @@ from ..data.fingerprint import data_fingerprint
 from ..data.tensors import Batch
 from ..features import CTRModel
 from .captured_step import CapturedTrainStep
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, check_optimizer_state, check_progress, check_weights, load_checkpoint,
+                         save_checkpoint)
 from .diagnostics import AdapterDiagnostics
 from .files import check_writable, locked_directory, write_csv, write_json
 from .metrics import domain_metrics
@@ -378,7 +379,12 @@ class Trainer:
     def restore(self, payload: dict) -> None:
         """Continue from a checkpoint (see :func:`load_checkpoint`): the last weights, optimizer, early-stopping
         state, history and the random state, so that the remaining epochs match an uninterrupted run (same
-        device, threads and torch version; a difference is warned about)."""
+        device, threads and torch version; a difference is warned about). Every part is checked against this
+        model and optimizer first (:func:`hamur_fast.train.checkpoint.check_weights` and the like)."""
+        check_weights(payload["model"], self.model, "the checkpoint's last weights")
+        check_weights(payload["best_model"], self.model, "the checkpoint's best weights")
+        check_optimizer_state(payload["optimizer"], self.optimizer)
+        check_progress(payload["progress"])
         try:
             self.model.load_state_dict(payload["model"])
             self.optimizer.load_state_dict(payload["optimizer"])
