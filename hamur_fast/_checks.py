@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import reprlib
 
 import torch
 
@@ -19,6 +20,18 @@ _VALUE_CHECKS = True
 _ALREADY_CHECKED = contextvars.ContextVar("hamur_fast_domain_values_checked", default=False)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# What an error message echoes of a user's value: a few elements, a few levels, a few dozen characters, so that a
+# huge value (a YAML alias bomb expands to billions of elements) costs nothing to report.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 60
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 6
+_SHOWN.maxlevel = 3
+
+
+def shown(value) -> str:
+    """``repr(value)``, bounded in length and in the work it takes (for error messages)."""
+    return _SHOWN.repr(value)
 
 
 def set_value_checks(enabled: bool) -> None:
@@ -31,7 +44,11 @@ def set_value_checks(enabled: bool) -> None:
 def domain_values_checked():
     """Inside this block, layers skip the domain-id value check: the caller (a model) already did it once.
 
-    The flag belongs to the current thread / task only (a ``contextvars.ContextVar``)."""
+    The flag belongs to the current thread / task only (a ``contextvars.ContextVar``). Code being compiled
+    runs no value check at all, and torch.compile cannot trace a ContextVar: it is left alone there."""
+    if torch.compiler.is_compiling():
+        yield
+        return
     token = _ALREADY_CHECKED.set(True)
     try:
         yield
@@ -40,7 +57,7 @@ def domain_values_checked():
 
 
 def _value_checks_active(t: torch.Tensor) -> bool:
-    if not _VALUE_CHECKS or _ALREADY_CHECKED.get() or torch.compiler.is_compiling():
+    if not _VALUE_CHECKS or torch.compiler.is_compiling() or _ALREADY_CHECKED.get():
         return False
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
