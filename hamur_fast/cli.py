@@ -68,7 +68,7 @@ def cmd_demo(args) -> int:
     shape = f"{domains} domains, Zipf-like shares" if domains else "3 domains, domain 2 rare"
     print(f"HAMUR demo: synthetic multi-domain clicks ({shape}; see hamur_fast.data.synthetic),\n"
           "HAMUR-MLP against the same per-domain MLP towers without adapters.\n")
-    seeds = [int(s) for s in ex.split_values(args.seeds)]
+    seeds = ex.parse_seeds(args.seeds)
     result = ex.compare(config, ["hamur_mlp", "mlp"], seeds, output, progress=not args.quiet)
     print(f"\nTest AUC per domain, mean ± std over seeds {seeds} (best epoch by validation AUC):\n\n"
           f"{result['table']}\n")
@@ -213,7 +213,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _seeds(args, section: dict, config: dict) -> list:
     if args.seeds:
-        return [int(s) for s in ex.split_values(args.seeds)]
+        return ex.parse_seeds(args.seeds)
     return list(section.get("seeds") or [config.get("train", {}).get("seed", 2022)])
 
 
@@ -254,7 +254,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="CHECKPOINT",
                        help="continue the run that wrote this checkpoint from its last epoch (--epochs, --device, "
                             "--threads, --output and some --set keys may change; others are refused)")
-    train.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun; "
+    train.add_argument("--nproc", type=_positive_int, default=1, help="data-parallel processes on this machine (torchrun; "
                        "gloo on CPU, NCCL on GPU); train.batch_size is the global batch")
     evaluate = command("eval", cmd_eval, "evaluate a checkpoint on its data's test (or val) split", config=False)
     evaluate.add_argument("--checkpoint", required=True)
@@ -290,7 +290,7 @@ def _parser() -> argparse.ArgumentParser:
                                  description="versions, devices, backends built (or why not), and a self-check "
                                              "of every backend against the reference; exit status 1 on a failure")
     doctor.add_argument("--device", help="device to check (default: cuda when available, else cpu)")
-    doctor.add_argument("--repeats", type=int, default=5, help="timed repetitions per check (median)")
+    doctor.add_argument("--repeats", type=_positive_int, default=5, help="timed repetitions per check (median)")
     doctor.add_argument("--dtypes", help="comma-separated dtypes to check (default float32,float64,bfloat16)")
     doctor.set_defaults(run=cmd_doctor, threads=None)
     return parser

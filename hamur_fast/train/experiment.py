@@ -14,12 +14,12 @@ import numpy as np
 import torch
 import yaml
 
-from .. import _yaml
+from .. import _checks, _yaml
 from ..data import FeatureMap, MultiDomainData, load_dataset
-from ..features import build_ctr_model
+from ..features import build_ctr_model, check_model_section
 from .checkpoint import CheckpointError, check_weights, load_checkpoint
 from .files import locked_directory, write_json, write_text
-from .trainer import CHECKPOINT_NAME, TrainConfig, Trainer, require_both_classes, resolve_device
+from .trainer import CHECKPOINT_NAME, MAX_SEED, TrainConfig, Trainer, require_both_classes, resolve_device
 
 DEFAULT_DATA = {"kind": "synthetic"}
 DEFAULT_MODEL = {"name": "hamur_mlp"}
@@ -85,7 +85,8 @@ def parse_override(assignment: str) -> tuple:
     try:
         return key, _yaml.load(raw)
     except yaml.YAMLError as err:
-        raise ValueError(f"override {assignment!r}: the value is not valid YAML ({_first_line(err)})") from None
+        raise ValueError(f"override {_checks.shown(assignment)}: the value is not valid YAML "
+                         f"({_first_line(err)[:200]})") from None
 
 
 def apply_overrides(config: dict, assignments: list) -> dict:
@@ -112,6 +113,14 @@ def split_values(text: str) -> list:
     return [_yaml.load(v.strip()) for v in values if v.strip()]
 
 
+def parse_seeds(text: str) -> list:
+    """``"1,2,3"`` -> [1, 2, 3]; anything but whole numbers in [0, 2**63) is a ValueError."""
+    seeds = split_values(str(text))
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in seeds):
+        raise ValueError(f"seeds are whole numbers >= 0 separated by commas, e.g. 1,2,3; got {_checks.shown(text)}")
+    return seeds
+
+
 # ---------------------------------------------------------------------------- one run
 @dataclass
 class RunResult:
@@ -131,7 +140,8 @@ def train_run(config: dict, data: MultiDomainData | None = None, run_dir=None, l
     ``run_dir`` is locked for the run and checked for writing before the data are read; an earlier run's files
     there are replaced (with a warning, unless ``warn_replace`` is off)."""
     train_config = replace(TrainConfig.from_dict(config.get("train", {})), progress=progress)
-    model_config = config.get("model", DEFAULT_MODEL)
+    model_config = model_section_of(config)
+    check_model_section(model_config)  # a bad model option fails before the data are read
     # Data handed over without a data section is recorded as unknown (None), never as the default.
     data_config = absolute_paths(config.get("data", None if data is not None else DEFAULT_DATA))
     with _run_directory(run_dir):
@@ -145,6 +155,12 @@ def train_run(config: dict, data: MultiDomainData | None = None, run_dir=None, l
         trainer = trainer_class(model, train_config, data.feature_map, run_dir,
                                 {"data": data_config, "model": model_config})
         return _fit_and_test(trainer, data, label or model_config["name"], trainer.run_dir)
+
+
+def model_section_of(config: dict) -> dict:
+    """The config's model section, the default model's name filled in when it names none (a section holding
+    only ``embed_dim``, say, still trains the default model)."""
+    return {**DEFAULT_MODEL, **(config.get("model") or {})}
 
 
 def absolute_paths(data_config: dict | None) -> dict | None:
@@ -260,6 +276,9 @@ def model_section(entry, base: dict) -> tuple:
     if isinstance(entry, dict):
         section = dict(entry)
         label = section.pop("label", section.get("name"))
+        # A label names the run's folder: text, and not "." or ".." (which would point outside it).
+        if not isinstance(label, str) or not label.strip() or set(label) <= {"."}:
+            raise ValueError(f"a compare label is a name such as 'released_k16', got {_checks.shown(label)}")
     else:
         name, *assignments = str(entry).split(":")
         section = {"name": name}
@@ -416,14 +435,18 @@ def sweep(config: dict, param: str, values: list, seeds: list, output, progress:
 
 def _sweep(config: dict, param: str, values: list, seeds: list, output: Path, progress: bool, log) -> dict:
     path, convert = SWEEP_ALIASES.get(param, (param if "." in param else f"model.{param}", lambda v: v))
+    run_configs = _sweep_configs(config, param, path, convert, values)
     data = load_dataset(absolute_paths(config.get("data", DEFAULT_DATA)))
+    for run_config in run_configs:  # every value builds, before the first run trains
+        TrainConfig.from_dict(run_config.get("train", {}))
+        build_ctr_model(data.feature_map, model_section_of(run_config))
     log(data.summary())
     labels = domain_labels(data.feature_map)
     summaries = {}
     for value in values:
         results = []
         for seed in seeds:
-            run_config = set_path(set_path(config, path, convert(value)), "train.seed", int(seed))
+            run_config = set_path(run_configs[values.index(value)], "train.seed", int(seed))
             run_dir = output / "runs" / f"{_slug(param)}={_slug(str(value))}" / f"seed{seed}"
             result = train_run(run_config, data, run_dir, f"{param}={value}", progress, warn_replace=False)
             log(f"{param}={value} seed {seed}: test AUC {result.test['auc']:.4f} (best epoch {result.best_epoch})")
@@ -438,6 +461,22 @@ def _sweep(config: dict, param: str, values: list, seeds: list, output: Path, pr
     from .plots import plot_sweep
     plot_sweep(values, list(summaries.values()), labels, param, output / f"{name}.png")
     return {"table": table, "summary": summaries, "domains": labels}
+
+
+def _sweep_configs(config: dict, param: str, path: str, convert, values: list) -> list:
+    """One config per swept value; a ValueError for a parameter a sweep cannot vary or a value given twice."""
+    section, _, key = path.partition(".")
+    if section not in ("model", "train") or not key or "." in key:
+        raise ValueError(f"--param {param}: a sweep varies one model.<key> or train.<key> setting (its runs share "
+                         f"one data load), or a short name ({', '.join(SWEEP_ALIASES)}); got {path!r}")
+    shown = [str(value) for value in values]
+    repeated = sorted({value for value in shown if shown.count(value) > 1})
+    if repeated:
+        raise ValueError(f"--param {param}: each value once, got {repeated[:4]} more than once")
+    try:
+        return [set_path(config, path, convert(value)) for value in values]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--param {param}: a value does not fit it ({_first_line(err)})") from None
 
 
 def _first_line(err: Exception) -> str:
