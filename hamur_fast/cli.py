@@ -80,6 +80,11 @@ def cmd_demo(args) -> int:
 
 def cmd_train(args) -> int:
     if args.nproc > 1 and not distributed.launched_by_torchrun():
+        # A user error is one line here, not one traceback per worker.
+        if args.resume:
+            ex.check_resume(args.resume, _flag_overrides(args, with_threads=bool(args.threads)))
+        else:
+            ex.check_run(_config(args))
         return distributed.launch_with_torchrun(args.nproc, args.argv)  # N processes run this same command
     runs = distributed_trainer if distributed.launched_by_torchrun() else ex
     if args.resume:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -10,7 +11,7 @@ from .aliccp import load_aliccp
 from .errors import DataError
 from .feature_map import FeatureMap
 from .movielens import add_derived_columns, load_movielens
-from .readers import read_table
+from .readers import existing_file, read_table
 from .shards import RowShard
 from .synthetic import load_synthetic
 from .table import load_table
@@ -31,9 +32,7 @@ def load_dataset(config: dict, feature_map: FeatureMap | None = None,
     """
     options = dict(config)
     kind = options.pop("kind", None)
-    if kind not in LOADERS:
-        raise DataError(f"data.kind must be one of {sorted(LOADERS)}, got {kind!r}")
-    check_numeric_options(options)
+    check_data_section(config)
     if shard is not None and feature_map is None:
         raise ValueError("a shard of the training rows is encoded with a feature map fitted on all of them: "
                          "give feature_map")
@@ -51,6 +50,21 @@ _WHOLE_NUMBERS = {"seed": 0, "split_seed": 0, "rows": 1, "chunksize": 1, "domain
                   "rank": 1}
 _FRACTIONS = ("specificity",)
 _NON_NEGATIVE = ("zipf",)
+
+
+def check_data_section(config: dict) -> None:
+    """The cheap checks of a data section, before any file is read: its kind, its numeric options, and that the
+    files it names exist (a DataError naming the problem)."""
+    kind = config.get("kind")
+    if kind not in LOADERS:
+        raise DataError(f"data.kind must be one of {sorted(LOADERS)}, got {_checks.shown(kind)}")
+    check_numeric_options(config)
+    for key in ("path", "train", "val", "test"):
+        if isinstance(config.get(key), (str, Path)):
+            if not Path(config[key]).exists():
+                raise DataError(f"data file not found: {config[key]} (data.{key})")
+    if isinstance(config.get("schema"), (str, Path)):
+        existing_file(config["schema"])
 
 
 def check_numeric_options(options: dict) -> None:

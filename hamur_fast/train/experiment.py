@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from .. import _checks, _yaml
-from ..data import FeatureMap, MultiDomainData, load_dataset
+from ..data import FeatureMap, MultiDomainData, check_data_section, load_dataset
 from ..features import build_ctr_model, check_model_section
 from .checkpoint import CheckpointError, check_weights, load_checkpoint
 from .files import locked_directory, write_json, write_text
@@ -228,12 +228,9 @@ def checkpoint_model_section(payload: dict) -> dict:
     return section
 
 
-def resume_run(checkpoint_path, data: MultiDomainData | None = None, epochs: int | None = None,
-               progress: bool = True, overrides: list = (), run_dir=None, trainer_class=Trainer) -> RunResult:
-    """Continue the run that wrote ``checkpoint_path`` from its last epoch, to its configured end (or
-    ``epochs``). ``overrides`` (``section.key=value``) may change only :data:`RESUME_OVERRIDES`: anything else
-    raises ``ValueError`` (a new run is the way to change it). ``run_dir``: continue into another directory,
-    leaving the checkpoint's own untouched (by default the run goes on where it was)."""
+def resume_changes(overrides: list, epochs: int | None = None) -> dict:
+    """The ``--set`` changes of a resume (and ``--epochs``), ``{"section.key": value}``; a ValueError for a key
+    outside :data:`RESUME_OVERRIDES`."""
     changes = dict(parse_override(assignment) for assignment in overrides)
     if epochs:
         changes["train.epochs"] = epochs
@@ -241,11 +238,45 @@ def resume_run(checkpoint_path, data: MultiDomainData | None = None, epochs: int
     if refused:
         raise ValueError(f"--resume continues a run with its recorded settings, so {refused} cannot change "
                          f"(allowed: {', '.join(RESUME_OVERRIDES)}); start a new run to change them")
+    return changes
+
+
+def with_data_changes(data_config: dict | None, changes: dict) -> dict | None:
+    """A recorded data section with a resume's ``data.*`` changes (moved files) applied, paths absolute."""
+    return absolute_paths({**(data_config or {}),
+                           **{key.split(".", 1)[1]: v for key, v in changes.items() if key.startswith("data.")}})
+
+
+def check_resume(checkpoint_path, overrides: list, epochs: int | None = None) -> None:
+    """What a resume refuses before anything starts (before the workers of a data-parallel run): its changes,
+    the checkpoint, its train settings with the changes, its model section and its data section."""
+    changes = resume_changes(overrides, epochs)
+    payload = load_checkpoint(checkpoint_path)
+    train_changes = {key.split(".", 1)[1]: value for key, value in changes.items() if key.startswith("train.")}
+    TrainConfig.from_dict({**payload["config"]["train"], **train_changes})
+    check_model_section(checkpoint_model_section(payload))
+    check_data_section(with_data_changes(recorded_data(payload, checkpoint_path), changes))
+
+
+def check_run(config: dict) -> None:
+    """What a new run refuses before anything starts: its train settings, model section and data section."""
+    TrainConfig.from_dict(config.get("train", {}))
+    check_model_section(model_section_of(config))
+    check_data_section(absolute_paths(config.get("data", DEFAULT_DATA)))
+
+
+def resume_run(checkpoint_path, data: MultiDomainData | None = None, epochs: int | None = None,
+               progress: bool = True, overrides: list = (), run_dir=None, trainer_class=Trainer) -> RunResult:
+    """Continue the run that wrote ``checkpoint_path`` from its last epoch, to its configured end (or
+    ``epochs``). ``overrides`` (``section.key=value``) may change only :data:`RESUME_OVERRIDES`: anything else
+    raises ``ValueError`` (a new run is the way to change it). ``run_dir``: continue into another directory,
+    leaving the checkpoint's own untouched (by default the run goes on where it was)."""
+    changes = resume_changes(overrides, epochs)
     payload = load_checkpoint(checkpoint_path)
     config = payload["config"]
     train_changes = {key.split(".", 1)[1]: value for key, value in changes.items() if key.startswith("train.")}
-    data_config = absolute_paths({**(recorded_data(payload, checkpoint_path) if data is None else config.get("data") or {}),
-                                  **{key.split(".", 1)[1]: v for key, v in changes.items() if key.startswith("data.")}})
+    data_config = with_data_changes(recorded_data(payload, checkpoint_path) if data is None else config.get("data"),
+                                    changes)
     if "train.device" in changes:
         resolve_device(str(changes["train.device"]))
     run_dir = Path(run_dir) if run_dir is not None else Path(checkpoint_path).parent
