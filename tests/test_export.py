@@ -243,3 +243,16 @@ def test_an_edited_model_json_raises_instead_of_reading_past_buffers(tmp_path, e
                           cwd=Path(__file__).parent)
     assert done.returncode == 0, done.stderr[-2000:]  # not killed by a signal (a segfault is -11)
     assert "REFUSED compiled_cell_infer:" in done.stdout, done.stdout
+
+
+def test_a_failed_onnx_export_leaves_no_file(tmp_path, monkeypatch):
+    def fails_half_way(program, args, path, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"half an ONNX model")
+        raise RuntimeError("the exporter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", fails_half_way)
+    monkeypatch.setattr(hf.inference.export, "_require_packages", lambda *names: None)
+    with pytest.raises(RuntimeError, match="the exporter failed"):
+        export_model(hamur(backend="torch"), *inputs(4), tmp_path / "model.onnx", format="onnx")
+    assert list(tmp_path.iterdir()) == []

@@ -199,3 +199,34 @@ def test_more_domains_than_int16_holds_keep_their_ids():
     data = load_dataset({"kind": "synthetic", "rows": 90_000, "domains": 40_000, "users": 40_000, "zipf": 0.0})
     ids = torch.cat([data.train.domain, data.val.domain, data.test.domain]).long()
     assert int(ids.min()) >= 0 and int(ids.max()) > 32_767
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"label": "click", "domain": "click", "sparse": ["user_id"]}, "a column has two roles .*\\['click'\\]"),
+    ({"label": "click", "domain": "domain", "sparse": ["user_id", "click"]}, "two roles .*\\['click'\\]"),
+    ({"label": "click", "domain": "domain", "sparse": ["user_id", "user_id"]}, "two roles .*\\['user_id'\\]"),
+    ({"label": "click", "domain": {"column": "domain", "mapping": [0, 1]}, "sparse": ["user_id"]},
+     "the domain mapping must be a mapping of raw value to id"),
+    ({"label": "click", "domain": "domain", "sparse": "user_id"}, "schema sparse must be a list of column names"),
+])
+def test_a_schema_refuses_a_column_in_two_roles_and_malformed_entries(spec, message):
+    with pytest.raises(DataError, match=message):
+        hf.data.Schema.from_dict(spec)
+
+
+def test_the_label_as_domain_column_is_refused_from_the_command_line(tmp_path, capsys):
+    hf.data.generate(rows=400, seed=1).to_csv(tmp_path / "clicks.csv", index=False)
+    assert main(["train", "--set", "data.kind=table", "--set", f"data.path={tmp_path / 'clicks.csv'}",
+                 "--set", "data.schema={label: click, domain: click, sparse: [user_id]}", "--quiet",
+                 "--output", str(tmp_path / "run")]) == 2
+    assert "a column has two roles" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a,b,a\n1,2,3\n", "line 1: column name\\(s\\) \\['a'\\] appear more than once"),
+    ("a,b\n1,2\n3,x\0y\n", "line 3: a NUL byte"),
+])
+def test_duplicate_csv_columns_and_nul_bytes_are_refused(tmp_path, text, message):
+    (tmp_path / "table.csv").write_text(text)
+    with pytest.raises(DataError, match=message):
+        hf.data.readers.read_table(tmp_path / "table.csv")

@@ -70,9 +70,11 @@ def export_model(model: nn.Module, example_e: torch.Tensor, example_domain: torc
     if custom:
         raise ValueError(f"ONNX export cannot carry the custom op(s) {custom}: ONNX runtimes do not know them; "
                          "export format='pt2' instead, or build the model from standard PyTorch ops")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(program, (example_e, example_domain), str(path), dynamo=True,
-                      input_names=["e", "domain"], output_names=["probability"], verbose=False)
+    from ..train.files import atomic_path  # imported here: hamur_fast.train imports this package's users
+
+    with atomic_path(path) as temporary:  # a failed or killed export leaves no half-written file
+        torch.onnx.export(program, (example_e, example_domain), str(temporary), dynamo=True,
+                          input_names=["e", "domain"], output_names=["probability"], verbose=False)
     return path
 
 
