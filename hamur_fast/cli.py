@@ -49,6 +49,12 @@ def main(argv=None) -> int:
         except (DataError, CheckpointError, ValueError, OSError) as err:  # OSError: missing, unwritable, full
             print(f"hamur-fast {args.command}: error: {_one_line(err)}", file=sys.stderr)
             return 2
+        except (MemoryError, RuntimeError) as err:
+            if not ex.out_of_memory(err):
+                raise
+            print(f"hamur-fast {args.command}: error: out of memory ({_one_line(err)[:200]}); lower "
+                  "train.batch_size or train.eval_batch_size, or use a device with more memory", file=sys.stderr)
+            return 1
 
 
 def _one_line(err: Exception) -> str:

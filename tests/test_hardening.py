@@ -169,6 +169,8 @@ def test_a_yaml_alias_bomb_is_refused_fast_and_echoed_briefly(tmp_path, capsys):
     started = time.perf_counter()
     with pytest.raises(yaml.YAMLError, match="expand this document beyond 100,000 values"):
         _yaml.load(BOMB)
+    with pytest.raises(yaml.YAMLError, match="could not determine a constructor"):
+        _yaml.load("lr: !!python/object/apply:os.system ['echo owned']")
     with pytest.raises(yaml.YAMLError, match="recursive alias"):
         _yaml.load("a: &a [*a]")
     with pytest.raises(yaml.YAMLError, match="nests too deeply"):
@@ -230,3 +232,17 @@ def test_duplicate_csv_columns_and_nul_bytes_are_refused(tmp_path, text, message
     (tmp_path / "table.csv").write_text(text)
     with pytest.raises(DataError, match=message):
         hf.data.readers.read_table(tmp_path / "table.csv")
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                                "1099511627776 bytes"),
+                                   MemoryError()])
+def test_out_of_memory_is_one_line_naming_the_remedy(error, monkeypatch, capsys):
+    def runs_out(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ex, "train_run", runs_out)
+    assert main(["train", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of memory" in err[0] and "train.batch_size" in err[0], err

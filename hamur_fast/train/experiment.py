@@ -510,6 +510,14 @@ def _sweep_configs(config: dict, param: str, path: str, convert, values: list) -
         raise ValueError(f"--param {param}: a value does not fit it ({_first_line(err)})") from None
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says that an allocation failed: torch's CUDA OutOfMemoryError, a CPU allocator error,
+    Python's MemoryError."""
+    text = str(err)
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text \
+        or "out of memory" in text.lower()
+
+
 def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
