@@ -56,7 +56,8 @@ def domain_values_checked():
         _ALREADY_CHECKED.reset(token)
 
 
-def _value_checks_active(t: torch.Tensor) -> bool:
+def value_checks_active(t: torch.Tensor) -> bool:
+    """Whether check_domain reads the values of ``t`` in this call (see the module docstring)."""
     if not _VALUE_CHECKS or torch.compiler.is_compiling() or _ALREADY_CHECKED.get():
         return False
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -86,7 +87,7 @@ def check_domain(domain, batch: int, num_domains: int | None) -> None:
         raise ValueError(f"domain must be an int64 (or int32) tensor, got dtype {domain.dtype}")
     if tuple(domain.shape) != (batch,):
         raise ValueError(f"domain must have shape ({batch},) to match the batch, got {tuple(domain.shape)}")
-    if batch == 0 or not _value_checks_active(domain):
+    if batch == 0 or not value_checks_active(domain):
         return
     lo, hi = torch.aminmax(domain)
     lo, hi = int(lo), int(hi)

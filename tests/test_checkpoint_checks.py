@@ -96,7 +96,7 @@ RESUME_CORRUPTIONS = {
     corrupt_history: "progress.history is not a list",
     corrupt_epoch: "progress.epoch is int -4",
     corrupt_progress: "its progress is list \\[1, 2\\], not a mapping",
-    corrupt_last_weights: "last weights: .* must be a torch.float32 tensor of shape",
+    corrupt_last_weights: "last weights do not fit the model its config describes: .* must be a torch.float32",
     corrupt_best_weights: "best weights: .* holds NaN",
     corrupt_config: "its config is list .*, not a mapping",
     corrupt_train_config: "its config.train is str 'adam', not a mapping",
@@ -137,7 +137,7 @@ def test_cli_resume_of_a_corrupt_checkpoint_is_one_line_exit_2(trained, tmp_path
 
 def test_eval_refuses_nan_best_weights(trained, tmp_path, capsys):
     path = write_corrupt(trained, tmp_path, corrupt_best_weights)
-    with pytest.raises(CheckpointError, match="best weights: .* holds NaN"):
+    with pytest.raises(CheckpointError, match="its weights: .* holds NaN"):
         load_trained(path, "cpu")
     assert main(["eval", "--checkpoint", str(path)]) == 2
     assert "holds NaN or infinite values" in capsys.readouterr().err

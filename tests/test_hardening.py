@@ -31,7 +31,7 @@ TRAIN_OUT_OF_RANGE = {
     "weight_decay": (-0.1, "train.weight_decay must be >= 0"),
     "grad_clip": (-1.0, "train.grad_clip .* must be > 0"),
     "seed": (-5, "train.seed must be between 0 and 2\\*\\*63 - 1"),
-    "threads": (0, "train.threads must be between 1 and 1024"),
+    "threads": (0, "train.threads must be >= 1 and <= 1024"),
 }
 
 
@@ -44,7 +44,7 @@ def test_every_numeric_train_option_out_of_range_is_refused(option):
 
 @pytest.mark.parametrize("value", [100_000, 2**40])
 def test_absurd_thread_counts_are_refused(value):
-    with pytest.raises(ValueError, match="train.threads must be between 1 and 1024"):
+    with pytest.raises(ValueError, match="train.threads must be >= 1 and <= 1024"):
         TrainConfig(threads=value, device="cpu")
     assert TrainConfig(threads=1024, device="cpu").threads == 1024
 
@@ -114,7 +114,7 @@ COMMAND_LINES = {
     "nproc 0": (["train", "--nproc", "0"], "argument --nproc: expected a whole number >= 1"),
     "nproc -2": (["train", "--nproc", "-2"], "argument --nproc: expected a whole number >= 1"),
     "threads 0": (["train", "--threads", "0"], "argument --threads: expected a whole number >= 1"),
-    "threads 100000": (["train", "--threads", "100000"], "train.threads must be between 1 and 1024"),
+    "threads 100000": (["train", "--threads", "100000"], "train.threads must be >= 1 and <= 1024"),
     "epochs -1": (["train", "--epochs", "-1"], "train.epochs must be >= 1"),
     "grad_clip": (["train", "--set", "train.grad_clip=-1"], "train.grad_clip"),
     "dropout": (["train", "--set", "model.dropout=2.0"], "model.dropout must satisfy 0 <= dropout < 1"),
@@ -155,10 +155,10 @@ def test_a_checkpoint_recording_an_absurd_thread_count_is_refused(tmp_path, caps
     payload = torch.load(checkpoint, weights_only=True)
     payload["config"]["train"]["threads"] = 100_000
     torch.save(payload, tmp_path / "absurd.pt")
-    with pytest.raises(CheckpointError, match="train.threads must be between 1 and 1024"):
+    with pytest.raises(CheckpointError, match="train.threads must be >= 1 and <= 1024"):
         load_trained(tmp_path / "absurd.pt", "cpu")
     assert main(["eval", "--checkpoint", str(tmp_path / "absurd.pt")]) == 2
-    assert "train.threads must be between 1 and 1024" in capsys.readouterr().err
+    assert "train.threads must be >= 1 and <= 1024" in capsys.readouterr().err
 
 
 BOMB = "\n".join([f"l0: &l0 [{', '.join(['lol'] * 9)}]"] +

@@ -73,15 +73,16 @@ def check_weights(state, model: torch.nn.Module, what: str) -> None:
     """``state`` holds exactly ``model``'s state-dict keys, each a tensor of its shape and dtype, all finite."""
     expected = model.state_dict()
     if not isinstance(state, dict):
-        raise CheckpointError(f"{what} is a {type(state).__name__}, not a state dict of tensors")
+        raise CheckpointError(f"{what}: a {type(state).__name__}, not a state dict of tensors")
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{what} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise CheckpointError(f"{what} do not fit the model its config describes: missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]}")
     for key, reference in expected.items():
         value = state[key]
         if not isinstance(value, torch.Tensor) or value.shape != reference.shape or value.dtype != reference.dtype:
-            raise CheckpointError(f"{what}: {key} must be a {reference.dtype} tensor of shape "
-                                  f"{tuple(reference.shape)}, got {_describe(value)}")
+            raise CheckpointError(f"{what} do not fit the model its config describes: {key} must be a "
+                                  f"{reference.dtype} tensor of shape {tuple(reference.shape)}, got {_describe(value)}")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise CheckpointError(f"{what}: {key} holds NaN or infinite values (a diverged or corrupt run)")
 

@@ -194,7 +194,7 @@ def load_trained(checkpoint_path, device: str | None = None, threads: int | None
         resolve_device(device)  # a device that is not there is the caller's error, not the checkpoint's
     options = {"progress": False, **({"device": device} if device else {}), **({"threads": threads} if threads else {})}
     trainer = _trainer_from(payload, checkpoint_path, options)
-    check_weights(payload["best_model"], trainer.model, f"{checkpoint_path}: its best weights")
+    check_weights(payload["best_model"], trainer.model, f"{checkpoint_path}: its weights")
     try:
         trainer.model.load_state_dict(payload["best_model"])
     except RuntimeError as err:

@@ -82,7 +82,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
-            raise ValueError(f"train.threads must be between 1 and {MAX_THREADS}, got {self.threads}")
+            raise ValueError(f"train.threads must be >= 1 and <= {MAX_THREADS}, got {self.threads}")
         if self.batch_size < 2:
             raise ValueError(f"train.batch_size must be >= 2, got {self.batch_size}: batch normalisation cannot "
                              "train on one row, so every batch would be skipped")
