@@ -124,7 +124,8 @@ def mutations(arg: torch.Tensor, rng: random.Random):
     if arg.dim() and arg.numel():
         out.append(("layout strided -> sparse_coo", arg.to_sparse()))
     if torch.cuda.is_available():
-        out.append(("device cpu -> cuda", arg.cuda()))
+        other = "cpu" if arg.is_cuda else "cuda"
+        out.append((f"device {arg.device.type} -> {other}", arg.to(other)))
     return out
 
 
@@ -171,5 +172,7 @@ def run(cases, seed=0):
 
 if __name__ == "__main__":
     torch.manual_seed(0)
+    if sys.argv[1] == "triton" and torch.cuda.is_available():
+        torch.set_default_device("cuda")  # Triton kernels run on CPU tensors only under the interpreter
     run(compiled_cases() if sys.argv[1] == "compiled" else triton_cases())
     report(done=True)
