@@ -301,7 +301,7 @@ def _parser() -> argparse.ArgumentParser:
                                  description="versions, devices, backends built (or why not), and a self-check "
                                              "of every backend against the reference; exit status 1 on a failure")
     doctor.add_argument("--device", help="device to check (default: cuda when available, else cpu)")
-    doctor.add_argument("--repeats", type=_positive_int, default=5, help="timed repetitions per check (median)")
+    doctor.add_argument("--repeats", type=int, default=5, help="timed repetitions per check (median)")
     doctor.add_argument("--dtypes", help="comma-separated dtypes to check (default float32,float64,bfloat16)")
     doctor.set_defaults(run=cmd_doctor, threads=None)
     return parser

@@ -125,7 +125,7 @@ COMMAND_LINES = {
     "sweep repeated value": (["sweep", "--param", "k=5,5"], "--param k: each value once"),
     "sweep unknown section": (["sweep", "--param", "foo.bar=1,2"], "a sweep varies one model.<key> or train.<key>"),
     "sweep unknown key": (["sweep", "--param", "model.foo=1,2"], "takes no argument(s) ['foo']"),
-    "doctor repeats": (["doctor", "--repeats", "0"], "--repeats"),
+    "doctor repeats": (["doctor", "--repeats", "-1"], "--repeats must be >= 0"),
 }
 
 
