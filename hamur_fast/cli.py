@@ -265,7 +265,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="CHECKPOINT",
                        help="continue the run that wrote this checkpoint from its last epoch (--epochs, --device, "
                             "--threads, --output and some --set keys may change; others are refused)")
-    train.add_argument("--nproc", type=_positive_int, default=1, help="data-parallel processes on this machine (torchrun; "
+    train.add_argument("--nproc", type=_positive_int, default=1,
+                       help="data-parallel processes on this machine (torchrun; "
                        "gloo on CPU, NCCL on GPU); train.batch_size is the global batch")
     evaluate = command("eval", cmd_eval, "evaluate a checkpoint on its data's test (or val) split", config=False)
     evaluate.add_argument("--checkpoint", required=True)

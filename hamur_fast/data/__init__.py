@@ -15,5 +15,5 @@ from .table import load_table, read_schema
 from .tensors import Batch, MultiDomainData, TensorSplit
 
 __all__ = ["DataError", "FeatureMap", "Schema", "RowShard", "Batch", "TensorSplit", "MultiDomainData", "load_dataset",
-           "check_data_section", "read_prediction_input", "load_movielens", "read_movielens", "load_aliccp", "load_table", "read_schema",
-           "generate", "load_synthetic"]
+           "check_data_section", "read_prediction_input", "load_movielens", "read_movielens", "load_aliccp",
+           "load_table", "read_schema", "generate", "load_synthetic"]

@@ -163,8 +163,8 @@ def _checked_archive(data: bytes, path: Path) -> bytes:
 def _check_config(content: bytes, name: str, path: Path) -> None:
     try:
         config = json.loads(content).get("config", {})
-        pickled = sorted(key for key, entry in config.items()
-                         if entry.get("use_pickle") or not str(entry.get("path_name", "")).startswith(("weight_", "tensor_")))
+        pickled = sorted(key for key, entry in config.items() if entry.get("use_pickle")
+                         or not str(entry.get("path_name", "")).startswith(("weight_", "tensor_")))
     except (ValueError, AttributeError, TypeError):
         raise ValueError(f"{path}: refused: {name} is not the JSON torch.export.save writes") from None
     if pickled:
