@@ -441,8 +441,8 @@ def cell_grad_sums(dy, domain, params, v, order, mean, rstd, empty=torch.empty):
 def adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_batch_stats: bool, eps: float,
                          empty=torch.empty):
     """Returns (y, q, v, order, count, mean, m2, rstd); q, v (B, k) fp32 in sorted order for backward."""
-    args = arg_checks.cell("triton_cell_forward", x, rep, domain, params)
-    if not use_batch_stats:
+    if not use_batch_stats:  # the rest is checked by the passes below
+        args = arg_checks.cell("triton_cell_forward", x, rep, domain, params)
         if running_mean is None or running_var is None:
             args.fail("running_mean and running_var are needed without batch statistics")
         arg_checks.cell_extras(args, params[6], running_mean=running_mean, running_var=running_var)
