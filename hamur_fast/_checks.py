@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import reprlib
 
 import torch
 
@@ -19,6 +20,18 @@ _VALUE_CHECKS = True
 _ALREADY_CHECKED = contextvars.ContextVar("hamur_fast_domain_values_checked", default=False)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# What an error message echoes of a user's value: a few elements, a few levels, a few dozen characters, so that a
+# huge value (a YAML alias bomb expands to billions of elements) costs nothing to report.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 60
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 6
+_SHOWN.maxlevel = 3
+
+
+def shown(value) -> str:
+    """``repr(value)``, bounded in length and in the work it takes (for error messages)."""
+    return _SHOWN.repr(value)
 
 
 def set_value_checks(enabled: bool) -> None:
@@ -31,7 +44,11 @@ def set_value_checks(enabled: bool) -> None:
 def domain_values_checked():
     """Inside this block, layers skip the domain-id value check: the caller (a model) already did it once.
 
-    The flag belongs to the current thread / task only (a ``contextvars.ContextVar``)."""
+    The flag belongs to the current thread / task only (a ``contextvars.ContextVar``). Code being compiled
+    runs no value check at all, and torch.compile cannot trace a ContextVar: it is left alone there."""
+    if torch.compiler.is_compiling():
+        yield
+        return
     token = _ALREADY_CHECKED.set(True)
     try:
         yield
@@ -39,8 +56,9 @@ def domain_values_checked():
         _ALREADY_CHECKED.reset(token)
 
 
-def _value_checks_active(t: torch.Tensor) -> bool:
-    if not _VALUE_CHECKS or _ALREADY_CHECKED.get() or torch.compiler.is_compiling():
+def value_checks_active(t: torch.Tensor) -> bool:
+    """Whether check_domain reads the values of ``t`` in this call (see the module docstring)."""
+    if not _VALUE_CHECKS or torch.compiler.is_compiling() or _ALREADY_CHECKED.get():
         return False
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
@@ -69,7 +87,7 @@ def check_domain(domain, batch: int, num_domains: int | None) -> None:
         raise ValueError(f"domain must be an int64 (or int32) tensor, got dtype {domain.dtype}")
     if tuple(domain.shape) != (batch,):
         raise ValueError(f"domain must have shape ({batch},) to match the batch, got {tuple(domain.shape)}")
-    if batch == 0 or not _value_checks_active(domain):
+    if batch == 0 or not value_checks_active(domain):
         return
     lo, hi = torch.aminmax(domain)
     lo, hi = int(lo), int(hi)

@@ -55,6 +55,12 @@ def main(argv=None) -> int:
         except (DataError, CheckpointError, ValueError, OSError) as err:  # OSError: missing, unwritable, full
             print(f"hamur-fast {args.command}: error: {_one_line(err)}", file=sys.stderr)
             return 2
+        except (MemoryError, RuntimeError) as err:
+            if not ex.out_of_memory(err):
+                raise
+            print(f"hamur-fast {args.command}: error: out of memory ({_one_line(err)[:200]}); lower "
+                  "train.batch_size or train.eval_batch_size, or use a device with more memory", file=sys.stderr)
+            return 1
 
 
 def _one_line(err: Exception) -> str:
@@ -74,7 +80,7 @@ def cmd_demo(args) -> int:
     shape = f"{domains} domains, Zipf-like shares" if domains else "3 domains, domain 2 rare"
     print(f"HAMUR demo: synthetic multi-domain clicks ({shape}; see hamur_fast.data.synthetic),\n"
           "HAMUR-MLP against the same per-domain MLP towers without adapters.\n")
-    seeds = [int(s) for s in ex.split_values(args.seeds)]
+    seeds = ex.parse_seeds(args.seeds)
     result = ex.compare(config, ["hamur_mlp", "mlp"], seeds, output, progress=not args.quiet, log=report.log.info)
     print(f"\nTest AUC per domain, mean ± std over seeds {seeds} (best epoch by validation AUC):\n\n"
           f"{result['table']}\n")
@@ -86,6 +92,11 @@ def cmd_demo(args) -> int:
 
 def cmd_train(args) -> int:
     if args.nproc > 1 and not distributed.launched_by_torchrun():
+        # A user error is one line here, not one traceback per worker.
+        if args.resume:
+            ex.check_resume(args.resume, _flag_overrides(args, with_threads=bool(args.threads)))
+        else:
+            ex.check_run(_config(args))
         return distributed.launch_with_torchrun(args.nproc, args.argv)  # N processes run this same command
     runs = distributed_trainer if distributed.launched_by_torchrun() else ex
     if args.resume:
@@ -242,7 +253,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _seeds(args, section: dict, config: dict) -> list:
     if args.seeds:
-        return [int(s) for s in ex.split_values(args.seeds)]
+        return ex.parse_seeds(args.seeds)
     return list(section.get("seeds") or [config.get("train", {}).get("seed", 2022)])
 
 
@@ -276,7 +287,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="CHECKPOINT",
                        help="continue the run that wrote this checkpoint from its last epoch (--epochs, --device, "
                             "--threads, --output and some --set keys may change; others are refused)")
-    train.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun; "
+    train.add_argument("--nproc", type=_positive_int, default=1,
+                       help="data-parallel processes on this machine (torchrun; "
                        "gloo on CPU, NCCL on GPU); train.batch_size is the global batch")
     evaluate = command("eval", cmd_eval, "evaluate a checkpoint on its data's test (or val) split", config=False)
     evaluate.add_argument("--checkpoint", required=True)

@@ -78,17 +78,32 @@ def report(device: torch.device, dtypes: tuple, timing_repeats: int = 5) -> tupl
     return "\n".join(lines), all_ok
 
 
+def _float_dtypes(parser, text: str) -> tuple:
+    """The --dtypes names as torch floating-point dtypes (a parser error for any other name)."""
+    names = [name.strip() for name in text.split(",")]
+    dtypes = tuple(getattr(torch, name, None) for name in names)
+    if not names or not all(isinstance(d, torch.dtype) and d.is_floating_point for d in dtypes):
+        parser.error(f"--dtypes takes floating-point dtype names such as float32,bfloat16, got {text[:80]!r}")
+    return dtypes
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hamur-fast doctor", description=__doc__.splitlines()[0])
     parser.add_argument("--device", help="device to check (default: cuda when available, else cpu)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per check (median)")
     parser.add_argument("--dtypes", default=CHECK_DTYPES, help=f"comma-separated (default {CHECK_DTYPES})")
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.repeats < 0:
+        parser.error(f"--repeats must be >= 0 (0: no timing), got {args.repeats}")
+    from .train.trainer import resolve_device  # imported here: the training stack is needed for this one check
+
+    try:
+        device = resolve_device(args.device or "auto")
+    except ValueError as err:
+        parser.error(str(err))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtypes = tuple(getattr(torch, name.strip()) for name in args.dtypes.split(","))
-    text, ok = report(device, dtypes, timing_repeats=args.repeats)
+    text, ok = report(device, _float_dtypes(parser, args.dtypes), timing_repeats=args.repeats)
     print(text)
     return 0 if ok else 1
 

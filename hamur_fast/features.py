@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import models
+from . import _checks, models
 from .data import Batch, FeatureMap
 
 WIDE_DEEP_MODELS = {"wide_deep", "hamur_wide_deep"}
@@ -59,14 +59,24 @@ def embedding_width(feature_map: FeatureMap, embed_dim: int) -> int:
     return len(feature_map.sparse_fields) * embed_dim + feature_map.num_dense
 
 
-def build_ctr_model(feature_map: FeatureMap, model_config: dict) -> CTRModel:
-    """A :class:`CTRModel` from a config's ``model:`` section: ``name``, ``embed_dim`` (16) and the zoo
-    model's own keyword arguments. Wide & Deep models read the dense features as their wide input."""
+def check_model_section(model_config: dict) -> tuple:
+    """``(name, embed_dim, the zoo model's keywords)`` of a model section, every name, keyword and range checked
+    (a ValueError naming the option) without building anything: what a run checks before reading its data."""
     options = dict(model_config)
     name = options.pop("name", None)
     if name is None:
         raise ValueError(f"the model section needs a name; available: {', '.join(models.available())}")
-    embed_dim = int(options.pop("embed_dim", 16))
+    embed_dim = options.pop("embed_dim", 16)
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
+        raise ValueError(f"model.embed_dim must be a whole number >= 1, got {_checks.shown(embed_dim)}")
+    models.registry.check_arguments(name, options)
+    return name, embed_dim, options
+
+
+def build_ctr_model(feature_map: FeatureMap, model_config: dict) -> CTRModel:
+    """A :class:`CTRModel` from a config's ``model:`` section: ``name``, ``embed_dim`` (16) and the zoo
+    model's own keyword arguments. Wide & Deep models read the dense features as their wide input."""
+    name, embed_dim, options = check_model_section(model_config)
     if name in WIDE_DEEP_MODELS:
         options.setdefault("wide_dim", feature_map.num_dense)
     core = models.build(name, embedding_width(feature_map, embed_dim), feature_map.num_domains, **options)

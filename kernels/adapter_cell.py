@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import arg_checks
 from . import domain_norm as dn
 from .domain_norm import block_size, load_group_rows, merge_group_stats, norm_input_grad
 from .grouped_linear import domain_weight_grads
@@ -371,6 +372,7 @@ def _order_out(segments, device):
 def cell_project(x, rep, domain, params, use_batch_stats: bool, empty=torch.empty):
     """The cell up to its normalisation: q, v (B, k) fp32 in sorted order, the order (empty in released mode),
     the rows' dn.GroupSegments and the per-block partial (mean, M2) of o (empty without batch statistics)."""
+    arg_checks.cell("triton cell projection", x, rep, domain, params)
     x, rep, domain = x.contiguous(), rep.contiguous(), domain.contiguous()
     params = tuple(t.contiguous() for t in params)
     batch, width, rank, bottleneck, per_domain, num_domains = _sizes(x, rep, params[1], params[6])
@@ -398,6 +400,8 @@ def cell_statistics(x, rep, domain, params, empty=torch.empty):
 @dn.on_first_tensors_device
 def cell_normalise(x, domain, params, v, order, mean, rstd, empty=torch.empty):
     """y = x + nw (o - mean) rstd + nb, o recomputed from v, with the given per-group mean and rstd (fp32)."""
+    arg_checks.cell_extras(arg_checks.cell("triton cell normalise", x, None, domain, params), params[6], v=v,
+                           order=order, mean=mean, rstd=rstd)
     x, domain = x.contiguous(), domain.contiguous()
     up_right, up_bias, norm_weight, norm_bias = (params[i].contiguous() for i in (4, 5, 6, 7))
     batch, width, rank = x.shape[0], x.shape[1], v.shape[1]
@@ -416,6 +420,8 @@ def cell_normalise(x, domain, params, v, order, mean, rstd, empty=torch.empty):
 @dn.on_first_tensors_device
 def cell_grad_sums(dy, domain, params, v, order, mean, rstd, empty=torch.empty):
     """Per-group (sum dy, sum dy * xhat), each (G, h) fp32: the norm bias and weight gradients of these rows."""
+    arg_checks.cell_extras(arg_checks.cell("triton cell grad sums", dy, None, domain, params), params[6], v=v,
+                           order=order, mean=mean, rstd=rstd)
     dy, domain = dy.contiguous(), domain.contiguous()
     up_right, up_bias, norm_weight = (params[i].contiguous() for i in (4, 5, 6))
     batch, width, rank = dy.shape[0], dy.shape[1], v.shape[1]
@@ -435,6 +441,11 @@ def cell_grad_sums(dy, domain, params, v, order, mean, rstd, empty=torch.empty):
 def adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_batch_stats: bool, eps: float,
                          empty=torch.empty):
     """Returns (y, q, v, order, count, mean, m2, rstd); q, v (B, k) fp32 in sorted order for backward."""
+    if not use_batch_stats:  # the rest is checked by the passes below
+        args = arg_checks.cell("triton_cell_forward", x, rep, domain, params)
+        if running_mean is None or running_var is None:
+            args.fail("running_mean and running_var are needed without batch statistics")
+        arg_checks.cell_extras(args, params[6], running_mean=running_mean, running_var=running_var)
     q, v, order, segments, parts = cell_project(x, rep, domain, params, use_batch_stats, empty)
     per_domain = params[6].dim() == 2
     if use_batch_stats:
@@ -479,6 +490,9 @@ def cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd,
                      use_batch_stats: bool, empty=torch.empty):
     """(dx, drep, and the six projection factors' gradients) from the given count and group sums (this
     process's, or every process's in a data-parallel step), each in its input's dtype and shape."""
+    arg_checks.cell_extras(arg_checks.cell("triton_cell_backward", x, rep, domain, params), params[6], dy=dy, q=q,
+                           v=v, order=order, count=count, mean=mean, rstd=rstd, sum_dy=sum_dy,
+                           sum_dy_xhat=sum_dy_xhat)
     dy, x, rep, domain = dy.contiguous(), x.contiguous(), rep.contiguous(), domain.contiguous()
     contiguous = [t.contiguous() for t in params]
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = contiguous

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from . import adapter_cell as cell
+from . import arg_checks
 from . import domain_norm as dn
 from .adapter_cell import (_cell_output, _down_left_chunk, _load_rows, _normalized_tile, _project, _row_block,
                            _store_rows)
@@ -300,6 +301,14 @@ def _tile_meta(level1_meta, gen_width):
 def generated_cell_forward(x, g, centre, gen_weight, gen_bias, domain, params, running_mean, running_var,
                            use_batch_stats: bool, eps: float, precision: str, empty=torch.empty):
     """Returns (y, q, v, order, count, mean, m2, rstd) as level 1's adapter_cell_forward does."""
+    args = arg_checks.cell("triton_generated_cell_forward", x, None, domain, params)
+    arg_checks.cell_extras(args, params[6], g=g, centre=centre, gen_weight=gen_weight, gen_bias=gen_bias)
+    if not use_batch_stats:
+        if running_mean is None or running_var is None:
+            args.fail("running_mean and running_var are needed without batch statistics")
+        arg_checks.cell_extras(args, params[6], running_mean=running_mean, running_var=running_var)
+    if precision not in PRECISIONS:
+        args.fail(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     x, g, centre, gen_weight, gen_bias, domain = (t.contiguous() for t in (x, g, centre, gen_weight, gen_bias,
                                                                             domain))
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, _ = \
@@ -356,6 +365,11 @@ def _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q
 def generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, params, q, v, order, count, mean,
                             rstd, use_batch_stats: bool, precision: str, empty=torch.empty):
     """Gradients (dx, dg, d centre, d gen_weight, d gen_bias, then the cell's eight parameters)."""
+    args = arg_checks.cell("triton_generated_cell_backward", x, None, domain, params)
+    arg_checks.cell_extras(args, params[6], dy=dy, g=g, centre=centre, gen_weight=gen_weight, gen_bias=gen_bias, q=q,
+                           v=v, order=order, count=count, mean=mean, rstd=rstd)
+    if precision not in PRECISIONS:
+        args.fail(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     dy, x, g, centre, gen_weight, gen_bias = (t.contiguous() for t in (dy, x, g, centre, gen_weight, gen_bias))
     contiguous = [t.contiguous() for t in params]
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, _ = contiguous

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import arg_checks
+
 MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on the GPU
 
 
@@ -506,6 +508,7 @@ def _partial_stats(o, segments: GroupSegments, empty):
 @on_first_tensors_device
 def group_statistics(o, groups, num_groups: int, empty=torch.empty):
     """This process's per-group (count (G,), mean (G, h), M2 (G, h)) of o's rows."""
+    arg_checks.norm("triton norm statistics", o, groups, num_groups)
     o = o.contiguous()
     segments = _segments(o, groups, num_groups if groups is not None else 1)
     count, mean, m2, _rstd = merge_group_stats(*_partial_stats(o, segments, empty), segments, ROWS_PER_BLOCK, 0.0,
@@ -516,6 +519,7 @@ def group_statistics(o, groups, num_groups: int, empty=torch.empty):
 @on_first_tensors_device
 def normalise(o, groups, weight, bias, mean, rstd, empty=torch.empty):
     """y = weight[g] (o - mean[g]) rstd[g] + bias[g] with the given per-group tables (G, h)."""
+    arg_checks.norm("triton norm normalise", o, groups, weight=weight, bias=bias, mean=mean, rstd=rstd)
     o, weight, bias = o.contiguous(), weight.contiguous(), bias.contiguous()
     group_ids, per_domain = _group_ids(o, groups)
     grid, meta = _tiles(o, per_domain)
@@ -528,6 +532,7 @@ def normalise(o, groups, weight, bias, mean, rstd, empty=torch.empty):
 @on_first_tensors_device
 def grad_sums(dy, o, groups, mean, rstd, num_groups: int, empty=torch.empty):
     """Per-group column sums (sum_dy, sum_dy_xhat), each (G, h) float32, of this process's rows."""
+    arg_checks.norm("triton norm grad sums", o, groups, num_groups, dy=dy, mean=mean, rstd=rstd)
     dy, o = dy.contiguous(), o.contiguous()
     segments = _segments(o, groups, num_groups)
     grid, meta = _tiles(o, groups is not None)
@@ -544,6 +549,8 @@ def input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, un
 
     The kernel divides by the variance's own denominator (n per domain, max(n - 1, 1) for one group); another one
     (a biased one-group BatchNorm) is reached by rescaling sum_dy_xhat here."""
+    arg_checks.norm("triton norm input grad", o, groups, dy=dy, weight=weight, mean=mean, rstd=rstd, count=count,
+                    sum_dy=sum_dy, sum_dy_xhat=sum_dy_xhat)
     dy, o, weight = dy.contiguous(), o.contiguous(), weight.contiguous()
     group_ids, per_domain = _group_ids(o, groups)
     count = count.float().contiguous()
@@ -565,6 +572,13 @@ def input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, un
 def domain_norm_forward(o, domain, weight, bias, running_mean, running_var, use_batch_stats: bool, eps: float,
                         empty=torch.empty):
     """Returns y and, for backward and the running-stat update, count (G,), mean, m2, rstd (G, h)."""
+    per_domain = isinstance(weight, torch.Tensor) and weight.dim() == 2
+    args = arg_checks.norm("triton_norm_forward", o, domain if per_domain else None, weight=weight, bias=bias)
+    args.ids("domain", domain)
+    if not use_batch_stats:
+        if running_mean is None or running_var is None:
+            args.fail("running_mean and running_var are needed without batch statistics")
+        args.tensor("running_mean", running_mean, "G h").tensor("running_var", running_var, "G h")
     o, domain = o.contiguous(), domain.contiguous()
     per_domain = weight.dim() == 2
     groups = domain if per_domain else None
@@ -584,6 +598,9 @@ def domain_norm_forward(o, domain, weight, bias, running_mean, running_var, use_
 @on_first_tensors_device
 def domain_norm_backward(dy, o, domain, weight, count, mean, rstd, use_batch_stats: bool, empty=torch.empty):
     """Returns (do, dweight, dbias) for y = weight[g] * (o - mean[g]) * rstd[g] + bias[g]."""
+    per_domain = isinstance(weight, torch.Tensor) and weight.dim() == 2
+    arg_checks.norm("triton_norm_backward", o, domain if per_domain else None, dy=dy, weight=weight, count=count,
+                    mean=mean, rstd=rstd).ids("domain", domain)
     dy, o, domain, weight = (t.contiguous() for t in (dy, o, domain, weight))
     per_domain = weight.dim() == 2
     groups = domain if per_domain else None

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import arg_checks
 from .domain_norm import block_size
 
 
@@ -175,8 +176,17 @@ def _launch_forward(x, order, offsets, weight_strides, num_domains, fan_in, fan_
         num_warps=8 if block_m == 64 else 4)  # 64 rows at 4 warps spilled (ptxas, sm_90a)
 
 
+def _check(op, x, order, offsets, weight):
+    """x (B, in), order (B,), offsets (D + 2,) int64 (as from domain_segments), weight (D, in, out)."""
+    args = arg_checks.Args(op, arg_checks.device_of(x, op)).tensor("x", x, "B in")
+    args.tensor("weight", weight, "D in out")
+    args.sizes["D+2"] = args.sizes["D"] + 2
+    return args.ids("order", order).ids("offsets", offsets, "D+2").positive("B", "in", "out", "D")
+
+
 def grouped_forward(x, order, offsets, weight, bias, empty=torch.empty):
     """x (B, in), weight (D, in, out) (any strides), bias (D, out) or None -> out (B, out), x's dtype."""
+    _check("triton_grouped_linear_forward", x, order, offsets, weight).optional("bias", bias, "D out")
     num_domains, fan_in, fan_out = weight.shape
     out = empty((x.shape[0], fan_out), device=x.device, dtype=x.dtype)
     bias = bias.contiguous() if bias is not None else None
@@ -186,6 +196,7 @@ def grouped_forward(x, order, offsets, weight, bias, empty=torch.empty):
 
 def grouped_backward(grad, x, order, offsets, weight, with_bias: bool, empty=torch.empty):
     """(dx (B, in), dweight (D, in, out), dbias (D, out), or an empty (0,) tensor without bias)."""
+    _check("triton_grouped_linear_backward", x, order, offsets, weight).tensor("grad", grad, "B out")
     num_domains, fan_in, fan_out = weight.shape
     dx = empty(x.shape, device=x.device, dtype=x.dtype)
     stride_d, stride_i, stride_o = weight.stride()

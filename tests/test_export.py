@@ -10,7 +10,7 @@ from hamur_fast.inference import export_checkpoint, export_model, load_exported
 from hamur_fast.inference.export import custom_ops, export_program
 
 from helpers import rel_err
-from test_inference import DOMAINS, hamur, inputs, train_checkpoint
+from test_inference import DOMAINS, INPUT_DIM, hamur, inputs, train_checkpoint
 
 HAS_ONNX = all(importlib.util.find_spec(n) is not None for n in ("onnx", "onnxscript"))
 
@@ -189,3 +189,88 @@ def test_cli_takes_the_format_from_the_extension_and_refuses_a_mismatch(tmp_path
     assert main(["export", "--checkpoint", "c.pt", "--output", str(tmp_path / "m.bin")]) == 2
     assert "the extension names the format, .pt2 (torch.export or AOTInductor package) or .onnx" in capsys.readouterr().err
     assert written == ["onnx", "pt2"]  # refused before any work
+def _rewritten(source, target, replace):
+    """A copy of the archive ``source`` with every member passed through ``replace(name, data) -> [(name, data)]``."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as out:
+        for item in original.infolist():
+            for name, data in replace(item.filename, original.read(item.filename)):
+                out.writestr(name, data)
+    return target
+
+
+def test_an_archive_with_two_members_of_one_name_is_refused(tmp_path):
+    import io
+    import warnings
+
+    path = export_model(hamur(), *inputs(4), tmp_path / "model.pt2")
+    payload = io.BytesIO()
+    torch.save(_RunsCode(tmp_path / "marker"), payload)
+
+    def shadowed(name, data):  # the payload first, the genuine member after it under the same name
+        return [(name, payload.getvalue()), (name, data)] if "sample_inputs/" in name else [(name, data)]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name it is asked to write
+        crafted = _rewritten(path, tmp_path / "twice.pt2", shadowed)
+    with pytest.raises(ValueError, match=r"twice.pt2: refused: the archive holds \[.*sample_inputs/model.pt'\] "
+                                         "more than once"):
+        load_exported(crafted)
+    assert not (tmp_path / "marker").exists()
+
+
+def _edited_program(name, data, edit):
+    import json
+
+    if name.endswith("models/model.json"):
+        program = json.loads(data)
+        edit(program["graph_module"]["graph"])
+        data = json.dumps(program).encode()
+    return [(name, data)]
+
+
+def _swap_cell_factors(graph):
+    """The compiled cell's down_left and up_right arguments exchanged: every shape the kernel reads is wrong."""
+    node = next(n for n in graph["nodes"] if "compiled_cell_infer" in n["target"])
+    args = {a["name"]: a for a in node["inputs"]}
+    args["down_left"]["arg"], args["up_right"]["arg"] = args["up_right"]["arg"], args["down_left"]["arg"]
+
+
+def _drop_cell_domain(graph):
+    """The compiled cell's domain ids replaced by its input x."""
+    node = next(n for n in graph["nodes"] if "compiled_cell_infer" in n["target"])
+    args = {a["name"]: a for a in node["inputs"]}
+    args["domain"]["arg"] = args["x"]["arg"]
+
+
+@pytest.mark.skipif("cpu" not in hf.ops.available_backends(), reason="the compiled extension is not built")
+@pytest.mark.parametrize("edit", [_swap_cell_factors, _drop_cell_domain], ids=lambda f: f.__name__)
+def test_an_edited_model_json_raises_instead_of_reading_past_buffers(tmp_path, edit):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = export_model(hamur(backend="cpu"), *inputs(4), tmp_path / "model.pt2")
+    crafted = _rewritten(path, tmp_path / "edited.pt2", lambda name, data: _edited_program(name, data, edit))
+    script = (f"import torch, hamur_fast as hf\n"
+              f"module = hf.inference.load_exported({str(crafted)!r})\n"
+              f"e = torch.randn(4096, {INPUT_DIM}); domain = torch.arange(4096) % {DOMAINS}\n"
+              "try:\n    module(e, domain)\nexcept Exception as err:\n    print('REFUSED', err)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent)
+    assert done.returncode == 0, done.stderr[-2000:]  # not killed by a signal (a segfault is -11)
+    assert "REFUSED compiled_cell_infer:" in done.stdout, done.stdout
+
+
+def test_a_failed_onnx_export_leaves_no_file(tmp_path, monkeypatch):
+    def fails_half_way(program, args, path, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"half an ONNX model")
+        raise RuntimeError("the exporter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", fails_half_way)
+    monkeypatch.setattr(hf.inference.export, "_require_packages", lambda *names: None)
+    with pytest.raises(RuntimeError, match="the exporter failed"):
+        export_model(hamur(backend="torch"), *inputs(4), tmp_path / "model.onnx", format="onnx")
+    assert list(tmp_path.iterdir()) == []

@@ -265,7 +265,7 @@ def test_checkpoint_whose_config_does_not_fit_its_weights(planted, tmp_path):
     torch.save(payload, tmp_path / "mismatch.pt")
     with pytest.raises(CheckpointError, match="mismatch.pt: its weights do not fit the model its config describes"):
         load_trained(tmp_path / "mismatch.pt")
-    with pytest.raises(CheckpointError, match="the checkpoint does not fit this model"):
+    with pytest.raises(CheckpointError, match="last weights do not fit the model its config describes"):
         resume_run(tmp_path / "mismatch.pt", planted, epochs=2, progress=False)
 
 

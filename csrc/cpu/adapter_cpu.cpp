@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -299,7 +301,10 @@ GroupOrder saved_order(const Tensor& order, const Tensor& count) {
   const Tensor counts = count.round().to(at::kLong).contiguous();
   const int64_t groups = counts.numel(), batch = order.numel();
   GroupOrder out{order, std::vector<int64_t>(groups + 1, 0), std::vector<int64_t>(batch), std::vector<int64_t>(batch)};
-  for (int64_t g = 0; g < groups; ++g) out.start[g + 1] = out.start[g] + counts.data_ptr<int64_t>()[g];
+  for (int64_t g = 0; g < groups; ++g) {
+    TORCH_CHECK(counts.data_ptr<int64_t>()[g] >= 0, "adapter_backward: the saved counts must be >= 0");
+    out.start[g + 1] = out.start[g] + counts.data_ptr<int64_t>()[g];
+  }
   TORCH_CHECK(out.start[groups] == batch, "adapter_backward: the saved counts do not add up to the batch");
   for (int64_t g = 0; g < groups; ++g)
     std::fill(out.slot_group.begin() + out.start[g], out.slot_group.begin() + out.start[g + 1], g);
@@ -507,15 +512,6 @@ void normalise_rows(const T* o, const int64_t* order, const T* residual, const R
   });
 }
 
-void check_cpu_inputs(const Tensor& x, const Tensor& domain) {
-  TORCH_CHECK(x.device().is_cpu(), "hamur_fast CPU kernel got a tensor on ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "hamur_fast CPU kernels take float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(domain.scalar_type() == at::kLong, "domain must be int64, got ", domain.scalar_type());
-  TORCH_CHECK(x.dim() == 2 && domain.dim() == 1 && domain.size(0) == x.size(0),
-              "domain must hold one id per row of the (B, h) input");
-}
-
 // ------------------------------------------------------------------------------------ forward
 // Outputs in group order (slot i = original row order[i]): o, hidden; y in the original order.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapter_forward_cpu(
@@ -523,7 +519,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
     const Tensor& down_right_in, const Tensor& down_bias_in, const Tensor& up_left_in, const Tensor& up_right_in,
     const Tensor& up_bias_in, const Tensor& norm_weight_in, const Tensor& norm_bias_in,
     const c10::optional<Tensor>& stat_mean, const c10::optional<Tensor>& stat_var, bool per_domain, double eps) {
-  check_cpu_inputs(x_in, domain_in);
+  checks::compiled_cell_forward(c10::DeviceType::CPU, x_in, rep_in, domain_in, down_left_in, down_right_in,
+                                down_bias_in, up_left_in, up_right_in, up_bias_in, norm_weight_in, norm_bias_in,
+                                stat_mean, stat_var, per_domain);
   const Tensor x = x_in.contiguous(), rep = rep_in.contiguous(), domain = domain_in.contiguous();
   const Tensor dl = down_left_in.contiguous(), dr = down_right_in.contiguous(), db = down_bias_in.contiguous();
   const Tensor ul = up_left_in.contiguous(), ur = up_right_in.contiguous(), ub = up_bias_in.contiguous();
@@ -576,7 +574,8 @@ Tensor adapter_infer_cpu(const Tensor& x_in, const Tensor& rep_in, const Tensor&
                          const Tensor& up_left_in, const Tensor& up_right_in, const Tensor& up_bias_in,
                          const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& running_mean,
                          const Tensor& running_var, double eps) {
-  check_cpu_inputs(x_in, domain_in);
+  checks::compiled_cell_infer(c10::DeviceType::CPU, x_in, rep_in, domain_in, down_left_in, down_right_in, down_bias_in,
+                              up_left_in, up_right_in, up_bias_in, norm_weight, norm_bias, running_mean, running_var);
   const Tensor x = x_in.contiguous(), rep = rep_in.contiguous(), domain = domain_in.contiguous();
   const Tensor dl = down_left_in.contiguous(), dr = down_right_in.contiguous(), db = down_bias_in.contiguous();
   const Tensor ul = up_left_in.contiguous(), ur = up_right_in.contiguous(), ub = up_bias_in.contiguous();
@@ -603,7 +602,8 @@ Tensor adapter_infer_cpu(const Tensor& x_in, const Tensor& rep_in, const Tensor&
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> domain_norm_forward_cpu(
     const Tensor& o_in, const Tensor& domain_in, const Tensor& weight_in, const Tensor& bias_in,
     const c10::optional<Tensor>& stat_mean, const c10::optional<Tensor>& stat_var, bool per_domain, double eps) {
-  check_cpu_inputs(o_in, domain_in);
+  checks::compiled_norm_forward(c10::DeviceType::CPU, o_in, domain_in, weight_in, bias_in, stat_mean, stat_var,
+                                per_domain);
   const Tensor o = o_in.contiguous(), domain = domain_in.contiguous();
   const Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
   const int64_t batch = o.size(0), width = o.size(1), groups = per_domain ? weight.size(0) : 1;
@@ -719,7 +719,8 @@ std::tuple<Tensor, Tensor, Tensor> domain_norm_backward_cpu(const Tensor& grad_y
                                                             const Tensor& domain_in, const Tensor& weight_in,
                                                             const Tensor& mean_in, const Tensor& rstd_in,
                                                             const Tensor& count_in, bool per_domain, bool batch_stats) {
-  check_cpu_inputs(o_in, domain_in);
+  checks::compiled_norm_backward(c10::DeviceType::CPU, grad_y_in, o_in, domain_in, weight_in, mean_in, rstd_in,
+                                 count_in, per_domain);
   const Tensor gy = grad_y_in.contiguous(), o = o_in.contiguous(), domain = domain_in.contiguous();
   const Tensor weight = weight_in.contiguous(), mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const Tensor count = count_in.contiguous();
@@ -749,8 +750,7 @@ std::tuple<Tensor, Tensor, Tensor> domain_norm_backward_cpu(const Tensor& grad_y
 // compiled_norm_backward's weight and bias gradients.
 std::tuple<Tensor, Tensor, Tensor> domain_norm_statistics_cpu(const Tensor& o_in, const Tensor& domain_in,
                                                               int64_t num_groups, bool per_domain) {
-  check_cpu_inputs(o_in, domain_in);
-  TORCH_CHECK(num_groups >= 1, "num_groups must be >= 1, got ", num_groups);
+  checks::compiled_norm_statistics(c10::DeviceType::CPU, o_in, domain_in, num_groups);
   const Tensor o = o_in.contiguous(), domain = domain_in.contiguous();
   const int64_t batch = o.size(0), width = o.size(1), groups = per_domain ? num_groups : 1;
   const Rows rows{domain.data_ptr<int64_t>(), per_domain};
@@ -769,7 +769,8 @@ std::tuple<Tensor, Tensor, Tensor> domain_norm_statistics_cpu(const Tensor& o_in
 
 Tensor domain_norm_normalise_cpu(const Tensor& o_in, const Tensor& domain_in, const Tensor& weight_in,
                                  const Tensor& bias_in, const Tensor& mean_in, const Tensor& rstd_in, bool per_domain) {
-  check_cpu_inputs(o_in, domain_in);
+  checks::compiled_norm_normalise(c10::DeviceType::CPU, o_in, domain_in, weight_in, bias_in, mean_in, rstd_in,
+                                  per_domain);
   const Tensor o = o_in.contiguous(), domain = domain_in.contiguous();
   const Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
   const Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
@@ -791,7 +792,8 @@ Tensor domain_norm_input_grad_cpu(const Tensor& grad_y_in, const Tensor& o_in, c
                                   const Tensor& weight_in, const Tensor& mean_in, const Tensor& rstd_in,
                                   const Tensor& count_in, const Tensor& sum_dy_in, const Tensor& sum_dy_xhat_in,
                                   bool per_domain, bool unbiased) {
-  check_cpu_inputs(o_in, domain_in);
+  checks::compiled_norm_input_grad(c10::DeviceType::CPU, grad_y_in, o_in, domain_in, weight_in, mean_in, rstd_in,
+                                   count_in, sum_dy_in, sum_dy_xhat_in, per_domain);
   const Tensor gy = grad_y_in.contiguous(), o = o_in.contiguous(), domain = domain_in.contiguous();
   const Tensor weight = weight_in.contiguous(), mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const Tensor count = count_in.contiguous(), sum_dy = sum_dy_in.contiguous(), sum_dy_xhat = sum_dy_xhat_in.contiguous();
@@ -868,7 +870,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const Tensor& down_left_in, const Tensor& down_right_in, const Tensor& up_left_in, const Tensor& up_right_in,
     const Tensor& norm_weight_in, const Tensor& o_in, const Tensor& hidden_in, const Tensor& order_in,
     const Tensor& mean_in, const Tensor& rstd_in, const Tensor& count_in, bool per_domain, bool batch_stats) {
-  check_cpu_inputs(x_in, domain_in);
+  checks::compiled_cell_backward(c10::DeviceType::CPU, grad_y_in, x_in, rep_in, domain_in, down_left_in, down_right_in,
+                                 up_left_in, up_right_in, norm_weight_in, o_in, hidden_in, order_in, mean_in, rstd_in,
+                                 count_in, per_domain);
   const Tensor gy = grad_y_in.contiguous(), x = x_in.contiguous(), rep = rep_in.contiguous();
   const Tensor dl = down_left_in.contiguous(), dr = down_right_in.contiguous();
   const Tensor ul = up_left_in.contiguous(), ur = up_right_in.contiguous(), norm_weight = norm_weight_in.contiguous();

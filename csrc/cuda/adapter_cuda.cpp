@@ -14,6 +14,7 @@
 
 #include <tuple>
 
+#include "../checks.h"
 #include "adapter_kernels.h"
 
 namespace hamur_fast {
@@ -28,15 +29,6 @@ cudaStream_t current_stream(const Tensor& t) {
 
 void check_launch(cudaError_t status, const char* kernel) {
   TORCH_CHECK(status == cudaSuccess, "hamur_fast CUDA kernel ", kernel, " failed: ", cudaGetErrorString(status));
-}
-
-void check_cuda_inputs(const Tensor& x, const Tensor& domain) {
-  TORCH_CHECK(x.is_cuda() && domain.is_cuda(), "hamur_fast CUDA kernel got a tensor on ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "hamur_fast CUDA kernels take float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(domain.scalar_type() == at::kLong, "domain must be int64, got ", domain.scalar_type());
-  TORCH_CHECK(x.dim() == 2 && domain.dim() == 1 && domain.size(0) == x.size(0),
-              "domain must hold one id per row of the (B, h) input");
 }
 
 cuda::CellDims cell_dims(const Tensor& x, const Tensor& rep, const Tensor& down_right, const Tensor& norm_weight,
@@ -75,7 +67,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
     const Tensor& down_right, const Tensor& down_bias, const Tensor& up_left, const Tensor& up_right,
     const Tensor& up_bias, const Tensor& norm_weight_in, const Tensor& norm_bias_in,
     const c10::optional<Tensor>& stat_mean, const c10::optional<Tensor>& stat_var, bool per_domain, double eps) {
-  check_cuda_inputs(x_in, domain_in);
+  checks::compiled_cell_forward(c10::DeviceType::CUDA, x_in, rep_in, domain_in, down_left, down_right, down_bias,
+                                up_left, up_right, up_bias, norm_weight_in, norm_bias_in, stat_mean, stat_var,
+                                per_domain);
   const c10::DeviceGuard guard(x_in.device());
   const Tensor x = x_in.contiguous(), rep = rep_in.contiguous(), domain = domain_in.contiguous();
   const Tensor dl = prepared(down_left, x), dr = prepared(down_right, x), db = prepared(down_bias, x);
@@ -111,7 +105,8 @@ Tensor adapter_infer_cuda(const Tensor& x_in, const Tensor& rep_in, const Tensor
                           const Tensor& down_right, const Tensor& down_bias, const Tensor& up_left,
                           const Tensor& up_right, const Tensor& up_bias, const Tensor& norm_weight,
                           const Tensor& norm_bias, const Tensor& running_mean, const Tensor& running_var, double eps) {
-  check_cuda_inputs(x_in, domain_in);
+  checks::compiled_cell_infer(c10::DeviceType::CUDA, x_in, rep_in, domain_in, down_left, down_right, down_bias, up_left,
+                              up_right, up_bias, norm_weight, norm_bias, running_mean, running_var);
   const c10::DeviceGuard guard(x_in.device());
   const Tensor x = x_in.contiguous(), rep = rep_in.contiguous(), domain = domain_in.contiguous();
   const Tensor dl = prepared(down_left, x), dr = prepared(down_right, x), db = prepared(down_bias, x);
@@ -135,7 +130,8 @@ Tensor adapter_infer_cuda(const Tensor& x_in, const Tensor& rep_in, const Tensor
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> domain_norm_forward_cuda(
     const Tensor& o_in, const Tensor& domain_in, const Tensor& weight_in, const Tensor& bias_in,
     const c10::optional<Tensor>& stat_mean, const c10::optional<Tensor>& stat_var, bool per_domain, double eps) {
-  check_cuda_inputs(o_in, domain_in);
+  checks::compiled_norm_forward(c10::DeviceType::CUDA, o_in, domain_in, weight_in, bias_in, stat_mean, stat_var,
+                                per_domain);
   const c10::DeviceGuard guard(o_in.device());
   const Tensor o = o_in.contiguous(), domain = domain_in.contiguous();
   const Tensor weight = prepared(weight_in, o), bias = prepared(bias_in, o);
@@ -180,7 +176,8 @@ std::tuple<Tensor, Tensor, Tensor> domain_norm_backward_cuda(const Tensor& grad_
                                                              const Tensor& mean_in, const Tensor& rstd_in,
                                                              const Tensor& count_in, bool per_domain,
                                                              bool batch_stats) {
-  check_cuda_inputs(o_in, domain_in);
+  checks::compiled_norm_backward(c10::DeviceType::CUDA, grad_y_in, o_in, domain_in, weight_in, mean_in, rstd_in,
+                                 count_in, per_domain);
   const c10::DeviceGuard guard(o_in.device());
   const Tensor gy = grad_y_in.contiguous(), o = o_in.contiguous(), domain = domain_in.contiguous();
   const Tensor weight = prepared(weight_in, o), mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
@@ -212,9 +209,11 @@ Tensor per_group_outer(const Tensor& lhs, const Tensor& rhs, const Tensor& indic
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapter_backward_cuda(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& rep_in, const Tensor& domain_in,
     const Tensor& down_left, const Tensor& down_right, const Tensor& up_left, const Tensor& up_right,
-    const Tensor& norm_weight_in, const Tensor& o_in, const Tensor& hidden_in, const Tensor& /*order: identity*/,
+    const Tensor& norm_weight_in, const Tensor& o_in, const Tensor& hidden_in, const Tensor& order_in,
     const Tensor& mean_in, const Tensor& rstd_in, const Tensor& count_in, bool per_domain, bool batch_stats) {
-  check_cuda_inputs(x_in, domain_in);
+  checks::compiled_cell_backward(c10::DeviceType::CUDA, grad_y_in, x_in, rep_in, domain_in, down_left, down_right,
+                                 up_left, up_right, norm_weight_in, o_in, hidden_in, order_in, mean_in, rstd_in,
+                                 count_in, per_domain);  // order_in: the identity on the GPU, only checked
   const c10::DeviceGuard guard(x_in.device());
   const Tensor gy = grad_y_in.contiguous(), x = x_in.contiguous(), rep = rep_in.contiguous();
   const Tensor domain = domain_in.contiguous(), o = o_in.contiguous(), hidden = hidden_in.contiguous();

@@ -6,7 +6,7 @@ Every loader returns :class:`MultiDomainData` (train/val/test :class:`TensorSpli
 from .aliccp import load_aliccp
 from .errors import DataError
 from .feature_map import FeatureMap
-from .load import load_dataset, read_prediction_input
+from .load import check_data_section, load_dataset, read_prediction_input
 from .movielens import load_movielens, read_movielens
 from .schema import Schema
 from .shards import RowShard
@@ -15,5 +15,5 @@ from .table import load_table, read_schema
 from .tensors import Batch, MultiDomainData, TensorSplit
 
 __all__ = ["DataError", "FeatureMap", "Schema", "RowShard", "Batch", "TensorSplit", "MultiDomainData", "load_dataset",
-           "read_prediction_input", "load_movielens", "read_movielens", "load_aliccp", "load_table", "read_schema",
-           "generate", "load_synthetic"]
+           "check_data_section", "read_prediction_input", "load_movielens", "read_movielens", "load_aliccp",
+           "load_table", "read_schema", "generate", "load_synthetic"]

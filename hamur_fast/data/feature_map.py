@@ -147,7 +147,7 @@ class FeatureMap:
                  if with_label else None)
         sparse_tensor = (torch.from_numpy(np.stack(sparse, axis=1)) if sparse
                          else torch.zeros(len(frame), 0, dtype=torch.int32))
-        return TensorSplit(sparse_tensor, dense, torch.from_numpy(domain.astype(np.int16)), label)
+        return TensorSplit(sparse_tensor, dense, torch.from_numpy(domain.astype(np.int32)), label)
 
     def _domain_ids(self, values: pd.Series, where) -> np.ndarray:
         keys = list(self.domain_mapping)

@@ -50,7 +50,7 @@ def digest(split: TensorSplit, first: int = 0, step: int = 1) -> SplitDigest:
 def _row_hash_sum(columns: list, first: int, step: int) -> int:
     """The sum of the rows' 64-bit hashes (each row's bytes as 32-bit words, with its position)."""
     columns = [t if t.dim() == 2 else t.unsqueeze(1) for t in columns]
-    # Ids as they are, floats by their bits, the int16 domain widened.
+    # Ids as they are, floats by their bits (int32 domain ids hash as the int16 ones older versions stored).
     words = np.concatenate([(c.view(torch.int32) if c.dtype == torch.float32 else c.to(torch.int32)).numpy()
                             for c in columns], axis=1)
     positions = pd.RangeIndex(first, first + step * len(words), step)

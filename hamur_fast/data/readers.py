@@ -6,6 +6,7 @@ kept as rows so that the count stays right; they then fail as lines with missing
 """
 from __future__ import annotations
 
+import csv
 import io
 from pathlib import Path
 from typing import Iterator
@@ -75,6 +76,9 @@ def iter_csv(path, chunksize: int, names: list | None = None, dtype: dict | None
     columns that must not be inferred (e.g. codes with leading zeros read as text).
     """
     path = existing_file(path)
+    check_text(path)
+    if not names:
+        check_header(path)
     header_lines = 0 if names else 1
     start = header_lines + 1
     try:
@@ -90,6 +94,28 @@ def iter_csv(path, chunksize: int, names: list | None = None, dtype: dict | None
         raise DataError(f"{path}: the file is empty") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}, line {_first_non_utf8_line(path)}: not UTF-8 text; re-save the file as UTF-8") from None
+
+
+def check_text(path, block: int = 1 << 24) -> None:
+    """A CSV file holds no NUL byte (pandas would cut the value short or keep it, silently): a DataError with the
+    line of the first one (one fast pass over the bytes)."""
+    lines = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            at = chunk.find(b"\0")
+            if at >= 0:
+                line = lines + chunk.count(b"\n", 0, at) + 1
+                raise DataError(f"{path}, line {line}: a NUL byte (\\x00): not a text CSV file")
+            lines += chunk.count(b"\n")
+
+
+def check_header(path) -> None:
+    """Each column name once in the header line (pandas would rename a second 'a' to 'a.1' silently)."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        header = next(csv.reader(handle), [])
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataError(f"{path}, line 1: column name(s) {repeated} appear more than once in the header")
 
 
 def read_table(path, dtype: dict | None = None) -> pd.DataFrame:

@@ -31,18 +31,24 @@ class Schema:
     domain_mapping: dict | None = None
 
     def __post_init__(self):
+        for role in ("sparse", "dense"):
+            if not isinstance(getattr(self, role), (list, tuple)):
+                raise DataError(f"schema {role} must be a list of column names, got {shown(getattr(self, role))}")
         self.sparse, self.dense = [str(c) for c in self.sparse], [str(c) for c in self.dense]
         if self.domain_mapping is not None:
-            self.domain_mapping = {value_key(k): int(v) for k, v in self.domain_mapping.items()}
-            ids = sorted(set(self.domain_mapping.values()))
-            if ids != list(range(len(ids))):
-                raise DataError(f"domain mapping must use the ids 0..D-1 without gaps, got {ids}")
-        overlap = set(self.sparse) & set(self.dense)
-        if overlap or self.label in self.sparse + self.dense:
-            both = overlap | ({self.label} & set(self.sparse + self.dense))
-            raise DataError(f"a column has two roles: {sorted(both)}")
+            self.domain_mapping = _domain_mapping(self.domain_mapping)
+        self._check_roles()
         if not self.sparse and not self.dense:
             raise DataError("the schema names no feature column (sparse or dense)")
+
+    def _check_roles(self) -> None:
+        """One role per column, except that the domain column may also be a feature (MovieLens' age is): a label
+        that is also a feature or the domain would leak into the model's input."""
+        roles = [self.label, *self.sparse, *self.dense]
+        twice = sorted({column for column in roles if roles.count(column) > 1} |
+                       ({self.label} if self.label == self.domain else set()))
+        if twice:
+            raise DataError(f"a column has two roles (label, domain, a feature twice): {twice}")
 
     @classmethod
     def from_dict(cls, spec: dict) -> "Schema":
@@ -97,6 +103,21 @@ class Schema:
             raise DataError(f"{where}, line {values.index[row]}: label column {self.label!r} is not numeric: "
                             f"{shown(values.iloc[row])}")
         return op(numeric, threshold).to_numpy(np.float32)
+
+
+def _domain_mapping(mapping) -> dict:
+    """``{raw value: id}`` with the ids 0..D-1 without gaps, or a DataError."""
+    if not isinstance(mapping, dict):
+        raise DataError(f"the domain mapping must be a mapping of raw value to id (e.g. {{F: 0, M: 1}}), "
+                        f"got {shown(mapping)}")
+    try:
+        mapping = {value_key(k): int(v) for k, v in mapping.items()}
+    except (TypeError, ValueError):
+        raise DataError(f"the domain mapping's ids must be whole numbers, got {shown(mapping)}") from None
+    ids = sorted(set(mapping.values()))
+    if ids != list(range(len(ids))):
+        raise DataError(f"domain mapping must use the ids 0..D-1 without gaps, got {shown(ids)}")
+    return mapping
 
 
 def parse_comparison(rule: str):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from .. import _yaml
 from .errors import DataError
 from .readers import existing_file, iter_table, read_table
 from .schema import Schema
@@ -27,9 +28,9 @@ def read_schema(schema) -> Schema:
         return schema
     if isinstance(schema, (str, Path)):
         try:
-            spec = yaml.safe_load(existing_file(schema).read_text())
+            spec = _yaml.load(existing_file(schema).read_text())
         except yaml.YAMLError as err:
-            raise DataError(f"{schema}: not valid YAML: {err}") from None
+            raise DataError(f"{schema}: not valid YAML: {' '.join(str(err).split())[:300]}") from None
         if not isinstance(spec, dict):
             raise DataError(f"{schema}: the schema must be a YAML mapping")
         return Schema.from_dict(spec)

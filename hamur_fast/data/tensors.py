@@ -21,7 +21,7 @@ class Batch(NamedTuple):
 
 @dataclass
 class TensorSplit:
-    """One split, encoded: ``sparse`` (N, S) int32, ``dense`` (N, Dn) float32, ``domain`` (N,) int16,
+    """One split, encoded: ``sparse`` (N, S) int32, ``dense`` (N, Dn) float32, ``domain`` (N,) int32,
     ``label`` (N,) float32 or None. Stored compactly; batches widen ``domain`` to int64."""
 
     sparse: torch.Tensor

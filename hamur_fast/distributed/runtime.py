@@ -7,6 +7,7 @@ then finds RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address in its enviro
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -80,7 +81,20 @@ def launch_with_torchrun(nproc: int, argv: list) -> int:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "hamur_fast.cli", *_without_nproc(argv)]
-    return subprocess.call(command)
+    launcher = subprocess.Popen(command)
+    # SIGTERM (or SIGHUP) ending this command must end the run: torchrun passes it on to its workers and
+    # stops them, then we return. (Ctrl-C reaches every process of the terminal's group by itself.)
+    forwarded = (signal.SIGTERM, signal.SIGHUP)
+
+    def forward(signum, _frame):
+        launcher.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in forwarded}
+    try:
+        return launcher.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _without_nproc(argv: list) -> list:

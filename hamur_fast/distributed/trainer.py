@@ -183,11 +183,14 @@ def train_run(config: dict, run_dir=None, progress: bool = True) -> experiment.R
 def resume_run(checkpoint_path, epochs: int | None = None, progress: bool = True, overrides: list = (),
                run_dir=None) -> experiment.RunResult:
     """:func:`hamur_fast.train.resume_run` with any number of processes (the checkpoint does not depend on it)."""
+    changes = experiment.resume_changes(overrides, epochs)
     payload = experiment.load_checkpoint(checkpoint_path)
     context = runtime.start(payload["config"]["train"].get("device", "auto"))
     try:
         feature_map = FeatureMap.from_dict(payload["feature_map"])
-        data, fingerprint = load_sharded(experiment.recorded_data(payload, checkpoint_path), context, feature_map)
+        # The recorded data with the resume's data.* changes (files moved since), as a one-process resume reads.
+        data_config = experiment.with_data_changes(experiment.recorded_data(payload, checkpoint_path), changes)
+        data, fingerprint = load_sharded(data_config, context, feature_map)
         return experiment.resume_run(checkpoint_path, data, epochs, progress, overrides, run_dir,
                                      trainer_class=_bound(context, fingerprint))
     finally:

@@ -18,7 +18,8 @@ Loading is safe for files from elsewhere: ``torch.export.load`` falls back to un
 the sample inputs and unpickles some weights and objects outright, so a crafted ``.pt2`` could run code.
 ``load_exported`` reads the archive into memory once, admits only the members ``torch.export.save`` writes
 for a plain program (JSON, raw tensor bytes, and a sample-inputs file that must load with
-``weights_only=True``), and refuses anything else with a ``ValueError`` before torch sees the bytes.
+``weights_only=True``), each name once, refuses anything else with a ``ValueError``, and hands torch an
+archive rebuilt from the checked members (the sample inputs saved anew), never the file's own bytes.
 """
 from __future__ import annotations
 
@@ -69,9 +70,11 @@ def export_model(model: nn.Module, example_e: torch.Tensor, example_domain: torc
     if custom:
         raise ValueError(f"ONNX export cannot carry the custom op(s) {custom}: ONNX runtimes do not know them; "
                          "export format='pt2' instead, or build the model from standard PyTorch ops")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(program, (example_e, example_domain), str(path), dynamo=True,
-                      input_names=["e", "domain"], output_names=["probability"], verbose=False)
+    from ..train.files import atomic_path  # imported here: hamur_fast.train imports this package's users
+
+    with atomic_path(path) as temporary:  # a failed or killed export leaves no half-written file
+        torch.onnx.export(program, (example_e, example_domain), str(temporary), dynamo=True,
+                          input_names=["e", "domain"], output_names=["probability"], verbose=False)
     return path
 
 
@@ -105,51 +108,80 @@ def load_exported(path, extra_files: dict | None = None) -> nn.Module:
     """Load a ``.pt2`` written by :func:`export_model`: a module ``(e, domain) -> probabilities``.
 
     Nothing in the file is unpickled beyond tensors: an archive with any other content is refused
-    (``ValueError`` naming the member) before torch reads it. ``extra_files`` (name -> "") is filled with
-    the text of the archive's extra JSON files of those names (a whole-model export's feature map)."""
+    (``ValueError`` naming the member) before torch reads it, and torch reads an archive rebuilt from the
+    checked members only (see :func:`_checked_archive`). ``extra_files`` (name -> "") is filled with the text of
+    the archive's extra JSON files of those names (a whole-model export's feature map)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no exported model at {path}")
-    data = path.read_bytes()  # one read: what is checked is what torch loads
-    _check_archive(data, path)
+    checked = _checked_archive(path.read_bytes(), path)
     # Importing this module imported hamur_fast, which registered the custom ops the graph may call.
     try:
-        program = torch.export.load(io.BytesIO(data), extra_files=extra_files)
+        program = torch.export.load(io.BytesIO(checked), extra_files=extra_files)
     except Exception as err:  # a damaged graph: torch raises many types
         raise ValueError(f"{path}: not a loadable torch.export program ({type(err).__name__}: "
-                         f"{(str(err).splitlines() or [''])[0]})") from None
+                         f"{(str(err).splitlines() or [''])[0][:300]})") from None
     return program.module()
 
 
-def _check_archive(data: bytes, path: Path) -> None:
-    """Refuse a .pt2 whose loading would unpickle anything but tensors (see the module docstring)."""
+def _checked_archive(data: bytes, path: Path) -> bytes:
+    """A new archive holding exactly the checked members of ``data``, or a ValueError naming what is refused.
+
+    Load what was checked: every member name must be one ``torch.export.save`` writes for a program of tensors
+    and JSON (and appear once: with two members of one name, a checker and a loader may each read another);
+    the JSON configs must not ask for pickled objects; the sample inputs (which ``torch.export.load`` unpickles
+    without restriction when a restricted load fails) must load with ``weights_only=True`` and are written
+    anew from the tensors read. torch then loads the rebuilt archive, never the file's own bytes."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         names = archive.namelist()
-    except zipfile.BadZipFile:
-        raise ValueError(f"{path}: not a .pt2 archive (not a zip file)") from None
+        members = {name: archive.read(name) for name in names}  # also checks each header's name and CRC
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a .pt2 archive ({type(err).__name__}: {str(err)[:200]})") from None
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"{path}: refused: the archive holds {duplicates[:4]} more than once")
     roots = {name.split("/", 1)[0] for name in names}
     if len(roots) != 1 or any("/" not in name for name in names):
         raise ValueError(f"{path}: not a .pt2 archive written by torch.export.save (members outside one folder)")
-    members = {name.split("/", 1)[1]: name for name in names}
-    unknown = sorted(name for name in members if not _SAFE_MEMBERS.fullmatch(name))
-    if unknown or not any(name.startswith("models/") for name in members):
-        raise ValueError(f"{path}: refused: the archive holds {unknown or 'no program'}, which loading would "
+    inner = {name.split("/", 1)[1]: name for name in names}
+    unknown = sorted(name for name in inner if not _SAFE_MEMBERS.fullmatch(name))
+    if unknown or not any(name.startswith("models/") for name in inner):
+        raise ValueError(f"{path}: refused: the archive holds {unknown[:4] or 'no program'}, which loading would "
                          "unpickle or cannot check; export_model writes only programs of tensors and JSON")
-    for name, full in members.items():
-        if name.endswith("_config.json"):
-            config = json.loads(archive.read(full)).get("config", {})
-            pickled = sorted(key for key, entry in config.items()
-                             if entry.get("use_pickle") or not str(entry.get("path_name", "")).startswith(("weight_", "tensor_")))
-            if pickled:
-                raise ValueError(f"{path}: refused: {name} stores {pickled[:4]} as pickled objects, which loading "
-                                 "would unpickle")
-        elif name.startswith("data/sample_inputs/"):
-            try:
-                torch.load(io.BytesIO(archive.read(full)), weights_only=True)
-            except Exception:
-                raise ValueError(f"{path}: refused: its sample inputs ({name}) hold more than tensors, and "
-                                 "torch.export.load would unpickle them without restriction") from None
+    rebuilt = io.BytesIO()
+    with zipfile.ZipFile(rebuilt, "w", zipfile.ZIP_STORED) as out:
+        for name, full in inner.items():
+            content = members[full]
+            if name.endswith("_config.json"):
+                _check_config(content, name, path)
+            elif name.startswith("data/sample_inputs/"):
+                content = _resaved_sample_inputs(content, name, path)
+            out.writestr(full, content)
+    return rebuilt.getvalue()
+
+
+def _check_config(content: bytes, name: str, path: Path) -> None:
+    try:
+        config = json.loads(content).get("config", {})
+        pickled = sorted(key for key, entry in config.items() if entry.get("use_pickle")
+                         or not str(entry.get("path_name", "")).startswith(("weight_", "tensor_")))
+    except (ValueError, AttributeError, TypeError):
+        raise ValueError(f"{path}: refused: {name} is not the JSON torch.export.save writes") from None
+    if pickled:
+        raise ValueError(f"{path}: refused: {name} stores {pickled[:4]} as pickled objects, which loading "
+                         "would unpickle")
+
+
+def _resaved_sample_inputs(content: bytes, name: str, path: Path) -> bytes:
+    try:
+        inputs = torch.load(io.BytesIO(content), weights_only=True)
+    except Exception:
+        raise ValueError(f"{path}: refused: its sample inputs ({name}) hold more than tensors, and "
+                         "torch.export.load would unpickle them without restriction") from None
+    resaved = io.BytesIO()
+    torch.save(inputs, resaved)
+    return resaved.getvalue()
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

@@ -33,10 +33,18 @@ class MultiDomainModel(nn.Module, abc.ABC):
         if e.shape[1] != self.input_dim:
             raise ValueError(f"e must have shape (B, {self.input_dim}), got {tuple(e.shape)}")
         _checks.check_domain(domain, batch, self.num_domains)
-        # The ids were range-checked once here; inner layers skip their own (device-syncing) check. The check
-        # accepts int32 ids, so they are widened here for layers that index or one-hot with them.
+        domain = domain.long()  # the check accepts int32 ids; layers index and one-hot with int64
+        valid = None
+        if not _checks.value_checks_active(domain):
+            # Unchecked ids (value checks off, torch.compile, CUDA graphs): a row whose id is outside [0, D) runs as
+            # domain 0, so nothing inside sees the bad id (or a NaN that would reach the weight gradients), and
+            # its output becomes NaN below with no gradient flowing back. Elementwise on (B,), no host sync.
+            valid = (domain >= 0) & (domain < self.num_domains)
+            domain = torch.where(valid, domain, torch.zeros_like(domain))
+        # The ids were range-checked once here; inner layers skip their own (device-syncing) check.
         with _checks.domain_values_checked():
-            return self.compute_logits(e, domain.long())
+            logits = self.compute_logits(e, domain)
+        return logits if valid is None else torch.where(valid, logits, torch.full_like(logits, float("nan")))
 
     def forward(self, e: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(e, domain))

@@ -160,9 +160,18 @@ def _kernels():
         raise RuntimeError(f"grouped_linear backend 'triton' needs triton: {err}") from err
 
 
+def _check_rows(op: str, x, domain) -> None:
+    """x (B, in) and domain (B,) int64 of a kernel op (the launcher checks the rest); the ids' values may be
+    anything: the kernels give rows with an id outside [0, D) zeros and read no weight for them."""
+    from ..kernels import arg_checks  # the argument checks need no triton
+
+    arg_checks.Args(op, arg_checks.device_of(x, op)).tensor("x", x, "B in").ids("domain", domain)
+
+
 @torch.library.custom_op("hamur_fast::triton_grouped_linear_forward", mutates_args=())
 def grouped_linear_kernel(x: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor | None) -> torch.Tensor:
+    _check_rows("triton_grouped_linear_forward", x, domain)
     order, offsets = domain_segments(domain, weight.shape[0])
     return _kernels().grouped_forward(x, order, offsets, weight, bias)
 
@@ -176,6 +185,7 @@ def _(x, domain, weight, bias):
 def grouped_linear_kernel_backward(grad: torch.Tensor, x: torch.Tensor, domain: torch.Tensor,
                                    weight: torch.Tensor, with_bias: bool) -> list[torch.Tensor]:
     """[dx (B, in), dweight (D, in, out), dbias (D, out) (empty (0,) without bias)]."""
+    _check_rows("triton_grouped_linear_backward", x, domain)
     order, offsets = domain_segments(domain, weight.shape[0])
     return list(_kernels().grouped_backward(grad, x, order, offsets, weight, with_bias))
 
@@ -324,4 +334,4 @@ def run(x, domain, weight, bias=None, backend: str = "auto") -> torch.Tensor:
         limit = CAPABILITIES[provider].limit(x.device, x.dtype)
         if limit is not None:
             raise ValueError(f"grouped_linear backend {provider!r} does not cover this call: {limit}")
-    return IMPLEMENTATIONS[provider](x, domain, weight, bias)
+    return IMPLEMENTATIONS[provider](x, domain.long(), weight, bias)  # the kernel ops take int64 ids

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 import yaml
 
-from .. import _yaml
+from .. import _checks, _yaml
 from . import report
-from ..data import FeatureMap, MultiDomainData, load_dataset
-from ..features import build_ctr_model
-from .checkpoint import CheckpointError, load_checkpoint
+from ..data import FeatureMap, MultiDomainData, check_data_section, load_dataset
+from ..features import build_ctr_model, check_model_section
+from .checkpoint import CheckpointError, check_weights, load_checkpoint
 from .files import locked_directory, write_json, write_text
-from .trainer import CHECKPOINT_NAME, TrainConfig, Trainer, require_both_classes, resolve_device
+from .trainer import CHECKPOINT_NAME, MAX_SEED, TrainConfig, Trainer, require_both_classes, resolve_device
 
 DEFAULT_DATA = {"kind": "synthetic"}
 DEFAULT_MODEL = {"name": "hamur_mlp"}
@@ -86,7 +86,8 @@ def parse_override(assignment: str) -> tuple:
     try:
         return key, _yaml.load(raw)
     except yaml.YAMLError as err:
-        raise ValueError(f"override {assignment!r}: the value is not valid YAML ({_first_line(err)})") from None
+        raise ValueError(f"override {_checks.shown(assignment)}: the value is not valid YAML "
+                         f"({_first_line(err)[:200]})") from None
 
 
 def apply_overrides(config: dict, assignments: list) -> dict:
@@ -113,6 +114,14 @@ def split_values(text: str) -> list:
     return [_yaml.load(v.strip()) for v in values if v.strip()]
 
 
+def parse_seeds(text: str) -> list:
+    """``"1,2,3"`` -> [1, 2, 3]; anything but whole numbers in [0, 2**63) is a ValueError."""
+    seeds = split_values(str(text))
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in seeds):
+        raise ValueError(f"seeds are whole numbers >= 0 separated by commas, e.g. 1,2,3; got {_checks.shown(text)}")
+    return seeds
+
+
 # ---------------------------------------------------------------------------- one run
 @dataclass
 class RunResult:
@@ -135,7 +144,8 @@ def train_run(config: dict, data: MultiDomainData | None = None, run_dir=None, l
     (:mod:`hamur_fast.train.report`); ``standalone`` off (one run of a compare or sweep, which describe the
     data once and print one table) leaves out its data summary and test table."""
     train_config = replace(TrainConfig.from_dict(config.get("train", {})), progress=progress)
-    model_config = config.get("model", DEFAULT_MODEL)
+    model_config = model_section_of(config)
+    check_model_section(model_config)  # a bad model option fails before the data are read
     # Data handed over without a data section is recorded as unknown (None), never as the default.
     data_config = absolute_paths(config.get("data", None if data is not None else DEFAULT_DATA))
     with _run_directory(run_dir):
@@ -149,6 +159,12 @@ def train_run(config: dict, data: MultiDomainData | None = None, run_dir=None, l
         trainer = trainer_class(model, train_config, data.feature_map, run_dir,
                                 {"data": data_config, "model": model_config})
         return _fit_and_test(trainer, data, label or model_config["name"], trainer.run_dir, standalone)
+
+
+def model_section_of(config: dict) -> dict:
+    """The config's model section, the default model's name filled in when it names none (a section holding
+    only ``embed_dim``, say, still trains the default model)."""
+    return {**DEFAULT_MODEL, **(config.get("model") or {})}
 
 
 def absolute_paths(data_config: dict | None) -> dict | None:
@@ -182,6 +198,7 @@ def load_trained(checkpoint_path, device: str | None = None, threads: int | None
         resolve_device(device)  # a device that is not there is the caller's error, not the checkpoint's
     options = {"progress": False, **({"device": device} if device else {}), **({"threads": threads} if threads else {})}
     trainer = _trainer_from(payload, checkpoint_path, options)
+    check_weights(payload["best_model"], trainer.model, f"{checkpoint_path}: its weights")
     try:
         trainer.model.load_state_dict(payload["best_model"])
     except RuntimeError as err:
@@ -197,7 +214,7 @@ def _trainer_from(payload: dict, checkpoint_path, options: dict, run_dir=None, t
         feature_map = FeatureMap.from_dict(payload["feature_map"])
         train_config = TrainConfig.from_dict({**config["train"], **options})
         model = build_ctr_model(feature_map, checkpoint_model_section(payload))
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{checkpoint_path}: its config does not describe a model this hamur_fast can "
                               f"build ({_first_line(err)})") from None
     return trainer_class(model, train_config, feature_map, run_dir,
@@ -215,12 +232,9 @@ def checkpoint_model_section(payload: dict) -> dict:
     return section
 
 
-def resume_run(checkpoint_path, data: MultiDomainData | None = None, epochs: int | None = None,
-               progress: bool = True, overrides: list = (), run_dir=None, trainer_class=Trainer) -> RunResult:
-    """Continue the run that wrote ``checkpoint_path`` from its last epoch, to its configured end (or
-    ``epochs``). ``overrides`` (``section.key=value``) may change only :data:`RESUME_OVERRIDES`: anything else
-    raises ``ValueError`` (a new run is the way to change it). ``run_dir``: continue into another directory,
-    leaving the checkpoint's own untouched (by default the run goes on where it was)."""
+def resume_changes(overrides: list, epochs: int | None = None) -> dict:
+    """The ``--set`` changes of a resume (and ``--epochs``), ``{"section.key": value}``; a ValueError for a key
+    outside :data:`RESUME_OVERRIDES`."""
     changes = dict(parse_override(assignment) for assignment in overrides)
     if epochs:
         changes["train.epochs"] = epochs
@@ -228,11 +242,45 @@ def resume_run(checkpoint_path, data: MultiDomainData | None = None, epochs: int
     if refused:
         raise ValueError(f"--resume continues a run with its recorded settings, so {refused} cannot change "
                          f"(allowed: {', '.join(RESUME_OVERRIDES)}); start a new run to change them")
+    return changes
+
+
+def with_data_changes(data_config: dict | None, changes: dict) -> dict | None:
+    """A recorded data section with a resume's ``data.*`` changes (moved files) applied, paths absolute."""
+    return absolute_paths({**(data_config or {}),
+                           **{key.split(".", 1)[1]: v for key, v in changes.items() if key.startswith("data.")}})
+
+
+def check_resume(checkpoint_path, overrides: list, epochs: int | None = None) -> None:
+    """What a resume refuses before anything starts (before the workers of a data-parallel run): its changes,
+    the checkpoint, its train settings with the changes, its model section and its data section."""
+    changes = resume_changes(overrides, epochs)
+    payload = load_checkpoint(checkpoint_path)
+    train_changes = {key.split(".", 1)[1]: value for key, value in changes.items() if key.startswith("train.")}
+    TrainConfig.from_dict({**payload["config"]["train"], **train_changes})
+    check_model_section(checkpoint_model_section(payload))
+    check_data_section(with_data_changes(recorded_data(payload, checkpoint_path), changes))
+
+
+def check_run(config: dict) -> None:
+    """What a new run refuses before anything starts: its train settings, model section and data section."""
+    TrainConfig.from_dict(config.get("train", {}))
+    check_model_section(model_section_of(config))
+    check_data_section(absolute_paths(config.get("data", DEFAULT_DATA)))
+
+
+def resume_run(checkpoint_path, data: MultiDomainData | None = None, epochs: int | None = None,
+               progress: bool = True, overrides: list = (), run_dir=None, trainer_class=Trainer) -> RunResult:
+    """Continue the run that wrote ``checkpoint_path`` from its last epoch, to its configured end (or
+    ``epochs``). ``overrides`` (``section.key=value``) may change only :data:`RESUME_OVERRIDES`: anything else
+    raises ``ValueError`` (a new run is the way to change it). ``run_dir``: continue into another directory,
+    leaving the checkpoint's own untouched (by default the run goes on where it was)."""
+    changes = resume_changes(overrides, epochs)
     payload = load_checkpoint(checkpoint_path)
     config = payload["config"]
     train_changes = {key.split(".", 1)[1]: value for key, value in changes.items() if key.startswith("train.")}
-    data_config = absolute_paths({**(recorded_data(payload, checkpoint_path) if data is None else config.get("data") or {}),
-                                  **{key.split(".", 1)[1]: v for key, v in changes.items() if key.startswith("data.")}})
+    data_config = with_data_changes(recorded_data(payload, checkpoint_path) if data is None else config.get("data"),
+                                    changes)
     if "train.device" in changes:
         resolve_device(str(changes["train.device"]))
     run_dir = Path(run_dir) if run_dir is not None else Path(checkpoint_path).parent
@@ -269,6 +317,9 @@ def model_section(entry, base: dict) -> tuple:
     if isinstance(entry, dict):
         section = dict(entry)
         label = section.pop("label", section.get("name"))
+        # A label names the run's folder: text, and not "." or ".." (which would point outside it).
+        if not isinstance(label, str) or not label.strip() or set(label) <= {"."}:
+            raise ValueError(f"a compare label is a name such as 'released_k16', got {_checks.shown(label)}")
     else:
         name, *assignments = str(entry).split(":")
         section = {"name": name}
@@ -426,14 +477,18 @@ def sweep(config: dict, param: str, values: list, seeds: list, output, progress:
 
 def _sweep(config: dict, param: str, values: list, seeds: list, output: Path, progress: bool, log) -> dict:
     path, convert = SWEEP_ALIASES.get(param, (param if "." in param else f"model.{param}", lambda v: v))
+    run_configs = _sweep_configs(config, param, path, convert, values)
     data = load_dataset(absolute_paths(config.get("data", DEFAULT_DATA)))
+    for run_config in run_configs:  # every value builds, before the first run trains
+        TrainConfig.from_dict(run_config.get("train", {}))
+        build_ctr_model(data.feature_map, model_section_of(run_config))
     log(report.data_summary(data, _min_domain_rows(config)))
     labels = domain_labels(data.feature_map)
     summaries = {}
     for value in values:
         results = []
         for seed in seeds:
-            run_config = set_path(set_path(config, path, convert(value)), "train.seed", int(seed))
+            run_config = set_path(run_configs[values.index(value)], "train.seed", int(seed))
             run_dir = output / "runs" / f"{_slug(param)}={_slug(str(value))}" / f"seed{seed}"
             result = train_run(run_config, data, run_dir, f"{param}={value}", progress, warn_replace=False,
                                standalone=False)
@@ -454,6 +509,28 @@ def _sweep(config: dict, param: str, values: list, seeds: list, output: Path, pr
 
 def _min_domain_rows(config: dict) -> int:
     return TrainConfig.from_dict(config.get("train", {})).min_domain_rows
+def _sweep_configs(config: dict, param: str, path: str, convert, values: list) -> list:
+    """One config per swept value; a ValueError for a parameter a sweep cannot vary or a value given twice."""
+    section, _, key = path.partition(".")
+    if section not in ("model", "train") or not key or "." in key:
+        raise ValueError(f"--param {param}: a sweep varies one model.<key> or train.<key> setting (its runs share "
+                         f"one data load), or a short name ({', '.join(SWEEP_ALIASES)}); got {path!r}")
+    shown = [str(value) for value in values]
+    repeated = sorted({value for value in shown if shown.count(value) > 1})
+    if repeated:
+        raise ValueError(f"--param {param}: each value once, got {repeated[:4]} more than once")
+    try:
+        return [set_path(config, path, convert(value)) for value in values]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--param {param}: a value does not fit it ({_first_line(err)})") from None
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says that an allocation failed: torch's CUDA OutOfMemoryError, a CPU allocator error,
+    Python's MemoryError."""
+    text = str(err)
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text \
+        or "out of memory" in text.lower()
 
 
 def _first_line(err: Exception) -> str:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import _checks
 from ..data import DataError, MultiDomainData, TensorSplit
 from ..data.fingerprint import data_fingerprint
 from ..data.tensors import Batch
@@ -27,11 +28,18 @@ from ..features import CTRModel
 from .captured_step import CapturedTrainStep
 from . import report
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, check_optimizer_state, check_progress, check_weights, load_checkpoint,
+                         save_checkpoint)
 from .diagnostics import AdapterDiagnostics
 from .files import check_writable, locked_directory, write_csv, write_json
 from .metrics import domain_metrics
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# More intra-op threads than any machine has cores; beyond it thread pools fail to start (or crash). A fixed
+# bound, not this machine's core count, so that a checkpoint from a bigger machine still loads here.
+MAX_THREADS = 1024
+# The seeds torch.manual_seed takes without wrapping around.
+MAX_SEED = 2**63 - 1
 
 
 class TrainingError(RuntimeError):
@@ -74,15 +82,22 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
         if self.cuda_graph and (self.bf16 or self.grad_clip):
             raise ValueError("cuda_graph does not combine with bf16 or grad_clip (they are not in the captured step)")
-        for name in ("epochs", "eval_batch_size", "patience", "threads", "min_domain_rows"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
+        for name in ("epochs", "eval_batch_size", "patience", "min_domain_rows"):
+            if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"train.threads must be >= 1 and <= {MAX_THREADS}, got {self.threads}")
         if self.batch_size < 2:
             raise ValueError(f"train.batch_size must be >= 2, got {self.batch_size}: batch normalisation cannot "
                              "train on one row, so every batch would be skipped")
         for name in ("lr", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"train.grad_clip (the largest gradient norm) must be > 0, or null for no clipping, "
+                             f"got {self.grad_clip}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"train.seed must be between 0 and 2**63 - 1, got {self.seed}")
         resolve_device(self.device)  # an unknown or absent device fails here, before any data is read
 
     @classmethod
@@ -112,7 +127,8 @@ def _coerce(name: str, value, annotation: str):
     if kind is bool or kind is str:
         if isinstance(value, kind):
             return value
-        raise ValueError(f"train.{name} must be {'true or false' if kind is bool else 'text'}, got {value!r}")
+        raise ValueError(f"train.{name} must be {'true or false' if kind is bool else 'text'}, "
+                         f"got {_checks.shown(value)}")
     number = value
     if isinstance(value, str):
         try:
@@ -120,10 +136,11 @@ def _coerce(name: str, value, annotation: str):
         except ValueError:
             number = None
     if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
-        raise ValueError(f"train.{name} must be a{'n integer' if kind is int else ' number'}, got {value!r}")
+        raise ValueError(f"train.{name} must be a{'n integer' if kind is int else ' number'}, "
+                         f"got {_checks.shown(value)}")
     if kind is int:
         if number != int(number):
-            raise ValueError(f"train.{name} must be an integer, got {value!r}")
+            raise ValueError(f"train.{name} must be an integer, got {_checks.shown(value)}")
         return int(number)
     return float(number)
 
@@ -142,7 +159,11 @@ def resolve_device(name: str) -> torch.device:
                              f"{torch.__version__}); use --device cpu or auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
-    elif device.type != "cpu" and device.type != "mps":
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {name!r} was asked for, but this torch has no usable MPS (Apple GPU) "
+                             "support; use --device cpu or auto")
+    elif device.type != "cpu":
         raise ValueError(f"device {name!r} is not supported: use cpu, cuda, cuda:N or auto")
     return device
 
@@ -387,7 +408,12 @@ class Trainer:
     def restore(self, payload: dict) -> None:
         """Continue from a checkpoint (see :func:`load_checkpoint`): the last weights, optimizer, early-stopping
         state, history and the random state, so that the remaining epochs match an uninterrupted run (same
-        device, threads and torch version; a difference is warned about)."""
+        device, threads and torch version; a difference is warned about). Every part is checked against this
+        model and optimizer first (:func:`hamur_fast.train.checkpoint.check_weights` and the like)."""
+        check_weights(payload["model"], self.model, "the checkpoint's last weights")
+        check_weights(payload["best_model"], self.model, "the checkpoint's best weights")
+        check_optimizer_state(payload["optimizer"], self.optimizer)
+        check_progress(payload["progress"])
         try:
             self.model.load_state_dict(payload["model"])
             self.optimizer.load_state_dict(payload["optimizer"])

@@ -1,0 +1,178 @@
+"""Worker of tests/test_op_checks.py: calls every torch.ops.hamur_fast op with valid arguments and then with one
+argument broken at a time (a size, the dtype, the layout, the device), one JSON line per call.
+
+Run in a subprocess (``python tests/op_fuzz_worker.py compiled|triton``), so that an op that crashes the
+process is caught and named (the last line it printed) instead of taking pytest down.
+"""
+import json
+import os
+import random
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import hamur_fast  # noqa: E402,F401  (registers every op)
+
+ops = torch.ops.hamur_fast
+# Every size distinct, so that an axis of a given size is the same named size in every argument.
+B, H, K, S, D, P = 11, 5, 3, 4, 2, 7
+IN, OUT, GL_DOMAINS = 5, 6, 3
+EPS = 1e-5
+
+
+def cell_params(per_domain):
+    lead = (D,) if per_domain else ()
+    shapes = [(H, K), (K, S), (S,), (S, K), (K, H), (H,), (H,), (H,)]
+    return [torch.randn(*lead, *shape) * 0.3 for shape in shapes]
+
+
+def running():
+    return torch.randn(D, H) * 0.1, torch.rand(D, H) + 0.5
+
+
+def base(per_domain):
+    x, rep = torch.randn(B, H), torch.rand(B, K, K)
+    domain = torch.arange(B) % D
+    return x, rep, domain, cell_params(per_domain)
+
+
+def compiled_cases():
+    cases = []
+    for per_domain in (True, False):
+        mode = "paper" if per_domain else "released"
+        x, rep, domain, params = base(per_domain)
+        fwd = (x, rep, domain, *params, None, None, per_domain, EPS)
+        cases.append((f"compiled_cell_forward[{mode}]", ops.compiled_cell_forward, fwd))
+        _y, o, hidden, order, mean, rstd, _var, count = ops.compiled_cell_forward(*fwd)
+        dl, dr, _db, ul, ur, _ub, nw, _nb = params
+        cases.append((f"compiled_cell_backward[{mode}]", ops.compiled_cell_backward,
+                      (torch.randn(B, H), x, rep, domain, dl, dr, ul, ur, nw, o, hidden, order, mean, rstd, count,
+                       per_domain, True)))
+        weight = torch.rand(D, H) + 0.5 if per_domain else torch.rand(H) + 0.5
+        bias = torch.randn(*weight.shape)
+        norm_fwd = (o, domain, weight, bias, None, None, per_domain, EPS)
+        cases.append((f"compiled_norm_forward[{mode}]", ops.compiled_norm_forward, norm_fwd))
+        _y, mean, rstd, _var, count = ops.compiled_norm_forward(*norm_fwd)
+        cases.append((f"compiled_norm_backward[{mode}]", ops.compiled_norm_backward,
+                      (torch.randn(B, H), o, domain, weight, mean, rstd, count, per_domain, True)))
+        cases.append((f"compiled_norm_statistics[{mode}]", ops.compiled_norm_statistics, (o, domain, D, per_domain)))
+        table = weight if per_domain else weight.unsqueeze(0)  # the split passes take (G, h) tables
+        cases.append((f"compiled_norm_normalise[{mode}]", ops.compiled_norm_normalise,
+                      (o, domain, table, bias.reshape(table.shape), mean, rstd, per_domain)))
+        cases.append((f"compiled_norm_input_grad[{mode}]", ops.compiled_norm_input_grad,
+                      (torch.randn(B, H), o, domain, table, mean, rstd, count, torch.randn(*mean.shape),
+                       torch.randn(*mean.shape), per_domain, not per_domain)))
+    x, rep, domain, params = base(True)
+    cases.append(("compiled_cell_infer", ops.compiled_cell_infer, (x, rep, domain, *params, *running(), EPS)))
+    return cases
+
+
+def triton_cases():
+    cases = []
+    for per_domain in (True, False):
+        mode = "paper" if per_domain else "released"
+        x, rep, domain, params = base(per_domain)
+        fwd = (x, rep, domain, *params, None, None, True, EPS)
+        cases.append((f"triton_cell_forward[{mode}]", ops.triton_cell_forward, fwd))
+        _y, q, v, order, count, mean, _m2, rstd = ops.triton_cell_forward(*fwd)
+        cases.append((f"triton_cell_backward[{mode}]", ops.triton_cell_backward,
+                      (torch.randn(B, H), x, rep, domain, *params, q, v, order, count, mean, rstd, True)))
+        g = torch.randn(B, P)
+        generator = (g, torch.randn(P), torch.randn(K * K, P) * 0.3, torch.randn(K * K) * 0.3)
+        gen_fwd = (x, *generator, domain, *params, None, None, True, EPS, "ieee")
+        cases.append((f"triton_generated_cell_forward[{mode}]", ops.triton_generated_cell_forward, gen_fwd))
+        _y, q, v, order, count, mean, _m2, rstd = ops.triton_generated_cell_forward(*gen_fwd)
+        cases.append((f"triton_generated_cell_backward[{mode}]", ops.triton_generated_cell_backward,
+                      (torch.randn(B, H), x, *generator, domain, *params, q, v, order, count, mean, rstd, True,
+                       "ieee")))
+        weight = torch.rand(D, H) + 0.5 if per_domain else torch.rand(H) + 0.5
+        norm_fwd = (x, domain, weight, torch.randn(*weight.shape), None, None, True, EPS)
+        cases.append((f"triton_norm_forward[{mode}]", ops.triton_norm_forward, norm_fwd))
+        _y, count, mean, _m2, rstd = ops.triton_norm_forward(*norm_fwd)
+        cases.append((f"triton_norm_backward[{mode}]", ops.triton_norm_backward,
+                      (torch.randn(B, H), x, domain, weight, count, mean, rstd, True)))
+    x, rep, domain, params = base(True)
+    cases.append(("triton_cell_forward[paper eval]", ops.triton_cell_forward,
+                  (x, rep, domain, *params, *running(), False, EPS)))
+    gl_x, gl_domain = torch.randn(B, IN), torch.arange(B) % GL_DOMAINS
+    gl_weight, gl_bias = torch.randn(GL_DOMAINS, IN, OUT), torch.randn(GL_DOMAINS, OUT)
+    cases.append(("triton_grouped_linear_forward", ops.triton_grouped_linear_forward,
+                  (gl_x, gl_domain, gl_weight, gl_bias)))
+    cases.append(("triton_grouped_linear_backward", ops.triton_grouped_linear_backward,
+                  (torch.randn(B, OUT), gl_x, gl_domain, gl_weight, True)))
+    return cases
+
+
+def mutations(arg: torch.Tensor, rng: random.Random):
+    """(what, broken copy) pairs: one size changed, one axis added, another dtype, a sparse layout, another
+    device; which axis and which dtype are drawn at random."""
+    out = []
+    if arg.dim():
+        axis = rng.randrange(arg.dim())
+        shape = list(arg.shape)
+        shape[axis] += rng.choice((1, 2)) if shape[axis] <= 1 else rng.choice((-1, 1, 2))
+        out.append((f"size axis {axis} {tuple(arg.shape)} -> {tuple(shape)}", like(arg, shape)))
+    out.append((f"extra axis {tuple(arg.shape)} -> {(1, *arg.shape)}", arg.unsqueeze(0)))
+    wrong = rng.choice((torch.int32, torch.float32)) if arg.dtype == torch.int64 else rng.choice(
+        (torch.int32, torch.int64, torch.bool))
+    out.append((f"dtype {arg.dtype} -> {wrong}", arg.to(wrong)))
+    if arg.dtype == torch.float32:
+        out.append(("dtype float32 -> float64", arg.double()))
+    if arg.dim() and arg.numel():
+        out.append(("layout strided -> sparse_coo", arg.to_sparse()))
+    if torch.cuda.is_available():
+        other = "cpu" if arg.is_cuda else "cuda"
+        out.append((f"device {arg.device.type} -> {other}", arg.to(other)))
+    return out
+
+
+def like(arg, shape):
+    if arg.dtype == torch.int64:
+        return torch.randint(0, 2, shape)
+    return torch.rand(shape) + 0.5
+
+
+def report(**fields):
+    print(json.dumps(fields), flush=True)
+
+
+def run(cases, seed=0):
+    rng = random.Random(seed)
+    for name, op, args in cases:
+        report(case=name, change=None, arg=None, started=True)
+        try:
+            op(*args)
+            report(case=name, change=None, arg=None, raised=None)
+        except Exception as err:  # a valid call must run
+            report(case=name, change=None, arg=None, raised=f"{type(err).__name__}: {err}")
+            continue
+        for i, arg in enumerate(args):
+            if not isinstance(arg, torch.Tensor):
+                continue
+            others = [a for j, a in enumerate(args) if j != i and isinstance(a, torch.Tensor)]
+            other_sizes = {size for a in others for size in a.shape}
+            other_floats = any(a.is_floating_point() for a in others)
+            for change, broken in mutations(arg, rng):
+                # Must be refused: a size another argument has too; a float dtype other than the other tables'.
+                if change.startswith("size"):
+                    shared = arg.shape[int(change.split()[2])] in other_sizes
+                else:
+                    shared = change.startswith("dtype") and other_floats
+                report(case=name, arg=i, change=change, started=True)
+                try:
+                    op(*args[:i], broken, *args[i + 1:])
+                    raised = None
+                except Exception as err:
+                    raised = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                report(case=name, arg=i, change=change, raised=raised, shared=shared)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    if sys.argv[1] == "triton" and torch.cuda.is_available():
+        torch.set_default_device("cuda")  # Triton kernels run on CPU tensors only under the interpreter
+    run(compiled_cases() if sys.argv[1] == "compiled" else triton_cases())
+    report(done=True)
