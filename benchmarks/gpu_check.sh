@@ -14,10 +14,11 @@
 #
 # Order, by what is learned per second: the environment and the carried extension (loaded, not built; a build only
 # where it does not load), the correctness of every kernel family on CUDA against the float64 reference at small
-# odd sizes, then the benchmarks that carry goals, then goals.txt. The step limits add up to at most BUDGET_S
-# (tests/test_benchmarks.py reads them), and a step is also cut to what is left of the budget. Every step's log is
-# in $OUT, pytest keeps each test's outcome (-rA, junit XML) when it is cut, and every Triton compile that still
-# happens on the device (a cache miss) is logged in $OUT/triton_compiles.log and counted in the summary.
+# odd sizes, then the benchmarks that carry goals, then the goals (benchmarks/gpu_check_goals.py). The step limits
+# add up to at most BUDGET_S (tests/test_benchmarks.py reads them), and a step is also cut to what is left of the
+# budget. $OUT gets summary.txt and logs.tar.gz (every step's log, the junit XML in which pytest keeps each test's
+# outcome when it is cut, triton_compiles.log): a device call returns at most 8 files. Every Triton compile that
+# still happens on the device (a cache miss) is logged and counted in the summary.
 # Exits non-zero when a step fails or times out, when no CUDA device is visible, and when the extension has no
 # CUDA kernels: a check that quietly ran without them must not look like a pass.
 set -uo pipefail
@@ -29,12 +30,14 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 DRY_RUN=${DRY_RUN:-0}
-SUMMARY="$OUT/summary.txt"
+LOGS=$OUT/logs  # packed into $OUT/logs.tar.gz at the end: a device call returns at most 8 files from $OUT
+mkdir -p "$LOGS"
+SUMMARY="$LOGS/steps.txt"
 failed=0
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # real GPU kernels, never the interpreter
 export TRITON_CACHE_DIR=$PREP/triton_cache HAMUR_FAST_SHARED=$PREP/shared
-export HAMUR_TRITON_COMPILE_LOG=$OUT/triton_compiles.log
+export HAMUR_TRITON_COMPILE_LOG=$LOGS/triton_compiles.log
 export PYTHONPATH=$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}  # triton_compile_log
 LOGGED=("$PY" -m triton_compile_log)  # runs a module or script with every Triton compile logged
 
@@ -51,7 +54,7 @@ if [ "${1:-}" = --list-tests ]; then
   exit 0
 fi
 
-# step NAME LIMIT_S COMMAND...: COMMAND's output in $OUT/NAME.log; rc, seconds and new Triton cache entries noted.
+# step NAME LIMIT_S COMMAND...: COMMAND's output in $LOGS/NAME.log; rc, seconds and new Triton cache entries noted.
 # DRY_RUN=1 prints the command and its limit instead, except for the steps marked to run on the CPU too.
 step() {
   local name=$1 limit=$2
@@ -70,14 +73,14 @@ step() {
     printf '%-14s %-8s limit %3ss: %s\n' "$name" "would run" "$limit" "$*" >>"$SUMMARY"
     return 0
   fi
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   local verdict=ok
   if [ "$rc" -eq 124 ]; then verdict=TIMEOUT; elif [ "$rc" -ne 0 ]; then verdict=FAILED; fi
   [ "$verdict" = ok ] || failed=1
   printf '%-14s %-8s rc=%-4s %4ss of %3ss  new cache entries: %s\n' "$name" "$verdict" "$rc" "$((SECONDS - start))" \
     "$limit" "$(($(cache_entries) - before))" >>"$SUMMARY"
-  tail -n 3 "$OUT/$name.log"
+  tail -n 3 "$LOGS/$name.log"
   return "$rc"
 }
 
@@ -95,9 +98,11 @@ finish() {
     else
       echo "Triton compiles: none logged"
     fi
-    [ -f "$OUT/goals.txt" ] && cat "$OUT/goals.txt"
-    if [ "$failed" -ne 0 ]; then echo "GPU CHECK FAILED (logs in $OUT)"; else echo "GPU check passed (logs in $OUT)"; fi
-  } | tee -a "$OUT/summary_final.txt"
+    [ -f "$LOGS/goals.log" ] && cat "$LOGS/goals.log"
+    if [ "$failed" -ne 0 ]; then echo "GPU CHECK FAILED"; else echo "GPU check passed"; fi
+    echo "(every step's log, the junit XML and the compile log: $OUT/logs.tar.gz)"
+  } | tee "$OUT/summary.txt"
+  tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
   [ "$failed" -eq 0 ]
   exit
 }
@@ -136,59 +141,13 @@ from hamur_fast.ops.backends import compiled
 sys.exit(0 if compiled.has_kernel('CUDA') else 'the extension has no CUDA kernels: the cuda backend cannot be checked')
 "
 
-# The issue's goals, from the B=65536 tables of bench_layers and the table of bench_domains.
-GOALS=$(cat <<'EOF'
-import re, sys
-rows, batch, generator, level2 = {}, None, False, None
-for line in open(sys.argv[1]):
-    head = re.match(r"B=(\d+):( generator)?", line)
-    if head:
-        batch, generator = int(head.group(1)), bool(head.group(2))
-    row = re.match(r"(released|paper)\s+(.+?)\s+([\d.]+)\s+\S+\s+[\d.]+x\s+(\d+)\s+(\d+)%", line)
-    if row and batch == 65536 and not generator:
-        rows[(row.group(1), row.group(2))] = (float(row.group(3)), int(row.group(5)))
-    row = re.match(r"level 2 triton\s+([\d.]+)\s+([\d.]+)x", line)
-    if row and generator and batch == 65536:
-        level2 = (float(row.group(1)), float(row.group(2)))
-if not rows:
-    sys.exit("goals: no B=65536 table in bench_layers.log")
-print("goals at B=65536 (fwd+bwd; performance goals are reported, they do not fail the check)")
-for mode in ("released", "paper"):
-    triton = rows.get((mode, "triton"))
-    if triton is None:
-        sys.exit(f"goals: no triton row for mode {mode}")
-    checks = [(">= 50% of copy bandwidth", triton[1] >= 50, f"{triton[1]}%")]
-    compiled = rows.get((mode, "torch+compile"))
-    if compiled:
-        checks.append((">= 6x torch+compile", compiled[0] / triton[0] >= 6, f"{compiled[0] / triton[0]:.1f}x"))
-    einsum = rows.get((mode, "released einsum"))
-    if einsum:
-        checks.append((">= 40x released einsum", einsum[0] / triton[0] >= 40, f"{einsum[0] / triton[0]:.1f}x"))
-    for what, passed, value in checks:
-        print(f"  {mode:8} triton {triton[0]:.3f} ms  {what:26} {value:>7}  {'met' if passed else 'NOT met'}")
-if level2:
-    print(f"  level 2 triton {level2[0]:.3f} ms  generator+cell >= 8x torch.compile {level2[1]:6.1f}x  "
-          f"{'met' if level2[1] >= 8 else 'NOT met'}")
-print("goals of bench_domains (training step at D=100 within 1.5x of D=3)")
-model = None
-for line in open(sys.argv[2]) if len(sys.argv) > 2 else []:
-    head = re.match(r"(\w+), B=\d+:", line)
-    if head:
-        model = head.group(1)
-    row = re.match(r"\s*100\s+(\S+)\s+(\S+)\s+([\d.]+)\s+([\d.]+)\s", line)
-    if row and row.group(2) != "stacked":
-        ratio = float(row.group(4))
-        print(f"  {model:10} adapter {row.group(1):7} {row.group(2):9} {ratio:5.2f}x  {'met' if ratio <= 1.5 else 'NOT met'}")
-EOF
-)
-
 # DRY_RUN=1 on the CPU: what the device would collect (no interpreter: the GPU's parametrization), and the
 # carried Triton cache checked by the preparation's launches again through the sm_90 compile tool (nothing runs;
 # every compile is logged as a hit or a miss; their count is the summary's compile counter).
 dry_run_checks() {
   TRITON_INTERPRET=0 "$PY" -m pytest --collect-only -q -p no:cacheprovider "${CORRECTNESS_TESTS[@]}" \
-    >"$OUT/correctness_collected.log" 2>&1
-  echo "correctness would run: $(grep -E '[0-9]+ (tests )?(selected|collected)' "$OUT/correctness_collected.log" \
+    >"$LOGS/correctness_collected.log" 2>&1
+  echo "correctness would run: $(grep -E '[0-9]+ (tests )?(selected|collected)' "$LOGS/correctness_collected.log" \
     | tail -1)" >>"$SUMMARY"
   local budget=$BUDGET_S start=$SECONDS
   BUDGET_S=$((SECONDS + 1200))  # a CPU-only step: its time is not the device's, so the budget moves with it
@@ -201,7 +160,7 @@ main() {
   BUDGET_S=360
   : >"$SUMMARY"
   : >"$HAMUR_TRITON_COMPILE_LOG"
-  nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+  nvidia-smi >"$LOGS/nvidia-smi.txt" 2>&1
   RUN_ON_CPU=1 step environment 10 env DRY_RUN="$DRY_RUN" "$PY" -c "$ENVIRONMENT" || finish
   RUN_ON_CPU=1 step install 15 env HAMUR_FAST_NO_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . \
     || finish
@@ -212,7 +171,7 @@ main() {
   RUN_ON_CPU=1 step cuda_kernels 10 "$PY" -c "$CUDA_KERNELS"  # a failure, but the other checks still run
   # The carried Triton cache, its files listed by path on this machine (Triton misses files it cannot find).
   RUN_ON_CPU=1 step triton_cache 5 "$PY" benchmarks/triton_cache_carry.py unpack "$TRITON_CACHE_DIR"
-  step correctness 90 "${LOGGED[@]}" pytest -rA --junitxml="$OUT/correctness.xml" -p no:cacheprovider \
+  step correctness 90 "${LOGGED[@]}" pytest -rA --junitxml="$LOGS/correctness.xml" -p no:cacheprovider \
     "${CORRECTNESS_TESTS[@]}"
   [ "$DRY_RUN" = 1 ] && dry_run_checks
   # The goals: cell and generator+cell at B=65536 (torch.compile baselines included), the training step at
@@ -222,8 +181,7 @@ main() {
   step bench_infer 15 "${LOGGED[@]}" benchmarks/bench_infer.py --calls 100
   step bench_domains 30 "${LOGGED[@]}" benchmarks/bench_domains.py --domains 3 100 --repeats 5 \
     --stacked-max-domains 100
-  step goals 5 "$PY" -c "$GOALS" "$OUT/bench_layers.log" "$OUT/bench_domains.log"
-  [ -f "$OUT/goals.log" ] && cp "$OUT/goals.log" "$OUT/goals.txt"
+  step goals 5 "$PY" benchmarks/gpu_check_goals.py "$LOGS/bench_layers.log" "$LOGS/bench_domains.log"
   finish
 }
 
