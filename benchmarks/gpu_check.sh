@@ -149,11 +149,18 @@ dry_run_checks() {
     >"$LOGS/correctness_collected.log" 2>&1
   echo "correctness would run: $(grep -E '[0-9]+ (tests )?(selected|collected)' "$LOGS/correctness_collected.log" \
     | tail -1)" >>"$SUMMARY"
-  local budget=$BUDGET_S start=$SECONDS
+  # On a copy elsewhere (as on the device, the paths differ from the preparation's), so that the carried folder
+  # stays as prepared even where something misses.
+  local budget=$BUDGET_S start=$SECONDS carried=$TRITON_CACHE_DIR
+  TRITON_CACHE_DIR=$(mktemp -d)
+  cp -r "$carried/." "$TRITON_CACHE_DIR/"
+  "$PY" benchmarks/triton_cache_carry.py unpack "$TRITON_CACHE_DIR" >>"$SUMMARY"
   BUDGET_S=$((SECONDS + 1200))  # a CPU-only step: its time is not the device's, so the budget moves with it
+  # DRY_RUN_TESTS="tests/test_x.py ..." narrows the tests it replays (all of the correctness step's by default).
   RUN_ON_CPU=1 step cache_check 1200 "$PY" "${SM90_COMPILE_TOOL:-../shared/tools/triton_sm90_compile.py}" \
-    benchmarks/gpu_check_prewarm.py
-  BUDGET_S=$((budget + SECONDS - start))
+    benchmarks/gpu_check_prewarm.py ${DRY_RUN_TESTS:+--tests $DRY_RUN_TESTS}
+  rm -rf "$TRITON_CACHE_DIR"
+  TRITON_CACHE_DIR=$carried BUDGET_S=$((budget + SECONDS - start))
 }
 
 main() {
@@ -162,7 +169,7 @@ main() {
   : >"$HAMUR_TRITON_COMPILE_LOG"
   nvidia-smi >"$LOGS/nvidia-smi.txt" 2>&1
   RUN_ON_CPU=1 step environment 10 env DRY_RUN="$DRY_RUN" "$PY" -c "$ENVIRONMENT" || finish
-  RUN_ON_CPU=1 step install 15 env HAMUR_FAST_NO_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . \
+  RUN_ON_CPU=1 step install 20 env HAMUR_FAST_NO_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . \
     || finish
   if ! RUN_ON_CPU=1 step extension 10 env PREP="$PREP" "$PY" -c "$CARRIED_EXTENSION"; then
     # Only where the carried extension does not load: build it here (CPU translation units in parallel, nvcc).

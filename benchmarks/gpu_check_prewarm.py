@@ -61,8 +61,10 @@ def build_launchers_too() -> None:
 
     def run(self, *args, **kwargs):
         kernel = compile_only(self, *args, **kwargs)
-        if kernel is not None and kernel.hash not in built:
-            built.add(kernel.hash)
+        # A launcher depends on the kernel's signature and constants only: one build for each.
+        key = kernel is not None and repr((kernel.src.signature, kernel.src.constants))
+        if key and key not in built:
+            built.add(key)
             build(lambda: CudaLauncher(kernel.src, kernel.metadata))
         return kernel
 
@@ -70,11 +72,11 @@ def build_launchers_too() -> None:
     JITFunction.run = run
 
 
-def correctness_tests() -> int:
+def correctness_tests(args: list[str]) -> int:
     import pytest
 
-    args = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--list-tests"], capture_output=True,
-                          text=True, check=True).stdout.splitlines()
+    args = args or subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--list-tests"],
+                                  capture_output=True, text=True, check=True).stdout.splitlines()
     return pytest.main(["-q", "-p", "no:cacheprovider", "--tb=no", "-o", "addopts=", *args])
 
 
@@ -92,12 +94,16 @@ def bench_layers_paths(batch: int = 65536) -> None:
 
 
 def model_paths() -> None:
-    """The models of bench_train (B=4096, both modes), bench_infer (its batches) and bench_domains (D=3, 100)."""
+    """backend="auto"'s self-check of triton on the GPU (the models' first call there), then the models of
+    bench_train (B=4096, both modes), bench_infer (its batches) and bench_domains (D=3, 100)."""
     import bench_domains
     import bench_infer
     import bench_train
 
     import hamur_fast as hf
+    from hamur_fast.ops.selfcheck import self_check
+
+    self_check(hf.ops.registry.get_backend("triton"), CPU, torch.float32)
 
     inputs = bench_train.make_batch(4096, CPU)
     for mode in ("paper", "released"):
@@ -116,6 +122,8 @@ def model_paths() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-tests", action="store_true")
+    parser.add_argument("--tests", nargs="+", default=[],
+                        help="pytest arguments instead of the correctness step's (gpu_check.sh --list-tests)")
     parser.add_argument("--no-benchmarks", action="store_true")
     args = parser.parse_args()
     if os.environ.get("TRITON_LIBCUDA_PATH"):
@@ -127,7 +135,7 @@ def main() -> None:
             except Exception as err:  # noqa: BLE001 - reported, the other paths still compile
                 print(f"{paths.__name__} stopped early: {type(err).__name__}: {str(err)[:200]}")
     if not args.no_tests:
-        print(f"correctness tests (their outcomes mean nothing here): pytest exit {correctness_tests()}")
+        print(f"correctness tests (their outcomes mean nothing here): pytest exit {correctness_tests(args.tests)}")
 
 
 if __name__ == "__main__":
