@@ -68,9 +68,10 @@ step() {
   [ "$limit" -gt "$left" ] && limit=$left
   local start=$SECONDS before
   before=$(cache_entries)
-  echo "== $name (limit ${limit}s): $*"
+  local shown="$*"
+  echo "== $name (limit ${limit}s): ${shown%%$'\n'*}"  # a python -c program: its first line
   if [ "$DRY_RUN" = 1 ] && [ "${RUN_ON_CPU:-0}" != 1 ]; then
-    printf '%-14s %-8s limit %3ss: %s\n' "$name" "would run" "$limit" "$*" >>"$SUMMARY"
+    printf '%-14s %-8s limit %3ss: %s\n' "$name" "would run" "$limit" "${shown%%$'\n'*}" >>"$SUMMARY"
     return 0
   fi
   timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
@@ -141,7 +142,8 @@ from hamur_fast.ops.backends import compiled
 sys.exit(0 if compiled.has_kernel('CUDA') else 'the extension has no CUDA kernels: the cuda backend cannot be checked')
 "
 
-# DRY_RUN=1 on the CPU: what the device would collect (no interpreter: the GPU's parametrization), and the
+# DRY_RUN=1 on the CPU: what pytest collects without the interpreter (as on a GPU; the parametrization there can
+# differ where a test picks its device or sizes itself), and the
 # carried Triton cache checked by the preparation's launches again through the sm_90 compile tool (nothing runs;
 # every compile is logged as a hit or a miss; their count is the summary's compile counter).
 dry_run_checks() {
@@ -158,7 +160,7 @@ dry_run_checks() {
   BUDGET_S=$((SECONDS + 1200))  # a CPU-only step: its time is not the device's, so the budget moves with it
   # DRY_RUN_TESTS="tests/test_x.py ..." narrows the tests it replays (all of the correctness step's by default).
   RUN_ON_CPU=1 step cache_check 1200 "$PY" "${SM90_COMPILE_TOOL:-../shared/tools/triton_sm90_compile.py}" \
-    benchmarks/gpu_check_prewarm.py ${DRY_RUN_TESTS:+--tests $DRY_RUN_TESTS}
+    benchmarks/gpu_check_prewarm.py --check-only ${DRY_RUN_TESTS:+--tests $DRY_RUN_TESTS}
   rm -rf "$TRITON_CACHE_DIR"
   TRITON_CACHE_DIR=$carried BUDGET_S=$((budget + SECONDS - start))
 }

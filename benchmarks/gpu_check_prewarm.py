@@ -119,14 +119,37 @@ def model_paths() -> None:
             step(*bench_domains.make_batch(num_domains, CPU))
 
 
+def check_only() -> None:
+    """Replaces the compile tool's interceptor by one that only gets each launch's kernel (from the cache where it
+    is there, else compiled: a miss, which triton_compile_log logs) and lists it in the tool's table without
+    ptxas: a packed cache entry holds no PTX. For gpu_check.sh's dry run on the carried cache."""
+    from triton.runtime.jit import JITFunction
+
+    tool = JITFunction.run.__globals__  # the compile tool's module: its real launcher and its table
+    launch, rows, seen = tool["_launch"], tool["_rows"], set()
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+        if kernel.hash not in seen:
+            seen.add(kernel.hash)
+            meta = kernel.metadata
+            rows.append((self.fn.__name__, "cache", "cache", meta.shared, meta.num_warps, meta.num_stages))
+        return kernel
+
+    JITFunction.run = run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-tests", action="store_true")
+    parser.add_argument("--check-only", action="store_true", help="list the kernels each launch gets, no ptxas")
     parser.add_argument("--tests", nargs="+", default=[],
                         help="pytest arguments instead of the correctness step's (gpu_check.sh --list-tests)")
     parser.add_argument("--no-benchmarks", action="store_true")
     args = parser.parse_args()
-    if os.environ.get("TRITON_LIBCUDA_PATH"):
+    if args.check_only:
+        check_only()
+    elif os.environ.get("TRITON_LIBCUDA_PATH"):
         build_launchers_too()
     if not args.no_benchmarks:
         for paths in (bench_layers_paths, model_paths):
