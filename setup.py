@@ -6,6 +6,11 @@ Installs offline with ``pip install --no-build-isolation -e .`` when torch is pr
 The compiled core ``hamur_fast._C`` (csrc/): the CPU kernels are always built; the CUDA kernels join when
 torch has CUDA and an nvcc of the same CUDA major version is found (or ``HAMUR_FAST_FORCE_CUDA=1``). ``HAMUR_FAST_NO_EXT=1`` builds no
 extension; the package then works with its Python backends.
+
+CUDA_HOME is the toolkit folder (``include/cuda_runtime_api.h`` and ``bin/nvcc``): an explicit ``CUDA_HOME``, else the
+toolkit of the nvcc on PATH (asked from nvcc itself, so a wrapper script outside the toolkit works), else
+/usr/local/cuda or the newest /usr/local/cuda-*. Each csrc/cpu/*.cpp is its own translation unit and ninja compiles
+them in parallel, ``MAX_JOBS`` at a time (default: the CPUs this process may use).
 """
 import glob
 import os
@@ -31,10 +36,52 @@ def nvcc_major(nvcc):
     return found.group(1)
 
 
+def is_toolkit(folder):
+    """A CUDA toolkit folder: the runtime headers and nvcc itself."""
+    return bool(folder) and os.path.isfile(os.path.join(folder, "include", "cuda_runtime_api.h")) and os.path.isfile(
+        os.path.join(folder, "bin", "nvcc"))
+
+
+def toolkit_of_nvcc_on_path():
+    """The toolkit the nvcc on PATH really runs. nvcc's dry run names its own folder (_HERE_), also where the nvcc
+    on PATH is a wrapper script outside the toolkit, whose parent folder torch would take for CUDA_HOME."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        dry_run = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    here = re.search(r"^#\$ _HERE_=(.+)$", dry_run.stdout + dry_run.stderr, re.MULTILINE)
+    folder = here and os.path.dirname(here.group(1).strip())
+    return folder if is_toolkit(folder) else None
+
+
+def cuda_folder_version(folder):
+    """(13, 0) for /usr/local/cuda-13.0, so that the newest toolkit sorts first."""
+    return tuple(int(part) for part in re.findall(r"\d+", os.path.basename(folder)))
+
+
+def cuda_toolkit():
+    """CUDA_HOME for the build (order in the module docstring), or None where no toolkit is found."""
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if explicit:
+        return explicit
+    usual = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), key=cuda_folder_version, reverse=True)
+    return toolkit_of_nvcc_on_path() or next((folder for folder in usual if is_toolkit(folder)), None)
+
+
 def compiled_core():
     """(ext_modules, cmdclass) for hamur_fast._C, or nothing when HAMUR_FAST_NO_EXT=1."""
     if os.environ.get("HAMUR_FAST_NO_EXT") == "1":
         return [], {}
+    toolkit = cuda_toolkit()
+    if toolkit:  # before torch.utils.cpp_extension is imported: it reads CUDA_HOME once, at import
+        os.environ["CUDA_HOME"] = toolkit
+    # One compile job per CPU: more only oversubscribes the cores (and memory) the build shares.
+    os.environ.setdefault("MAX_JOBS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                          else os.cpu_count() or 1))
     import torch
     from torch.utils import cpp_extension
 
@@ -42,7 +89,7 @@ def compiled_core():
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cxx_flags = ["-O3", "-DNDEBUG"] + openmp
     sources = sorted(glob.glob("csrc/cpu/*.cpp"))
-    nvcc = shutil.which("nvcc") or (cpp_extension.CUDA_HOME and os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    nvcc = toolkit and os.path.join(toolkit, "bin", "nvcc")
     with_cuda = os.environ.get("HAMUR_FAST_FORCE_CUDA") == "1" or (
         torch.version.cuda is not None and nvcc is not None and os.path.exists(nvcc)
         and nvcc_major(nvcc) == torch.version.cuda.split(".")[0])

@@ -1,161 +1,197 @@
 #!/usr/bin/env bash
-# The GPU check, in two device calls; logs under $OUT, a short table last.
-#   OUT=/tmp/out bash benchmarks/gpu_check.sh 1   # <= 300 s: install, doctor, GPU tests of the kernel backends,
-#                                                 #   a small bench_layers
-#   OUT=/tmp/out bash benchmarks/gpu_check.sh 2   # <= 540 s: the benchmarks, bench_domains last (installs first
-#                                                 #   only when needed)
-# Each call's step limits add up to at most its budget (tests/test_benchmarks.py reads them), and a step is also
-# cut to what is left of the budget. Exits non-zero when any step fails or times out, and when no CUDA device is
-# visible: a GPU check that quietly ran on the CPU, or skipped its tests, must not look like a pass.
+# The GPU check in ONE device call of at most 360 s of command time (a rerun still fits a 15-minute lease).
+#
+#   bash scripts/prepare_gpu_check.sh          # first, on the CPU machine: fills .gpu_prep/ (the extension built
+#                                              # for the GPU image, the Triton cache for sm_90a, golden files)
+#   device run, carry: [".gpu_prep"], timeout_s: 400, command:
+#     OUT=$OUT bash benchmarks/gpu_check.sh
+#   DRY_RUN=1 OUT=/tmp/out PYTHON=<the prepared venv's python> bash benchmarks/gpu_check.sh
+#                                              # on the CPU: the same steps, checking that the carried extension
+#                                              # loads and the carried Triton cache is hit, and printing what the
+#                                              # device would run within which limit (nothing on a GPU runs)
+#   bash benchmarks/gpu_check.sh --list-tests  # the pytest arguments of the correctness step (the preparation
+#                                              # compiles their Triton specializations)
+#
+# Order, by what is learned per second: the environment and the carried extension (loaded, not built; a build only
+# where it does not load), the correctness of every kernel family on CUDA against the float64 reference at small
+# odd sizes, then the benchmarks that carry goals, then the goals (benchmarks/gpu_check_goals.py). The step limits
+# add up to at most BUDGET_S (tests/test_benchmarks.py reads them), and a step is also cut to what is left of the
+# budget. $OUT gets summary.txt and logs.tar.gz (every step's log, the junit XML in which pytest keeps each test's
+# outcome when it is cut, triton_compiles.log): a device call returns at most 8 files. Every Triton compile that
+# still happens on the device (a cache miss) is logged and counted in the summary.
+# Exits non-zero when a step fails or times out, when no CUDA device is visible, and when the extension has no
+# CUDA kernels: a check that quietly ran without them must not look like a pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:-1}
+ROOT=$PWD
+PREP=$ROOT/.gpu_prep
 OUT=${OUT:-./out}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
+DRY_RUN=${DRY_RUN:-0}
+LOGS=$OUT/logs  # packed into $OUT/logs.tar.gz at the end: a device call returns at most 8 files from $OUT
+mkdir -p "$LOGS"
+SUMMARY="$LOGS/steps.txt"
+failed=0
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # real GPU kernels, never the interpreter
-SUMMARY="$OUT/summary_call$CALL.txt"
-: >"$SUMMARY"
-failed=0
+export TRITON_CACHE_DIR=$PREP/triton_cache HAMUR_FAST_SHARED=$PREP/shared
+export HAMUR_TRITON_COMPILE_LOG=$LOGS/triton_compiles.log
+export PYTHONPATH=$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}  # triton_compile_log
+LOGGED=("$PY" -m triton_compile_log)  # runs a module or script with every Triton compile logged
 
-# step NAME TIMEOUT_S COMMAND...: runs COMMAND with its output in $OUT/NAME.log, records rc and seconds.
+# The correctness step: every kernel family on CUDA at small odd sizes (cell and DomainNorm in both modes, train
+# and eval, level 2, the grouped GEMM, sizes past one h tile, the cuda backend, golden parity on the carried
+# golden files, CUDA-graph capture). torch.compile checks are left to the benchmarks (inductor compiles on the
+# device are not cached here).
+CORRECTNESS_TESTS=(tests/test_backends.py tests/test_csrc.py tests/test_triton_adapter.py tests/test_triton_tiling.py
+                   tests/test_generated.py tests/test_grouped_linear.py tests/test_released_parity.py
+                   tests/test_captured_step.py -k "not compile")
+
+if [ "${1:-}" = --list-tests ]; then
+  printf '%s\n' "${CORRECTNESS_TESTS[@]}"
+  exit 0
+fi
+
+# step NAME LIMIT_S COMMAND...: COMMAND's output in $LOGS/NAME.log; rc, seconds and new Triton cache entries noted.
+# DRY_RUN=1 prints the command and its limit instead, except for the steps marked to run on the CPU too.
 step() {
   local name=$1 limit=$2
   shift 2
   local left=$((BUDGET_S - SECONDS))
-  if [ "$left" -lt 10 ]; then
-    printf '%-18s %-8s (no time left in the %ss budget)\n' "$name" SKIPPED "$BUDGET_S" >>"$SUMMARY"
+  if [ "$left" -lt 5 ]; then
+    printf '%-14s %-8s (no time left in the %ss budget)\n' "$name" SKIPPED "$BUDGET_S" >>"$SUMMARY"
     failed=1
     return 124
   fi
   [ "$limit" -gt "$left" ] && limit=$left
-  local start=$SECONDS
-  echo "== $name (limit ${limit}s): $*"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local start=$SECONDS before
+  before=$(cache_entries)
+  local shown="$*"
+  echo "== $name (limit ${limit}s): ${shown%%$'\n'*}"  # a python -c program: its first line
+  if [ "$DRY_RUN" = 1 ] && [ "${RUN_ON_CPU:-0}" != 1 ]; then
+    printf '%-14s %-8s limit %3ss: %s\n' "$name" "would run" "$limit" "${shown%%$'\n'*}" >>"$SUMMARY"
+    return 0
+  fi
+  timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   local verdict=ok
   if [ "$rc" -eq 124 ]; then verdict=TIMEOUT; elif [ "$rc" -ne 0 ]; then verdict=FAILED; fi
   [ "$verdict" = ok ] || failed=1
-  printf '%-18s %-8s rc=%-4s %4ss\n' "$name" "$verdict" "$rc" "$((SECONDS - start))" >>"$SUMMARY"
-  tail -n 3 "$OUT/$name.log"
+  printf '%-14s %-8s rc=%-4s %4ss of %3ss  new cache entries: %s\n' "$name" "$verdict" "$rc" "$((SECONDS - start))" \
+    "$limit" "$(($(cache_entries) - before))" >>"$SUMMARY"
+  tail -n 3 "$LOGS/$name.log"
   return "$rc"
 }
 
+cache_entries() { find "$TRITON_CACHE_DIR" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l; }
+
 finish() {
-  echo
-  echo "================ gpu_check call $CALL summary ================"
-  cat "$SUMMARY"
-  if [ -f "$OUT/goals.txt" ] && [ "$CALL" = 2 ]; then cat "$OUT/goals.txt"; fi
-  if [ "$failed" -ne 0 ]; then echo "GPU CHECK CALL $CALL FAILED (logs in $OUT)"; exit 1; fi
-  echo "GPU check call $CALL passed (logs in $OUT)"
+  {
+    echo
+    echo "================ gpu_check summary (budget ${BUDGET_S}s, ${SECONDS}s used) ================"
+    cat "$SUMMARY"
+    # The compile counter: every Triton compile() of this call, a cache hit or a compile that happened here.
+    if [ -f "$HAMUR_TRITON_COMPILE_LOG" ]; then
+      echo "Triton compiles: $(grep -c '^miss ' "$HAMUR_TRITON_COMPILE_LOG") cache misses (compiled here)," \
+           "$(grep -c '^hit ' "$HAMUR_TRITON_COMPILE_LOG") hits in the carried cache (log: triton_compiles.log)"
+    else
+      echo "Triton compiles: none logged"
+    fi
+    [ -f "$LOGS/goals.log" ] && cat "$LOGS/goals.log"
+    if [ "$failed" -ne 0 ]; then echo "GPU CHECK FAILED"; else echo "GPU check passed"; fi
+    echo "(every step's log, the junit XML and the compile log: $OUT/logs.tar.gz)"
+  } | tee "$OUT/summary.txt"
+  tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
+  [ "$failed" -eq 0 ]
+  exit
 }
 
-DEVICE_CHECK="
-import torch, triton
-assert torch.cuda.is_available(), 'no CUDA device visible: this script checks the GPU path and must not pass without one'
-print(torch.cuda.get_device_name(0), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)
+ENVIRONMENT="
+import os, sys, numpy, torch, triton
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton',
+      triton.__version__, 'numpy', numpy.__version__)
+if torch.cuda.is_available():
+    print('GPU:', torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
+elif os.environ.get('DRY_RUN') == '1':
+    print('DRY RUN: no CUDA device here; the GPU steps are listed, not run')
+else:
+    sys.exit('no CUDA device visible: this script checks the GPU path and must not pass without one')
 "
-INSTALL=("$PY" -m pip install --no-build-isolation --no-deps -e .)
 
-call_1() {
-  BUDGET_S=300
-  step device 15 "$PY" -c "$DEVICE_CHECK" || { finish; exit 1; }
-  nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
-  step install 110 "${INSTALL[@]}" || { finish; exit 1; }
-  # Versions, backends built (or why not), every backend's self-check on the GPU; exit 1 on a failed check.
-  step doctor 45 "$PY" -m hamur_fast.doctor --repeats 3
-  # The GPU tests of the kernel backends (conftest leaves TRITON_INTERPRET unset when CUDA exists). Each size and
-  # mode compiles its own kernels, so the tests run in parallel where pytest-xdist is there. -rs lists skips; a
-  # run where nothing passed is a failure.
-  local parallel=()
-  if "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
-  local files=(tests/test_backends.py tests/test_contract.py tests/test_triton_adapter.py tests/test_csrc.py
-               tests/test_captured_step.py)
-  [ -f tests/test_invalid_domain_ids.py ] && files+=(tests/test_invalid_domain_ids.py)
-  step tests 100 "$PY" -m pytest -q -rs "${parallel[@]}" "${files[@]}" -p no:cacheprovider
-  grep -Eq "[0-9]+ passed" "$OUT/tests.log" || { echo "tests: none passed" >>"$SUMMARY"; failed=1; }
-  step bench_layers_small 30 "$PY" benchmarks/bench_layers.py --batch 4096 --repeats 5 --no-compile
+# The package importable as installed (kernels/ is hamur_fast.kernels) without building anything, then the
+# carried extension in place: loading it takes a second, building it a minute or more.
+CARRIED_EXTENSION="
+import glob, hashlib, json, os, shutil, sys, sysconfig
+prep = os.environ['PREP']
+carried = glob.glob(os.path.join(prep, 'ext', '_C' + sysconfig.get_config_var('EXT_SUFFIX')))
+if not carried:
+    sys.exit('no carried extension for this Python in ' + prep + '/ext (run scripts/prepare_gpu_check.sh)')
+target = os.path.join('hamur_fast', os.path.basename(carried[0]))
+shutil.copyfile(carried[0], target)
+import torch
+from hamur_fast.ops.backends import compiled  # imports hamur_fast._C: fails where the carried one does not load
+print('loaded the carried extension', carried[0], 'sha256', hashlib.sha256(open(target, 'rb').read()).hexdigest()[:16])
+print('prepared:', json.load(open(os.path.join(prep, 'manifest.json')))['built_for'])
+print('CUDA kernels:', compiled.has_kernel('CUDA'), '| CPU kernels:', compiled.has_kernel('CPU'))
+"
+CUDA_KERNELS="
+import sys
+from hamur_fast.ops.backends import compiled
+sys.exit(0 if compiled.has_kernel('CUDA') else 'the extension has no CUDA kernels: the cuda backend cannot be checked')
+"
+
+# DRY_RUN=1 on the CPU: what pytest collects without the interpreter (as on a GPU; the parametrization there can
+# differ where a test picks its device or sizes itself), and the
+# carried Triton cache checked by the preparation's launches again through the sm_90 compile tool (nothing runs;
+# every compile is logged as a hit or a miss; their count is the summary's compile counter).
+dry_run_checks() {
+  TRITON_INTERPRET=0 "$PY" -m pytest --collect-only -q -p no:cacheprovider "${CORRECTNESS_TESTS[@]}" \
+    >"$LOGS/correctness_collected.log" 2>&1
+  echo "correctness would run: $(grep -E '[0-9]+ (tests )?(selected|collected)' "$LOGS/correctness_collected.log" \
+    | tail -1)" >>"$SUMMARY"
+  # On a copy elsewhere (as on the device, the paths differ from the preparation's), so that the carried folder
+  # stays as prepared even where something misses.
+  local budget=$BUDGET_S start=$SECONDS carried=$TRITON_CACHE_DIR
+  TRITON_CACHE_DIR=$(mktemp -d)
+  cp -r "$carried/." "$TRITON_CACHE_DIR/"
+  "$PY" benchmarks/triton_cache_carry.py unpack "$TRITON_CACHE_DIR" >>"$SUMMARY"
+  BUDGET_S=$((SECONDS + 1200))  # a CPU-only step: its time is not the device's, so the budget moves with it
+  # DRY_RUN_TESTS="tests/test_x.py ..." narrows the tests it replays (all of the correctness step's by default).
+  RUN_ON_CPU=1 step cache_check 1200 "$PY" "${SM90_COMPILE_TOOL:-../shared/tools/triton_sm90_compile.py}" \
+    benchmarks/gpu_check_prewarm.py --check-only ${DRY_RUN_TESTS:+--tests $DRY_RUN_TESTS}
+  rm -rf "$TRITON_CACHE_DIR"
+  TRITON_CACHE_DIR=$carried BUDGET_S=$((budget + SECONDS - start))
 }
 
-call_2() {
-  BUDGET_S=540
-  step device 15 "$PY" -c "$DEVICE_CHECK" || { finish; exit 1; }
-  # A fresh machine has not run call 1: install there; a warm one keeps call 1's build.
-  if ! "$PY" -c "import hamur_fast, hamur_fast._C" 2>/dev/null; then
-    step install 110 "${INSTALL[@]}" || { finish; exit 1; }
+main() {
+  BUDGET_S=360
+  : >"$SUMMARY"
+  : >"$HAMUR_TRITON_COMPILE_LOG"
+  nvidia-smi >"$LOGS/nvidia-smi.txt" 2>&1
+  RUN_ON_CPU=1 step environment 10 env DRY_RUN="$DRY_RUN" "$PY" -c "$ENVIRONMENT" || finish
+  RUN_ON_CPU=1 step install 20 env HAMUR_FAST_NO_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . \
+    || finish
+  if ! RUN_ON_CPU=1 step extension 10 env PREP="$PREP" "$PY" -c "$CARRIED_EXTENSION"; then
+    # Only where the carried extension does not load: build it here (CPU translation units in parallel, nvcc).
+    step build 70 env MAX_JOBS=16 "$PY" -m pip install -q --no-build-isolation --no-deps -e . || finish
   fi
-  step bench_layers 110 "$PY" benchmarks/bench_layers.py --batch 4096 65536
-  # Whole training step (released, released under torch.compile, ours eager and CUDA graph) and serving latency.
-  step bench_train 150 "$PY" benchmarks/bench_train.py --batch 4096 40960 --repeats 10
-  step bench_infer 45 "$PY" benchmarks/bench_infer.py --no-artifacts  # AOTInductor compiles do not fit 45 s
-  step bench_cuda_infer 45 "$PY" benchmarks/bench_cuda_infer.py  # eval cell, batch 1..512: "cuda" vs "triton"
-  # Training-step time, memory and FLOPs against the number of domains (goal: D=100 within 1.5x of D=3).
-  step bench_domains 60 "$PY" benchmarks/bench_domains.py --domains 3 100 300 --repeats 5 --stacked-max-domains 100
-  goals
+  RUN_ON_CPU=1 step cuda_kernels 10 "$PY" -c "$CUDA_KERNELS"  # a failure, but the other checks still run
+  # The carried Triton cache, its files listed by path on this machine (Triton misses files it cannot find).
+  RUN_ON_CPU=1 step triton_cache 5 "$PY" benchmarks/triton_cache_carry.py unpack "$TRITON_CACHE_DIR"
+  step correctness 90 "${LOGGED[@]}" pytest -rA --junitxml="$LOGS/correctness.xml" -p no:cacheprovider \
+    "${CORRECTNESS_TESTS[@]}"
+  [ "$DRY_RUN" = 1 ] && dry_run_checks
+  # The goals: cell and generator+cell at B=65536 (torch.compile baselines included), the training step at
+  # B=4096, serving latency, and the training step at D=3 and D=100.
+  step bench_layers 55 "${LOGGED[@]}" benchmarks/bench_layers.py --batch 65536 --repeats 10
+  step bench_train 40 "${LOGGED[@]}" benchmarks/bench_train.py --batch 4096 --repeats 10
+  step bench_infer 15 "${LOGGED[@]}" benchmarks/bench_infer.py --calls 100 --no-artifacts
+  step bench_domains 30 "${LOGGED[@]}" benchmarks/bench_domains.py --domains 3 100 --repeats 5 \
+    --stacked-max-domains 100
+  step goals 5 "$PY" benchmarks/gpu_check_goals.py "$LOGS/bench_layers.log" "$LOGS/bench_domains.log"
+  finish
 }
 
-# The issue's goals, from the B=65536 table of bench_layers (h=128, k=35, s=32, D=3, fp32, fwd+bwd).
-goals() {
-  "$PY" - "$OUT/bench_layers.log" "$OUT/bench_domains.log" >"$OUT/goals.txt" 2>&1 <<'EOF' || failed=1
-import re, sys
-rows, batch = {}, None
-for line in open(sys.argv[1]):
-    head = re.match(r"B=(\d+):", line)
-    if head:
-        batch = int(head.group(1))
-    row = re.match(r"(released|paper)\s+(.+?)\s+([\d.]+)\s+\S+\s+[\d.]+x\s+(\d+)\s+(\d+)%", line)
-    if row and batch == 65536:
-        rows[(row.group(1), row.group(2))] = (float(row.group(3)), int(row.group(5)))
-if not rows:
-    sys.exit("goals: no B=65536 table in bench_layers.log")
-print("goals at B=65536 (fwd+bwd; performance goals are reported, they do not fail the check)")
-for mode in ("released", "paper"):
-    triton = rows.get((mode, "triton"))
-    compiled = rows.get((mode, "torch+compile"))
-    if triton is None:
-        sys.exit(f"goals: no triton row for mode {mode}")
-    checks = [(">= 50% of copy bandwidth", triton[1] >= 50, f"{triton[1]}%")]
-    if compiled:
-        checks.append((">= 6x torch+compile", compiled[0] / triton[0] >= 6, f"{compiled[0] / triton[0]:.1f}x"))
-    einsum = rows.get((mode, "released einsum"))
-    if einsum:
-        checks.append((">= 40x released einsum", einsum[0] / triton[0] >= 40, f"{einsum[0] / triton[0]:.1f}x"))
-    for what, passed, value in checks:
-        print(f"  {mode:8} triton {triton[0]:.3f} ms  {what:26} {value:>7}  {'met' if passed else 'NOT met'}")
-# Fusion level 2: the generator+cell table's "level 2 triton" row at B=65536 (speed-up vs torch.compile of the
-# eager generator+cell; goal >= 8x). bench_train.log reports the training-step goals itself.
-batch, generator = None, False
-for line in open(sys.argv[1]):
-    head = re.match(r"B=(\d+): (generator)?", line)
-    if head:
-        batch, generator = int(head.group(1)), bool(head.group(2))
-    row = re.match(r"level 2 triton\s+([\d.]+)\s+([\d.]+)x", line)
-    if row and generator and batch == 65536:
-        speed = float(row.group(2))
-        print(f"  level 2 triton {float(row.group(1)):.3f} ms  generator+cell >= 8x torch.compile "
-              f"{speed:6.1f}x  {'met' if speed >= 8 else 'NOT met'}")
-# bench_domains: "model, B=...:" heads, then rows "D adapter grouped-op ms x ..." (x: ratio to D=3).
-model = None
-try:
-    lines = open(sys.argv[2]).read().splitlines()
-except OSError:
-    lines = []
-print("goals of bench_domains (training step at D=100 within 1.5x of D=3)")
-for line in lines:
-    head = re.match(r"(\w+), B=\d+:", line)
-    if head:
-        model = head.group(1)
-    row = re.match(r"\s*100\s+(\S+)\s+(\S+)\s+([\d.]+)\s+([\d.]+)\s", line)
-    if row and row.group(2) != "stacked":
-        ratio = float(row.group(4))
-        print(f"  {model:10} adapter {row.group(1):7} {row.group(2):9} {ratio:5.2f}x  {'met' if ratio <= 1.5 else 'NOT met'}")
-EOF
-}
-
-case "$CALL" in
-  1) call_1 ;;
-  2) call_2 ;;
-  *) echo "usage: bash benchmarks/gpu_check.sh 1|2"; exit 2 ;;
-esac
-finish
+main

@@ -1,6 +1,7 @@
 """Shared test utilities: random adapter-cell inputs and error measures."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -138,3 +139,20 @@ def assert_matches_reference(backend, device, inputs, mode, training=True, dtype
         if slow is not None:
             plain_error = max(rel_err(p_stats[index], slow) for _, _, p_stats in plain)
             assert rel_err(fast.cpu(), slow) <= max(tolerance / 10, 4 * plain_error)
+
+
+# The backends a run on a device type must test when they are built: the compiled one of that device type, and
+# triton on a GPU.
+EXPECTED_ON = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+
+def with_unbuilt(names: list, device) -> list:
+    """``names`` plus, as a test parameter that skips with the reason, each backend expected on ``device`` that is
+    not built here (an extension without CUDA kernels on a GPU machine, say): a backend absent from a run shows in
+    its skips, never as silently fewer tests."""
+    from hamur_fast.ops import registry
+
+    unbuilt = registry.unavailable_backends()
+    return list(names) + [pytest.param(name, marks=pytest.mark.skip(reason=f"backend {name} is not built here: "
+                                                                           f"{unbuilt[name]}"))
+                          for name in EXPECTED_ON[torch.device(device).type] if name in unbuilt and name not in names]

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 import hamur_fast as hf
 from golden import BUFFER_WORDS, load, our_tensor, released_keys, released_model
 from hamur_fast.ops import registry
-from helpers import NAMES, assert_matches_reference, cell_inputs, fp32_bound, fp32_exact, rel_err, run_with_grads
+from helpers import (NAMES, assert_matches_reference, cell_inputs, fp32_bound, fp32_exact, rel_err, run_with_grads,
+                     with_unbuilt)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = [name for name in hf.available_backends(DEVICE) if name != "reference"]
@@ -43,7 +44,7 @@ SIZES = [  # (B, h, k, s, D, edge): odd sizes, h, k, s not multiples of 16; edge
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", with_unbuilt(BACKENDS, DEVICE))
 @pytest.mark.parametrize("mode", ["paper", "released"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "B{}-h{}-k{}-s{}-D{}-{}".format(*s[:5], "edge" if s[5] else "mixed"))
 def test_cell_matches_reference_fp32(size, mode, backend, request):
@@ -75,7 +76,7 @@ def test_cell_matches_reference_fp64(training, mode, backend):
                              torch.float64)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", with_unbuilt(BACKENDS, DEVICE))
 @pytest.mark.parametrize("mode", ["paper", "released"])
 def test_eval_mode_matches_reference(mode, backend):
     """paper: running statistics (no batch dependence); released: whole-batch statistics still."""
@@ -103,7 +104,7 @@ def on_device(x, rep, domain, params, stats):
             [s.to(DEVICE) if s is not None else None for s in stats])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", with_unbuilt(BACKENDS, DEVICE))
 def test_paper_eval_rows_do_not_depend_on_the_batch(backend):
     x, rep, domain, params, stats = on_device(*cell_inputs(9, 13, 5, 7, 3, "paper", dtype=torch.float32, seed=8))
     whole = hf.ops.hyper_adapter(x, rep, domain, *params, *stats, training=False, backend=backend)
@@ -111,7 +112,7 @@ def test_paper_eval_rows_do_not_depend_on_the_batch(backend):
     assert torch.allclose(whole[4:5], single, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", with_unbuilt(BACKENDS, DEVICE))
 def test_single_row_domain_normalises_to_bias_and_keeps_running_stats(backend):
     x, rep, domain, params, stats = cell_inputs(37, 13, 5, 7, 3, "paper", dtype=torch.float32, seed=5)
     lone = int((domain == 1).nonzero()[0])
@@ -145,7 +146,7 @@ def test_running_stats_follow_batchnorm_rule(backend):
     assert torch.equal(var[1:].cpu(), torch.ones(2, 6, dtype=dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", with_unbuilt(BACKENDS, DEVICE))
 @pytest.mark.parametrize("mode, training", [("paper", True), ("paper", False), ("released", True)])
 def test_domain_norm_matches_reference(mode, training, backend):
     g = torch.Generator().manual_seed(9)
@@ -180,7 +181,7 @@ def test_domain_norm_matches_reference(mode, training, backend):
         assert torch.equal(out[5].cpu(), bias[2].float())  # single row -> bias
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", with_unbuilt(BACKENDS, DEVICE))
 def test_non_contiguous_inputs_give_the_same_result(backend):
     x, rep, domain, params, stats = on_device(*cell_inputs(37, 13, 5, 7, 3, "paper", dtype=torch.float32, seed=4))
     strided_x = x.t().contiguous().t()  # column-major
@@ -193,7 +194,7 @@ def test_non_contiguous_inputs_give_the_same_result(backend):
     assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", with_unbuilt(BACKENDS, DEVICE))
 def test_int32_domain_ids_give_the_same_result(backend):
     x, rep, domain, params, stats = on_device(*cell_inputs(37, 13, 5, 7, 3, "paper", dtype=torch.float32, seed=14))
     results = [hf.ops.hyper_adapter(x, rep, ids, *params, *[s.clone() for s in stats], backend=backend)
@@ -201,7 +202,7 @@ def test_int32_domain_ids_give_the_same_result(backend):
     assert torch.equal(results[0], results[1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", with_unbuilt(BACKENDS, DEVICE))
 @pytest.mark.parametrize("mode", ["paper", "released"])
 def test_no_nan_for_single_row_batch(mode, backend):
     x, rep, domain, params, stats = on_device(*cell_inputs(1, 9, 4, 5, 3, mode, seed=5, dtype=torch.float32))

@@ -21,7 +21,16 @@ from helpers import cell_inputs, rel_err
 compiled = pytest.importorskip("hamur_fast.ops.backends.compiled", reason="the extension hamur_fast._C was not built")
 ops = torch.ops.hamur_fast
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and compiled.has_kernel("CUDA") else [])
+
+def cuda_case():
+    """The CUDA cases of a GPU machine: skipped with the reason where the extension has no CUDA kernels."""
+    if compiled.has_kernel("CUDA"):
+        return "cuda"
+    reason = hf.ops.registry.unavailable_backends().get("cuda", "no CUDA kernels registered")
+    return pytest.param("cuda", marks=pytest.mark.skip(reason=f"backend cuda is not built here: {reason}"))
+
+
+DEVICES = ["cpu"] + ([cuda_case()] if torch.cuda.is_available() else [])
 BACKEND = {"cpu": "cpu", "cuda": "cuda"}
 
 

@@ -10,6 +10,9 @@ from hamur_fast.ops import contract, registry
 from hamur_fast.ops.backends import torch as torch_backend
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the doctor's default device
+
+
 def test_python_m_doctor_reports_every_backend_and_passes():
     done = subprocess.run([sys.executable, "-m", "hamur_fast.doctor", "--repeats", "1", "--dtypes", "float32,float64"], capture_output=True,
                           text=True, timeout=300)
@@ -17,7 +20,7 @@ def test_python_m_doctor_reports_every_backend_and_passes():
     for line in (f"torch {torch.__version__}", "backends:", "| torch | float32 | ok |", "| torch | float64 | ok |",
                  "all checks passed"):
         assert line in done.stdout
-    for name in registry.available_backends("cpu"):
+    for name in registry.available_backends(DEVICE):
         assert f"| {name} | float32 | ok |" in done.stdout
     for name in registry.unavailable_backends():
         assert f"{name:<10} NOT available: " in done.stdout

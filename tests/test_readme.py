@@ -8,6 +8,7 @@ the small overrides of SMALLER appended (for argparse, the last value of an opti
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -37,6 +38,10 @@ SMALLER = {
     "sweep": ["--epochs", "1", "--seeds", "1"],
 }
 NO_QUIET = {"doctor"}  # the one command without a --quiet flag (it draws no progress bars)
+# Optional packages, and the import that marks a README python block needing one: such blocks run in
+# test_python_blocks_needing_an_optional_package, skipped with the reason where the package is absent (the GPU
+# image has no torchrec).
+OPTIONAL = {"torchrec": "from hamur_fast.features_torchrec import"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,15 +65,32 @@ def test_the_readme_has_the_blocks_this_test_runs():
     assert all(any(line.startswith(skipped) for line in lines) for skipped in NOT_RUN)  # no stale entries
 
 
-def test_python_blocks_run_in_order(checkout):
+def needs_optional(code: str) -> bool:
+    return any(marker in code for marker in OPTIONAL.values())
+
+
+def run_blocks(numbered_blocks) -> None:
     namespace = {"__name__": "__readme__"}
-    for number, code in enumerate(blocks("python")):
+    for number, code in numbered_blocks:
         try:
             exec(compile(code, f"README.md python block {number + 1}", "exec"), namespace)
         except Exception as err:
             pytest.fail(f"README python block {number + 1} failed: {type(err).__name__}: {err}\n{code}")
+
+
+def test_python_blocks_run_in_order(checkout):
+    run_blocks((number, code) for number, code in enumerate(blocks("python")) if not needs_optional(code))
     assert (checkout / "runs" / "model.pt2").is_file() and (checkout / "runs" / "x" / "checkpoint.pt").is_file()
     assert not (checkout / "model.pt2").exists()  # examples write into runs/, never the checkout's root
+
+
+@pytest.mark.parametrize("package", sorted(OPTIONAL))
+def test_python_blocks_needing_an_optional_package(package, checkout):
+    numbered = [(number, code) for number, code in enumerate(blocks("python")) if OPTIONAL[package] in code]
+    assert numbered, f"no README python block uses {package} any more: drop it from OPTIONAL"
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed here: {len(numbered)} README block(s) that use it not run")
+    run_blocks(numbered)
 
 
 def test_bash_blocks_run(checkout, capsys):

@@ -1,6 +1,6 @@
 // The hamur_fast operator library: schemas, and the Python module hamur_fast._C that loads them.
 //
-// Kernels register per device in csrc/cpu/adapter_cpu.cpp and csrc/cuda/adapter_cuda.cpp; autograd and
+// Kernels register per device in csrc/cpu/*.cpp and csrc/cuda/adapter_cuda.cpp; autograd and
 // fake (meta) implementations are registered from Python in hamur_fast/ops/backends/compiled.py.
 // Names follow the one scheme of every hamur_fast operator, <implementation>_<op>_<pass>, and the
 // intermediates the one vocabulary (p, q, z, a, u, v, o, count, mean, m2, rstd): both are tabulated in

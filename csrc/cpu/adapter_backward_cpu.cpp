@@ -1,0 +1,153 @@
+// CPU kernel of the HAMUR adapter cell's backward (SPEC sections 2, 3 and 6, level 1), float32 and float64.
+// Schemas: csrc/cpu/ops.cpp; shared primitives and the design: cpu_primitives.h.
+#include "cpu_primitives.h"
+
+namespace hamur_fast {
+namespace cpu {
+namespace {
+
+// Backward of the rank-k core for one row (hidden as saved by forward). From grad_r = d loss / d r it
+// forms grad_q = I.grad_r, grad_z (pre-sigmoid), grad_p = V.grad_z, grad_u = I.grad_p, and writes
+// grad_rep = u (x) grad_p + q (x) grad_r once. grad is this row of the (B, 2k + s) gradient buffer
+// [grad_q | grad_z | grad_u]. The factors come transposed (up_left_t (k, s), down_right_t (s, k)) so
+// that their products are register-strip vec_mats rather than dot products.
+template <typename T>
+HAMUR_INLINE void rank_core_backward_row(const CellShape& shape, const T* __restrict rep,
+                                         const T* __restrict down_right_t, const T* __restrict up_left_t,
+                                         const T* __restrict hidden, const T* __restrict grad_r, T* __restrict grad,
+                                         T* __restrict grad_p, T* __restrict grad_rep) {
+  const int64_t k = shape.rank, s = shape.bottleneck;
+  const T* a = hidden + shape.a();
+  T* grad_q = grad;
+  T* grad_z = grad + k;
+  T* grad_u = grad + k + s;
+  mat_vec(grad_q, rep, grad_r, k, k);
+  vec_mat(grad_z, grad_q, up_left_t, k, s);
+  for (int64_t j = 0; j < s; ++j) grad_z[j] *= a[j] * (T(1) - a[j]);
+  vec_mat(grad_p, grad_z, down_right_t, s, k);
+  mat_vec(grad_u, rep, grad_p, k, k);
+  write_two_outers(grad_rep, hidden + shape.u(), grad_p, hidden + shape.q(), grad_r, k);
+}
+
+// Backward rank-k core for original rows [first, end) (rep read and grad_rep written in order), row b's
+// saved and gradient vectors in slot slot_of[b]; grad_p is scratch (k).
+template <typename T>
+HAMUR_ROW_PASS void rank_core_backward_rows(const CellShape& shape, const Rows& slots, const int64_t* slot_of,
+                                            const T* rep, const T* down_right_t, const T* up_left_t, const T* hidden,
+                                            const T* grad_r, T* grad_core, T* grad_p, T* grad_rep, int64_t first,
+                                            int64_t end) {
+  const int64_t k = shape.rank, s = shape.bottleneck;
+  for (int64_t b = first; b < end; ++b) {
+    const int64_t i = slot_of[b], d = slots.group(i);
+    if (b + 1 < end) {
+      const int64_t next = slot_of[b + 1];
+      prefetch(hidden + next * shape.stride(), shape.stride(), /*for_write=*/false);
+      prefetch(grad_r + next * k, k, /*for_write=*/false);
+      prefetch(grad_core + next * (2 * k + s), 2 * k + s, /*for_write=*/true);
+    }
+    rank_core_backward_row(shape, rep + b * k * k, down_right_t + d * s * k, up_left_t + d * k * s,
+                           hidden + i * shape.stride(), grad_r + i * k, grad_core + i * (2 * k + s), grad_p,
+                           grad_rep + b * k * k);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapter_backward_cpu(
+    const Tensor& grad_y_in, const Tensor& x_in, const Tensor& rep_in, const Tensor& domain_in,
+    const Tensor& down_left_in, const Tensor& down_right_in, const Tensor& up_left_in, const Tensor& up_right_in,
+    const Tensor& norm_weight_in, const Tensor& o_in, const Tensor& hidden_in, const Tensor& order_in,
+    const Tensor& mean_in, const Tensor& rstd_in, const Tensor& count_in, bool per_domain, bool batch_stats) {
+  checks::compiled_cell_backward(c10::DeviceType::CPU, grad_y_in, x_in, rep_in, domain_in, down_left_in, down_right_in,
+                                 up_left_in, up_right_in, norm_weight_in, o_in, hidden_in, order_in, mean_in, rstd_in,
+                                 count_in, per_domain);
+  const Tensor gy = grad_y_in.contiguous(), x = x_in.contiguous(), rep = rep_in.contiguous();
+  const Tensor dl = down_left_in.contiguous(), dr = down_right_in.contiguous();
+  const Tensor ul = up_left_in.contiguous(), ur = up_right_in.contiguous(), norm_weight = norm_weight_in.contiguous();
+  const Tensor o = o_in.contiguous(), hidden = hidden_in.contiguous(), mean = mean_in.contiguous();
+  const Tensor rstd = rstd_in.contiguous();
+  const CellShape shape = cell_shape(x, rep, dr, per_domain, norm_weight);
+  const int64_t h = shape.width, k = shape.rank, s = shape.bottleneck;
+  const GroupOrder order = saved_order(order_in.contiguous(), count_in);
+  const int64_t* order_p = order.order.data_ptr<int64_t>();
+  const Rows slots{order.slot_group.data(), per_domain};
+  // All (B, .) buffers below are in group order.
+  Tensor grad_o = at::empty({shape.batch, h}, x.options());
+  Tensor grad_r = at::empty({shape.batch, k}, x.options());
+  Tensor grad_core = at::empty({shape.batch, 2 * k + s}, x.options());  // [grad_q | grad_z | grad_u]
+  Tensor grad_rep = at::empty_like(rep), grad_norm_weight, grad_norm_bias;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_backward_cpu_norm", [&] {
+    const scalar_t *gy_p = gy.data_ptr<scalar_t>(), *o_p = o.data_ptr<scalar_t>();
+    const NormGrad<scalar_t> ng = norm_grad(gy_p, order_p, o_p, slots, shape.batch, h, shape.groups,
+                                            norm_weight.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+                                            rstd.data_ptr<scalar_t>(), count_in.contiguous().data_ptr<scalar_t>(),
+                                            batch_stats);
+    scalar_t* grad_o_p = grad_o.data_ptr<scalar_t>();
+    at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
+      for (int64_t i = first; i < end; ++i)
+        ng.grad_o_row(slots.group(i), h, gy_p + order_p[i] * h, o_p + i * h, grad_o_p + i * h);
+    });
+    grad_norm_weight = to_tensor(ng.grad_weight, norm_weight.sizes(), x.options());
+    grad_norm_bias = to_tensor(ng.grad_bias, norm_weight.sizes(), x.options());
+  });
+  // grad_r = grad_o.V'^T, one GEMM per domain.
+  for (int64_t g = 0; g < shape.groups; ++g) {
+    if (order.rows(g) == 0) continue;
+    Tensor grad_r_g = slots_of(grad_r, order, g);
+    at::mm_out(grad_r_g, slots_of(grad_o, order, g), param_of(ur, g, per_domain).t());
+  }
+  const Tensor down_right_t = dr.transpose(-1, -2).contiguous(), up_left_t = ul.transpose(-1, -2).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_backward_cpu_core", [&] {
+    const scalar_t *rep_p = rep.data_ptr<scalar_t>(), *dr_p = down_right_t.data_ptr<scalar_t>();
+    const scalar_t *ul_p = up_left_t.data_ptr<scalar_t>(), *hidden_p = hidden.data_ptr<scalar_t>();
+    const scalar_t* grad_r_p = grad_r.data_ptr<scalar_t>();
+    scalar_t *grad_core_p = grad_core.data_ptr<scalar_t>(), *grad_rep_p = grad_rep.data_ptr<scalar_t>();
+    at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
+      std::vector<scalar_t> grad_p(k);
+      rank_core_backward_rows(shape, slots, order.slot_of.data(), rep_p, dr_p, ul_p, hidden_p, grad_r_p, grad_core_p,
+                              grad_p.data(), grad_rep_p, first, end);
+    });
+  });
+  // The dense products' gradients, one GEMM each per domain: grad_x = gy + grad_u.U^T and the factor
+  // gradients as (rows' inputs)^T . (rows' output gradients).
+  Tensor grad_dl = at::zeros_like(dl), grad_dr = at::zeros_like(dr), grad_ul = at::zeros_like(ul);
+  Tensor grad_ur = at::zeros_like(ur), grad_ub = at::zeros_like(norm_weight);
+  Tensor grad_db = per_domain ? at::zeros({shape.groups, s}, x.options()) : at::zeros({s}, x.options());
+  Tensor grad_x_sorted = at::empty({shape.batch, h}, x.options());
+  const Tensor x_sorted = gather_rows(x, order);
+  for (int64_t g = 0; g < shape.groups; ++g) {
+    if (order.rows(g) == 0) continue;
+    const Tensor hidden_g = slots_of(hidden, order, g), core_g = slots_of(grad_core, order, g);
+    const Tensor grad_o_g = slots_of(grad_o, order, g);
+    const Tensor grad_q = core_g.narrow(1, 0, k), grad_z = core_g.narrow(1, k, s), grad_u = core_g.narrow(1, k + s, k);
+    Tensor grad_x_g = slots_of(grad_x_sorted, order, g);
+    Tensor grad_dl_g = param_of(grad_dl, g, per_domain), grad_dr_g = param_of(grad_dr, g, per_domain);
+    Tensor grad_ul_g = param_of(grad_ul, g, per_domain), grad_ur_g = param_of(grad_ur, g, per_domain);
+    Tensor grad_db_g = param_of(grad_db, g, per_domain), grad_ub_g = param_of(grad_ub, g, per_domain);
+    at::mm_out(grad_x_g, grad_u, param_of(dl, g, per_domain).t());
+    at::mm_out(grad_dl_g, slots_of(x_sorted, order, g).t(), grad_u);
+    at::mm_out(grad_dr_g, hidden_g.narrow(1, shape.p(), k).t(), grad_z);
+    at::mm_out(grad_ul_g, hidden_g.narrow(1, shape.a(), s).t(), grad_q);
+    at::mm_out(grad_ur_g, hidden_g.narrow(1, shape.r(), k).t(), grad_o_g);
+    at::sum_out(grad_db_g, grad_z, 0);
+    at::sum_out(grad_ub_g, grad_o_g, 0);
+  }
+  // grad_x = gy + (grad_u.U^T) back in the original row order.
+  Tensor grad_x = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_backward_cpu_grad_x", [&] {
+    const scalar_t *gy_p = gy.data_ptr<scalar_t>(), *sorted_p = grad_x_sorted.data_ptr<scalar_t>();
+    scalar_t* grad_x_p = grad_x.data_ptr<scalar_t>();
+    const int64_t* slot_of = order.slot_of.data();
+    at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
+      for (int64_t b = first; b < end; ++b) add_rows(gy_p + b * h, sorted_p + slot_of[b] * h, h, grad_x_p + b * h);
+    });
+  });
+  return {grad_x, grad_rep, grad_dl, grad_dr, grad_db, grad_ul, grad_ur, grad_ub, grad_norm_weight, grad_norm_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hamur_fast, CPU, m) {
+  m.impl("compiled_cell_backward", &adapter_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace hamur_fast
