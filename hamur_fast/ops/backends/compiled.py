@@ -13,9 +13,13 @@ compiled_norm_normalise, the group sums of compiled_norm_backward and compiled_n
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
-from ... import _C  # noqa: F401  (registers torch.ops.hamur_fast.compiled_*)
+# Registers torch.ops.hamur_fast.compiled_*. Not `from ... import _C`: where the extension is not built, that form
+# raises an ImportError naming the package, which backends/__init__.py could not tell from a real bug.
+importlib.import_module("hamur_fast._C")
 from ..contract import FLOAT_DTYPES, Backend, Capabilities, GroupStats, NormPasses
 from ..registry import record_unavailable, register_backend
 from . import torch as torch_backend
