@@ -122,9 +122,10 @@ setup(
         "tqdm",
         "matplotlib",
         "scikit-learn",
-        "triton; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest"], "parquet": ["pyarrow"], "onnx": ["onnx", "onnxscript", "onnxruntime"],
+    # Triton is an extra: torch's CUDA wheels bring the Triton they were built with, and on a CPU-only machine
+    # Triton runs our kernels only under its interpreter (the tests), so the demo need not download it.
+    extras_require={"test": ["pytest"], "triton": ["triton; platform_system == 'Linux'"], "parquet": ["pyarrow"], "onnx": ["onnx", "onnxscript", "onnxruntime"],
                     # TorchRec's dependencies but FBGEMM and itself: scripts/install_torchrec.sh installs the pair
                     # matching the installed torch first (torchrec's metadata asks for the GPU fbgemm-gpu).
                     "torchrec": ["tensordict", "torchmetrics==1.0.3", "pyre-extensions", "pyvers"]},

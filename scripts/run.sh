@@ -7,7 +7,7 @@
 # The set-up runs once: stamps in build/run-sh/ record a hash of what the installed package was built from
 # (csrc/, kernels/, setup.py, pyproject.toml, these scripts, the Python and torch versions); a later call whose
 # hash matches starts the job at once. `demo` installs the package and its runtime dependencies only; `test`
-# adds the test extras (pytest, pyarrow, ONNX; read from the package's metadata) and TorchRec/FBGEMM, without
+# adds the test extras (pytest, Triton for its CPU interpreter, pyarrow, ONNX; read from the package's metadata) and TorchRec/FBGEMM, without
 # building the package again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ case "$job" in
   demo|test) ;;
   *) echo "usage: bash scripts/run.sh {demo|test} [args...]" >&2; exit 2 ;;
 esac
-TEST_EXTRAS="test parquet onnx torchrec"
+TEST_EXTRAS="test triton parquet onnx torchrec"
 
 say() { echo "[run.sh] $*"; }
 started=$SECONDS
