@@ -33,6 +33,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -157,11 +158,12 @@ def resolve_revision(repo, rev):
     return rev, git(repo, "rev-parse", "--verify", f"{rev}^{{commit}}")
 
 
-def checkout_and_build(repo, commit, workdir, log):
-    """A detached worktree of ``commit`` under ``workdir`` with its extension built in place; returns its path."""
-    tree = os.path.join(workdir, commit[:12])
-    if not os.path.isdir(tree):
-        git(repo, "worktree", "add", "--detach", tree, commit)
+def checkout_and_build(repo, commit, parent, log):
+    """A detached worktree of ``commit`` in a new folder under ``parent`` with its extension built in place;
+    returns its path. (ccache rewrites the paths under CCACHE_BASEDIR relative to the build folder, so a tree
+    directly under it, like the usual checkouts, shares their cache entries.)"""
+    tree = tempfile.mkdtemp(prefix=f"compare-revisions-{commit[:12]}-", dir=parent)
+    git(repo, "worktree", "add", "--detach", tree, commit)
     print(f"building {commit[:12]} in {tree} ...", file=log, flush=True)
     start = time.perf_counter()
     build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, capture_output=True,
@@ -202,9 +204,10 @@ def compare(args):
     repo = git(os.getcwd(), "rev-parse", "--show-toplevel")
     revisions = [resolve_revision(repo, args.old), resolve_revision(repo, args.new)]
     parent = args.workdir or os.environ.get("CCACHE_BASEDIR") or None
-    workdir = tempfile.mkdtemp(prefix="compare-revisions-", dir=parent)
+    trees = []
     try:
-        trees = [checkout_and_build(repo, commit, workdir, log) for _, commit in revisions]
+        for _, commit in revisions:
+            trees.append(checkout_and_build(repo, commit, parent, log))
         load_before = load_average()
         samples = {(rev, threads): [] for rev in range(2) for threads in args.threads}
         files = [None, None]
@@ -218,10 +221,9 @@ def compare(args):
         print_table(args, revisions, files, samples, load_before, load_average(), log)
     finally:
         if not args.keep:
-            for tree in os.listdir(workdir):
-                subprocess.run(["git", "-C", repo, "worktree", "remove", "--force", os.path.join(workdir, tree)],
-                               capture_output=True)
-            subprocess.run(["rm", "-rf", workdir])
+            for tree in trees:
+                subprocess.run(["git", "-C", repo, "worktree", "remove", "--force", tree], capture_output=True)
+                shutil.rmtree(tree, ignore_errors=True)
             subprocess.run(["git", "-C", repo, "worktree", "prune"], capture_output=True)
 
 
