@@ -166,8 +166,10 @@ def checkout_and_build(repo, commit, parent, log):
     git(repo, "worktree", "add", "--detach", tree, commit)
     print(f"building {commit[:12]} in {tree} ...", file=log, flush=True)
     start = time.perf_counter()
-    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, capture_output=True,
-                           text=True)
+    # Python's CFLAGS carry -g, with which ccache hashes the build folder too: every worktree would miss.
+    env = {"CCACHE_NOHASHDIR": "1", **os.environ}
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, env=env,
+                           capture_output=True, text=True)
     if build.returncode != 0:
         raise RuntimeError(f"building {commit[:12]} failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}")
     print(f"  built in {time.perf_counter() - start:.0f} s", file=log, flush=True)
