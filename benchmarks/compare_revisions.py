@@ -158,22 +158,26 @@ def resolve_revision(repo, rev):
     return rev, git(repo, "rev-parse", "--verify", f"{rev}^{{commit}}")
 
 
-def checkout_and_build(repo, commit, parent, log):
-    """A detached worktree of ``commit`` in a new folder under ``parent`` with its extension built in place;
-    returns its path. (ccache rewrites the paths under CCACHE_BASEDIR relative to the build folder, so a tree
-    directly under it, like the usual checkouts, shares their cache entries.)"""
+def checkout(repo, commit, parent):
+    """A detached worktree of ``commit`` in a new folder under ``parent``; returns its path. (ccache rewrites
+    the paths under CCACHE_BASEDIR relative to the build folder, so a tree directly under it, like the usual
+    checkouts, shares their cache entries.)"""
     tree = tempfile.mkdtemp(prefix=f"compare-revisions-{commit[:12]}-", dir=parent)
     git(repo, "worktree", "add", "--detach", tree, commit)
-    print(f"building {commit[:12]} in {tree} ...", file=log, flush=True)
+    return tree
+
+
+def build(tree, log):
+    """The tree's extension, built in place."""
+    print(f"building in {tree} ...", file=log, flush=True)
     start = time.perf_counter()
     # Python's CFLAGS carry -g, with which ccache hashes the build folder too: every worktree would miss.
     env = {"CCACHE_NOHASHDIR": "1", **os.environ}
-    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, env=env,
-                           capture_output=True, text=True)
-    if build.returncode != 0:
-        raise RuntimeError(f"building {commit[:12]} failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}")
+    done = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building in {tree} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     print(f"  built in {time.perf_counter() - start:.0f} s", file=log, flush=True)
-    return tree
 
 
 def run_child(tree, threads, args):
@@ -209,7 +213,8 @@ def compare(args):
     trees = []
     try:
         for _, commit in revisions:
-            trees.append(checkout_and_build(repo, commit, parent, log))
+            trees.append(checkout(repo, commit, parent))  # listed before the build: removed if it fails
+            build(trees[-1], log)
         load_before = load_average()
         samples = {(rev, threads): [] for rev in range(2) for threads in args.threads}
         files = [None, None]
