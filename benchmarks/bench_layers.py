@@ -16,8 +16,8 @@ checking the script, not for timing). "GB/s" = SPEC section 6's ideal bytes of f
 The second table (skip it with --no-generator) times the hyper-network's last layer (Linear(p, k*k) ->
 BatchNorm1d -> ReLU, training mode) together with the cell, paper mode: "level 1 X" = the generator layer
 in eager PyTorch, then backend X's cell on the (B, k, k) matrix it wrote; "level 2 X" =
-hf.ops.hyper_adapter_generated on backend X (triton: I formed in registers; torch and cpu: I materialised
-by one GEMM, then their level-1 cell); "eager gen+cell+compile" = torch.compile of the eager generator and
+hf.ops.hyper_adapter_generated on backend X (triton: I formed in registers; cpu: I generated in 64-row
+blocks inside the C++ core; torch: I materialised by one GEMM, then its level-1 cell); "eager gen+cell+compile" = torch.compile of the eager generator and
 the "torch" cell, the baseline of the GPU goal. Beside each time: the level's ideal bytes per step
 (level 1: 4 * (5h + 6k^2 + 3p) per row, I written, read and its gradient written and read; level 2:
 4 * (5h + 4p), g read twice, dg written) and the FLOPs the level computes (level 2 counts the kernels'

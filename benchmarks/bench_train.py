@@ -17,7 +17,7 @@ Providers:
 - "released compile": the same model under torch.compile(mode="reduce-overhead") (on CPU this is
   the default inductor compile: CUDA graphs exist on CUDA only);
 - "ours <mode> eager": hf.models.HAMUR, backend "auto" (and each kernel backend that runs on the
-  device), BCE on logits;
+  device), BCE on logits, fused Adam (as hamur_fast.train.Trainer makes it);
 - "ours <mode> graph": the same under hamur_fast.train.captured_step.CapturedTrainStep (CUDA only:
   forward, backward and the capturable Adam step replayed as one CUDA graph).
 """
@@ -65,7 +65,9 @@ def ours_model(mode, backend, device):
 
 def ours_eager_step(mode, backend, device):
     model = ours_model(mode, backend, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    # fused, as hamur_fast.train.Trainer makes it (one kernel over every parameter; the for-loop Adam the
+    # released code runs is 3x slower over this model's 26 small tensors on the CPU)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
     return lambda e, domain, label: bce_step(model, optimizer, e, domain, label)
 
 
@@ -188,7 +190,7 @@ def report_goals(tables, device):
             ms, mib, label = min(ours)
             checks = []
             if device.type == "cpu" and batch == 2048:
-                checks.append(("step >= 8x faster than released eager", eager[0] / ms, 8))
+                checks.append(("step >= 20x faster than released eager", eager[0] / ms, 20))
             if device.type == "cuda" and batch == 4096:
                 checks.append(("step >= 15x faster than released eager", eager[0] / ms, 15))
                 if compiled is not None:

@@ -69,7 +69,8 @@ class HAMUR(BackendAttribute, MultiDomainModel):
     @property
     def fused_generation(self) -> bool | str:
         """Fusion level 2 (the hyper-network's last layer inside every cell): "auto" (where the backend has a
-        fused level 2: "triton"), True (any backend with level 2; eager ones materialise I) or False (level 1)."""
+        fused level 2: "triton", and "cpu" but for the released MLP's per-tower cells), True (any backend with
+        level 2; eager ones materialise I) or False (level 1)."""
         return self._fused_generation
 
     @fused_generation.setter
@@ -85,7 +86,14 @@ class HAMUR(BackendAttribute, MultiDomainModel):
             return False  # the generator's statistics would be taken in the autocast dtype: level 1 there
         if active_group() is not None:
             return False  # a data-parallel step merges the generator BatchNorm's statistics over ranks: level 1
-        return self.fused_generation is True or generated.supports_fused_generation(self.backend, device)
+        if self.fused_generation is True:
+            return True
+        if device.type == "cpu" and self.mode == "released" and self.backbone_name == "mlp":
+            # The released towers run the cell once per domain: on the CPU, where FLOPs and not bytes limit the
+            # cell, regenerating I in each of the D cells (forward and backward) costs more than writing it once
+            # (benchmarks/RESULTS.md, issue 23).
+            return False
+        return generated.supports_fused_generation(self.backend, device)
 
     def _hyper_input(self, e: torch.Tensor) -> torch.Tensor:
         if isinstance(self.backbone, WideDeepBackbone):

@@ -94,7 +94,8 @@ class DomainBatchNorm1d(nn.Module):
 
 def _per_domain_affine(standard: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                        domain: torch.Tensor) -> torch.Tensor:
-    return torch.addcmul(bias[domain], standard, weight[domain])
+    # index_select: its backward is an index_add (indexing's, an accumulating index_put, is 4x slower on the CPU)
+    return torch.addcmul(bias.index_select(0, domain), standard, weight.index_select(0, domain))
 
 
 class _TowerNormBase(nn.Module):
@@ -186,4 +187,5 @@ class WholeBatchFirstLayerNorm(_TowerNormBase):
         else:
             mean, var = self.running_mean, self.running_var
         scale = self.weight * torch.rsqrt(var + self.eps)
-        return torch.addcmul(self.bias[domain], z - mean[domain], scale[domain])
+        return torch.addcmul(self.bias.index_select(0, domain), z - mean.index_select(0, domain),
+                             scale.index_select(0, domain))

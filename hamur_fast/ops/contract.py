@@ -92,6 +92,10 @@ triton_generated_cell_backward ops/backends/              grads of x, g, centre,
                                triton_generated.py
 =============================  ========================  ==================================================
 
+And fusion level 2 of "cpu", in csrc/cpu/generated_cpu.cpp: ``compiled_generated_core_forward`` (v and saved =
+[q | a | u], the rank-k core on I generated from g in 64-row blocks) and ``compiled_generated_core_backward``
+(the gradients of p, g, centre, W', c', DR, db and UL).
+
 Fusion level 2 (:mod:`hamur_fast.ops.generated`): a backend may also offer
 ``generated_cell(x, rep: GeneratedRep, domain, params, running_mean, running_var, plan, precision) -> (y, stats)``,
 the cell on ``I = ReLU((g - centre) W'^T + c')`` (the hyper-network's last layer folded by the entry point);

@@ -97,8 +97,8 @@ def _materialising_cell_of(level1: Backend):
 
 
 def register_materialising_backends() -> None:
-    """Level 2 of the eager backend and of the compiled extension's backends: I by one GEMM, then their level-1
-    cell (on the CPU, FLOPs and not bytes limit the cell, so materialising I costs little there)."""
+    """Level 2 of the backends without a fused one (the eager backend, "cuda"): I by one GEMM, then their
+    level-1 cell. "cpu" has its own (hamur_fast/ops/backends/compiled_generated.py)."""
     for name in ("reference", "torch", "cpu", "cuda"):
         if name in available_backends():
             level1 = get_backend(name)

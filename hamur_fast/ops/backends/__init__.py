@@ -7,6 +7,7 @@ reference  backends/reference.py        SPEC literally (per-row weights, a loop 
 torch      backends/torch.py            the fastest eager PyTorch we know; any device and dtype
 triton     backends/triton.py           custom ops over the Triton kernels of ``hamur_fast.kernels``
 cpu, cuda  backends/compiled.py         custom ops of the C++/CUDA extension ``hamur_fast._C`` (csrc/)
+           backends/compiled_generated  level 2 of "cpu": I generated inside the C++ core
 =========  ===========================  ====================================================================
 
 The kernel backends are optional: a module whose requirement is missing (triton not installed, the
@@ -25,6 +26,7 @@ _MODULES = {
     "hamur_fast.ops.backends.triton": (("triton",), ("triton",)),
     "hamur_fast.ops.backends.triton_generated": ((), ("triton",)),  # level 2 of "triton"
     "hamur_fast.ops.backends.compiled": (("cpu", "cuda"), ("hamur_fast._C",)),
+    "hamur_fast.ops.backends.compiled_generated": ((), ("hamur_fast._C",)),  # level 2 of "cpu"
 }
 
 

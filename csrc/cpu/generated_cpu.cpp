@@ -1,0 +1,352 @@
+// Fusion level 2 on the CPU (SPEC section 6): the adapter cell's rank-k core on representation matrices
+// generated where they are used, I_b = ReLU((g_b - centre) W^T + c) viewed (k, k), forward and backward, so
+// that no (B, k*k) tensor exists. Names follow the contract's vocabulary (hamur_fast/ops/contract.py):
+//   q = p I_b,  z = q DR[d] + db[d],  a = sigmoid(z),  u = a UL[d],  v = u I_b.
+// The dense products around the core (p = x DL, o = v UR + ub) and DomainNorm run as the existing grouped
+// linear op and compiled_norm_forward (hamur_fast/ops/backends/compiled_generated.py).
+//
+// Rows go in blocks of kBlockRows: a block's I is one GEMM ((R, p) x (p, k*k), then ReLU in place) into a
+// scratch of kBlockRows * k * k elements, whatever the batch; each row of the block then runs its core while
+// its I_b sits in cache. Backward regenerates the block's I, runs each row's core backward, overwrites I_b with
+// the gradient of the pre-activation (dZ_b = dI_b where I_b > 0, else 0), and the block's generator gradients
+// are two GEMMs on the scratch: grad_g = dZ W and grad_W += dZ^T (g - centre). Per-thread chunks accumulate
+// the weight gradients and are summed in chunk order, so results do not depend on scheduling.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+// The row passes are compiled for AVX-512, AVX2 + FMA and baseline x86-64 and the loader picks what this CPU
+// runs (GCC function multi-versioning, as in adapter_cpu.cpp); the per-row helpers are forced inline so that
+// they take the caller's ISA.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define HAMUR_GENERATED_ROWS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HAMUR_GENERATED_ROWS
+#endif
+#define HAMUR_GENERATED_INLINE inline __attribute__((always_inline))
+
+namespace hamur_fast {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kBlockRows = 64;  // rows per generated block: the scratch is (64, k*k) whatever B is
+
+// ------------------------------------------------------------------------------------ small vector loops
+// axpy and dot are copies of adapter_cpu.cpp's (its helpers sit in an anonymous namespace of a file being split
+// into several, issue 24): once they live in a shared header, include it instead.
+template <typename T>
+HAMUR_GENERATED_INLINE void axpy(T* __restrict out, T alpha, const T* __restrict v, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] += alpha * v[j];
+}
+
+template <typename T>
+HAMUR_GENERATED_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
+  return acc;
+}
+
+// out (n) = v (m) . M (m, n), M row-major.
+template <typename T>
+HAMUR_GENERATED_INLINE void vec_mat(T* __restrict out, const T* __restrict v, const T* __restrict M, int64_t m, int64_t n) {
+  std::fill(out, out + n, T(0));
+  for (int64_t i = 0; i < m; ++i) axpy(out, v[i], M + i * n, n);
+}
+
+// out (m) = M (m, n) . v (n).
+template <typename T>
+HAMUR_GENERATED_INLINE void mat_vec(T* __restrict out, const T* __restrict M, const T* __restrict v, int64_t m, int64_t n) {
+  for (int64_t i = 0; i < m; ++i) out[i] = dot(M + i * n, v, n);
+}
+
+// ------------------------------------------------------------------------------------ shapes
+struct CoreShape {
+  int64_t batch, rank, bottleneck, features, groups;  // features: p, the width of g
+  bool per_domain;
+  // saved row layout: [q (k) | a (s) | u (k)]
+  int64_t stride() const { return 2 * rank + bottleneck; }
+  int64_t q() const { return 0; }
+  int64_t a() const { return rank; }
+  int64_t u() const { return rank + bottleneck; }
+};
+
+void check_core_inputs(const Tensor& p, const Tensor& g, const Tensor& centre, const Tensor& gen_weight,
+                       const Tensor& gen_bias, const Tensor& domain, const Tensor& down_right, const Tensor& up_left,
+                       bool per_domain) {
+  TORCH_CHECK(p.device().is_cpu(), "hamur_fast CPU kernel got a tensor on ", p.device());
+  TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble,
+              "hamur_fast CPU kernels take float32 or float64, got ", p.scalar_type());
+  for (const Tensor* t : {&g, &centre, &gen_weight, &gen_bias, &down_right, &up_left})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == p.scalar_type(),
+                "compiled_generated_core: every tensor must be on the CPU in p's dtype");
+  TORCH_CHECK(domain.scalar_type() == at::kLong, "domain must be int64, got ", domain.scalar_type());
+  const int64_t batch = p.size(0), rank = p.dim() == 2 ? p.size(1) : -1;
+  TORCH_CHECK(p.dim() == 2 && g.dim() == 2 && g.size(0) == batch && domain.dim() == 1 && domain.size(0) == batch,
+              "p (B, k), g (B, p) and domain (B,) must share the batch");
+  const int64_t features = g.size(1);
+  TORCH_CHECK(gen_weight.dim() == 2 && gen_weight.size(0) == rank * rank && gen_weight.size(1) == features,
+              "gen_weight must be (k*k, p) = (", rank * rank, ", ", features, "), got ", gen_weight.sizes());
+  TORCH_CHECK(gen_bias.numel() == rank * rank && centre.numel() == features,
+              "gen_bias must have k*k elements and centre p");
+  const int64_t lead = per_domain ? 1 : 0;
+  TORCH_CHECK(down_right.dim() == 2 + lead && down_right.size(lead) == rank, "down_right must be ([D,] k, s)");
+  TORCH_CHECK(up_left.dim() == 2 + lead && up_left.size(lead) == down_right.size(lead + 1) &&
+                  up_left.size(lead + 1) == rank,
+              "up_left must be ([D,] s, k)");
+}
+
+CoreShape core_shape(const Tensor& p, const Tensor& g, const Tensor& down_right, bool per_domain) {
+  return {p.size(0), p.size(1), down_right.size(-1), g.size(1), per_domain ? down_right.size(0) : 1, per_domain};
+}
+
+// Every domain id is read before a table is indexed with it (the Python-side check may be off).
+void check_domains(const int64_t* domain, const CoreShape& shape) {
+  if (!shape.per_domain) return;
+  for (int64_t b = 0; b < shape.batch; ++b)
+    TORCH_CHECK(domain[b] >= 0 && domain[b] < shape.groups, "domain id ", domain[b], " at row ", b,
+                " is out of range for ", shape.groups, " domains");
+}
+
+// Below this many rows per thread the fork/join costs more than the rows.
+int64_t num_chunks(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / kBlockRows));
+}
+
+// fn(chunk, first_row, end_row) for contiguous, balanced row ranges, in parallel.
+// The block GEMMs are ATen ops on tensors that may require grad: run them outside autograd, in every worker
+// thread (grad mode is thread-local).
+template <typename F>
+void parallel_chunks(int64_t rows, int64_t chunks, const F& fn) {
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    at::NoGradGuard no_grad;
+    for (int64_t c = first; c < last; ++c) fn(c, rows * c / chunks, rows * (c + 1) / chunks);
+  });
+}
+
+// scratch[:end - first] = ReLU((g[first:end] - centre) W^T + c): the block's I, one row of k*k per batch row.
+Tensor generate_block(const Tensor& g, const Tensor& centre, const Tensor& gen_weight, const Tensor& gen_bias,
+                      Tensor& scratch, int64_t first, int64_t end) {
+  Tensor block = scratch.narrow(0, 0, end - first);
+  at::addmm_out(block, gen_bias, g.narrow(0, first, end - first) - centre, gen_weight.t());
+  block.clamp_min_(0);
+  return block;
+}
+
+// ------------------------------------------------------------------------------------ forward
+template <typename T>
+HAMUR_GENERATED_INLINE void core_forward_row(const CoreShape& shape, const T* __restrict rep, const T* __restrict p,
+                      const T* __restrict down_right, const T* __restrict down_bias, const T* __restrict up_left,
+                      T* __restrict saved, T* __restrict v) {
+  const int64_t k = shape.rank, s = shape.bottleneck;
+  T* q = saved + shape.q();
+  T* a = saved + shape.a();
+  T* u = saved + shape.u();
+  vec_mat(q, p, rep, k, k);
+  vec_mat(a, q, down_right, k, s);
+  for (int64_t t = 0; t < s; ++t) a[t] = T(1) / (T(1) + std::exp(-(a[t] + down_bias[t])));
+  vec_mat(u, a, up_left, s, k);
+  vec_mat(v, u, rep, k, k);
+}
+
+// Rows [first, end) of one block; rep holds the block's I, row first's at rep.
+template <typename T>
+HAMUR_GENERATED_ROWS void core_forward_rows(const CoreShape& shape, const T* rep, int64_t first, int64_t end,
+                                            const int64_t* domain, const T* p, const T* down_right,
+                                            const T* down_bias, const T* up_left, T* saved, T* v) {
+  const int64_t k = shape.rank, s = shape.bottleneck;
+  for (int64_t b = first; b < end; ++b) {
+    const int64_t d = shape.per_domain ? domain[b] : 0;
+    core_forward_row(shape, rep + (b - first) * k * k, p + b * k, down_right + d * k * s, down_bias + d * s,
+                     up_left + d * s * k, saved + b * shape.stride(), v + b * k);
+  }
+}
+
+std::tuple<Tensor, Tensor> generated_core_forward_cpu(const Tensor& p_in, const Tensor& g_in, const Tensor& centre_in,
+                                                      const Tensor& gen_weight_in, const Tensor& gen_bias_in,
+                                                      const Tensor& domain_in, const Tensor& down_right_in,
+                                                      const Tensor& down_bias_in, const Tensor& up_left_in,
+                                                      bool per_domain) {
+  check_core_inputs(p_in, g_in, centre_in, gen_weight_in, gen_bias_in, domain_in, down_right_in, up_left_in,
+                    per_domain);
+  const Tensor p = p_in.contiguous(), g = g_in.contiguous(), centre = centre_in.contiguous();
+  const Tensor gen_weight = gen_weight_in.contiguous(), gen_bias = gen_bias_in.contiguous();
+  const Tensor domain = domain_in.contiguous(), dr = down_right_in.contiguous(), ul = up_left_in.contiguous();
+  const Tensor db = down_bias_in.contiguous();
+  const CoreShape shape = core_shape(p, g, dr, per_domain);
+  TORCH_CHECK(db.numel() == shape.groups * shape.bottleneck && db.scalar_type() == p.scalar_type(),
+              "down_bias must be ([D,] s) in p's dtype");
+  const int64_t* domain_p = domain.data_ptr<int64_t>();
+  check_domains(domain_p, shape);
+  const int64_t k = shape.rank, s = shape.bottleneck;
+  Tensor v = at::empty({shape.batch, k}, p.options());
+  Tensor saved = at::empty({shape.batch, shape.stride()}, p.options());
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "generated_core_forward_cpu", [&] {
+    const scalar_t *p_p = p.data_ptr<scalar_t>(), *dr_p = dr.data_ptr<scalar_t>();
+    const scalar_t *db_p = db.data_ptr<scalar_t>(), *ul_p = ul.data_ptr<scalar_t>();
+    scalar_t *saved_p = saved.data_ptr<scalar_t>(), *v_p = v.data_ptr<scalar_t>();
+    parallel_chunks(shape.batch, num_chunks(shape.batch), [&](int64_t, int64_t first, int64_t end) {
+      Tensor scratch = at::empty({std::min(kBlockRows, end - first), k * k}, p.options());
+      for (int64_t block_first = first; block_first < end; block_first += kBlockRows) {
+        const int64_t block_end = std::min(end, block_first + kBlockRows);
+        const Tensor rep = generate_block(g, centre, gen_weight, gen_bias, scratch, block_first, block_end);
+        core_forward_rows(shape, rep.data_ptr<scalar_t>(), block_first, block_end, domain_p, p_p, dr_p, db_p, ul_p,
+                          saved_p, v_p);
+      }
+    });
+  });
+  return {v, saved};
+}
+
+// ------------------------------------------------------------------------------------ backward
+// Per-chunk accumulators of the weight gradients (summed in chunk order).
+template <typename T>
+struct CoreGrads {
+  std::vector<T> down_right, down_bias, up_left;  // ([D,] k, s), ([D,] s), ([D,] s, k)
+  Tensor gen_weight;                              // (k*k, p)
+};
+
+// One row: from grad_v forms grad_p, accumulates the factor gradients, and overwrites rep (I_b) with
+// dZ_b = (p (x) grad_q + u (x) grad_v) where I_b > 0, else 0. work: scratch of 2k + s.
+template <typename T>
+HAMUR_GENERATED_INLINE void core_backward_row(const CoreShape& shape, T* __restrict rep, const T* __restrict p, const T* __restrict saved,
+                       const T* __restrict grad_v, const T* __restrict down_right, const T* __restrict up_left,
+                       T* __restrict grad_dr, T* __restrict grad_db, T* __restrict grad_ul, T* __restrict work,
+                       T* __restrict grad_p) {
+  const int64_t k = shape.rank, s = shape.bottleneck;
+  const T* q = saved + shape.q();
+  const T* a = saved + shape.a();
+  const T* u = saved + shape.u();
+  T* grad_u = work;
+  T* grad_z = work + k;
+  T* grad_q = work + k + s;
+  mat_vec(grad_u, rep, grad_v, k, k);
+  mat_vec(grad_z, up_left, grad_u, s, k);
+  for (int64_t t = 0; t < s; ++t) grad_z[t] *= a[t] * (T(1) - a[t]);
+  mat_vec(grad_q, down_right, grad_z, k, s);
+  mat_vec(grad_p, rep, grad_q, k, k);
+  for (int64_t j = 0; j < k; ++j) axpy(grad_dr + j * s, q[j], grad_z, s);
+  axpy(grad_db, T(1), grad_z, s);
+  for (int64_t t = 0; t < s; ++t) axpy(grad_ul + t * k, a[t], grad_u, k);
+  for (int64_t i = 0; i < k; ++i) {
+    T* __restrict row = rep + i * k;
+    const T pi = p[i], ui = u[i];
+#pragma omp simd
+    for (int64_t j = 0; j < k; ++j) row[j] = row[j] > T(0) ? pi * grad_q[j] + ui * grad_v[j] : T(0);
+  }
+}
+
+// Rows [first, end) of one block; rep holds the block's I (row first's at rep), overwritten with dZ.
+template <typename T>
+HAMUR_GENERATED_ROWS void core_backward_rows(const CoreShape& shape, T* rep, int64_t first, int64_t end,
+                                             const int64_t* domain, const T* p, const T* saved, const T* grad_v,
+                                             const T* down_right, const T* up_left, CoreGrads<T>& acc, T* work,
+                                             T* grad_p) {
+  const int64_t k = shape.rank, s = shape.bottleneck;
+  for (int64_t b = first; b < end; ++b) {
+    const int64_t d = shape.per_domain ? domain[b] : 0;
+    core_backward_row(shape, rep + (b - first) * k * k, p + b * k, saved + b * shape.stride(), grad_v + b * k,
+                      down_right + d * k * s, up_left + d * s * k, acc.down_right.data() + d * k * s,
+                      acc.down_bias.data() + d * s, acc.up_left.data() + d * s * k, work, grad_p + b * k);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> generated_core_backward_cpu(
+    const Tensor& grad_v_in, const Tensor& p_in, const Tensor& saved_in, const Tensor& g_in, const Tensor& centre_in,
+    const Tensor& gen_weight_in, const Tensor& gen_bias_in, const Tensor& domain_in, const Tensor& down_right_in,
+    const Tensor& up_left_in, bool per_domain) {
+  check_core_inputs(p_in, g_in, centre_in, gen_weight_in, gen_bias_in, domain_in, down_right_in, up_left_in,
+                    per_domain);
+  const Tensor grad_v = grad_v_in.contiguous(), p = p_in.contiguous(), saved = saved_in.contiguous();
+  const Tensor g = g_in.contiguous(), centre = centre_in.contiguous(), gen_weight = gen_weight_in.contiguous();
+  const Tensor gen_bias = gen_bias_in.contiguous(), domain = domain_in.contiguous();
+  const Tensor dr = down_right_in.contiguous(), ul = up_left_in.contiguous();
+  const CoreShape shape = core_shape(p, g, dr, per_domain);
+  const int64_t k = shape.rank, s = shape.bottleneck, kk = k * k;
+  TORCH_CHECK(grad_v.sizes() == p.sizes() && grad_v.scalar_type() == p.scalar_type(), "grad_v must be like p");
+  TORCH_CHECK(saved.dim() == 2 && saved.size(0) == shape.batch && saved.size(1) == shape.stride() &&
+                  saved.scalar_type() == p.scalar_type(),
+              "saved must be (B, 2k + s) as the forward returned it");
+  const int64_t* domain_p = domain.data_ptr<int64_t>();
+  check_domains(domain_p, shape);
+  Tensor grad_p = at::empty_like(p), grad_g = at::empty_like(g);
+  Tensor grad_dr = at::empty_like(dr), grad_ul = at::empty_like(ul);
+  Tensor grad_db = per_domain ? at::empty({shape.groups, s}, p.options()) : at::empty({s}, p.options());
+  Tensor grad_gen_weight = at::zeros_like(gen_weight), grad_gen_bias = at::zeros({kk}, p.options());
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "generated_core_backward_cpu", [&] {
+    const int64_t chunks = num_chunks(shape.batch);
+    std::vector<CoreGrads<scalar_t>> partial(chunks);
+    std::vector<Tensor> partial_gen_bias(chunks);
+    const scalar_t *p_p = p.data_ptr<scalar_t>(), *saved_p = saved.data_ptr<scalar_t>();
+    const scalar_t *grad_v_p = grad_v.data_ptr<scalar_t>(), *dr_p = dr.data_ptr<scalar_t>();
+    const scalar_t* ul_p = ul.data_ptr<scalar_t>();
+    scalar_t* grad_p_p = grad_p.data_ptr<scalar_t>();
+    parallel_chunks(shape.batch, chunks, [&](int64_t c, int64_t first, int64_t end) {
+      CoreGrads<scalar_t>& acc = partial[c];
+      acc.down_right.assign(shape.groups * k * s, scalar_t(0));
+      acc.down_bias.assign(shape.groups * s, scalar_t(0));
+      acc.up_left.assign(shape.groups * s * k, scalar_t(0));
+      acc.gen_weight = at::zeros_like(gen_weight);
+      partial_gen_bias[c] = at::zeros({kk}, p.options());
+      std::vector<scalar_t> work(2 * k + s);
+      Tensor scratch = at::empty({std::min(kBlockRows, end - first), kk}, p.options());
+      for (int64_t block_first = first; block_first < end; block_first += kBlockRows) {
+        const int64_t block_end = std::min(end, block_first + kBlockRows), rows = block_end - block_first;
+        Tensor dz = generate_block(g, centre, gen_weight, gen_bias, scratch, block_first, block_end);
+        core_backward_rows(shape, dz.data_ptr<scalar_t>(), block_first, block_end, domain_p, p_p, saved_p, grad_v_p,
+                           dr_p, ul_p, acc, work.data(), grad_p_p);
+        // The generator's gradients of the block, from dZ (rows, k*k) now in the scratch.
+        Tensor grad_g_block = grad_g.narrow(0, block_first, rows);
+        at::mm_out(grad_g_block, dz, gen_weight);
+        acc.gen_weight.addmm_(dz.t(), g.narrow(0, block_first, rows) - centre);
+        partial_gen_bias[c].add_(dz.sum(0));
+      }
+    });
+    at::NoGradGuard no_grad;
+    std::vector<scalar_t> sum_dr(shape.groups * k * s, 0), sum_db(shape.groups * s, 0), sum_ul(shape.groups * s * k, 0);
+    for (int64_t c = 0; c < chunks; ++c) {  // chunk order: independent of scheduling
+      for (size_t i = 0; i < sum_dr.size(); ++i) sum_dr[i] += partial[c].down_right[i];
+      for (size_t i = 0; i < sum_db.size(); ++i) sum_db[i] += partial[c].down_bias[i];
+      for (size_t i = 0; i < sum_ul.size(); ++i) sum_ul[i] += partial[c].up_left[i];
+      grad_gen_weight.add_(partial[c].gen_weight);
+      grad_gen_bias.add_(partial_gen_bias[c]);
+    }
+    std::copy(sum_dr.begin(), sum_dr.end(), grad_dr.data_ptr<scalar_t>());
+    std::copy(sum_db.begin(), sum_db.end(), grad_db.data_ptr<scalar_t>());
+    std::copy(sum_ul.begin(), sum_ul.end(), grad_ul.data_ptr<scalar_t>());
+  });
+  // Z = (g - centre) W^T + c: the centre's gradient is minus the sum of g's.
+  at::NoGradGuard no_grad;
+  Tensor grad_centre = -grad_g.sum(0);
+  return {grad_p, grad_g, grad_centre, grad_gen_weight, grad_gen_bias, grad_dr, grad_db, grad_ul};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(hamur_fast, m) {
+  // Fusion level 2's rank-k core (csrc/cpu/generated_cpu.cpp): v and saved = [q | a | u] (B, 2k + s) from
+  // p = x DL and I_b = ReLU((g_b - centre) gen_weight^T + gen_bias) generated inside; per_domain as in ops.cpp.
+  m.def(
+      "compiled_generated_core_forward(Tensor p, Tensor g, Tensor centre, Tensor gen_weight, Tensor gen_bias, "
+      "Tensor domain, Tensor down_right, Tensor down_bias, Tensor up_left, bool per_domain) -> "
+      "(Tensor v, Tensor saved)");
+  m.def(
+      "compiled_generated_core_backward(Tensor grad_v, Tensor p, Tensor saved, Tensor g, Tensor centre, "
+      "Tensor gen_weight, Tensor gen_bias, Tensor domain, Tensor down_right, Tensor up_left, bool per_domain) -> "
+      "(Tensor grad_p, Tensor grad_g, Tensor grad_centre, Tensor grad_gen_weight, Tensor grad_gen_bias, "
+      "Tensor grad_down_right, Tensor grad_down_bias, Tensor grad_up_left)");
+}
+
+TORCH_LIBRARY_IMPL(hamur_fast, CPU, m) {
+  m.impl("compiled_generated_core_forward", &generated_core_forward_cpu);
+  m.impl("compiled_generated_core_backward", &generated_core_backward_cpu);
+}
+
+}  // namespace hamur_fast
