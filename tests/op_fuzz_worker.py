@@ -67,6 +67,24 @@ def compiled_cases():
                        torch.randn(*mean.shape), per_domain, not per_domain)))
     x, rep, domain, params = base(True)
     cases.append(("compiled_cell_infer", ops.compiled_cell_infer, (x, rep, domain, *params, *running(), EPS)))
+    return cases + generated_core_cases()
+
+
+def generated_core_cases():
+    """Fusion level 2's rank-k core (csrc/cpu/generated_cpu.cpp): p (B, k), the generator's g (B, P), centre,
+    W' (k*k, P) and c' (k*k,), and the per-domain (paper) or shared (released) factors DR, db, UL."""
+    cases = []
+    for per_domain in (True, False):
+        mode = "paper" if per_domain else "released"
+        lead = (D,) if per_domain else ()
+        p, g, domain = torch.randn(B, K), torch.randn(B, P), torch.arange(B) % D
+        generator = (g, torch.randn(P), torch.randn(K * K, P) * 0.3, torch.randn(K * K) * 0.3)
+        down_right, down_bias, up_left = torch.randn(*lead, K, S), torch.randn(*lead, S), torch.randn(*lead, S, K)
+        fwd = (p, *generator, domain, down_right, down_bias, up_left, per_domain)
+        cases.append((f"compiled_generated_core_forward[{mode}]", ops.compiled_generated_core_forward, fwd))
+        _v, saved = ops.compiled_generated_core_forward(*fwd)
+        cases.append((f"compiled_generated_core_backward[{mode}]", ops.compiled_generated_core_backward,
+                      (torch.randn(B, K), p, saved, *generator, domain, down_right, up_left, per_domain)))
     return cases
 
 

@@ -11,61 +11,19 @@
 // the gradient of the pre-activation (dZ_b = dI_b where I_b > 0, else 0), and the block's generator gradients
 // are two GEMMs on the scratch: grad_g = dZ W and grad_W += dZ^T (g - centre). Per-thread chunks accumulate
 // the weight gradients and are summed in chunk order, so results do not depend on scheduling.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
-#include <algorithm>
-#include <cmath>
-#include <vector>
-
-// The row passes are compiled for AVX-512, AVX2 + FMA and baseline x86-64 and the loader picks what this CPU
-// runs (GCC function multi-versioning, as in adapter_cpu.cpp); the per-row helpers are forced inline so that
-// they take the caller's ISA.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define HAMUR_GENERATED_ROWS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define HAMUR_GENERATED_ROWS
-#endif
-#define HAMUR_GENERATED_INLINE inline __attribute__((always_inline))
+#include "cpu_primitives.h"
 
 namespace hamur_fast {
 namespace {
 
 using at::Tensor;
+// adapter_cpu.cpp's vector loops (and its target_clones row passes, HAMUR_ROW_PASS / HAMUR_INLINE).
+using cpu::axpy;
+using cpu::dot;
+using cpu::mat_vec;
+using cpu::vec_mat;
 
 constexpr int64_t kBlockRows = 64;  // rows per generated block: the scratch is (64, k*k) whatever B is
-
-// ------------------------------------------------------------------------------------ small vector loops
-// axpy and dot are copies of adapter_cpu.cpp's (its helpers sit in an anonymous namespace of a file being split
-// into several, issue 24): once they live in a shared header, include it instead.
-template <typename T>
-HAMUR_GENERATED_INLINE void axpy(T* __restrict out, T alpha, const T* __restrict v, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) out[j] += alpha * v[j];
-}
-
-template <typename T>
-HAMUR_GENERATED_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
-  return acc;
-}
-
-// out (n) = v (m) . M (m, n), M row-major.
-template <typename T>
-HAMUR_GENERATED_INLINE void vec_mat(T* __restrict out, const T* __restrict v, const T* __restrict M, int64_t m, int64_t n) {
-  std::fill(out, out + n, T(0));
-  for (int64_t i = 0; i < m; ++i) axpy(out, v[i], M + i * n, n);
-}
-
-// out (m) = M (m, n) . v (n).
-template <typename T>
-HAMUR_GENERATED_INLINE void mat_vec(T* __restrict out, const T* __restrict M, const T* __restrict v, int64_t m, int64_t n) {
-  for (int64_t i = 0; i < m; ++i) out[i] = dot(M + i * n, v, n);
-}
 
 // ------------------------------------------------------------------------------------ shapes
 struct CoreShape {
@@ -142,7 +100,7 @@ Tensor generate_block(const Tensor& g, const Tensor& centre, const Tensor& gen_w
 
 // ------------------------------------------------------------------------------------ forward
 template <typename T>
-HAMUR_GENERATED_INLINE void core_forward_row(const CoreShape& shape, const T* __restrict rep, const T* __restrict p,
+HAMUR_INLINE void core_forward_row(const CoreShape& shape, const T* __restrict rep, const T* __restrict p,
                       const T* __restrict down_right, const T* __restrict down_bias, const T* __restrict up_left,
                       T* __restrict saved, T* __restrict v) {
   const int64_t k = shape.rank, s = shape.bottleneck;
@@ -158,7 +116,7 @@ HAMUR_GENERATED_INLINE void core_forward_row(const CoreShape& shape, const T* __
 
 // Rows [first, end) of one block; rep holds the block's I, row first's at rep.
 template <typename T>
-HAMUR_GENERATED_ROWS void core_forward_rows(const CoreShape& shape, const T* rep, int64_t first, int64_t end,
+HAMUR_ROW_PASS void core_forward_rows(const CoreShape& shape, const T* rep, int64_t first, int64_t end,
                                             const int64_t* domain, const T* p, const T* down_right,
                                             const T* down_bias, const T* up_left, T* saved, T* v) {
   const int64_t k = shape.rank, s = shape.bottleneck;
@@ -216,7 +174,7 @@ struct CoreGrads {
 // One row: from grad_v forms grad_p, accumulates the factor gradients, and overwrites rep (I_b) with
 // dZ_b = (p (x) grad_q + u (x) grad_v) where I_b > 0, else 0. work: scratch of 2k + s.
 template <typename T>
-HAMUR_GENERATED_INLINE void core_backward_row(const CoreShape& shape, T* __restrict rep, const T* __restrict p, const T* __restrict saved,
+HAMUR_INLINE void core_backward_row(const CoreShape& shape, T* __restrict rep, const T* __restrict p, const T* __restrict saved,
                        const T* __restrict grad_v, const T* __restrict down_right, const T* __restrict up_left,
                        T* __restrict grad_dr, T* __restrict grad_db, T* __restrict grad_ul, T* __restrict work,
                        T* __restrict grad_p) {
@@ -245,7 +203,7 @@ HAMUR_GENERATED_INLINE void core_backward_row(const CoreShape& shape, T* __restr
 
 // Rows [first, end) of one block; rep holds the block's I (row first's at rep), overwritten with dZ.
 template <typename T>
-HAMUR_GENERATED_ROWS void core_backward_rows(const CoreShape& shape, T* rep, int64_t first, int64_t end,
+HAMUR_ROW_PASS void core_backward_rows(const CoreShape& shape, T* rep, int64_t first, int64_t end,
                                              const int64_t* domain, const T* p, const T* saved, const T* grad_v,
                                              const T* down_right, const T* up_left, CoreGrads<T>& acc, T* work,
                                              T* grad_p) {
