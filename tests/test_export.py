@@ -254,7 +254,8 @@ def test_an_edited_model_json_raises_instead_of_reading_past_buffers(tmp_path, e
     import sys
     from pathlib import Path
 
-    path = export_model(hamur(backend="cpu"), *inputs(4), tmp_path / "model.pt2")
+    # Level 1 (fusion level 2 exports the generated core instead): the graph holds compiled_cell_infer.
+    path = export_model(hamur(backend="cpu", fused_generation=False), *inputs(4), tmp_path / "model.pt2")
     crafted = _rewritten(path, tmp_path / "edited.pt2", lambda name, data: _edited_program(name, data, edit))
     script = (f"import torch, hamur_fast as hf\n"
               f"module = hf.inference.load_exported({str(crafted)!r})\n"

@@ -62,7 +62,7 @@ def test_unknown_name_lists_the_available_ones():
 def test_unknown_or_contradicting_keywords_are_rejected():
     with pytest.raises(ValueError, match=r"'mmoe' takes no argument\(s\) \['depth'\]; accepted: \['num_experts'"):
         hf.models.build("mmoe", INPUT_DIM, NUM_DOMAINS, depth=3)
-    with pytest.raises(ValueError, match=r"unknown size argument\(s\) \['depth'\]"):
+    with pytest.raises(ValueError, match=r"'hamur_mlp' takes no argument\(s\) \['depth'\]; accepted: \['backbone'"):
         hf.models.build("hamur_mlp", INPUT_DIM, NUM_DOMAINS, depth=3)
     with pytest.raises(ValueError, match=r"'mlp' fixes \['use_adapter'\]"):
         hf.models.build("mlp", INPUT_DIM, NUM_DOMAINS, use_adapter=True)

@@ -108,8 +108,8 @@ def test_adasparse_reports_its_regulariser_in_training_only():
     off = _adasparse(target_sparsity=None).train()
     off(e, domain)
     assert off.auxiliary_losses() == {}
-    for bad, message in [(dict(target_sparsity=1.0), "target_sparsity must be in"),
-                         (dict(sparsity_weight=-1.0), "sparsity_weight must be >= 0")]:
+    for bad, message in [(dict(target_sparsity=1.0), "target_sparsity must satisfy 0 <= target_sparsity < 1"),
+                         (dict(sparsity_weight=-1.0), "sparsity_weight must be a finite number >= 0")]:
         with pytest.raises(ValueError, match=message):
             _adasparse(**bad)
 

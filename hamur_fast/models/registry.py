@@ -78,7 +78,8 @@ def check_arguments(name: str, kwargs: dict) -> None:
 _AT_LEAST_ONE = {"rank", "bottleneck", "attention_dim", "domain_embed_dim", "expert_dim", "generator_hidden",
                  "knowledge_dim", "num_clusters", "num_experts", "overparam_dim", "task_embed_dim", "tower_layers"}
 _AT_LEAST_ZERO = {"wide_dim", "cross_layers", "shared_experts", "specific_experts"}
-_FRACTIONS = {"dropout": (0.0, 1.0, "0 <= {} < 1"), "target_sparsity": (0.0, 1.0 + 1e-12, "0 <= {} <= 1")}
+_FRACTIONS = {"dropout": (0.0, 1.0, "0 <= {} < 1"), "target_sparsity": (0.0, 1.0, "0 <= {} < 1")}
+_MAY_BE_NONE = {"target_sparsity"}  # None switches AdaSparse's regulariser off
 _NON_NEGATIVE = {"alpha", "beta", "epsilon", "sparsity_tolerance", "sparsity_weight"}
 _POSITIVE = {"eps"}
 
@@ -97,6 +98,8 @@ def check_range(label: str, key: str, value) -> None:
         raise ValueError(f"{label} must be a whole number >= 1, got {_checks.shown(value)}")
     if key in _AT_LEAST_ZERO and not whole(value, 0):
         raise ValueError(f"{label} must be a whole number >= 0, got {_checks.shown(value)}")
+    if key in _MAY_BE_NONE and value is None:
+        return
     if key in _FRACTIONS:
         low, high, rule = _FRACTIONS[key]
         if not (number(value) and low <= value < high):
