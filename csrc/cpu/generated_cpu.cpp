@@ -36,31 +36,6 @@ struct CoreShape {
   int64_t u() const { return rank + bottleneck; }
 };
 
-void check_core_inputs(const Tensor& p, const Tensor& g, const Tensor& centre, const Tensor& gen_weight,
-                       const Tensor& gen_bias, const Tensor& domain, const Tensor& down_right, const Tensor& up_left,
-                       bool per_domain) {
-  TORCH_CHECK(p.device().is_cpu(), "hamur_fast CPU kernel got a tensor on ", p.device());
-  TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble,
-              "hamur_fast CPU kernels take float32 or float64, got ", p.scalar_type());
-  for (const Tensor* t : {&g, &centre, &gen_weight, &gen_bias, &down_right, &up_left})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == p.scalar_type(),
-                "compiled_generated_core: every tensor must be on the CPU in p's dtype");
-  TORCH_CHECK(domain.scalar_type() == at::kLong, "domain must be int64, got ", domain.scalar_type());
-  const int64_t batch = p.size(0), rank = p.dim() == 2 ? p.size(1) : -1;
-  TORCH_CHECK(p.dim() == 2 && g.dim() == 2 && g.size(0) == batch && domain.dim() == 1 && domain.size(0) == batch,
-              "p (B, k), g (B, p) and domain (B,) must share the batch");
-  const int64_t features = g.size(1);
-  TORCH_CHECK(gen_weight.dim() == 2 && gen_weight.size(0) == rank * rank && gen_weight.size(1) == features,
-              "gen_weight must be (k*k, p) = (", rank * rank, ", ", features, "), got ", gen_weight.sizes());
-  TORCH_CHECK(gen_bias.numel() == rank * rank && centre.numel() == features,
-              "gen_bias must have k*k elements and centre p");
-  const int64_t lead = per_domain ? 1 : 0;
-  TORCH_CHECK(down_right.dim() == 2 + lead && down_right.size(lead) == rank, "down_right must be ([D,] k, s)");
-  TORCH_CHECK(up_left.dim() == 2 + lead && up_left.size(lead) == down_right.size(lead + 1) &&
-                  up_left.size(lead + 1) == rank,
-              "up_left must be ([D,] s, k)");
-}
-
 CoreShape core_shape(const Tensor& p, const Tensor& g, const Tensor& down_right, bool per_domain) {
   return {p.size(0), p.size(1), down_right.size(-1), g.size(1), per_domain ? down_right.size(0) : 1, per_domain};
 }
@@ -132,15 +107,13 @@ std::tuple<Tensor, Tensor> generated_core_forward_cpu(const Tensor& p_in, const 
                                                       const Tensor& domain_in, const Tensor& down_right_in,
                                                       const Tensor& down_bias_in, const Tensor& up_left_in,
                                                       bool per_domain) {
-  check_core_inputs(p_in, g_in, centre_in, gen_weight_in, gen_bias_in, domain_in, down_right_in, up_left_in,
-                    per_domain);
+  checks::compiled_generated_core_forward(c10::DeviceType::CPU, p_in, g_in, centre_in, gen_weight_in, gen_bias_in,
+                                          domain_in, down_right_in, down_bias_in, up_left_in, per_domain);
   const Tensor p = p_in.contiguous(), g = g_in.contiguous(), centre = centre_in.contiguous();
   const Tensor gen_weight = gen_weight_in.contiguous(), gen_bias = gen_bias_in.contiguous();
   const Tensor domain = domain_in.contiguous(), dr = down_right_in.contiguous(), ul = up_left_in.contiguous();
   const Tensor db = down_bias_in.contiguous();
   const CoreShape shape = core_shape(p, g, dr, per_domain);
-  TORCH_CHECK(db.numel() == shape.groups * shape.bottleneck && db.scalar_type() == p.scalar_type(),
-              "down_bias must be ([D,] s) in p's dtype");
   const int64_t* domain_p = domain.data_ptr<int64_t>();
   check_domains(domain_p, shape);
   const int64_t k = shape.rank, s = shape.bottleneck;
@@ -220,18 +193,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gener
     const Tensor& grad_v_in, const Tensor& p_in, const Tensor& saved_in, const Tensor& g_in, const Tensor& centre_in,
     const Tensor& gen_weight_in, const Tensor& gen_bias_in, const Tensor& domain_in, const Tensor& down_right_in,
     const Tensor& up_left_in, bool per_domain) {
-  check_core_inputs(p_in, g_in, centre_in, gen_weight_in, gen_bias_in, domain_in, down_right_in, up_left_in,
-                    per_domain);
+  checks::compiled_generated_core_backward(c10::DeviceType::CPU, grad_v_in, p_in, saved_in, g_in, centre_in,
+                                           gen_weight_in, gen_bias_in, domain_in, down_right_in, up_left_in,
+                                           per_domain);
   const Tensor grad_v = grad_v_in.contiguous(), p = p_in.contiguous(), saved = saved_in.contiguous();
   const Tensor g = g_in.contiguous(), centre = centre_in.contiguous(), gen_weight = gen_weight_in.contiguous();
   const Tensor gen_bias = gen_bias_in.contiguous(), domain = domain_in.contiguous();
   const Tensor dr = down_right_in.contiguous(), ul = up_left_in.contiguous();
   const CoreShape shape = core_shape(p, g, dr, per_domain);
   const int64_t k = shape.rank, s = shape.bottleneck, kk = k * k;
-  TORCH_CHECK(grad_v.sizes() == p.sizes() && grad_v.scalar_type() == p.scalar_type(), "grad_v must be like p");
-  TORCH_CHECK(saved.dim() == 2 && saved.size(0) == shape.batch && saved.size(1) == shape.stride() &&
-                  saved.scalar_type() == p.scalar_type(),
-              "saved must be (B, 2k + s) as the forward returned it");
   const int64_t* domain_p = domain.data_ptr<int64_t>();
   check_domains(domain_p, shape);
   Tensor grad_p = at::empty_like(p), grad_g = at::empty_like(g);
