@@ -20,11 +20,14 @@ import torch
 
 from hamur_fast.cli import main
 from hamur_fast.data.movielens import add_derived_columns
-from hamur_fast.inference import export_serving, load_serving
+from hamur_fast.inference import export_serving, fold_for_inference, load_serving
+from hamur_fast.inference.domain_sorted import DomainSortedHAMUR, domain_sorted
 from hamur_fast.inference.serving import serving_model
 from hamur_fast.train import load_trained, train_run
 
 from data_files import write_aliccp, write_merged_csv
+from helpers import rel_err
+from test_inference import DOMAINS, hamur, inputs
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = 1000
@@ -215,3 +218,47 @@ def test_a_domain_column_that_is_also_a_sparse_field(tmp_path):
     expected = scored(["--checkpoint", str(checkpoint), "--input", str(test)], tmp_path / "checkpoint.csv")
     through = scored(["--model", str(tmp_path / "m.pt2"), "--input", str(test)], tmp_path / "model.csv")
     assert_close(through["probability"], expected["probability"], "Ali-CCP layout, .pt2")
+
+
+# ----------------------------------------------------------------------------- the domain-sorted CPU form
+def domain_mixes(e, domain):
+    """(e, domain) pairs whose segments differ: all domains, one row, one domain only, a domain missing."""
+    yield e, domain
+    yield e[:1], domain[:1]
+    yield e[:9], torch.full((9,), DOMAINS - 1)
+    yield e, torch.where(domain == 1, 0, domain)
+
+
+@pytest.mark.parametrize("config", [{}, {"hyper": "static"}, {"use_adapter": False}, {"tower_norm": "none"},
+                                    {"adapter_after": [0, 1]}], ids=str)
+def test_the_domain_sorted_form_scores_each_row_as_the_folded_model(config):
+    """float64: the sorted form re-orders exact arithmetic only (rank 5: the generator's 25 columns are padded)."""
+    folded = fold_for_inference(hamur(backend="torch", **config).double())
+    sorted_form = domain_sorted(folded)
+    assert isinstance(sorted_form, DomainSortedHAMUR)
+    e, domain = inputs(40, seed=2)
+    with torch.no_grad():
+        for e_mix, domain_mix in domain_mixes(e.double(), domain):
+            assert rel_err(sorted_form(e_mix, domain_mix), folded(e_mix, domain_mix)) <= 1e-12
+
+
+def test_the_exported_domain_sorted_form_holds_for_any_mix_of_domains():
+    """The segment sizes are data-dependent in the graph: one export serves every mix; an unknown id scores NaN."""
+    folded = fold_for_inference(hamur(backend="torch"))
+    sorted_form = domain_sorted(folded)
+    e, domain = inputs(40, seed=3)
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(sorted_form, (e[:8], domain[:8]), dynamic_shapes=({0: batch}, {0: batch})).module()
+    with torch.no_grad():
+        for e_mix, domain_mix in domain_mixes(e, domain):
+            assert rel_err(program(e_mix, domain_mix), folded(e_mix, domain_mix)) <= 1e-6
+        unknown = domain.clone()
+        unknown[[0, 5]] = torch.tensor([-1, DOMAINS])
+        scored = program(e, unknown)
+    assert scored[[0, 5]].isnan().all() and rel_err(scored[1:5], folded(e[1:5], domain[1:5])) <= 1e-6
+
+
+@pytest.mark.parametrize("config", [{"mode": "released"}, {"tower_norm": "layer"}, {"norm": "layer"},
+                                    {"backbone": "dcn"}], ids=str)
+def test_models_outside_the_domain_sorted_form_export_as_they_are(config):
+    assert domain_sorted(fold_for_inference(hamur(backend="torch", **config))) is None

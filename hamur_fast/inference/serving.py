@@ -25,7 +25,9 @@ Formats: ``pt2`` (an ``ExportedProgram``, loaded safely by :func:`~hamur_fast.in
 ``aoti`` (an AOTInductor package: compiled C++ in a zip, loaded by ``torch._inductor.aoti_load_package`` or
 ``torch::inductor::AOTIModelPackageLoader``; loading it runs native code, so load only packages you built
 or trust). Both are exported with ``backend="torch"``: eval is row-independent in paper mode and folds to
-plain ATen ops, so no hamur_fast custom op is left in the graph and a runner needs only libtorch.
+plain ATen ops, so no hamur_fast custom op is left in the graph and a runner needs only libtorch. For the
+CPU, a paper-mode HAMUR-MLP is exported in the domain-sorted form of :mod:`hamur_fast.inference.domain_sorted`
+(one GEMM per domain and layer on that domain's rows, not every domain's weights against every row).
 Released mode standardises DomainNorm over the whole batch even in eval: it exports to ``pt2`` (valid from
 B = 2 rows) but is refused for ``aoti``, whose packages are meant for per-row serving.
 """
@@ -43,6 +45,7 @@ import torch
 from torch import nn
 
 from .export import _write_bytes, custom_ops, load_exported
+from .domain_sorted import domain_sorted
 from .folding import fold_for_inference, needs_whole_batch
 
 SERVING_FORMATS = ("pt2", "aoti")
@@ -91,13 +94,18 @@ class ServingModel(nn.Module):
 
 def serving_model(ctr_model: nn.Module, feature_map, device="cpu") -> ServingModel:
     """The eval :class:`ServingModel` of a :class:`~hamur_fast.features.CTRModel` (left untouched), in standard
-    ops (``backend="torch"`` where the model has a backend switch) and folded."""
+    ops (``backend="torch"`` where the model has a backend switch) and folded; on the CPU, a paper-mode HAMUR-MLP
+    is written with its rows sorted by domain (:mod:`hamur_fast.inference.domain_sorted`; on a GPU that form
+    would read the segment sizes back to the host on every call)."""
     core = copy.deepcopy(ctr_model.core)
     for module in core.modules():
         if hasattr(module, "backend"):
             module.backend = "torch"
     features = copy.deepcopy(ctr_model.features).to(device)
-    return ServingModel(feature_map, features, fold_for_inference(core, device)).eval()
+    folded = fold_for_inference(core, device).eval()
+    if torch.device(device).type == "cpu":
+        folded = domain_sorted(folded) or folded
+    return ServingModel(feature_map, features, folded).eval()
 
 
 def serving_json(feature_map, device="cpu") -> str:
