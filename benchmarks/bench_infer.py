@@ -18,7 +18,8 @@ Providers:
   batch bucket, the inputs padded to the next bucket);
 - "pt2 program", "AOTI python", "AOTI C++": the whole CTR model of the same weights exported by
   hamur_fast.inference.export_serving (feature ids, raw dense values and domain in: these also gather the
-  embeddings and scale the dense values, which the three above receive done); the .pt2 loaded with
+  embeddings and scale the dense values, which the three above receive done; on the CPU the model inside is
+  the domain-sorted form of hamur_fast/inference/domain_sorted.py, standard ops only); the .pt2 loaded with
   load_serving, the AOTInductor package with load_serving (Python) and with examples/serve_cpp's timing mode
   (C++: its own process, so its calls do not take turns with the others'; same rows, same thread count).
 Concurrency: rows/s of 1, 2 and 4 threads sharing one Predictor / one AOTInductor package, each calling
