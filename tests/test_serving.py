@@ -101,6 +101,8 @@ def assert_close(actual, expected, what):
 
 def test_every_runner_scores_the_raw_rows_alike(trained, artifacts, cpp_runner, tmp_path):
     checkpoint, rows = trained
+    trainer = load_trained(checkpoint, "cpu")[0]  # its artifacts hold the domain-sorted form: this test covers it
+    assert isinstance(serving_model(trainer.model, trainer.feature_map).core, DomainSortedHAMUR)
     reference = scored(["--checkpoint", str(checkpoint), "--input", str(rows)], tmp_path / "checkpoint.csv")
     assert len(reference) == ROWS and set(reference["domain_id"]) == {0, 1, 2}
     expected = reference["probability"].to_numpy()

@@ -2,14 +2,14 @@
 
 The folded eval model (:mod:`hamur_fast.inference.folding`) routes every per-domain layer through the
 grouped per-domain GEMM, which under ``torch.export`` becomes its sync-free "stacked" form: every domain's
-weights against every row, then a gather, D times the FLOPs of each tower layer and adapter factor. A
-serving artifact compiled by AOTInductor ran that, 2-3x slower at batch 4096 than eager PyTorch.
+weights against every row, then a gather, D times the FLOPs of each tower layer and adapter factor. An
+AOTInductor package of that ran batch 4096 more slowly than the eager model (benchmarks/RESULTS.md, issue 21).
 
 :class:`DomainSortedHAMUR` computes the same function from the same folded weights, row by row:
 1. the rows are sorted by domain once (a counting sort) and the segment sizes read on the host (free on the
    CPU; ``torch.export`` keeps them as data-dependent sizes, so the graph holds for any mix of domains);
 2. the domain-shared hyper-network runs on all rows; its last layer is a GEMM whose output width k*k is
-   zero-padded to a multiple of 16 (oneDNN/MKL ran 4096 x 64 x 1225 at half the speed of x 1232 here) and
+   zero-padded to a multiple of 16 (torch's CPU GEMM ran 4096 x 64 x 1225 at half the speed of x 1232) and
    whose bias and ReLU are left to the consumers, which Inductor fuses into the per-row products;
 3. each domain's segment runs through its own tower: plain ``addmm`` with that domain's weights, the
    adapter cell as four GEMMs with that domain's factors and two per-row ``u @ I_b`` products written as a
@@ -60,6 +60,7 @@ def _plain_hyper_network(net: nn.Sequential) -> bool:
 
 
 def _no_rows(x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+    """The logits of an empty segment (torch.cond's other branch)."""
     return x.new_zeros(x.shape[0])
 
 
