@@ -197,8 +197,12 @@ def calls_for(batch, args):
 def rows_per_second(fn, inputs, callers: int, seconds: float) -> float:
     """Rows/s of ``callers`` threads calling ``fn`` on ``inputs`` (each its own copy) for ``seconds``."""
     done, stop = [0] * callers, threading.Event()
+    threads_each = torch.get_num_threads()
 
     def caller(i, own):
+        # OpenMP's thread count is per thread: a new thread would run its GEMMs on every core, whatever the main
+        # thread set (on busy cores, 10x slower calls).
+        torch.set_num_threads(threads_each)
         while not stop.is_set():
             fn(*own)
             done[i] += 1
