@@ -93,7 +93,7 @@ def grad_o_abs_sum(inputs, mode, upstream, training=True):
     in finite precision it is a cancelling sum, whose residue scales with this sum of absolute terms.
     """
     import hamur_fast as hf
-    from hamur_fast.ops.backends.torch import adapter_projection
+    from hamur_fast.ops.eager import adapter_projection
 
     x, rep, domain, params, stats = inputs
     o = adapter_projection(x, rep, domain, *params[:6]).detach().requires_grad_()

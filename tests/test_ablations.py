@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hamur_fast as hf
-from hamur_fast.ops.backends import torch as eager
+from hamur_fast.ops import eager
 from planted_data import INPUT_DIM, NUM_DOMAINS, planted_data, shared_linear_auc, train_and_auc
 
 SMALL = dict(dims=[24, 11], rank=5, hyper_dims=[7], bottleneck=6, backend="torch")

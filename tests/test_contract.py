@@ -9,7 +9,7 @@ import torch
 
 import hamur_fast as hf
 from hamur_fast.ops import contract, registry
-from hamur_fast.ops.backends import torch as torch_backend
+from hamur_fast.ops import eager as torch_backend
 from hamur_fast.ops.contract import Backend, Capabilities, GroupStats, make_plan
 from helpers import cell_inputs, fp32_bound, rel_err
 

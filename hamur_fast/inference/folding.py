@@ -26,7 +26,7 @@ from ..models.backbones import DomainTowers, SharedMLP
 from ..models.blocks import MLP
 from ..nn import DomainNorm, HyperAdapter, HyperNetwork
 from ..ops import generated
-from ..ops.backends.torch import adapter_projection
+from ..ops.eager import adapter_projection
 from ..ops.registry import resolve
 
 

@@ -8,9 +8,9 @@ from torch import nn
 import torch.nn.functional as F
 
 from .. import _checks, ops
-from ..distributed.statistics import active_group, batch_norm
+from ..ops.collectives import active_group, batch_norm
 from ..ops import generated
-from ..ops.backends.torch import adapter_projection
+from ..ops.eager import adapter_projection
 from ..ops.registry import check_backend_name, resolve
 
 # Normalisations the adapter cell can apply to its output (the "norm" ablation of HAMUR).

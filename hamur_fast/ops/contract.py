@@ -19,7 +19,7 @@ as (count, mean, M2): the form Chan's parallel formula merges exactly, which is 
 collective exchanges between a backend's statistics pass and its normalise pass.
 
 The split passes of a batch-statistics normalisation (:class:`NormPasses`, ``Backend.norm_passes``): what a
-data-parallel step runs with a collective between them (:mod:`hamur_fast.distributed.statistics`: statistics
+data-parallel step runs with a collective between them (:mod:`hamur_fast.ops.collectives`: statistics
 -> all_gather + Chan merge -> normalise; grad_sums -> all_reduce -> input_grad). ``groups`` is the (B,) int64
 statistics group of each row (paper mode: the domain), or None for one group of all rows (released mode,
 BatchNorm); the per-group tables are (G, h) (released mode's (h,) weight is passed as (1, h)); statistics come

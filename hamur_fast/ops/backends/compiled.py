@@ -22,7 +22,7 @@ import torch
 importlib.import_module("hamur_fast._C")
 from ..contract import FLOAT_DTYPES, Backend, Capabilities, GroupStats, NormPasses
 from ..registry import record_unavailable, register_backend
-from . import torch as torch_backend
+from .. import eager
 
 ops = torch.ops.hamur_fast
 _stale = [name for name in ("compiled_norm_statistics", "compiled_norm_normalise", "compiled_norm_input_grad")
@@ -246,7 +246,7 @@ if has_kernel("CUDA"):
     # The split passes have CPU kernels only: on CUDA this backend's data-parallel normalisation runs the torch
     # backend's passes (between the same collectives).
     register_backend(Backend("cuda", hyper_adapter, domain_norm, _capabilities("cuda", {}),
-                             norm_passes=torch_backend.NORM_PASSES))
+                             norm_passes=eager.NORM_PASSES))
 else:
     record_unavailable("cuda", "the extension hamur_fast._C was built without CUDA kernels (no CUDA torch or no "
                                "matching nvcc at build time)")

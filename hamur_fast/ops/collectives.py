@@ -28,11 +28,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
-from torch import nn
 
-from ..ops.backends.torch import NORM_PASSES as TORCH_PASSES  # BatchNorm layers have no backend of their own
-from ..ops.backends.torch import adapter_projection
-from ..ops.contract import GroupStats, Plan, update_running_stats
+from .contract import GroupStats, Plan, update_running_stats
+from .eager import NORM_PASSES as EAGER_PASSES  # BatchNorm layers have no backend of their own
+from .eager import adapter_projection
 
 _ACTIVE_GROUP = None  # the process group whose ranks share batch statistics, while synchronised() is active
 _COUNTS_CACHE: dict = {}  # id(domain tensor) -> (domain, global counts), within one synchronised() block
@@ -216,7 +215,7 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if weight is None:  # affine=False: the identity affine map, whose gradients nobody reads
         weight, bias = x.new_ones(x.shape[1]), x.new_zeros(x.shape[1])
-    y, stats = synchronised_norm(x, None, 1, weight, bias, False, eps, TORCH_PASSES, group)
+    y, stats = synchronised_norm(x, None, 1, weight, bias, False, eps, EAGER_PASSES, group)
     if running_mean is not None:  # one group: the running statistics seen as (1, C)
         update_running_stats(running_mean.view(1, -1), running_var.view(1, -1), stats, momentum)
     return y
@@ -237,44 +236,3 @@ def mean_and_covariance(x: torch.Tensor):
     mean = dist_nn.all_reduce(x.sum(dim=0), group=group) / count
     centred = x - mean
     return count, mean, dist_nn.all_reduce(centred.t() @ centred, group=group) / count
-
-
-class SyncBatchNorm1d(nn.BatchNorm1d):
-    """``BatchNorm1d`` whose training statistics span every rank while :func:`synchronised` is active.
-
-    ``updates_per_step`` keeps the hyper-network's released-mode behaviour (running statistics advanced
-    D times per step: one update with momentum ``1 - (1 - m)^D``, see ``RepeatedUpdateBatchNorm1d``).
-    Parameters, buffers and state_dict keys are those of the ``BatchNorm1d`` it replaces."""
-
-    updates_per_step = 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        self._check_input_dim(x)
-        self.num_batches_tracked.add_(self.updates_per_step)
-        if self.momentum is None:  # cumulative moving average, as BatchNorm1d(momentum=None)
-            momentum = 1.0 / float(self.num_batches_tracked)
-        elif self.updates_per_step == 1:
-            momentum = self.momentum
-        else:
-            momentum = 1.0 - (1.0 - self.momentum) ** self.updates_per_step
-        return batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps)
-
-
-def convert_batch_norms(module: nn.Module) -> nn.Module:
-    """Replace every ``nn.BatchNorm1d`` inside ``module`` (in place) by a :class:`SyncBatchNorm1d` sharing
-    its parameters and buffers; returns ``module`` (or the replacement, if ``module`` itself is one)."""
-    if isinstance(module, nn.BatchNorm1d) and not isinstance(module, SyncBatchNorm1d):
-        converted = SyncBatchNorm1d(module.num_features, module.eps, module.momentum, module.affine,
-                                    module.track_running_stats)
-        converted.updates_per_step = getattr(module, "updates_per_step", 1)
-        converted.__dict__["_parameters"] = module._parameters
-        converted.__dict__["_buffers"] = module._buffers
-        converted.train(module.training)
-        return converted
-    for name, child in module.named_children():
-        replacement = convert_batch_norms(child)
-        if replacement is not child:
-            setattr(module, name, replacement)
-    return module
