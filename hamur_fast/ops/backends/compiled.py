@@ -13,13 +13,13 @@ compiled_norm_normalise, the group sums of compiled_norm_backward and compiled_n
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-# Registers torch.ops.hamur_fast.compiled_*. Not `from ... import _C`: where the extension is not built, that form
-# raises an ImportError naming the package, which backends/__init__.py could not tell from a real bug.
-importlib.import_module("hamur_fast._C")
+from ..._layout import import_compiled_core
+
+# Registers torch.ops.hamur_fast.compiled_*; where this checkout has no build, an ImportError naming hamur_fast._C,
+# which backends/__init__.py records as the reason "cpu" and "cuda" are unavailable.
+import_compiled_core()
 from ..contract import FLOAT_DTYPES, Backend, Capabilities, GroupStats, NormPasses
 from ..registry import record_unavailable, register_backend
 from .. import eager
