@@ -93,28 +93,29 @@ def triton_cases():
     for per_domain in (True, False):
         mode = "paper" if per_domain else "released"
         x, rep, domain, params = base(per_domain)
-        fwd = (x, rep, domain, *params, None, None, True, EPS)
+        flags = (per_domain, True, not per_domain, EPS)  # the plan: per_domain, batch_statistics, unbiased, eps
+        fwd = (x, rep, domain, *params, None, None, *flags)
         cases.append((f"triton_cell_forward[{mode}]", ops.triton_cell_forward, fwd))
         _y, q, v, order, count, mean, _m2, rstd = ops.triton_cell_forward(*fwd)
         cases.append((f"triton_cell_backward[{mode}]", ops.triton_cell_backward,
-                      (torch.randn(B, H), x, rep, domain, *params, q, v, order, count, mean, rstd, True)))
+                      (torch.randn(B, H), x, rep, domain, *params, q, v, order, count, mean, rstd, *flags)))
         g = torch.randn(B, P)
         generator = (g, torch.randn(P), torch.randn(K * K, P) * 0.3, torch.randn(K * K) * 0.3)
-        gen_fwd = (x, *generator, domain, *params, None, None, True, EPS, "ieee")
+        gen_fwd = (x, *generator, domain, *params, None, None, *flags, "ieee")
         cases.append((f"triton_generated_cell_forward[{mode}]", ops.triton_generated_cell_forward, gen_fwd))
         _y, q, v, order, count, mean, _m2, rstd = ops.triton_generated_cell_forward(*gen_fwd)
         cases.append((f"triton_generated_cell_backward[{mode}]", ops.triton_generated_cell_backward,
-                      (torch.randn(B, H), x, *generator, domain, *params, q, v, order, count, mean, rstd, True,
+                      (torch.randn(B, H), x, *generator, domain, *params, q, v, order, count, mean, rstd, *flags,
                        "ieee")))
         weight = torch.rand(D, H) + 0.5 if per_domain else torch.rand(H) + 0.5
-        norm_fwd = (x, domain, weight, torch.randn(*weight.shape), None, None, True, EPS)
+        norm_fwd = (x, domain, weight, torch.randn(*weight.shape), None, None, *flags)
         cases.append((f"triton_norm_forward[{mode}]", ops.triton_norm_forward, norm_fwd))
         _y, count, mean, _m2, rstd = ops.triton_norm_forward(*norm_fwd)
         cases.append((f"triton_norm_backward[{mode}]", ops.triton_norm_backward,
-                      (torch.randn(B, H), x, domain, weight, count, mean, rstd, True)))
+                      (torch.randn(B, H), x, domain, weight, count, mean, rstd, *flags)))
     x, rep, domain, params = base(True)
     cases.append(("triton_cell_forward[paper eval]", ops.triton_cell_forward,
-                  (x, rep, domain, *params, *running(), False, EPS)))
+                  (x, rep, domain, *params, *running(), True, False, False, EPS)))
     gl_x, gl_domain = torch.randn(B, IN), torch.arange(B) % GL_DOMAINS
     gl_weight, gl_bias = torch.randn(GL_DOMAINS, IN, OUT), torch.randn(GL_DOMAINS, OUT)
     cases.append(("triton_grouped_linear_forward", ops.triton_grouped_linear_forward,

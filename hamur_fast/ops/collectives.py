@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
-from .contract import GroupStats, Plan, update_running_stats
+from .contract import GroupStats, Plan, update_running_stats, variance_divisor
 from .eager import NORM_PASSES as EAGER_PASSES  # BatchNorm layers have no backend of their own
 from .eager import adapter_projection
 
@@ -97,7 +97,7 @@ def _merged(local: GroupStats, group, unbiased: bool, eps: float):
     """Every rank's statistics merged, and the rstd they normalise with."""
     stats = all_gather_stats(local, group)
     count = stats.count.unsqueeze(1)
-    return stats, torch.rsqrt(stats.m2 / ((count - 1) if unbiased else count).clamp(min=1) + eps)
+    return stats, torch.rsqrt(stats.m2 / variance_divisor(count, unbiased) + eps)
 
 
 def _all_reduced(sum_dy: torch.Tensor, sum_dy_xhat: torch.Tensor, group):
@@ -146,27 +146,27 @@ class _SynchronisedCell(torch.autograd.Function):
     :class:`_SynchronisedNorm`; the norm weight and bias gradients are this rank's own sums."""
 
     @staticmethod
-    def forward(ctx, x, rep, domain, unbiased, eps, passes, group, *params):
-        local, saved = passes.project(x, rep, domain, params)
-        stats, rstd = _merged(local, group, unbiased, eps)
-        y = passes.normalise(x, domain, params, saved, stats.mean, rstd)
+    def forward(ctx, x, rep, domain, plan, passes, group, *params):
+        local, saved = passes.project(x, rep, domain, params, plan)
+        stats, rstd = _merged(local, group, plan.unbiased, plan.eps)
+        y = passes.normalise(x, domain, params, saved, stats.mean, rstd, plan)
         ctx.save_for_backward(x, rep, domain, stats.count, stats.mean, rstd, *params, *saved)
-        ctx.settings = unbiased, passes, group, len(params)
+        ctx.settings = plan, passes, group, len(params)
         ctx.mark_non_differentiable(*stats)
         return (y, *stats)
 
     @staticmethod
     def backward(ctx, dy, *_unused_grads):
         x, rep, domain, count, mean, rstd, *rest = ctx.saved_tensors
-        unbiased, passes, group, num_params = ctx.settings
+        plan, passes, group, num_params = ctx.settings
         params, saved = tuple(rest[:num_params]), tuple(rest[num_params:])
-        sum_dy, sum_dy_xhat = passes.grad_sums(dy, domain, params, saved, mean, rstd)
+        sum_dy, sum_dy_xhat = passes.grad_sums(dy, domain, params, saved, mean, rstd, plan)
         grads = passes.input_grads(dy, x, rep, domain, params, saved, count, mean, rstd,
-                                   *_all_reduced(sum_dy, sum_dy_xhat, group), unbiased)
+                                   *_all_reduced(sum_dy, sum_dy_xhat, group), plan)
         norm_weight = params[6]
         norm_grads = (sum_dy_xhat.reshape(norm_weight.shape).to(norm_weight.dtype),
                       sum_dy.reshape(norm_weight.shape).to(norm_weight.dtype))
-        return (grads[0], grads[1], None, None, None, None, None, *grads[2:], *norm_grads)
+        return (grads[0], grads[1], None, None, None, None, *grads[2:], *norm_grads)
 
 
 def synchronised_norm(o, groups, num_groups, weight, bias, unbiased: bool, eps: float, passes, group):
@@ -184,8 +184,8 @@ def domain_norm(o, domain, weight, bias, running_mean, running_var, plan: Plan, 
     the plan says so) from the merged per-domain (count, mean, M2). released: whole-batch statistics with the
     unbiased variance, shared affine (h,)."""
     if not plan.per_domain:
-        return synchronised_norm(o, None, 1, weight, bias, True, plan.eps, passes, group)[0]
-    y, stats = synchronised_norm(o, domain, weight.shape[0], weight, bias, False, plan.eps, passes, group)
+        return synchronised_norm(o, None, 1, weight, bias, plan.unbiased, plan.eps, passes, group)[0]
+    y, stats = synchronised_norm(o, domain, weight.shape[0], weight, bias, plan.unbiased, plan.eps, passes, group)
     if plan.update_running:
         update_running_stats(running_mean, running_var, stats, plan.momentum)
     return y
@@ -200,7 +200,7 @@ def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan: Plan,
         o = adapter_projection(x, rep, domain, *projection)
         return x + domain_norm(o, domain, norm_weight, norm_bias, running_mean, running_var, plan,
                                backend.norm_passes, group)
-    y, *stats = _SynchronisedCell.apply(x, rep, domain, not plan.per_domain, plan.eps, backend.cell_passes, group,
+    y, *stats = _SynchronisedCell.apply(x, rep, domain, plan, backend.cell_passes, group,
                                         *params)
     if plan.update_running:
         update_running_stats(running_mean, running_var, GroupStats(*stats), plan.momentum)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import grouped_linear
-from .contract import GroupStats, NormPasses
+from .contract import GroupStats, NormPasses, variance_divisor
 
 
 def project_per_domain(v: torch.Tensor, weight: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
@@ -64,12 +64,13 @@ def domain_norm(o, domain, weight, bias, running_mean, running_var, plan):
         centred = o - mean
         m2 = (centred * centred).sum(dim=0)
         stats = GroupStats(o.new_full((1,), o.shape[0]), mean.detach()[None], m2.detach()[None])
-        return torch.addcmul(bias, centred * torch.rsqrt(m2 / max(o.shape[0] - 1, 1) + plan.eps), weight), stats
+        var = m2 / variance_divisor(o.shape[0], plan.unbiased)
+        return torch.addcmul(bias, centred * torch.rsqrt(var + plan.eps), weight), stats
 
     domain, valid = ids_in_range(domain, weight.shape[0])
     if plan.batch_statistics:
         count, mean, m2, centred = domain_statistics(o, domain, weight.shape[0], valid)
-        scale = weight * torch.rsqrt(m2 / count.clamp(min=1).unsqueeze(1) + plan.eps)
+        scale = weight * torch.rsqrt(m2 / variance_divisor(count, plan.unbiased).unsqueeze(1) + plan.eps)
         stats = GroupStats(count.detach(), mean.detach(), m2.detach())
         out = torch.addcmul(bias[domain], centred, scale[domain])
     else:  # running statistics: they fold into one per-domain affine map
@@ -121,7 +122,7 @@ def grad_sums(dy, o, groups, mean, rstd, num_groups):
 def input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, unbiased):
     rows, valid = _rows_of(groups, mean.shape[0], o)
     n = count.clamp(min=1).unsqueeze(1)
-    n_var = (count - 1).clamp(min=1).unsqueeze(1) if unbiased else n
+    n_var = variance_divisor(count, unbiased).unsqueeze(1)
     xhat = (o - mean[rows]) * rstd[rows]
     out = (weight * rstd)[rows] * (dy - (sum_dy / n)[rows] - xhat * (sum_dy_xhat / n_var)[rows])
     return _nan_invalid(out, valid)
@@ -161,6 +162,6 @@ def released_cell_all_towers(x, rep, params, eps):
     a = torch.sigmoid(through_rep(x @ down_left) @ down_right + down_bias)
     o = through_rep(a @ up_left) @ up_right + up_bias
     centred = o - o.mean(dim=1, keepdim=True)
-    var = (centred * centred).sum(dim=1, keepdim=True) / max(o.shape[1] - 1, 1)
+    var = (centred * centred).sum(dim=1, keepdim=True) / variance_divisor(o.shape[1], True)
     return x + torch.addcmul(bias, centred * torch.rsqrt(var + eps), weight)
 
