@@ -44,26 +44,27 @@ def compiled_cases():
     for per_domain in (True, False):
         mode = "paper" if per_domain else "released"
         x, rep, domain, params = base(per_domain)
-        fwd = (x, rep, domain, *params, None, None, per_domain, EPS)
+        flags = (per_domain, True, not per_domain, EPS)  # the plan: per_domain, batch_statistics, unbiased, eps
+        fwd = (x, rep, domain, *params, None, None, *flags)
         cases.append((f"compiled_cell_forward[{mode}]", ops.compiled_cell_forward, fwd))
-        _y, o, hidden, order, mean, rstd, _var, count = ops.compiled_cell_forward(*fwd)
+        _y, o, hidden, order, count, mean, _m2, rstd = ops.compiled_cell_forward(*fwd)
         dl, dr, _db, ul, ur, _ub, nw, _nb = params
         cases.append((f"compiled_cell_backward[{mode}]", ops.compiled_cell_backward,
-                      (torch.randn(B, H), x, rep, domain, dl, dr, ul, ur, nw, o, hidden, order, mean, rstd, count,
-                       per_domain, True)))
+                      (torch.randn(B, H), x, rep, domain, dl, dr, ul, ur, nw, o, hidden, order, count, mean, rstd,
+                       *flags)))
         weight = torch.rand(D, H) + 0.5 if per_domain else torch.rand(H) + 0.5
         bias = torch.randn(*weight.shape)
-        norm_fwd = (o, domain, weight, bias, None, None, per_domain, EPS)
+        norm_fwd = (o, domain, weight, bias, None, None, *flags)
         cases.append((f"compiled_norm_forward[{mode}]", ops.compiled_norm_forward, norm_fwd))
-        _y, mean, rstd, _var, count = ops.compiled_norm_forward(*norm_fwd)
+        _y, count, mean, _m2, rstd = ops.compiled_norm_forward(*norm_fwd)
         cases.append((f"compiled_norm_backward[{mode}]", ops.compiled_norm_backward,
-                      (torch.randn(B, H), o, domain, weight, mean, rstd, count, per_domain, True)))
+                      (torch.randn(B, H), o, domain, weight, count, mean, rstd, *flags)))
         cases.append((f"compiled_norm_statistics[{mode}]", ops.compiled_norm_statistics, (o, domain, D, per_domain)))
         table = weight if per_domain else weight.unsqueeze(0)  # the split passes take (G, h) tables
         cases.append((f"compiled_norm_normalise[{mode}]", ops.compiled_norm_normalise,
                       (o, domain, table, bias.reshape(table.shape), mean, rstd, per_domain)))
         cases.append((f"compiled_norm_input_grad[{mode}]", ops.compiled_norm_input_grad,
-                      (torch.randn(B, H), o, domain, table, mean, rstd, count, torch.randn(*mean.shape),
+                      (torch.randn(B, H), o, domain, table, count, mean, rstd, torch.randn(*mean.shape),
                        torch.randn(*mean.shape), per_domain, not per_domain)))
     x, rep, domain, params = base(True)
     cases.append(("compiled_cell_infer", ops.compiled_cell_infer, (x, rep, domain, *params, *running(), EPS)))

@@ -66,6 +66,9 @@ rstd           (G, h)      1 / sqrt(var + eps), var = m2 / count (paper) or m2 /
 order          (B,)        row order sorted by group (kernels that group rows); slot i holds row order[i]
 =============  ==========  =========================================================================
 
+Every forward and backward operator takes the plan as its last arguments, (per_domain, batch_statistics, unbiased,
+eps) (:meth:`Plan.flags`), and statistics come and go in one order, count, mean, m2, rstd.
+
 Registered operators: ``torch.ops.hamur_fast.<implementation>_<op>_<pass>``, one name per kernel
 entry point, nothing else registered under ``hamur_fast``:
 
@@ -76,11 +79,11 @@ triton_cell_forward            ops/backends/triton.py    y, q, v, order, count, 
 triton_cell_backward           ops/backends/triton.py    the ten input gradients (x, rep, params)
 triton_norm_forward            ops/backends/triton.py    y, count, mean, m2, rstd
 triton_norm_backward           ops/backends/triton.py    grad o, grad weight, grad bias
-compiled_cell_forward          csrc/cpu/ops.cpp          y, o, hidden (p, q, u, v, a), order, mean, rstd,
-                                                         var, count
+compiled_cell_forward          csrc/cpu/ops.cpp          y, o, hidden (p, q, u, v, a), order, count, mean,
+                                                         m2, rstd
 compiled_cell_backward         csrc/cpu/ops.cpp          the ten input gradients
 compiled_cell_infer            csrc/cpu/ops.cpp          y (eval with running statistics, no autograd)
-compiled_norm_forward          csrc/cpu/ops.cpp          y, mean, rstd, var, count
+compiled_norm_forward          csrc/cpu/ops.cpp          y, count, mean, m2, rstd
 compiled_norm_backward         csrc/cpu/ops.cpp          grad o, grad weight, grad bias
 compiled_norm_statistics       csrc/cpu/ops.cpp          count, mean, m2 (the statistics pass)
 compiled_norm_input_grad       csrc/cpu/ops.cpp          grad o from given count and group sums
