@@ -197,7 +197,7 @@ def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan: Plan,
     over torch ops and the normalisation by the backend's norm passes."""
     *projection, norm_weight, norm_bias = params
     if backend.cell_passes is None:
-        o = adapter_projection(x, rep, domain, *projection)
+        o = adapter_projection(x, rep, domain, *projection, per_domain=plan.per_domain)
         return x + domain_norm(o, domain, norm_weight, norm_bias, running_mean, running_var, plan,
                                backend.norm_passes, group)
     y, *stats = _SynchronisedCell.apply(x, rep, domain, plan, backend.cell_passes, group,

@@ -18,17 +18,19 @@ from . import grouped_linear
 from .contract import GroupStats, NormPasses, variance_divisor
 
 
-def project_per_domain(v: torch.Tensor, weight: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-    """Row b of the result is ``v[b] @ weight[d_b]``; ``weight`` is (in, out) shared or (D, in, out)."""
-    if weight.dim() == 2:
+def project_per_domain(v: torch.Tensor, weight: torch.Tensor, domain: torch.Tensor,
+                       per_domain: bool = True) -> torch.Tensor:
+    """Row b of the result is ``v[b] @ weight[d_b]``, weight (D, in, out); ``v @ weight`` for a shared (in, out)
+    weight (``per_domain`` False)."""
+    if not per_domain:
         return v @ weight
     if weight.shape[0] == 1:
         return v @ weight[0]
     return grouped_linear.run(v, domain, weight)  # the grouped GEMM: cost ~ B, whatever D is
 
 
-def _per_row(param: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-    return param if param.dim() == 1 else param[domain]
+def _per_row(param: torch.Tensor, domain: torch.Tensor, per_domain: bool) -> torch.Tensor:
+    return param[domain] if per_domain else param
 
 
 def _through_rep(v: torch.Tensor, rep: torch.Tensor) -> torch.Tensor:
@@ -131,19 +133,22 @@ def input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, un
 NORM_PASSES = NormPasses(group_statistics, normalise, grad_sums, input_grad)
 
 
-def adapter_projection(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias):
-    """The cell before normalisation: o = ((sigmoid(((x U) I) V + b) U') I) V' + b'."""
+def adapter_projection(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias, *,
+                       per_domain: bool):
+    """The cell before normalisation: o = ((sigmoid(((x U) I) V + b) U') I) V' + b'; the factors carry a leading
+    domain axis when ``per_domain`` (paper mode), none in released mode."""
     def low_rank(v, left, right):  # ((v left) I) right, right-to-left through the rank-k space
-        return project_per_domain(_through_rep(project_per_domain(v, left, domain), rep), right, domain)
+        inner = project_per_domain(v, left, domain, per_domain)
+        return project_per_domain(_through_rep(inner, rep), right, domain, per_domain)
 
-    a = torch.sigmoid(low_rank(x, down_left, down_right) + _per_row(down_bias, domain))
-    return low_rank(a, up_left, up_right) + _per_row(up_bias, domain)
+    a = torch.sigmoid(low_rank(x, down_left, down_right) + _per_row(down_bias, domain, per_domain))
+    return low_rank(a, up_left, up_right) + _per_row(up_bias, domain, per_domain)
 
 
 def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan):
     *projection, norm_weight, norm_bias = params
     safe_domain = ids_in_range(domain, norm_weight.shape[0])[0] if plan.per_domain else domain
-    o = adapter_projection(x, rep, safe_domain, *projection)
+    o = adapter_projection(x, rep, safe_domain, *projection, per_domain=plan.per_domain)
     normed, stats = domain_norm(o, domain, norm_weight, norm_bias, running_mean, running_var, plan)
     return x + normed, stats
 
