@@ -434,9 +434,18 @@ void statistics(const T* o, const Rows& rows, int64_t batch, int64_t width, cons
   }
   std::vector<double> mean_acc, sq_acc;
   batch_moments(o, rows, batch, width, groups, counts, mean_acc, sq_acc);
-  std::copy(mean_acc.begin(), mean_acc.end(), mean.data_ptr<T>());
-  std::copy(sq_acc.begin(), sq_acc.end(), m2.data_ptr<T>());
-  rstd.copy_(at::rsqrt(m2 / variance_divisor(count, plan.unbiased) + plan.eps));
+  Tensor var = at::empty_like(mean);  // the variance normalised with, divided in double as the moments are kept
+  T *mean_p = mean.data_ptr<T>(), *m2_p = m2.data_ptr<T>(), *var_p = var.data_ptr<T>();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t divisor = std::max<int64_t>(counts[g] - (plan.unbiased ? 1 : 0), 1);
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t i = g * width + j;
+      mean_p[i] = static_cast<T>(mean_acc[i]);
+      m2_p[i] = static_cast<T>(sq_acc[i]);
+      var_p[i] = static_cast<T>(sq_acc[i] / divisor);
+    }
+  }
+  rstd.copy_(at::rsqrt(var + plan.eps));
 }
 
 // out[order[i]] = residual[order[i]] + (o[i] - mean) * weight * rstd + bias with slot i's group (`rows`
