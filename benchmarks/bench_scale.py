@@ -9,7 +9,7 @@ default, the built-in synthetic data; each process one thread, plus one process 
 Measured per rank and step, by counting what goes into the collectives:
 - gradients: the bytes DDP all-reduces (its buckets, seen by a comm hook);
 - statistics: the per-domain (count, mean, M2) all_gathers of the forward, the (dmean, dvar) all_reduces of
-  the backward and the rows-per-domain all_reduce (hamur_fast.distributed.statistics);
+  the backward and the rows-per-domain all_reduce (hamur_fast.ops.collectives);
 - embedding all-to-all: what a TorchRec table-wise or row-wise feature stage would exchange instead of
   all-reducing the embedding tables' gradients (pooled rows forward and their gradients backward, plus the ids),
   computed from the sizes.
@@ -39,7 +39,7 @@ SMALL_COLLECTIVE_US = 15.0
 
 
 class CountingCollectives:
-    """Stands in for ``torch.distributed`` inside hamur_fast.distributed.statistics: counts payload bytes."""
+    """Stands in for ``torch.distributed`` inside hamur_fast.ops.collectives: counts payload bytes."""
 
     def __init__(self, dist):
         self._dist, self.gathered, self.reduced, self.gathers, self.reduces = dist, 0, 0, 0, 0
@@ -61,7 +61,8 @@ def worker(args) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     import hamur_fast as hf
-    from hamur_fast.distributed import runtime, statistics
+    from hamur_fast.distributed import runtime
+    from hamur_fast.ops import collectives as statistics
     from hamur_fast.distributed.trainer import DistributedTrainer, load_sharded
 
     torch.set_num_threads(args.threads)

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from hamur_fast.kernels import adapter_generated as kernels  # noqa: E402
+from hamur_fast.ops.contract import Plan  # noqa: E402
 
 
 def launch_all(batch, width, bottleneck, num_domains, gen_width, rank, per_domain, precision):
@@ -28,10 +29,11 @@ def launch_all(batch, width, bottleneck, num_domains, gen_width, rank, per_domai
     params = [torch.randn(*lead, width, rank), torch.randn(*lead, rank, bottleneck), torch.randn(*lead, bottleneck),
               torch.randn(*lead, bottleneck, rank), torch.randn(*lead, rank, width), torch.randn(*lead, width),
               torch.randn(*lead, width), torch.randn(*lead, width)]
+    plan = Plan(per_domain, True, not per_domain, 1e-5)
     y, q, v, order, count, mean, m2, rstd = kernels.generated_cell_forward(
-        x, g, centre, gen_weight, gen_bias, domain, params, None, None, True, 1e-5, precision)
+        x, g, centre, gen_weight, gen_bias, domain, params, None, None, plan, precision)
     kernels.generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, params, q, v, order, count,
-                                    mean, rstd, True, precision)
+                                    mean, rstd, plan, precision)
 
 
 def main():

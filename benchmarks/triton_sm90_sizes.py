@@ -20,6 +20,7 @@ from triton.runtime.jit import JITFunction
 
 from hamur_fast.kernels import adapter_cell as cell
 from hamur_fast.kernels import domain_norm as norm
+from hamur_fast.ops.contract import Plan
 
 PRESETS = [(128, 30), (128, 35), (128, 45), (64, 65)]
 WIDE = list(itertools.product((256, 512, 1024), (5, 35, 65, 128)))
@@ -42,10 +43,9 @@ def launch_cell(width, rank, per_domain, batch_stats, dtype, bottleneck=BOTTLENE
     domain = torch.randint(0, DOMAINS, (BATCH,)) if per_domain else torch.zeros(BATCH, dtype=torch.int64)
     params = cell_params(width, rank, bottleneck, per_domain, dtype)
     running = [torch.zeros(DOMAINS, width), torch.ones(DOMAINS, width)] if per_domain else [None, None]
-    y, q, v, order, count, mean, m2, rstd = cell.adapter_cell_forward(x, rep, domain, params, *running,
-                                                                      batch_stats, 1e-5)
-    cell.adapter_cell_backward(torch.zeros_like(y), x, rep, domain, params, q, v, order, count, mean, rstd,
-                               batch_stats)
+    plan = Plan(per_domain, batch_stats, not per_domain, 1e-5)
+    y, q, v, order, count, mean, m2, rstd = cell.adapter_cell_forward(x, rep, domain, params, *running, plan)
+    cell.adapter_cell_backward(torch.zeros_like(y), x, rep, domain, params, q, v, order, count, mean, rstd, plan)
 
 
 def launch_norm(width, per_domain, batch_stats, dtype):
@@ -54,8 +54,9 @@ def launch_norm(width, per_domain, batch_stats, dtype):
     shape = (DOMAINS, width) if per_domain else (width,)
     weight, bias = torch.ones(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
     running = [torch.zeros(DOMAINS, width), torch.ones(DOMAINS, width)] if per_domain else [None, None]
-    y, count, mean, m2, rstd = norm.domain_norm_forward(o, domain, weight, bias, *running, batch_stats, 1e-5)
-    norm.domain_norm_backward(torch.zeros_like(y), o, domain, weight, count, mean, rstd, batch_stats)
+    plan = Plan(per_domain, batch_stats, not per_domain, 1e-5)
+    y, count, mean, m2, rstd = norm.domain_norm_forward(o, domain, weight, bias, *running, plan)
+    norm.domain_norm_backward(torch.zeros_like(y), o, domain, weight, count, mean, rstd, plan)
 
 
 def compiled_rows():

@@ -8,6 +8,7 @@ tool skips the launches); tests/test_contract.py checks the passes' values under
 """
 import torch
 from hamur_fast.kernels import domain_norm as dn, adapter_cell as cell
+from hamur_fast.ops.contract import Plan
 B, D = 64, 3
 for dtype in (torch.float32, torch.bfloat16):
     for width, rank, bottleneck in ((1024, 128, 128), (256, 5, 7)):
@@ -25,8 +26,9 @@ for dtype in (torch.float32, torch.bfloat16):
             shapes = [(width, rank), (rank, bottleneck), (bottleneck,), (bottleneck, rank), (rank, width), (width,), (width,), (width,)]
             params = tuple(torch.zeros(*lead, *s, dtype=dtype) for s in shapes)
             x = torch.zeros(B, width, dtype=dtype); rep = torch.zeros(B, rank, rank, dtype=dtype)
-            (count, mean, m2), (q, v, order) = cell.cell_statistics(x, rep, dom, params)
+            plan = Plan(per_domain, True, not per_domain, 1e-5)
+            (count, mean, m2), (q, v, order) = cell.cell_statistics(x, rep, dom, params, plan)
             rstd = torch.ones_like(mean)
-            cell.cell_normalise(x, dom, params, v, order, mean, rstd)
-            s1, s2 = cell.cell_grad_sums(x, dom, params, v, order, mean, rstd)
-            cell.cell_input_grads(x, x, rep, dom, params, q, v, order, count, mean, rstd, s1, s2, True)
+            cell.cell_normalise(x, dom, params, v, order, mean, rstd, plan)
+            s1, s2 = cell.cell_grad_sums(x, dom, params, v, order, mean, rstd, plan)
+            cell.cell_input_grads(x, x, rep, dom, params, q, v, order, count, mean, rstd, s1, s2, plan)

@@ -9,6 +9,8 @@
 
 #include <ATen/ATen.h>
 
+#include "plan.h"
+
 #include <vector>
 
 namespace hamur_fast {
@@ -106,27 +108,31 @@ inline void check_cell_biases(const Op& op, const CellSizes& n, bool per_domain,
   check_float(op, "norm_bias", norm_bias, per_group(per_domain, n.groups, {n.width}));
 }
 
-// Given statistics (running mean and variance): both or neither, each (G, h).
+// Given statistics (running mean and variance): both exactly when the plan normalises without batch statistics,
+// each (G, h).
 inline void check_given_statistics(const Op& op, int64_t groups, int64_t width, const c10::optional<at::Tensor>& mean,
-                                   const c10::optional<at::Tensor>& var) {
+                                   const c10::optional<at::Tensor>& var, const NormPlan& plan) {
   TORCH_CHECK(mean.has_value() == var.has_value(), op.name, ": stat_mean and stat_var come together or not at all");
+  TORCH_CHECK(mean.has_value() != plan.batch_statistics, op.name,
+              plan.batch_statistics ? ": batch statistics take no stat_mean / stat_var"
+                                    : ": running statistics need stat_mean and stat_var");
   if (!mean.has_value()) return;
   check_float(op, "stat_mean", *mean, {groups, width});
   check_float(op, "stat_var", *var, {groups, width});
 }
 
-// What a cell backward reads from its forward: o (B, h), hidden (B, 4k + s), order (B,) int64, mean and
-// rstd (G, h), count (G,), and the incoming gradient grad_y (B, h).
+// What a cell backward reads from its forward: o (B, h), hidden (B, 4k + s), order (B,) int64, count (G,),
+// mean and rstd (G, h), and the incoming gradient grad_y (B, h).
 inline void check_cell_saved(const Op& op, const CellSizes& n, const at::Tensor& grad_y, const at::Tensor& o,
-                             const at::Tensor& hidden, const at::Tensor& order, const at::Tensor& mean,
-                             const at::Tensor& rstd, const at::Tensor& count) {
+                             const at::Tensor& hidden, const at::Tensor& order, const at::Tensor& count,
+                             const at::Tensor& mean, const at::Tensor& rstd) {
   check_float(op, "grad_y", grad_y, {n.batch, n.width});
   check_float(op, "o", o, {n.batch, n.width});
   check_float(op, "hidden", hidden, {n.batch, 4 * n.rank + n.bottleneck});
   check_int64(op, "order", order, {n.batch});
+  check_float(op, "count", count, {n.groups});
   check_float(op, "mean", mean, {n.groups, n.width});
   check_float(op, "rstd", rstd, {n.groups, n.width});
-  check_float(op, "count", count, {n.groups});
 }
 
 // DomainNorm's inputs o (B, h) and domain (B,) int64; returns (B, h).
@@ -165,12 +171,12 @@ inline void compiled_cell_forward(c10::DeviceType device_type, const at::Tensor&
                                   const at::Tensor& down_bias, const at::Tensor& up_left, const at::Tensor& up_right,
                                   const at::Tensor& up_bias, const at::Tensor& norm_weight, const at::Tensor& norm_bias,
                                   const c10::optional<at::Tensor>& stat_mean, const c10::optional<at::Tensor>& stat_var,
-                                  bool per_domain) {
+                                  const NormPlan& plan) {
   const Op op{"compiled_cell_forward", x};
   const CellSizes n = check_cell(op, device_type, rep, domain, down_left, down_right, up_left, up_right, norm_weight,
-                                 per_domain);
-  check_cell_biases(op, n, per_domain, down_bias, up_bias, norm_bias);
-  check_given_statistics(op, n.groups, n.width, stat_mean, stat_var);
+                                 plan.per_domain);
+  check_cell_biases(op, n, plan.per_domain, down_bias, up_bias, norm_bias);
+  check_given_statistics(op, n.groups, n.width, stat_mean, stat_var, plan);
 }
 
 inline void compiled_cell_infer(c10::DeviceType device_type, const at::Tensor& x, const at::Tensor& rep,
@@ -190,37 +196,38 @@ inline void compiled_cell_backward(c10::DeviceType device_type, const at::Tensor
                                    const at::Tensor& rep, const at::Tensor& domain, const at::Tensor& down_left,
                                    const at::Tensor& down_right, const at::Tensor& up_left, const at::Tensor& up_right,
                                    const at::Tensor& norm_weight, const at::Tensor& o, const at::Tensor& hidden,
-                                   const at::Tensor& order, const at::Tensor& mean, const at::Tensor& rstd,
-                                   const at::Tensor& count, bool per_domain) {
+                                   const at::Tensor& order, const at::Tensor& count, const at::Tensor& mean,
+                                   const at::Tensor& rstd, const NormPlan& plan) {
   const Op op{"compiled_cell_backward", x};
   const CellSizes n = check_cell(op, device_type, rep, domain, down_left, down_right, up_left, up_right, norm_weight,
-                                 per_domain);
-  check_cell_saved(op, n, grad_y, o, hidden, order, mean, rstd, count);
+                                 plan.per_domain);
+  check_cell_saved(op, n, grad_y, o, hidden, order, count, mean, rstd);
 }
 
 inline void compiled_norm_forward(c10::DeviceType device_type, const at::Tensor& o, const at::Tensor& domain,
                                   const at::Tensor& weight, const at::Tensor& bias,
                                   const c10::optional<at::Tensor>& stat_mean, const c10::optional<at::Tensor>& stat_var,
-                                  bool per_domain) {
+                                  const NormPlan& plan) {
   const Op op{"compiled_norm_forward", o};
-  const int64_t width = check_norm_input(op, device_type, domain).second, groups = norm_groups(op, weight, per_domain);
-  check_group_table(op, "weight", weight, groups, width, per_domain);
-  check_group_table(op, "bias", bias, groups, width, per_domain);
-  check_given_statistics(op, groups, width, stat_mean, stat_var);
+  const int64_t width = check_norm_input(op, device_type, domain).second;
+  const int64_t groups = norm_groups(op, weight, plan.per_domain);
+  check_group_table(op, "weight", weight, groups, width, plan.per_domain);
+  check_group_table(op, "bias", bias, groups, width, plan.per_domain);
+  check_given_statistics(op, groups, width, stat_mean, stat_var, plan);
 }
 
-// The statistics tables (mean, rstd, count) are (G, h) and (G,); weight also (h,) in released mode.
+// The statistics tables (count, mean, rstd) are (G,) and (G, h); weight also (h,) in released mode.
 inline void compiled_norm_backward(c10::DeviceType device_type, const at::Tensor& grad_y, const at::Tensor& o,
-                                   const at::Tensor& domain, const at::Tensor& weight, const at::Tensor& mean,
-                                   const at::Tensor& rstd, const at::Tensor& count, bool per_domain) {
+                                   const at::Tensor& domain, const at::Tensor& weight, const at::Tensor& count,
+                                   const at::Tensor& mean, const at::Tensor& rstd, const NormPlan& plan) {
   const Op op{"compiled_norm_backward", o};
   const auto rows = check_norm_input(op, device_type, domain);
-  const int64_t groups = norm_groups(op, mean, per_domain);
+  const int64_t groups = norm_groups(op, mean, plan.per_domain);
   check_float(op, "grad_y", grad_y, {rows.first, rows.second});
-  check_group_table(op, "weight", weight, groups, rows.second, per_domain);
+  check_group_table(op, "weight", weight, groups, rows.second, plan.per_domain);
+  check_float(op, "count", count, {groups});
   check_float(op, "mean", mean, {groups, rows.second});
   check_float(op, "rstd", rstd, {groups, rows.second});
-  check_float(op, "count", count, {groups});
 }
 
 inline void compiled_norm_statistics(c10::DeviceType device_type, const at::Tensor& o, const at::Tensor& domain,
@@ -242,17 +249,17 @@ inline void compiled_norm_normalise(c10::DeviceType device_type, const at::Tenso
 }
 
 inline void compiled_norm_input_grad(c10::DeviceType device_type, const at::Tensor& grad_y, const at::Tensor& o,
-                                     const at::Tensor& domain, const at::Tensor& weight, const at::Tensor& mean,
-                                     const at::Tensor& rstd, const at::Tensor& count, const at::Tensor& sum_dy,
+                                     const at::Tensor& domain, const at::Tensor& weight, const at::Tensor& count,
+                                     const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& sum_dy,
                                      const at::Tensor& sum_dy_xhat, bool per_domain) {
   const Op op{"compiled_norm_input_grad", o};
   const auto rows = check_norm_input(op, device_type, domain);
   const int64_t width = rows.second, groups = norm_groups(op, mean, per_domain);
   check_float(op, "grad_y", grad_y, {rows.first, width});
   check_group_table(op, "weight", weight, groups, width, per_domain);
+  check_float(op, "count", count, {groups});
   check_float(op, "mean", mean, {groups, width});
   check_float(op, "rstd", rstd, {groups, width});
-  check_float(op, "count", count, {groups});
   check_float(op, "sum_dy", sum_dy, {groups, width});
   check_float(op, "sum_dy_xhat", sum_dy_xhat, {groups, width});
 }

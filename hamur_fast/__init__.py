@@ -1,4 +1,8 @@
 """hamur_fast: fast, trustworthy HAMUR (Hyper Adapter for Multi-Domain Recommendation, CIKM 2023)."""
+from . import _layout
+
+_layout.bind_checkout_kernels()  # before anything imports hamur_fast.kernels (see _layout)
+
 from . import compat, inference, models, ops
 from . import data, features, train  # after models: features builds on the zoo
 from ._checks import set_value_checks

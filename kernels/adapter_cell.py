@@ -157,7 +157,7 @@ def _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN: tl.
 def _cell_fwd_project_kernel(
         x, rep, order, domain_sorted, down_left, down_right, down_bias, up_left, up_right, up_bias,
         q_out, v_out, part_mean, part_m2, batch, width, rank, bottleneck, num_domains, slots_per_part,
-        PER_DOMAIN: tl.constexpr, COMPUTE_STATS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+        PER_DOMAIN: tl.constexpr, BATCH_STATISTICS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
     pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains,
                                                                 PER_DOMAIN, BLOCK_B)
@@ -187,7 +187,7 @@ def _cell_fwd_project_kernel(
         v += tl.sum(u_chunk[:, :, None] * _rep_chunk(rep, rows, pos_mask, i_idx, k_idx, rank), axis=1)
     _store_rows(v_out, pos, k_idx, rank, v, pos_mask)
 
-    if COMPUTE_STATS:
+    if BATCH_STATISTICS:
         for h0 in range(0, width, BLOCK_H):
             h_idx = h0 + tl.arange(0, BLOCK_H)
             o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width,
@@ -242,8 +242,8 @@ def _cell_bwd_main_kernel(
         mean, rstd, count, sum_dy, sum_dy_xhat,
         dx, drep, do_out, a_out, du_out, dz_out, dp_out,
         batch, width, rank, bottleneck, num_domains,
-        PER_DOMAIN: tl.constexpr, BATCH_STATS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
+        PER_DOMAIN: tl.constexpr, BATCH_STATISTICS: tl.constexpr, UNBIASED: tl.constexpr, BLOCK_B: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
     pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains,
                                                                 PER_DOMAIN, BLOCK_B)
     k_idx, s_idx, c_idx = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_S), tl.arange(0, CHUNK)
@@ -260,7 +260,8 @@ def _cell_bwd_main_kernel(
                          BLOCK_B, BLOCK_H)
         xhat = _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
         grad_o = norm_input_grad(_load_rows(dy, rows, h_idx, width, pos_mask), xhat, domain, valid, h_idx, h_mask,
-                                 width, norm_weight, rstd, count, sum_dy, sum_dy_xhat, BATCH_STATS, PER_DOMAIN)
+                                 width, norm_weight, rstd, count, sum_dy, sum_dy_xhat, PER_DOMAIN, BATCH_STATISTICS,
+                                 UNBIASED)
         _store_rows(do_out, pos, h_idx, width, grad_o, pos_mask)
         grad_v += _project(grad_o, up_right, domain, d_lo, d_hi, hk, h_idx, 1, width, k_idx, width, rank,
                            BLOCK_B, BLOCK_K)
@@ -317,12 +318,14 @@ def _cell_bwd_main_kernel(
 # Launchers. ``empty`` allocates every buffer that a kernel fills (outputs, saved vectors, partials);
 # the tests pass a NaN-filling allocator to prove that everything handed back was written.
 # --------------------------------------------------------------------------------------------------
-def _sizes(x, rep, down_right, norm_weight):
+def _sizes(x, rep, params, plan):
     batch, width = x.shape
-    rank, bottleneck = rep.shape[1], down_right.shape[-1]
-    per_domain = norm_weight.dim() == 2
-    num_domains = norm_weight.shape[0] if per_domain else 1
-    return batch, width, rank, bottleneck, per_domain, num_domains
+    return batch, width, rep.shape[1], params[1].shape[-1], num_groups(params, plan)
+
+
+def num_groups(params, plan) -> int:
+    """G: the domains in paper mode (the norm weight's leading size), 1 in released mode."""
+    return params[6].shape[0] if plan.per_domain else 1
 
 
 def check_sizes(width, rank, bottleneck):
@@ -348,12 +351,9 @@ def _without_rep_tiles(meta):
     return {key: meta[key] for key in ("BLOCK_B", "BLOCK_H", "BLOCK_K", "num_warps")}
 
 
-def _segments(domain, params, order=None):
+def _segments(domain, params, plan, order=None):
     """The rows sorted by domain (paper mode; by the forward's saved ``order`` when given), dn.GroupSegments."""
-    norm_weight = params[6]
-    per_domain = norm_weight.dim() == 2
-    return dn.sort_groups(domain, norm_weight.shape[0] if per_domain else 1, per_domain,
-                          order if per_domain else None)
+    return dn.sort_groups(domain, num_groups(params, plan), plan.per_domain, order if plan.per_domain else None)
 
 
 def _sorted_args(segments, domain):
@@ -369,102 +369,101 @@ def _order_out(segments, device):
 # The forward and backward at their seams, where a data-parallel step puts its collectives: the projection with
 # this process's per-block partial statistics | merge | normalise, and norm sums | (all_reduce) | main kernel.
 @dn.on_first_tensors_device
-def cell_project(x, rep, domain, params, use_batch_stats: bool, empty=torch.empty):
+def cell_project(x, rep, domain, params, plan, empty=torch.empty):
     """The cell up to its normalisation: q, v (B, k) fp32 in sorted order, the order (empty in released mode),
-    the rows' dn.GroupSegments and the per-block partial (mean, M2) of o (empty without batch statistics)."""
-    arg_checks.cell("triton cell projection", x, rep, domain, params)
+    the rows' dn.GroupSegments and the per-block partial (mean, M2) of o (empty without batch statistics).
+    ``plan``: the contract's Plan (per_domain, batch_statistics, unbiased, eps), as every launcher here takes it."""
+    arg_checks.cell("triton cell projection", x, rep, domain, params, plan)
     x, rep, domain = x.contiguous(), rep.contiguous(), domain.contiguous()
     params = tuple(t.contiguous() for t in params)
-    batch, width, rank, bottleneck, per_domain, num_domains = _sizes(x, rep, params[1], params[6])
-    segments = _segments(domain, params)
+    batch, width, rank, bottleneck, num_domains = _sizes(x, rep, params, plan)
+    segments = _segments(domain, params, plan)
     meta = _tile_meta(width, rank, bottleneck)
     f32 = dict(device=x.device, dtype=torch.float32)
     q, v = empty((batch, rank), **f32), empty((batch, rank), **f32)
     # Scratch for the statistics only when they are computed (a kernel that skips them never reads these).
-    part_mean, part_m2 = dn.empty_partials(segments, ROWS_PER_BLOCK, width if use_batch_stats else 0, x.device, empty)
+    part_mean, part_m2 = dn.empty_partials(segments, ROWS_PER_BLOCK, width if plan.batch_statistics else 0, x.device,
+                                           empty)
     _cell_fwd_project_kernel[(triton.cdiv(batch, ROWS_PER_BLOCK),)](
         x, rep, *_sorted_args(segments, domain), *params[:6], q, v, part_mean, part_m2,
         batch, width, rank, bottleneck, num_domains, segments.slots_per_part(ROWS_PER_BLOCK),
-        PER_DOMAIN=per_domain, COMPUTE_STATS=use_batch_stats, **meta)
+        PER_DOMAIN=plan.per_domain, BATCH_STATISTICS=plan.batch_statistics, **meta)
     return q, v, _order_out(segments, x.device), segments, (part_mean, part_m2)
 
 
 @dn.on_first_tensors_device
-def cell_statistics(x, rep, domain, params, empty=torch.empty):
+def cell_statistics(x, rep, domain, params, plan, empty=torch.empty):
     """This process's (count, mean, M2) of o per group, and (q, v, order) for the passes after it."""
-    q, v, order, segments, parts = cell_project(x, rep, domain, params, True, empty)
+    q, v, order, segments, parts = cell_project(x, rep, domain, params, plan, empty)
     count, mean, m2, _rstd = merge_group_stats(*parts, segments, ROWS_PER_BLOCK, 0.0, False, empty)
     return (count, mean, m2), (q, v, order)
 
 
 @dn.on_first_tensors_device
-def cell_normalise(x, domain, params, v, order, mean, rstd, empty=torch.empty):
+def cell_normalise(x, domain, params, v, order, mean, rstd, plan, empty=torch.empty):
     """y = x + nw (o - mean) rstd + nb, o recomputed from v, with the given per-group mean and rstd (fp32)."""
-    arg_checks.cell_extras(arg_checks.cell("triton cell normalise", x, None, domain, params), params[6], v=v,
+    arg_checks.cell_extras(arg_checks.cell("triton cell normalise", x, None, domain, params, plan), plan, v=v,
                            order=order, mean=mean, rstd=rstd)
     x, domain = x.contiguous(), domain.contiguous()
     up_right, up_bias, norm_weight, norm_bias = (params[i].contiguous() for i in (4, 5, 6, 7))
     batch, width, rank = x.shape[0], x.shape[1], v.shape[1]
-    per_domain = norm_weight.dim() == 2
-    num_domains = norm_weight.shape[0] if per_domain else 1
+    num_domains = num_groups(params, plan)
     meta = _without_rep_tiles(_tile_meta(width, rank, params[1].shape[-1]))
-    sorted_args = (order, domain[order]) if per_domain else (domain, domain)  # (no segments needed here)
+    sorted_args = (order, domain[order]) if plan.per_domain else (domain, domain)  # (no segments needed here)
     y = empty(x.shape, device=x.device, dtype=x.dtype)
     _cell_fwd_normalize_kernel[(triton.cdiv(batch, ROWS_PER_BLOCK), triton.cdiv(width, meta["BLOCK_H"]))](
         x, *sorted_args, v, up_right, up_bias, norm_weight, norm_bias,
         mean.float().contiguous(), rstd.float().contiguous(), y, batch, width, rank, num_domains,
-        PER_DOMAIN=per_domain, **meta)
+        PER_DOMAIN=plan.per_domain, **meta)
     return y
 
 
 @dn.on_first_tensors_device
-def cell_grad_sums(dy, domain, params, v, order, mean, rstd, empty=torch.empty):
+def cell_grad_sums(dy, domain, params, v, order, mean, rstd, plan, empty=torch.empty):
     """Per-group (sum dy, sum dy * xhat), each (G, h) fp32: the norm bias and weight gradients of these rows."""
-    arg_checks.cell_extras(arg_checks.cell("triton cell grad sums", dy, None, domain, params), params[6], v=v,
+    arg_checks.cell_extras(arg_checks.cell("triton cell grad sums", dy, None, domain, params, plan), plan, v=v,
                            order=order, mean=mean, rstd=rstd)
     dy, domain = dy.contiguous(), domain.contiguous()
-    up_right, up_bias, norm_weight = (params[i].contiguous() for i in (4, 5, 6))
+    up_right, up_bias = (params[i].contiguous() for i in (4, 5))
     batch, width, rank = dy.shape[0], dy.shape[1], v.shape[1]
-    per_domain = norm_weight.dim() == 2
-    num_domains = norm_weight.shape[0] if per_domain else 1
+    num_domains = num_groups(params, plan)
     meta = _without_rep_tiles(_tile_meta(width, rank, params[1].shape[-1]))
-    segments = _segments(domain, params, order)
+    segments = _segments(domain, params, plan, order)
     part_dy, part_dy_xhat = dn.empty_partials(segments, ROWS_PER_BLOCK, width, dy.device, empty)
     _cell_bwd_norm_sums_kernel[(triton.cdiv(batch, ROWS_PER_BLOCK), triton.cdiv(width, meta["BLOCK_H"]))](
         dy, *_sorted_args(segments, domain), v, up_right, up_bias, mean.float().contiguous(),
         rstd.float().contiguous(), part_dy, part_dy_xhat,
-        batch, width, rank, num_domains, segments.slots_per_part(ROWS_PER_BLOCK), PER_DOMAIN=per_domain, **meta)
+        batch, width, rank, num_domains, segments.slots_per_part(ROWS_PER_BLOCK), PER_DOMAIN=plan.per_domain,
+        **meta)
     return dn.merge_group_sums(part_dy, part_dy_xhat, segments, ROWS_PER_BLOCK, empty)
 
 
 @dn.on_first_tensors_device
-def adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_batch_stats: bool, eps: float,
-                         empty=torch.empty):
+def adapter_cell_forward(x, rep, domain, params, running_mean, running_var, plan, empty=torch.empty):
     """Returns (y, q, v, order, count, mean, m2, rstd); q, v (B, k) fp32 in sorted order for backward."""
-    if not use_batch_stats:  # the rest is checked by the passes below
-        args = arg_checks.cell("triton_cell_forward", x, rep, domain, params)
+    if not plan.batch_statistics:  # the rest is checked by the passes below
+        args = arg_checks.cell("triton_cell_forward", x, rep, domain, params, plan)
         if running_mean is None or running_var is None:
             args.fail("running_mean and running_var are needed without batch statistics")
-        arg_checks.cell_extras(args, params[6], running_mean=running_mean, running_var=running_var)
-    q, v, order, segments, parts = cell_project(x, rep, domain, params, use_batch_stats, empty)
-    per_domain = params[6].dim() == 2
-    if use_batch_stats:
-        count, mean, m2, rstd = merge_group_stats(*parts, segments, ROWS_PER_BLOCK, eps, not per_domain, empty)
+        arg_checks.cell_extras(args, plan, running_mean=running_mean, running_var=running_var)
+    q, v, order, segments, parts = cell_project(x, rep, domain, params, plan, empty)
+    if plan.batch_statistics:
+        count, mean, m2, rstd = merge_group_stats(*parts, segments, ROWS_PER_BLOCK, plan.eps, plan.unbiased, empty)
     else:  # paper mode in eval: running statistics
         mean = running_mean.float().clone()
-        rstd = torch.rsqrt(running_var.float() + eps)
+        rstd = torch.rsqrt(running_var.float() + plan.eps)
         count = torch.zeros(mean.shape[0], device=x.device, dtype=torch.float32)
         m2 = torch.zeros_like(mean)
-    y = cell_normalise(x, domain, params, v, order, mean, rstd, empty)
+    y = cell_normalise(x, domain, params, v, order, mean, rstd, plan, empty)
     return y, q, v, order, count, mean, m2, rstd
 
 
-def factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, segments, use_batch_stats: bool, empty=torch.empty):
+def factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, segments, plan, empty=torch.empty):
     """The six projection factors' gradients (fp32, a leading group axis), shared by level 1 and level 2: per
     domain, sums over its rows of lhs[b]^T rhs[b] (and of rhs[b]) by the grouped linear op's weight-gradient
     kernels, O(B) work and O(B / 256 + D) partials whatever D is. x is in row order, every other vector in
     domain-sorted order."""
-    per_domain = segments.order is not None
+    per_domain = plan.per_domain
     rows = segments.order if per_domain else segments.offsets  # unread when shared (any int64 tensor)
 
     def outer(lhs, rhs, lhs_in_order=False, with_rhs_sum=False):
@@ -479,25 +478,25 @@ def factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, segments, use_batch
     # in paper mode, the whole batch in released mode) and the normalisation subtracts the group's mean: y does
     # not depend on it, its gradient is exactly zero. Summing do over the group instead would leave an fp32
     # residue of 1e-4 of the terms' size on two-row groups (sum(xhat) = 0 only up to ulp(o) * rstd).
-    d_up_right, d_up_bias = outer(v, grad_o, with_rhs_sum=not use_batch_stats)
-    if use_batch_stats:
+    d_up_right, d_up_bias = outer(v, grad_o, with_rhs_sum=not plan.batch_statistics)
+    if plan.batch_statistics:
         d_up_bias = torch.zeros(d_up_right.shape[0], d_up_right.shape[-1], device=x.device, dtype=torch.float32)
     return d_down_left, d_down_right, d_down_bias, d_up_left, d_up_right, d_up_bias
 
 
 @dn.on_first_tensors_device
-def cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd, sum_dy, sum_dy_xhat,
-                     use_batch_stats: bool, empty=torch.empty):
+def cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd, sum_dy, sum_dy_xhat, plan,
+                     empty=torch.empty):
     """(dx, drep, and the six projection factors' gradients) from the given count and group sums (this
     process's, or every process's in a data-parallel step), each in its input's dtype and shape."""
-    arg_checks.cell_extras(arg_checks.cell("triton_cell_backward", x, rep, domain, params), params[6], dy=dy, q=q,
+    arg_checks.cell_extras(arg_checks.cell("triton_cell_backward", x, rep, domain, params, plan), plan, dy=dy, q=q,
                            v=v, order=order, count=count, mean=mean, rstd=rstd, sum_dy=sum_dy,
                            sum_dy_xhat=sum_dy_xhat)
     dy, x, rep, domain = dy.contiguous(), x.contiguous(), rep.contiguous(), domain.contiguous()
     contiguous = [t.contiguous() for t in params]
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = contiguous
-    batch, width, rank, bottleneck, per_domain, num_domains = _sizes(x, rep, down_right, norm_weight)
-    segments = _segments(domain, params, order)
+    batch, width, rank, bottleneck, num_domains = _sizes(x, rep, params, plan)
+    segments = _segments(domain, params, plan, order)
     sorted_args = _sorted_args(segments, domain)
     meta = _tile_meta(width, rank, bottleneck)
     grid = (triton.cdiv(batch, ROWS_PER_BLOCK),)
@@ -514,21 +513,20 @@ def cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd,
         mean.float().contiguous(), rstd.float().contiguous(), count.float().contiguous(),
         sum_dy.float().contiguous(), sum_dy_xhat.float().contiguous(), dx, drep, grad_o, a, grad_u, grad_z, grad_p,
         batch, width, rank, bottleneck, num_domains,
-        PER_DOMAIN=per_domain, BATCH_STATS=use_batch_stats, **meta)
+        PER_DOMAIN=plan.per_domain, BATCH_STATISTICS=plan.batch_statistics, UNBIASED=plan.unbiased, **meta)
 
-    grads = factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, segments, use_batch_stats, empty)
+    grads = factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, segments, plan, empty)
     param_grads = tuple(g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, params))
     return (dx, drep) + param_grads
 
 
 @dn.on_first_tensors_device
-def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, rstd, use_batch_stats: bool,
-                          empty=torch.empty):
+def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, rstd, plan, empty=torch.empty):
     """Gradients (dx, drep, d down_left, d down_right, d down_bias, d up_left, d up_right, d up_bias,
     d norm_weight, d norm_bias), each in its input's dtype and shape."""
-    sum_dy, sum_dy_xhat = cell_grad_sums(dy, domain, params, v, order, mean, rstd, empty)
-    grads = cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd, sum_dy, sum_dy_xhat,
-                             use_batch_stats, empty)
+    sum_dy, sum_dy_xhat = cell_grad_sums(dy, domain, params, v, order, mean, rstd, plan, empty)
+    grads = cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd, sum_dy, sum_dy_xhat, plan,
+                             empty)
     norm_weight = params[6]
     return grads + (sum_dy_xhat.reshape(norm_weight.shape).to(norm_weight.dtype),
                     sum_dy.reshape(norm_weight.shape).to(norm_weight.dtype))

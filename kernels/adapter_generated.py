@@ -121,7 +121,7 @@ def _gen_fwd_project_kernel(
         x, g, centre, gen_weight, gen_bias, order, domain_sorted, down_left, down_right, down_bias, up_left,
         up_right, up_bias, q_out, v_out, part_mean, part_m2,
         batch, width, rank, bottleneck, gen_width, num_domains, slots_per_part,
-        PER_DOMAIN: tl.constexpr, COMPUTE_STATS: tl.constexpr, GEN_PRECISION: tl.constexpr,
+        PER_DOMAIN: tl.constexpr, BATCH_STATISTICS: tl.constexpr, GEN_PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
         BLOCK_P: tl.constexpr):
     pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains,
@@ -144,7 +144,7 @@ def _gen_fwd_project_kernel(
                                BLOCK_B, BLOCK_K)
     _store_rows(v_out, pos, k_idx, rank, v, pos_mask)
 
-    if COMPUTE_STATS:
+    if BATCH_STATISTICS:
         _store_output_partial_stats(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, rank, width,
                                     slots_per_part, part_mean, part_m2, PER_DOMAIN, BLOCK_B, BLOCK_H)
 
@@ -156,7 +156,7 @@ def _gen_bwd_main_kernel(
         mean, rstd, count, sum_dy, sum_dy_xhat,
         dx, dg, do_out, a_out, du_out, dz_out, dp_out, p_out, u_out, dq_out, dv_out,
         batch, width, rank, bottleneck, gen_width, num_domains,
-        PER_DOMAIN: tl.constexpr, BATCH_STATS: tl.constexpr, GEN_PRECISION: tl.constexpr,
+        PER_DOMAIN: tl.constexpr, BATCH_STATISTICS: tl.constexpr, UNBIASED: tl.constexpr, GEN_PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
         BLOCK_P: tl.constexpr):
     pos, pos_mask, rows, domain, d_lo, d_hi, valid = _row_block(order, domain_sorted, batch, num_domains,
@@ -173,8 +173,8 @@ def _gen_bwd_main_kernel(
                          BLOCK_B, BLOCK_H)
         xhat = _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
         grad_o = norm_input_grad(_load_rows(dy, rows, h_idx, width, pos_mask), xhat, domain, valid, h_idx,
-                                 h_idx < width, width, norm_weight, rstd, count, sum_dy, sum_dy_xhat, BATCH_STATS,
-                                 PER_DOMAIN)
+                                 h_idx < width, width, norm_weight, rstd, count, sum_dy, sum_dy_xhat, PER_DOMAIN,
+                                 BATCH_STATISTICS, UNBIASED)
         _store_rows(do_out, pos, h_idx, width, grad_o, pos_mask)
         grad_v += _project(grad_o, up_right, domain, d_lo, d_hi, hk, h_idx, 1, width, k_idx, width, rank,
                            BLOCK_B, BLOCK_K)
@@ -282,12 +282,10 @@ def _gen_weight_grad_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launchers. ``empty`` allocates every buffer a kernel fills (the tests pass a NaN-filling one).
 # --------------------------------------------------------------------------------------------------
-def _sizes(x, g, down_left, down_right, norm_weight):
+def _sizes(x, g, params, plan):
     batch, width = x.shape
-    rank, bottleneck, gen_width = down_left.shape[-1], down_right.shape[-1], g.shape[1]
-    per_domain = norm_weight.dim() == 2
-    num_domains = norm_weight.shape[0] if per_domain else 1
-    return batch, width, rank, bottleneck, gen_width, per_domain, num_domains
+    rank, bottleneck, gen_width = params[0].shape[-1], params[1].shape[-1], g.shape[1]
+    return batch, width, rank, bottleneck, gen_width, cell.num_groups(params, plan)
 
 
 def _tile_meta(level1_meta, gen_width):
@@ -299,23 +297,22 @@ def _tile_meta(level1_meta, gen_width):
 
 @dn.on_first_tensors_device
 def generated_cell_forward(x, g, centre, gen_weight, gen_bias, domain, params, running_mean, running_var,
-                           use_batch_stats: bool, eps: float, precision: str, empty=torch.empty):
+                           plan, precision: str, empty=torch.empty):
     """Returns (y, q, v, order, count, mean, m2, rstd) as level 1's adapter_cell_forward does."""
-    args = arg_checks.cell("triton_generated_cell_forward", x, None, domain, params)
-    arg_checks.cell_extras(args, params[6], g=g, centre=centre, gen_weight=gen_weight, gen_bias=gen_bias)
-    if not use_batch_stats:
+    args = arg_checks.cell("triton_generated_cell_forward", x, None, domain, params, plan)
+    arg_checks.cell_extras(args, plan, g=g, centre=centre, gen_weight=gen_weight, gen_bias=gen_bias)
+    if not plan.batch_statistics:
         if running_mean is None or running_var is None:
             args.fail("running_mean and running_var are needed without batch statistics")
-        arg_checks.cell_extras(args, params[6], running_mean=running_mean, running_var=running_var)
+        arg_checks.cell_extras(args, plan, running_mean=running_mean, running_var=running_var)
     if precision not in PRECISIONS:
         args.fail(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     x, g, centre, gen_weight, gen_bias, domain = (t.contiguous() for t in (x, g, centre, gen_weight, gen_bias,
                                                                             domain))
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, _ = \
         (t.contiguous() for t in params)
-    batch, width, rank, bottleneck, gen_width, per_domain, num_domains = _sizes(x, g, down_left, down_right,
-                                                                                norm_weight)
-    segments = dn.sort_groups(domain, num_domains, per_domain)
+    batch, width, rank, bottleneck, gen_width, num_domains = _sizes(x, g, params, plan)
+    segments = dn.sort_groups(domain, num_domains, plan.per_domain)
     order = segments.order
     sorted_args = cell._sorted_args(segments, domain)
     level1_meta = cell._tile_meta(width, rank, bottleneck)
@@ -324,25 +321,28 @@ def generated_cell_forward(x, g, centre, gen_weight, gen_bias, domain, params, r
     f32 = dict(device=x.device, dtype=torch.float32)
     q, v = empty((batch, rank), **f32), empty((batch, rank), **f32)
     # Scratch for the statistics only when they are computed (a kernel that skips them never reads these).
-    part_mean, part_m2 = dn.empty_partials(segments, rows_per_part, width if use_batch_stats else 0, x.device, empty)
+    part_mean, part_m2 = dn.empty_partials(segments, rows_per_part, width if plan.batch_statistics else 0, x.device,
+                                           empty)
     _gen_fwd_project_kernel[(triton.cdiv(batch, rows_per_part),)](
         x, g, centre, gen_weight, gen_bias, *sorted_args, down_left, down_right, down_bias, up_left, up_right,
         up_bias, q, v, part_mean, part_m2, batch, width, rank, bottleneck, gen_width, num_domains,
         segments.slots_per_part(rows_per_part),
-        PER_DOMAIN=per_domain, COMPUTE_STATS=use_batch_stats, GEN_PRECISION=PRECISIONS[precision], **meta)
-    if use_batch_stats:
-        count, mean, m2, rstd = dn.merge_group_stats(part_mean, part_m2, segments, rows_per_part, eps,
-                                                     not per_domain, empty)
+        PER_DOMAIN=plan.per_domain, BATCH_STATISTICS=plan.batch_statistics, GEN_PRECISION=PRECISIONS[precision],
+        **meta)
+    if plan.batch_statistics:
+        count, mean, m2, rstd = dn.merge_group_stats(part_mean, part_m2, segments, rows_per_part, plan.eps,
+                                                     plan.unbiased, empty)
     else:  # paper mode in eval: running statistics
-        mean, rstd = running_mean.float().clone(), torch.rsqrt(running_var.float() + eps)
+        mean, rstd = running_mean.float().clone(), torch.rsqrt(running_var.float() + plan.eps)
         count, m2 = torch.zeros(num_domains, **f32), torch.zeros_like(mean)
-    order_out = order if per_domain else torch.zeros(0, device=x.device, dtype=torch.int64)
+    order_out = order if plan.per_domain else torch.zeros(0, device=x.device, dtype=torch.int64)
     # The normalise pass never touches I: level 1's.
-    y = cell.cell_normalise(x, domain, params, v, order_out, mean, rstd, empty)
+    y = cell.cell_normalise(x, domain, params, v, order_out, mean, rstd, plan, empty)
     return y, q, v, order_out, count, mean, m2, rstd
 
 
-def _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q, grad_v, precision, meta, empty):
+def _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q, grad_v, plan, precision, meta,
+                            empty):
     """(dW' (k*k, p), dc' (k*k,)) from partials over ranges of rows, in fp32."""
     batch, gen_width = g.shape
     rank, rows_per_block = p.shape[1], meta["BLOCK_B"]
@@ -354,8 +354,8 @@ def _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q
     part_dw = empty((ranges, rank * rank, gen_width), device=g.device, dtype=torch.float32)
     part_dc = empty((ranges, rank * rank), device=g.device, dtype=torch.float32)
     _gen_weight_grad_kernel[(ranges, rank)](
-        g, centre, gen_weight, gen_bias, order if order.numel() else p, p, u, grad_q, grad_v, part_dw, part_dc,
-        batch, rank, gen_width, rows_per_program, PER_DOMAIN=order.numel() > 0,
+        g, centre, gen_weight, gen_bias, order if plan.per_domain else p, p, u, grad_q, grad_v, part_dw, part_dc,
+        batch, rank, gen_width, rows_per_program, PER_DOMAIN=plan.per_domain,
         GEN_PRECISION=PRECISIONS[precision], BLOCK_B=rows_per_block, BLOCK_K=meta["BLOCK_K"],
         BLOCK_P=meta["BLOCK_P"], num_warps=meta["num_warps"])
     return part_dw.sum(0), part_dc.sum(0)
@@ -363,26 +363,25 @@ def _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q
 
 @dn.on_first_tensors_device
 def generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, params, q, v, order, count, mean,
-                            rstd, use_batch_stats: bool, precision: str, empty=torch.empty):
+                            rstd, plan, precision: str, empty=torch.empty):
     """Gradients (dx, dg, d centre, d gen_weight, d gen_bias, then the cell's eight parameters)."""
-    args = arg_checks.cell("triton_generated_cell_backward", x, None, domain, params)
-    arg_checks.cell_extras(args, params[6], dy=dy, g=g, centre=centre, gen_weight=gen_weight, gen_bias=gen_bias, q=q,
+    args = arg_checks.cell("triton_generated_cell_backward", x, None, domain, params, plan)
+    arg_checks.cell_extras(args, plan, dy=dy, g=g, centre=centre, gen_weight=gen_weight, gen_bias=gen_bias, q=q,
                            v=v, order=order, count=count, mean=mean, rstd=rstd)
     if precision not in PRECISIONS:
         args.fail(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     dy, x, g, centre, gen_weight, gen_bias = (t.contiguous() for t in (dy, x, g, centre, gen_weight, gen_bias))
     contiguous = [t.contiguous() for t in params]
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, _ = contiguous
-    batch, width, rank, bottleneck, gen_width, per_domain, num_domains = _sizes(x, g, down_left, down_right,
-                                                                                norm_weight)
-    segments = dn.sort_groups(domain, num_domains, per_domain, order)
+    batch, width, rank, bottleneck, gen_width, num_domains = _sizes(x, g, params, plan)
+    segments = dn.sort_groups(domain, num_domains, plan.per_domain, order)
     sorted_args = cell._sorted_args(segments, domain)
     level1_meta = cell._tile_meta(width, rank, bottleneck)
     meta = _tile_meta(level1_meta, gen_width)
     f32 = dict(device=x.device, dtype=torch.float32)
 
     # The norm-gradient sums never touch I: level 1's.
-    sum_dy, sum_dy_xhat = cell.cell_grad_sums(dy, domain, contiguous, v, order, mean, rstd, empty)
+    sum_dy, sum_dy_xhat = cell.cell_grad_sums(dy, domain, contiguous, v, order, mean, rstd, plan, empty)
 
     dx, dg = empty(x.shape, device=x.device, dtype=x.dtype), empty(g.shape, **f32)
     grad_o = empty((batch, width), **f32)
@@ -393,10 +392,11 @@ def generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, para
         up_right, up_bias, norm_weight, mean, rstd, count, sum_dy, sum_dy_xhat,
         dx, dg, grad_o, a, grad_u, grad_z, grad_p, p, u, grad_q, grad_v,
         batch, width, rank, bottleneck, gen_width, num_domains,
-        PER_DOMAIN=per_domain, BATCH_STATS=use_batch_stats, GEN_PRECISION=PRECISIONS[precision], **meta)
+        PER_DOMAIN=plan.per_domain, BATCH_STATISTICS=plan.batch_statistics, UNBIASED=plan.unbiased,
+        GEN_PRECISION=PRECISIONS[precision], **meta)
     d_gen_weight, d_gen_bias = _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q,
-                                                       grad_v, precision, meta, empty)
-    grads = cell.factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, segments, use_batch_stats, empty) + \
+                                                       grad_v, plan, precision, meta, empty)
+    grads = cell.factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, segments, plan, empty) + \
         (sum_dy_xhat, sum_dy)
     param_grads = tuple(t.reshape(param.shape).to(param.dtype) for t, param in zip(grads, params))
     generator_grads = (dg.to(g.dtype), -dg.sum(0).to(centre.dtype), d_gen_weight.to(gen_weight.dtype),

@@ -65,15 +65,10 @@ def device_of(x, op: str) -> torch.device:
     return x.device
 
 
-def group_prefix(norm_weight) -> str:
-    """'D ' in paper mode (tables with a leading domain axis: norm_weight is (D, h)), '' in released mode."""
-    return "D " if isinstance(norm_weight, torch.Tensor) and norm_weight.dim() == 2 else ""
-
-
-def cell(op: str, x, rep, domain, params, rep_shape: str = "B k k") -> Args:
-    """x (B, h), rep (B, k, k), domain (B,) and the eight cell parameters (a leading D in paper mode)."""
+def cell(op: str, x, rep, domain, params, plan, rep_shape: str = "B k k") -> Args:
+    """x (B, h), rep (B, k, k), domain (B,) and the eight cell parameters (a leading D when ``plan.per_domain``)."""
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = params
-    d = group_prefix(norm_weight)
+    d = "D " if plan.per_domain else ""
     args = Args(op, device_of(x, op)).tensor("x", x, "B h")
     if rep is not None:
         args.tensor("rep", rep, rep_shape)
@@ -93,9 +88,9 @@ SHAPES = {"dy": "B h", "q": "B k", "v": "B k", "order": "O", "count": "G", "mean
 CONTIGUOUS = ("q", "v", "order")  # read by the kernels as they come
 
 
-def cell_extras(args: Args, norm_weight, **tensors) -> Args:
+def cell_extras(args: Args, plan, **tensors) -> Args:
     """Check the named tensors of a cell launcher against SHAPES (None: not given)."""
-    per_domain = bool(group_prefix(norm_weight))
+    per_domain = plan.per_domain
     args.sizes.update(G=args.sizes["D"] if per_domain else 1, O=args.sizes["B"] if per_domain else 0)
     if "k" in args.sizes:
         args.sizes["kk"] = args.sizes["k"] ** 2

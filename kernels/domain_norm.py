@@ -364,18 +364,16 @@ def _partial_grad_sums_kernel(dy, o, order, domain_sorted, mean, rstd, part_dy, 
 
 @triton.jit
 def norm_input_grad(grad, xhat, group, row_mask, cols, col_mask, width, weight, rstd, count, sum_dy, sum_dy_xhat,
-                    BATCH_STATS: tl.constexpr, PER_DOMAIN: tl.constexpr):
-    """d(normalised output)/d(input) applied to ``grad`` (see the module docstring). Paper mode (PER_DOMAIN)
-    normalises with the biased per-domain variance, released mode with the unbiased whole-batch one."""
+                    PER_DOMAIN: tl.constexpr, BATCH_STATISTICS: tl.constexpr, UNBIASED: tl.constexpr):
+    """d(normalised output)/d(input) applied to ``grad`` (see the module docstring), under the plan's constexprs."""
     scale = load_group_rows(weight, group, cols, row_mask, col_mask, width, PER_DOMAIN) * \
         load_group_rows(rstd, group, cols, row_mask, col_mask, width, PER_DOMAIN)
-    if BATCH_STATS:
+    if BATCH_STATISTICS:
         if PER_DOMAIN:
             n = tl.load(count + group, mask=row_mask, other=1.0)[:, None]
-            n_var = n
         else:
             n = tl.load(count)
-            n_var = tl.maximum(n - 1.0, 1.0)
+        n_var = tl.maximum(n - 1.0, 1.0) if UNBIASED else n
         grad = grad - load_group_rows(sum_dy, group, cols, row_mask, col_mask, width, PER_DOMAIN) / n \
             - xhat * load_group_rows(sum_dy_xhat, group, cols, row_mask, col_mask, width, PER_DOMAIN) / n_var
     return scale * grad
@@ -383,7 +381,7 @@ def norm_input_grad(grad, xhat, group, row_mask, cols, col_mask, width, weight, 
 
 @triton.jit
 def _input_grad_kernel(dy, o, group_ids, mean, rstd, weight, count, sum_dy, sum_dy_xhat, do, batch, width, num_groups,
-                       PER_DOMAIN: tl.constexpr, BATCH_STATS: tl.constexpr,
+                       PER_DOMAIN: tl.constexpr, BATCH_STATISTICS: tl.constexpr, UNBIASED: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -396,7 +394,7 @@ def _input_grad_kernel(dy, o, group_ids, mean, rstd, weight, count, sum_dy, sum_
             - load_group_rows(mean, group, cols, valid, col_mask, width, PER_DOMAIN)) * \
         load_group_rows(rstd, group, cols, valid, col_mask, width, PER_DOMAIN)
     out = norm_input_grad(grad, xhat, group, valid, cols, col_mask, width, weight, rstd, count, sum_dy,
-                          sum_dy_xhat, BATCH_STATS, PER_DOMAIN)
+                          sum_dy_xhat, PER_DOMAIN, BATCH_STATISTICS, UNBIASED)
     tl.store(do + tile, tl.where(valid[:, None], out, float("nan")).to(do.dtype.element_ty), mask=mask)
 
 
@@ -545,72 +543,60 @@ def grad_sums(dy, o, groups, mean, rstd, num_groups: int, empty=torch.empty):
 
 @on_first_tensors_device
 def input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, unbiased: bool, empty=torch.empty):
-    """do = rstd w (dy - sum_dy / n - xhat sum_dy_xhat / n_var) from the given count and sums.
-
-    The kernel divides by the variance's own denominator (n per domain, max(n - 1, 1) for one group); another one
-    (a biased one-group BatchNorm) is reached by rescaling sum_dy_xhat here."""
+    """do = rstd w (dy - sum_dy / n - xhat sum_dy_xhat / n_var) from the given count and sums; n_var = n, or
+    max(n - 1, 1) when ``unbiased``."""
     arg_checks.norm("triton norm input grad", o, groups, dy=dy, weight=weight, mean=mean, rstd=rstd, count=count,
                     sum_dy=sum_dy, sum_dy_xhat=sum_dy_xhat)
     dy, o, weight = dy.contiguous(), o.contiguous(), weight.contiguous()
     group_ids, per_domain = _group_ids(o, groups)
-    count = count.float().contiguous()
-    sum_dy_xhat = sum_dy_xhat.float()
-    if unbiased == per_domain:
-        biased, unbiased_n = count.clamp(min=1), (count - 1).clamp(min=1)
-        ratio = biased / unbiased_n if per_domain else unbiased_n / biased  # kernel's n_var / wanted n_var
-        sum_dy_xhat = sum_dy_xhat * ratio.unsqueeze(1)
     grid, meta = _tiles(o, per_domain)
     do = empty(o.shape, device=o.device, dtype=o.dtype)
-    _input_grad_kernel[grid](dy, o, group_ids, mean.float().contiguous(), rstd.float().contiguous(), weight, count,
-                             sum_dy.float().contiguous(), sum_dy_xhat.contiguous(), do, *o.shape, mean.shape[0],
-                             BATCH_STATS=True, **meta)
+    _input_grad_kernel[grid](dy, o, group_ids, mean.float().contiguous(), rstd.float().contiguous(), weight,
+                             count.float().contiguous(), sum_dy.float().contiguous(), sum_dy_xhat.float().contiguous(),
+                             do, *o.shape, mean.shape[0], BATCH_STATISTICS=True, UNBIASED=unbiased, **meta)
     return do
 
 
 # The op in one piece: the same passes with this process's statistics, as backend="triton" runs it.
 @on_first_tensors_device
-def domain_norm_forward(o, domain, weight, bias, running_mean, running_var, use_batch_stats: bool, eps: float,
-                        empty=torch.empty):
-    """Returns y and, for backward and the running-stat update, count (G,), mean, m2, rstd (G, h)."""
-    per_domain = isinstance(weight, torch.Tensor) and weight.dim() == 2
-    args = arg_checks.norm("triton_norm_forward", o, domain if per_domain else None, weight=weight, bias=bias)
+def domain_norm_forward(o, domain, weight, bias, running_mean, running_var, plan, empty=torch.empty):
+    """Returns y and, for backward and the running-stat update, count (G,), mean, m2, rstd (G, h). ``plan``: the
+    contract's Plan (per_domain, batch_statistics, unbiased, eps)."""
+    args = arg_checks.norm("triton_norm_forward", o, domain if plan.per_domain else None, weight=weight, bias=bias)
     args.ids("domain", domain)
-    if not use_batch_stats:
+    if not plan.batch_statistics:
         if running_mean is None or running_var is None:
             args.fail("running_mean and running_var are needed without batch statistics")
         args.tensor("running_mean", running_mean, "G h").tensor("running_var", running_var, "G h")
     o, domain = o.contiguous(), domain.contiguous()
-    per_domain = weight.dim() == 2
-    groups = domain if per_domain else None
-    num_groups = weight.shape[0] if per_domain else 1
-    if use_batch_stats:
+    groups = domain if plan.per_domain else None
+    num_groups = weight.shape[0] if plan.per_domain else 1
+    if plan.batch_statistics:
         segments = _segments(o, groups, num_groups)
         count, mean, m2, rstd = merge_group_stats(*_partial_stats(o, segments, empty), segments, ROWS_PER_BLOCK,
-                                                  eps, not per_domain, empty)
+                                                  plan.eps, plan.unbiased, empty)
     else:  # paper mode in eval: the running statistics, no dependence on the rest of the batch
         mean = running_mean.float().clone()
-        rstd = torch.rsqrt(running_var.float() + eps)
+        rstd = torch.rsqrt(running_var.float() + plan.eps)
         count = torch.zeros(num_groups, device=o.device, dtype=torch.float32)
         m2 = torch.zeros_like(mean)
     return normalise(o, groups, weight, bias, mean, rstd, empty), count, mean, m2, rstd
 
 
 @on_first_tensors_device
-def domain_norm_backward(dy, o, domain, weight, count, mean, rstd, use_batch_stats: bool, empty=torch.empty):
+def domain_norm_backward(dy, o, domain, weight, count, mean, rstd, plan, empty=torch.empty):
     """Returns (do, dweight, dbias) for y = weight[g] * (o - mean[g]) * rstd[g] + bias[g]."""
-    per_domain = isinstance(weight, torch.Tensor) and weight.dim() == 2
-    arg_checks.norm("triton_norm_backward", o, domain if per_domain else None, dy=dy, weight=weight, count=count,
-                    mean=mean, rstd=rstd).ids("domain", domain)
+    arg_checks.norm("triton_norm_backward", o, domain if plan.per_domain else None, dy=dy, weight=weight,
+                    count=count, mean=mean, rstd=rstd).ids("domain", domain)
     dy, o, domain, weight = (t.contiguous() for t in (dy, o, domain, weight))
-    per_domain = weight.dim() == 2
-    groups = domain if per_domain else None
+    groups = domain if plan.per_domain else None
     sum_dy, sum_dy_xhat = grad_sums(dy, o, groups, mean, rstd, mean.shape[0], empty)
-    if use_batch_stats:
-        do = input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, not per_domain, empty)
+    if plan.batch_statistics:
+        do = input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, plan.unbiased, empty)
     else:  # running statistics: do = rstd w dy
-        grid, meta = _tiles(o, per_domain)
+        grid, meta = _tiles(o, plan.per_domain)
         do = empty(o.shape, device=o.device, dtype=o.dtype)
         _input_grad_kernel[grid](dy, o, _group_ids(o, groups)[0], mean, rstd, weight, count, sum_dy, sum_dy_xhat,
-                                 do, *o.shape, mean.shape[0], BATCH_STATS=False, **meta)
+                                 do, *o.shape, mean.shape[0], BATCH_STATISTICS=False, UNBIASED=plan.unbiased, **meta)
     shape = weight.shape
     return do, sum_dy_xhat.reshape(shape).to(weight.dtype), sum_dy.reshape(shape).to(weight.dtype)

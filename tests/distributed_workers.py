@@ -189,7 +189,8 @@ def one_process_embedding(case) -> list:
 
 def suite_torchrec(context) -> dict:
     import torch.nn.functional as F
-    from hamur_fast.distributed.statistics import convert_batch_norms, synchronised
+    from hamur_fast.nn.sync_batch_norm import convert_batch_norms
+    from hamur_fast.ops.collectives import synchronised
     from hamur_fast.distributed.trainer import LogitsModule
     from hamur_fast.features_torchrec import build_torchrec_ctr_model, dense_parameters, load_tables, shard
 

@@ -93,10 +93,10 @@ def grad_o_abs_sum(inputs, mode, upstream, training=True):
     in finite precision it is a cancelling sum, whose residue scales with this sum of absolute terms.
     """
     import hamur_fast as hf
-    from hamur_fast.ops.backends.torch import adapter_projection
+    from hamur_fast.ops.eager import adapter_projection
 
     x, rep, domain, params, stats = inputs
-    o = adapter_projection(x, rep, domain, *params[:6]).detach().requires_grad_()
+    o = adapter_projection(x, rep, domain, *params[:6], per_domain=mode == "paper").detach().requires_grad_()
     running = [s.clone() if s is not None else None for s in stats]
     y = hf.ops.domain_norm(o, domain, params[6], params[7], *running, mode=mode, training=training,
                            backend="reference", num_domains=None)

@@ -44,26 +44,27 @@ def compiled_cases():
     for per_domain in (True, False):
         mode = "paper" if per_domain else "released"
         x, rep, domain, params = base(per_domain)
-        fwd = (x, rep, domain, *params, None, None, per_domain, EPS)
+        flags = (per_domain, True, not per_domain, EPS)  # the plan: per_domain, batch_statistics, unbiased, eps
+        fwd = (x, rep, domain, *params, None, None, *flags)
         cases.append((f"compiled_cell_forward[{mode}]", ops.compiled_cell_forward, fwd))
-        _y, o, hidden, order, mean, rstd, _var, count = ops.compiled_cell_forward(*fwd)
+        _y, o, hidden, order, count, mean, _m2, rstd = ops.compiled_cell_forward(*fwd)
         dl, dr, _db, ul, ur, _ub, nw, _nb = params
         cases.append((f"compiled_cell_backward[{mode}]", ops.compiled_cell_backward,
-                      (torch.randn(B, H), x, rep, domain, dl, dr, ul, ur, nw, o, hidden, order, mean, rstd, count,
-                       per_domain, True)))
+                      (torch.randn(B, H), x, rep, domain, dl, dr, ul, ur, nw, o, hidden, order, count, mean, rstd,
+                       *flags)))
         weight = torch.rand(D, H) + 0.5 if per_domain else torch.rand(H) + 0.5
         bias = torch.randn(*weight.shape)
-        norm_fwd = (o, domain, weight, bias, None, None, per_domain, EPS)
+        norm_fwd = (o, domain, weight, bias, None, None, *flags)
         cases.append((f"compiled_norm_forward[{mode}]", ops.compiled_norm_forward, norm_fwd))
-        _y, mean, rstd, _var, count = ops.compiled_norm_forward(*norm_fwd)
+        _y, count, mean, _m2, rstd = ops.compiled_norm_forward(*norm_fwd)
         cases.append((f"compiled_norm_backward[{mode}]", ops.compiled_norm_backward,
-                      (torch.randn(B, H), o, domain, weight, mean, rstd, count, per_domain, True)))
+                      (torch.randn(B, H), o, domain, weight, count, mean, rstd, *flags)))
         cases.append((f"compiled_norm_statistics[{mode}]", ops.compiled_norm_statistics, (o, domain, D, per_domain)))
         table = weight if per_domain else weight.unsqueeze(0)  # the split passes take (G, h) tables
         cases.append((f"compiled_norm_normalise[{mode}]", ops.compiled_norm_normalise,
                       (o, domain, table, bias.reshape(table.shape), mean, rstd, per_domain)))
         cases.append((f"compiled_norm_input_grad[{mode}]", ops.compiled_norm_input_grad,
-                      (torch.randn(B, H), o, domain, table, mean, rstd, count, torch.randn(*mean.shape),
+                      (torch.randn(B, H), o, domain, table, count, mean, rstd, torch.randn(*mean.shape),
                        torch.randn(*mean.shape), per_domain, not per_domain)))
     x, rep, domain, params = base(True)
     cases.append(("compiled_cell_infer", ops.compiled_cell_infer, (x, rep, domain, *params, *running(), EPS)))
@@ -93,28 +94,29 @@ def triton_cases():
     for per_domain in (True, False):
         mode = "paper" if per_domain else "released"
         x, rep, domain, params = base(per_domain)
-        fwd = (x, rep, domain, *params, None, None, True, EPS)
+        flags = (per_domain, True, not per_domain, EPS)  # the plan: per_domain, batch_statistics, unbiased, eps
+        fwd = (x, rep, domain, *params, None, None, *flags)
         cases.append((f"triton_cell_forward[{mode}]", ops.triton_cell_forward, fwd))
         _y, q, v, order, count, mean, _m2, rstd = ops.triton_cell_forward(*fwd)
         cases.append((f"triton_cell_backward[{mode}]", ops.triton_cell_backward,
-                      (torch.randn(B, H), x, rep, domain, *params, q, v, order, count, mean, rstd, True)))
+                      (torch.randn(B, H), x, rep, domain, *params, q, v, order, count, mean, rstd, *flags)))
         g = torch.randn(B, P)
         generator = (g, torch.randn(P), torch.randn(K * K, P) * 0.3, torch.randn(K * K) * 0.3)
-        gen_fwd = (x, *generator, domain, *params, None, None, True, EPS, "ieee")
+        gen_fwd = (x, *generator, domain, *params, None, None, *flags, "ieee")
         cases.append((f"triton_generated_cell_forward[{mode}]", ops.triton_generated_cell_forward, gen_fwd))
         _y, q, v, order, count, mean, _m2, rstd = ops.triton_generated_cell_forward(*gen_fwd)
         cases.append((f"triton_generated_cell_backward[{mode}]", ops.triton_generated_cell_backward,
-                      (torch.randn(B, H), x, *generator, domain, *params, q, v, order, count, mean, rstd, True,
+                      (torch.randn(B, H), x, *generator, domain, *params, q, v, order, count, mean, rstd, *flags,
                        "ieee")))
         weight = torch.rand(D, H) + 0.5 if per_domain else torch.rand(H) + 0.5
-        norm_fwd = (x, domain, weight, torch.randn(*weight.shape), None, None, True, EPS)
+        norm_fwd = (x, domain, weight, torch.randn(*weight.shape), None, None, *flags)
         cases.append((f"triton_norm_forward[{mode}]", ops.triton_norm_forward, norm_fwd))
         _y, count, mean, _m2, rstd = ops.triton_norm_forward(*norm_fwd)
         cases.append((f"triton_norm_backward[{mode}]", ops.triton_norm_backward,
-                      (torch.randn(B, H), x, domain, weight, count, mean, rstd, True)))
+                      (torch.randn(B, H), x, domain, weight, count, mean, rstd, *flags)))
     x, rep, domain, params = base(True)
     cases.append(("triton_cell_forward[paper eval]", ops.triton_cell_forward,
-                  (x, rep, domain, *params, *running(), False, EPS)))
+                  (x, rep, domain, *params, *running(), True, False, False, EPS)))
     gl_x, gl_domain = torch.randn(B, IN), torch.arange(B) % GL_DOMAINS
     gl_weight, gl_bias = torch.randn(GL_DOMAINS, IN, OUT), torch.randn(GL_DOMAINS, OUT)
     cases.append(("triton_grouped_linear_forward", ops.triton_grouped_linear_forward,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hamur_fast as hf
-from hamur_fast.ops.backends import torch as eager
+from hamur_fast.ops import eager
 from planted_data import INPUT_DIM, NUM_DOMAINS, planted_data, shared_linear_auc, train_and_auc
 
 SMALL = dict(dims=[24, 11], rank=5, hyper_dims=[7], bottleneck=6, backend="torch")
@@ -70,7 +70,7 @@ def _cell_io(norm, training=True):
     x, rep = torch.randn(17, WIDTH), torch.rand(17, RANK, RANK)
     domain = torch.arange(17) % NUM_DOMAINS
     projection = [cell.down_left, cell.down_right, cell.down_bias, cell.up_left, cell.up_right, cell.up_bias]
-    o = eager.adapter_projection(x, rep, domain, *projection)
+    o = eager.adapter_projection(x, rep, domain, *projection, per_domain=cell.mode == "paper")
     return cell, x, rep, domain, o
 
 

@@ -9,7 +9,7 @@ import torch
 
 import hamur_fast as hf
 from hamur_fast.ops import contract, registry
-from hamur_fast.ops.backends import torch as torch_backend
+from hamur_fast.ops import eager as torch_backend
 from hamur_fast.ops.contract import Backend, Capabilities, GroupStats, make_plan
 from helpers import cell_inputs, fp32_bound, rel_err
 
@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ])
 def test_plan_table(mode, training, has_running, statistics, update):
     plan = make_plan(mode, training, has_running, momentum=0.1, eps=1e-5)
-    assert (plan.statistics, plan.update_running, plan.per_domain) == (statistics, update, mode == "paper")
+    assert (plan.batch_statistics, plan.update_running) == (statistics == "batch", update)
+    assert (plan.per_domain, plan.unbiased) == (mode == "paper", mode == "released")
 
 
 def test_plan_rejects_unknown_mode():
@@ -149,17 +150,17 @@ def test_cell_passes_compose_to_the_fused_cell_and_its_gradients(backend, mode):
     dy = torch.randn(y_fused.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
     y_fused.backward(dy)
 
-    passes, unbiased = impl.cell_passes, mode == "released"
-    local, saved = passes.project(x, rep, domain, tuple(params))
+    passes = impl.cell_passes
+    local, saved = passes.project(x, rep, domain, tuple(params), plan)
     for name, a, e in zip(GroupStats._fields, local, fused_stats):
         assert rel_err(a, e) <= 1e-6, name
     count = local.count.unsqueeze(1)
-    rstd = torch.rsqrt(local.m2 / ((count - 1) if unbiased else count).clamp(min=1) + 1e-5)
-    y = passes.normalise(x, domain, tuple(params), saved, local.mean, rstd)
+    rstd = torch.rsqrt(local.m2 / ((count - 1) if mode == "released" else count).clamp(min=1) + 1e-5)
+    y = passes.normalise(x, domain, tuple(params), saved, local.mean, rstd, plan)
     assert rel_err(y, y_fused) <= 1e-6
-    sum_dy, sum_dy_xhat = passes.grad_sums(dy, domain, tuple(params), saved, local.mean, rstd)
+    sum_dy, sum_dy_xhat = passes.grad_sums(dy, domain, tuple(params), saved, local.mean, rstd, plan)
     grads = passes.input_grads(dy, x, rep, domain, tuple(params), saved, local.count, local.mean, rstd, sum_dy,
-                               sum_dy_xhat, unbiased)
+                               sum_dy_xhat, plan)
     assert len(grads) == 8
     for what, got, leaf in zip(["x", "rep", "down_left", "down_right", "down_bias", "up_left", "up_right", "up_bias"],
                                grads, leaves):

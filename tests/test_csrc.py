@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import hamur_fast as hf
+from hamur_fast.ops.contract import make_plan
 from golden import BUFFER_WORDS, load, our_tensor, released_keys, released_model
 from helpers import cell_inputs, rel_err
 
@@ -57,14 +58,14 @@ def all_outputs(device, mode, training):
     x, rep, domain = x.to(device), rep.to(device), domain.to(device)
     params = [p.to(device) for p in params]
     stats = [s.to(device) if s is not None and not training else None for s in stats]
-    forward = ops.compiled_cell_forward(x, rep, domain, *params, *stats, mode == "paper", 1e-5)
-    y, o, hidden, order, mean, rstd, var, count = forward
+    flags = make_plan(mode, training, stats[0] is not None, 0.1, 1e-5).flags()
+    forward = ops.compiled_cell_forward(x, rep, domain, *params, *stats, *flags)
+    y, o, hidden, order, count, mean, m2, rstd = forward
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device)
     backward = ops.compiled_cell_backward(gy, x, rep, domain, params[0], params[1], params[3], params[4], params[6], o,
-                                    hidden, order, mean, rstd, count, mode == "paper", stats[0] is None)
-    norm = ops.compiled_norm_forward(x, domain, params[6], params[7], *stats, mode == "paper", 1e-5)
-    norm_back = ops.compiled_norm_backward(gy, x, domain, params[6], *norm[1:3], norm[4], mode == "paper",
-                                         stats[0] is None)
+                                          hidden, order, count, mean, rstd, *flags)
+    norm = ops.compiled_norm_forward(x, domain, params[6], params[7], *stats, *flags)
+    norm_back = ops.compiled_norm_backward(gy, x, domain, params[6], norm[1], norm[2], norm[4], *flags)
     results = [*forward, *backward, *norm, *norm_back]
     if mode == "paper" and not training:
         results.append(ops.compiled_cell_infer(x, rep, domain, *params, *stats, 1e-5))
@@ -106,21 +107,22 @@ def op_args(mode, device, training):
 @pytest.mark.parametrize("mode, training", [("paper", True), ("paper", False), ("released", True)])
 def test_opcheck(mode, training, device):
     x, rep, domain, params, stats = op_args(mode, device, training)
-    per_domain, batch_stats = mode == "paper", stats[0] is None
+    plan = make_plan(mode, training, stats[0] is not None, 0.1, 1e-5)
+    per_domain, batch_stats, flags = plan.per_domain, plan.batch_statistics, plan.flags()
     leaves = [t.detach().requires_grad_() for t in (x, rep, *params)]
-    forward_args = (leaves[0], leaves[1], domain, *leaves[2:], *stats, per_domain, 1e-5)
+    forward_args = (leaves[0], leaves[1], domain, *leaves[2:], *stats, *flags)
     torch.library.opcheck(ops.compiled_cell_forward.default, forward_args)
     with torch.no_grad():
-        y, o, hidden, order, mean, rstd, var, count = ops.compiled_cell_forward(*forward_args)
+        y, o, hidden, order, count, mean, m2, rstd = ops.compiled_cell_forward(*forward_args)
     torch.library.opcheck(ops.compiled_cell_backward.default,
                           (torch.randn_like(y), x, rep, domain, params[0], params[1], params[3], params[4],
-                           params[6], o, hidden, order, mean, rstd, count, per_domain, batch_stats))
-    norm_args = (x.detach().requires_grad_(), domain, leaves[8], leaves[9], *stats, per_domain, 1e-5)
+                           params[6], o, hidden, order, count, mean, rstd, *flags))
+    norm_args = (x.detach().requires_grad_(), domain, leaves[8], leaves[9], *stats, *flags)
     torch.library.opcheck(ops.compiled_norm_forward.default, norm_args)
     with torch.no_grad():
-        _, mean, rstd, _, count = ops.compiled_norm_forward(*norm_args)
+        _, count, mean, _, rstd = ops.compiled_norm_forward(*norm_args)
     torch.library.opcheck(ops.compiled_norm_backward.default,
-                          (torch.randn_like(y), x, domain, params[6], mean, rstd, count, per_domain, batch_stats))
+                          (torch.randn_like(y), x, domain, params[6], count, mean, rstd, *flags))
     if not batch_stats:
         torch.library.opcheck(ops.compiled_cell_infer.default, (x, rep, domain, *params, *stats, 1e-5))
     if device != "cpu":  # the split passes of a data-parallel step have CPU kernels only
@@ -130,7 +132,7 @@ def test_opcheck(mode, training, device):
     torch.library.opcheck(ops.compiled_norm_normalise.default, (x, domain, weight, params[7].reshape(weight.shape),
                                                                 mean, rstd, per_domain))
     torch.library.opcheck(ops.compiled_norm_input_grad.default,
-                          (torch.randn_like(y), x, domain, weight, mean, rstd, count, torch.randn_like(mean),
+                          (torch.randn_like(y), x, domain, weight, count, mean, rstd, torch.randn_like(mean),
                            torch.randn_like(mean), per_domain, not per_domain))
 
 

@@ -14,8 +14,8 @@ import torch
 import distributed_workers as workers
 from helpers import FP32_FACTOR, fp32_bound, rel_err
 
-from hamur_fast.distributed.statistics import merge_moments
-from hamur_fast.ops.backends.torch import group_statistics
+from hamur_fast.ops.collectives import merge_moments
+from hamur_fast.ops.eager import group_statistics
 from hamur_fast.ops.contract import CellPasses, NormPasses
 from hamur_fast.train import domain_metrics
 

@@ -7,7 +7,7 @@ import torch
 
 from hamur_fast import cli
 from hamur_fast.ops import contract, registry
-from hamur_fast.ops.backends import torch as torch_backend
+from hamur_fast.ops import eager as torch_backend
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the doctor's default device

@@ -11,6 +11,7 @@ import torch
 
 import hamur_fast as hf
 from hamur_fast.ops import generated
+from hamur_fast.ops.contract import make_plan
 from helpers import cell_inputs, rel_err
 
 NAMES = ["x", "g", "gen_weight", "gen_bias", "gen_norm_weight", "gen_norm_bias", "down_left", "down_right",
@@ -204,9 +205,9 @@ def test_every_buffer_is_written(mode, training):
     from hamur_fast.kernels import adapter_generated as kernels
 
     x, rep, domain, params, stats = kernel_args(mode, training)
-    use_batch_stats = training or mode == "released"
-    fwd = [kernels.generated_cell_forward(x, rep.g, rep.centre, rep.weight, rep.bias, domain, params, *stats,
-                                          use_batch_stats, 1e-5, "ieee", empty=alloc)
+    plan = make_plan(mode, training, stats[0] is not None, 0.1, 1e-5)
+    fwd = [kernels.generated_cell_forward(x, rep.g, rep.centre, rep.weight, rep.bias, domain, params, *stats, plan,
+                                          "ieee", empty=alloc)
            for alloc in (torch.empty, nan_empty)]
     for a, b in zip(*fwd):
         assert torch.equal(a, b)
@@ -214,7 +215,7 @@ def test_every_buffer_is_written(mode, training):
     assert torch.isfinite(y).all()
     dy = torch.randn_like(y)
     grads = [kernels.generated_cell_backward(dy, x, rep.g, rep.centre, rep.weight, rep.bias, domain, params, q, v,
-                                             order, count, mean, rstd, use_batch_stats, "ieee", empty=alloc)
+                                             order, count, mean, rstd, plan, "ieee", empty=alloc)
              for alloc in (torch.empty, nan_empty)]
     for name, a, b in zip(["x", "g", "centre", "gen_weight", "gen_bias", *NAMES[6:]], *grads):
         assert torch.isfinite(b).all() and torch.equal(a, b), name
@@ -231,19 +232,20 @@ def test_out_of_range_id_stays_in_its_row(bad):
     x, rep, domain, params, stats = kernel_args("paper", True, batch=20)
     domain[4] = bad
     keep = torch.arange(20) != 4
-    fwd2 = kernels.generated_cell_forward(x, rep.g, rep.centre, rep.weight, rep.bias, domain, params, *stats, True,
-                                          1e-5, "ieee")
-    fwd1 = adapter_cell.adapter_cell_forward(x, rep.materialise(), domain, params, *stats, True, 1e-5)
+    plan = make_plan("paper", True, stats[0] is not None, 0.1, 1e-5)
+    fwd2 = kernels.generated_cell_forward(x, rep.g, rep.centre, rep.weight, rep.bias, domain, params, *stats, plan,
+                                          "ieee")
+    fwd1 = adapter_cell.adapter_cell_forward(x, rep.materialise(), domain, params, *stats, plan)
     assert torch.isnan(fwd2[0][4]).all() and torch.isnan(fwd1[0][4]).all()
     torch.testing.assert_close(fwd2[0][keep], fwd1[0][keep], rtol=1e-5, atol=1e-5)
     dy = torch.randn_like(x)
     dy[4] = 0
     y, q, v, order, count, mean, m2, rstd = fwd2
     grads2 = kernels.generated_cell_backward(dy, x, rep.g, rep.centre, rep.weight, rep.bias, domain, params, q, v,
-                                             order, count, mean, rstd, True, "ieee")
+                                             order, count, mean, rstd, plan, "ieee")
     y, q, v, order, count, mean, m2, rstd = fwd1
     grads1 = adapter_cell.adapter_cell_backward(dy, x, rep.materialise(), domain, params, q, v, order, count,
-                                                mean, rstd, True)
+                                                mean, rstd, plan)
     assert torch.isnan(grads2[0][4]).all() and torch.isnan(grads2[1][4]).all()  # dx and dg of that row
     torch.testing.assert_close(grads2[0][keep], grads1[0][keep], rtol=1e-5, atol=1e-5)
     assert torch.isfinite(grads2[1][keep]).all()
@@ -289,12 +291,13 @@ def test_no_tensor_of_size_batch_times_k_squared(backend, fused):
 def test_opcheck_registered_ops(mode):
     x, rep, domain, params, stats = kernel_args(mode, True, batch=11)
     leaves = [t.detach().requires_grad_() for t in (x, rep.g, rep.centre, rep.weight, rep.bias, *params)]
-    fwd_args = (*leaves[:5], domain, *leaves[5:], *stats, True, 1e-5, "ieee")
+    flags = make_plan(mode, True, False, 0.1, 1e-5).flags()
+    fwd_args = (*leaves[:5], domain, *leaves[5:], *stats, *flags, "ieee")
     torch.library.opcheck(torch.ops.hamur_fast.triton_generated_cell_forward.default, fwd_args)
     with torch.no_grad():
         y, q, v, order, count, mean, m2, rstd = torch.ops.hamur_fast.triton_generated_cell_forward(*fwd_args)
     plain = [t.detach() for t in leaves]
-    bwd_args = (torch.randn_like(y), *plain[:5], domain, *plain[5:], q, v, order, count, mean, rstd, True, "ieee")
+    bwd_args = (torch.randn_like(y), *plain[:5], domain, *plain[5:], q, v, order, count, mean, rstd, *flags, "ieee")
     torch.library.opcheck(torch.ops.hamur_fast.triton_generated_cell_backward.default, bwd_args)
 
 

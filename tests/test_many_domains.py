@@ -16,6 +16,7 @@ import hamur_fast as hf
 from hamur_fast.data import DataError
 from hamur_fast.data.synthetic import generate, load_synthetic, zipf_shares
 from hamur_fast.models import build
+from hamur_fast.ops.contract import make_plan
 from hamur_fast.train import experiment as ex
 
 BATCH, INPUT_DIM = 4096, 96
@@ -147,14 +148,15 @@ def level1_launches(num_domains, device, domain, check_against_reference):
     f32 = [t.float().to(device) for t in (x, rep, *params, *stats, upstream)]
     x32, rep32, params32, stats32, dy = f32[0], f32[1], f32[2:10], f32[10:12], f32[12]
     domain = domain.to(device)
+    plan = make_plan("paper", True, True, 0.1, 1e-5)
     y, q, v, order, count, mean, m2, rstd = adapter_cell.adapter_cell_forward(x32, rep32, domain, params32, *stats32,
-                                                                              True, 1e-5, empty=record)
-    grads = adapter_cell.adapter_cell_backward(dy, x32, rep32, domain, params32, q, v, order, count, mean, rstd, True,
+                                                                              plan, empty=record)
+    grads = adapter_cell.adapter_cell_backward(dy, x32, rep32, domain, params32, q, v, order, count, mean, rstd, plan,
                                                empty=record)
     norm_y, norm_count, norm_mean, _, norm_rstd = domain_norm.domain_norm_forward(
-        x32, domain, params32[6], params32[7], *stats32, True, 1e-5, empty=record)
+        x32, domain, params32[6], params32[7], *stats32, plan, empty=record)
     norm_grads = domain_norm.domain_norm_backward(dy, x32, domain, params32[6], norm_count, norm_mean, norm_rstd,
-                                                  True, empty=record)
+                                                  plan, empty=record)
     if check_against_reference:
         inputs = (x, rep, domain.cpu(), params, stats)
         ref_y, ref_leaves, _ = run_with_grads("reference", torch.float64, "cpu", inputs, "paper", upstream)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hamur_fast as hf
+from hamur_fast.ops.contract import make_plan
 from helpers import NAMES, assert_matches_reference, cell_inputs, fp32_exact, rel_err
 
 triton_backend = pytest.importorskip("hamur_fast.kernels.adapter_cell")
@@ -44,30 +45,28 @@ def test_every_buffer_is_written(mode, training, device):
     x, rep, domain = x.to(device), rep.to(device), domain.to(device)
     params = [p.to(device) for p in params]
     stats = [s.to(device) if s is not None else None for s in stats]
-    use_batch_stats = training or mode == "released"
-    clean = triton_backend.adapter_cell_forward(x, rep, domain, params, *stats, use_batch_stats, 1e-5)
-    poisoned = triton_backend.adapter_cell_forward(x, rep, domain, params, *stats, use_batch_stats, 1e-5,
-                                                   empty=nan_empty)
+    plan = make_plan(mode, training, stats[0] is not None, 0.1, 1e-5)
+    clean = triton_backend.adapter_cell_forward(x, rep, domain, params, *stats, plan)
+    poisoned = triton_backend.adapter_cell_forward(x, rep, domain, params, *stats, plan, empty=nan_empty)
     for a, b in zip(clean, poisoned):
         assert torch.equal(a, b)
     y, q, v, order, count, mean, m2, rstd = poisoned
     assert torch.isfinite(y).all()
     dy = torch.randn_like(y)
-    grads = [triton_backend.adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, rstd,
-                                                  use_batch_stats, empty=alloc)
+    grads = [triton_backend.adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, rstd, plan,
+                                                  empty=alloc)
              for alloc in (torch.empty, nan_empty)]
     for name, a, b in zip(NAMES, *grads):
         assert torch.isfinite(b).all() and torch.equal(a, b), name
 
     o = torch.randn(37, 40, device=device)
     weight, bias = params[6], params[7]
-    clean = triton_norm.domain_norm_forward(o, domain, weight, bias, *stats, use_batch_stats, 1e-5)
-    poisoned = triton_norm.domain_norm_forward(o, domain, weight, bias, *stats, use_batch_stats, 1e-5,
-                                               empty=nan_empty)
+    clean = triton_norm.domain_norm_forward(o, domain, weight, bias, *stats, plan)
+    poisoned = triton_norm.domain_norm_forward(o, domain, weight, bias, *stats, plan, empty=nan_empty)
     for a, b in zip(clean, poisoned):
         assert torch.equal(a, b)
     y, count, mean, _, rstd = poisoned
-    back = [triton_norm.domain_norm_backward(dy, o, domain, weight, count, mean, rstd, use_batch_stats, empty=a)
+    back = [triton_norm.domain_norm_backward(dy, o, domain, weight, count, mean, rstd, plan, empty=a)
             for a in (torch.empty, nan_empty)]
     for a, b in zip(*back):
         assert torch.isfinite(b).all() and torch.equal(a, b)
@@ -155,21 +154,22 @@ def small_op_args(mode, device, seed=12):
 def test_opcheck_registered_ops(mode, device):
     (x, rep, domain), params, stats = small_op_args(mode, device)
     leaves = [t.requires_grad_() for t in (x, rep, *params)]
-    fwd_args = (leaves[0], leaves[1], domain, *leaves[2:], *stats, True, 1e-5)
+    flags = make_plan(mode, True, False, 0.1, 1e-5).flags()
+    fwd_args = (leaves[0], leaves[1], domain, *leaves[2:], *stats, *flags)
     torch.library.opcheck(torch.ops.hamur_fast.triton_cell_forward.default, fwd_args)
     with torch.no_grad():
         y, q, v, order, count, mean, m2, rstd = torch.ops.hamur_fast.triton_cell_forward(*fwd_args)
     bwd_args = (torch.randn_like(y), x.detach(), rep.detach(), domain, *[p.detach() for p in params],
-                q, v, order, count, mean, rstd, True)
+                q, v, order, count, mean, rstd, *flags)
     torch.library.opcheck(torch.ops.hamur_fast.triton_cell_backward.default, bwd_args)
 
     o, weight, bias = torch.randn_like(y).requires_grad_(), leaves[8], leaves[9]
-    norm_args = (o, domain, weight, bias, *stats, True, 1e-5)
+    norm_args = (o, domain, weight, bias, *stats, *flags)
     torch.library.opcheck(torch.ops.hamur_fast.triton_norm_forward.default, norm_args)
     with torch.no_grad():
         _, count, mean, m2, rstd = torch.ops.hamur_fast.triton_norm_forward(*norm_args)
     torch.library.opcheck(torch.ops.hamur_fast.triton_norm_backward.default,
-                          (torch.randn_like(y), o.detach(), domain, weight.detach(), count, mean, rstd, True))
+                          (torch.randn_like(y), o.detach(), domain, weight.detach(), count, mean, rstd, *flags))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: B * k * k above 2**31 elements")

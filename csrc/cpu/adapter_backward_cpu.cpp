@@ -55,10 +55,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& rep_in, const Tensor& domain_in,
     const Tensor& down_left_in, const Tensor& down_right_in, const Tensor& up_left_in, const Tensor& up_right_in,
     const Tensor& norm_weight_in, const Tensor& o_in, const Tensor& hidden_in, const Tensor& order_in,
-    const Tensor& mean_in, const Tensor& rstd_in, const Tensor& count_in, bool per_domain, bool batch_stats) {
+    const Tensor& count_in, const Tensor& mean_in, const Tensor& rstd_in, bool per_domain, bool batch_statistics,
+    bool unbiased, double eps) {
+  const NormPlan plan{per_domain, batch_statistics, unbiased, eps};
   checks::compiled_cell_backward(c10::DeviceType::CPU, grad_y_in, x_in, rep_in, domain_in, down_left_in, down_right_in,
-                                 up_left_in, up_right_in, norm_weight_in, o_in, hidden_in, order_in, mean_in, rstd_in,
-                                 count_in, per_domain);
+                                 up_left_in, up_right_in, norm_weight_in, o_in, hidden_in, order_in, count_in, mean_in,
+                                 rstd_in, plan);
   const Tensor gy = grad_y_in.contiguous(), x = x_in.contiguous(), rep = rep_in.contiguous();
   const Tensor dl = down_left_in.contiguous(), dr = down_right_in.contiguous();
   const Tensor ul = up_left_in.contiguous(), ur = up_right_in.contiguous(), norm_weight = norm_weight_in.contiguous();
@@ -79,7 +81,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const NormGrad<scalar_t> ng = norm_grad(gy_p, order_p, o_p, slots, shape.batch, h, shape.groups,
                                             norm_weight.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
                                             rstd.data_ptr<scalar_t>(), count_in.contiguous().data_ptr<scalar_t>(),
-                                            batch_stats);
+                                            plan);
     scalar_t* grad_o_p = grad_o.data_ptr<scalar_t>();
     at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
       for (int64_t i = first; i < end; ++i)

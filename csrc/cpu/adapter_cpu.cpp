@@ -26,10 +26,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
     const Tensor& x_in, const Tensor& rep_in, const Tensor& domain_in, const Tensor& down_left_in,
     const Tensor& down_right_in, const Tensor& down_bias_in, const Tensor& up_left_in, const Tensor& up_right_in,
     const Tensor& up_bias_in, const Tensor& norm_weight_in, const Tensor& norm_bias_in,
-    const c10::optional<Tensor>& stat_mean, const c10::optional<Tensor>& stat_var, bool per_domain, double eps) {
+    const c10::optional<Tensor>& stat_mean, const c10::optional<Tensor>& stat_var, bool per_domain,
+    bool batch_statistics, bool unbiased, double eps) {
+  const NormPlan plan{per_domain, batch_statistics, unbiased, eps};
   checks::compiled_cell_forward(c10::DeviceType::CPU, x_in, rep_in, domain_in, down_left_in, down_right_in,
                                 down_bias_in, up_left_in, up_right_in, up_bias_in, norm_weight_in, norm_bias_in,
-                                stat_mean, stat_var, per_domain);
+                                stat_mean, stat_var, plan);
   const Tensor x = x_in.contiguous(), rep = rep_in.contiguous(), domain = domain_in.contiguous();
   const Tensor dl = down_left_in.contiguous(), dr = down_right_in.contiguous(), db = down_bias_in.contiguous();
   const Tensor ul = up_left_in.contiguous(), ur = up_right_in.contiguous(), ub = up_bias_in.contiguous();
@@ -41,9 +43,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
   const Rows slots{order.slot_group.data(), per_domain};
   Tensor y = at::empty_like(x), o = at::empty_like(x);
   Tensor hidden = at::empty({shape.batch, shape.stride()}, x.options());
-  Tensor mean = at::empty({shape.groups, h}, x.options());
-  Tensor rstd = at::empty_like(mean), var = at::empty_like(mean);
-  Tensor count = at::empty({shape.groups}, x.options());
+  Tensor count = at::empty({shape.groups}, x.options()), mean = at::empty({shape.groups, h}, x.options());
+  Tensor m2 = at::empty_like(mean), rstd = at::empty_like(mean);
   // u = x.U, one GEMM per domain over its rows.
   const Tensor x_sorted = gather_rows(x, order);
   for (int64_t g = 0; g < shape.groups; ++g) {
@@ -68,11 +69,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_forward_cpu_norm", [&] {
     const scalar_t* o_p = o.data_ptr<scalar_t>();
-    statistics(o_p, slots, shape.batch, h, counts, stat_mean, stat_var, eps, mean, rstd, var, count);
+    statistics(o_p, slots, shape.batch, h, counts, stat_mean, stat_var, plan, count, mean, m2, rstd);
     normalise_rows(o_p, order.order.data_ptr<int64_t>(), x.data_ptr<scalar_t>(), slots, shape.batch, h, norm_weight,
                    norm_bias, mean, rstd, y.data_ptr<scalar_t>());
   });
-  return {y, o, hidden, order.order, mean, rstd, var, count};
+  return {y, o, hidden, order.order, count, mean, m2, rstd};
 }
 
 }  // namespace

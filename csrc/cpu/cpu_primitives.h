@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../plan.h"
 
 #include <algorithm>
 #include <cmath>
@@ -417,36 +418,34 @@ void batch_moments(const T* o, const Rows& rows, int64_t batch, int64_t width, i
   reduce_partials(sq_acc);
 }
 
-// Per-group mean and normalising variance of o's rows (batch_moments). Empty groups get mean 0, var 0.
-template <typename T>
-void batch_statistics(const T* o, const Rows& rows, int64_t batch, int64_t width, int64_t groups,
-                      const std::vector<int64_t>& count, T* mean, T* var) {
-  std::vector<double> mean_acc, sq_acc;
-  batch_moments(o, rows, batch, width, groups, count, mean_acc, sq_acc);
-  for (int64_t g = 0; g < groups; ++g) {
-    // Paper mode normalises with the biased variance, released mode with the unbiased one (torch.var).
-    const int64_t denominator = rows.per_domain ? std::max<int64_t>(count[g], 1) : std::max<int64_t>(count[g] - 1, 1);
-    for (int64_t j = 0; j < width; ++j) {
-      mean[g * width + j] = static_cast<T>(mean_acc[g * width + j]);
-      var[g * width + j] = static_cast<T>(sq_acc[g * width + j] / denominator);
-    }
-  }
-}
-
-// Fills mean, rstd, var, count (per group) from o's rows, or from the given statistics.
+// Fills count, mean, m2, rstd (per group, the contract's order) from o's rows with batch statistics (empty groups:
+// mean 0, m2 0), or mean and rstd from the given running statistics (m2 0).
 template <typename T>
 void statistics(const T* o, const Rows& rows, int64_t batch, int64_t width, const std::vector<int64_t>& counts,
-                const c10::optional<Tensor>& stat_mean, const c10::optional<Tensor>& stat_var, double eps,
-                Tensor& mean, Tensor& rstd, Tensor& var, Tensor& count) {
+                const c10::optional<Tensor>& stat_mean, const c10::optional<Tensor>& stat_var, const NormPlan& plan,
+                Tensor& count, Tensor& mean, Tensor& m2, Tensor& rstd) {
   const int64_t groups = static_cast<int64_t>(counts.size());
   for (int64_t g = 0; g < groups; ++g) count.data_ptr<T>()[g] = static_cast<T>(counts[g]);
-  if (stat_mean.has_value()) {
+  if (!plan.batch_statistics) {
     mean.copy_(*stat_mean);
-    var.copy_(*stat_var);
-  } else {
-    batch_statistics(o, rows, batch, width, groups, counts, mean.data_ptr<T>(), var.data_ptr<T>());
+    m2.zero_();
+    rstd.copy_(at::rsqrt(*stat_var + plan.eps));
+    return;
   }
-  rstd.copy_(at::rsqrt(var + eps));
+  std::vector<double> mean_acc, sq_acc;
+  batch_moments(o, rows, batch, width, groups, counts, mean_acc, sq_acc);
+  Tensor var = at::empty_like(mean);  // the variance normalised with, divided in double as the moments are kept
+  T *mean_p = mean.data_ptr<T>(), *m2_p = m2.data_ptr<T>(), *var_p = var.data_ptr<T>();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t divisor = std::max<int64_t>(counts[g] - (plan.unbiased ? 1 : 0), 1);
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t i = g * width + j;
+      mean_p[i] = static_cast<T>(mean_acc[i]);
+      m2_p[i] = static_cast<T>(sq_acc[i]);
+      var_p[i] = static_cast<T>(sq_acc[i] / divisor);
+    }
+  }
+  rstd.copy_(at::rsqrt(var + plan.eps));
 }
 
 // out[order[i]] = residual[order[i]] + (o[i] - mean) * weight * rstd + bias with slot i's group (`rows`
@@ -515,7 +514,7 @@ struct NormGrad {
 // data-parallel step, every rank's (with the global count). unbiased: the variance divides by n - 1.
 template <typename T, typename S>
 NormGrad<T> norm_grad_terms(const S* sum_gy, const S* sum_gy_xhat, int64_t groups, int64_t width, const T* weight,
-                            const T* mean, const T* rstd, const T* count, bool batch_stats, bool unbiased) {
+                            const T* mean, const T* rstd, const T* count, bool batch_statistics, bool unbiased) {
   const int64_t n = groups * width;
   NormGrad<T> out{std::vector<T>(n), std::vector<T>(n), std::vector<T>(n), std::vector<T>(n, T(0)),
                   std::vector<T>(n, T(0)), mean, rstd};
@@ -527,7 +526,7 @@ NormGrad<T> norm_grad_terms(const S* sum_gy, const S* sum_gy_xhat, int64_t group
       out.grad_bias[i] = static_cast<T>(sum_gy[i]);
       out.grad_weight[i] = static_cast<T>(sum_gy_xhat[i]);
       out.gain[i] = weight[i] * rstd[i];
-      if (batch_stats && rows_in_group > 0) {
+      if (batch_statistics && rows_in_group > 0) {
         out.mean_gy[i] = static_cast<T>(sum_gy[i] / rows_in_group);
         out.xhat_coef[i] = static_cast<T>(sum_gy_xhat[i] / var_denominator);
       }
@@ -540,7 +539,7 @@ NormGrad<T> norm_grad_terms(const S* sum_gy, const S* sum_gy_xhat, int64_t group
 template <typename T>
 NormGrad<T> norm_grad(const T* gy, const int64_t* gy_order, const T* o, const Rows& rows, int64_t batch,
                       int64_t width, int64_t groups, const T* weight, const T* mean, const T* rstd, const T* count,
-                      bool batch_stats) {
+                      const NormPlan& plan) {
   const int64_t chunks = num_chunks(batch), n = groups * width;
   std::vector<double> partial(chunks * 2 * n, 0.0);  // per chunk: sum(gy) then sum(gy * xhat)
   parallel_chunks(batch, chunks, [&](int64_t c, int64_t first, int64_t end) {
@@ -563,8 +562,8 @@ NormGrad<T> norm_grad(const T* gy, const int64_t* gy_order, const T* o, const Ro
   std::vector<double> sums(2 * n, 0.0);  // sum(gy) then sum(gy * xhat)
   for (int64_t c = 0; c < chunks; ++c)
     for (int64_t i = 0; i < 2 * n; ++i) sums[i] += partial[c * 2 * n + i];
-  return norm_grad_terms<T>(sums.data(), sums.data() + n, groups, width, weight, mean, rstd, count, batch_stats,
-                            /*unbiased=*/!rows.per_domain);
+  return norm_grad_terms<T>(sums.data(), sums.data() + n, groups, width, weight, mean, rstd, count,
+                            plan.batch_statistics, plan.unbiased);
 }
 
 template <typename T>

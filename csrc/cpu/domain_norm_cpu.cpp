@@ -9,33 +9,35 @@ namespace {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> domain_norm_forward_cpu(
     const Tensor& o_in, const Tensor& domain_in, const Tensor& weight_in, const Tensor& bias_in,
-    const c10::optional<Tensor>& stat_mean, const c10::optional<Tensor>& stat_var, bool per_domain, double eps) {
-  checks::compiled_norm_forward(c10::DeviceType::CPU, o_in, domain_in, weight_in, bias_in, stat_mean, stat_var,
-                                per_domain);
+    const c10::optional<Tensor>& stat_mean, const c10::optional<Tensor>& stat_var, bool per_domain,
+    bool batch_statistics, bool unbiased, double eps) {
+  const NormPlan plan{per_domain, batch_statistics, unbiased, eps};
+  checks::compiled_norm_forward(c10::DeviceType::CPU, o_in, domain_in, weight_in, bias_in, stat_mean, stat_var, plan);
   const Tensor o = o_in.contiguous(), domain = domain_in.contiguous();
   const Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
   const int64_t batch = o.size(0), width = o.size(1), groups = per_domain ? weight.size(0) : 1;
   const Rows rows{domain.data_ptr<int64_t>(), per_domain};
   const std::vector<int64_t> counts = count_rows(rows, batch, groups);
   Tensor y = at::empty_like(o);
-  Tensor mean = at::empty({groups, width}, o.options());
-  Tensor rstd = at::empty_like(mean), var = at::empty_like(mean);
-  Tensor count = at::empty({groups}, o.options());
+  Tensor count = at::empty({groups}, o.options()), mean = at::empty({groups, width}, o.options());
+  Tensor m2 = at::empty_like(mean), rstd = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "domain_norm_forward_cpu", [&] {
     const scalar_t* o_p = o.data_ptr<scalar_t>();
-    statistics(o_p, rows, batch, width, counts, stat_mean, stat_var, eps, mean, rstd, var, count);
+    statistics(o_p, rows, batch, width, counts, stat_mean, stat_var, plan, count, mean, m2, rstd);
     normalise_rows<scalar_t>(o_p, nullptr, nullptr, rows, batch, width, weight, bias, mean, rstd,
                              y.data_ptr<scalar_t>());
   });
-  return {y, mean, rstd, var, count};
+  return {y, count, mean, m2, rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor> domain_norm_backward_cpu(const Tensor& grad_y_in, const Tensor& o_in,
                                                             const Tensor& domain_in, const Tensor& weight_in,
-                                                            const Tensor& mean_in, const Tensor& rstd_in,
-                                                            const Tensor& count_in, bool per_domain, bool batch_stats) {
-  checks::compiled_norm_backward(c10::DeviceType::CPU, grad_y_in, o_in, domain_in, weight_in, mean_in, rstd_in,
-                                 count_in, per_domain);
+                                                            const Tensor& count_in, const Tensor& mean_in,
+                                                            const Tensor& rstd_in, bool per_domain,
+                                                            bool batch_statistics, bool unbiased, double eps) {
+  const NormPlan plan{per_domain, batch_statistics, unbiased, eps};
+  checks::compiled_norm_backward(c10::DeviceType::CPU, grad_y_in, o_in, domain_in, weight_in, count_in, mean_in,
+                                 rstd_in, plan);
   const Tensor gy = grad_y_in.contiguous(), o = o_in.contiguous(), domain = domain_in.contiguous();
   const Tensor weight = weight_in.contiguous(), mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const Tensor count = count_in.contiguous();
@@ -47,7 +49,7 @@ std::tuple<Tensor, Tensor, Tensor> domain_norm_backward_cpu(const Tensor& grad_y
     const scalar_t *gy_p = gy.data_ptr<scalar_t>(), *o_p = o.data_ptr<scalar_t>();
     const NormGrad<scalar_t> ng =
         norm_grad(gy_p, nullptr, o_p, rows, batch, width, groups, weight.data_ptr<scalar_t>(),
-                  mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), count.data_ptr<scalar_t>(), batch_stats);
+                  mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), count.data_ptr<scalar_t>(), plan);
     scalar_t* grad_o_p = grad_o.data_ptr<scalar_t>();
     at::parallel_for(0, batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
       for (int64_t b = first; b < end; ++b)
@@ -60,7 +62,7 @@ std::tuple<Tensor, Tensor, Tensor> domain_norm_backward_cpu(const Tensor& grad_y
 }
 
 // The split passes of DomainNorm that a data-parallel step runs with a collective between them
-// (hamur_fast/distributed/statistics.py): this rank's per-group (count, mean, M2), the normalisation with
+// (hamur_fast/ops/collectives.py): this rank's per-group (count, mean, M2), the normalisation with
 // given (global) mean and rstd, and the input gradient from given count and group sums. The group sums are
 // compiled_norm_backward's weight and bias gradients.
 std::tuple<Tensor, Tensor, Tensor> domain_norm_statistics_cpu(const Tensor& o_in, const Tensor& domain_in,
@@ -104,11 +106,11 @@ Tensor domain_norm_normalise_cpu(const Tensor& o_in, const Tensor& domain_in, co
 }
 
 Tensor domain_norm_input_grad_cpu(const Tensor& grad_y_in, const Tensor& o_in, const Tensor& domain_in,
-                                  const Tensor& weight_in, const Tensor& mean_in, const Tensor& rstd_in,
-                                  const Tensor& count_in, const Tensor& sum_dy_in, const Tensor& sum_dy_xhat_in,
+                                  const Tensor& weight_in, const Tensor& count_in, const Tensor& mean_in,
+                                  const Tensor& rstd_in, const Tensor& sum_dy_in, const Tensor& sum_dy_xhat_in,
                                   bool per_domain, bool unbiased) {
-  checks::compiled_norm_input_grad(c10::DeviceType::CPU, grad_y_in, o_in, domain_in, weight_in, mean_in, rstd_in,
-                                   count_in, sum_dy_in, sum_dy_xhat_in, per_domain);
+  checks::compiled_norm_input_grad(c10::DeviceType::CPU, grad_y_in, o_in, domain_in, weight_in, count_in, mean_in,
+                                   rstd_in, sum_dy_in, sum_dy_xhat_in, per_domain);
   const Tensor gy = grad_y_in.contiguous(), o = o_in.contiguous(), domain = domain_in.contiguous();
   const Tensor weight = weight_in.contiguous(), mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const Tensor count = count_in.contiguous(), sum_dy = sum_dy_in.contiguous(), sum_dy_xhat = sum_dy_xhat_in.contiguous();
@@ -123,7 +125,7 @@ Tensor domain_norm_input_grad_cpu(const Tensor& grad_y_in, const Tensor& o_in, c
   AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "domain_norm_input_grad_cpu", [&] {
     const NormGrad<scalar_t> ng = norm_grad_terms<scalar_t>(
         sum_dy.data_ptr<scalar_t>(), sum_dy_xhat.data_ptr<scalar_t>(), groups, width, weight.data_ptr<scalar_t>(),
-        mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), count.data_ptr<scalar_t>(), /*batch_stats=*/true,
+        mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), count.data_ptr<scalar_t>(), /*batch_statistics=*/true,
         unbiased);
     const scalar_t *gy_p = gy.data_ptr<scalar_t>(), *o_p = o.data_ptr<scalar_t>();
     scalar_t* grad_o_p = grad_o.data_ptr<scalar_t>();

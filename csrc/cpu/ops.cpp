@@ -7,15 +7,13 @@
 // hamur_fast/ops/contract.py.
 //
 // Conventions shared by every op:
-//   per_domain = true  is SPEC section 2 (paper): parameters carry a leading domain axis D, statistics
-//                      are per domain, normalisation uses the biased variance.
-//   per_domain = false is SPEC section 3 (released): parameters have no domain axis, one statistics
-//                      group spans the whole batch, normalisation uses the unbiased variance.
-//   stat_mean / stat_var, when given, are the statistics to normalise with (paper-mode eval with running
-//   statistics); when absent, the batch statistics are computed.
-//   Outputs mean, rstd, var, count are per statistics group (G = D or 1): the mean, 1/sqrt(var + eps),
-//   the variance used for normalising, and the number of rows; backward and the running-statistics
-//   update read them.
+//   The plan (csrc/plan.h; Plan in hamur_fast/ops/contract.py) comes as (per_domain, batch_statistics, unbiased,
+//   eps): per_domain = true is SPEC section 2 (paper: parameters carry a leading domain axis D, statistics per
+//   domain), false SPEC section 3 (released: no domain axis, one statistics group of the whole batch);
+//   batch_statistics = false normalises with stat_mean / stat_var (paper-mode eval with running statistics),
+//   which are given exactly then; unbiased divides m2 by count - 1 (released) rather than count.
+//   Statistics come per statistics group (G = D or 1) in one order, count, mean, m2, rstd: the rows, their
+//   mean, the sum of squared deviations, 1/sqrt(var + eps); backward and the running-statistics update read them.
 //   compiled_cell_forward also returns, for backward, a slot order of the rows: order (B,) int64 (slot i holds
 //   original row order[i]; the CPU kernels group rows by statistics group, stably, the CUDA kernels keep
 //   the identity), and o (B, h) and hidden (B, 4k + s) in that slot order;
@@ -36,12 +34,14 @@ TORCH_LIBRARY(hamur_fast, m) {
   m.def(
       "compiled_cell_forward(Tensor x, Tensor rep, Tensor domain, Tensor down_left, Tensor down_right, "
       "Tensor down_bias, Tensor up_left, Tensor up_right, Tensor up_bias, Tensor norm_weight, "
-      "Tensor norm_bias, Tensor? stat_mean, Tensor? stat_var, bool per_domain, float eps) -> "
-      "(Tensor y, Tensor o, Tensor hidden, Tensor order, Tensor mean, Tensor rstd, Tensor var, Tensor count)");
+      "Tensor norm_bias, Tensor? stat_mean, Tensor? stat_var, bool per_domain, bool batch_statistics, "
+      "bool unbiased, float eps) -> "
+      "(Tensor y, Tensor o, Tensor hidden, Tensor order, Tensor count, Tensor mean, Tensor m2, Tensor rstd)");
   m.def(
       "compiled_cell_backward(Tensor grad_y, Tensor x, Tensor rep, Tensor domain, Tensor down_left, "
       "Tensor down_right, Tensor up_left, Tensor up_right, Tensor norm_weight, Tensor o, Tensor hidden, "
-      "Tensor order, Tensor mean, Tensor rstd, Tensor count, bool per_domain, bool batch_stats) -> "
+      "Tensor order, Tensor count, Tensor mean, Tensor rstd, bool per_domain, bool batch_statistics, "
+      "bool unbiased, float eps) -> "
       "(Tensor grad_x, Tensor grad_rep, Tensor grad_down_left, Tensor grad_down_right, "
       "Tensor grad_down_bias, Tensor grad_up_left, Tensor grad_up_right, Tensor grad_up_bias, "
       "Tensor grad_norm_weight, Tensor grad_norm_bias)");
@@ -53,11 +53,11 @@ TORCH_LIBRARY(hamur_fast, m) {
       "Tensor norm_bias, Tensor running_mean, Tensor running_var, float eps) -> Tensor");
   m.def(
       "compiled_norm_forward(Tensor o, Tensor domain, Tensor weight, Tensor bias, Tensor? stat_mean, "
-      "Tensor? stat_var, bool per_domain, float eps) -> "
-      "(Tensor y, Tensor mean, Tensor rstd, Tensor var, Tensor count)");
+      "Tensor? stat_var, bool per_domain, bool batch_statistics, bool unbiased, float eps) -> "
+      "(Tensor y, Tensor count, Tensor mean, Tensor m2, Tensor rstd)");
   m.def(
-      "compiled_norm_backward(Tensor grad_y, Tensor o, Tensor domain, Tensor weight, Tensor mean, "
-      "Tensor rstd, Tensor count, bool per_domain, bool batch_stats) -> "
+      "compiled_norm_backward(Tensor grad_y, Tensor o, Tensor domain, Tensor weight, Tensor count, Tensor mean, "
+      "Tensor rstd, bool per_domain, bool batch_statistics, bool unbiased, float eps) -> "
       "(Tensor grad_o, Tensor grad_weight, Tensor grad_bias)");
   // The split passes a data-parallel step runs with collectives between them: this rank's per-group
   // (count, mean, M2); the normalisation with given (every rank's) mean and rstd; the input gradient from
@@ -70,7 +70,7 @@ TORCH_LIBRARY(hamur_fast, m) {
       "compiled_norm_normalise(Tensor o, Tensor domain, Tensor weight, Tensor bias, Tensor mean, Tensor rstd, "
       "bool per_domain) -> Tensor y");
   m.def(
-      "compiled_norm_input_grad(Tensor grad_y, Tensor o, Tensor domain, Tensor weight, Tensor mean, "
-      "Tensor rstd, Tensor count, Tensor sum_dy, Tensor sum_dy_xhat, bool per_domain, bool unbiased) -> "
+      "compiled_norm_input_grad(Tensor grad_y, Tensor o, Tensor domain, Tensor weight, Tensor count, "
+      "Tensor mean, Tensor rstd, Tensor sum_dy, Tensor sum_dy_xhat, bool per_domain, bool unbiased) -> "
       "Tensor grad_o");
 }

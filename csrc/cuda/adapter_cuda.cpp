@@ -45,20 +45,30 @@ cuda::CellFactors<T> cell_factors(const Tensor& dl, const Tensor& dr, const Tens
 // A tensor that lives on and has the dtype of `like`, contiguous.
 Tensor prepared(const Tensor& t, const Tensor& like) { return t.to(like.options()).contiguous(); }
 
-// Fills mean, var, rstd, count from o's rows; given statistics then replace mean and var (count stays the
-// batch's).
+// The kernels normalise per domain with the biased variance and one group with the unbiased one.
+void check_plan(const NormPlan& plan) {
+  TORCH_CHECK(plan.unbiased != plan.per_domain, "the CUDA kernels take unbiased = ", !plan.per_domain,
+              " with per_domain = ", plan.per_domain);
+}
+
+// Fills count, mean, m2, rstd (the contract's order) from o's rows; with running statistics mean and rstd come
+// from the given ones and m2 is 0 (count stays the batch's).
 template <typename T>
-void statistics(const Tensor& o, const Tensor& domain, bool per_domain, const c10::optional<Tensor>& stat_mean,
-                const c10::optional<Tensor>& stat_var, double eps, Tensor& mean, Tensor& var, Tensor& rstd,
-                Tensor& count, cudaStream_t stream) {
-  check_launch(cuda::launch_column_stats<T>(o.data_ptr<T>(), domain.data_ptr<int64_t>(), per_domain, o.size(0),
-                                            o.size(1), mean.size(0), eps, mean.data_ptr<T>(), var.data_ptr<T>(),
+void statistics(const Tensor& o, const Tensor& domain, const NormPlan& plan, const c10::optional<Tensor>& stat_mean,
+                const c10::optional<Tensor>& stat_var, Tensor& count, Tensor& mean, Tensor& m2, Tensor& rstd,
+                cudaStream_t stream) {
+  check_plan(plan);
+  Tensor var = at::empty_like(mean);
+  check_launch(cuda::launch_column_stats<T>(o.data_ptr<T>(), domain.data_ptr<int64_t>(), plan.per_domain, o.size(0),
+                                            o.size(1), mean.size(0), plan.eps, mean.data_ptr<T>(), var.data_ptr<T>(),
                                             rstd.data_ptr<T>(), count.data_ptr<T>(), stream),
                "column_stats");
-  if (stat_mean.has_value()) {
+  if (plan.batch_statistics) {
+    m2.copy_(var * variance_divisor(count, plan.unbiased));
+  } else {
     mean.copy_(*stat_mean);
-    var.copy_(*stat_var);
-    rstd.copy_(at::rsqrt(var + eps));
+    m2.zero_();
+    rstd.copy_(at::rsqrt(*stat_var + plan.eps));
   }
 }
 
@@ -66,10 +76,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
     const Tensor& x_in, const Tensor& rep_in, const Tensor& domain_in, const Tensor& down_left,
     const Tensor& down_right, const Tensor& down_bias, const Tensor& up_left, const Tensor& up_right,
     const Tensor& up_bias, const Tensor& norm_weight_in, const Tensor& norm_bias_in,
-    const c10::optional<Tensor>& stat_mean, const c10::optional<Tensor>& stat_var, bool per_domain, double eps) {
+    const c10::optional<Tensor>& stat_mean, const c10::optional<Tensor>& stat_var, bool per_domain,
+    bool batch_statistics, bool unbiased, double eps) {
+  const NormPlan plan{per_domain, batch_statistics, unbiased, eps};
   checks::compiled_cell_forward(c10::DeviceType::CUDA, x_in, rep_in, domain_in, down_left, down_right, down_bias,
-                                up_left, up_right, up_bias, norm_weight_in, norm_bias_in, stat_mean, stat_var,
-                                per_domain);
+                                up_left, up_right, up_bias, norm_weight_in, norm_bias_in, stat_mean, stat_var, plan);
   const c10::DeviceGuard guard(x_in.device());
   const Tensor x = x_in.contiguous(), rep = rep_in.contiguous(), domain = domain_in.contiguous();
   const Tensor dl = prepared(down_left, x), dr = prepared(down_right, x), db = prepared(down_bias, x);
@@ -80,16 +91,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
   Tensor y = at::empty_like(x), o = at::empty_like(x);
   Tensor hidden = at::empty({dims.batch, 4 * dims.rank + dims.bottleneck}, x.options());
   Tensor order = at::arange(dims.batch, x.options().dtype(at::kLong));
-  Tensor mean = at::empty({dims.groups, dims.width}, x.options());
-  Tensor var = at::empty_like(mean), rstd = at::empty_like(mean);
-  Tensor count = at::empty({dims.groups}, x.options());
+  Tensor count = at::empty({dims.groups}, x.options()), mean = at::empty({dims.groups, dims.width}, x.options());
+  Tensor m2 = at::empty_like(mean), rstd = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_forward_cuda", [&] {
     check_launch(cuda::launch_project_rows<scalar_t>(dims, cell_factors<scalar_t>(dl, dr, db, ul, ur, ub),
                                                      x.data_ptr<scalar_t>(), rep.data_ptr<scalar_t>(),
                                                      domain.data_ptr<int64_t>(), hidden.data_ptr<scalar_t>(),
                                                      o.data_ptr<scalar_t>(), stream),
                  "project_rows");
-    statistics<scalar_t>(o, domain, per_domain, stat_mean, stat_var, eps, mean, var, rstd, count, stream);
+    statistics<scalar_t>(o, domain, plan, stat_mean, stat_var, count, mean, m2, rstd, stream);
     check_launch(cuda::launch_normalise<scalar_t>(o.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                                                   domain.data_ptr<int64_t>(), per_domain, dims.groups, dims.batch,
                                                   dims.width,
@@ -98,7 +108,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
                                                   y.data_ptr<scalar_t>(), stream),
                  "normalise");
   });
-  return {y, o, hidden, order, mean, rstd, var, count};
+  return {y, o, hidden, order, count, mean, m2, rstd};
 }
 
 Tensor adapter_infer_cuda(const Tensor& x_in, const Tensor& rep_in, const Tensor& domain_in, const Tensor& down_left,
@@ -129,38 +139,40 @@ Tensor adapter_infer_cuda(const Tensor& x_in, const Tensor& rep_in, const Tensor
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> domain_norm_forward_cuda(
     const Tensor& o_in, const Tensor& domain_in, const Tensor& weight_in, const Tensor& bias_in,
-    const c10::optional<Tensor>& stat_mean, const c10::optional<Tensor>& stat_var, bool per_domain, double eps) {
-  checks::compiled_norm_forward(c10::DeviceType::CUDA, o_in, domain_in, weight_in, bias_in, stat_mean, stat_var,
-                                per_domain);
+    const c10::optional<Tensor>& stat_mean, const c10::optional<Tensor>& stat_var, bool per_domain,
+    bool batch_statistics, bool unbiased, double eps) {
+  const NormPlan plan{per_domain, batch_statistics, unbiased, eps};
+  checks::compiled_norm_forward(c10::DeviceType::CUDA, o_in, domain_in, weight_in, bias_in, stat_mean, stat_var, plan);
   const c10::DeviceGuard guard(o_in.device());
   const Tensor o = o_in.contiguous(), domain = domain_in.contiguous();
   const Tensor weight = prepared(weight_in, o), bias = prepared(bias_in, o);
   const int64_t groups = per_domain ? weight.size(0) : 1;
   const cudaStream_t stream = current_stream(o);
   Tensor y = at::empty_like(o);
-  Tensor mean = at::empty({groups, o.size(1)}, o.options());
-  Tensor var = at::empty_like(mean), rstd = at::empty_like(mean);
-  Tensor count = at::empty({groups}, o.options());
+  Tensor count = at::empty({groups}, o.options()), mean = at::empty({groups, o.size(1)}, o.options());
+  Tensor m2 = at::empty_like(mean), rstd = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "domain_norm_forward_cuda", [&] {
-    statistics<scalar_t>(o, domain, per_domain, stat_mean, stat_var, eps, mean, var, rstd, count, stream);
+    statistics<scalar_t>(o, domain, plan, stat_mean, stat_var, count, mean, m2, rstd, stream);
     check_launch(cuda::launch_normalise<scalar_t>(o.data_ptr<scalar_t>(), nullptr, domain.data_ptr<int64_t>(),
                                                   per_domain, groups, o.size(0), o.size(1), weight.data_ptr<scalar_t>(),
                                                   bias.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
                                                   rstd.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), stream),
                  "normalise");
   });
-  return {y, mean, rstd, var, count};
+  return {y, count, mean, m2, rstd};
 }
 
 // Per-group terms of DomainNorm's backward: grad_weight, grad_bias, mean_gy, xhat_coef, each (G, h).
 std::tuple<Tensor, Tensor, Tensor, Tensor> norm_grad_terms(const Tensor& gy, const Tensor& o, const Tensor& domain,
-                                                           const Tensor& mean, const Tensor& rstd, const Tensor& count,
-                                                           bool per_domain, bool batch_stats, cudaStream_t stream) {
+                                                           const Tensor& count, const Tensor& mean, const Tensor& rstd,
+                                                           const NormPlan& plan, cudaStream_t stream) {
+  check_plan(plan);
   Tensor grad_weight = at::empty_like(mean), grad_bias = at::empty_like(mean);
   Tensor mean_gy = at::empty_like(mean), xhat_coef = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "norm_grad_cuda", [&] {
     check_launch(cuda::launch_norm_grad<scalar_t>(gy.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
-                                                  domain.data_ptr<int64_t>(), per_domain, batch_stats, o.size(0),
+                                                  domain.data_ptr<int64_t>(), plan.per_domain, plan.batch_statistics,
+                                                  o.size(0),
                                                   o.size(1), mean.size(0), mean.data_ptr<scalar_t>(),
                                                   rstd.data_ptr<scalar_t>(), count.data_ptr<scalar_t>(),
                                                   grad_weight.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(),
@@ -173,11 +185,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_grad_terms(const Tensor& gy, con
 
 std::tuple<Tensor, Tensor, Tensor> domain_norm_backward_cuda(const Tensor& grad_y_in, const Tensor& o_in,
                                                              const Tensor& domain_in, const Tensor& weight_in,
-                                                             const Tensor& mean_in, const Tensor& rstd_in,
-                                                             const Tensor& count_in, bool per_domain,
-                                                             bool batch_stats) {
-  checks::compiled_norm_backward(c10::DeviceType::CUDA, grad_y_in, o_in, domain_in, weight_in, mean_in, rstd_in,
-                                 count_in, per_domain);
+                                                             const Tensor& count_in, const Tensor& mean_in,
+                                                             const Tensor& rstd_in, bool per_domain,
+                                                             bool batch_statistics, bool unbiased, double eps) {
+  const NormPlan plan{per_domain, batch_statistics, unbiased, eps};
+  checks::compiled_norm_backward(c10::DeviceType::CUDA, grad_y_in, o_in, domain_in, weight_in, count_in, mean_in,
+                                 rstd_in, plan);
   const c10::DeviceGuard guard(o_in.device());
   const Tensor gy = grad_y_in.contiguous(), o = o_in.contiguous(), domain = domain_in.contiguous();
   const Tensor weight = prepared(weight_in, o), mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
@@ -185,7 +198,7 @@ std::tuple<Tensor, Tensor, Tensor> domain_norm_backward_cuda(const Tensor& grad_
   const cudaStream_t stream = current_stream(o);
   Tensor grad_weight, grad_bias, mean_gy, xhat_coef;
   std::tie(grad_weight, grad_bias, mean_gy, xhat_coef) =
-      norm_grad_terms(gy, o, domain, mean, rstd, count, per_domain, batch_stats, stream);
+      norm_grad_terms(gy, o, domain, count, mean, rstd, plan, stream);
   Tensor grad_o = at::empty_like(o);
   AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "domain_norm_backward_cuda", [&] {
     check_launch(cuda::launch_grad_o<scalar_t>(gy.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
@@ -210,10 +223,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& rep_in, const Tensor& domain_in,
     const Tensor& down_left, const Tensor& down_right, const Tensor& up_left, const Tensor& up_right,
     const Tensor& norm_weight_in, const Tensor& o_in, const Tensor& hidden_in, const Tensor& order_in,
-    const Tensor& mean_in, const Tensor& rstd_in, const Tensor& count_in, bool per_domain, bool batch_stats) {
+    const Tensor& count_in, const Tensor& mean_in, const Tensor& rstd_in, bool per_domain, bool batch_statistics,
+    bool unbiased, double eps) {
+  const NormPlan plan{per_domain, batch_statistics, unbiased, eps};
   checks::compiled_cell_backward(c10::DeviceType::CUDA, grad_y_in, x_in, rep_in, domain_in, down_left, down_right,
-                                 up_left, up_right, norm_weight_in, o_in, hidden_in, order_in, mean_in, rstd_in,
-                                 count_in, per_domain);  // order_in: the identity on the GPU, only checked
+                                 up_left, up_right, norm_weight_in, o_in, hidden_in, order_in, count_in, mean_in,
+                                 rstd_in, plan);  // order_in: the identity on the GPU, only checked
   const c10::DeviceGuard guard(x_in.device());
   const Tensor gy = grad_y_in.contiguous(), x = x_in.contiguous(), rep = rep_in.contiguous();
   const Tensor domain = domain_in.contiguous(), o = o_in.contiguous(), hidden = hidden_in.contiguous();
@@ -225,7 +240,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const cudaStream_t stream = current_stream(x);
   Tensor grad_norm_weight, grad_norm_bias, mean_gy, xhat_coef;
   std::tie(grad_norm_weight, grad_norm_bias, mean_gy, xhat_coef) =
-      norm_grad_terms(gy, o, domain, mean, rstd, count, per_domain, batch_stats, stream);
+      norm_grad_terms(gy, o, domain, count, mean, rstd, plan, stream);
   Tensor grad_o = at::empty_like(x), grad_x = at::empty_like(x), grad_rep = at::empty_like(rep);
   Tensor grad_core = at::empty({dims.batch, 2 * k + s}, x.options());  // [grad_q | grad_z | grad_u]
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_backward_cuda", [&] {

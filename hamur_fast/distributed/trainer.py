@@ -7,7 +7,7 @@
   test splits. The shards are trimmed to a multiple of N rows in all, so that every rank takes the same number
   of equal steps. The whole data's fingerprint (a resume checks it) is the sum of the ranks' row digests.
 - Steps: the global batch ``train.batch_size`` is split evenly, ``batch_size / N`` rows per rank; DDP averages
-  the gradients, every normalisation merges its statistics over the ranks (:mod:`.statistics`), and the
+  the gradients, every normalisation merges its statistics over the ranks (:mod:`hamur_fast.ops.collectives`), and the
   loss is scaled so that a step equals one process's step on the union of the ranks' rows.
 - Validation and test: every eval batch of one process is split across the ranks and the predictions are
   gathered, so every rank computes the metrics of the one-process predictions (identical numbers).
@@ -29,7 +29,8 @@ from ..data.fingerprint import data_fingerprint, digest, fingerprint
 from ..train import experiment
 from ..train.trainer import Trainer, TrainConfig
 from . import runtime
-from .statistics import convert_batch_norms, synchronised
+from ..nn.sync_batch_norm import convert_batch_norms
+from ..ops.collectives import synchronised
 
 # torch 2.13 renamed DDP's broadcast_buffers (older versions, e.g. the GPU machine's 2.11, know only that name).
 NO_BUFFER_BROADCAST = ("forward_sync_buffers" if "forward_sync_buffers" in

@@ -26,7 +26,7 @@ from ..models.backbones import DomainTowers, SharedMLP
 from ..models.blocks import MLP
 from ..nn import DomainNorm, HyperAdapter, HyperNetwork
 from ..ops import generated
-from ..ops.backends.torch import adapter_projection
+from ..ops.eager import adapter_projection
 from ..ops.registry import resolve
 
 
@@ -131,6 +131,7 @@ class FoldedHyperAdapter(nn.Module):
     def __init__(self, cell: HyperAdapter):
         super().__init__()
         scale, shift = _affine(cell.norm_weight, cell.norm_bias, cell.running_mean, cell.running_var, cell.eps)
+        self.per_domain = cell.mode == "paper"
         dtype = cell.up_right.dtype
         for name in ("down_left", "down_right", "down_bias", "up_left"):
             self.register_buffer(name, getattr(cell, name).detach().clone())
@@ -142,7 +143,7 @@ class FoldedHyperAdapter(nn.Module):
         if isinstance(rep, generated.GeneratedRep):  # fused generation was forced on an eager backend
             rep = rep.materialise()
         return x + adapter_projection(x, rep, domain, self.down_left, self.down_right, self.down_bias,
-                                            self.up_left, self.up_right, self.up_bias)
+                                      self.up_left, self.up_right, self.up_bias, per_domain=self.per_domain)
 
 
 def _foldable_cell(cell: HyperAdapter, device: torch.device) -> bool:

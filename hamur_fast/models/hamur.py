@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..distributed.statistics import active_group
+from ..ops.collectives import active_group
 from ..ops import generated, grouped_linear
 from ..nn import HyperNetwork
 from ..nn.adapter import NORMS, BackendAttribute

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.backends.torch import project_per_domain
+from ..ops.eager import project_per_domain
 from .base import MultiDomainModel
 from .blocks import MLP, mixture
 

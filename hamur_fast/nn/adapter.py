@@ -8,9 +8,9 @@ from torch import nn
 import torch.nn.functional as F
 
 from .. import _checks, ops
-from ..distributed.statistics import active_group, batch_norm
+from ..ops.collectives import active_group, batch_norm
 from ..ops import generated
-from ..ops.backends.torch import adapter_projection
+from ..ops.eager import adapter_projection
 from ..ops.registry import check_backend_name, resolve
 
 # Normalisations the adapter cell can apply to its output (the "norm" ablation of HAMUR).
@@ -152,7 +152,8 @@ class HyperAdapter(BackendAttribute, nn.Module):
                                      backend=self.backend, num_domains=self.num_domains)
         self._check_inputs(x, rep, domain)
         projection = self.parameters_in_op_order()[:6]
-        return x + self._normalise(adapter_projection(x, rep, domain, *projection), domain)
+        return x + self._normalise(adapter_projection(x, rep, domain, *projection, per_domain=self.mode == "paper"),
+                                   domain)
 
     def _forward_generated(self, x, rep, domain):
         if self.norm != "domain" or rep.rank != self.rank:
@@ -198,7 +199,7 @@ class HyperAdapter(BackendAttribute, nn.Module):
         else:  # "batch"
             standard = batch_norm(o, self.running_mean, self.running_var, None, None, self.training,
                                   self.momentum, self.eps)
-        per_domain = self.norm_weight.dim() == 2
+        per_domain = self.mode == "paper"
         weight = self.norm_weight[domain] if per_domain else self.norm_weight
         bias = self.norm_bias[domain] if per_domain else self.norm_bias
         return torch.addcmul(bias, standard, weight)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..distributed.statistics import batch_norm, domain_counts, mean_and_covariance
+from ..ops.collectives import batch_norm, domain_counts, mean_and_covariance
 from ..ops import grouped_linear
 
 
@@ -151,7 +151,7 @@ def affine_batch_moments(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     with ``mu`` and ``S`` the batch mean and biased covariance of ``x``: ``mean_d = W_d mu + b_d`` and
     ``var_d = diag(W_d S W_d^T)`` (SPEC section 6 uses the same identity for the generator). Cost
     O(B F^2 + D C F^2), independent of B times D; autograd through these formulas gives exactly the
-    gradients of the direct computation. Under data parallelism (:func:`~hamur_fast.distributed.statistics.
+    gradients of the direct computation. Under data parallelism (:func:`~hamur_fast.ops.collectives.
     synchronised`) ``mu``, ``S`` and the row count are those of every rank's rows.
     """
     count, mu, covariance = mean_and_covariance(x)  # (F,), (F, F)

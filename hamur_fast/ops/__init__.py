@@ -6,7 +6,7 @@ argument and the offending value before any compute), turn (mode, training, runn
 (:func:`~hamur_fast.ops.registry.resolve`), run it, and update the running statistics from the per-domain
 (count, mean, M2) the backend returns. While a data-parallel step synchronises batch statistics
 (:func:`hamur_fast.distributed.synchronised`), the same backend runs as split passes with the collectives
-between them (:mod:`hamur_fast.distributed.statistics`). The contract every backend follows:
+between them (:mod:`hamur_fast.ops.collectives`). The contract every backend follows:
 :mod:`hamur_fast.ops.contract`; the backends: :mod:`hamur_fast.ops.backends`.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .. import _checks
 from . import backends, grouped_linear  # noqa: F401  (registers every backend this installation offers)
 from .contract import Backend, Capabilities, GroupStats, Plan, check_mode, make_plan, update_running_stats
 from .registry import available_backends, register_backend, resolve
-from ..distributed import statistics as _statistics
+from . import collectives as _statistics
 
 __all__ = ["hyper_adapter", "hyper_adapter_generated", "domain_norm", "available_backends", "register_backend",
            "Backend", "Capabilities", "GroupStats", "Plan"]

@@ -13,13 +13,13 @@ Backend functions (arguments already validated, ``domain`` int64; ``params`` is 
     hyper_adapter(x, rep, domain, params, running_mean, running_var, plan) -> (y, stats)
     domain_norm(o, domain, weight, bias, running_mean, running_var, plan)  -> (y, stats)
 
-``running_mean`` / ``running_var`` are read only when ``plan.statistics == "running"``. ``stats`` is the
-:class:`GroupStats` of the batch when ``plan.statistics == "batch"``, else None. Statistics are returned
+``running_mean`` / ``running_var`` are read only without ``plan.batch_statistics``. ``stats`` is the
+:class:`GroupStats` of the batch with ``plan.batch_statistics``, else None. Statistics are returned
 as (count, mean, M2): the form Chan's parallel formula merges exactly, which is what a cross-process
 collective exchanges between a backend's statistics pass and its normalise pass.
 
 The split passes of a batch-statistics normalisation (:class:`NormPasses`, ``Backend.norm_passes``): what a
-data-parallel step runs with a collective between them (:mod:`hamur_fast.distributed.statistics`: statistics
+data-parallel step runs with a collective between them (:mod:`hamur_fast.ops.collectives`: statistics
 -> all_gather + Chan merge -> normalise; grad_sums -> all_reduce -> input_grad). ``groups`` is the (B,) int64
 statistics group of each row (paper mode: the domain), or None for one group of all rows (released mode,
 BatchNorm); the per-group tables are (G, h) (released mode's (h,) weight is passed as (1, h)); statistics come
@@ -38,10 +38,10 @@ A backend whose adapter cell fuses its normalisation may split the cell at the s
 Without them a data-parallel step runs the projection by autograd over torch ops and then the backend's
 ``norm_passes``::
 
-    project(x, rep, domain, params)                                  -> (GroupStats of o, saved)
-    normalise(x, domain, params, saved, mean, rstd)                  -> y = x + nw[g] (o - mean[g]) rstd[g] + nb[g]
-    grad_sums(dy, domain, params, saved, mean, rstd)                 -> (sum_dy, sum_dy_xhat), each (G, h)
-    input_grads(dy, x, rep, domain, params, saved, count, mean, rstd, sum_dy, sum_dy_xhat, unbiased)
+    project(x, rep, domain, params, plan)                            -> (GroupStats of o, saved)
+    normalise(x, domain, params, saved, mean, rstd, plan)            -> y = x + nw[g] (o - mean[g]) rstd[g] + nb[g]
+    grad_sums(dy, domain, params, saved, mean, rstd, plan)           -> (sum_dy, sum_dy_xhat), each (G, h)
+    input_grads(dy, x, rep, domain, params, saved, count, mean, rstd, sum_dy, sum_dy_xhat, plan)
                                                                      -> (dx, drep, and the six factors' gradients)
 
 One vocabulary, shared by every backend, its kernels and its saved tensors (SPEC sections 2 and 3; row
@@ -66,6 +66,9 @@ rstd           (G, h)      1 / sqrt(var + eps), var = m2 / count (paper) or m2 /
 order          (B,)        row order sorted by group (kernels that group rows); slot i holds row order[i]
 =============  ==========  =========================================================================
 
+Every forward and backward operator takes the plan as its last arguments, (per_domain, batch_statistics, unbiased,
+eps) (:meth:`Plan.flags`), and statistics come and go in one order, count, mean, m2, rstd.
+
 Registered operators: ``torch.ops.hamur_fast.<implementation>_<op>_<pass>``, one name per kernel
 entry point, nothing else registered under ``hamur_fast``:
 
@@ -76,11 +79,11 @@ triton_cell_forward            ops/backends/triton.py    y, q, v, order, count, 
 triton_cell_backward           ops/backends/triton.py    the ten input gradients (x, rep, params)
 triton_norm_forward            ops/backends/triton.py    y, count, mean, m2, rstd
 triton_norm_backward           ops/backends/triton.py    grad o, grad weight, grad bias
-compiled_cell_forward          csrc/cpu/ops.cpp          y, o, hidden (p, q, u, v, a), order, mean, rstd,
-                                                         var, count
+compiled_cell_forward          csrc/cpu/ops.cpp          y, o, hidden (p, q, u, v, a), order, count, mean,
+                                                         m2, rstd
 compiled_cell_backward         csrc/cpu/ops.cpp          the ten input gradients
 compiled_cell_infer            csrc/cpu/ops.cpp          y (eval with running statistics, no autograd)
-compiled_norm_forward          csrc/cpu/ops.cpp          y, mean, rstd, var, count
+compiled_norm_forward          csrc/cpu/ops.cpp          y, count, mean, m2, rstd
 compiled_norm_backward         csrc/cpu/ops.cpp          grad o, grad weight, grad bias
 compiled_norm_statistics       csrc/cpu/ops.cpp          count, mean, m2 (the statistics pass)
 compiled_norm_input_grad       csrc/cpu/ops.cpp          grad o from given count and group sums
@@ -114,27 +117,32 @@ FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.fl
 
 @dataclass(frozen=True)
 class Plan:
-    """How the normalisation of one call runs; built only by :func:`make_plan`.
+    """How the normalisation of one call runs, handed explicitly to every backend and kernel (a constexpr in
+    Triton, arguments in C++): no kernel infers it from a tensor's rank. The checked ops build it by
+    :func:`make_plan`; BatchNorm (one group, biased variance) builds its own.
 
-    mode: "paper" (per-domain groups, biased variance) or "released" (one group, unbiased variance).
-    statistics: "batch" (normalise with the batch's statistics, returned as GroupStats) or "running"
-        (paper-mode eval: normalise with running_mean / running_var; no GroupStats).
+    per_domain: the statistics groups are the rows' domains (paper) or one group of the whole batch (released).
+    batch_statistics: normalise with the batch's statistics, returned as GroupStats; else (paper-mode eval) with
+        running_mean / running_var, and no GroupStats.
+    unbiased: the variance normalised with is m2 / max(count - 1, 1) (released) or m2 / count (paper, BatchNorm).
     update_running: the entry point will fold the returned GroupStats into the running statistics.
     """
 
-    mode: str
-    statistics: str
-    update_running: bool
-    momentum: float
+    per_domain: bool
+    batch_statistics: bool
+    unbiased: bool
     eps: float
+    update_running: bool = False
+    momentum: float = 0.1
 
-    @property
-    def per_domain(self) -> bool:
-        return self.mode == "paper"
+    @classmethod
+    def of_flags(cls, per_domain: bool, batch_statistics: bool, unbiased: bool, eps: float) -> "Plan":
+        """The plan a custom op's schema carries as plain arguments (:meth:`flags`)."""
+        return cls(bool(per_domain), bool(batch_statistics), bool(unbiased), float(eps))
 
-    @property
-    def batch_statistics(self) -> bool:
-        return self.statistics == "batch"
+    def flags(self) -> tuple[bool, bool, bool, float]:
+        """(per_domain, batch_statistics, unbiased, eps): the plan as a custom op's arguments."""
+        return self.per_domain, self.batch_statistics, self.unbiased, self.eps
 
 
 def check_mode(mode: str) -> str:
@@ -146,9 +154,18 @@ def check_mode(mode: str) -> str:
 def make_plan(mode: str, training: bool, has_running: bool, momentum: float, eps: float) -> Plan:
     """The one place where (mode, training, running statistics present) becomes a plan."""
     check_mode(mode)
-    running = mode == "paper" and has_running
-    return Plan(mode=mode, statistics="running" if running and not training else "batch",
-                update_running=running and training, momentum=float(momentum), eps=float(eps))
+    per_domain = mode == "paper"
+    running = per_domain and has_running
+    return Plan(per_domain=per_domain, batch_statistics=not (running and not training), unbiased=not per_domain,
+                eps=float(eps), update_running=running and training, momentum=float(momentum))
+
+
+def variance_divisor(count, unbiased: bool):
+    """What m2 is divided by to give the variance normalised with: count (biased) or count - 1 (unbiased), at least
+    1; ``count`` a row count or a tensor of them. The one place of the biased/unbiased rule outside the kernels."""
+    if isinstance(count, int):
+        return max(count - int(unbiased), 1)
+    return (count - int(unbiased)).clamp(min=1)
 
 
 class GroupStats(NamedTuple):
@@ -169,7 +186,7 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, 
         count = stats.count.to(running_mean.dtype).unsqueeze(1)
         seen = count >= 2
         mean = stats.mean.to(running_mean.dtype)
-        unbiased = stats.m2.to(running_var.dtype) / (count - 1).clamp(min=1)
+        unbiased = stats.m2.to(running_var.dtype) / variance_divisor(count, True)
         running_mean.copy_(torch.where(seen, torch.lerp(running_mean, mean, momentum), running_mean))
         running_var.copy_(torch.where(seen, torch.lerp(running_var, unbiased, momentum), running_var))
 

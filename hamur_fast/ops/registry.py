@@ -109,7 +109,7 @@ def self_check_passed(backend: Backend, device: torch.device, dtype: torch.dtype
         return verdict
     if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return False
-    from ..distributed.statistics import synchronised
+    from .collectives import synchronised
     from .selfcheck import self_check  # the check calls the ops, which import this module
 
     with synchronised(None):  # checks this process's kernels, even inside a data-parallel step
@@ -121,7 +121,3 @@ def self_check_passed(backend: Backend, device: torch.device, dtype: torch.dtype
                       stacklevel=3)
     return result.ok
 
-
-def forget_self_checks() -> None:
-    """Drop every cached self-check verdict (the next "auto" call checks again)."""
-    _SELF_CHECKS.clear()

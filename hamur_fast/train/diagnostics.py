@@ -142,7 +142,7 @@ class AdapterDiagnostics:
 
 def _groups(cell: HyperAdapter) -> int:
     """Per-domain factors (paper mode): one group per domain; shared factors (released mode): one group."""
-    return cell.num_domains if cell.down_left.dim() == 3 else 1
+    return cell.num_domains if cell.mode == "paper" else 1
 
 
 def _group_labels(cell: HyperAdapter) -> list:

@@ -4,7 +4,7 @@
 backend    module                       what it is
 =========  ===========================  ====================================================================
 reference  backends/reference.py        SPEC literally (per-row weights, a loop over domains): the oracle
-torch      backends/torch.py            the fastest eager PyTorch we know; any device and dtype
+torch      backends/torch.py            the eager math of ops/eager.py; any device and dtype
 triton     backends/triton.py           custom ops over the Triton kernels of ``hamur_fast.kernels``
 cpu, cuda  backends/compiled.py         custom ops of the C++/CUDA extension ``hamur_fast._C`` (csrc/)
            backends/compiled_generated  level 2 of "cpu": I generated inside the C++ core

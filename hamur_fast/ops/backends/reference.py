@@ -11,7 +11,7 @@ import torch
 
 from ..contract import FLOAT_DTYPES, Backend, Capabilities, GroupStats
 from ..registry import register_backend
-from .torch import NORM_PASSES
+from ..eager import NORM_PASSES
 
 
 def _per_row(param: torch.Tensor, domain: torch.Tensor, released: bool) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 from ...kernels import adapter_cell as cell_kernels
 from ...kernels import domain_norm as norm_kernels
-from ..contract import Backend, Capabilities, CellPasses, GroupStats, NormPasses
+from ..contract import Backend, Capabilities, CellPasses, GroupStats, NormPasses, Plan
 from ..registry import register_backend
 
 # The largest adapter-cell sizes the kernels take within the sm_90 shared-memory limit (232,448 bytes per
@@ -28,31 +28,36 @@ MAX_WIDTH, MAX_RANK, MAX_BOTTLENECK = cell_kernels.MAX_WIDTH, cell_kernels.MAX_R
 
 
 # ----------------------------------------------------------------------------- the adapter cell
+# Every op takes the plan as its flags (Plan.flags: per_domain, batch_statistics, unbiased, eps), the launchers
+# the Plan itself.
 @torch.library.custom_op("hamur_fast::triton_cell_forward", mutates_args=())
 def triton_cell_forward(x: torch.Tensor, rep: torch.Tensor, domain: torch.Tensor, down_left: torch.Tensor,
                         down_right: torch.Tensor, down_bias: torch.Tensor, up_left: torch.Tensor,
                         up_right: torch.Tensor, up_bias: torch.Tensor, norm_weight: torch.Tensor,
                         norm_bias: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                        use_batch_stats: bool, eps: float
+                        per_domain: bool, batch_statistics: bool, unbiased: bool, eps: float
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, q, v, order, count, mean, m2, rstd); q, v (B, k) fp32 in sorted order, saved for backward."""
     params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
-    return cell_kernels.adapter_cell_forward(x, rep, domain, params, running_mean, running_var, use_batch_stats,
-                                             eps)
+    return cell_kernels.adapter_cell_forward(x, rep, domain, params, running_mean, running_var,
+                                             Plan.of_flags(per_domain, batch_statistics, unbiased, eps))
 
 
 @triton_cell_forward.register_fake
 def _(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias,
-      running_mean, running_var, use_batch_stats, eps):
+      running_mean, running_var, per_domain, batch_statistics, unbiased, eps):
     batch, rank = x.shape[0], rep.shape[1]
-    per_domain = norm_weight.dim() == 2
     num_groups = norm_weight.shape[0] if per_domain else 1
     saved = x.new_empty((batch, rank), dtype=torch.float32)
-    stats = x.new_empty((num_groups, x.shape[1]), dtype=torch.float32)
     order = x.new_empty((batch if per_domain else 0,), dtype=torch.int64)
-    return (torch.empty_like(x), saved, torch.empty_like(saved), order,
-            x.new_empty((num_groups,), dtype=torch.float32), stats, torch.empty_like(stats), torch.empty_like(stats))
+    return (torch.empty_like(x), saved, torch.empty_like(saved), order, *_statistics_like(x, num_groups))
+
+
+def _statistics_like(t, num_groups):
+    """Fake (count, mean, m2, rstd): fp32, (G,) and (G, h)."""
+    table = t.new_empty((num_groups, t.shape[1]), dtype=torch.float32)
+    return t.new_empty((num_groups,), dtype=torch.float32), table, torch.empty_like(table), torch.empty_like(table)
 
 
 @torch.library.custom_op("hamur_fast::triton_cell_backward", mutates_args=())
@@ -61,15 +66,15 @@ def triton_cell_backward(dy: torch.Tensor, x: torch.Tensor, rep: torch.Tensor, d
                          up_left: torch.Tensor, up_right: torch.Tensor, up_bias: torch.Tensor,
                          norm_weight: torch.Tensor, norm_bias: torch.Tensor, q: torch.Tensor, v: torch.Tensor,
                          order: torch.Tensor, count: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                         use_batch_stats: bool) -> list[torch.Tensor]:
+                         per_domain: bool, batch_statistics: bool, unbiased: bool, eps: float) -> list[torch.Tensor]:
     params = (down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)
     return list(cell_kernels.adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, rstd,
-                                                   use_batch_stats))
+                                                   Plan.of_flags(per_domain, batch_statistics, unbiased, eps)))
 
 
 @triton_cell_backward.register_fake
 def _(dy, x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias,
-      q, v, order, count, mean, rstd, use_batch_stats):
+      q, v, order, count, mean, rstd, per_domain, batch_statistics, unbiased, eps):
     return [torch.empty_like(t) for t in (x, rep, down_left, down_right, down_bias, up_left, up_right,
                                           up_bias, norm_weight, norm_bias)]
 
@@ -79,15 +84,15 @@ def _setup_cell(ctx, inputs, output):
     _, q, v, order, count, mean, _, rstd = output
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(x, rep, domain, *params, q, v, order, count, mean, rstd)
-    ctx.use_batch_stats = inputs[13]
+    ctx.flags = inputs[13:]
 
 
 def _cell_backward(ctx, dy, *_unused_grads):
     x, rep, domain, *rest = ctx.saved_tensors
     params, (q, v, order, count, mean, rstd) = rest[:8], rest[8:]
     dx, drep, *param_grads = triton_cell_backward(dy, x, rep, domain, *params, q, v, order, count, mean, rstd,
-                                                  ctx.use_batch_stats)
-    return (dx, drep, None, *param_grads, None, None, None, None)
+                                                  *ctx.flags)
+    return (dx, drep, None, *param_grads, None, None, None, None, None, None)
 
 
 triton_cell_forward.register_autograd(_cell_backward, setup_context=_setup_cell)
@@ -97,44 +102,44 @@ triton_cell_forward.register_autograd(_cell_backward, setup_context=_setup_cell)
 @torch.library.custom_op("hamur_fast::triton_norm_forward", mutates_args=())
 def triton_norm_forward(o: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                         running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                        use_batch_stats: bool, eps: float
+                        per_domain: bool, batch_statistics: bool, unbiased: bool, eps: float
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, count, mean, m2, rstd)."""
-    return norm_kernels.domain_norm_forward(o, domain, weight, bias, running_mean, running_var, use_batch_stats, eps)
+    return norm_kernels.domain_norm_forward(o, domain, weight, bias, running_mean, running_var,
+                                            Plan.of_flags(per_domain, batch_statistics, unbiased, eps))
 
 
 @triton_norm_forward.register_fake
-def _(o, domain, weight, bias, running_mean, running_var, use_batch_stats, eps):
-    num_groups = weight.shape[0] if weight.dim() == 2 else 1
-    stats = o.new_empty((num_groups, o.shape[1]), dtype=torch.float32)
-    return (torch.empty_like(o), o.new_empty((num_groups,), dtype=torch.float32), stats,
-            torch.empty_like(stats), torch.empty_like(stats))
+def _(o, domain, weight, bias, running_mean, running_var, per_domain, batch_statistics, unbiased, eps):
+    return (torch.empty_like(o), *_statistics_like(o, weight.shape[0] if per_domain else 1))
 
 
 @torch.library.custom_op("hamur_fast::triton_norm_backward", mutates_args=())
 def triton_norm_backward(dy: torch.Tensor, o: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor,
-                         count: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, use_batch_stats: bool
+                         count: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, per_domain: bool,
+                         batch_statistics: bool, unbiased: bool, eps: float
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return norm_kernels.domain_norm_backward(dy, o, domain, weight, count, mean, rstd, use_batch_stats)
+    return norm_kernels.domain_norm_backward(dy, o, domain, weight, count, mean, rstd,
+                                             Plan.of_flags(per_domain, batch_statistics, unbiased, eps))
 
 
 @triton_norm_backward.register_fake
-def _(dy, o, domain, weight, count, mean, rstd, use_batch_stats):
+def _(dy, o, domain, weight, count, mean, rstd, per_domain, batch_statistics, unbiased, eps):
     return torch.empty_like(o), torch.empty_like(weight), torch.empty_like(weight)
 
 
 def _setup_norm(ctx, inputs, output):
-    o, domain, weight, _, _, _, use_batch_stats, _ = inputs
+    o, domain, weight = inputs[:3]
     _, count, mean, _, rstd = output
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(o, domain, weight, count, mean, rstd)
-    ctx.use_batch_stats = use_batch_stats
+    ctx.flags = inputs[6:]
 
 
 def _norm_backward(ctx, dy, *_unused_grads):
     o, domain, weight, count, mean, rstd = ctx.saved_tensors
-    do, dweight, dbias = triton_norm_backward(dy, o, domain, weight, count, mean, rstd, ctx.use_batch_stats)
-    return do, None, dweight, dbias, None, None, None, None
+    do, dweight, dbias = triton_norm_backward(dy, o, domain, weight, count, mean, rstd, *ctx.flags)
+    return do, None, dweight, dbias, None, None, None, None, None, None
 
 
 triton_norm_forward.register_autograd(_norm_backward, setup_context=_setup_norm)
@@ -147,13 +152,13 @@ def _running(plan, running_mean, running_var):
 
 def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan):
     y, _q, _v, _order, count, mean, m2, _rstd = triton_cell_forward(
-        x, rep, domain, *params, *_running(plan, running_mean, running_var), plan.batch_statistics, plan.eps)
+        x, rep, domain, *params, *_running(plan, running_mean, running_var), *plan.flags())
     return y, (GroupStats(count, mean, m2) if plan.batch_statistics else None)
 
 
 def domain_norm(o, domain, weight, bias, running_mean, running_var, plan):
     y, count, mean, m2, _rstd = triton_norm_forward(o, domain, weight, bias, *_running(plan, running_mean, running_var),
-                                                    plan.batch_statistics, plan.eps)
+                                                    *plan.flags())
     return y, (GroupStats(count, mean, m2) if plan.batch_statistics else None)
 
 
@@ -166,27 +171,24 @@ NORM_PASSES = NormPasses(group_statistics, norm_kernels.normalise, norm_kernels.
 
 # The fused cell's kernels at their seams (kernels/adapter_cell.py): project (with this process's partial
 # statistics, merged locally) | normalise; norm sums | main kernel and the factor gradients. saved = (q, v, order).
-def cell_project(x, rep, domain, params):
-    stats, saved = cell_kernels.cell_statistics(x, rep, domain, params)
+def cell_project(x, rep, domain, params, plan):
+    stats, saved = cell_kernels.cell_statistics(x, rep, domain, params, plan)
     return GroupStats(*stats), saved
 
 
-def cell_normalise(x, domain, params, saved, mean, rstd):
+def cell_normalise(x, domain, params, saved, mean, rstd, plan):
     _q, v, order = saved
-    return cell_kernels.cell_normalise(x, domain, params, v, order, mean, rstd)
+    return cell_kernels.cell_normalise(x, domain, params, v, order, mean, rstd, plan)
 
 
-def cell_grad_sums(dy, domain, params, saved, mean, rstd):
+def cell_grad_sums(dy, domain, params, saved, mean, rstd, plan):
     _q, v, order = saved
-    return cell_kernels.cell_grad_sums(dy, domain, params, v, order, mean, rstd)
+    return cell_kernels.cell_grad_sums(dy, domain, params, v, order, mean, rstd, plan)
 
 
-def cell_input_grads(dy, x, rep, domain, params, saved, count, mean, rstd, sum_dy, sum_dy_xhat, unbiased):
-    per_domain = params[6].dim() == 2
-    if unbiased == per_domain:  # the kernels normalise paper mode with the biased, released with the unbiased
-        raise ValueError(f"the triton cell's {'paper' if per_domain else 'released'} mode takes unbiased={not per_domain}")
+def cell_input_grads(dy, x, rep, domain, params, saved, count, mean, rstd, sum_dy, sum_dy_xhat, plan):
     return cell_kernels.cell_input_grads(dy, x, rep, domain, params, *saved, count, mean, rstd, sum_dy, sum_dy_xhat,
-                                         True)
+                                         plan)
 
 
 CELL_PASSES = CellPasses(cell_project, cell_normalise, cell_grad_sums, cell_input_grads)

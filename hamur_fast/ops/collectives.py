@@ -28,11 +28,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
-from torch import nn
 
-from ..ops.backends.torch import NORM_PASSES as TORCH_PASSES  # BatchNorm layers have no backend of their own
-from ..ops.backends.torch import adapter_projection
-from ..ops.contract import GroupStats, Plan, update_running_stats
+from .contract import GroupStats, Plan, update_running_stats, variance_divisor
+from .eager import NORM_PASSES as EAGER_PASSES  # BatchNorm layers have no backend of their own
+from .eager import adapter_projection
 
 _ACTIVE_GROUP = None  # the process group whose ranks share batch statistics, while synchronised() is active
 _COUNTS_CACHE: dict = {}  # id(domain tensor) -> (domain, global counts), within one synchronised() block
@@ -98,7 +97,7 @@ def _merged(local: GroupStats, group, unbiased: bool, eps: float):
     """Every rank's statistics merged, and the rstd they normalise with."""
     stats = all_gather_stats(local, group)
     count = stats.count.unsqueeze(1)
-    return stats, torch.rsqrt(stats.m2 / ((count - 1) if unbiased else count).clamp(min=1) + eps)
+    return stats, torch.rsqrt(stats.m2 / variance_divisor(count, unbiased) + eps)
 
 
 def _all_reduced(sum_dy: torch.Tensor, sum_dy_xhat: torch.Tensor, group):
@@ -147,27 +146,27 @@ class _SynchronisedCell(torch.autograd.Function):
     :class:`_SynchronisedNorm`; the norm weight and bias gradients are this rank's own sums."""
 
     @staticmethod
-    def forward(ctx, x, rep, domain, unbiased, eps, passes, group, *params):
-        local, saved = passes.project(x, rep, domain, params)
-        stats, rstd = _merged(local, group, unbiased, eps)
-        y = passes.normalise(x, domain, params, saved, stats.mean, rstd)
+    def forward(ctx, x, rep, domain, plan, passes, group, *params):
+        local, saved = passes.project(x, rep, domain, params, plan)
+        stats, rstd = _merged(local, group, plan.unbiased, plan.eps)
+        y = passes.normalise(x, domain, params, saved, stats.mean, rstd, plan)
         ctx.save_for_backward(x, rep, domain, stats.count, stats.mean, rstd, *params, *saved)
-        ctx.settings = unbiased, passes, group, len(params)
+        ctx.settings = plan, passes, group, len(params)
         ctx.mark_non_differentiable(*stats)
         return (y, *stats)
 
     @staticmethod
     def backward(ctx, dy, *_unused_grads):
         x, rep, domain, count, mean, rstd, *rest = ctx.saved_tensors
-        unbiased, passes, group, num_params = ctx.settings
+        plan, passes, group, num_params = ctx.settings
         params, saved = tuple(rest[:num_params]), tuple(rest[num_params:])
-        sum_dy, sum_dy_xhat = passes.grad_sums(dy, domain, params, saved, mean, rstd)
+        sum_dy, sum_dy_xhat = passes.grad_sums(dy, domain, params, saved, mean, rstd, plan)
         grads = passes.input_grads(dy, x, rep, domain, params, saved, count, mean, rstd,
-                                   *_all_reduced(sum_dy, sum_dy_xhat, group), unbiased)
+                                   *_all_reduced(sum_dy, sum_dy_xhat, group), plan)
         norm_weight = params[6]
         norm_grads = (sum_dy_xhat.reshape(norm_weight.shape).to(norm_weight.dtype),
                       sum_dy.reshape(norm_weight.shape).to(norm_weight.dtype))
-        return (grads[0], grads[1], None, None, None, None, None, *grads[2:], *norm_grads)
+        return (grads[0], grads[1], None, None, None, None, *grads[2:], *norm_grads)
 
 
 def synchronised_norm(o, groups, num_groups, weight, bias, unbiased: bool, eps: float, passes, group):
@@ -185,8 +184,8 @@ def domain_norm(o, domain, weight, bias, running_mean, running_var, plan: Plan, 
     the plan says so) from the merged per-domain (count, mean, M2). released: whole-batch statistics with the
     unbiased variance, shared affine (h,)."""
     if not plan.per_domain:
-        return synchronised_norm(o, None, 1, weight, bias, True, plan.eps, passes, group)[0]
-    y, stats = synchronised_norm(o, domain, weight.shape[0], weight, bias, False, plan.eps, passes, group)
+        return synchronised_norm(o, None, 1, weight, bias, plan.unbiased, plan.eps, passes, group)[0]
+    y, stats = synchronised_norm(o, domain, weight.shape[0], weight, bias, plan.unbiased, plan.eps, passes, group)
     if plan.update_running:
         update_running_stats(running_mean, running_var, stats, plan.momentum)
     return y
@@ -198,10 +197,10 @@ def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan: Plan,
     over torch ops and the normalisation by the backend's norm passes."""
     *projection, norm_weight, norm_bias = params
     if backend.cell_passes is None:
-        o = adapter_projection(x, rep, domain, *projection)
+        o = adapter_projection(x, rep, domain, *projection, per_domain=plan.per_domain)
         return x + domain_norm(o, domain, norm_weight, norm_bias, running_mean, running_var, plan,
                                backend.norm_passes, group)
-    y, *stats = _SynchronisedCell.apply(x, rep, domain, not plan.per_domain, plan.eps, backend.cell_passes, group,
+    y, *stats = _SynchronisedCell.apply(x, rep, domain, plan, backend.cell_passes, group,
                                         *params)
     if plan.update_running:
         update_running_stats(running_mean, running_var, GroupStats(*stats), plan.momentum)
@@ -216,7 +215,7 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if weight is None:  # affine=False: the identity affine map, whose gradients nobody reads
         weight, bias = x.new_ones(x.shape[1]), x.new_zeros(x.shape[1])
-    y, stats = synchronised_norm(x, None, 1, weight, bias, False, eps, TORCH_PASSES, group)
+    y, stats = synchronised_norm(x, None, 1, weight, bias, False, eps, EAGER_PASSES, group)
     if running_mean is not None:  # one group: the running statistics seen as (1, C)
         update_running_stats(running_mean.view(1, -1), running_var.view(1, -1), stats, momentum)
     return y
@@ -237,44 +236,3 @@ def mean_and_covariance(x: torch.Tensor):
     mean = dist_nn.all_reduce(x.sum(dim=0), group=group) / count
     centred = x - mean
     return count, mean, dist_nn.all_reduce(centred.t() @ centred, group=group) / count
-
-
-class SyncBatchNorm1d(nn.BatchNorm1d):
-    """``BatchNorm1d`` whose training statistics span every rank while :func:`synchronised` is active.
-
-    ``updates_per_step`` keeps the hyper-network's released-mode behaviour (running statistics advanced
-    D times per step: one update with momentum ``1 - (1 - m)^D``, see ``RepeatedUpdateBatchNorm1d``).
-    Parameters, buffers and state_dict keys are those of the ``BatchNorm1d`` it replaces."""
-
-    updates_per_step = 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        self._check_input_dim(x)
-        self.num_batches_tracked.add_(self.updates_per_step)
-        if self.momentum is None:  # cumulative moving average, as BatchNorm1d(momentum=None)
-            momentum = 1.0 / float(self.num_batches_tracked)
-        elif self.updates_per_step == 1:
-            momentum = self.momentum
-        else:
-            momentum = 1.0 - (1.0 - self.momentum) ** self.updates_per_step
-        return batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps)
-
-
-def convert_batch_norms(module: nn.Module) -> nn.Module:
-    """Replace every ``nn.BatchNorm1d`` inside ``module`` (in place) by a :class:`SyncBatchNorm1d` sharing
-    its parameters and buffers; returns ``module`` (or the replacement, if ``module`` itself is one)."""
-    if isinstance(module, nn.BatchNorm1d) and not isinstance(module, SyncBatchNorm1d):
-        converted = SyncBatchNorm1d(module.num_features, module.eps, module.momentum, module.affine,
-                                    module.track_running_stats)
-        converted.updates_per_step = getattr(module, "updates_per_step", 1)
-        converted.__dict__["_parameters"] = module._parameters
-        converted.__dict__["_buffers"] = module._buffers
-        converted.train(module.training)
-        return converted
-    for name, child in module.named_children():
-        replacement = convert_batch_norms(child)
-        if replacement is not child:
-            setattr(module, name, replacement)
-    return module
