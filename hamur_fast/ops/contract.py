@@ -163,9 +163,9 @@ def make_plan(mode: str, training: bool, has_running: bool, momentum: float, eps
 def variance_divisor(count, unbiased: bool):
     """What m2 is divided by to give the variance normalised with: count (biased) or count - 1 (unbiased), at least
     1; ``count`` a row count or a tensor of them. The one place of the biased/unbiased rule outside the kernels."""
-    if isinstance(count, int):
-        return max(count - int(unbiased), 1)
-    return (count - int(unbiased)).clamp(min=1)
+    if isinstance(count, torch.Tensor):
+        return (count - int(unbiased)).clamp(min=1)
+    return torch.sym_max(count - int(unbiased), 1)  # an int, or a SymInt while torch.export traces the batch size
 
 
 class GroupStats(NamedTuple):
