@@ -112,38 +112,116 @@ HAMUR_INLINE int64_t rows_in_reach(int64_t m, int64_t n, int64_t first_col, int6
   return std::min<int64_t>(m, (m * n - reach) / n + 1);
 }
 
-template <typename T, int kVectors>
-HAMUR_INLINE void vec_mat_strip(T* __restrict out, const T* __restrict v, const T* __restrict M, int64_t m,
-                                int64_t n, int64_t first_col, int64_t width) {
+// out[r] (n) = v[r] (m) . M[r] (m, n) + bias (n, or null) for kRows rows at once, M[r] row-major. With one
+// shared matrix (kOwnMatrix false: M[0] serves every row; the dense projections x.DL and v.UR of a row
+// block), each element of M loaded serves all kRows rows, so a block costs one pass over M at FMA rather
+// than load throughput. With a matrix per row (the rows' own I_b), the kRows * kVectors accumulators are
+// independent chains the core interleaves, instead of one row's chain waiting on each FMA's latency.
+template <typename T, int kRows, int kVectors, bool kOwnMatrix>
+HAMUR_INLINE void rows_mat_strip(T* const* out, const T* const* v, const T* const* M, const T* bias, int64_t m,
+                                 int64_t n, int64_t first_col, int64_t width) {
   constexpr int64_t kLanes = 64 / sizeof(T);
-  Vec512<T> acc[kVectors] = {};
+  Vec512<T> acc[kRows][kVectors] = {};
   // Full-vector loads may run past the strip's last column into the next row of M (those lanes are
   // discarded); rows whose loads would run past the end of M itself take the scalar path below.
   const int64_t vector_rows = rows_in_reach(m, n, first_col, kVectors * kLanes);
   for (int64_t i = 0; i < vector_rows; ++i) {
-    const T* row = M + i * n + first_col;
-    const T vi = v[i];
-    for (int t = 0; t < kVectors; ++t) acc[t] += vi * load_vec(row + t * kLanes);
+    Vec512<T> column[kVectors];
+    if (!kOwnMatrix)
+      for (int t = 0; t < kVectors; ++t) column[t] = load_vec(M[0] + i * n + first_col + t * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const T vi = v[r][i];
+      for (int t = 0; t < kVectors; ++t)
+        acc[r][t] += vi * (kOwnMatrix ? load_vec(M[r] + i * n + first_col + t * kLanes) : column[t]);
+    }
   }
-  T lanes[kVectors * kLanes];
-  __builtin_memcpy(lanes, acc, sizeof(lanes));
-  for (int64_t i = vector_rows; i < m; ++i)
-    for (int64_t j = 0; j < width; ++j) lanes[j] += v[i] * M[i * n + first_col + j];
-  for (int64_t j = 0; j < width; ++j) out[first_col + j] = lanes[j];
+  for (int r = 0; r < kRows; ++r) {
+    const T* Mr = M[kOwnMatrix ? r : 0];
+    T lanes[kVectors * kLanes];
+    __builtin_memcpy(lanes, acc[r], sizeof(lanes));
+    for (int64_t i = vector_rows; i < m; ++i)
+      for (int64_t j = 0; j < width; ++j) lanes[j] += v[r][i] * Mr[i * n + first_col + j];
+    if (bias != nullptr)
+      for (int64_t j = 0; j < width; ++j) lanes[j] += bias[first_col + j];
+    for (int64_t j = 0; j < width; ++j) out[r][first_col + j] = lanes[j];
+  }
 }
 
-template <typename T>
-HAMUR_INLINE void vec_mat(T* __restrict out, const T* __restrict v, const T* __restrict M, int64_t m, int64_t n) {
+// Strips of up to kStrip vectors: kRows * kStrip accumulators stay in registers (16 of 32 on AVX-512).
+template <typename T, int kRows, bool kOwnMatrix>
+HAMUR_INLINE void rows_mat_strips(T* const* out, const T* const* v, const T* const* M, const T* bias, int64_t m,
+                                  int64_t n) {
   constexpr int64_t kLanes = 64 / sizeof(T), kStrip = 4;
   for (int64_t first = 0; first < n; first += kStrip * kLanes) {
     const int64_t width = std::min(kStrip * kLanes, n - first);
     switch ((width + kLanes - 1) / kLanes) {
-      case 1: vec_mat_strip<T, 1>(out, v, M, m, n, first, width); break;
-      case 2: vec_mat_strip<T, 2>(out, v, M, m, n, first, width); break;
-      case 3: vec_mat_strip<T, 3>(out, v, M, m, n, first, width); break;
-      default: vec_mat_strip<T, 4>(out, v, M, m, n, first, width); break;
+      case 1: rows_mat_strip<T, kRows, 1, kOwnMatrix>(out, v, M, bias, m, n, first, width); break;
+      case 2: rows_mat_strip<T, kRows, 2, kOwnMatrix>(out, v, M, bias, m, n, first, width); break;
+      case 3: rows_mat_strip<T, kRows, 3, kOwnMatrix>(out, v, M, bias, m, n, first, width); break;
+      default: rows_mat_strip<T, kRows, 4, kOwnMatrix>(out, v, M, bias, m, n, first, width); break;
     }
   }
+}
+
+// kRows rows times one shared matrix M (m, n), plus bias (or null).
+template <typename T, int kRows>
+HAMUR_INLINE void rows_mat(T* const* out, const T* const* v, const T* M, const T* bias, int64_t m, int64_t n) {
+  const T* const shared[1] = {M};
+  rows_mat_strips<T, kRows, false>(out, v, shared, bias, m, n);
+}
+
+// kRows rows, each times its own matrix M[r] (m, n).
+template <typename T, int kRows>
+HAMUR_INLINE void rows_own_mat(T* const* out, const T* const* v, const T* const* M, int64_t m, int64_t n) {
+  rows_mat_strips<T, kRows, true>(out, v, M, nullptr, m, n);
+}
+
+// One row: out (n) = v (m) . M (m, n).
+template <typename T>
+HAMUR_INLINE void vec_mat(T* __restrict out, const T* __restrict v, const T* __restrict M, int64_t m, int64_t n) {
+  T* const out_rows[1] = {out};
+  const T* const v_rows[1] = {v};
+  rows_mat<T, 1>(out_rows, v_rows, M, nullptr, m, n);
+}
+
+// exp of float lanes: Cephes' expf (range reduction by ln 2 in two parts, a degree-6 polynomial, 2^n built in
+// the exponent bits), within 2 ulp of the exact value; the argument is clamped to [-87.3, 88.3], whose
+// exp is a normal float. GCC does not vectorise calls to std::exp without -ffast-math.
+HAMUR_INLINE Vec512<float> exp_lanes(Vec512<float> x) {
+  typedef int32_t Vec512i __attribute__((vector_size(64)));
+  x = x < 88.3762626647949f ? x : 88.3762626647949f;
+  x = x > -87.3365478515625f ? x : -87.3365478515625f;
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const Vec512<float> n = (x * 1.44269504088896341f + kRound) - kRound;
+  const Vec512<float> r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  Vec512<float> y = 1.9875691500E-4f * r + 1.3981999507E-3f;
+  y = y * r + 8.3334519073E-3f;
+  y = y * r + 4.1665795894E-2f;
+  y = y * r + 1.6666665459E-1f;
+  y = y * r + 5.0000001201E-1f;
+  y = y * (r * r) + r + 1.0f;
+  const Vec512i bits = (__builtin_convertvector(n, Vec512i) + 127) << 23;
+  Vec512<float> scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// a = sigmoid(a) in place (n).
+HAMUR_INLINE void sigmoid_row(float* a, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  for (int64_t j = 0; j < n; j += kLanes) {
+    float lanes[kLanes] = {};
+    const int64_t width = std::min(kLanes, n - j);
+    for (int64_t t = 0; t < width; ++t) lanes[t] = a[j + t];
+    const Vec512<float> z = load_vec(lanes);
+    const Vec512<float> sig = 1.0f / (1.0f + exp_lanes(-z));
+    __builtin_memcpy(lanes, &sig, sizeof(lanes));
+    for (int64_t t = 0; t < width; ++t) a[j + t] = lanes[t];
+  }
+}
+
+HAMUR_INLINE void sigmoid_row(double* a, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) a[j] = 1.0 / (1.0 + std::exp(-a[j]));
 }
 
 template <typename T, int kVectors>
@@ -245,12 +323,12 @@ struct Rows {
 
 struct CellShape {
   int64_t batch, width, rank, bottleneck, groups;
-  // hidden row layout, see csrc/cpu/ops.cpp
+  // hidden row layout [p | q | u | v | a] (the contract's letters), see csrc/cpu/ops.cpp
   int64_t stride() const { return 4 * rank + bottleneck; }
-  int64_t u() const { return 0; }
-  int64_t p() const { return rank; }
-  int64_t q() const { return 2 * rank; }
-  int64_t r() const { return 3 * rank; }
+  int64_t p() const { return 0; }
+  int64_t q() const { return rank; }
+  int64_t u() const { return 2 * rank; }
+  int64_t v() const { return 3 * rank; }
   int64_t a() const { return 4 * rank; }
 };
 
@@ -344,22 +422,23 @@ inline Tensor slots_of(const Tensor& t, const GroupOrder& order, int64_t g) {
 }
 
 // ------------------------------------------------------------------------------------ rank-k core
-// The cell's per-row middle, between the dense projections: from u = x.U (already in hidden) it forms
-// p = u.I, a = sigmoid(p.V + b), q = a.U', r = q.I in hidden (layout in CellShape).
+// The cell's per-row middle, between the dense projections: from p = x.DL (already in hidden) it forms
+// q = p.I, a = sigmoid(q.DR + db), u = a.UL, v = u.I in hidden (layout in CellShape).
 template <typename T>
 HAMUR_INLINE void rank_core_row(const CellShape& shape, const T* __restrict rep, const T* __restrict down_right,
                           const T* __restrict down_bias, const T* __restrict up_left, T* __restrict hidden) {
   const int64_t k = shape.rank, s = shape.bottleneck;
-  T* u = hidden + shape.u();
-  T* p = hidden + shape.p();
+  const T* p = hidden + shape.p();
   T* q = hidden + shape.q();
-  T* r = hidden + shape.r();
+  T* u = hidden + shape.u();
+  T* v = hidden + shape.v();
   T* a = hidden + shape.a();
-  vec_mat(p, u, rep, k, k);
-  vec_mat(a, p, down_right, k, s);
-  for (int64_t j = 0; j < s; ++j) a[j] = T(1) / (T(1) + std::exp(-(a[j] + down_bias[j])));
-  vec_mat(q, a, up_left, s, k);
-  vec_mat(r, q, rep, k, k);
+  vec_mat(q, p, rep, k, k);
+  vec_mat(a, q, down_right, k, s);
+  for (int64_t j = 0; j < s; ++j) a[j] += down_bias[j];
+  sigmoid_row(a, s);
+  vec_mat(u, a, up_left, s, k);
+  vec_mat(v, u, rep, k, k);
 }
 
 template <typename T>
