@@ -107,31 +107,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     });
   });
   // The dense products' gradients, one GEMM each per domain: grad_x = gy + grad_p.DL^T and the factor
-  // gradients as (rows' inputs)^T . (rows' output gradients).
+  // gradients as (rows' inputs)^T . (rows' output gradients). In released mode the slots are the rows:
+  // x needs no reordering and grad_x is one GEMM onto gy.
   Tensor grad_dl = at::zeros_like(dl), grad_dr = at::zeros_like(dr), grad_ul = at::zeros_like(ul);
   Tensor grad_ur = at::zeros_like(ur), grad_ub = at::zeros_like(norm_weight);
   Tensor grad_db = per_domain ? at::zeros({shape.groups, s}, x.options()) : at::zeros({s}, x.options());
-  Tensor grad_x_sorted = at::empty({shape.batch, h}, x.options());
-  const Tensor x_sorted = gather_rows(x, order);
+  Tensor grad_x = per_domain ? at::empty({shape.batch, h}, x.options()) : at::empty_like(x);
+  const Tensor x_sorted = per_domain ? gather_rows(x, order) : x;
   for (int64_t g = 0; g < shape.groups; ++g) {
     if (order.rows(g) == 0) continue;
     const Tensor hidden_g = slots_of(hidden, order, g), core_g = slots_of(grad_core, order, g);
     const Tensor grad_o_g = slots_of(grad_o, order, g);
     const Tensor grad_u = core_g.narrow(1, 0, k), grad_z = core_g.narrow(1, k, s), grad_p = core_g.narrow(1, k + s, k);
-    Tensor grad_x_g = slots_of(grad_x_sorted, order, g);
+    Tensor grad_x_g = slots_of(grad_x, order, g);
     Tensor grad_dl_g = param_of(grad_dl, g, per_domain), grad_dr_g = param_of(grad_dr, g, per_domain);
     Tensor grad_ul_g = param_of(grad_ul, g, per_domain), grad_ur_g = param_of(grad_ur, g, per_domain);
     Tensor grad_db_g = param_of(grad_db, g, per_domain), grad_ub_g = param_of(grad_ub, g, per_domain);
-    at::mm_out(grad_x_g, grad_p, param_of(dl, g, per_domain).t());
+    if (per_domain) {
+      at::mm_out(grad_x_g, grad_p, param_of(dl, g, per_domain).t());
+    } else {
+      at::addmm_out(grad_x_g, gy, grad_p, dl.t());
+    }
     at::mm_out(grad_dl_g, slots_of(x_sorted, order, g).t(), grad_p);
     at::mm_out(grad_dr_g, hidden_g.narrow(1, shape.q(), k).t(), grad_z);
     at::mm_out(grad_ul_g, hidden_g.narrow(1, shape.a(), s).t(), grad_u);
     at::mm_out(grad_ur_g, hidden_g.narrow(1, shape.v(), k).t(), grad_o_g);
     at::sum_out(grad_db_g, grad_z, 0);
-    at::sum_out(grad_ub_g, grad_o_g, 0);
+    // With batch statistics o's bias cancels in the normalisation: its gradient, the group's sum of
+    // grad_o, is exactly 0 (a sum would return the rounding of grad_o, amplified by rstd up to
+    // 1/sqrt(eps)); with given statistics it is the sum.
+    if (!batch_stats) at::sum_out(grad_ub_g, grad_o_g, 0);
   }
-  // grad_x = gy + (grad_p.DL^T) back in the original row order.
-  Tensor grad_x = at::empty_like(x);
+  if (!per_domain) return {grad_x, grad_rep, grad_dl, grad_dr, grad_db, grad_ul, grad_ur, grad_ub, grad_norm_weight,
+                           grad_norm_bias};
+  // Paper mode: grad_x = gy + (grad_p.DL^T), back from group order to the original row order.
+  const Tensor grad_x_sorted = grad_x;
+  grad_x = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_backward_cpu_grad_x", [&] {
     const scalar_t *gy_p = gy.data_ptr<scalar_t>(), *sorted_p = grad_x_sorted.data_ptr<scalar_t>();
     scalar_t* grad_x_p = grad_x.data_ptr<scalar_t>();
