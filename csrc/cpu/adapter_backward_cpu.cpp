@@ -51,6 +51,37 @@ HAMUR_ROW_PASS void rank_core_backward_rows(const CellShape& shape, const Rows& 
   }
 }
 
+// Rows per block of the grad_o pass: each element of UR^T loaded serves this many rows (rows_mat).
+constexpr int kBlockRows = 4;
+
+// Slots [first, first + kRows), all of group g: grad_o (DomainNorm backward) and grad_v = grad_o.UR^T
+// while grad_o's rows are in L1.
+template <typename T, int kRows>
+HAMUR_INLINE void grad_o_block(const NormGrad<T>& ng, int64_t g, int64_t h, int64_t k, const int64_t* order,
+                               const T* gy, const T* o, const T* up_right_t, T* grad_o, T* grad_v, int64_t first) {
+  T *grad_o_rows[kRows], *grad_v_rows[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t i = first + r;
+    grad_o_rows[r] = grad_o + i * h;
+    grad_v_rows[r] = grad_v + i * k;
+    ng.grad_o_row(g, h, gy + order[i] * h, o + i * h, grad_o_rows[r]);
+  }
+  rows_mat<T, kRows>(grad_v_rows, grad_o_rows, up_right_t + g * h * k, nullptr, h, k);
+}
+
+// grad_o and grad_v for slots [first, end), in blocks of kBlockRows slots of one group.
+template <typename T>
+HAMUR_ROW_PASS void grad_o_rows(const NormGrad<T>& ng, const GroupOrder& order, int64_t h, int64_t k, const T* gy,
+                                const T* o, const T* up_right_t, T* grad_o, T* grad_v, int64_t first, int64_t end) {
+  const int64_t* rows = order.order.data_ptr<int64_t>();
+  for (int64_t i = first; i < end;) {
+    const int64_t g = order.slot_group[i], group_end = std::min(end, order.start[g + 1]);
+    for (; i + kBlockRows <= group_end; i += kBlockRows)
+      grad_o_block<T, kBlockRows>(ng, g, h, k, rows, gy, o, up_right_t, grad_o, grad_v, i);
+    for (; i < group_end; ++i) grad_o_block<T, 1>(ng, g, h, k, rows, gy, o, up_right_t, grad_o, grad_v, i);
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapter_backward_cpu(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& rep_in, const Tensor& domain_in,
     const Tensor& down_left_in, const Tensor& down_right_in, const Tensor& up_left_in, const Tensor& up_right_in,
@@ -74,26 +105,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   Tensor grad_v = at::empty({shape.batch, k}, x.options());
   Tensor grad_core = at::empty({shape.batch, 2 * k + s}, x.options());  // [grad_u | grad_z | grad_p]
   Tensor grad_rep = at::empty_like(rep), grad_norm_weight, grad_norm_bias;
+  const Tensor up_right_t = ur.transpose(-1, -2).contiguous();
+  // grad_o and grad_v = grad_o.UR^T in one pass over the slots.
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_backward_cpu_norm", [&] {
     const scalar_t *gy_p = gy.data_ptr<scalar_t>(), *o_p = o.data_ptr<scalar_t>();
     const NormGrad<scalar_t> ng = norm_grad(gy_p, order_p, o_p, slots, shape.batch, h, shape.groups,
                                             norm_weight.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
                                             rstd.data_ptr<scalar_t>(), count_in.contiguous().data_ptr<scalar_t>(),
                                             batch_stats);
-    scalar_t* grad_o_p = grad_o.data_ptr<scalar_t>();
+    const scalar_t* up_right_t_p = up_right_t.data_ptr<scalar_t>();
+    scalar_t *grad_o_p = grad_o.data_ptr<scalar_t>(), *grad_v_p = grad_v.data_ptr<scalar_t>();
     at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
-      for (int64_t i = first; i < end; ++i)
-        ng.grad_o_row(slots.group(i), h, gy_p + order_p[i] * h, o_p + i * h, grad_o_p + i * h);
+      grad_o_rows(ng, order, h, k, gy_p, o_p, up_right_t_p, grad_o_p, grad_v_p, first, end);
     });
     grad_norm_weight = to_tensor(ng.grad_weight, norm_weight.sizes(), x.options());
     grad_norm_bias = to_tensor(ng.grad_bias, norm_weight.sizes(), x.options());
   });
-  // grad_v = grad_o.UR^T, one GEMM per domain.
-  for (int64_t g = 0; g < shape.groups; ++g) {
-    if (order.rows(g) == 0) continue;
-    Tensor grad_v_g = slots_of(grad_v, order, g);
-    at::mm_out(grad_v_g, slots_of(grad_o, order, g), param_of(ur, g, per_domain).t());
-  }
   const Tensor down_right_t = dr.transpose(-1, -2).contiguous(), up_left_t = ul.transpose(-1, -2).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_backward_cpu_core", [&] {
     const scalar_t *rep_p = rep.data_ptr<scalar_t>(), *dr_p = down_right_t.data_ptr<scalar_t>();

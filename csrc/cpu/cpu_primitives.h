@@ -568,10 +568,14 @@ void normalise_rows(const T* o, const int64_t* order, const T* residual, const R
 //   with given statistics grad_o = rstd * weight * gy.
 // NormGrad holds the per-group terms so that grad_o costs a few FMAs per element. The centring happens
 // before the gain rstd * weight (up to 1/sqrt(eps)) multiplies in, so a one-row group gets exactly 0.
+// xhat is centred again by its own group mean (0 in exact arithmetic): the float mean's rounding,
+// multiplied by rstd in xhat and again by the gain, would otherwise leave the group's sum of grad_o (the
+// up_bias gradient, 0 by construction) at ~rstd^2 * ulp(o): 2.5e-4 in a 2-row domain, against torch's 4e-6.
 template <typename T>
 struct NormGrad {
   std::vector<T> grad_weight, grad_bias;  // (G, h)
-  std::vector<T> gain, mean_gy, xhat_coef;  // grad_o = gain * (gy - mean_gy - xhat * xhat_coef)
+  // grad_o = gain * (gy - mean_gy - (xhat - mean_xhat) * xhat_coef)
+  std::vector<T> gain, mean_gy, xhat_coef, mean_xhat;
   const T *mean, *rstd;
 
   inline void grad_o_row(int64_t g, int64_t width, const T* __restrict gy, const T* __restrict o,
@@ -580,11 +584,12 @@ struct NormGrad {
     const T* __restrict row_gain = gain.data() + offset;
     const T* __restrict row_mean_gy = mean_gy.data() + offset;
     const T* __restrict row_xhat_coef = xhat_coef.data() + offset;
+    const T* __restrict row_mean_xhat = mean_xhat.data() + offset;
     const T* __restrict row_mean = mean + offset;
     const T* __restrict row_rstd = rstd + offset;
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
-      const T xhat = (o[j] - row_mean[j]) * row_rstd[j];
+      const T xhat = (o[j] - row_mean[j]) * row_rstd[j] - row_mean_xhat[j];
       out[j] = row_gain[j] * (gy[j] - row_mean_gy[j] - xhat * row_xhat_coef[j]);
     }
   }
@@ -592,12 +597,14 @@ struct NormGrad {
 
 // The per-group terms of grad_o from the group sums of gy and gy * xhat (G, h): this rank's, or, in a
 // data-parallel step, every rank's (with the global count). unbiased: the variance divides by n - 1.
+// sum_xhat (this rank's group sums of xhat, or null: no re-centring) feeds mean_xhat.
 template <typename T, typename S>
 NormGrad<T> norm_grad_terms(const S* sum_gy, const S* sum_gy_xhat, int64_t groups, int64_t width, const T* weight,
-                            const T* mean, const T* rstd, const T* count, bool batch_stats, bool unbiased) {
+                            const T* mean, const T* rstd, const T* count, bool batch_stats, bool unbiased,
+                            const S* sum_xhat = nullptr) {
   const int64_t n = groups * width;
   NormGrad<T> out{std::vector<T>(n), std::vector<T>(n), std::vector<T>(n), std::vector<T>(n, T(0)),
-                  std::vector<T>(n, T(0)), mean, rstd};
+                  std::vector<T>(n, T(0)), std::vector<T>(n, T(0)), mean, rstd};
   for (int64_t g = 0; g < groups; ++g) {
     const double rows_in_group = count[g];
     const double var_denominator = unbiased ? std::max(rows_in_group - 1, 1.0) : std::max(rows_in_group, 1.0);
@@ -609,6 +616,7 @@ NormGrad<T> norm_grad_terms(const S* sum_gy, const S* sum_gy_xhat, int64_t group
       if (batch_stats && rows_in_group > 0) {
         out.mean_gy[i] = static_cast<T>(sum_gy[i] / rows_in_group);
         out.xhat_coef[i] = static_cast<T>(sum_gy_xhat[i] / var_denominator);
+        if (sum_xhat != nullptr) out.mean_xhat[i] = static_cast<T>(sum_xhat[i] / rows_in_group);
       }
     }
   }
@@ -621,29 +629,32 @@ NormGrad<T> norm_grad(const T* gy, const int64_t* gy_order, const T* o, const Ro
                       int64_t width, int64_t groups, const T* weight, const T* mean, const T* rstd, const T* count,
                       bool batch_stats) {
   const int64_t chunks = num_chunks(batch), n = groups * width;
-  std::vector<double> partial(chunks * 2 * n, 0.0);  // per chunk: sum(gy) then sum(gy * xhat)
+  std::vector<double> partial(chunks * 3 * n, 0.0);  // per chunk: sum(gy), sum(gy * xhat), sum(xhat)
   parallel_chunks(batch, chunks, [&](int64_t c, int64_t first, int64_t end) {
-    double* acc = partial.data() + c * 2 * n;
+    double* acc = partial.data() + c * 3 * n;
     for (int64_t i = first; i < end; ++i) {
       const int64_t offset = rows.group(i) * width;
       double* __restrict sum_gy = acc + offset;
       double* __restrict sum_gy_xhat = acc + n + offset;
+      double* __restrict sum_xhat = acc + 2 * n + offset;
       const T* __restrict row_gy = gy + (gy_order != nullptr ? gy_order[i] : i) * width;
       const T* __restrict row_o = o + i * width;
       const T* __restrict row_mean = mean + offset;
       const T* __restrict row_rstd = rstd + offset;
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
+        const T xhat = (row_o[j] - row_mean[j]) * row_rstd[j];
         sum_gy[j] += row_gy[j];
-        sum_gy_xhat[j] += static_cast<double>(row_gy[j]) * ((row_o[j] - row_mean[j]) * row_rstd[j]);
+        sum_gy_xhat[j] += static_cast<double>(row_gy[j]) * xhat;
+        sum_xhat[j] += xhat;
       }
     }
   });
-  std::vector<double> sums(2 * n, 0.0);  // sum(gy) then sum(gy * xhat)
+  std::vector<double> sums(3 * n, 0.0);  // sum(gy), sum(gy * xhat), sum(xhat)
   for (int64_t c = 0; c < chunks; ++c)
-    for (int64_t i = 0; i < 2 * n; ++i) sums[i] += partial[c * 2 * n + i];
+    for (int64_t i = 0; i < 3 * n; ++i) sums[i] += partial[c * 3 * n + i];
   return norm_grad_terms<T>(sums.data(), sums.data() + n, groups, width, weight, mean, rstd, count, batch_stats,
-                            /*unbiased=*/!rows.per_domain);
+                            /*unbiased=*/!rows.per_domain, sums.data() + 2 * n);
 }
 
 template <typename T>
