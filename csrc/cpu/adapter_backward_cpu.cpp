@@ -6,35 +6,35 @@ namespace hamur_fast {
 namespace cpu {
 namespace {
 
-// Backward of the rank-k core for one row (hidden as saved by forward). From grad_r = d loss / d r it
-// forms grad_q = I.grad_r, grad_z (pre-sigmoid), grad_p = V.grad_z, grad_u = I.grad_p, and writes
-// grad_rep = u (x) grad_p + q (x) grad_r once. grad is this row of the (B, 2k + s) gradient buffer
-// [grad_q | grad_z | grad_u]. The factors come transposed (up_left_t (k, s), down_right_t (s, k)) so
+// Backward of the rank-k core for one row (hidden as saved by forward). From grad_v = d loss / d v it
+// forms grad_u = I.grad_v, grad_z (pre-sigmoid), grad_q = DR.grad_z, grad_p = I.grad_q, and writes
+// grad_rep = p (x) grad_q + u (x) grad_v once. grad is this row of the (B, 2k + s) gradient buffer
+// [grad_u | grad_z | grad_p]. The factors come transposed (up_left_t (k, s), down_right_t (s, k)) so
 // that their products are register-strip vec_mats rather than dot products.
 template <typename T>
 HAMUR_INLINE void rank_core_backward_row(const CellShape& shape, const T* __restrict rep,
                                          const T* __restrict down_right_t, const T* __restrict up_left_t,
-                                         const T* __restrict hidden, const T* __restrict grad_r, T* __restrict grad,
-                                         T* __restrict grad_p, T* __restrict grad_rep) {
+                                         const T* __restrict hidden, const T* __restrict grad_v, T* __restrict grad,
+                                         T* __restrict grad_q, T* __restrict grad_rep) {
   const int64_t k = shape.rank, s = shape.bottleneck;
   const T* a = hidden + shape.a();
-  T* grad_q = grad;
+  T* grad_u = grad;
   T* grad_z = grad + k;
-  T* grad_u = grad + k + s;
-  mat_vec(grad_q, rep, grad_r, k, k);
-  vec_mat(grad_z, grad_q, up_left_t, k, s);
+  T* grad_p = grad + k + s;
+  mat_vec(grad_u, rep, grad_v, k, k);
+  vec_mat(grad_z, grad_u, up_left_t, k, s);
   for (int64_t j = 0; j < s; ++j) grad_z[j] *= a[j] * (T(1) - a[j]);
-  vec_mat(grad_p, grad_z, down_right_t, s, k);
-  mat_vec(grad_u, rep, grad_p, k, k);
-  write_two_outers(grad_rep, hidden + shape.u(), grad_p, hidden + shape.q(), grad_r, k);
+  vec_mat(grad_q, grad_z, down_right_t, s, k);
+  mat_vec(grad_p, rep, grad_q, k, k);
+  write_two_outers(grad_rep, hidden + shape.p(), grad_q, hidden + shape.u(), grad_v, k);
 }
 
 // Backward rank-k core for original rows [first, end) (rep read and grad_rep written in order), row b's
-// saved and gradient vectors in slot slot_of[b]; grad_p is scratch (k).
+// saved and gradient vectors in slot slot_of[b]; grad_q is scratch (k).
 template <typename T>
 HAMUR_ROW_PASS void rank_core_backward_rows(const CellShape& shape, const Rows& slots, const int64_t* slot_of,
                                             const T* rep, const T* down_right_t, const T* up_left_t, const T* hidden,
-                                            const T* grad_r, T* grad_core, T* grad_p, T* grad_rep, int64_t first,
+                                            const T* grad_v, T* grad_core, T* grad_q, T* grad_rep, int64_t first,
                                             int64_t end) {
   const int64_t k = shape.rank, s = shape.bottleneck;
   for (int64_t b = first; b < end; ++b) {
@@ -42,12 +42,43 @@ HAMUR_ROW_PASS void rank_core_backward_rows(const CellShape& shape, const Rows& 
     if (b + 1 < end) {
       const int64_t next = slot_of[b + 1];
       prefetch(hidden + next * shape.stride(), shape.stride(), /*for_write=*/false);
-      prefetch(grad_r + next * k, k, /*for_write=*/false);
+      prefetch(grad_v + next * k, k, /*for_write=*/false);
       prefetch(grad_core + next * (2 * k + s), 2 * k + s, /*for_write=*/true);
     }
     rank_core_backward_row(shape, rep + b * k * k, down_right_t + d * s * k, up_left_t + d * k * s,
-                           hidden + i * shape.stride(), grad_r + i * k, grad_core + i * (2 * k + s), grad_p,
+                           hidden + i * shape.stride(), grad_v + i * k, grad_core + i * (2 * k + s), grad_q,
                            grad_rep + b * k * k);
+  }
+}
+
+// Rows per block of the grad_o pass: each element of UR^T loaded serves this many rows (rows_mat).
+constexpr int kBlockRows = 4;
+
+// Slots [first, first + kRows), all of group g: grad_o (DomainNorm backward) and grad_v = grad_o.UR^T
+// while grad_o's rows are in L1.
+template <typename T, int kRows>
+HAMUR_INLINE void grad_o_block(const NormGrad<T>& ng, int64_t g, int64_t h, int64_t k, const int64_t* order,
+                               const T* gy, const T* o, const T* up_right_t, T* grad_o, T* grad_v, int64_t first) {
+  T *grad_o_rows[kRows], *grad_v_rows[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t i = first + r;
+    grad_o_rows[r] = grad_o + i * h;
+    grad_v_rows[r] = grad_v + i * k;
+    ng.grad_o_row(g, h, gy + order[i] * h, o + i * h, grad_o_rows[r]);
+  }
+  rows_mat<T, kRows>(grad_v_rows, grad_o_rows, up_right_t + g * h * k, nullptr, h, k);
+}
+
+// grad_o and grad_v for slots [first, end), in blocks of kBlockRows slots of one group.
+template <typename T>
+HAMUR_ROW_PASS void grad_o_rows(const NormGrad<T>& ng, const GroupOrder& order, int64_t h, int64_t k, const T* gy,
+                                const T* o, const T* up_right_t, T* grad_o, T* grad_v, int64_t first, int64_t end) {
+  const int64_t* rows = order.order.data_ptr<int64_t>();
+  for (int64_t i = first; i < end;) {
+    const int64_t g = order.slot_group[i], group_end = std::min(end, order.start[g + 1]);
+    for (; i + kBlockRows <= group_end; i += kBlockRows)
+      grad_o_block<T, kBlockRows>(ng, g, h, k, rows, gy, o, up_right_t, grad_o, grad_v, i);
+    for (; i < group_end; ++i) grad_o_block<T, 1>(ng, g, h, k, rows, gy, o, up_right_t, grad_o, grad_v, i);
   }
 }
 
@@ -73,67 +104,74 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const Rows slots{order.slot_group.data(), per_domain};
   // All (B, .) buffers below are in group order.
   Tensor grad_o = at::empty({shape.batch, h}, x.options());
-  Tensor grad_r = at::empty({shape.batch, k}, x.options());
-  Tensor grad_core = at::empty({shape.batch, 2 * k + s}, x.options());  // [grad_q | grad_z | grad_u]
+  Tensor grad_v = at::empty({shape.batch, k}, x.options());
+  Tensor grad_core = at::empty({shape.batch, 2 * k + s}, x.options());  // [grad_u | grad_z | grad_p]
   Tensor grad_rep = at::empty_like(rep), grad_norm_weight, grad_norm_bias;
+  const Tensor up_right_t = ur.transpose(-1, -2).contiguous();
+  // grad_o and grad_v = grad_o.UR^T in one pass over the slots.
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_backward_cpu_norm", [&] {
     const scalar_t *gy_p = gy.data_ptr<scalar_t>(), *o_p = o.data_ptr<scalar_t>();
     const NormGrad<scalar_t> ng = norm_grad(gy_p, order_p, o_p, slots, shape.batch, h, shape.groups,
                                             norm_weight.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
                                             rstd.data_ptr<scalar_t>(), count_in.contiguous().data_ptr<scalar_t>(),
                                             plan);
-    scalar_t* grad_o_p = grad_o.data_ptr<scalar_t>();
+    const scalar_t* up_right_t_p = up_right_t.data_ptr<scalar_t>();
+    scalar_t *grad_o_p = grad_o.data_ptr<scalar_t>(), *grad_v_p = grad_v.data_ptr<scalar_t>();
     at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
-      for (int64_t i = first; i < end; ++i)
-        ng.grad_o_row(slots.group(i), h, gy_p + order_p[i] * h, o_p + i * h, grad_o_p + i * h);
+      grad_o_rows(ng, order, h, k, gy_p, o_p, up_right_t_p, grad_o_p, grad_v_p, first, end);
     });
     grad_norm_weight = to_tensor(ng.grad_weight, norm_weight.sizes(), x.options());
     grad_norm_bias = to_tensor(ng.grad_bias, norm_weight.sizes(), x.options());
   });
-  // grad_r = grad_o.V'^T, one GEMM per domain.
-  for (int64_t g = 0; g < shape.groups; ++g) {
-    if (order.rows(g) == 0) continue;
-    Tensor grad_r_g = slots_of(grad_r, order, g);
-    at::mm_out(grad_r_g, slots_of(grad_o, order, g), param_of(ur, g, per_domain).t());
-  }
   const Tensor down_right_t = dr.transpose(-1, -2).contiguous(), up_left_t = ul.transpose(-1, -2).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_backward_cpu_core", [&] {
     const scalar_t *rep_p = rep.data_ptr<scalar_t>(), *dr_p = down_right_t.data_ptr<scalar_t>();
     const scalar_t *ul_p = up_left_t.data_ptr<scalar_t>(), *hidden_p = hidden.data_ptr<scalar_t>();
-    const scalar_t* grad_r_p = grad_r.data_ptr<scalar_t>();
+    const scalar_t* grad_v_p = grad_v.data_ptr<scalar_t>();
     scalar_t *grad_core_p = grad_core.data_ptr<scalar_t>(), *grad_rep_p = grad_rep.data_ptr<scalar_t>();
     at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
-      std::vector<scalar_t> grad_p(k);
-      rank_core_backward_rows(shape, slots, order.slot_of.data(), rep_p, dr_p, ul_p, hidden_p, grad_r_p, grad_core_p,
-                              grad_p.data(), grad_rep_p, first, end);
+      std::vector<scalar_t> grad_q(k);
+      rank_core_backward_rows(shape, slots, order.slot_of.data(), rep_p, dr_p, ul_p, hidden_p, grad_v_p, grad_core_p,
+                              grad_q.data(), grad_rep_p, first, end);
     });
   });
-  // The dense products' gradients, one GEMM each per domain: grad_x = gy + grad_u.U^T and the factor
-  // gradients as (rows' inputs)^T . (rows' output gradients).
+  // The dense products' gradients, one GEMM each per domain: grad_x = gy + grad_p.DL^T and the factor
+  // gradients as (rows' inputs)^T . (rows' output gradients). In released mode the slots are the rows:
+  // x needs no reordering and grad_x is one GEMM onto gy.
   Tensor grad_dl = at::zeros_like(dl), grad_dr = at::zeros_like(dr), grad_ul = at::zeros_like(ul);
   Tensor grad_ur = at::zeros_like(ur), grad_ub = at::zeros_like(norm_weight);
   Tensor grad_db = per_domain ? at::zeros({shape.groups, s}, x.options()) : at::zeros({s}, x.options());
-  Tensor grad_x_sorted = at::empty({shape.batch, h}, x.options());
-  const Tensor x_sorted = gather_rows(x, order);
+  Tensor grad_x = per_domain ? at::empty({shape.batch, h}, x.options()) : at::empty_like(x);
+  const Tensor x_sorted = per_domain ? gather_rows(x, order) : x;
   for (int64_t g = 0; g < shape.groups; ++g) {
     if (order.rows(g) == 0) continue;
     const Tensor hidden_g = slots_of(hidden, order, g), core_g = slots_of(grad_core, order, g);
     const Tensor grad_o_g = slots_of(grad_o, order, g);
-    const Tensor grad_q = core_g.narrow(1, 0, k), grad_z = core_g.narrow(1, k, s), grad_u = core_g.narrow(1, k + s, k);
-    Tensor grad_x_g = slots_of(grad_x_sorted, order, g);
+    const Tensor grad_u = core_g.narrow(1, 0, k), grad_z = core_g.narrow(1, k, s), grad_p = core_g.narrow(1, k + s, k);
+    Tensor grad_x_g = slots_of(grad_x, order, g);
     Tensor grad_dl_g = param_of(grad_dl, g, per_domain), grad_dr_g = param_of(grad_dr, g, per_domain);
     Tensor grad_ul_g = param_of(grad_ul, g, per_domain), grad_ur_g = param_of(grad_ur, g, per_domain);
     Tensor grad_db_g = param_of(grad_db, g, per_domain), grad_ub_g = param_of(grad_ub, g, per_domain);
-    at::mm_out(grad_x_g, grad_u, param_of(dl, g, per_domain).t());
-    at::mm_out(grad_dl_g, slots_of(x_sorted, order, g).t(), grad_u);
-    at::mm_out(grad_dr_g, hidden_g.narrow(1, shape.p(), k).t(), grad_z);
-    at::mm_out(grad_ul_g, hidden_g.narrow(1, shape.a(), s).t(), grad_q);
-    at::mm_out(grad_ur_g, hidden_g.narrow(1, shape.r(), k).t(), grad_o_g);
+    if (per_domain) {
+      at::mm_out(grad_x_g, grad_p, param_of(dl, g, per_domain).t());
+    } else {
+      at::addmm_out(grad_x_g, gy, grad_p, dl.t());
+    }
+    at::mm_out(grad_dl_g, slots_of(x_sorted, order, g).t(), grad_p);
+    at::mm_out(grad_dr_g, hidden_g.narrow(1, shape.q(), k).t(), grad_z);
+    at::mm_out(grad_ul_g, hidden_g.narrow(1, shape.a(), s).t(), grad_u);
+    at::mm_out(grad_ur_g, hidden_g.narrow(1, shape.v(), k).t(), grad_o_g);
     at::sum_out(grad_db_g, grad_z, 0);
-    at::sum_out(grad_ub_g, grad_o_g, 0);
+    // With batch statistics o's bias cancels in the normalisation: its gradient, the group's sum of
+    // grad_o, is exactly 0 (a sum would return the rounding of grad_o, amplified by rstd up to
+    // 1/sqrt(eps)); with given statistics it is the sum.
+    if (!plan.batch_statistics) at::sum_out(grad_ub_g, grad_o_g, 0);
   }
-  // grad_x = gy + (grad_u.U^T) back in the original row order.
-  Tensor grad_x = at::empty_like(x);
+  if (!per_domain) return {grad_x, grad_rep, grad_dl, grad_dr, grad_db, grad_ul, grad_ur, grad_ub, grad_norm_weight,
+                           grad_norm_bias};
+  // Paper mode: grad_x = gy + (grad_p.DL^T), back from group order to the original row order.
+  const Tensor grad_x_sorted = grad_x;
+  grad_x = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_backward_cpu_grad_x", [&] {
     const scalar_t *gy_p = gy.data_ptr<scalar_t>(), *sorted_p = grad_x_sorted.data_ptr<scalar_t>();
     scalar_t* grad_x_p = grad_x.data_ptr<scalar_t>();

@@ -6,17 +6,54 @@ namespace hamur_fast {
 namespace cpu {
 namespace {
 
-// Forward rank-k core for original rows [first, end), row b's hidden in slot slot_of[b]. Walking rows in
-// their original order streams rep from memory in order (group order would jump between rows' I_b).
+// Rows per block of the fused row pass: each factor element loaded serves this many rows (rows_mat).
+constexpr int kBlockRows = 4;
+
+// Slots [first, first + kRows), all of group g: p = x.DL, q = p.I, a = sigmoid(q.DR + db), u = a.UL,
+// v = u.I, o = v.UR + ub, each step for the whole block at once (rows_mat); the hidden vectors in slot
+// order (what backward reads), x and I read from their original rows.
+template <typename T, int kRows>
+HAMUR_INLINE void cell_block(const CellShape& shape, const Factors<T>& f, int64_t g, const int64_t* order,
+                             const T* x, const T* rep, T* hidden, T* o, int64_t first) {
+  const int64_t h = shape.width, k = shape.rank, s = shape.bottleneck;
+  const T *x_rows[kRows], *rep_rows[kRows];
+  T *p[kRows], *q[kRows], *a[kRows], *u[kRows], *v[kRows], *o_rows[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    T* row_hidden = hidden + (first + r) * shape.stride();
+    x_rows[r] = x + order[first + r] * h;
+    rep_rows[r] = rep + order[first + r] * k * k;
+    p[r] = row_hidden + shape.p();
+    q[r] = row_hidden + shape.q();
+    u[r] = row_hidden + shape.u();
+    v[r] = row_hidden + shape.v();
+    a[r] = row_hidden + shape.a();
+    o_rows[r] = o + (first + r) * h;
+  }
+  rows_mat<T, kRows>(p, x_rows, f.down_left + g * h * k, nullptr, h, k);
+  rows_own_mat<T, kRows>(q, p, rep_rows, k, k);
+  rows_mat<T, kRows>(a, q, f.down_right + g * k * s, f.down_bias + g * s, k, s);
+  for (int r = 0; r < kRows; ++r) sigmoid_row(a[r], s);
+  rows_mat<T, kRows>(u, a, f.up_left + g * s * k, nullptr, s, k);
+  rows_own_mat<T, kRows>(v, u, rep_rows, k, k);
+  rows_mat<T, kRows>(o_rows, v, f.up_right + g * k * h, f.up_bias + g * h, k, h);
+}
+
+// The cell up to o for slots [first, end), in blocks of kBlockRows slots of one group (in released mode
+// one group: the slots are the rows). The next block's I is fetched ahead: in paper mode the slots jump
+// between rows of rep.
 template <typename T>
-HAMUR_ROW_PASS void rank_core_rows(const CellShape& shape, const Rows& slots, const int64_t* slot_of, const T* rep,
-                                   const Factors<T>& f, T* hidden, int64_t first, int64_t end) {
-  const int64_t k = shape.rank, s = shape.bottleneck;
-  for (int64_t b = first; b < end; ++b) {
-    const int64_t i = slot_of[b], d = slots.group(i);
-    if (b + 1 < end) prefetch(hidden + slot_of[b + 1] * shape.stride(), shape.stride(), /*for_write=*/true);
-    rank_core_row(shape, rep + b * k * k, f.down_right + d * k * s, f.down_bias + d * s, f.up_left + d * s * k,
-                  hidden + i * shape.stride());
+HAMUR_ROW_PASS void cell_rows(const CellShape& shape, const GroupOrder& order, const Factors<T>& f, const T* x,
+                              const T* rep, T* hidden, T* o, int64_t first, int64_t end) {
+  const int64_t kk = shape.rank * shape.rank;
+  const int64_t* rows = order.order.data_ptr<int64_t>();
+  for (int64_t i = first; i < end;) {
+    const int64_t g = order.slot_group[i], group_end = std::min(end, order.start[g + 1]);
+    for (; i + kBlockRows <= group_end; i += kBlockRows) {
+      for (int64_t next = i + kBlockRows; next < std::min(i + 2 * kBlockRows, end); ++next)
+        prefetch(rep + rows[next] * kk, kk, /*for_write=*/false);
+      cell_block<T, kBlockRows>(shape, f, g, rows, x, rep, hidden, o, i);
+    }
+    for (; i < group_end; ++i) cell_block<T, 1>(shape, f, g, rows, x, rep, hidden, o, i);
   }
 }
 
@@ -37,7 +74,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
   const Tensor ul = up_left_in.contiguous(), ur = up_right_in.contiguous(), ub = up_bias_in.contiguous();
   const Tensor norm_weight = norm_weight_in.contiguous(), norm_bias = norm_bias_in.contiguous();
   const CellShape shape = cell_shape(x, rep, dr, per_domain, norm_weight);
-  const int64_t h = shape.width, k = shape.rank;
+  const int64_t h = shape.width;
   const std::vector<int64_t> counts = count_rows(Rows{domain.data_ptr<int64_t>(), per_domain}, shape.batch, shape.groups);
   const GroupOrder order = order_by_group(Rows{domain.data_ptr<int64_t>(), per_domain}, counts, x.options());
   const Rows slots{order.slot_group.data(), per_domain};
@@ -45,28 +82,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapt
   Tensor hidden = at::empty({shape.batch, shape.stride()}, x.options());
   Tensor count = at::empty({shape.groups}, x.options()), mean = at::empty({shape.groups, h}, x.options());
   Tensor m2 = at::empty_like(mean), rstd = at::empty_like(mean);
-  // u = x.U, one GEMM per domain over its rows.
-  const Tensor x_sorted = gather_rows(x, order);
-  for (int64_t g = 0; g < shape.groups; ++g) {
-    if (order.rows(g) == 0) continue;
-    Tensor u = slots_of(hidden, order, g).narrow(1, shape.u(), k);
-    at::mm_out(u, slots_of(x_sorted, order, g), param_of(dl, g, per_domain));
-  }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_forward_cpu_core", [&] {
+  // One fused pass over the slots: each row block's dense projections and rank-k cores while its I is in L1.
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_forward_cpu_cell", [&] {
     const Factors<scalar_t> f = factors<scalar_t>(dl, dr, db, ul, ur, ub);
-    const scalar_t* rep_p = rep.data_ptr<scalar_t>();
-    scalar_t* hidden_p = hidden.data_ptr<scalar_t>();
+    const scalar_t *x_p = x.data_ptr<scalar_t>(), *rep_p = rep.data_ptr<scalar_t>();
+    scalar_t *hidden_p = hidden.data_ptr<scalar_t>(), *o_p = o.data_ptr<scalar_t>();
     at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
-      rank_core_rows(shape, slots, order.slot_of.data(), rep_p, f, hidden_p, first, end);
+      cell_rows(shape, order, f, x_p, rep_p, hidden_p, o_p, first, end);
     });
   });
-  // o = r.V' + b', one GEMM per domain.
-  for (int64_t g = 0; g < shape.groups; ++g) {
-    if (order.rows(g) == 0) continue;
-    Tensor o_g = slots_of(o, order, g);
-    at::addmm_out(o_g, param_of(ub, g, per_domain), slots_of(hidden, order, g).narrow(1, shape.r(), k),
-                  param_of(ur, g, per_domain));
-  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_forward_cpu_norm", [&] {
     const scalar_t* o_p = o.data_ptr<scalar_t>();
     statistics(o_p, slots, shape.batch, h, counts, stat_mean, stat_var, plan, count, mean, m2, rstd);

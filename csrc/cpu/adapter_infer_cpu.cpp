@@ -6,14 +6,14 @@ namespace hamur_fast {
 namespace cpu {
 namespace {
 
-// The whole cell for one row, fused (eval): o = (rank_core(x.U)).V' + b'; hidden is scratch.
+// The whole cell for one row, fused (eval): o = (rank_core(x.DL)).UR + ub; hidden is scratch.
 template <typename T>
 HAMUR_INLINE void project_row(const CellShape& shape, const Factors<T>& f, int64_t d, const T* __restrict x,
                         const T* __restrict rep, T* __restrict hidden, T* __restrict o) {
   const int64_t h = shape.width, k = shape.rank, s = shape.bottleneck;
-  vec_mat(hidden + shape.u(), x, f.down_left + d * h * k, h, k);
+  vec_mat(hidden + shape.p(), x, f.down_left + d * h * k, h, k);
   rank_core_row(shape, rep, f.down_right + d * k * s, f.down_bias + d * s, f.up_left + d * s * k, hidden);
-  vec_mat(o, hidden + shape.r(), f.up_right + d * k * h, k, h);
+  vec_mat(o, hidden + shape.v(), f.up_right + d * k * h, k, h);
   axpy(o, T(1), f.up_bias + d * h, h);
 }
 

@@ -113,38 +113,116 @@ HAMUR_INLINE int64_t rows_in_reach(int64_t m, int64_t n, int64_t first_col, int6
   return std::min<int64_t>(m, (m * n - reach) / n + 1);
 }
 
-template <typename T, int kVectors>
-HAMUR_INLINE void vec_mat_strip(T* __restrict out, const T* __restrict v, const T* __restrict M, int64_t m,
-                                int64_t n, int64_t first_col, int64_t width) {
+// out[r] (n) = v[r] (m) . M[r] (m, n) + bias (n, or null) for kRows rows at once, M[r] row-major. With one
+// shared matrix (kOwnMatrix false: M[0] serves every row; the dense projections x.DL and v.UR of a row
+// block), each element of M loaded serves all kRows rows, so a block costs one pass over M at FMA rather
+// than load throughput. With a matrix per row (the rows' own I_b), the kRows * kVectors accumulators are
+// independent chains the core interleaves, instead of one row's chain waiting on each FMA's latency.
+template <typename T, int kRows, int kVectors, bool kOwnMatrix>
+HAMUR_INLINE void rows_mat_strip(T* const* out, const T* const* v, const T* const* M, const T* bias, int64_t m,
+                                 int64_t n, int64_t first_col, int64_t width) {
   constexpr int64_t kLanes = 64 / sizeof(T);
-  Vec512<T> acc[kVectors] = {};
+  Vec512<T> acc[kRows][kVectors] = {};
   // Full-vector loads may run past the strip's last column into the next row of M (those lanes are
   // discarded); rows whose loads would run past the end of M itself take the scalar path below.
   const int64_t vector_rows = rows_in_reach(m, n, first_col, kVectors * kLanes);
   for (int64_t i = 0; i < vector_rows; ++i) {
-    const T* row = M + i * n + first_col;
-    const T vi = v[i];
-    for (int t = 0; t < kVectors; ++t) acc[t] += vi * load_vec(row + t * kLanes);
+    Vec512<T> column[kVectors];
+    if (!kOwnMatrix)
+      for (int t = 0; t < kVectors; ++t) column[t] = load_vec(M[0] + i * n + first_col + t * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const T vi = v[r][i];
+      for (int t = 0; t < kVectors; ++t)
+        acc[r][t] += vi * (kOwnMatrix ? load_vec(M[r] + i * n + first_col + t * kLanes) : column[t]);
+    }
   }
-  T lanes[kVectors * kLanes];
-  __builtin_memcpy(lanes, acc, sizeof(lanes));
-  for (int64_t i = vector_rows; i < m; ++i)
-    for (int64_t j = 0; j < width; ++j) lanes[j] += v[i] * M[i * n + first_col + j];
-  for (int64_t j = 0; j < width; ++j) out[first_col + j] = lanes[j];
+  for (int r = 0; r < kRows; ++r) {
+    const T* Mr = M[kOwnMatrix ? r : 0];
+    T lanes[kVectors * kLanes];
+    __builtin_memcpy(lanes, acc[r], sizeof(lanes));
+    for (int64_t i = vector_rows; i < m; ++i)
+      for (int64_t j = 0; j < width; ++j) lanes[j] += v[r][i] * Mr[i * n + first_col + j];
+    if (bias != nullptr)
+      for (int64_t j = 0; j < width; ++j) lanes[j] += bias[first_col + j];
+    for (int64_t j = 0; j < width; ++j) out[r][first_col + j] = lanes[j];
+  }
 }
 
-template <typename T>
-HAMUR_INLINE void vec_mat(T* __restrict out, const T* __restrict v, const T* __restrict M, int64_t m, int64_t n) {
+// Strips of up to kStrip vectors: kRows * kStrip accumulators stay in registers (16 of 32 on AVX-512).
+template <typename T, int kRows, bool kOwnMatrix>
+HAMUR_INLINE void rows_mat_strips(T* const* out, const T* const* v, const T* const* M, const T* bias, int64_t m,
+                                  int64_t n) {
   constexpr int64_t kLanes = 64 / sizeof(T), kStrip = 4;
   for (int64_t first = 0; first < n; first += kStrip * kLanes) {
     const int64_t width = std::min(kStrip * kLanes, n - first);
     switch ((width + kLanes - 1) / kLanes) {
-      case 1: vec_mat_strip<T, 1>(out, v, M, m, n, first, width); break;
-      case 2: vec_mat_strip<T, 2>(out, v, M, m, n, first, width); break;
-      case 3: vec_mat_strip<T, 3>(out, v, M, m, n, first, width); break;
-      default: vec_mat_strip<T, 4>(out, v, M, m, n, first, width); break;
+      case 1: rows_mat_strip<T, kRows, 1, kOwnMatrix>(out, v, M, bias, m, n, first, width); break;
+      case 2: rows_mat_strip<T, kRows, 2, kOwnMatrix>(out, v, M, bias, m, n, first, width); break;
+      case 3: rows_mat_strip<T, kRows, 3, kOwnMatrix>(out, v, M, bias, m, n, first, width); break;
+      default: rows_mat_strip<T, kRows, 4, kOwnMatrix>(out, v, M, bias, m, n, first, width); break;
     }
   }
+}
+
+// kRows rows times one shared matrix M (m, n), plus bias (or null).
+template <typename T, int kRows>
+HAMUR_INLINE void rows_mat(T* const* out, const T* const* v, const T* M, const T* bias, int64_t m, int64_t n) {
+  const T* const shared[1] = {M};
+  rows_mat_strips<T, kRows, false>(out, v, shared, bias, m, n);
+}
+
+// kRows rows, each times its own matrix M[r] (m, n).
+template <typename T, int kRows>
+HAMUR_INLINE void rows_own_mat(T* const* out, const T* const* v, const T* const* M, int64_t m, int64_t n) {
+  rows_mat_strips<T, kRows, true>(out, v, M, nullptr, m, n);
+}
+
+// One row: out (n) = v (m) . M (m, n).
+template <typename T>
+HAMUR_INLINE void vec_mat(T* __restrict out, const T* __restrict v, const T* __restrict M, int64_t m, int64_t n) {
+  T* const out_rows[1] = {out};
+  const T* const v_rows[1] = {v};
+  rows_mat<T, 1>(out_rows, v_rows, M, nullptr, m, n);
+}
+
+// exp of float lanes: Cephes' expf (range reduction by ln 2 in two parts, a degree-6 polynomial, 2^n built in
+// the exponent bits), within 2 ulp of the exact value; the argument is clamped to [-87.3, 88.3], whose
+// exp is a normal float. GCC does not vectorise calls to std::exp without -ffast-math.
+HAMUR_INLINE Vec512<float> exp_lanes(Vec512<float> x) {
+  typedef int32_t Vec512i __attribute__((vector_size(64)));
+  x = x < 88.3762626647949f ? x : 88.3762626647949f;
+  x = x > -87.3365478515625f ? x : -87.3365478515625f;
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const Vec512<float> n = (x * 1.44269504088896341f + kRound) - kRound;
+  const Vec512<float> r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  Vec512<float> y = 1.9875691500E-4f * r + 1.3981999507E-3f;
+  y = y * r + 8.3334519073E-3f;
+  y = y * r + 4.1665795894E-2f;
+  y = y * r + 1.6666665459E-1f;
+  y = y * r + 5.0000001201E-1f;
+  y = y * (r * r) + r + 1.0f;
+  const Vec512i bits = (__builtin_convertvector(n, Vec512i) + 127) << 23;
+  Vec512<float> scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// a = sigmoid(a) in place (n).
+HAMUR_INLINE void sigmoid_row(float* a, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  for (int64_t j = 0; j < n; j += kLanes) {
+    float lanes[kLanes] = {};
+    const int64_t width = std::min(kLanes, n - j);
+    for (int64_t t = 0; t < width; ++t) lanes[t] = a[j + t];
+    const Vec512<float> z = load_vec(lanes);
+    const Vec512<float> sig = 1.0f / (1.0f + exp_lanes(-z));
+    __builtin_memcpy(lanes, &sig, sizeof(lanes));
+    for (int64_t t = 0; t < width; ++t) a[j + t] = lanes[t];
+  }
+}
+
+HAMUR_INLINE void sigmoid_row(double* a, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) a[j] = 1.0 / (1.0 + std::exp(-a[j]));
 }
 
 template <typename T, int kVectors>
@@ -246,12 +324,12 @@ struct Rows {
 
 struct CellShape {
   int64_t batch, width, rank, bottleneck, groups;
-  // hidden row layout, see csrc/cpu/ops.cpp
+  // hidden row layout [p | q | u | v | a] (the contract's letters), see csrc/cpu/ops.cpp
   int64_t stride() const { return 4 * rank + bottleneck; }
-  int64_t u() const { return 0; }
-  int64_t p() const { return rank; }
-  int64_t q() const { return 2 * rank; }
-  int64_t r() const { return 3 * rank; }
+  int64_t p() const { return 0; }
+  int64_t q() const { return rank; }
+  int64_t u() const { return 2 * rank; }
+  int64_t v() const { return 3 * rank; }
   int64_t a() const { return 4 * rank; }
 };
 
@@ -345,22 +423,23 @@ inline Tensor slots_of(const Tensor& t, const GroupOrder& order, int64_t g) {
 }
 
 // ------------------------------------------------------------------------------------ rank-k core
-// The cell's per-row middle, between the dense projections: from u = x.U (already in hidden) it forms
-// p = u.I, a = sigmoid(p.V + b), q = a.U', r = q.I in hidden (layout in CellShape).
+// The cell's per-row middle, between the dense projections: from p = x.DL (already in hidden) it forms
+// q = p.I, a = sigmoid(q.DR + db), u = a.UL, v = u.I in hidden (layout in CellShape).
 template <typename T>
 HAMUR_INLINE void rank_core_row(const CellShape& shape, const T* __restrict rep, const T* __restrict down_right,
                           const T* __restrict down_bias, const T* __restrict up_left, T* __restrict hidden) {
   const int64_t k = shape.rank, s = shape.bottleneck;
-  T* u = hidden + shape.u();
-  T* p = hidden + shape.p();
+  const T* p = hidden + shape.p();
   T* q = hidden + shape.q();
-  T* r = hidden + shape.r();
+  T* u = hidden + shape.u();
+  T* v = hidden + shape.v();
   T* a = hidden + shape.a();
-  vec_mat(p, u, rep, k, k);
-  vec_mat(a, p, down_right, k, s);
-  for (int64_t j = 0; j < s; ++j) a[j] = T(1) / (T(1) + std::exp(-(a[j] + down_bias[j])));
-  vec_mat(q, a, up_left, s, k);
-  vec_mat(r, q, rep, k, k);
+  vec_mat(q, p, rep, k, k);
+  vec_mat(a, q, down_right, k, s);
+  for (int64_t j = 0; j < s; ++j) a[j] += down_bias[j];
+  sigmoid_row(a, s);
+  vec_mat(u, a, up_left, s, k);
+  vec_mat(v, u, rep, k, k);
 }
 
 template <typename T>
@@ -488,10 +567,14 @@ void normalise_rows(const T* o, const int64_t* order, const T* residual, const R
 //   with given statistics grad_o = rstd * weight * gy.
 // NormGrad holds the per-group terms so that grad_o costs a few FMAs per element. The centring happens
 // before the gain rstd * weight (up to 1/sqrt(eps)) multiplies in, so a one-row group gets exactly 0.
+// xhat is centred again by its own group mean (0 in exact arithmetic): the float mean's rounding,
+// multiplied by rstd in xhat and again by the gain, would otherwise leave the group's sum of grad_o (the
+// up_bias gradient, 0 by construction) at ~rstd^2 * ulp(o): 2.5e-4 in a 2-row domain, against torch's 4e-6.
 template <typename T>
 struct NormGrad {
   std::vector<T> grad_weight, grad_bias;  // (G, h)
-  std::vector<T> gain, mean_gy, xhat_coef;  // grad_o = gain * (gy - mean_gy - xhat * xhat_coef)
+  // grad_o = gain * (gy - mean_gy - (xhat - mean_xhat) * xhat_coef)
+  std::vector<T> gain, mean_gy, xhat_coef, mean_xhat;
   const T *mean, *rstd;
 
   inline void grad_o_row(int64_t g, int64_t width, const T* __restrict gy, const T* __restrict o,
@@ -500,11 +583,12 @@ struct NormGrad {
     const T* __restrict row_gain = gain.data() + offset;
     const T* __restrict row_mean_gy = mean_gy.data() + offset;
     const T* __restrict row_xhat_coef = xhat_coef.data() + offset;
+    const T* __restrict row_mean_xhat = mean_xhat.data() + offset;
     const T* __restrict row_mean = mean + offset;
     const T* __restrict row_rstd = rstd + offset;
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
-      const T xhat = (o[j] - row_mean[j]) * row_rstd[j];
+      const T xhat = (o[j] - row_mean[j]) * row_rstd[j] - row_mean_xhat[j];
       out[j] = row_gain[j] * (gy[j] - row_mean_gy[j] - xhat * row_xhat_coef[j]);
     }
   }
@@ -512,12 +596,14 @@ struct NormGrad {
 
 // The per-group terms of grad_o from the group sums of gy and gy * xhat (G, h): this rank's, or, in a
 // data-parallel step, every rank's (with the global count). unbiased: the variance divides by n - 1.
+// sum_xhat (this rank's group sums of xhat, or null: no re-centring) feeds mean_xhat.
 template <typename T, typename S>
 NormGrad<T> norm_grad_terms(const S* sum_gy, const S* sum_gy_xhat, int64_t groups, int64_t width, const T* weight,
-                            const T* mean, const T* rstd, const T* count, bool batch_statistics, bool unbiased) {
+                            const T* mean, const T* rstd, const T* count, bool batch_statistics, bool unbiased,
+                            const S* sum_xhat = nullptr) {
   const int64_t n = groups * width;
   NormGrad<T> out{std::vector<T>(n), std::vector<T>(n), std::vector<T>(n), std::vector<T>(n, T(0)),
-                  std::vector<T>(n, T(0)), mean, rstd};
+                  std::vector<T>(n, T(0)), std::vector<T>(n, T(0)), mean, rstd};
   for (int64_t g = 0; g < groups; ++g) {
     const double rows_in_group = count[g];
     const double var_denominator = unbiased ? std::max(rows_in_group - 1, 1.0) : std::max(rows_in_group, 1.0);
@@ -529,6 +615,7 @@ NormGrad<T> norm_grad_terms(const S* sum_gy, const S* sum_gy_xhat, int64_t group
       if (batch_statistics && rows_in_group > 0) {
         out.mean_gy[i] = static_cast<T>(sum_gy[i] / rows_in_group);
         out.xhat_coef[i] = static_cast<T>(sum_gy_xhat[i] / var_denominator);
+        if (sum_xhat != nullptr) out.mean_xhat[i] = static_cast<T>(sum_xhat[i] / rows_in_group);
       }
     }
   }
@@ -541,29 +628,32 @@ NormGrad<T> norm_grad(const T* gy, const int64_t* gy_order, const T* o, const Ro
                       int64_t width, int64_t groups, const T* weight, const T* mean, const T* rstd, const T* count,
                       const NormPlan& plan) {
   const int64_t chunks = num_chunks(batch), n = groups * width;
-  std::vector<double> partial(chunks * 2 * n, 0.0);  // per chunk: sum(gy) then sum(gy * xhat)
+  std::vector<double> partial(chunks * 3 * n, 0.0);  // per chunk: sum(gy), sum(gy * xhat), sum(xhat)
   parallel_chunks(batch, chunks, [&](int64_t c, int64_t first, int64_t end) {
-    double* acc = partial.data() + c * 2 * n;
+    double* acc = partial.data() + c * 3 * n;
     for (int64_t i = first; i < end; ++i) {
       const int64_t offset = rows.group(i) * width;
       double* __restrict sum_gy = acc + offset;
       double* __restrict sum_gy_xhat = acc + n + offset;
+      double* __restrict sum_xhat = acc + 2 * n + offset;
       const T* __restrict row_gy = gy + (gy_order != nullptr ? gy_order[i] : i) * width;
       const T* __restrict row_o = o + i * width;
       const T* __restrict row_mean = mean + offset;
       const T* __restrict row_rstd = rstd + offset;
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
+        const T xhat = (row_o[j] - row_mean[j]) * row_rstd[j];
         sum_gy[j] += row_gy[j];
-        sum_gy_xhat[j] += static_cast<double>(row_gy[j]) * ((row_o[j] - row_mean[j]) * row_rstd[j]);
+        sum_gy_xhat[j] += static_cast<double>(row_gy[j]) * xhat;
+        sum_xhat[j] += xhat;
       }
     }
   });
-  std::vector<double> sums(2 * n, 0.0);  // sum(gy) then sum(gy * xhat)
+  std::vector<double> sums(3 * n, 0.0);  // sum(gy), sum(gy * xhat), sum(xhat)
   for (int64_t c = 0; c < chunks; ++c)
-    for (int64_t i = 0; i < 2 * n; ++i) sums[i] += partial[c * 2 * n + i];
+    for (int64_t i = 0; i < 3 * n; ++i) sums[i] += partial[c * 3 * n + i];
   return norm_grad_terms<T>(sums.data(), sums.data() + n, groups, width, weight, mean, rstd, count,
-                            plan.batch_statistics, plan.unbiased);
+                            plan.batch_statistics, plan.unbiased, sums.data() + 2 * n);
 }
 
 template <typename T>
