@@ -6,24 +6,25 @@
 HAMUR-MLP (paper mode, MovieLens sizes: F=113, towers 256-128, hyper [64], k=35) and STAR (towers
 256-128) at B=4096, one step each = forward, BCE, backward, Adam. Every per-domain product of a
 model runs through the grouped per-domain linear op (hamur_fast/ops/grouped_linear.py); each row
-of the table puts one of its providers under the whole model (``grouped_linear.auto_provider``):
-- "segments": one GEMM per domain (reads the ids on the host; the CPU's pick),
-- "torch": the sync-free eager form (torch._grouped_mm on sorted rows where torch has it for the dtype
-  and device, else the stacked form),
+of the table puts one of its forms under the model's layers and the torch backend's cell (:func:`form_under`):
+- "segments": one GEMM per domain (reads the ids on the host; the torch backends' form on the CPU),
+- "sync-free": torch._grouped_mm on sorted rows where torch has it for the dtype and device, else the
+  stacked form (the torch backends' form on a GPU),
 - "triton": the grouped GEMM kernel (GPU's pick; skipped on the CPU, where it runs interpreted),
 - "stacked": every row against all D weights, then a gather (the pre-grouped-op GPU path, D x FLOPs),
 and HAMUR's adapter cell runs on each adapter backend "auto" may pick on the device, plus "torch".
 Columns: median step ms (providers take turns step by step, so a busy machine slows all alike), peak
 MiB (CUDA: the allocator's peak above what the model held; CPU: bytes of live tensors one step
 created), GFLOP of the step as torch.utils.flop_counter counts the ops run, and each ratio to the same
-row at the smallest D. "GPU path GFLOP" is the same step on the ``meta`` device, where "auto" takes the
-GPU code path shape-only: what the GPU would compute, measured without a GPU.
+row at the smallest D. "GPU path GFLOP" is the same step on the ``meta`` device with the Triton kernel's op as the
+form (shape-only): what the GPU would compute, measured without a GPU.
 """
 from __future__ import annotations
 
 import argparse
 import platform
 import statistics
+import unittest.mock
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -56,28 +57,40 @@ def make_batch(num_domains, device, batch=BATCH):
     return e.to(device), domain.to(device), label.to(device)
 
 
+FORMS = {"segments": grouped_linear.segments, "sync-free": grouped_linear.sync_free, "stacked": grouped_linear.stacked,
+         "triton": grouped_linear.grouped_linear_kernel}
+
+
+def form_under(provider):
+    """The layers' grouped linear calls (``grouped_linear.run``) and the eager cell's (``torch_form``) run the form
+    ``provider`` inside this block."""
+    form = FORMS[provider]
+    return unittest.mock.patch.multiple(grouped_linear, torch_form=form, run=lambda x, domain, weight, bias=None,
+                                        backend="auto": form(x, domain.long(), weight, bias))
+
+
 def step_under(provider, model):
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
 
     def step(e, domain, label):
-        with grouped_linear.auto_provider(provider):
+        with form_under(provider):
             return bce_step(model, optimizer, e, domain, label)
     return step
 
 
 def gpu_path_gflop(model_name, num_domains):
-    """FLOPs of one forward + backward on meta ("auto" there is the GPU's grouped kernel)."""
+    """FLOPs of one forward + backward on meta with the GPU's grouped kernel as the form."""
     with torch.device("meta"):
         model = build(model_name, num_domains, "auto", "meta")
         e, label = torch.empty(BATCH, INPUT_DIM), torch.empty(BATCH)
         domain = torch.empty(BATCH, dtype=torch.long)
-    with FlopCounterMode(display=False) as flops:
+    with FlopCounterMode(display=False) as flops, form_under("triton"):
         torch.nn.functional.binary_cross_entropy_with_logits(model.logits(e, domain), label).backward()
     return flops.get_total_flops() / 1e9
 
 
 def row_labels(model_name, num_domains, args, device):
-    providers = (["triton"] if device.type == "cuda" else ["segments"]) + ["torch"]
+    providers = (["triton"] if device.type == "cuda" else ["segments"]) + ["sync-free"]
     if num_domains <= args.stacked_max_domains:
         providers.append("stacked")
     backends = eager_backends(device) if model_name == "hamur_mlp" else ["-"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hamur_fast as hf
-from hamur_fast.ops import contract, registry
+from hamur_fast.ops import contract, grouped_linear, registry
 from hamur_fast.ops import eager as torch_backend
 from hamur_fast.ops.contract import Backend, Capabilities, GroupStats, make_plan
 from helpers import cell_inputs, fp32_bound, rel_err
@@ -184,7 +184,7 @@ def test_capability_limit_names_the_limit():
 def fake_backend(name, rank, hyper_adapter=torch_backend.hyper_adapter, self_check=True, **limits):
     return Backend(name, hyper_adapter, torch_backend.domain_norm, Capabilities(
         devices=frozenset({"cpu"}), dtypes=contract.FLOAT_DTYPES, auto_rank={"cpu": rank}, self_check=self_check,
-        **limits), norm_passes=torch_backend.NORM_PASSES)
+        **limits), norm_passes=torch_backend.NORM_PASSES, grouped_linear=grouped_linear.torch_form)
 
 
 @pytest.fixture

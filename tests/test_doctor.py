@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hamur_fast import cli
-from hamur_fast.ops import contract, registry
+from hamur_fast.ops import contract, grouped_linear, registry
 from hamur_fast.ops import eager as torch_backend
 
 
@@ -35,7 +35,8 @@ def wrong_backend(monkeypatch):
 
     monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
     registry.register_backend(contract.Backend("off_by_a_little", off, torch_backend.domain_norm, contract.Capabilities(
-        devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32})), norm_passes=torch_backend.NORM_PASSES))
+        devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32})), norm_passes=torch_backend.NORM_PASSES,
+        grouped_linear=grouped_linear.torch_form))
 
 
 def test_a_failing_check_is_shown_and_exits_1(wrong_backend, capsys):

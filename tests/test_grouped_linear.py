@@ -1,6 +1,6 @@
 """The grouped per-domain linear op (hamur_fast/ops/grouped_linear.py, kernels/grouped_linear.py).
 
-Every provider against a float64 loop on fresh random inputs, forward and every gradient; the Triton
+Every form (the torch backends' segment loop and sync-free forms, the Triton kernel) against a float64 loop on fresh random inputs, forward and every gradient; the Triton
 kernels run under the interpreter on the CPU (conftest.py sets TRITON_INTERPRET=1), at small sizes.
 """
 import os
@@ -11,11 +11,13 @@ import torch.utils.flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hamur_fast.ops import grouped_linear as gl
+from hamur_fast.ops.registry import available_backends, get_backend, resolve
 from helpers import rel_err
 
 TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FAST = ["segments", "torch", "stacked"] + (["triton"] if TRITON else [])
+FORMS = {"segments": gl.segments, "sync_free": gl.sync_free, "stacked": gl.stacked}  # inside the torch backends
+FAST = list(FORMS) + (["triton"] if TRITON else [])
 
 CASES = [  # (B, in, out, D, ids): odd widths; "edge": domain 0 empty and domain 1 one row
     (1, 5, 7, 3, "random"), (3, 8, 4, 3, "edge"), (3, 16, 8, 300, "random"),  # 297+ empty domains
@@ -38,10 +40,17 @@ def inputs(batch, fan_in, fan_out, num_domains, ids, seed=0, dtype=torch.float64
     return x, domain, weight, bias, upstream
 
 
+def forward(provider, x, domain, weight, bias):
+    """A form by its name, or the public op under the backend of that name."""
+    if provider in FORMS:
+        return FORMS[provider](x, domain, weight, bias)
+    return gl.grouped_linear(x, domain, weight, bias, backend=provider)
+
+
 def run(provider, x, domain, weight, bias, upstream, dtype, device="cpu"):
     leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_() if t is not None else None
               for t in (x, weight, bias)]
-    out = gl.grouped_linear(leaves[0], domain.to(device), leaves[1], leaves[2], backend=provider)
+    out = forward(provider, leaves[0], domain.to(device), leaves[1], leaves[2])
     wanted = [t for t in leaves if t is not None]
     grads = torch.autograd.grad(out, wanted, upstream.to(device=device, dtype=dtype))
     return [out.detach().cpu()] + [g.cpu() for g in grads]
@@ -81,13 +90,13 @@ def test_reference_is_the_plain_per_row_product():
 def test_float64_and_autocast_and_torch_grouped_mm_form():
     x, domain, weight, bias, upstream = inputs(50, 16, 8, 5, "edge")
     expected = run("reference", x, domain, weight, bias, upstream, torch.float64)
-    for provider in ("segments", "torch", "stacked"):  # float64: torch falls back to stacked
+    for provider in ("segments", "sync_free", "stacked", "torch"):  # float64: sync_free falls back to stacked
         actual = run(provider, x, domain, weight, bias, upstream, torch.float64)
         assert all(rel_err(a, e) < 1e-12 for a, e in zip(actual, expected)), provider
     # CPU float32 (odd widths padded) takes the grouped form: its FLOPs are the rows' own products only
     assert gl.grouped_mm_supported(x.float(), weight.float()) and not gl.grouped_mm_supported(x, weight)
     with torch.utils.flop_counter.FlopCounterMode(display=False) as flops:
-        gl.run(x.float()[:, :13], domain, weight.float()[:, :13, :7], None, backend="torch")
+        gl.sync_free(x.float()[:, :13], domain, weight.float()[:, :13, :7], None)
     assert flops.get_total_flops() == 2 * 50 * 16 * 8  # padded to 16 and 8 columns, never x D
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = gl.grouped_linear(x.float(), domain, weight.float(), bias.float())
@@ -219,7 +228,7 @@ class NoHostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("provider", ["torch", "stacked"] + (["triton-launchers"] if TRITON else []))
+@pytest.mark.parametrize("provider", ["sync_free", "stacked"] + (["triton-launchers"] if TRITON else []))
 def test_no_host_read_inside_the_op(provider):
     x, domain, weight, bias, upstream = inputs(70, 13, 7, 5, "edge", dtype=torch.float32)
     leaves = [t.requires_grad_() for t in (x, weight, bias)]
@@ -230,12 +239,12 @@ def test_no_host_read_inside_the_op(provider):
             kernels.grouped_forward(x.detach(), order, offsets, weight.detach(), bias.detach())
             kernels.grouped_backward(upstream, x.detach(), order, offsets, weight.detach(), True)
         else:
-            out = gl.run(leaves[0], domain, leaves[1], leaves[2], backend=provider)
+            out = FORMS[provider](leaves[0], domain, leaves[1], leaves[2])
             torch.autograd.grad(out, leaves, upstream)
     if provider != "triton-launchers":  # meta tensors hold no values: even .tolist() fails there
         for dtype in (torch.float32, torch.bfloat16):  # bfloat16: torch._grouped_mm's form on meta
             meta = [t.detach().to("meta", dtype).requires_grad_() for t in (x, weight, bias)]
-            out = gl.run(meta[0], domain.to("meta"), meta[1], meta[2], backend=provider)
+            out = FORMS[provider](meta[0], domain.to("meta"), meta[1], meta[2])
             torch.autograd.grad(out, meta, upstream.to("meta", dtype))
 
 
@@ -248,15 +257,18 @@ def test_the_host_read_check_can_fail():
         gl.domain_segments(domain, 3)[1].nonzero()
 
 
-def test_auto_picks_by_capabilities():
-    assert gl.pick_provider(torch.device("cpu")) == "segments"
-    assert gl.pick_provider(torch.device("meta")) == "triton"  # the GPU path, shape-only
-    assert gl.pick_provider(torch.device("meta"), torch.float64) == "torch"  # the kernels take no float64
-    with gl.auto_provider("stacked"):
-        assert gl.pick_provider(torch.device("cpu")) == "stacked"
+def test_backend_means_the_same_as_for_the_cell():
+    """One registry: each backend runs its own form, and "auto" resolves by the cell's ranks."""
+    assert get_backend("torch").grouped_linear is gl.torch_form  # never the Triton kernel, on any device
+    assert get_backend("reference").grouped_linear is gl.reference
+    if "triton" in available_backends():
+        assert get_backend("triton").grouped_linear is gl.grouped_linear_kernel
+    assert resolve("auto", torch.device("cpu")).grouped_linear is gl.torch_form  # "cpu" or "torch"
+    # meta stands in for the GPU: "auto" there is what it is on CUDA (shape-only), the torch backend without triton
+    assert resolve("auto", torch.device("meta")).name == ("triton" if "triton" in available_backends() else "torch")
     x, domain, weight, bias, _ = inputs(5, 4, 3, 2, "random")
     with pytest.raises(ValueError, match="does not cover this call: device meta"):
-        gl.grouped_linear(x.to("meta"), domain.to("meta"), weight.to("meta"), bias.to("meta"), backend="segments")
+        gl.grouped_linear(x.to("meta"), domain.to("meta"), weight.to("meta"), bias.to("meta"), backend="reference")
 
 
 @pytest.mark.skipif(not TRITON, reason="no CUDA device and TRITON_INTERPRET is not 1")

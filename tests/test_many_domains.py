@@ -57,7 +57,7 @@ def test_the_cost_check_can_fail():
             layer = hf.nn.DomainLinear(256, 128, num_domains)
             x, domain = torch.randn(BATCH, 256), torch.randint(0, num_domains, (BATCH,))
         with FlopCounterMode(display=False) as flops:
-            hf.ops.grouped_linear.run(x, domain, layer.weight.transpose(1, 2), layer.bias, backend="stacked")
+            hf.ops.grouped_linear.stacked(x, domain, layer.weight.transpose(1, 2), layer.bias)
         return flops.get_total_flops()
 
     assert stacked_flops(100) > 30 * stacked_flops(3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.eager import project_per_domain
+from ..ops import grouped_linear
 from .base import MultiDomainModel
 from .blocks import MLP, mixture
 
@@ -30,7 +30,7 @@ class MetaLinear(nn.Module):
     def forward(self, x: torch.Tensor, knowledge: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         """x (B, in), knowledge (D, knowledge_dim) for every domain, domain (B,) -> (B, out)."""
         weight = self.weight_generator(knowledge).view(-1, self.in_features, self.out_features)
-        return project_per_domain(x, weight, domain) + self.bias_generator(knowledge)[domain]
+        return grouped_linear.run(x, domain, weight, self.bias_generator(knowledge))
 
 
 class M2M(MultiDomainModel):

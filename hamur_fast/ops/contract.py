@@ -247,11 +247,13 @@ class CellPasses(NamedTuple):
 
 @dataclass(frozen=True)
 class Backend:
-    """One implementation of the two ops, and what it can do.
+    """One implementation of every op family (the cell, the norm, the grouped linear op), and what it can do.
 
     ``norm_passes``: the backend's normalisation as split passes (:class:`NormPasses`), run with a collective
     between them while batch statistics are synchronised across processes; ``cell_passes``, when not None, the
     adapter cell split the same way (else such a step projects by torch ops and normalises by ``norm_passes``).
+    ``grouped_linear(x, domain, weight, bias) -> out``: the backend's form of the grouped per-domain linear op
+    (:mod:`hamur_fast.ops.grouped_linear`), so ``backend=`` names one implementation of every op family.
     ``hyper_adapter_all_towers(x (T, B, h), rep, params, eps) -> (T, B, h)``, when not None, runs the
     released-mode cell on T towers' outputs at once (each normalised over its own whole batch).
     """
@@ -261,6 +263,7 @@ class Backend:
     domain_norm: Callable
     capabilities: Capabilities
     norm_passes: NormPasses
+    grouped_linear: Callable
     cell_passes: CellPasses | None = None
     hyper_adapter_all_towers: Callable | None = None
     generated_cell: Callable | None = None  # fusion level 2, see the module docstring

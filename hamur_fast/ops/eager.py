@@ -26,7 +26,7 @@ def project_per_domain(v: torch.Tensor, weight: torch.Tensor, domain: torch.Tens
         return v @ weight
     if weight.shape[0] == 1:
         return v @ weight[0]
-    return grouped_linear.run(v, domain, weight)  # the grouped GEMM: cost ~ B, whatever D is
+    return grouped_linear.torch_form(v, domain, weight, None)  # the grouped GEMM: cost ~ B, whatever D is
 
 
 def _per_row(param: torch.Tensor, domain: torch.Tensor, per_domain: bool) -> torch.Tensor:

@@ -4,33 +4,25 @@ x (B, in), domain (B,) int, weight (D, in, out), bias (D, out) or None -> (B, ou
 mixture of experts with hard routing by domain id, and every per-domain product of the package
 (tower layers, adapter factors, STAR's star-topology layers) is one call of it.
 
-Providers (``backend=``), one vocabulary for all of them:
-- ``"reference"``: a loop over domains in float64; the oracle of the tests.
-- ``"segments"``: one GEMM per domain on that domain's rows. It reads the segment sizes back to the
-  host, free on the CPU, a sync on a GPU; what "auto" picks on the CPU.
-- ``"torch"``: eager PyTorch with no host sync: rows sorted by domain on the device, segment offsets
-  by ``searchsorted``, then ``torch._grouped_mm`` (FLOPs and memory ~ B, independent of D) where the
-  installed torch supports that dtype on that device (CPU: float32/bfloat16/float16; CUDA sm_90+ and
-  meta: bfloat16; odd widths are zero-padded to its 16-byte rows). Elsewhere (float32 or float16 on a
-  GPU, float64) eager PyTorch has no sync-free op whose cost is independent of D (a per-row copy of
-  the weights is B x in x out memory; padding every domain to a fixed capacity is D x B rows), so it
-  falls back to ``"stacked"``.
-- ``"stacked"``: one GEMM against all D weights side by side, then a gather. Sync-free and static,
-  but D times the FLOPs and a (B, D, out) intermediate: kept as the last fallback and as the
-  baseline of benchmarks/bench_domains.py.
-- ``"triton"``: the Triton grouped GEMM of kernels/grouped_linear.py (sorted rows, device-side
-  segment offsets, one program per (domain, row block) tile, static grid), behind the custom ops
-  ``hamur_fast::triton_grouped_linear_forward`` / ``_backward`` (fake and autograd registered, with
-  FLOP formulas, so torch.compile, export and ``FlopCounterMode`` see them). "auto" picks it on CUDA
-  and on ``meta`` (a model on meta runs the GPU code path shape-only).
-Each provider declares its devices, dtypes and "auto" ranks as the backend contract's ``Capabilities``.
+``backend=`` is a backend of :mod:`hamur_fast.ops.registry`, resolved like the cell's and the norm's ("auto" by
+the same ranks); each :class:`~hamur_fast.ops.contract.Backend` supplies its form (``Backend.grouped_linear``):
+- ``"reference"``: :func:`reference`, a loop over domains in float64; the oracle of the tests.
+- ``"torch"``, ``"cpu"``, ``"cuda"``: :func:`torch_form`. On the CPU (eager) :func:`segments`, one GEMM per
+  domain on its rows, reading the segment sizes back to the host (free there). Elsewhere, and whenever
+  torch.compile traces, the sync-free :func:`sync_free`: rows sorted by domain on the device, segment offsets by
+  ``searchsorted``, then ``torch._grouped_mm`` (FLOPs and memory ~ B, independent of D) where the installed
+  torch supports that dtype on that device (CPU: float32/bfloat16/float16; CUDA sm_90+ and meta: bfloat16; odd
+  widths zero-padded to its 16-byte rows), else :func:`stacked`: one GEMM against all D weights side by side
+  and a gather (D times the FLOPs, a (B, D, out) intermediate; eager PyTorch has no other sync-free op whose
+  cost is independent of D).
+- ``"triton"``: the Triton grouped GEMM of kernels/grouped_linear.py (sorted rows, device-side segment offsets,
+  one program per (domain, row block) tile, static grid), behind the custom ops
+  ``hamur_fast::triton_grouped_linear_forward`` / ``_backward`` (fake and autograd registered, with FLOP
+  formulas, so torch.compile, export and ``FlopCounterMode`` see them). "auto" picks it on CUDA.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
-import importlib.util
-import os
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +30,11 @@ import torch.utils.flop_counter
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import _checks
-from .contract import FLOAT_DTYPES, Capabilities
-
-PROVIDERS = ("reference", "segments", "torch", "stacked", "triton")
+from .registry import check_backend_name, resolve
 
 
 # --------------------------------------------------------------------------------------------------
-# Sorting rows by domain on the device (shared by the "torch" and "triton" providers)
+# Sorting rows by domain on the device (shared by the torch forms and the Triton kernel)
 # --------------------------------------------------------------------------------------------------
 def domain_segments(domain: torch.Tensor, num_domains: int):
     """Row order grouped by domain and the segment offsets, with no host sync.
@@ -62,7 +52,7 @@ def domain_segments(domain: torch.Tensor, num_domains: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# Providers: (x, domain, weight, bias) -> out, already validated
+# The forms: (x, domain, weight, bias) -> out, already validated, domain int64
 # --------------------------------------------------------------------------------------------------
 def reference(x, domain, weight, bias):
     """Domain by domain in float64 (rows of domain d times weight[d]), cast back to x's dtype."""
@@ -143,11 +133,19 @@ def grouped_mm(x, domain, weight, bias):
     return _add_bias(out, domain, bias)
 
 
-def torch_eager(x, domain, weight, bias):
+def sync_free(x, domain, weight, bias):
     """The sync-free eager form: grouped GEMM where torch has one for these operands, else stacked."""
     if grouped_mm_supported(x, weight):
         return grouped_mm(x, domain, weight, bias)
     return stacked(x, domain, weight, bias)
+
+
+def torch_form(x, domain, weight, bias):
+    """The eager backends' form: the segment loop on the CPU, where reading sizes back costs nothing (and which
+    bench_domains measured faster there), the sync-free form elsewhere and whenever torch.compile traces."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return segments(x, domain, weight, bias)
+    return sync_free(x, domain, weight, bias)
 
 
 def _add_bias(out, domain, bias):
@@ -237,62 +235,6 @@ if hasattr(torch.ops.aten, "_grouped_mm") and \
         return 2 * a_shape[0] * a_shape[1] * b_shape[-1]  # (M, K) x (K, N) with offsets over K
 
 
-IMPLEMENTATIONS = {"reference": reference, "segments": segments, "torch": torch_eager, "stacked": stacked,
-                   "triton": grouped_linear_kernel}
-
-# What each provider takes, in the backend contract's terms (hamur_fast/ops/contract.py). ``meta`` stands in
-# for the GPU path: "auto" there runs the kernel's custom op shape-only. "segments" reads values, so never
-# meta; "triton" runs CPU tensors only under the Triton interpreter (and "auto" never picks it there).
-_ANY = frozenset({"cpu", "cuda", "meta"})
-_TRITON_DEVICES = {"cuda", "meta"} | ({"cpu"} if os.environ.get("TRITON_INTERPRET") == "1" else set())
-CAPABILITIES = {
-    "reference": Capabilities(devices=_ANY, dtypes=FLOAT_DTYPES),
-    "segments": Capabilities(devices=frozenset({"cpu", "cuda"}), dtypes=FLOAT_DTYPES, auto_rank={"cpu": 10}),
-    "torch": Capabilities(devices=_ANY, dtypes=FLOAT_DTYPES, auto_rank={"cpu": 20, "cuda": 20, "meta": 20}),
-    "stacked": Capabilities(devices=_ANY, dtypes=FLOAT_DTYPES),
-    "triton": Capabilities(devices=frozenset(_TRITON_DEVICES),
-                           dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-                           auto_rank={"cuda": 10, "meta": 10}),
-}
-_AUTO_OVERRIDE: str | None = None
-
-
-@contextlib.contextmanager
-def auto_provider(name: str):
-    """Inside this block ``backend="auto"`` runs provider ``name`` (benchmarks put one provider under a
-    whole model this way)."""
-    global _AUTO_OVERRIDE
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"grouped_linear provider must be one of {PROVIDERS}, got {name!r}")
-    previous, _AUTO_OVERRIDE = _AUTO_OVERRIDE, name
-    try:
-        yield
-    finally:
-        _AUTO_OVERRIDE = previous
-
-
-def _usable(name: str) -> bool:
-    """Triton needs its package; the segment loop reads values, which torch.compile cannot trace."""
-    if name == "triton":
-        return importlib.util.find_spec("triton") is not None
-    return not (name == "segments" and torch.compiler.is_compiling())
-
-
-def pick_provider(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """What ``backend="auto"`` runs: the best-ranked provider for the device type that takes the dtype
-    (the kernel on CUDA and meta, the segment loop on the CPU, the sync-free eager form otherwise)."""
-    if _AUTO_OVERRIDE is not None:
-        return _AUTO_OVERRIDE
-    best, best_rank = "torch", None
-    for name, capabilities in CAPABILITIES.items():  # a plain loop: torch.compile traces it without a break
-        rank = capabilities.auto_rank.get(device.type)
-        if rank is None or capabilities.limit(device, dtype) is not None or not _usable(name):
-            continue
-        if best_rank is None or rank < best_rank:
-            best, best_rank = name, rank
-    return best
-
-
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast computes matmuls in on ``device``, or None (meta has no autocast at all)."""
     if device.type not in ("cpu", "cuda", "xpu", "mps") or not torch.is_autocast_enabled(device.type):
@@ -304,8 +246,9 @@ def grouped_linear(x: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor, 
                    *, backend: str = "auto") -> torch.Tensor:
     """``out[b] = x[b] @ weight[domain[b]] + bias[domain[b]]``: x (B, in), weight (D, in, out), bias (D, out).
 
-    Validates every argument (ValueError naming it) before any compute; ``backend`` is "auto" or one of
-    :data:`PROVIDERS`. Under autocast the product runs in autocast's dtype, like ``nn.Linear``.
+    Validates every argument (ValueError naming it) before any compute; ``backend`` is "auto" or a registered
+    backend (:func:`hamur_fast.ops.available_backends`). Under autocast the product runs in autocast's dtype, like
+    ``nn.Linear``.
     """
     _checks.check_float("x", x, 2)
     batch = _checks.check_batch("x", x)
@@ -317,8 +260,7 @@ def grouped_linear(x: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor, 
         _checks.check_shape("bias", bias, (num_domains, fan_out))
     _checks.check_domain(domain, batch, num_domains)
     _checks.check_same_device(x=x, domain=domain, weight=weight, bias=bias)
-    if backend != "auto" and backend not in IMPLEMENTATIONS:
-        raise ValueError(f"grouped_linear backend must be 'auto' or one of {PROVIDERS}, got {backend!r}")
+    check_backend_name(backend)
     if autocast_dtype(x.device) is None and (x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype)):
         raise ValueError(f"x, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}"
                          f"{'' if bias is None else ', ' + str(bias.dtype)}")
@@ -331,11 +273,4 @@ def run(x, domain, weight, bias=None, backend: str = "auto") -> torch.Tensor:
     if lowered is not None:
         x, weight = x.to(lowered), weight.to(lowered)
         bias = bias.to(lowered) if bias is not None else None
-    if backend == "auto":
-        provider = pick_provider(x.device, x.dtype)
-    else:
-        provider = backend
-        limit = CAPABILITIES[provider].limit(x.device, x.dtype)
-        if limit is not None:
-            raise ValueError(f"grouped_linear backend {provider!r} does not cover this call: {limit}")
-    return IMPLEMENTATIONS[provider](x, domain.long(), weight, bias)  # the kernel ops take int64 ids
+    return resolve(backend, x.device, x.dtype).grouped_linear(x, domain.long(), weight, bias)  # the kernels take int64

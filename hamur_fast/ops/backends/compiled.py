@@ -22,7 +22,7 @@ from ..._layout import import_compiled_core
 import_compiled_core()
 from ..contract import FLOAT_DTYPES, Backend, Capabilities, GroupStats, NormPasses, Plan
 from ..registry import record_unavailable, register_backend
-from .. import eager
+from .. import eager, grouped_linear
 
 ops = torch.ops.hamur_fast
 _stale = [name for name in ("compiled_norm_statistics", "compiled_norm_normalise", "compiled_norm_input_grad")
@@ -234,14 +234,14 @@ def _capabilities(device_type: str, auto_rank: dict) -> Capabilities:
 
 if has_kernel("CPU"):
     register_backend(Backend("cpu", hyper_adapter, domain_norm, _capabilities("cpu", {"cpu": CPU_AUTO_RANK}),
-                             norm_passes=NORM_PASSES))
+                             norm_passes=NORM_PASSES, grouped_linear=grouped_linear.torch_form))
 else:
     record_unavailable("cpu", "the extension hamur_fast._C was built without its CPU kernels")
 if has_kernel("CUDA"):
     # The split passes have CPU kernels only: on CUDA this backend's data-parallel normalisation runs the torch
     # backend's passes (between the same collectives).
     register_backend(Backend("cuda", hyper_adapter, domain_norm, _capabilities("cuda", {}),
-                             norm_passes=eager.NORM_PASSES))
+                             norm_passes=eager.NORM_PASSES, grouped_linear=grouped_linear.torch_form))
 else:
     record_unavailable("cuda", "the extension hamur_fast._C was built without CUDA kernels (no CUDA torch or no "
                                "matching nvcc at build time)")

@@ -61,7 +61,7 @@ torch.library.register_autograd("hamur_fast::compiled_generated_core_forward", _
 def _dense(x, domain, weight, bias, per_domain):
     """x W[d] (+ b[d]) per row: the grouped linear op in paper mode, one matmul with shared factors."""
     if per_domain:
-        return grouped_linear.run(x, domain, weight, bias)
+        return grouped_linear.torch_form(x, domain, weight, bias)
     return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
 

@@ -12,6 +12,7 @@ import torch
 from ..contract import FLOAT_DTYPES, Backend, Capabilities, GroupStats
 from ..registry import register_backend
 from ..eager import NORM_PASSES
+from .. import grouped_linear
 
 
 def _per_row(param: torch.Tensor, domain: torch.Tensor, released: bool) -> torch.Tensor:
@@ -76,7 +77,8 @@ def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan):
 
 # The oracle has no split of its own: a data-parallel step on it runs the torch backend's passes.
 register_backend(Backend("reference", hyper_adapter, domain_norm,
-                         Capabilities(devices=frozenset({"cpu", "cuda"}), dtypes=FLOAT_DTYPES), norm_passes=NORM_PASSES))
+                         Capabilities(devices=frozenset({"cpu", "cuda"}), dtypes=FLOAT_DTYPES), norm_passes=NORM_PASSES,
+                         grouped_linear=grouped_linear.reference))
 
 
 def hyper_adapter_generated(x, g, domain, gen, params, running_mean, running_var, plan, training):

@@ -19,6 +19,7 @@ import torch
 
 from ...kernels import adapter_cell as cell_kernels
 from ...kernels import domain_norm as norm_kernels
+from ..grouped_linear import grouped_linear_kernel
 from ..contract import Backend, Capabilities, CellPasses, GroupStats, NormPasses, Plan
 from ..registry import register_backend
 
@@ -193,8 +194,11 @@ def cell_input_grads(dy, x, rep, domain, params, saved, count, mean, rstd, sum_d
 
 CELL_PASSES = CellPasses(cell_project, cell_normalise, cell_grad_sums, cell_input_grads)
 
-_DEVICES = {"cuda", "cpu"} if os.environ.get("TRITON_INTERPRET") == "1" else {"cuda"}
+# meta stands in for the GPU: a model built there runs this backend's custom ops shape-only (their fakes), so
+# FlopCounterMode and MemTracker measure the GPU path without a GPU. CPU tensors only under the interpreter.
+_DEVICES = {"cuda", "meta"} | ({"cpu"} if os.environ.get("TRITON_INTERPRET") == "1" else set())
 register_backend(Backend("triton", hyper_adapter, domain_norm, Capabilities(
     devices=frozenset(_DEVICES), dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-    max_width=MAX_WIDTH, max_rank=MAX_RANK, max_bottleneck=MAX_BOTTLENECK, auto_rank={"cuda": 10},
-    fused_cell=True, self_check=True), norm_passes=NORM_PASSES, cell_passes=CELL_PASSES))
+    max_width=MAX_WIDTH, max_rank=MAX_RANK, max_bottleneck=MAX_BOTTLENECK, auto_rank={"cuda": 10, "meta": 10},
+    fused_cell=True, self_check=True), norm_passes=NORM_PASSES, grouped_linear=grouped_linear_kernel,
+    cell_passes=CELL_PASSES))
