@@ -64,11 +64,6 @@ def _no_rows(x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
     return x.new_zeros(x.shape[0])
 
 
-def _of_domain(param: torch.Tensor, d: int, shared_dims: int) -> torch.Tensor:
-    """Domain ``d``'s slice of a per-domain parameter; a shared one (``shared_dims`` dims) as it is."""
-    return param if param.dim() == shared_dims else param[d]
-
-
 class DomainSortedHAMUR(nn.Module):
     """``(e (B, input_dim), domain (B,)) -> probabilities (B,)``, equal to the folded ``core`` row by row."""
 
@@ -136,12 +131,12 @@ class DomainSortedHAMUR(nn.Module):
 
     def _cell(self, cell: FoldedHyperAdapter, x: torch.Tensor, d: int, rep) -> torch.Tensor:
         """x + ((sigmoid(((x U) I) V + b) U') I) V' + b' (SPEC section 2; the normalisation folded into V', b')."""
-        down_left, down_right, up_left, up_right = (_of_domain(getattr(cell, name), d, 2) for name in
-                                                    ("down_left", "down_right", "up_left", "up_right"))
-        down_bias, up_bias = _of_domain(cell.down_bias, d, 1), _of_domain(cell.up_bias, d, 1)
+        down_left, down_right, down_bias, up_left, up_right, up_bias = (
+            getattr(cell, name)[d] if cell.per_domain else getattr(cell, name)
+            for name in ("down_left", "down_right", "down_bias", "up_left", "up_right", "up_bias"))
 
-        def through_rep(v):  # row-wise v[b] @ I_b
-            return v @ rep if rep.dim() == 2 else (v.unsqueeze(2) * rep).sum(1)
+        def through_rep(v):  # row-wise v[b] @ I_b: each row's generated (k, k), or the domain's static one
+            return (v.unsqueeze(2) * rep).sum(1) if self.hidden is not None else v @ rep
 
         a = torch.sigmoid(torch.addmm(down_bias, through_rep(x @ down_left), down_right))
         return x + torch.addmm(up_bias, through_rep(a @ up_left), up_right)
