@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import hamur_fast  # noqa: E402,F401  (registers every op)
+from hamur_fast.ops.contract import make_plan  # noqa: E402
 
 ops = torch.ops.hamur_fast
 # Every size distinct, so that an axis of a given size is the same named size in every argument.
@@ -27,6 +28,11 @@ def cell_params(per_domain):
     lead = (D,) if per_domain else ()
     shapes = [(H, K), (K, S), (S,), (S, K), (K, H), (H,), (H,), (H,)]
     return [torch.randn(*lead, *shape) * 0.3 for shape in shapes]
+
+
+def training_flags(mode):
+    """A training call's plan, (per_domain, batch_statistics, unbiased, eps), as the ops take it."""
+    return make_plan(mode, training=True, has_running=False, momentum=0.1, eps=EPS).flags()
 
 
 def running():
@@ -44,7 +50,7 @@ def compiled_cases():
     for per_domain in (True, False):
         mode = "paper" if per_domain else "released"
         x, rep, domain, params = base(per_domain)
-        flags = (per_domain, True, not per_domain, EPS)  # the plan: per_domain, batch_statistics, unbiased, eps
+        flags = training_flags(mode)
         fwd = (x, rep, domain, *params, None, None, *flags)
         cases.append((f"compiled_cell_forward[{mode}]", ops.compiled_cell_forward, fwd))
         _y, o, hidden, order, count, mean, _m2, rstd = ops.compiled_cell_forward(*fwd)
@@ -94,7 +100,7 @@ def triton_cases():
     for per_domain in (True, False):
         mode = "paper" if per_domain else "released"
         x, rep, domain, params = base(per_domain)
-        flags = (per_domain, True, not per_domain, EPS)  # the plan: per_domain, batch_statistics, unbiased, eps
+        flags = training_flags(mode)
         fwd = (x, rep, domain, *params, None, None, *flags)
         cases.append((f"triton_cell_forward[{mode}]", ops.triton_cell_forward, fwd))
         _y, q, v, order, count, mean, _m2, rstd = ops.triton_cell_forward(*fwd)
