@@ -18,6 +18,7 @@ from hamur_fast.data.synthetic import generate, load_synthetic, zipf_shares
 from hamur_fast.models import build
 from hamur_fast.ops.contract import make_plan
 from hamur_fast.train import experiment as ex
+from hamur_fast.train import report
 
 BATCH, INPUT_DIM = 4096, 96
 
@@ -104,7 +105,7 @@ def test_many_domain_summary_table_and_full_table():
     stats["auc_d29"] = (math.nan, 0.0)  # a domain whose test rows hold one class only
     table = ex.format_domain_summary({"hamur_mlp": stats}, counts)
     assert "| hamur_mlp | 0.7000 | 0.5000 (d0) | 0.6400 (d14) | 0.7800 (d28) |" in table
-    rare = ex.rare_domains(counts)
+    rare = report.rare_domains(counts)
     assert len(rare) == 3 and max(counts[d] for d in rare) <= sorted(counts)[2]
     full = ex.format_domain_table({"hamur_mlp": stats}, ex.domain_labels(data.feature_map), counts)
     assert len(full.splitlines()) == 2 + 30 and "n/a" in full.splitlines()[-1]

@@ -373,23 +373,13 @@ def format_table(summary_by_row: dict, labels: list, first_column: str = "model"
     return "\n".join(lines)
 
 
-# Above MANY_DOMAINS (report.py) a table summarises them (worst, median, best, rare) and the full per-domain
-# table goes to a file of its own: 50 AUC columns help nobody.
-MANY_DOMAINS = report.MANY_DOMAINS
-RARE_FRACTION = 0.1  # "rare domains": the smallest 10% by training rows (at least one)
-
-
-def rare_domains(train_counts: list) -> list:
-    """The smallest ``RARE_FRACTION`` of the domains by training rows, at least one, smallest first."""
-    order = np.argsort(np.asarray(train_counts), kind="stable")
-    return [int(d) for d in order[:max(1, round(RARE_FRACTION * len(train_counts)))]]
-
-
+# Above report.MANY_DOMAINS a table summarises them (worst, median, best, rare) and the full per-domain table
+# goes to a file of its own: 50 AUC columns help nobody.
 def format_domain_summary(summary_by_row: dict, train_counts: list, first_column: str = "model") -> str:
     """Markdown table for many domains: per row, test AUC overall, of its worst, median and best domain
     (domain named), and the mean over the rare domains; domains without an AUC (too few test rows or one
     class) are left out, and the last column counts them."""
-    rare = rare_domains(train_counts)
+    rare = report.rare_domains(train_counts)
     header = [first_column, "overall AUC", "worst domain", "median domain", "best domain",
               f"rare domains ({len(rare)}, <= {max(train_counts[d] for d in rare):,} train rows)",
               "overall logloss", "best epoch", "s/run", "domains n/a"]
@@ -454,7 +444,7 @@ def _compare(config: dict, models: list, seeds: list, output: Path, progress: bo
     train_counts = data.train.domain_counts(len(labels))
     from .plots import plot_domain_auc, plot_domain_auc_by_size
     title = f"test AUC per domain, mean ± std over {len(seeds)} seed(s)"
-    if len(labels) > MANY_DOMAINS:
+    if len(labels) > report.MANY_DOMAINS:
         table = format_domain_summary(summaries, train_counts)
         write_text(output / "compare_domains.md", format_domain_table(summaries, labels, train_counts) + "\n")
         plot_domain_auc_by_size(summaries, train_counts, output / "compare_domain_auc.png",

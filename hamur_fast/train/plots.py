@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 
 from .files import atomic_path
+from .report import MANY_DOMAINS, rare_domains
 
 
 def _pyplot():
@@ -52,7 +53,6 @@ def _plot_domain_curves(axis, history: list, epochs: list, train_counts: list | 
     """One dashed line per domain; past MANY_DOMAINS, the worst, best and rare-domain mean per epoch (the
     rest is in metrics.csv). Domains without a validation AUC (too few rows, one class) are left out, and
     the legend says how many."""
-    from .experiment import MANY_DOMAINS, rare_domains
 
     keys = sorted((k for k in history[0] if k.startswith("val_auc_d")), key=lambda k: int(k.removeprefix("val_auc_d")))
     aucs = np.array([[row[k] for k in keys] for row in history], dtype=np.float64).reshape(len(history), len(keys))
@@ -77,7 +77,6 @@ def _plot_domain_curves(axis, history: list, epochs: list, train_counts: list | 
 def _plot_adapter_diagnostics(history: list, epochs: list, axes) -> None:
     panels = [("ratio", "||DomainNorm(o)|| / ||x||"), ("grad", "factor gradient norm"),
               ("shift", "||W - W0|| / ||W0||")]
-    from .experiment import MANY_DOMAINS
 
     for axis, (what, ylabel) in zip(axes, panels):
         keys = sorted(k for k in history[0] if k.startswith("adapter") and f"_{what}_" in k)
@@ -143,7 +142,6 @@ def plot_sweep(values: list, summary: list, domain_labels: list, param: str, pat
                train_counts: list | None = None) -> None:
     """Test AUC (mean, std as band) overall and per domain against the swept value; past MANY_DOMAINS
     domains, overall, worst, best and the rare domains' mean (``train_counts`` naming the rare ones)."""
-    from .experiment import MANY_DOMAINS, rare_domains
 
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.8))

@@ -19,6 +19,13 @@ RESULT = logging.INFO + 5  # a final table: shown under --quiet too
 logging.addLevelName(RESULT, "RESULT")
 LOG_NAME = "train.log"
 MANY_DOMAINS = 8  # above this, per-domain lists are summarised (smallest, median, largest)
+RARE_FRACTION = 0.1  # "rare domains": the smallest 10% by training rows (at least one)
+
+
+def rare_domains(train_counts: list) -> list:
+    """The smallest ``RARE_FRACTION`` of the domains by training rows, at least one, smallest first."""
+    order = np.argsort(np.asarray(train_counts), kind="stable")
+    return [int(d) for d in order[:max(1, round(RARE_FRACTION * len(train_counts)))]]
 
 
 class _Stdout(logging.StreamHandler):
