@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops.collectives import batch_norm, domain_counts, mean_and_covariance
+from ..ops.collectives import domain_counts, mean_and_covariance
+from ..ops.compose import batch_norm
 from ..ops import grouped_linear
 
 
