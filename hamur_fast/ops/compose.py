@@ -270,10 +270,10 @@ class _Split(torch.autograd.Function):
     def backward(ctx, dy, *_unused_grads):
         count, mean, rstd, *rest = ctx.saved_tensors
         inputs, saved = rest[:ctx.num_inputs], tuple(rest[ctx.num_inputs:])
-        sum_dy, sum_dy_xhat = ctx.seams.grad_sums(dy, inputs, saved, mean, rstd)
-        if ctx.group is not None:
-            sum_dy, sum_dy_xhat = collectives.all_reduce_sums(sum_dy, sum_dy_xhat, ctx.group)
-        grads = ctx.seams.input_grads(dy, inputs, saved, count, mean, rstd, sum_dy, sum_dy_xhat)
+        sum_dy, sum_dy_xhat = ctx.seams.grad_sums(dy, inputs, saved, mean, rstd)  # this rank's: the weight's and bias'
+        every_rank = (sum_dy, sum_dy_xhat) if ctx.group is None else collectives.all_reduce_sums(sum_dy, sum_dy_xhat,
+                                                                                                 ctx.group)
+        grads = ctx.seams.input_grads(dy, inputs, saved, count, mean, rstd, *every_rank)
         weight = inputs[-2]
         norm_grads = (sum_dy_xhat.reshape(weight.shape).to(weight.dtype), sum_dy.reshape(weight.shape).to(weight.dtype))
         return (None, None, None, None, *grads, *norm_grads)
