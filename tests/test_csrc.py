@@ -104,36 +104,11 @@ def op_args(mode, device, training):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode, training", [("paper", True), ("paper", False), ("released", True)])
-def test_opcheck(mode, training, device):
-    x, rep, domain, params, stats = op_args(mode, device, training)
-    plan = make_plan(mode, training, stats[0] is not None, 0.1, 1e-5)
-    per_domain, batch_stats, flags = plan.per_domain, plan.batch_statistics, plan.flags()
-    leaves = [t.detach().requires_grad_() for t in (x, rep, *params)]
-    forward_args = (leaves[0], leaves[1], domain, *leaves[2:], *stats, *flags)
-    torch.library.opcheck(ops.compiled_cell_forward.default, forward_args)
-    with torch.no_grad():
-        y, o, hidden, order, count, mean, m2, rstd = ops.compiled_cell_forward(*forward_args)
-    torch.library.opcheck(ops.compiled_cell_backward.default,
-                          (torch.randn_like(y), x, rep, domain, params[0], params[1], params[3], params[4],
-                           params[6], o, hidden, order, count, mean, rstd, *flags))
-    norm_args = (x.detach().requires_grad_(), domain, leaves[8], leaves[9], *stats, *flags)
-    torch.library.opcheck(ops.compiled_norm_forward.default, norm_args)
-    with torch.no_grad():
-        _, count, mean, _, rstd = ops.compiled_norm_forward(*norm_args)
-    torch.library.opcheck(ops.compiled_norm_backward.default,
-                          (torch.randn_like(y), x, domain, params[6], count, mean, rstd, *flags))
-    if not batch_stats:
-        torch.library.opcheck(ops.compiled_cell_infer.default, (x, rep, domain, *params, *stats, 1e-5))
-    if device != "cpu":  # the split passes of a data-parallel step have CPU kernels only
-        return
-    torch.library.opcheck(ops.compiled_norm_statistics.default, (x, domain, 3, per_domain))
-    weight = params[6].reshape(-1, x.shape[1])
-    torch.library.opcheck(ops.compiled_norm_normalise.default, (x, domain, weight, params[7].reshape(weight.shape),
-                                                                mean, rstd, per_domain))
-    torch.library.opcheck(ops.compiled_norm_input_grad.default,
-                          (torch.randn_like(y), x, domain, weight, count, mean, rstd, torch.randn_like(mean),
-                           torch.randn_like(mean), per_domain, not per_domain))
+def test_opcheck_of_the_eval_op(device):
+    """compiled_cell_infer is the one C++ op called outside the composed ops (an exported eval graph holds it); the
+    others run inside them and are opchecked there (tests/test_compose.py)."""
+    x, rep, domain, params, stats = op_args("paper", device, training=False)
+    torch.library.opcheck(ops.compiled_cell_infer.default, (x, rep, domain, *params, *stats, 1e-5))
 
 
 def test_backend_registration():

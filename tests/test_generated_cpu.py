@@ -1,8 +1,8 @@
 """Fusion level 2 of backend "cpu" (csrc/cpu/generated_cpu.cpp, hamur_fast/ops/backends/compiled_generated.py).
 
 The C++ core generates I block by block; compared with the float64 reference (which materialises z = g W^T + c
-and normalises it over the batch) on odd sizes, with every gradient and running statistic; its two operators
-pass opcheck; and a training step of a model on the "cpu" backend allocates no tensor of B*k*k elements.
+and normalises it over the batch) on odd sizes, with every gradient and running statistic; its hand-written
+backward passes gradcheck (the composed op's opcheck: tests/test_compose.py); and a training step of a model on the "cpu" backend allocates no tensor of B*k*k elements.
 """
 import dataclasses
 
@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import hamur_fast as hf
-from hamur_fast.ops import generated
+from hamur_fast.ops import compose, generated
+from hamur_fast.ops.contract import make_plan
 from hamur_fast.ops.registry import get_backend, register_backend
-from helpers import rel_err
+from helpers import cell_inputs, rel_err
 from test_generated import NAMES, SIZES, AllocationLog, generated_inputs, run_generated
 
 pytestmark = pytest.mark.skipif("cpu" not in hf.available_backends() or
@@ -71,7 +72,7 @@ def assert_matches_reference(inputs, mode, training, updates):
 def run_level1_cpu(inputs, mode, upstream, training, updates):
     """The same call on the "cpu" backend's level 1 (I materialised, then the C++ level-1 cell)."""
     fused = get_backend("cpu")
-    register_backend(dataclasses.replace(fused, generated_cell=generated._materialising_cell_of(fused)))
+    register_backend(dataclasses.replace(fused, passes=fused.passes._replace(generated_forward=None)))
     try:
         return run_generated("cpu", torch.float32, inputs, mode, upstream, training, updates)
     finally:
@@ -89,33 +90,22 @@ def core_args(per_domain, batch=70, rank=6, bottleneck=5, features=7, dtype=torc
             randn(*lead, bottleneck), randn(*lead, bottleneck, rank), per_domain)
 
 
-@pytest.mark.parametrize("per_domain", [True, False], ids=["paper", "released"])
-def test_opcheck_core_ops(per_domain):
-    args = core_args(per_domain)
-    differentiable = [0, 1, 2, 3, 4, 6, 7, 8]
-    leaves = [a.requires_grad_() if i in differentiable else a for i, a in enumerate(args)]
-    torch.library.opcheck(torch.ops.hamur_fast.compiled_generated_core_forward.default, tuple(leaves))
-    with torch.no_grad():
-        v, saved = torch.ops.hamur_fast.compiled_generated_core_forward(*args)
-    p, g, centre, weight, bias, domain, down_right, _down_bias, up_left, _ = (
-        a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    torch.library.opcheck(torch.ops.hamur_fast.compiled_generated_core_backward.default,
-                          (torch.randn_like(v), p, saved, g, centre, weight, bias, domain, down_right, up_left,
-                           per_domain))
+def test_gradcheck():
+    """The cell's hand-written backward (the core's formula and the grouped products around it, not just their
+    composition) against finite differences, in float64, both modes."""
+    for mode in ("paper", "released"):
+        x, _rep, domain, params, _stats = cell_inputs(5, 4, 3, 2, 3, mode, seed=1)
+        gen = torch.Generator().manual_seed(3)
+        g = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+        generator = [g, g.mean(0), torch.randn(9, 4, generator=gen, dtype=torch.float64), torch.randn(9, generator=gen,
+                                                                                                      dtype=torch.float64)]
+        plan = make_plan(mode, True, False, 0.1, 1e-5)
 
-
-def test_core_gradcheck():
-    """The core's own formula (not just the cell's composition) against finite differences, in float64."""
-    args = core_args(True, batch=5, rank=3, bottleneck=2, features=4)
-    differentiable = [0, 1, 2, 3, 4, 6, 7, 8]
-    leaves = [a.requires_grad_() if i in differentiable else a for i, a in enumerate(args)]
-
-    def core(*tensors):
-        full = list(leaves)
-        for i, t in zip(differentiable, tensors):
-            full[i] = t
-        return torch.ops.hamur_fast.compiled_generated_core_forward(*full)[0]
-    assert torch.autograd.gradcheck(core, [leaves[i] for i in differentiable])
+        def cell(x, *rest):
+            rep = generated.GeneratedRep(*rest[:4], 3)
+            return compose.generated_cell(get_backend("cpu"), x, rep, domain, rest[4:], None, None, plan, "ieee")[0]
+        leaves = [t.requires_grad_() for t in (x, *generator, *params)]
+        assert torch.autograd.gradcheck(cell, leaves)
 
 
 def test_out_of_range_domain_is_refused():

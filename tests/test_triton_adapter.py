@@ -142,36 +142,7 @@ def test_backend_registration():
         assert hf.ops.registry.resolve("auto", torch.device("cpu")).name != "triton"
 
 
-# ----------------------------------------------------------------------------- registered ops
-def small_op_args(mode, device, seed=12):
-    x, rep, domain, params, stats = cell_inputs(6, 13, 5, 7, 3, mode, dtype=torch.float32, seed=seed)
-    return ([t.to(device) for t in (x, rep, domain)], [p.to(device) for p in params],
-            [s.to(device) if s is not None else None for s in stats])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["paper", "released"])
-def test_opcheck_registered_ops(mode, device):
-    (x, rep, domain), params, stats = small_op_args(mode, device)
-    leaves = [t.requires_grad_() for t in (x, rep, *params)]
-    flags = make_plan(mode, True, False, 0.1, 1e-5).flags()
-    fwd_args = (leaves[0], leaves[1], domain, *leaves[2:], *stats, *flags)
-    torch.library.opcheck(torch.ops.hamur_fast.triton_cell_forward.default, fwd_args)
-    with torch.no_grad():
-        y, q, v, order, count, mean, m2, rstd = torch.ops.hamur_fast.triton_cell_forward(*fwd_args)
-    bwd_args = (torch.randn_like(y), x.detach(), rep.detach(), domain, *[p.detach() for p in params],
-                q, v, order, count, mean, rstd, *flags)
-    torch.library.opcheck(torch.ops.hamur_fast.triton_cell_backward.default, bwd_args)
-
-    o, weight, bias = torch.randn_like(y).requires_grad_(), leaves[8], leaves[9]
-    norm_args = (o, domain, weight, bias, *stats, *flags)
-    torch.library.opcheck(torch.ops.hamur_fast.triton_norm_forward.default, norm_args)
-    with torch.no_grad():
-        _, count, mean, m2, rstd = torch.ops.hamur_fast.triton_norm_forward(*norm_args)
-    torch.library.opcheck(torch.ops.hamur_fast.triton_norm_backward.default,
-                          (torch.randn_like(y), o.detach(), domain, weight.detach(), count, mean, rstd, *flags))
-
-
+# The composed ops over these kernels are opchecked in tests/test_compose.py.
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: B * k * k above 2**31 elements")
 def test_int64_offsets_on_a_batch_past_int32():
     """rep holds more than 2**31 elements: row offsets must not wrap around (forward and backward)."""
