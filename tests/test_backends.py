@@ -6,7 +6,14 @@ and "triton" under the Triton interpreter (conftest.py sets TRITON_INTERPRET=1).
 cuda: "torch", "triton" and "cuda" when built. What is specific to one backend (its registered ops, its
 buffers, its own helpers) is tested in test_ops.py (torch), test_triton_adapter.py and test_csrc.py.
 """
+import contextlib
 import copy
+import functools
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -14,9 +21,10 @@ import torch.nn.functional as F
 
 import hamur_fast as hf
 from golden import BUFFER_WORDS, load, our_tensor, released_keys, released_model
-from hamur_fast.ops import registry
-from helpers import (NAMES, assert_matches_reference, cell_inputs, fp32_bound, fp32_exact, rel_err, run_with_grads,
-                     with_unbuilt)
+from hamur_fast.ops import grouped_linear, registry
+from hamur_fast.ops.contract import make_plan
+from helpers import (NAMES, assert_matches_reference, cell_inputs, fp32_bound, fp32_exact, generated_inputs,
+                     grouped_linear_inputs, rel_err, run_generated, run_with_grads, with_unbuilt)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = [name for name in hf.available_backends(DEVICE) if name != "reference"]
@@ -319,3 +327,239 @@ def test_released_golden_parity_fp32(golden, backend):
     for what, err in errors[backend].items():
         assert err <= max(1e-4, 2 * errors["torch"][what]), (what, err, errors["torch"][what])
     assert errors[backend]["output_prob"] <= 1e-5
+
+
+# ============================================================================= every op family, every backend
+# The properties below hold for every backend on this device (the reference and the eager one included) and
+# every op family: the adapter cell, DomainNorm, the level-2 generated cell, the grouped per-domain linear op.
+ALL_BACKENDS = with_unbuilt(hf.available_backends(DEVICE), DEVICE)
+FAMILY_CASES = [("cell", "paper", True), ("cell", "paper", False), ("cell", "released", True),
+                ("norm", "paper", True), ("norm", "paper", False), ("norm", "released", True),
+                ("generated", "paper", True), ("generated", "paper", False), ("generated", "released", True),
+                ("grouped_linear", None, True)]  # no mode, no statistics
+FAMILY_IDS = ["{}-{}-{}".format(f, m, "train" if t else "eval") if m else f for f, m, t in FAMILY_CASES]
+
+
+def family_call(family, backend, mode, training, batch=13, seed=3):
+    """(domain, run): the family's public op on small fp32 inputs on DEVICE (D = 3); ``run(domain)`` runs the
+    forward and the backward and returns the output, every gradient and every running statistic."""
+    if family == "grouped_linear":
+        x, domain, weight, bias, upstream = grouped_linear_inputs(batch, 8, 6, 3, "random", seed, torch.float32)
+
+        def run(ids):
+            leaves = [t.to(DEVICE).detach().clone().requires_grad_() for t in (x, weight, bias)]
+            out = grouped_linear.grouped_linear(leaves[0], ids.to(DEVICE), *leaves[1:], backend=backend)
+            return [out, *torch.autograd.grad(out, leaves, upstream.to(DEVICE))]
+        return domain, run
+    upstream = torch.randn(batch, 13, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if family == "generated":
+        inputs = generated_inputs(batch, 13, 5, 7, 3, 9, mode, seed)
+
+        def run(ids):
+            y, leaves, gen_stats, stats = run_generated(backend, torch.float32, (*inputs[:2], ids, *inputs[3:]),
+                                                        mode, upstream, training, device=DEVICE)
+            return [y.detach(), *[t.grad for t in leaves], *gen_stats, *stats]
+        return inputs[2], run
+    inputs = cell_inputs(batch, 13, 5, 7, 3, mode, seed=seed)
+    if family == "cell":
+        def run(ids):
+            y, leaves, stats = run_with_grads(backend, torch.float32, DEVICE, (*inputs[:2], ids, *inputs[3:]), mode,
+                                              upstream, training, num_domains=3)
+            return [y.detach(), *[t.grad for t in leaves], *[s for s in stats if s is not None]]
+        return inputs[2], run
+    x, _, domain, params, stats = inputs
+
+    def run(ids):  # DomainNorm on o = x
+        leaves = [t.to(DEVICE, torch.float32).requires_grad_() for t in (x, *params[6:])]
+        running = [s.to(DEVICE, torch.float32) if s is not None else None for s in stats]
+        y = hf.ops.domain_norm(*leaves[:1], ids.to(DEVICE), *leaves[1:], *running, mode=mode, training=training,
+                               backend=backend, num_domains=3)
+        return [y, *torch.autograd.grad(y, leaves, upstream.to(DEVICE, torch.float32)),
+                *[s for s in running if s is not None]]
+    return domain, run
+
+
+# ----------------------------------------------------------------------------- poisoned buffers
+@contextlib.contextmanager
+def allocations(poisoned: bool):
+    """Deterministic algorithms on (the same kernels in both runs) and, when ``poisoned``, every new tensor (the
+    C++ ops' outputs and workspaces, the Triton launchers' buffers and partials, torch's own) starts as NaN
+    (integers: their largest value) until something writes it."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.utils.deterministic.fill_uninitialized_memory)
+    # warn_only: cuBLAS GEMMs would otherwise refuse to run without CUBLAS_WORKSPACE_CONFIG; the filling is on.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = poisoned
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.utils.deterministic.fill_uninitialized_memory = previous[2]
+
+
+def assert_poison_changes_nothing(run):
+    """``run()`` gives the same tensors, bit for bit and finite, whether new memory starts clean or poisoned."""
+    with allocations(poisoned=False):
+        clean = run()
+    with allocations(poisoned=True):
+        assert torch.isnan(torch.empty(4, device=DEVICE)).all()  # the poisoning is on
+        assert torch.empty(4, dtype=torch.int64, device=DEVICE).eq(torch.iinfo(torch.int64).max).all()
+        poisoned = run()
+    assert len(clean) == len(poisoned)
+    for i, (a, b) in enumerate(zip(clean, poisoned)):
+        assert torch.equal(a, b), i
+        if b.is_floating_point():
+            assert torch.isfinite(b).all(), i
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("family, mode, training", FAMILY_CASES, ids=FAMILY_IDS)
+def test_every_output_and_gradient_is_written(family, mode, training, backend):
+    """The public op, forward and backward, on poisoned memory: every output, gradient and running statistic as
+    on clean memory (with an empty domain and a one-row domain, B = 13 not a multiple of any block)."""
+    domain, run = family_call(family, backend, mode, training)
+    domain[domain == 0] = 2
+    domain[5] = 0
+    assert_poison_changes_nothing(lambda: run(domain))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("mode, training", [("paper", True), ("paper", False), ("released", True)])
+def test_every_registered_op_writes_every_output(mode, training, backend):
+    """Each custom op the backend runs, called directly: every output (saved intermediates, order, statistics
+    included) as on clean memory."""
+    cases = _registered_ops(backend, mode, training)
+    if not cases:
+        pytest.skip(f"backend {backend} runs no custom op of its own")
+    for op, args in cases:
+        with torch.no_grad():
+            assert_poison_changes_nothing(lambda: list(torch.utils._pytree.tree_leaves(op(*args))))
+
+
+# ----------------------------------------------------------------------------- opcheck
+def _registered_ops(backend, mode, training):
+    """(op, args) for every custom op ``backend`` registers, on small valid fp32 arguments (B = 6, h = 13, k = 5,
+    s = 7, D = 3, p = 9) of this mode and training flag; the grouped linear ops (no mode) come with
+    ("paper", True) only, the C++ level-2 core with training only.
+
+    The one place of this suite that knows the ops' names and schemas (opcheck and the poisoned-memory test call
+    it): when the backends' ops change, repoint it here.
+    """
+    if backend not in ("triton", "cpu", "cuda"):
+        return []
+    x, rep, domain, params, stats = on_device(*cell_inputs(6, 13, 5, 7, 3, mode, dtype=torch.float32, seed=12))
+    stats = [s if not training else None for s in stats]  # the running statistics are read in eval only
+    flags = make_plan(mode, training, stats[0] is not None, 0.1, 1e-5).flags()
+    gen = torch.Generator().manual_seed(4)
+    g = torch.rand(6, 9, generator=gen).to(DEVICE)
+    # centre, W', c' of I = ReLU((g - centre) W'^T + c'), and p = x DL of the C++ level-2 core
+    generator = [(0.3 * torch.randn(*shape, generator=gen)).to(DEVICE) for shape in ((9,), (25, 9), (25,))]
+    o, dy, p = (torch.randn(6, width, generator=gen).to(DEVICE) for width in (13, 13, 5))
+
+    def leaves(*tensors):
+        return [t.detach().clone().requires_grad_() for t in tensors]
+
+    cell_args = (*leaves(x, rep), domain, *leaves(*params), *stats, *flags)
+    norm_args = (*leaves(o), domain, *leaves(params[6], params[7]), *stats, *flags)
+    ops = torch.ops.hamur_fast
+    if backend == "triton":
+        _, q, v, order, count, mean, _, rstd = ops.triton_cell_forward(*cell_args)
+        _, n_count, n_mean, _, n_rstd = ops.triton_norm_forward(*norm_args)
+        gen_args = (*leaves(x, g, *generator), domain, *leaves(*params), *stats, *flags, "ieee")
+        _, gq, gv, gorder, gcount, gmean, _, grstd = ops.triton_generated_cell_forward(*gen_args)
+        cases = [
+            (ops.triton_cell_forward.default, cell_args),
+            (ops.triton_cell_backward.default, (dy, x, rep, domain, *params, q, v, order, count, mean, rstd, *flags)),
+            (ops.triton_norm_forward.default, norm_args),
+            (ops.triton_norm_backward.default, (dy, o, domain, params[6], n_count, n_mean, n_rstd, *flags)),
+            (ops.triton_generated_cell_forward.default, gen_args),
+            (ops.triton_generated_cell_backward.default,
+             (dy, x, g, *generator, domain, *params, gq, gv, gorder, gcount, gmean, grstd, *flags, "ieee")),
+        ]
+        if not (mode == "paper" and training):
+            return cases
+        gx, gdomain, gweight, gbias, gdy = (t.float().to(DEVICE) if t.is_floating_point() else t.to(DEVICE)
+                                            for t in grouped_linear_inputs(33, 16, 8, 4, "edge"))
+        return cases + [(ops.triton_grouped_linear_forward.default, (*leaves(gx), gdomain, *leaves(gweight, gbias))),
+                        (ops.triton_grouped_linear_forward.default, (*leaves(gx), gdomain, *leaves(gweight), None)),
+                        (ops.triton_grouped_linear_backward.default, (gdy, gx, gdomain, gweight, True))]
+    _, o_saved, hidden, order, count, mean, _, rstd = ops.compiled_cell_forward(*cell_args)
+    _, n_count, n_mean, _, n_rstd = ops.compiled_norm_forward(*norm_args)
+    cases = [
+        (ops.compiled_cell_forward.default, cell_args),
+        (ops.compiled_cell_backward.default, (dy, x, rep, domain, params[0], params[1], params[3], params[4],
+                                              params[6], o_saved.detach(), hidden, order, count, mean, rstd, *flags)),
+        (ops.compiled_norm_forward.default, norm_args),
+        (ops.compiled_norm_backward.default, (dy, o, domain, params[6], n_count, n_mean, n_rstd, *flags)),
+    ]
+    if stats[0] is not None:  # eval with running statistics without autograd: the fused inference op
+        cases.append((ops.compiled_cell_infer.default, (x, rep, domain, *params, *stats, 1e-5)))
+    if backend == "cuda":  # the split passes and level 2 have CPU kernels only
+        return cases
+    per_domain = mode == "paper"
+    weight = params[6].reshape(-1, 13)
+    cases += [(ops.compiled_norm_statistics.default, (o, domain, 3, per_domain)),
+              (ops.compiled_norm_normalise.default, (o, domain, weight, params[7].reshape(weight.shape), n_mean,
+                                                     n_rstd, per_domain)),
+              (ops.compiled_norm_input_grad.default, (dy, o, domain, weight, n_count, n_mean, n_rstd,
+                                                      torch.randn_like(n_mean), torch.randn_like(n_mean), per_domain,
+                                                      not per_domain))]
+    if not training:
+        return cases
+    core = (*leaves(p, g, *generator), domain, *leaves(params[1], params[2], params[3]), per_domain)
+    v, saved = ops.compiled_generated_core_forward(*core)
+    return cases + [(ops.compiled_generated_core_forward.default, core),
+                    (ops.compiled_generated_core_backward.default,
+                     (torch.randn_like(v), p, saved, g, *generator, domain, params[1], params[3], per_domain))]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("mode, training", [("paper", True), ("paper", False), ("released", True)])
+def test_opcheck_registered_ops(mode, training, backend):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of every custom op the
+    backend runs (torch.library.opcheck)."""
+    cases = _registered_ops(backend, mode, training)
+    if not cases:
+        pytest.skip(f"backend {backend} runs no custom op of its own")
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+# ----------------------------------------------------------------------------- invalid domain ids
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("family, mode, training", FAMILY_CASES, ids=FAMILY_IDS)
+@pytest.mark.parametrize("bad", [-1, 3, 10**6])
+def test_out_of_range_ids_are_refused_naming_the_id(bad, family, mode, training, backend):
+    """From the public op, with the checks on (the default): a ValueError naming the id, before any kernel."""
+    domain, run = family_call(family, backend, mode, training)
+    domain[4] = bad
+    with pytest.raises(ValueError, match=rf"domain ids? .*{bad}"):
+        run(domain)
+
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "invalid_ids_worker.py")
+
+
+@functools.cache
+def unchecked_ids_report(backend):
+    """{family: (what each case did, the error)} of tests/invalid_ids_worker.py on ``backend``: one subprocess
+    per backend, so that a crash fails its tests and not the session."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, WORKER, backend, DEVICE], capture_output=True, text=True, env=env,
+                          timeout=900)
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    report = {line["family"]: (line["cases"], line["error"]) for line in lines}
+    crash = f"the worker exited with status {done.returncode}:\n{done.stderr[-3000:]}"
+    return {family: report.get(family, ([], crash)) for family in ("cell", "norm", "generated", "grouped_linear")}
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("family", ["cell", "norm", "generated", "grouped_linear"])
+def test_out_of_range_ids_are_confined_with_the_checks_off(family, backend):
+    """With hf.set_value_checks(False) (and, for the cell, under torch.compile, which skips the check): an id
+    outside [0, D) gives an error or the defined result of tests/invalid_ids_worker.py (the bad row NaN or 0,
+    every other row and every gradient and statistic as without it), never a crash or a wrong value elsewhere."""
+    cases, error = unchecked_ids_report(backend)[family]
+    assert error is None, error
+    expected = {"cell": 2 * 2 * 2 * 3 - 2 * 3, "norm": 2 * 3, "generated": 2 * 2 * 3, "grouped_linear": 3}
+    assert len(cases) == expected[family], cases  # every case ran and reported

@@ -12,39 +12,9 @@ import torch
 import hamur_fast as hf
 from hamur_fast.ops import generated
 from hamur_fast.ops.contract import make_plan
-from helpers import cell_inputs, rel_err
+from helpers import GENERATED_NAMES as NAMES, cell_inputs, generated_inputs, rel_err, run_generated
 
-NAMES = ["x", "g", "gen_weight", "gen_bias", "gen_norm_weight", "gen_norm_bias", "down_left", "down_right",
-         "down_bias", "up_left", "up_right", "up_bias", "norm_weight", "norm_bias"]
 TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
-
-
-def generated_inputs(batch, width, rank, bottleneck, num_domains, hidden, mode, seed=0):
-    """(x, g, domain, generator tensors, cell params, cell running stats), float64; g >= 0 like a ReLU output."""
-    x, _, domain, params, stats = cell_inputs(batch, width, rank, bottleneck, num_domains, mode, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    g = torch.relu(torch.randn(batch, hidden, generator=gen, dtype=torch.float64) + 0.3)
-    weight = torch.randn(rank * rank, hidden, generator=gen, dtype=torch.float64) * hidden ** -0.5
-    bias = torch.randn(rank * rank, generator=gen, dtype=torch.float64) * 0.1
-    norm_weight = 1 + 0.1 * torch.randn(rank * rank, generator=gen, dtype=torch.float64)
-    norm_bias = 0.1 * torch.randn(rank * rank, generator=gen, dtype=torch.float64)
-    running = [0.1 * torch.randn(rank * rank, generator=gen, dtype=torch.float64),
-               0.5 + torch.rand(rank * rank, generator=gen, dtype=torch.float64)]
-    return x, g, domain, [weight, bias, norm_weight, norm_bias], running, params, stats
-
-
-def run_generated(backend, dtype, inputs, mode, upstream, training=True, updates=1, device="cpu",
-                  precision="ieee"):
-    """One level-2 call in ``dtype``, backpropagating ``upstream``: (y, leaves, generator stats, cell stats)."""
-    x, g, domain, gen, gen_stats, params, stats = inputs
-    leaves = [t.to(device=device, dtype=dtype).detach().requires_grad_() for t in (x, g, *gen, *params)]
-    gen_stats = [s.to(device=device, dtype=dtype).clone() for s in gen_stats]
-    stats = [s.to(device=device, dtype=dtype).clone() if s is not None else None for s in stats]
-    y = hf.ops.hyper_adapter_generated(
-        leaves[0], leaves[1], domain.to(device), *leaves[2:6], *gen_stats, *leaves[6:], *stats, mode=mode,
-        training=training, gen_updates=updates, backend=backend, num_domains=3, precision=precision)
-    y.backward(upstream.to(device=device, dtype=dtype))
-    return y, leaves, gen_stats, [s for s in stats if s is not None]
 
 
 def assert_matches_reference(backend, inputs, mode, training, updates=1, device="cpu", precision="ieee"):

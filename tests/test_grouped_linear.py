@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hamur_fast.ops import grouped_linear as gl
 from hamur_fast.ops.registry import available_backends, get_backend, resolve
-from helpers import rel_err
+from helpers import grouped_linear_inputs as inputs, rel_err
 
 TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -23,21 +23,6 @@ CASES = [  # (B, in, out, D, ids): odd widths; "edge": domain 0 empty and domain
     (1, 5, 7, 3, "random"), (3, 8, 4, 3, "edge"), (3, 16, 8, 300, "random"),  # 297+ empty domains
     (1023, 12, 20, 7, "edge"), (200, 33, 1, 300, "random"), (64, 16, 16, 1, "random"),
 ]
-
-
-def inputs(batch, fan_in, fan_out, num_domains, ids, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, fan_in, generator=g, dtype=dtype)
-    # stored (D, out, in) like nn.Linear and handed over transposed: the op must take any strides
-    weight = torch.randn(num_domains, fan_out, fan_in, generator=g, dtype=dtype).transpose(1, 2) * fan_in ** -0.5
-    bias = torch.randn(num_domains, fan_out, generator=g, dtype=dtype)
-    if ids == "edge" and num_domains >= 3 and batch >= 3:
-        domain = torch.randint(2, num_domains, (batch,), generator=g)
-        domain[batch // 2] = 1
-    else:
-        domain = torch.randint(0, num_domains, (batch,), generator=g)  # arbitrary order: never sorted
-    upstream = torch.randn(batch, fan_out, generator=g, dtype=dtype)
-    return x, domain, weight, bias, upstream
 
 
 def forward(provider, x, domain, weight, bias):
