@@ -23,8 +23,9 @@ import hamur_fast as hf
 from golden import BUFFER_WORDS, load, our_tensor, released_keys, released_model
 from hamur_fast.ops import grouped_linear, registry
 from hamur_fast.ops.contract import make_plan
-from helpers import (NAMES, assert_matches_reference, cell_inputs, fp32_bound, fp32_exact, generated_inputs,
-                     grouped_linear_inputs, rel_err, run_generated, run_with_grads, with_unbuilt)
+from helpers import (FP32_FACTOR, FP32_FLOOR, GENERATED_NAMES, NAMES, assert_matches_reference, cell_inputs,
+                     fp32_bound, fp32_exact, generated_inputs, grouped_linear_inputs, rel_err, run_generated,
+                     run_with_grads, with_unbuilt)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = [name for name in hf.available_backends(DEVICE) if name != "reference"]
@@ -327,6 +328,134 @@ def test_released_golden_parity_fp32(golden, backend):
     for what, err in errors[backend].items():
         assert err <= max(1e-4, 2 * errors["torch"][what]), (what, err, errors["torch"][what])
     assert errors[backend]["output_prob"] <= 1e-5
+
+
+# ----------------------------------------------------------------------------- level 2: the generated cell
+def assert_within_plain_fp32(name, got, want, plains, scale):
+    """``got`` (fp32) against the float64 ``want``: within fp32_bound of plain PyTorch's fp32 error there; a value
+    zero by construction (a cancelling sum) within FP32_FACTOR times plain PyTorch's residue plus FP32_FLOOR of
+    ``scale`` (its terms' size)."""
+    got = got.detach().cpu()
+    assert got.shape == want.shape and torch.isfinite(got).all(), name
+    if want.abs().max() < 1e-12:  # zero by construction (c and up_bias feed a batch normalisation)
+        residue = max(p.detach().abs().max().item() for p in plains)
+        assert got.abs().max().item() <= FP32_FACTOR * residue + FP32_FLOOR * scale, name
+        return
+    bound = fp32_bound(max(rel_err(p.detach(), want) for p in plains))
+    assert rel_err(got, want) <= bound, (name, rel_err(got, want), bound)
+
+
+def assert_generated_matches_reference(backend, inputs, mode, training, updates):
+    """Level 2 on ``backend`` in fp32 against the float64 reference (which materialises z = g W^T + c and
+    normalises it over the batch): output, all 14 gradients, the generator's and the cell's running statistics.
+    Plain PyTorch's fp32 is the reference itself and the "torch" backend (the generator folded, I materialised)
+    in fp32: at B = 2-3 the fold's moment identity conditions the g and W gradients worse than the oracle."""
+    batch, width = inputs[0].shape
+    upstream = torch.randn(batch, width, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ref = run_generated("reference", torch.float64, inputs, mode, upstream, training, updates)
+    fast = run_generated(backend, torch.float32, inputs, mode, upstream, training, updates, device=DEVICE)
+    plains = [run_generated(name, torch.float32, inputs, mode, upstream, training, updates)
+              for name in ("reference", "torch")]
+    scale = max(leaf.grad.abs().max().item() for leaf in ref[1])
+    assert_within_plain_fp32("y", fast[0], ref[0].detach(), [p[0] for p in plains], scale)
+    for i, name in enumerate(GENERATED_NAMES):
+        assert_within_plain_fp32(name, fast[1][i].grad, ref[1][i].grad, [p[1][i].grad for p in plains], scale)
+    for i, want in enumerate(ref[2] + ref[3]):
+        assert_within_plain_fp32(f"running statistic {i}", (fast[2] + fast[3])[i], want,
+                                 [(p[2] + p[3])[i] for p in plains], scale)
+
+
+GENERATED_SIZES = [  # (B, h, k, s, p, D): none a multiple of 16; D = 1: one domain only; B = 130, 257: several of
+    # the C++ core's 64-row blocks, k * k = 49, 81 not a multiple of 16
+    (1, 13, 5, 7, 9, 3), (2, 13, 5, 7, 9, 3), (3, 13, 5, 7, 9, 3), (7, 11, 3, 5, 4, 1), (37, 20, 6, 5, 11, 3),
+    (130, 21, 7, 3, 10, 3), (257, 33, 9, 11, 5, 3), (1023, 13, 5, 7, 9, 3)]
+# Under the interpreter (~3 s a call) Triton gets a selection that still has B = 1, 2, 3 and 37 (two blocks of
+# rows), both modes, training and eval; with h past one tile of the kernels' h axis (two tiles of 128), and k > 64
+# (BLOCK_K = 128: h in three tiles of 64) on every device.
+TRITON_GENERATED = [(GENERATED_SIZES[0], "paper", True), (GENERATED_SIZES[1], "released", True),
+                    (GENERATED_SIZES[2], "paper", False), (GENERATED_SIZES[4], "paper", True),
+                    (GENERATED_SIZES[4], "released", False)]
+TILED_GENERATED = [((7, 150, 5, 7, 9, 3), "released", True), ((19, 131, 65, 7, 9, 3), "paper", True)]
+THREADS = {"cpu": [1, 2]}  # the C++ core splits its row blocks over threads
+
+
+def generated_cases():
+    every = [(size, mode, training) for size in GENERATED_SIZES for mode in ("paper", "released")
+             for training in (True, False)]
+    cases = []
+    for backend in with_unbuilt(BACKENDS, DEVICE):
+        name = getattr(backend, "values", [backend])[0]
+        for size, mode, training in (TRITON_GENERATED if interpreted(name) else every) + \
+                ([] if name != "triton" else TILED_GENERATED):
+            for threads in THREADS.get(name, [None]):
+                marks = getattr(backend, "marks", ())
+                cases.append(pytest.param(name, size, mode, training, threads, marks=marks,
+                                          id="{}-B{}-h{}-k{}-D{}-{}-{}{}".format(
+                                              name, size[0], size[1], size[2], size[5], mode,
+                                              "train" if training else "eval", f"-{threads}t" if threads else "")))
+    return cases
+
+
+@pytest.mark.parametrize("backend, size, mode, training, threads", generated_cases())
+def test_generated_cell_matches_reference(backend, size, mode, training, threads):
+    batch, width, rank, bottleneck, hidden, num_domains = size
+    inputs = generated_inputs(batch, width, rank, bottleneck, num_domains, hidden, mode, seed=batch + 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        assert_generated_matches_reference(backend, inputs, mode, training, updates=3 if mode == "released" else 1)
+    finally:
+        torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------------------- the grouped per-domain linear op
+GROUPED_CASES = [  # (B, in, out, D, ids, bias): odd widths; "edge": domain 0 empty and domain 1 one row
+    (1, 5, 7, 3, "random", True), (3, 8, 4, 3, "edge", False), (3, 16, 8, 300, "random", True),  # 297+ empty
+    (7, 13, 9, 1, "random", True), (33, 12, 20, 7, "edge", False), (1023, 12, 20, 7, "edge", True),
+    (200, 33, 1, 300, "random", False), (64, 16, 16, 1, "random", True)]
+TRITON_GROUPED = [GROUPED_CASES[i] for i in (0, 1, 2, 3, 5, 7)]  # the interpreter runs a program at a time
+
+
+def grouped_cases():
+    cases = []
+    for backend in with_unbuilt(BACKENDS, DEVICE):
+        name = getattr(backend, "values", [backend])[0]
+        for case in TRITON_GROUPED if interpreted(name) else GROUPED_CASES:
+            cases.append(pytest.param(name, *case, marks=getattr(backend, "marks", ()),
+                                      id="{}-B{}-in{}-out{}-D{}-{}-{}".format(
+                                          name, *case[:5], "bias" if case[5] else "nobias")))
+    return cases
+
+
+def run_grouped(backend, x, domain, weight, bias, upstream, dtype, device="cpu"):
+    """out and the gradients of x, weight (and bias), the op on ``backend`` or, for "plain", PyTorch's own
+    per-row product (x[b] @ weight[d_b], the weights gathered per row)."""
+    leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in (x, weight, bias) if t is not None]
+    if backend == "plain":
+        out = torch.bmm(leaves[0].unsqueeze(1), leaves[1][domain]).squeeze(1)
+        out = out + leaves[2][domain] if bias is not None else out
+    else:
+        out = grouped_linear.grouped_linear(leaves[0], domain.to(device), *leaves[1:2],
+                                            leaves[2] if bias is not None else None, backend=backend)
+    grads = torch.autograd.grad(out, leaves, upstream.to(device=device, dtype=dtype))
+    return [out.detach().cpu()] + [g.cpu() for g in grads]
+
+
+@pytest.mark.parametrize("backend, batch, fan_in, fan_out, num_domains, ids, with_bias", grouped_cases())
+def test_grouped_linear_matches_reference(backend, batch, fan_in, fan_out, num_domains, ids, with_bias):
+    """Forward and every gradient in fp32 against the float64 reference loop, within fp32_bound of PyTorch's own
+    per-row fp32 product; domains without rows get exact zero gradients."""
+    x, domain, weight, bias, upstream = grouped_linear_inputs(batch, fan_in, fan_out, num_domains, ids)
+    bias = bias if with_bias else None
+    exact = run_grouped("reference", x, domain, weight, bias, upstream, torch.float64)
+    plain = run_grouped("plain", x, domain, weight, bias, upstream, torch.float32)
+    fast = run_grouped(backend, x, domain, weight, bias, upstream, torch.float32, DEVICE)
+    for name, a, p, e in zip(["out", "dx", "dweight", "dbias"], fast, plain, exact):
+        assert a.shape == e.shape and a.dtype == torch.float32, name
+        assert rel_err(a, e) <= fp32_bound(rel_err(p, e)), (name, rel_err(a, e), rel_err(p, e))
+    empty = sorted(set(range(num_domains)) - set(domain.tolist()))
+    if empty:
+        assert fast[2][empty].abs().max() == 0 and (bias is None or fast[3][empty].abs().max() == 0)
 
 
 # ============================================================================= every op family, every backend
