@@ -23,7 +23,7 @@ import hamur_fast as hf
 from golden import BUFFER_WORDS, load, our_tensor, released_keys, released_model
 from hamur_fast.ops import grouped_linear, registry
 from hamur_fast.ops.contract import make_plan
-from helpers import (FP32_FACTOR, FP32_FLOOR, GENERATED_NAMES, NAMES, assert_matches_reference, cell_inputs,
+from helpers import (EXPECTED_ON, FP32_FACTOR, FP32_FLOOR, GENERATED_NAMES, NAMES, assert_matches_reference, cell_inputs,
                      fp32_bound, fp32_exact, generated_inputs, grouped_linear_inputs, rel_err, run_generated,
                      run_with_grads, with_unbuilt)
 
@@ -468,7 +468,22 @@ def test_grouped_linear_matches_reference(backend, batch, fan_in, fan_out, num_d
 # ============================================================================= every op family, every backend
 # The properties below hold for every backend on this device (the reference and the eager one included) and
 # every op family: the adapter cell, DomainNorm, the level-2 generated cell, the grouped per-domain linear op.
-ALL_BACKENDS = with_unbuilt(hf.available_backends(DEVICE), DEVICE)
+def device_backends():
+    """(device, backend) for every backend on every device type: the CPU's, and the GPU's where there is one (a
+    machine without one shows its backends as skips); a backend expected but not built here: a skip naming why."""
+    cases = []
+    for device in ("cpu", "cuda"):
+        if device == "cuda" and not torch.cuda.is_available():
+            cases += [pytest.param(device, name, id=f"{device}-{name}", marks=pytest.mark.skip(reason="no GPU here"))
+                      for name in EXPECTED_ON["cuda"]]
+            continue
+        for entry in with_unbuilt(hf.available_backends(device), device):
+            name = getattr(entry, "values", [entry])[0]
+            cases.append(pytest.param(device, name, id=f"{device}-{name}", marks=getattr(entry, "marks", ())))
+    return cases
+
+
+DEVICE_BACKENDS = device_backends()
 FAMILY_CASES = [("cell", "paper", True), ("cell", "paper", False), ("cell", "released", True),
                 ("norm", "paper", True), ("norm", "paper", False), ("norm", "released", True),
                 ("generated", "paper", True), ("generated", "paper", False), ("generated", "released", True),
@@ -476,16 +491,16 @@ FAMILY_CASES = [("cell", "paper", True), ("cell", "paper", False), ("cell", "rel
 FAMILY_IDS = ["{}-{}-{}".format(f, m, "train" if t else "eval") if m else f for f, m, t in FAMILY_CASES]
 
 
-def family_call(family, backend, mode, training, batch=13, seed=3):
-    """(domain, run): the family's public op on small fp32 inputs on DEVICE (D = 3); ``run(domain)`` runs the
+def family_call(family, backend, mode, training, device, batch=13, seed=3):
+    """(domain, run): the family's public op on small fp32 inputs on ``device`` (D = 3); ``run(domain)`` runs the
     forward and the backward and returns the output, every gradient and every running statistic."""
     if family == "grouped_linear":
         x, domain, weight, bias, upstream = grouped_linear_inputs(batch, 8, 6, 3, "random", seed, torch.float32)
 
         def run(ids):
-            leaves = [t.to(DEVICE).detach().clone().requires_grad_() for t in (x, weight, bias)]
-            out = grouped_linear.grouped_linear(leaves[0], ids.to(DEVICE), *leaves[1:], backend=backend)
-            return [out, *torch.autograd.grad(out, leaves, upstream.to(DEVICE))]
+            leaves = [t.to(device).detach().clone().requires_grad_() for t in (x, weight, bias)]
+            out = grouped_linear.grouped_linear(leaves[0], ids.to(device), *leaves[1:], backend=backend)
+            return [out, *torch.autograd.grad(out, leaves, upstream.to(device))]
         return domain, run
     upstream = torch.randn(batch, 13, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     if family == "generated":
@@ -493,24 +508,24 @@ def family_call(family, backend, mode, training, batch=13, seed=3):
 
         def run(ids):
             y, leaves, gen_stats, stats = run_generated(backend, torch.float32, (*inputs[:2], ids, *inputs[3:]),
-                                                        mode, upstream, training, device=DEVICE)
+                                                        mode, upstream, training, device=device)
             return [y.detach(), *[t.grad for t in leaves], *gen_stats, *stats]
         return inputs[2], run
     inputs = cell_inputs(batch, 13, 5, 7, 3, mode, seed=seed)
     if family == "cell":
         def run(ids):
-            y, leaves, stats = run_with_grads(backend, torch.float32, DEVICE, (*inputs[:2], ids, *inputs[3:]), mode,
+            y, leaves, stats = run_with_grads(backend, torch.float32, device, (*inputs[:2], ids, *inputs[3:]), mode,
                                               upstream, training, num_domains=3)
             return [y.detach(), *[t.grad for t in leaves], *[s for s in stats if s is not None]]
         return inputs[2], run
     x, _, domain, params, stats = inputs
 
     def run(ids):  # DomainNorm on o = x
-        leaves = [t.to(DEVICE, torch.float32).requires_grad_() for t in (x, *params[6:])]
-        running = [s.to(DEVICE, torch.float32) if s is not None else None for s in stats]
-        y = hf.ops.domain_norm(*leaves[:1], ids.to(DEVICE), *leaves[1:], *running, mode=mode, training=training,
+        leaves = [t.to(device, torch.float32).requires_grad_() for t in (x, *params[6:])]
+        running = [s.to(device, torch.float32) if s is not None else None for s in stats]
+        y = hf.ops.domain_norm(*leaves[:1], ids.to(device), *leaves[1:], *running, mode=mode, training=training,
                                backend=backend, num_domains=3)
-        return [y, *torch.autograd.grad(y, leaves, upstream.to(DEVICE, torch.float32)),
+        return [y, *torch.autograd.grad(y, leaves, upstream.to(device, torch.float32)),
                 *[s for s in running if s is not None]]
     return domain, run
 
@@ -533,13 +548,13 @@ def allocations(poisoned: bool):
         torch.utils.deterministic.fill_uninitialized_memory = previous[2]
 
 
-def assert_poison_changes_nothing(run):
+def assert_poison_changes_nothing(run, device):
     """``run()`` gives the same tensors, bit for bit and finite, whether new memory starts clean or poisoned."""
     with allocations(poisoned=False):
         clean = run()
     with allocations(poisoned=True):
-        assert torch.isnan(torch.empty(4, device=DEVICE)).all()  # the poisoning is on
-        assert torch.empty(4, dtype=torch.int64, device=DEVICE).eq(torch.iinfo(torch.int64).max).all()
+        assert torch.isnan(torch.empty(4, device=device)).all()  # the poisoning is on
+        assert torch.empty(4, dtype=torch.int64, device=device).eq(torch.iinfo(torch.int64).max).all()
         poisoned = run()
     assert len(clean) == len(poisoned)
     for i, (a, b) in enumerate(zip(clean, poisoned)):
@@ -548,32 +563,32 @@ def assert_poison_changes_nothing(run):
             assert torch.isfinite(b).all(), i
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("family, mode, training", FAMILY_CASES, ids=FAMILY_IDS)
-def test_every_output_and_gradient_is_written(family, mode, training, backend):
+def test_every_output_and_gradient_is_written(family, mode, training, device, backend):
     """The public op, forward and backward, on poisoned memory: every output, gradient and running statistic as
     on clean memory (with an empty domain and a one-row domain, B = 13 not a multiple of any block)."""
-    domain, run = family_call(family, backend, mode, training)
+    domain, run = family_call(family, backend, mode, training, device)
     domain[domain == 0] = 2
     domain[5] = 0
-    assert_poison_changes_nothing(lambda: run(domain))
+    assert_poison_changes_nothing(lambda: run(domain), device)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("mode, training", [("paper", True), ("paper", False), ("released", True)])
-def test_every_registered_op_writes_every_output(mode, training, backend):
+def test_every_registered_op_writes_every_output(mode, training, device, backend):
     """Each custom op the backend runs, called directly: every output (saved intermediates, order, statistics
     included) as on clean memory."""
-    cases = _registered_ops(backend, mode, training)
+    cases = _registered_ops(backend, mode, training, device)
     if not cases:
         pytest.skip(f"backend {backend} runs no custom op of its own")
     for op, args in cases:
         with torch.no_grad():
-            assert_poison_changes_nothing(lambda: list(torch.utils._pytree.tree_leaves(op(*args))))
+            assert_poison_changes_nothing(lambda: list(torch.utils._pytree.tree_leaves(op(*args))), device)
 
 
 # ----------------------------------------------------------------------------- opcheck
-def _registered_ops(backend, mode, training):
+def _registered_ops(backend, mode, training, device):
     """(op, args) for every custom op ``backend`` registers, on small valid fp32 arguments (B = 6, h = 13, k = 5,
     s = 7, D = 3, p = 9) of this mode and training flag; the grouped linear ops (no mode) come with
     ("paper", True) only, the C++ level-2 core with training only.
@@ -583,14 +598,16 @@ def _registered_ops(backend, mode, training):
     """
     if backend not in ("triton", "cpu", "cuda"):
         return []
-    x, rep, domain, params, stats = on_device(*cell_inputs(6, 13, 5, 7, 3, mode, dtype=torch.float32, seed=12))
+    x, rep, domain, params, stats = cell_inputs(6, 13, 5, 7, 3, mode, dtype=torch.float32, seed=12)
+    x, rep, domain = x.to(device), rep.to(device), domain.to(device)
+    params, stats = [t.to(device) for t in params], [s.to(device) if s is not None else None for s in stats]
     stats = [s if not training else None for s in stats]  # the running statistics are read in eval only
     flags = make_plan(mode, training, stats[0] is not None, 0.1, 1e-5).flags()
     gen = torch.Generator().manual_seed(4)
-    g = torch.rand(6, 9, generator=gen).to(DEVICE)
+    g = torch.rand(6, 9, generator=gen).to(device)
     # centre, W', c' of I = ReLU((g - centre) W'^T + c'), and p = x DL of the C++ level-2 core
-    generator = [(0.3 * torch.randn(*shape, generator=gen)).to(DEVICE) for shape in ((9,), (25, 9), (25,))]
-    o, dy, p = (torch.randn(6, width, generator=gen).to(DEVICE) for width in (13, 13, 5))
+    generator = [(0.3 * torch.randn(*shape, generator=gen)).to(device) for shape in ((9,), (25, 9), (25,))]
+    o, dy, p = (torch.randn(6, width, generator=gen).to(device) for width in (13, 13, 5))
 
     def leaves(*tensors):
         return [t.detach().clone().requires_grad_() for t in tensors]
@@ -614,7 +631,7 @@ def _registered_ops(backend, mode, training):
         ]
         if not (mode == "paper" and training):
             return cases
-        gx, gdomain, gweight, gbias, gdy = (t.float().to(DEVICE) if t.is_floating_point() else t.to(DEVICE)
+        gx, gdomain, gweight, gbias, gdy = (t.float().to(device) if t.is_floating_point() else t.to(device)
                                             for t in grouped_linear_inputs(33, 16, 8, 4, "edge"))
         return cases + [(ops.triton_grouped_linear_forward.default, (*leaves(gx), gdomain, *leaves(gweight, gbias))),
                         (ops.triton_grouped_linear_forward.default, (*leaves(gx), gdomain, *leaves(gweight), None)),
@@ -649,12 +666,12 @@ def _registered_ops(backend, mode, training):
                      (torch.randn_like(v), p, saved, g, *generator, domain, params[1], params[3], per_domain))]
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("mode, training", [("paper", True), ("paper", False), ("released", True)])
-def test_opcheck_registered_ops(mode, training, backend):
+def test_opcheck_registered_ops(mode, training, device, backend):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch of every custom op the
     backend runs (torch.library.opcheck)."""
-    cases = _registered_ops(backend, mode, training)
+    cases = _registered_ops(backend, mode, training, device)
     if not cases:
         pytest.skip(f"backend {backend} runs no custom op of its own")
     for op, args in cases:
@@ -662,12 +679,12 @@ def test_opcheck_registered_ops(mode, training, backend):
 
 
 # ----------------------------------------------------------------------------- invalid domain ids
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("family, mode, training", FAMILY_CASES, ids=FAMILY_IDS)
 @pytest.mark.parametrize("bad", [-1, 3, 10**6])
-def test_out_of_range_ids_are_refused_naming_the_id(bad, family, mode, training, backend):
+def test_out_of_range_ids_are_refused_naming_the_id(bad, family, mode, training, device, backend):
     """From the public op, with the checks on (the default): a ValueError naming the id, before any kernel."""
-    domain, run = family_call(family, backend, mode, training)
+    domain, run = family_call(family, backend, mode, training, device)
     domain[4] = bad
     with pytest.raises(ValueError, match=rf"domain ids? .*{bad}"):
         run(domain)
@@ -677,11 +694,11 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "invalid_ids_w
 
 
 @functools.cache
-def unchecked_ids_report(backend):
+def unchecked_ids_report(backend, device):
     """{family: (what each case did, the error)} of tests/invalid_ids_worker.py on ``backend``: one subprocess
     per backend, so that a crash fails its tests and not the session."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, WORKER, backend, DEVICE], capture_output=True, text=True, env=env,
+    done = subprocess.run([sys.executable, WORKER, backend, device], capture_output=True, text=True, env=env,
                           timeout=900)
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     report = {line["family"]: (line["cases"], line["error"]) for line in lines}
@@ -689,13 +706,13 @@ def unchecked_ids_report(backend):
     return {family: report.get(family, ([], crash)) for family in ("cell", "norm", "generated", "grouped_linear")}
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("family", ["cell", "norm", "generated", "grouped_linear"])
-def test_out_of_range_ids_are_confined_with_the_checks_off(family, backend):
+def test_out_of_range_ids_are_confined_with_the_checks_off(family, device, backend):
     """With hf.set_value_checks(False) (and, for the cell, under torch.compile, which skips the check): an id
     outside [0, D) gives an error or the defined result of tests/invalid_ids_worker.py (the bad row NaN or 0,
     every other row and every gradient and statistic as without it), never a crash or a wrong value elsewhere."""
-    cases, error = unchecked_ids_report(backend)[family]
+    cases, error = unchecked_ids_report(backend, device)[family]
     assert error is None, error
     expected = {"cell": 2 * 2 * 2 * 3 - 2 * 3, "norm": 2 * 3, "generated": 2 * 2 * 3, "grouped_linear": 3}
     assert len(cases) == expected[family], cases  # every case ran and reported
