@@ -567,8 +567,8 @@ def assert_poison_changes_nothing(run, device):
 @pytest.mark.parametrize("family, mode, training", FAMILY_CASES, ids=FAMILY_IDS)
 def test_every_output_and_gradient_is_written(family, mode, training, device, backend):
     """The public op, forward and backward, on poisoned memory: every output, gradient and running statistic as
-    on clean memory (with an empty domain and a one-row domain, B = 13 not a multiple of any block)."""
-    domain, run = family_call(family, backend, mode, training, device)
+    on clean memory (with an empty domain and a one-row domain, B = 37 not a multiple of any block)."""
+    domain, run = family_call(family, backend, mode, training, device, batch=37)
     domain[domain == 0] = 2
     domain[5] = 0
     assert_poison_changes_nothing(lambda: run(domain), device)
@@ -578,8 +578,8 @@ def test_every_output_and_gradient_is_written(family, mode, training, device, ba
 @pytest.mark.parametrize("mode, training", [("paper", True), ("paper", False), ("released", True)])
 def test_every_registered_op_writes_every_output(mode, training, device, backend):
     """Each custom op the backend runs, called directly: every output (saved intermediates, order, statistics
-    included) as on clean memory."""
-    cases = _registered_ops(backend, mode, training, device)
+    included) as on clean memory; B = 37 spans several blocks of rows of every kernel."""
+    cases = _registered_ops(backend, mode, training, device, batch=37)
     if not cases:
         pytest.skip(f"backend {backend} runs no custom op of its own")
     for op, args in cases:
@@ -588,26 +588,27 @@ def test_every_registered_op_writes_every_output(mode, training, device, backend
 
 
 # ----------------------------------------------------------------------------- opcheck
-def _registered_ops(backend, mode, training, device):
-    """(op, args) for every custom op ``backend`` registers, on small valid fp32 arguments (B = 6, h = 13, k = 5,
-    s = 7, D = 3, p = 9) of this mode and training flag; the grouped linear ops (no mode) come with
-    ("paper", True) only, the C++ level-2 core with training only.
+def _registered_ops(backend, mode, training, device, batch=6):
+    """(op, args) for every custom op ``backend`` registers on ``device``, on valid fp32 arguments (h = 13, k = 5,
+    s = 7, D = 3, p = 9) of this mode and training flag; the grouped linear ops (no mode: B = 5 batch + 3 rows
+    over batch + 4 domains, an empty one and a one-row one) come with ("paper", True) only, the C++ level-2 core
+    with training only.
 
     The one place of this suite that knows the ops' names and schemas (opcheck and the poisoned-memory test call
     it): when the backends' ops change, repoint it here.
     """
     if backend not in ("triton", "cpu", "cuda"):
         return []
-    x, rep, domain, params, stats = cell_inputs(6, 13, 5, 7, 3, mode, dtype=torch.float32, seed=12)
+    x, rep, domain, params, stats = cell_inputs(batch, 13, 5, 7, 3, mode, dtype=torch.float32, seed=12)
     x, rep, domain = x.to(device), rep.to(device), domain.to(device)
     params, stats = [t.to(device) for t in params], [s.to(device) if s is not None else None for s in stats]
     stats = [s if not training else None for s in stats]  # the running statistics are read in eval only
     flags = make_plan(mode, training, stats[0] is not None, 0.1, 1e-5).flags()
     gen = torch.Generator().manual_seed(4)
-    g = torch.rand(6, 9, generator=gen).to(device)
+    g = torch.rand(batch, 9, generator=gen).to(device)
     # centre, W', c' of I = ReLU((g - centre) W'^T + c'), and p = x DL of the C++ level-2 core
     generator = [(0.3 * torch.randn(*shape, generator=gen)).to(device) for shape in ((9,), (25, 9), (25,))]
-    o, dy, p = (torch.randn(6, width, generator=gen).to(device) for width in (13, 13, 5))
+    o, dy, p = (torch.randn(batch, width, generator=gen).to(device) for width in (13, 13, 5))
 
     def leaves(*tensors):
         return [t.detach().clone().requires_grad_() for t in tensors]
@@ -632,7 +633,7 @@ def _registered_ops(backend, mode, training, device):
         if not (mode == "paper" and training):
             return cases
         gx, gdomain, gweight, gbias, gdy = (t.float().to(device) if t.is_floating_point() else t.to(device)
-                                            for t in grouped_linear_inputs(33, 16, 8, 4, "edge"))
+                                            for t in grouped_linear_inputs(5 * batch + 3, 16, 9, batch + 4, "edge"))
         return cases + [(ops.triton_grouped_linear_forward.default, (*leaves(gx), gdomain, *leaves(gweight, gbias))),
                         (ops.triton_grouped_linear_forward.default, (*leaves(gx), gdomain, *leaves(gweight), None)),
                         (ops.triton_grouped_linear_backward.default, (gdy, gx, gdomain, gweight, True))]
