@@ -1,10 +1,23 @@
-"""Every backend on the device at hand against the float64 reference: one suite, parametrized over
-``hf.available_backends(DEVICE)``.
+"""The backend suite: every backend against the float64 reference and every property a backend owes, one set of
+tests parametrized over the backends instead of a copy per backend.
 
-On a machine without a GPU, DEVICE is the CPU: "torch", the C++ backend "cpu" when the extension is built,
-and "triton" under the Triton interpreter (conftest.py sets TRITON_INTERPRET=1). With a GPU, DEVICE is
-cuda: "torch", "triton" and "cuda" when built. What is specific to one backend (its registered ops, its
-buffers, its own helpers) is tested in test_ops.py (torch), test_triton_adapter.py and test_csrc.py.
+Op families: the adapter cell, DomainNorm, the level-2 generated cell (I generated from g), the grouped per-domain
+linear op. Backends: ``hf.available_backends(device)``. On a machine without a GPU: "reference", "torch", the C++
+backend "cpu" when the extension is built and "triton" on CPU tensors under the Triton interpreter (conftest.py
+sets TRITON_INTERPRET=1; it gets the smaller sizes); with a GPU also "torch", "triton" and "cuda" on cuda tensors.
+
+- Accuracy (DEVICE: cuda where there is one, else the CPU): odd sizes (B = 1, 2, 3, 7, 33, 37, ..., 1023; h, k, s
+  not multiples of 16; an empty domain, a one-row domain, one domain only), both modes, training and eval, every
+  gradient and running statistic, fp32 within a multiple of plain PyTorch's fp32 error on the same float64-judged
+  computation (helpers.fp32_bound), float64 and bf16 where the backend takes them.
+- Per (device, backend), every family: poisoned memory (every new tensor NaN or its integer maximum: outputs,
+  workspaces, partials must all be written), out-of-range ids refused by the public op naming the id, and with
+  the checks off confined to their row (tests/invalid_ids_worker.py, a subprocess per backend); opcheck and the
+  poisoned-memory run of every custom op a backend registers (``_registered_ops``: the one place that knows them).
+
+What is specific to one backend stays with it: test_ops.py (torch), test_triton_adapter.py (the statistics merge,
+long batches), test_csrc.py (the fused inference op, the package without the extension), test_generated_cpu.py (the
+C++ core's gradcheck and allocations), test_grouped_linear.py (the torch forms, the Triton tile map).
 """
 import contextlib
 import copy
@@ -23,9 +36,9 @@ import hamur_fast as hf
 from golden import BUFFER_WORDS, load, our_tensor, released_keys, released_model
 from hamur_fast.ops import grouped_linear, registry
 from hamur_fast.ops.contract import make_plan
-from helpers import (EXPECTED_ON, FP32_FACTOR, FP32_FLOOR, GENERATED_NAMES, NAMES, assert_matches_reference, cell_inputs,
-                     fp32_bound, fp32_exact, generated_inputs, grouped_linear_inputs, rel_err, run_generated,
-                     run_with_grads, with_unbuilt)
+from helpers import (EXPECTED_ON, FP32_FACTOR, FP32_FLOOR, GENERATED_NAMES, NAMES, assert_matches_reference,
+                     cell_inputs, fp32_bound, fp32_exact, generated_inputs, grouped_linear_inputs, rel_err,
+                     run_generated, run_with_grads, with_unbuilt)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = [name for name in hf.available_backends(DEVICE) if name != "reference"]
@@ -466,7 +479,7 @@ def test_grouped_linear_matches_reference(backend, batch, fan_in, fan_out, num_d
 
 
 # ============================================================================= every op family, every backend
-# The properties below hold for every backend on this device (the reference and the eager one included) and
+# The properties below hold for every backend on every device here (the reference and the eager one included) and
 # every op family: the adapter cell, DomainNorm, the level-2 generated cell, the grouped per-domain linear op.
 def device_backends():
     """(device, backend) for every backend on every device type: the CPU's, and the GPU's where there is one (a
