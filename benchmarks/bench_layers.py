@@ -236,8 +236,6 @@ def generator_providers(compile_too, device):
         if name == "reference" or not runs_on(name, device):
             continue
         rows.append((f"level 1 {name}", level1_step(name), 1))
-        if hf.ops.registry.get_backend(name).generated_cell is None:
-            continue
         # Costed as level 2 only where I stays out of memory; elsewhere level 2 materialises I (level-1 costs).
         rows.append((f"level 2 {name}", level2_step(name), 2 if generated.supports_fused_generation(name, device)
                      else 1))

@@ -1,4 +1,4 @@
-"""Launch every split pass of the Triton backend (contract: NormPasses and CellPasses; what a data-parallel step runs
+"""Launch every split pass of the Triton backend (the split passes of its table, contract: Passes; what a data-parallel step runs
 with its collectives between them) for ../shared/tools/triton_sm90_compile.py: DomainNorm's passes per domain, one
 group unbiased (released) and one group biased (BatchNorm); the cell's passes in paper and released mode; at the
 declared limits h=1024, k=128, s=128 and at h=256, k=5, s=7; fp32 and bf16. Outputs are not checked (the compile

@@ -501,7 +501,7 @@ def _partial_stats(o, segments: GroupSegments, empty):
     return part_mean, part_m2
 
 
-# The split passes (hamur_fast.ops.contract.NormPasses): a data-parallel step runs a collective between them.
+# The split passes (hamur_fast.ops.contract.Passes): a data-parallel step runs a collective between them.
 # Statistics, sums and the tables handed in are float32; y and do come in o's dtype.
 @on_first_tensors_device
 def group_statistics(o, groups, num_groups: int, empty=torch.empty):

@@ -117,9 +117,14 @@ def one_process(case) -> dict:
     return {"steps": records, "predictions": trainer.predict(eval_split(fmap))}
 
 
+# The split passes of a backend's table (contract: Passes), by family.
+SPLIT_PASSES = {"norm": ("statistics", "normalise", "grad_sums", "input_grad"),
+                "cell": ("cell_project", "cell_normalise", "cell_grad_sums", "cell_input_grads")}
+
+
 def count_split_passes() -> collections.Counter:
-    """Wrap every registered backend's split passes (contract: NormPasses and CellPasses) so that each call is
-    counted as (backend, "norm.<pass>" or "cell.<pass>", module of the function that ran); returns the counter."""
+    """Wrap every registered backend's split passes so that each call is counted as (backend, "norm.<pass>" or
+    "cell.<pass>", module of the function that ran); returns the counter."""
     from hamur_fast.ops import registry
 
     calls = collections.Counter()
@@ -130,15 +135,12 @@ def count_split_passes() -> collections.Counter:
             return function(*args, **kwargs)
         return run
 
-    def wrapped(backend, kind, passes):
-        if passes is None:
-            return None
-        return type(passes)(*(counted(backend, f"{kind}.{field}", getattr(passes, field)) for field in passes._fields))
-
     for name in registry.available_backends():
         backend = registry.get_backend(name)
-        registry.register_backend(dataclasses.replace(backend, norm_passes=wrapped(name, "norm", backend.norm_passes),
-                                                      cell_passes=wrapped(name, "cell", backend.cell_passes)))
+        wrapped = {field: counted(name, f"{kind}.{field.removeprefix('cell_')}", getattr(backend.passes, field))
+                   for kind, fields in SPLIT_PASSES.items() for field in fields
+                   if getattr(backend.passes, field) is not None}
+        registry.register_backend(dataclasses.replace(backend, passes=backend.passes._replace(**wrapped)))
     return calls
 
 

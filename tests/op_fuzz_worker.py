@@ -1,5 +1,6 @@
 """Worker of tests/test_op_checks.py: calls every torch.ops.hamur_fast op with valid arguments and then with one
-argument broken at a time (a size, the dtype, the layout, the device), one JSON line per call.
+argument broken at a time (a size, the dtype, the layout, the device), one JSON line per call: the C++ ops one by
+one ("compiled"), the composed ops on the Triton backend's table and the Triton grouped linear op ("triton").
 
 Run in a subprocess (``python tests/op_fuzz_worker.py compiled|triton``), so that an op that crashes the
 process is caught and named (the last line it printed) instead of taking pytest down.
@@ -95,33 +96,50 @@ def generated_core_cases():
     return cases
 
 
+def spread(name, backend, *lists):
+    """torch.ops.hamur_fast.<name> (a composed op) for ``backend``, called with its tensor-list arguments spread out
+    (``lists``: (position, length) of each in the flat arguments), so that each tensor is broken on its own."""
+    op = getattr(ops, name)
+
+    def call(*flat):
+        args, at = [backend], 0
+        for position, length in lists:
+            args += [*flat[at:position], list(flat[position:position + length])]
+            at = position + length
+        return op(*args, *flat[at:])
+    return call
+
+
 def triton_cases():
+    """The composed ops with backend "triton" (they run the Triton launchers) and the grouped linear op."""
     cases = []
     for per_domain in (True, False):
         mode = "paper" if per_domain else "released"
         x, rep, domain, params = base(per_domain)
         flags = training_flags(mode)
         fwd = (x, rep, domain, *params, None, None, *flags)
-        cases.append((f"triton_cell_forward[{mode}]", ops.triton_cell_forward, fwd))
-        _y, q, v, order, count, mean, _m2, rstd = ops.triton_cell_forward(*fwd)
-        cases.append((f"triton_cell_backward[{mode}]", ops.triton_cell_backward,
+        cases.append((f"cell_forward[{mode}]", spread("cell_forward", "triton", (3, 8)), fwd))
+        _y, count, mean, _m2, rstd, q, v, order = spread("cell_forward", "triton", (3, 8))(*fwd)
+        cases.append((f"cell_backward[{mode}]", spread("cell_backward", "triton", (4, 8), (12, 3)),
                       (torch.randn(B, H), x, rep, domain, *params, q, v, order, count, mean, rstd, *flags)))
         g = torch.randn(B, P)
         generator = (g, torch.randn(P), torch.randn(K * K, P) * 0.3, torch.randn(K * K) * 0.3)
         gen_fwd = (x, *generator, domain, *params, None, None, *flags, "ieee")
-        cases.append((f"triton_generated_cell_forward[{mode}]", ops.triton_generated_cell_forward, gen_fwd))
-        _y, q, v, order, count, mean, _m2, rstd = ops.triton_generated_cell_forward(*gen_fwd)
-        cases.append((f"triton_generated_cell_backward[{mode}]", ops.triton_generated_cell_backward,
+        generated = spread("generated_cell_forward", "triton", (1, 4), (6, 8))
+        cases.append((f"generated_cell_forward[{mode}]", generated, gen_fwd))
+        _y, count, mean, _m2, rstd, q, v, order = generated(*gen_fwd)
+        cases.append((f"generated_cell_backward[{mode}]",
+                      spread("generated_cell_backward", "triton", (2, 4), (7, 8), (15, 3)),
                       (torch.randn(B, H), x, *generator, domain, *params, q, v, order, count, mean, rstd, *flags,
                        "ieee")))
         weight = torch.rand(D, H) + 0.5 if per_domain else torch.rand(H) + 0.5
         norm_fwd = (x, domain, weight, torch.randn(*weight.shape), None, None, *flags)
-        cases.append((f"triton_norm_forward[{mode}]", ops.triton_norm_forward, norm_fwd))
-        _y, count, mean, _m2, rstd = ops.triton_norm_forward(*norm_fwd)
-        cases.append((f"triton_norm_backward[{mode}]", ops.triton_norm_backward,
+        cases.append((f"norm_forward[{mode}]", spread("norm_forward", "triton"), norm_fwd))
+        _y, count, mean, _m2, rstd = ops.norm_forward("triton", *norm_fwd)
+        cases.append((f"norm_backward[{mode}]", spread("norm_backward", "triton"),
                       (torch.randn(B, H), x, domain, weight, count, mean, rstd, *flags)))
     x, rep, domain, params = base(True)
-    cases.append(("triton_cell_forward[paper eval]", ops.triton_cell_forward,
+    cases.append(("cell_forward[paper eval]", spread("cell_forward", "triton", (3, 8)),
                   (x, rep, domain, *params, *running(), True, False, False, EPS)))
     gl_x, gl_domain = torch.randn(B, IN), torch.arange(B) % GL_DOMAINS
     gl_weight, gl_bias = torch.randn(GL_DOMAINS, IN, OUT), torch.randn(GL_DOMAINS, OUT)

@@ -602,16 +602,15 @@ def test_every_registered_op_writes_every_output(mode, training, device, backend
 
 # ----------------------------------------------------------------------------- opcheck
 def _registered_ops(backend, mode, training, device, batch=6):
-    """(op, args) for every custom op ``backend`` registers on ``device``, on valid fp32 arguments (h = 13, k = 5,
-    s = 7, D = 3, p = 9) of this mode and training flag; the grouped linear ops (no mode: B = 5 batch + 3 rows
-    over batch + 4 domains, an empty one and a one-row one) come with ("paper", True) only, the C++ level-2 core
-    with training only.
+    """(op, args) for every custom op ``backend`` runs on ``device``, on valid fp32 arguments (h = 13, k = 5, s = 7,
+    D = 3, p = 9) of this mode and training flag: the composed ops of hamur_fast/ops/compose.py (the backend's name
+    first) where its table has the fused forms, the C++ inference op in eval, and the Triton grouped linear ops
+    (no mode: B = 5 batch + 3 rows over batch + 4 domains, an empty one and a one-row one) with ("paper", True) only.
 
     The one place of this suite that knows the ops' names and schemas (opcheck and the poisoned-memory test call
-    it): when the backends' ops change, repoint it here.
+    it): when the ops change, repoint it here.
     """
-    if backend not in ("triton", "cpu", "cuda"):
-        return []
+    passes = registry.get_backend(backend).passes
     x, rep, domain, params, stats = cell_inputs(batch, 13, 5, 7, 3, mode, dtype=torch.float32, seed=12)
     x, rep, domain = x.to(device), rep.to(device), domain.to(device)
     params, stats = [t.to(device) for t in params], [s.to(device) if s is not None else None for s in stats]
@@ -619,65 +618,39 @@ def _registered_ops(backend, mode, training, device, batch=6):
     flags = make_plan(mode, training, stats[0] is not None, 0.1, 1e-5).flags()
     gen = torch.Generator().manual_seed(4)
     g = torch.rand(batch, 9, generator=gen).to(device)
-    # centre, W', c' of I = ReLU((g - centre) W'^T + c'), and p = x DL of the C++ level-2 core
-    generator = [(0.3 * torch.randn(*shape, generator=gen)).to(device) for shape in ((9,), (25, 9), (25,))]
-    o, dy, p = (torch.randn(batch, width, generator=gen).to(device) for width in (13, 13, 5))
+    # (g, centre, W', c') of I = ReLU((g - centre) W'^T + c')
+    generator = [g] + [(0.3 * torch.randn(*shape, generator=gen)).to(device) for shape in ((9,), (25, 9), (25,))]
+    o, dy = (torch.randn(batch, 13, generator=gen).to(device) for _ in range(2))
 
     def leaves(*tensors):
         return [t.detach().clone().requires_grad_() for t in tensors]
 
-    cell_args = (*leaves(x, rep), domain, *leaves(*params), *stats, *flags)
-    norm_args = (*leaves(o), domain, *leaves(params[6], params[7]), *stats, *flags)
-    ops = torch.ops.hamur_fast
-    if backend == "triton":
-        _, q, v, order, count, mean, _, rstd = ops.triton_cell_forward(*cell_args)
-        _, n_count, n_mean, _, n_rstd = ops.triton_norm_forward(*norm_args)
-        gen_args = (*leaves(x, g, *generator), domain, *leaves(*params), *stats, *flags, "ieee")
-        _, gq, gv, gorder, gcount, gmean, _, grstd = ops.triton_generated_cell_forward(*gen_args)
-        cases = [
-            (ops.triton_cell_forward.default, cell_args),
-            (ops.triton_cell_backward.default, (dy, x, rep, domain, *params, q, v, order, count, mean, rstd, *flags)),
-            (ops.triton_norm_forward.default, norm_args),
-            (ops.triton_norm_backward.default, (dy, o, domain, params[6], n_count, n_mean, n_rstd, *flags)),
-            (ops.triton_generated_cell_forward.default, gen_args),
-            (ops.triton_generated_cell_backward.default,
-             (dy, x, g, *generator, domain, *params, gq, gv, gorder, gcount, gmean, grstd, *flags, "ieee")),
-        ]
-        if not (mode == "paper" and training):
-            return cases
+    ops, cases = torch.ops.hamur_fast, []
+    if passes.cell_forward is not None:
+        forward = (backend, *leaves(x, rep), domain, leaves(*params), *stats, *flags)
+        _, count, mean, _, rstd, *saved = ops.cell_forward(*forward)
+        cases += [(ops.cell_forward.default, forward),
+                  (ops.cell_backward.default, (backend, dy, x, rep, domain, params, saved, count, mean, rstd, *flags))]
+    if passes.norm_forward is not None:
+        forward = (backend, *leaves(o), domain, *leaves(params[6], params[7]), *stats, *flags)
+        _, count, mean, _, rstd = ops.norm_forward(*forward)
+        cases += [(ops.norm_forward.default, forward),
+                  (ops.norm_backward.default, (backend, dy, o, domain, params[6], count, mean, rstd, *flags))]
+    if passes.generated_forward is not None:
+        forward = (backend, *leaves(x), leaves(*generator), domain, leaves(*params), *stats, *flags, "ieee")
+        _, count, mean, _, rstd, *saved = ops.generated_cell_forward(*forward)
+        cases += [(ops.generated_cell_forward.default, forward),
+                  (ops.generated_cell_backward.default, (backend, dy, x, generator, domain, params, saved, count, mean,
+                                                         rstd, *flags, "ieee"))]
+    if backend in ("cpu", "cuda") and stats[0] is not None:  # eval without autograd: the fused inference op
+        cases.append((ops.compiled_cell_infer.default, (x, rep, domain, *params, *stats, 1e-5)))
+    if backend == "triton" and mode == "paper" and training:
         gx, gdomain, gweight, gbias, gdy = (t.float().to(device) if t.is_floating_point() else t.to(device)
                                             for t in grouped_linear_inputs(5 * batch + 3, 16, 9, batch + 4, "edge"))
-        return cases + [(ops.triton_grouped_linear_forward.default, (*leaves(gx), gdomain, *leaves(gweight, gbias))),
-                        (ops.triton_grouped_linear_forward.default, (*leaves(gx), gdomain, *leaves(gweight), None)),
-                        (ops.triton_grouped_linear_backward.default, (gdy, gx, gdomain, gweight, True))]
-    _, o_saved, hidden, order, count, mean, _, rstd = ops.compiled_cell_forward(*cell_args)
-    _, n_count, n_mean, _, n_rstd = ops.compiled_norm_forward(*norm_args)
-    cases = [
-        (ops.compiled_cell_forward.default, cell_args),
-        (ops.compiled_cell_backward.default, (dy, x, rep, domain, params[0], params[1], params[3], params[4],
-                                              params[6], o_saved.detach(), hidden, order, count, mean, rstd, *flags)),
-        (ops.compiled_norm_forward.default, norm_args),
-        (ops.compiled_norm_backward.default, (dy, o, domain, params[6], n_count, n_mean, n_rstd, *flags)),
-    ]
-    if stats[0] is not None:  # eval with running statistics without autograd: the fused inference op
-        cases.append((ops.compiled_cell_infer.default, (x, rep, domain, *params, *stats, 1e-5)))
-    if backend == "cuda":  # the split passes and level 2 have CPU kernels only
-        return cases
-    per_domain = mode == "paper"
-    weight = params[6].reshape(-1, 13)
-    cases += [(ops.compiled_norm_statistics.default, (o, domain, 3, per_domain)),
-              (ops.compiled_norm_normalise.default, (o, domain, weight, params[7].reshape(weight.shape), n_mean,
-                                                     n_rstd, per_domain)),
-              (ops.compiled_norm_input_grad.default, (dy, o, domain, weight, n_count, n_mean, n_rstd,
-                                                      torch.randn_like(n_mean), torch.randn_like(n_mean), per_domain,
-                                                      not per_domain))]
-    if not training:
-        return cases
-    core = (*leaves(p, g, *generator), domain, *leaves(params[1], params[2], params[3]), per_domain)
-    v, saved = ops.compiled_generated_core_forward(*core)
-    return cases + [(ops.compiled_generated_core_forward.default, core),
-                    (ops.compiled_generated_core_backward.default,
-                     (torch.randn_like(v), p, saved, g, *generator, domain, params[1], params[3], per_domain))]
+        cases += [(ops.triton_grouped_linear_forward.default, (*leaves(gx), gdomain, *leaves(gweight, gbias))),
+                  (ops.triton_grouped_linear_forward.default, (*leaves(gx), gdomain, *leaves(gweight), None)),
+                  (ops.triton_grouped_linear_backward.default, (gdy, gx, gdomain, gweight, True))]
+    return cases
 
 
 @pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)

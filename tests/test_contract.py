@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hamur_fast as hf
-from hamur_fast.ops import contract, grouped_linear, registry
+from hamur_fast.ops import compose, contract, grouped_linear, registry
 from hamur_fast.ops import eager as torch_backend
 from hamur_fast.ops.contract import Backend, Capabilities, GroupStats, make_plan
 from helpers import cell_inputs, fp32_bound, rel_err
@@ -59,7 +59,7 @@ def test_every_backend_returns_the_batch_statistics(backend, mode):
     x, rep, domain, params, stats = cell_inputs(29, 13, 5, 7, 3, mode, dtype=torch.float32, seed=5)
     impl = registry.get_backend(backend)
     plan = make_plan(mode, True, stats[0] is not None, 0.1, 1e-5)
-    _, got = impl.hyper_adapter(x, rep, domain, params, *stats, plan)
+    _, got = compose.hyper_adapter(impl, x, rep, domain, params, *stats, plan)
     _, expected = registry.get_backend("reference").hyper_adapter(
         x.double(), rep.double(), domain, [p.double() for p in params], None, None, plan)
     groups = 3 if mode == "paper" else 1
@@ -68,7 +68,7 @@ def test_every_backend_returns_the_batch_statistics(backend, mode):
         assert not a.requires_grad, name
         assert rel_err(a, e) <= 1e-5, name
     eval_plan = make_plan(mode, False, stats[0] is not None, 0.1, 1e-5)
-    _, none = impl.hyper_adapter(x, rep, domain, params, *stats, eval_plan)
+    _, none = compose.hyper_adapter(impl, x, rep, domain, params, *stats, eval_plan)
     assert (none is None) == (mode == "paper")
 
 
@@ -96,7 +96,7 @@ def test_split_passes_compose_to_the_normalisation_and_its_gradients(backend, mo
     bias = torch.randn(num_groups, width, generator=g, dtype=torch.float64)
     dy = torch.randn(batch, width, generator=g, dtype=torch.float64)
     unbiased = mode == "released"
-    passes = registry.get_backend(backend).norm_passes
+    passes = registry.get_backend(backend).passes
     eps = 1e-5
 
     # Expected: the float64 reference (released: the reference's own unbiased whole-batch op; BatchNorm: torch's);
@@ -134,40 +134,7 @@ def test_split_passes_compose_to_the_normalisation_and_its_gradients(backend, mo
         assert torch.equal(grad_o[7], torch.zeros(width, dtype=dtype))  # a one-row domain: xhat = 0, do = 0
 
 
-@pytest.mark.parametrize("backend", [b for b in hf.available_backends("cpu")
-                                     if registry.get_backend(b).cell_passes is not None])
-@pytest.mark.parametrize("mode", ["paper", "released"])
-def test_cell_passes_compose_to_the_fused_cell_and_its_gradients(backend, mode):
-    """project -> normalise and grad_sums -> input_grads (nothing in between) against the backend's own fused
-    cell and its autograd gradients; paper mode with a domain absent from the batch."""
-    dtype = pass_dtype(backend)
-    x, rep, domain, params, stats = cell_inputs(21, 13, 5, 7, 4, mode, dtype=dtype, seed=8)
-    domain[domain == 3] = 0
-    impl = registry.get_backend(backend)
-    plan = make_plan(mode, True, stats[0] is not None, 0.1, 1e-5)
-    leaves = [t.clone().requires_grad_() for t in (x, rep, *params)]
-    y_fused, fused_stats = impl.hyper_adapter(leaves[0], leaves[1], domain, leaves[2:], *stats, plan)
-    dy = torch.randn(y_fused.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
-    y_fused.backward(dy)
-
-    passes = impl.cell_passes
-    local, saved = passes.project(x, rep, domain, tuple(params), plan)
-    for name, a, e in zip(GroupStats._fields, local, fused_stats):
-        assert rel_err(a, e) <= 1e-6, name
-    count = local.count.unsqueeze(1)
-    rstd = torch.rsqrt(local.m2 / ((count - 1) if mode == "released" else count).clamp(min=1) + 1e-5)
-    y = passes.normalise(x, domain, tuple(params), saved, local.mean, rstd, plan)
-    assert rel_err(y, y_fused) <= 1e-6
-    sum_dy, sum_dy_xhat = passes.grad_sums(dy, domain, tuple(params), saved, local.mean, rstd, plan)
-    grads = passes.input_grads(dy, x, rep, domain, tuple(params), saved, local.count, local.mean, rstd, sum_dy,
-                               sum_dy_xhat, plan)
-    assert len(grads) == 8
-    for what, got, leaf in zip(["x", "rep", "down_left", "down_right", "down_bias", "up_left", "up_right", "up_bias"],
-                               grads, leaves):
-        scale = leaf.grad.abs().max()  # up_bias, before the normalisation, has gradient 0 up to rounding
-        assert (got - leaf.grad).abs().max() <= 1e-5 * scale, what
-    assert rel_err(sum_dy_xhat.reshape(params[6].shape), leaves[8].grad) <= 1e-5
-    assert rel_err(sum_dy.reshape(params[7].shape), leaves[9].grad) <= 1e-5
+# The cell's split passes against its fused form, through the one composition: tests/test_compose.py.
 
 
 # ----------------------------------------------------------------------------- capabilities and "auto"
@@ -184,7 +151,7 @@ def test_capability_limit_names_the_limit():
 def fake_backend(name, rank, hyper_adapter=torch_backend.hyper_adapter, self_check=True, **limits):
     return Backend(name, hyper_adapter, torch_backend.domain_norm, Capabilities(
         devices=frozenset({"cpu"}), dtypes=contract.FLOAT_DTYPES, auto_rank={"cpu": rank}, self_check=self_check,
-        **limits), norm_passes=torch_backend.NORM_PASSES, grouped_linear=grouped_linear.torch_form)
+        **limits), passes=torch_backend.PASSES, grouped_linear=grouped_linear.torch_form)
 
 
 @pytest.fixture

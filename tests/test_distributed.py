@@ -16,7 +16,6 @@ from helpers import FP32_FACTOR, fp32_bound, rel_err
 
 from hamur_fast.ops.collectives import merge_moments
 from hamur_fast.ops.eager import group_statistics
-from hamur_fast.ops.contract import CellPasses, NormPasses
 from hamur_fast.train import domain_metrics
 
 HERE = Path(__file__).resolve().parent
@@ -156,8 +155,8 @@ def test_two_ranks_train_like_one_process(ranks, case):
 # (Triton splits its fused cell; the C++ cell projects by torch ops and normalises by its norm passes).
 PASS_MODULES = {"cpu": {"hamur_fast.ops.backends.compiled"},
                 "triton": {"hamur_fast.ops.backends.triton", "hamur_fast.kernels.domain_norm"}}
-CELL_PASSES = {"cpu": {f"norm.{name}" for name in NormPasses._fields},
-               "triton": {f"cell.{name}" for name in CellPasses._fields}}
+CELL_PASSES = {"cpu": {f"norm.{name}" for name in workers.SPLIT_PASSES["norm"]},
+               "triton": {f"cell.{name.removeprefix('cell_')}" for name in workers.SPLIT_PASSES["cell"]}}
 
 
 @pytest.mark.parametrize("case", [c for c in workers.CASES if c[2] in PASS_MODULES], ids=workers.case_key)

@@ -35,7 +35,7 @@ def wrong_backend(monkeypatch):
 
     monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
     registry.register_backend(contract.Backend("off_by_a_little", off, torch_backend.domain_norm, contract.Capabilities(
-        devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32})), norm_passes=torch_backend.NORM_PASSES,
+        devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32})), passes=torch_backend.PASSES,
         grouped_linear=grouped_linear.torch_form))
 
 

@@ -1,19 +1,25 @@
 """Fusion level 2 of backend "cpu" (csrc/cpu/generated_cpu.cpp, hamur_fast/ops/backends/compiled_generated.py).
 
-The C++ core generates I block by block: its own formula against finite differences, its refusal of an
-out-of-range id, and a training step of a model on the "cpu" backend that allocates no tensor of B*k*k
-elements. Against the float64 reference on odd sizes at 1 and 2 threads, on poisoned memory, with out-of-range
-ids through the public op, and opcheck of its two operators: tests/test_backends.py.
+The C++ core generates I block by block: the cell's hand-written backward against finite differences (the core's
+formula and the grouped products around it), the core's refusal of an out-of-range id, and a training step of a
+model on the "cpu" backend that allocates no tensor of B*k*k elements. Against the float64 reference on odd sizes
+at 1 and 2 threads, on poisoned memory, with out-of-range ids through the public op, and opcheck of the composed
+op: tests/test_backends.py.
 """
 import pytest
 import torch
 
 import hamur_fast as hf
+from hamur_fast.ops import compose, generated
+from hamur_fast.ops.contract import make_plan
+from hamur_fast.ops.registry import get_backend
+from helpers import cell_inputs
 from test_generated import AllocationLog
 
 pytestmark = pytest.mark.skipif("cpu" not in hf.available_backends() or
                                 not hasattr(torch.ops.hamur_fast, "compiled_generated_core_forward"),
                                 reason="the compiled extension is not built")
+
 
 def core_args(per_domain, batch=70, rank=6, bottleneck=5, features=7, dtype=torch.float64):
     gen = torch.Generator().manual_seed(3)
@@ -26,18 +32,22 @@ def core_args(per_domain, batch=70, rank=6, bottleneck=5, features=7, dtype=torc
             randn(*lead, bottleneck), randn(*lead, bottleneck, rank), per_domain)
 
 
-def test_core_gradcheck():
-    """The core's own formula (not just the cell's composition) against finite differences, in float64."""
-    args = core_args(True, batch=5, rank=3, bottleneck=2, features=4)
-    differentiable = [0, 1, 2, 3, 4, 6, 7, 8]
-    leaves = [a.requires_grad_() if i in differentiable else a for i, a in enumerate(args)]
+def test_gradcheck():
+    """The cell's hand-written backward (the core's formula and the grouped products around it, not just their
+    composition) against finite differences, in float64, both modes."""
+    for mode in ("paper", "released"):
+        x, _rep, domain, params, _stats = cell_inputs(5, 4, 3, 2, 3, mode, seed=1)
+        gen = torch.Generator().manual_seed(3)
+        g = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+        generator = [g, g.mean(0), torch.randn(9, 4, generator=gen, dtype=torch.float64), torch.randn(9, generator=gen,
+                                                                                                      dtype=torch.float64)]
+        plan = make_plan(mode, True, False, 0.1, 1e-5)
 
-    def core(*tensors):
-        full = list(leaves)
-        for i, t in zip(differentiable, tensors):
-            full[i] = t
-        return torch.ops.hamur_fast.compiled_generated_core_forward(*full)[0]
-    assert torch.autograd.gradcheck(core, [leaves[i] for i in differentiable])
+        def cell(x, *rest):
+            rep = generated.GeneratedRep(*rest[:4], 3)
+            return compose.generated_cell(get_backend("cpu"), x, rep, domain, rest[4:], None, None, plan, "ieee")[0]
+        leaves = [t.requires_grad_() for t in (x, *generator, *params)]
+        assert torch.autograd.gradcheck(cell, leaves)
 
 
 def test_out_of_range_domain_is_refused():

@@ -57,7 +57,10 @@ def test_every_op_refuses_broken_arguments_cleanly(group):
     valid = [r for r in results if r["change"] is None]
     assert valid and all(r["raised"] is None for r in valid), [r for r in valid if r["raised"]]
     covered = {r["case"].split("[")[0] for r in valid}
-    assert covered == {name for name in namespace_ops() if name.startswith(group)}, "an op without a fuzz case"
+    expected = {name for name in namespace_ops() if name.startswith(group)}
+    if group == "triton":  # the composed ops, on the Triton backend's table (on "cpu" they run the C++ ops above)
+        expected |= {name for name in namespace_ops() if not name.startswith(("compiled", "triton"))}
+    assert covered == expected, "an op without a fuzz case"
     accepted = [r for r in results if r["change"] and r["raised"] is None and must_raise(r, group == "compiled")]
     assert not accepted, accepted[:10]
     broken = [r for r in results if r["change"]]

@@ -55,7 +55,7 @@ def test_first_layer_moments_match_the_direct_computation():
     linear = DomainLinear(13, 9, 3).double()
     x = (torch.randn(57, 13, dtype=torch.float64) * 3 + 5).requires_grad_()
     _, mean, var = affine_batch_moments(x, linear.weight, linear.bias)
-    direct = linear.all_domains(x)  # (D, B, C): every tower on every row
+    direct = linear.every_domain(x)  # (D, B, C): every tower on every row
     assert rel_err(mean, direct.mean(dim=1)) < 1e-12
     assert rel_err(var, direct.var(dim=1, unbiased=False)) < 1e-12
     # gradients too: autograd through the moments is the gradient of the direct statistics
@@ -79,7 +79,7 @@ def test_whole_first_layer_equals_released_towers_first_layer_in_training():
     x = torch.randn(50, 13, dtype=torch.float64, requires_grad=True)
     domain = torch.arange(50) % 3
     ours = whole.routed_from_input(linear.routed(x, domain), domain, x, linear)
-    direct = released.all_domains(linear.all_domains(x)).gather(0, domain.view(1, -1, 1).expand(1, -1, 9))[0]
+    direct = released.all_domains(linear.every_domain(x)).gather(0, domain.view(1, -1, 1).expand(1, -1, 9))[0]
     assert rel_err(ours, direct) < 1e-12
     upstream = torch.randn_like(ours)
     params = (x, linear.weight, linear.bias, whole.weight)

@@ -7,7 +7,8 @@
 from . import runtime
 from .runtime import DistributedContext, launch_with_torchrun, launched_by_torchrun, start, stop
 from ..nn.sync_batch_norm import SyncBatchNorm1d, convert_batch_norms
-from ..ops.collectives import merge_moments, synchronised, synchronised_norm
+from ..ops.collectives import merge_moments, synchronised
+from ..ops.compose import split_norm as synchronised_norm
 
 __all__ = ["DistributedContext", "start", "stop", "launch_with_torchrun", "launched_by_torchrun", "SyncBatchNorm1d",
            "convert_batch_norms", "merge_moments", "synchronised", "synchronised_norm"]

@@ -93,14 +93,15 @@ class DomainTowers(nn.Module):
         h = e
         cells = iter(self.adapters)
         for j, (linear, norm) in enumerate(zip(self.linears, self.norms)):
-            h = torch.relu(norm.all_domains(linear.all_domains(h)))
+            h = torch.relu(norm.all_domains(linear.every_domain(h) if j == 0 else linear.all_domains(h)))
             if j in self.adapter_after:
                 cell = next(cells)
                 if self.mode == "released":
                     h = cell.forward_all_towers(h, rep, domain)
                 else:  # paper cells: tower d's cell is domain d's, applied to the whole batch
                     h = torch.stack([cell(tower, rep, torch.full_like(domain, d)) for d, tower in enumerate(h)])
-        logits = self.out.all_domains(h).squeeze(2)  # (D, B): every tower's logit for every row
+        # (D, B): every tower's logit for every row (towers without hidden layers: all read e)
+        logits = (self.out.all_domains(h) if self.linears else self.out.every_domain(h)).squeeze(2)
         return logits.gather(0, domain.unsqueeze(0)).squeeze(0)
 
 

@@ -45,8 +45,8 @@ class DomainExperts(nn.Module):
         self.norms = nn.ModuleList(DomainLayerNorm(o, num_domains) for o in widths[1:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for linear, norm in zip(self.linears, self.norms):
-            x = torch.relu(norm.all_domains(linear.all_domains(x)))
+        for depth, (linear, norm) in enumerate(zip(self.linears, self.norms)):  # the first layer: one shared input
+            x = torch.relu(norm.all_domains(linear.every_domain(x) if depth == 0 else linear.all_domains(x)))
         return x
 
 

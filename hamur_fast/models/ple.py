@@ -27,17 +27,20 @@ class ExtractionLayer(nn.Module):
         self.shared_experts = nn.Linear(input_dim, shared * width)
         self.shared_gate = None if last else nn.Linear(input_dim, num_domains * specific + shared)
 
-    def forward(self, task_inputs: torch.Tensor, shared_input: torch.Tensor):
-        """task_inputs (D, B, in) or (B, in) shared by all tasks; shared_input (B, in).
+    def forward(self, task_inputs: torch.Tensor | None, shared_input: torch.Tensor):
+        """task_inputs (D, B, in), or None where every task reads the shared input (depth 1); shared_input (B, in).
 
         Returns (task outputs (D, B, width), shared output (B, width) or None after the last layer).
         """
         num_domains, batch = self.task_experts.num_domains, shared_input.shape[0]
-        task_experts = torch.relu(self.task_experts.all_domains(task_inputs))
+
+        def per_task(layer):
+            return layer.every_domain(shared_input) if task_inputs is None else layer.all_domains(task_inputs)
+        task_experts = torch.relu(per_task(self.task_experts))
         task_experts = task_experts.view(num_domains, batch, self.specific, self.width)
         shared_experts = torch.relu(self.shared_experts(shared_input)).view(batch, self.shared, self.width)
         candidates = torch.cat([task_experts, shared_experts.expand(num_domains, -1, -1, -1)], dim=2)
-        task_out = mixture(torch.softmax(self.task_gates.all_domains(task_inputs), dim=-1), candidates)
+        task_out = mixture(torch.softmax(per_task(self.task_gates), dim=-1), candidates)
         if self.shared_gate is None:
             return task_out, None
         every_expert = torch.cat([task_experts.permute(1, 0, 2, 3).reshape(batch, -1, self.width),
@@ -79,10 +82,10 @@ class PLE(MultiDomainModel):
         self.towers = DomainTowers.plain(widths[-1], num_domains, tower_dims)
 
     def compute_logits(self, e, domain):
-        task, shared = e, e
+        task, shared = None, e  # depth 1: every task reads e
         for level in self.levels[:-1]:
             task, shared = level(task, shared)
-        if task.dim() == 3:
-            task = task[domain, torch.arange(e.shape[0], device=e.device)]  # row b keeps g^{d_b}
+        # row b keeps g^{d_b}
+        task = e if task is None else task[domain, torch.arange(e.shape[0], device=e.device)]
         # The last layer has no shared gate, so each row needs its own domain's experts only.
         return self.towers(self.levels[-1].routed(task, shared, domain), domain, None)

@@ -8,7 +8,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from .. import _checks, ops
-from ..ops.collectives import active_group, batch_norm
+from ..ops.collectives import active_group
+from ..ops.compose import batch_norm
 from ..ops import generated
 from ..ops.eager import adapter_projection
 from ..ops.registry import check_backend_name, resolve

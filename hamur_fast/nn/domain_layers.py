@@ -3,7 +3,8 @@
 Each layer stores the D domains' parameters stacked on a leading axis and offers two ways to run:
 - ``routed(x, domain)``: row b goes through domain d_b's layer only (paper-mode towers);
 - ``all_domains(x)``: every domain's layer sees the whole batch, giving (D, B, ...) (released mode,
-  where each tower runs on the whole mixed batch and a row later takes its own tower's output).
+  where each tower runs on the whole mixed batch and a row later takes its own tower's output); a tower's first
+  layer, whose input all towers share, is ``DomainLinear.every_domain(x)``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops.collectives import batch_norm, domain_counts, mean_and_covariance
+from ..ops.collectives import domain_counts, mean_and_covariance
+from ..ops.compose import batch_norm
 from ..ops import grouped_linear
 
 
@@ -39,10 +41,12 @@ class DomainLinear(nn.Module):
         return grouped_linear.run(x, domain, self.weight.transpose(1, 2), self.bias)
 
     def all_domains(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, in) shared by all domains or (D, B, in) one slice per domain -> (D, B, out)."""
-        if x.dim() == 2:
-            return torch.einsum("bi,doi->dbo", x, self.weight) + self.bias.unsqueeze(1)
+        """x (D, B, in), one slice per domain: slice d through domain d's layer -> (D, B, out)."""
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+    def every_domain(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, in) shared by all domains: the whole batch through every domain's layer -> (D, B, out)."""
+        return torch.einsum("bi,doi->dbo", x, self.weight) + self.bias.unsqueeze(1)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, num_domains={self.num_domains}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.collectives import batch_norm
+from ..ops.compose import batch_norm
 
 
 class SyncBatchNorm1d(nn.BatchNorm1d):

@@ -6,8 +6,8 @@ argument and the offending value before any compute), turn (mode, training, runn
 (:func:`~hamur_fast.ops.registry.resolve`), run it, and update the running statistics from the per-domain
 (count, mean, M2) the backend returns. While a data-parallel step synchronises batch statistics
 (:func:`hamur_fast.distributed.synchronised`), the same backend runs as split passes with the collectives
-between them (:mod:`hamur_fast.ops.collectives`). The contract every backend follows:
-:mod:`hamur_fast.ops.contract`; the backends: :mod:`hamur_fast.ops.backends`.
+between them. The composition of a backend's passes: :mod:`hamur_fast.ops.compose`; the contract every backend
+follows: :mod:`hamur_fast.ops.contract`; the backends: :mod:`hamur_fast.ops.backends`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .. import _checks
 from . import backends, grouped_linear  # noqa: F401  (registers every backend this installation offers)
 from .contract import Backend, Capabilities, GroupStats, Plan, check_mode, make_plan, update_running_stats
 from .registry import available_backends, register_backend, resolve
-from . import collectives as _statistics
+from . import collectives, compose
 
 __all__ = ["hyper_adapter", "hyper_adapter_generated", "domain_norm", "available_backends", "register_backend",
            "Backend", "Capabilities", "GroupStats", "Plan"]
@@ -58,11 +58,8 @@ def domain_norm(o, domain, weight, bias, running_mean=None, running_var=None, *,
     _checks.check_same_device(o=o, domain=domain, weight=weight)
     plan = make_plan(mode, training, running_mean is not None, momentum, eps)
     impl = resolve(backend, o.device, o.dtype)
-    group = _statistics.active_group()
-    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged between passes
-        return _statistics.domain_norm(o, domain.long(), weight, bias, running_mean, running_var, plan,
-                                       impl.norm_passes, group)
-    y, stats = impl.domain_norm(o, domain.long(), weight, bias, running_mean, running_var, plan)
+    y, stats = compose.domain_norm(impl, o, domain.long(), weight, bias, running_mean, running_var, plan,
+                                   collectives.active_group())
     if plan.update_running:
         update_running_stats(running_mean, running_var, stats, plan.momentum)
     return y
@@ -87,10 +84,8 @@ def hyper_adapter(x, rep, domain, down_left, down_right, down_bias, up_left, up_
     width, rank, bottleneck = check_cell_args(x, rep, domain, params, running_mean, running_var, mode, num_domains)
     plan = make_plan(mode, training, running_mean is not None, momentum, eps)
     impl = resolve(backend, x.device, x.dtype, width=width, rank=rank, bottleneck=bottleneck)
-    group = _statistics.active_group()
-    if group is not None and plan.batch_statistics:  # the statistics of every rank's rows, merged between passes
-        return _statistics.hyper_adapter(x, rep, domain.long(), params, running_mean, running_var, plan, impl, group)
-    y, stats = impl.hyper_adapter(x, rep, domain.long(), params, running_mean, running_var, plan)
+    y, stats = compose.hyper_adapter(impl, x, rep, domain.long(), params, running_mean, running_var, plan,
+                                     collectives.active_group())
     if plan.update_running:
         update_running_stats(running_mean, running_var, stats, plan.momentum)
     return y
@@ -133,5 +128,4 @@ def check_cell_args(x, rep, domain, params, running_mean, running_var, mode, num
 
 from . import generated  # noqa: E402  (level 2 builds on the checks above and on the registered backends)
 
-generated.register_materialising_backends()
 hyper_adapter_generated = generated.hyper_adapter_generated

@@ -7,8 +7,10 @@ and then update the running statistics themselves from the :class:`GroupStats` t
 (:func:`update_running_stats`). A backend never decides "batch or running statistics, update or not"
 and never writes a running statistic.
 
-Backend functions (arguments already validated, ``domain`` int64; ``params`` is the tuple
-``(down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)``)::
+The ops as a backend runs them (arguments already validated, ``domain`` int64; ``params`` is the tuple
+``(down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias)``): an eager backend's
+own functions (``Backend.hyper_adapter`` / ``domain_norm``, autograd over torch ops), a kernel backend's the
+composition of its passes (:func:`hamur_fast.ops.compose.hyper_adapter` / ``domain_norm``)::
 
     hyper_adapter(x, rep, domain, params, running_mean, running_var, plan) -> (y, stats)
     domain_norm(o, domain, weight, bias, running_mean, running_var, plan)  -> (y, stats)
@@ -18,31 +20,47 @@ Backend functions (arguments already validated, ``domain`` int64; ``params`` is 
 as (count, mean, M2): the form Chan's parallel formula merges exactly, which is what a cross-process
 collective exchanges between a backend's statistics pass and its normalise pass.
 
-The split passes of a batch-statistics normalisation (:class:`NormPasses`, ``Backend.norm_passes``): what a
-data-parallel step runs with a collective between them (:mod:`hamur_fast.ops.collectives`: statistics
--> all_gather + Chan merge -> normalise; grad_sums -> all_reduce -> input_grad). ``groups`` is the (B,) int64
-statistics group of each row (paper mode: the domain), or None for one group of all rows (released mode,
-BatchNorm); the per-group tables are (G, h) (released mode's (h,) weight is passed as (1, h)); statistics come
-in the backend's compute dtype (float32 for Triton), and the given ones are handed back in that dtype::
+What a backend supplies besides (:class:`Passes`, ``Backend.passes``): a table of plain functions over its kernels,
+with no autograd and no custom op of their own. :mod:`hamur_fast.ops.compose` composes them into the ops, once:
+the fused forms as one custom op per family (cell, norm, generated cell) when the table has them and no merge is
+needed, else the split passes with the merge step between them (an all_gather + Chan merge across data-parallel
+ranks, :mod:`hamur_fast.ops.collectives`; the identity in one process). ``groups`` is the (B,) int64 statistics
+group of each row (paper mode: the domain), or None for one group of all rows (released mode, BatchNorm); the
+per-group tables are (G, h) (released mode's (h,) weight is passed as (1, h)); statistics come in the backend's
+statistics dtype, and the given ones are handed back in it. ``saved`` is whatever tensors a backend's later passes
+need. The split passes of the normalisation (every backend)::
 
-    statistics(o, groups, num_groups)                             -> GroupStats of this process's rows
+    statistics(o, groups, num_groups)                             -> GroupStats of these rows
     normalise(o, groups, weight, bias, mean, rstd)                -> y = weight[g] (o - mean[g]) rstd[g] + bias[g]
     grad_sums(dy, o, groups, mean, rstd, num_groups)              -> (sum_dy, sum_dy_xhat), each (G, h)
     input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, unbiased) -> do
         do = rstd w (dy - sum_dy / n - xhat sum_dy_xhat / n_var), n = count[g], n_var = n or max(n - 1, 1)
 
-None of them records autograd history; the weight and bias gradients are the (local) ``grad_sums``.
+The weight and bias gradients are the (local) ``grad_sums``. The adapter cell split at the same seams (optional;
+without them the split form projects by autograd over torch ops and normalises by the passes above)::
 
-A backend whose adapter cell fuses its normalisation may split the cell at the same seams (:class:`CellPasses`,
-``Backend.cell_passes``; ``params`` as above, ``saved`` whatever tensors the backend's later passes need).
-Without them a data-parallel step runs the projection by autograd over torch ops and then the backend's
-``norm_passes``::
-
-    project(x, rep, domain, params, plan)                            -> (GroupStats of o, saved)
-    normalise(x, domain, params, saved, mean, rstd, plan)            -> y = x + nw[g] (o - mean[g]) rstd[g] + nb[g]
-    grad_sums(dy, domain, params, saved, mean, rstd, plan)           -> (sum_dy, sum_dy_xhat), each (G, h)
-    input_grads(dy, x, rep, domain, params, saved, count, mean, rstd, sum_dy, sum_dy_xhat, plan)
+    cell_project(x, rep, domain, params, plan)                       -> (GroupStats of o, saved)
+    cell_normalise(x, domain, params, saved, mean, rstd, plan)       -> y = x + nw[g] (o - mean[g]) rstd[g] + nb[g]
+    cell_grad_sums(dy, domain, params, saved, mean, rstd, plan)      -> (sum_dy, sum_dy_xhat), each (G, h)
+    cell_input_grads(dy, x, rep, domain, params, saved, count, mean, rstd, sum_dy, sum_dy_xhat, plan)
                                                                      -> (dx, drep, and the six factors' gradients)
+
+The fused forms (optional; ``generator`` is the folded generator (g, centre, W', c') of fusion level 2)::
+
+    norm_forward(o, domain, weight, bias, running_mean, running_var, plan)   -> (y, count, mean, m2, rstd)
+    norm_backward(dy, o, domain, weight, count, mean, rstd, plan)            -> (do, dweight, dbias)
+    cell_forward(x, rep, domain, params, running_mean, running_var, plan)    -> (y, count, mean, m2, rstd, *saved)
+    cell_backward(dy, x, rep, domain, params, saved, count, mean, rstd, plan) -> the ten input gradients
+    generated_forward(x, generator, domain, params, running_mean, running_var, plan, precision)
+                                                                             -> (y, count, mean, m2, rstd, *saved)
+    generated_backward(dy, x, generator, domain, params, saved, count, mean, rstd, plan, precision)
+                                                     -> the gradients of x, g, centre, W', c' and the eight params
+
+``running_mean`` / ``running_var`` are None with ``plan.batch_statistics``. The fakes of the composed ops need the
+shapes of ``saved`` (``cell_saved_like`` / ``generated_saved_like(x, rank, params, plan)``, empty tensors) and the
+dtypes: ``compute_dtype(dtype)`` is what the fused forms take (inputs are cast to it around the op; None: any),
+``statistics_dtype(dtype)`` the statistics' dtype for inputs in ``dtype``. ``cell_infer(x, rep, domain, params,
+running_mean, running_var, eps) -> y``, when given, is the eval cell with running statistics outside autograd.
 
 One vocabulary, shared by every backend, its kernels and its saved tensors (SPEC sections 2 and 3; row
 b, domain d = domain[b], statistics group g = d in paper mode and g = 0 in released mode, I_b = rep[b]):
@@ -69,16 +87,18 @@ order          (B,)        row order sorted by group (kernels that group rows); 
 Every forward and backward operator takes the plan as its last arguments, (per_domain, batch_statistics, unbiased,
 eps) (:meth:`Plan.flags`), and statistics come and go in one order, count, mean, m2, rstd.
 
-Registered operators: ``torch.ops.hamur_fast.<implementation>_<op>_<pass>``, one name per kernel
-entry point, nothing else registered under ``hamur_fast``:
+Registered operators: ``torch.ops.hamur_fast.<implementation>_<op>_<pass>`` for a kernel entry point, and the
+composed ops (:mod:`hamur_fast.ops.compose`), which take the backend's name first and run its table:
 
 =============================  ========================  ==================================================
 operator                       defined in                returns
 =============================  ========================  ==================================================
-triton_cell_forward            ops/backends/triton.py    y, q, v, order, count, mean, m2, rstd
-triton_cell_backward           ops/backends/triton.py    the ten input gradients (x, rep, params)
-triton_norm_forward            ops/backends/triton.py    y, count, mean, m2, rstd
-triton_norm_backward           ops/backends/triton.py    grad o, grad weight, grad bias
+cell_forward                   ops/compose.py            [y, count, mean, m2, rstd, *saved] (the fused cell)
+cell_backward                  ops/compose.py            the ten input gradients (x, rep, params)
+norm_forward                   ops/compose.py            y, count, mean, m2, rstd
+norm_backward                  ops/compose.py            grad o, grad weight, grad bias
+generated_cell_forward         ops/compose.py            [y, count, mean, m2, rstd, *saved] (fusion level 2)
+generated_cell_backward        ops/compose.py            grads of x, g, centre, W', c' and the eight params
 compiled_cell_forward          csrc/cpu/ops.cpp          y, o, hidden (p, q, u, v, a), order, count, mean,
                                                          m2, rstd
 compiled_cell_backward         csrc/cpu/ops.cpp          the ten input gradients
@@ -86,23 +106,21 @@ compiled_cell_infer            csrc/cpu/ops.cpp          y (eval with running st
 compiled_norm_forward          csrc/cpu/ops.cpp          y, count, mean, m2, rstd
 compiled_norm_backward         csrc/cpu/ops.cpp          grad o, grad weight, grad bias
 compiled_norm_statistics       csrc/cpu/ops.cpp          count, mean, m2 (the statistics pass)
+compiled_norm_normalise        csrc/cpu/ops.cpp          y with given mean and rstd (the normalise pass)
 compiled_norm_input_grad       csrc/cpu/ops.cpp          grad o from given count and group sums
 triton_grouped_linear_forward  ops/grouped_linear.py     out (the grouped per-domain linear op, any D)
 triton_grouped_linear_backward ops/grouped_linear.py     grad x, grad weight, grad bias
-triton_generated_cell_forward  ops/backends/              y, q, v, order, count, mean, m2, rstd (fusion level 2:
-                               triton_generated.py       I generated from g inside the kernels)
-triton_generated_cell_backward ops/backends/              grads of x, g, centre, W', c' and the eight params
-                               triton_generated.py
 =============================  ========================  ==================================================
 
-And fusion level 2 of "cpu", in csrc/cpu/generated_cpu.cpp: ``compiled_generated_core_forward`` (v and saved =
-[q | a | u], the rank-k core on I generated from g in 64-row blocks) and ``compiled_generated_core_backward``
-(the gradients of p, g, centre, W', c', DR, db and UL).
+The ``compiled_*`` operators run only inside the composed ops (their fakes: the composed ops'), except
+``compiled_cell_infer``, which an exported eval graph calls directly (its fake: ops/backends/compiled.py). And fusion
+level 2 of "cpu", in csrc/cpu/generated_cpu.cpp: ``compiled_generated_core_forward`` (v and saved = [q | a | u], the
+rank-k core on I generated from g in 64-row blocks) and ``compiled_generated_core_backward`` (the gradients of p,
+g, centre, W', c', DR, db and UL).
 
-Fusion level 2 (:mod:`hamur_fast.ops.generated`): a backend may also offer
-``generated_cell(x, rep: GeneratedRep, domain, params, running_mean, running_var, plan, precision) -> (y, stats)``,
-the cell on ``I = ReLU((g - centre) W'^T + c')`` (the hyper-network's last layer folded by the entry point);
-``Capabilities.fused_generation`` says that it keeps I out of memory.
+Fusion level 2 (:mod:`hamur_fast.ops.generated`): a backend whose table has ``generated_forward`` runs the cell on
+``I = ReLU((g - centre) W'^T + c')`` (the hyper-network's last layer folded by the entry point) without I in
+memory (``Capabilities.fused_generation``); every other backend materialises I and runs its level-1 cell.
 """
 from __future__ import annotations
 
@@ -227,31 +245,41 @@ class Capabilities:
         return None
 
 
-class NormPasses(NamedTuple):
-    """The split passes of a batch-statistics normalisation (signatures: the module docstring)."""
+def _any_dtype(dtype: torch.dtype) -> None:
+    return None
+
+
+class Passes(NamedTuple):
+    """A backend's table of passes: plain functions over its kernels (signatures: the module docstring). The
+    composition and its autograd live in :mod:`hamur_fast.ops.compose`; None means the backend has no such form."""
 
     statistics: Callable
     normalise: Callable
     grad_sums: Callable
     input_grad: Callable
-
-
-class CellPasses(NamedTuple):
-    """The adapter cell split at its normalisation (signatures: the module docstring)."""
-
-    project: Callable
-    normalise: Callable
-    grad_sums: Callable
-    input_grads: Callable
+    cell_project: Callable | None = None
+    cell_normalise: Callable | None = None
+    cell_grad_sums: Callable | None = None
+    cell_input_grads: Callable | None = None
+    norm_forward: Callable | None = None
+    norm_backward: Callable | None = None
+    cell_forward: Callable | None = None
+    cell_backward: Callable | None = None
+    generated_forward: Callable | None = None
+    generated_backward: Callable | None = None
+    cell_saved_like: Callable | None = None
+    generated_saved_like: Callable | None = None
+    compute_dtype: Callable = _any_dtype
+    statistics_dtype: Callable | None = None
+    cell_infer: Callable | None = None
 
 
 @dataclass(frozen=True)
 class Backend:
     """One implementation of every op family (the cell, the norm, the grouped linear op), and what it can do.
 
-    ``norm_passes``: the backend's normalisation as split passes (:class:`NormPasses`), run with a collective
-    between them while batch statistics are synchronised across processes; ``cell_passes``, when not None, the
-    adapter cell split the same way (else such a step projects by torch ops and normalises by ``norm_passes``).
+    ``passes``: the backend's table (:class:`Passes`). ``hyper_adapter`` / ``domain_norm``: an eager backend's own
+    ops (autograd over torch ops), None where the table's fused forms run them (:mod:`hamur_fast.ops.compose`).
     ``grouped_linear(x, domain, weight, bias) -> out``: the backend's form of the grouped per-domain linear op
     (:mod:`hamur_fast.ops.grouped_linear`), so ``backend=`` names one implementation of every op family.
     ``hyper_adapter_all_towers(x (T, B, h), rep, params, eps) -> (T, B, h)``, when not None, runs the
@@ -259,11 +287,9 @@ class Backend:
     """
 
     name: str
-    hyper_adapter: Callable
-    domain_norm: Callable
+    hyper_adapter: Callable | None
+    domain_norm: Callable | None
     capabilities: Capabilities
-    norm_passes: NormPasses
+    passes: Passes
     grouped_linear: Callable
-    cell_passes: CellPasses | None = None
     hyper_adapter_all_towers: Callable | None = None
-    generated_cell: Callable | None = None  # fusion level 2, see the module docstring

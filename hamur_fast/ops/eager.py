@@ -1,7 +1,7 @@
 """The package's eager math: the fastest adapter cell and DomainNorm we know how to write in plain PyTorch.
 
 Backend "torch" is these functions (:mod:`hamur_fast.ops.backends.torch`); layers, models, folding and the
-synchronised normalisations (:mod:`hamur_fast.ops.collectives`) import them from here. Compared with the
+split composition (:mod:`hamur_fast.ops.compose`) import them from here. Compared with the
 released einsum math it
 - multiplies right-to-left through the rank-k space (O(hk + k^2 + ks) per row, never a (B, h, s) tensor),
 - selects per-domain factors by the grouped per-domain GEMM of ops/grouped_linear.py (no per-row weight
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import grouped_linear
-from .contract import GroupStats, NormPasses, variance_divisor
+from .contract import GroupStats, Passes, variance_divisor
 
 
 def project_per_domain(v: torch.Tensor, weight: torch.Tensor, domain: torch.Tensor,
@@ -83,7 +83,7 @@ def domain_norm(o, domain, weight, bias, running_mean, running_var, plan):
 
 
 # ----------------------------------------------------------------------------- the split passes
-# DomainNorm as separate passes (contract: NormPasses), so that a collective can sit between them. groups None is
+# DomainNorm as separate passes (contract: Passes), so that a collective can sit between them. groups None is
 # one group of all rows; an id outside [0, G) joins no statistic or sum and its row comes out NaN.
 def _rows_of(groups, num_groups, o):
     """(group of each row, safe to index with; which rows are valid, or None when all are)."""
@@ -130,7 +130,7 @@ def input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, un
     return _nan_invalid(out, valid)
 
 
-NORM_PASSES = NormPasses(group_statistics, normalise, grad_sums, input_grad)
+PASSES = Passes(group_statistics, normalise, grad_sums, input_grad)  # no fused forms: autograd composes them
 
 
 def adapter_projection(x, rep, domain, down_left, down_right, down_bias, up_left, up_right, up_bias, *,

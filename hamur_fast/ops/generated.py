@@ -14,7 +14,9 @@ How every backend but the oracle sees the generator: BatchNorm is a per-channel 
   statistics (the generator BN folded into W and c).
 :func:`fold_generator` computes ``(m, W', c')`` with ordinary differentiable torch ops (O(B p^2 + k^2 p^2)),
 so autograd carries the gradients of ``W, c, gamma, beta`` and of ``g`` through its mean and covariance.
-A backend then computes the cell on ``I = ReLU((g - m) W'^T + c')``: :func:`generated_cell`. The float64
+A backend then computes the cell on ``I = ReLU((g - m) W'^T + c')``: :func:`generated_cell` (a backend whose
+table has the fused form keeps I out of memory, every other one materialises I: :mod:`hamur_fast.ops.compose`).
+The float64
 ``reference`` backend does not use this identity: it materialises ``z``, normalises it over the batch
 and is the oracle the identity is tested against.
 
@@ -24,16 +26,16 @@ released code evaluates the hyper-network once per domain) with the closed form 
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import _checks
+from . import compose
 from .backends import reference
-from .contract import Backend, GroupStats, make_plan, update_running_stats
-from .registry import available_backends, get_backend, register_backend, resolve
+from .contract import GroupStats, make_plan, update_running_stats
+from .registry import resolve
 
 PRECISIONS = ("ieee", "tf32", "bf16")
 
@@ -68,42 +70,13 @@ class GeneratedRep(NamedTuple):
         return torch.relu(F.linear(self.g - self.centre, self.weight, self.bias)).view(-1, self.rank, self.rank)
 
 
-# --------------------------------------------------------------------------------------------------
-# Level-2 backends: ``Backend.generated_cell`` of the contract (hamur_fast/ops/contract.py)
-# --------------------------------------------------------------------------------------------------
-def generated_backend(name: str, device: torch.device, dtype: torch.dtype, width: int, rank: int,
-                      bottleneck: int) -> Backend:
-    """The backend that runs level 2 for this call ("auto": the one "auto" picks for level 1)."""
-    impl = resolve(name, device, dtype, width=width, rank=rank, bottleneck=bottleneck)
-    if impl.generated_cell is None:
-        raise ValueError(f"backend {impl.name!r} has no fused weight generation (level 2); backends with it: "
-                         f"{[n for n in available_backends() if get_backend(n).generated_cell is not None]}")
-    return impl
-
-
 def supports_fused_generation(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
     """True when backend ``name`` on ``device`` runs level 2 without materialising I."""
     try:
         impl = resolve(name, device, dtype)
     except ValueError:
         return False
-    return impl.generated_cell is not None and impl.capabilities.fused_generation
-
-
-def _materialising_cell_of(level1: Backend):
-    def cell(x, rep, domain, params, running_mean, running_var, plan, precision):
-        return level1.hyper_adapter(x, rep.materialise(), domain, params, running_mean, running_var, plan)
-    return cell
-
-
-def register_materialising_backends() -> None:
-    """Level 2 of the backends without a fused one (the eager backend, "cuda"): I by one GEMM, then their
-    level-1 cell. "cpu" has its own (hamur_fast/ops/backends/compiled_generated.py)."""
-    for name in ("reference", "torch", "cpu", "cuda"):
-        if name in available_backends():
-            level1 = get_backend(name)
-            if level1.generated_cell is None:
-                register_backend(dataclasses.replace(level1, generated_cell=_materialising_cell_of(level1)))
+    return impl.passes.generated_forward is not None and impl.capabilities.fused_generation
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,13 +195,13 @@ def hyper_adapter_generated(x, g, domain, gen_weight, gen_bias, gen_norm_weight,
     width, _, bottleneck = check_cell_args(x, stand_in, domain, params, running_mean, running_var, mode,
                                            num_domains)
     plan = make_plan(mode, training, running_mean is not None, momentum, eps)
-    impl = generated_backend(backend, x.device, x.dtype, width, rank, bottleneck)
+    impl = resolve(backend, x.device, x.dtype, width=width, rank=rank, bottleneck=bottleneck)
     if impl.name == "reference":  # the oracle: z materialised and normalised over the batch, no moment identity
         y, stats = reference.hyper_adapter_generated(x, g, domain.long(), gen, params, running_mean, running_var,
                                                      plan, training)
     else:
-        y, stats = impl.generated_cell(x, fold_generator(g, gen, training), domain.long(), params, running_mean,
-                                       running_var, plan, precision)
+        y, stats = compose.generated_cell(impl, x, fold_generator(g, gen, training), domain.long(), params,
+                                          running_mean, running_var, plan, precision)
     if plan.update_running:
         update_running_stats(running_mean, running_var, stats, plan.momentum)
     return y
@@ -241,8 +214,8 @@ def generated_cell(x, rep: GeneratedRep, domain, params, running_mean=None, runn
     and every cell regenerates I from ``g``. Arguments checked by the layer (HyperAdapter)."""
     width, rank, bottleneck = x.shape[1], rep.rank, params[1].shape[-1]
     plan = make_plan(mode, training, running_mean is not None, momentum, eps)
-    impl = generated_backend(backend, x.device, x.dtype, width, rank, bottleneck)
-    y, stats = impl.generated_cell(x, rep, domain.long(), params, running_mean, running_var, plan, precision)
+    impl = resolve(backend, x.device, x.dtype, width=width, rank=rank, bottleneck=bottleneck)
+    y, stats = compose.generated_cell(impl, x, rep, domain.long(), params, running_mean, running_var, plan, precision)
     if plan.update_running:
         update_running_stats(running_mean, running_var, stats, plan.momentum)
     return y

@@ -1,12 +1,13 @@
-"""Every implementation of the two ops, one module each, all following :mod:`hamur_fast.ops.contract`.
+"""Every implementation of the ops, one module each, all following :mod:`hamur_fast.ops.contract`; a kernel
+backend is a table of passes that :mod:`hamur_fast.ops.compose` composes into the ops.
 
 =========  ===========================  ====================================================================
 backend    module                       what it is
 =========  ===========================  ====================================================================
 reference  backends/reference.py        SPEC literally (per-row weights, a loop over domains): the oracle
 torch      backends/torch.py            the eager math of ops/eager.py; any device and dtype
-triton     backends/triton.py           custom ops over the Triton kernels of ``hamur_fast.kernels``
-cpu, cuda  backends/compiled.py         custom ops of the C++/CUDA extension ``hamur_fast._C`` (csrc/)
+triton     backends/triton.py           the passes of the Triton kernels of ``hamur_fast.kernels``
+cpu, cuda  backends/compiled.py         the passes of the C++/CUDA extension ``hamur_fast._C`` (csrc/)
            backends/compiled_generated  level 2 of "cpu": I generated inside the C++ core
 =========  ===========================  ====================================================================
 
@@ -24,7 +25,6 @@ _MODULES = {
     "hamur_fast.ops.backends.reference": ((), ()),
     "hamur_fast.ops.backends.torch": ((), ()),
     "hamur_fast.ops.backends.triton": (("triton",), ("triton",)),
-    "hamur_fast.ops.backends.triton_generated": ((), ("triton",)),  # level 2 of "triton"
     "hamur_fast.ops.backends.compiled": (("cpu", "cuda"), ("hamur_fast._C",)),
     "hamur_fast.ops.backends.compiled_generated": ((), ("hamur_fast._C",)),  # level 2 of "cpu"
 }

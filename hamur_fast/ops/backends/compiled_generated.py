@@ -2,11 +2,11 @@
 
 ``torch.ops.hamur_fast.compiled_generated_core_forward`` / ``_backward`` run the rank-k core (q = p I, a, u,
 v = u I) on ``I_b = ReLU((g_b - centre) W'^T + c')`` formed block by block, so no (B, k*k) tensor exists,
-forward or backward. Around it: ``p = x DL`` and ``o = v UR + ub`` as the grouped per-domain linear op, and
-DomainNorm as the compiled kernels' ``domain_norm`` (its C++ op with its autograd formula). This module adds
-the core's fake implementations and autograd formula and attaches ``generated_cell`` to the "cpu" backend
-with ``fused_generation=True``. The generator products are computed in IEEE float32/float64 whatever
-``precision`` asks (tf32 and bf16 are GPU relaxations).
+forward or backward. Around it: ``p = x DL`` and ``o = v UR + ub`` as the grouped per-domain linear op (and their
+gradients by hand), and DomainNorm as the compiled kernels' forward and backward. This module adds the fused level
+2 to the "cpu" backend's table (contract: Passes; composed by :mod:`hamur_fast.ops.compose`) with
+``fused_generation=True``. The generator products are computed in IEEE float32/float64 whatever ``precision`` asks
+(tf32 and bf16 are GPU relaxations).
 """
 from __future__ import annotations
 
@@ -16,46 +16,12 @@ import torch
 
 from .. import grouped_linear
 from ..registry import available_backends, get_backend, register_backend
-from . import compiled
 
 ops = torch.ops.hamur_fast
 if not hasattr(ops, "compiled_generated_core_forward") or "cpu" not in available_backends():
     # an extension built from older sources, or without CPU kernels: "cpu" keeps level 1 (doctor shows why)
     raise ImportError("hamur_fast._C has no compiled_generated_core_forward: rebuild it with "
                       "pip install --no-build-isolation -e .", name="hamur_fast._C")
-
-
-@torch.library.register_fake("hamur_fast::compiled_generated_core_forward")
-def _core_forward_fake(p, g, centre, gen_weight, gen_bias, domain, down_right, down_bias, up_left, per_domain):
-    rank, bottleneck = p.shape[1], down_right.shape[-1]
-    return torch.empty_like(p), p.new_empty((p.shape[0], 2 * rank + bottleneck))
-
-
-@torch.library.register_fake("hamur_fast::compiled_generated_core_backward")
-def _core_backward_fake(grad_v, p, saved, g, centre, gen_weight, gen_bias, domain, down_right, up_left, per_domain):
-    bottleneck = down_right.shape[-1]
-    bias_shape = (down_right.shape[0], bottleneck) if per_domain else (bottleneck,)
-    return (torch.empty_like(p), torch.empty_like(g), torch.empty_like(centre), torch.empty_like(gen_weight),
-            torch.empty_like(gen_bias), torch.empty_like(down_right), p.new_empty(bias_shape),
-            torch.empty_like(up_left))
-
-
-def _core_setup_context(ctx, inputs, output):
-    p, g, centre, gen_weight, gen_bias, domain, down_right, _down_bias, up_left, per_domain = inputs
-    _v, saved = output
-    ctx.mark_non_differentiable(saved)
-    ctx.save_for_backward(p, saved, g, centre, gen_weight, gen_bias, domain, down_right, up_left)
-    ctx.per_domain = per_domain
-
-
-def _core_backward(ctx, grad_v, _grad_saved):
-    grads = ops.compiled_generated_core_backward(grad_v, *ctx.saved_tensors, ctx.per_domain)
-    grad_p, grad_g, grad_centre, grad_w, grad_c, grad_dr, grad_db, grad_ul = grads
-    return grad_p, grad_g, grad_centre, grad_w, grad_c, None, grad_dr, grad_db, grad_ul, None
-
-
-torch.library.register_autograd("hamur_fast::compiled_generated_core_forward", _core_backward,
-                                setup_context=_core_setup_context)
 
 
 def _dense(x, domain, weight, bias, per_domain):
@@ -65,20 +31,54 @@ def _dense(x, domain, weight, bias, per_domain):
     return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
 
-def generated_cell(x, rep, domain, params, running_mean, running_var, plan, precision):
-    """Level 2 of backend "cpu" (``rep``: a hamur_fast.ops.generated.GeneratedRep; arguments validated)."""
-    dtype = compiled._compute_dtype(x.dtype)
-    x_c = x.to(dtype)
-    down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = (t.to(dtype) for t in params)
-    p = _dense(x_c, domain, down_left, None, plan.per_domain)
-    v, _saved = ops.compiled_generated_core_forward(p, rep.g.to(dtype), rep.centre.to(dtype), rep.weight.to(dtype),
-                                                    rep.bias.to(dtype), domain, down_right, down_bias, up_left,
-                                                    plan.per_domain)
+def _dense_grads(grad, x, domain, weight, per_domain):
+    """(grad x, grad weight, grad bias) of :func:`_dense`: per domain, the sums over its rows of x[b]^T grad[b]."""
+    if not per_domain:
+        return grad @ weight.t(), x.t() @ grad, grad.sum(dim=0)
+    num_domains = weight.shape[0]
+    order, offsets = grouped_linear.domain_segments(domain, num_domains)
+    sizes = (offsets[1:] - offsets[:-1]).tolist()  # D domains, then the ids out of range (none: checked)
+    x_parts, grad_parts = x.index_select(0, order).split(sizes), grad.index_select(0, order).split(sizes)
+    grad_weight = weight.new_zeros(weight.shape)
+    for d in range(num_domains):
+        if sizes[d]:
+            torch.mm(x_parts[d].t(), grad_parts[d], out=grad_weight[d])
+    grad_bias = grad.new_zeros(num_domains, grad.shape[1]).index_add_(0, domain, grad)
+    return grouped_linear.torch_form(grad, domain, weight.transpose(1, 2), None), grad_weight, grad_bias
+
+
+def generated_forward(x, generator, domain, params, running_mean, running_var, plan, precision):
+    """saved = (p, v, the core's [q | a | u], o)."""
+    down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = params
+    p = _dense(x, domain, down_left, None, plan.per_domain)
+    v, core = ops.compiled_generated_core_forward(p, *generator, domain, down_right, down_bias, up_left,
+                                                  plan.per_domain)
     o = _dense(v, domain, up_right, up_bias, plan.per_domain)
-    normed, stats = compiled.domain_norm(o, domain, norm_weight, norm_bias, running_mean, running_var, plan)
-    return (x_c + normed).to(x.dtype), stats
+    normed, count, mean, m2, rstd = ops.compiled_norm_forward(o, domain, norm_weight, norm_bias, running_mean,
+                                                              running_var, *plan.flags())
+    return x + normed, count, mean, m2, rstd, p, v, core, o
+
+
+def generated_backward(dy, x, generator, domain, params, saved, count, mean, rstd, plan, precision):
+    down_left, down_right, _down_bias, up_left, up_right, _up_bias, norm_weight, _norm_bias = params
+    p, v, core, o = saved
+    grad_o, grad_nw, grad_nb = ops.compiled_norm_backward(dy, o, domain, norm_weight, count, mean, rstd,
+                                                          *plan.flags())
+    grad_v, grad_ur, grad_ub = _dense_grads(grad_o, v, domain, up_right, plan.per_domain)
+    grad_p, *generator_grads, grad_dr, grad_db, grad_ul = ops.compiled_generated_core_backward(
+        grad_v, p, core, *generator, domain, down_right, up_left, plan.per_domain)
+    grad_px, grad_dl, _ = _dense_grads(grad_p, x, domain, down_left, plan.per_domain)
+    return (dy + grad_px, *generator_grads, grad_dl, grad_dr, grad_db, grad_ul, grad_ur, grad_ub, grad_nw, grad_nb)
+
+
+def generated_saved_like(x, rank, params, plan):
+    """Empty (p, v, core, o) for the composed ops' fakes."""
+    p = x.new_empty((x.shape[0], rank))
+    return p, torch.empty_like(p), x.new_empty((x.shape[0], 2 * rank + params[1].shape[-1])), torch.empty_like(x)
 
 
 _cpu = get_backend("cpu")
-register_backend(dataclasses.replace(_cpu, generated_cell=generated_cell,
-                                     capabilities=dataclasses.replace(_cpu.capabilities, fused_generation=True)))
+register_backend(dataclasses.replace(
+    _cpu, passes=_cpu.passes._replace(generated_forward=generated_forward, generated_backward=generated_backward,
+                                      generated_saved_like=generated_saved_like),
+    capabilities=dataclasses.replace(_cpu.capabilities, fused_generation=True)))

@@ -11,7 +11,7 @@ import torch
 
 from ..contract import FLOAT_DTYPES, Backend, Capabilities, GroupStats
 from ..registry import register_backend
-from ..eager import NORM_PASSES
+from ..eager import PASSES
 from .. import grouped_linear
 
 
@@ -75,9 +75,9 @@ def hyper_adapter(x, rep, domain, params, running_mean, running_var, plan):
     return x + normed, stats
 
 
-# The oracle has no split of its own: a data-parallel step on it runs the torch backend's passes.
+# The oracle has no passes of its own: a data-parallel step on it runs the torch backend's split passes.
 register_backend(Backend("reference", hyper_adapter, domain_norm,
-                         Capabilities(devices=frozenset({"cpu", "cuda"}), dtypes=FLOAT_DTYPES), norm_passes=NORM_PASSES,
+                         Capabilities(devices=frozenset({"cpu", "cuda"}), dtypes=FLOAT_DTYPES), passes=PASSES,
                          grouped_linear=grouped_linear.reference))
 
 

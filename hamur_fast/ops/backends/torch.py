@@ -10,5 +10,5 @@ register_backend(Backend(
     # meta: a model built there runs shape-only; this is its path where the triton backend is absent or too small
     Capabilities(devices=frozenset({"cpu", "cuda", "meta"}), dtypes=FLOAT_DTYPES,
                  auto_rank={"cpu": 100, "cuda": 100, "meta": 100}),
-    norm_passes=eager.NORM_PASSES, grouped_linear=grouped_linear.torch_form,
+    passes=eager.PASSES, grouped_linear=grouped_linear.torch_form,
     hyper_adapter_all_towers=eager.released_cell_all_towers))
