@@ -591,8 +591,8 @@ def test_every_output_and_gradient_is_written(family, mode, training, device, ba
 @pytest.mark.parametrize("mode, training", [("paper", True), ("paper", False), ("released", True)])
 def test_every_registered_op_writes_every_output(mode, training, device, backend):
     """Each custom op the backend runs, called directly: every output (saved intermediates, order, statistics
-    included) as on clean memory; B = 37 spans several blocks of rows of every kernel."""
-    cases = _registered_ops(backend, mode, training, device, batch=37)
+    included) as on clean memory; B = 37 spans several blocks of rows of every kernel, h = 40 several columns."""
+    cases = _registered_ops(backend, mode, training, device, size=(37, 40, 12, 31))
     if not cases:
         pytest.skip(f"backend {backend} runs no custom op of its own")
     for op, args in cases:
@@ -601,9 +601,9 @@ def test_every_registered_op_writes_every_output(mode, training, device, backend
 
 
 # ----------------------------------------------------------------------------- opcheck
-def _registered_ops(backend, mode, training, device, batch=6):
-    """(op, args) for every custom op ``backend`` runs on ``device``, on valid fp32 arguments (h = 13, k = 5, s = 7,
-    D = 3, p = 9) of this mode and training flag: the composed ops of hamur_fast/ops/compose.py (the backend's name
+def _registered_ops(backend, mode, training, device, size=(6, 13, 5, 7)):
+    """(op, args) for every custom op ``backend`` runs on ``device``, on valid fp32 arguments (size: B, h, k, s; D = 3,
+    p = 9) of this mode and training flag: the composed ops of hamur_fast/ops/compose.py (the backend's name
     first) where its table has the fused forms, the C++ inference op in eval, and the Triton grouped linear ops
     (no mode: B = 5 batch + 3 rows over batch + 4 domains, an empty one and a one-row one) with ("paper", True) only.
 
@@ -611,7 +611,8 @@ def _registered_ops(backend, mode, training, device, batch=6):
     it): when the ops change, repoint it here.
     """
     passes = registry.get_backend(backend).passes
-    x, rep, domain, params, stats = cell_inputs(batch, 13, 5, 7, 3, mode, dtype=torch.float32, seed=12)
+    batch, width, rank, _bottleneck = size
+    x, rep, domain, params, stats = cell_inputs(*size, 3, mode, dtype=torch.float32, seed=12)
     x, rep, domain = x.to(device), rep.to(device), domain.to(device)
     params, stats = [t.to(device) for t in params], [s.to(device) if s is not None else None for s in stats]
     stats = [s if not training else None for s in stats]  # the running statistics are read in eval only
@@ -619,8 +620,9 @@ def _registered_ops(backend, mode, training, device, batch=6):
     gen = torch.Generator().manual_seed(4)
     g = torch.rand(batch, 9, generator=gen).to(device)
     # (g, centre, W', c') of I = ReLU((g - centre) W'^T + c')
-    generator = [g] + [(0.3 * torch.randn(*shape, generator=gen)).to(device) for shape in ((9,), (25, 9), (25,))]
-    o, dy = (torch.randn(batch, 13, generator=gen).to(device) for _ in range(2))
+    generator = [g] + [(0.3 * torch.randn(*shape, generator=gen)).to(device)
+                       for shape in ((9,), (rank * rank, 9), (rank * rank,))]
+    o, dy = (torch.randn(batch, width, generator=gen).to(device) for _ in range(2))
 
     def leaves(*tensors):
         return [t.detach().clone().requires_grad_() for t in tensors]
