@@ -9,6 +9,10 @@ NAMES = ["x", "rep", "down_left", "down_right", "down_bias", "up_left", "up_righ
          "norm_bias"]
 
 
+GENERATED_NAMES = ["x", "g", "gen_weight", "gen_bias", "gen_norm_weight", "gen_norm_bias", "down_left",
+                   "down_right", "down_bias", "up_left", "up_right", "up_bias", "norm_weight", "norm_bias"]
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (the SPEC's per-tensor relative error)."""
     expected = expected.to(torch.float64)
@@ -63,6 +67,53 @@ def cell_inputs(batch, width, rank, bottleneck, num_domains, mode, dtype=torch.f
     else:
         stats = [None, None]
     return x, rep, domain, params, stats
+
+
+def generated_inputs(batch, width, rank, bottleneck, num_domains, hidden, mode, seed=0):
+    """(x, g, domain, generator tensors, cell params, cell running stats), float64; g >= 0 like a ReLU output."""
+    x, _, domain, params, stats = cell_inputs(batch, width, rank, bottleneck, num_domains, mode, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    g = torch.relu(torch.randn(batch, hidden, generator=gen, dtype=torch.float64) + 0.3)
+    weight = torch.randn(rank * rank, hidden, generator=gen, dtype=torch.float64) * hidden ** -0.5
+    bias = torch.randn(rank * rank, generator=gen, dtype=torch.float64) * 0.1
+    norm_weight = 1 + 0.1 * torch.randn(rank * rank, generator=gen, dtype=torch.float64)
+    norm_bias = 0.1 * torch.randn(rank * rank, generator=gen, dtype=torch.float64)
+    running = [0.1 * torch.randn(rank * rank, generator=gen, dtype=torch.float64),
+               0.5 + torch.rand(rank * rank, generator=gen, dtype=torch.float64)]
+    return x, g, domain, [weight, bias, norm_weight, norm_bias], running, params, stats
+
+
+def run_generated(backend, dtype, inputs, mode, upstream, training=True, updates=1, device="cpu",
+                  precision="ieee"):
+    """One level-2 call in ``dtype``, backpropagating ``upstream``: (y, leaves, generator stats, cell stats)."""
+    import hamur_fast as hf
+
+    x, g, domain, gen, gen_stats, params, stats = inputs
+    leaves = [t.to(device=device, dtype=dtype).detach().requires_grad_() for t in (x, g, *gen, *params)]
+    gen_stats = [s.to(device=device, dtype=dtype).clone() for s in gen_stats]
+    stats = [s.to(device=device, dtype=dtype).clone() if s is not None else None for s in stats]
+    y = hf.ops.hyper_adapter_generated(
+        leaves[0], leaves[1], domain.to(device), *leaves[2:6], *gen_stats, *leaves[6:], *stats, mode=mode,
+        training=training, gen_updates=updates, backend=backend, num_domains=3, precision=precision)
+    y.backward(upstream.to(device=device, dtype=dtype))
+    return y, leaves, gen_stats, [s for s in stats if s is not None]
+
+
+def grouped_linear_inputs(batch, fan_in, fan_out, num_domains, ids, seed=0, dtype=torch.float64):
+    """(x, domain, weight, bias, upstream) of the grouped per-domain linear op; ids "edge": domain 0 empty and
+    domain 1 one row (when B, D >= 3), else random ids in arbitrary (never sorted) order."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, fan_in, generator=g, dtype=dtype)
+    # stored (D, out, in) like nn.Linear and handed over transposed: the op must take any strides
+    weight = torch.randn(num_domains, fan_out, fan_in, generator=g, dtype=dtype).transpose(1, 2) * fan_in ** -0.5
+    bias = torch.randn(num_domains, fan_out, generator=g, dtype=dtype)
+    if ids == "edge" and num_domains >= 3 and batch >= 3:
+        domain = torch.randint(2, num_domains, (batch,), generator=g)
+        domain[batch // 2] = 1
+    else:
+        domain = torch.randint(0, num_domains, (batch,), generator=g)
+    upstream = torch.randn(batch, fan_out, generator=g, dtype=dtype)
+    return x, domain, weight, bias, upstream
 
 
 def run_with_grads(backend, dtype, device, inputs, mode, upstream, training=True, num_domains=None):
@@ -125,15 +176,16 @@ def assert_matches_reference(backend, device, inputs, mode, training=True, dtype
     assert y.dtype == dtype and y.device.type == device and torch.isfinite(y).all()
     # Output and running statistics: the fixed tolerance, or what plain PyTorch reaches at this precision.
     assert rel_err(y.cpu(), ref_y) <= max(tolerance, 4 * max(rel_err(p_y, ref_y) for p_y, _, _ in plain))
-    for name, fast, slow, *plain in zip(NAMES, leaves, ref_leaves, *plain_runs):
+    # (plain_leaves, not plain: the running statistics below are judged by the plain runs themselves)
+    for name, fast, slow, *plain_leaves in zip(NAMES, leaves, ref_leaves, *plain_runs):
         grad = fast.grad.cpu()
         assert grad.shape == slow.shape and torch.isfinite(grad).all(), name
         if slow.grad.abs().max() < 1e-12:  # zero by construction: up_bias feeds batch normalisation
             # A cancelling sum: held to the tolerance of its scale, or to PyTorch's residue.
-            residue = max(p.grad.abs().max().item() for p in plain)
+            residue = max(p.grad.abs().max().item() for p in plain_leaves)
             assert grad.abs().max() <= max(tolerance * cancelling, 4 * residue), name
             continue
-        plain_error = max(rel_err(p.grad, slow.grad) for p in plain)
+        plain_error = max(rel_err(p.grad, slow.grad) for p in plain_leaves)
         assert rel_err(grad, slow.grad) <= max(tolerance, 4 * plain_error), name
     for index, (fast, slow) in enumerate(zip(stats, ref_stats)):
         if slow is not None:

@@ -1,7 +1,8 @@
 """What is specific to the compiled core hamur_fast._C (csrc/), backends "cpu" and "cuda": its inference op,
-its buffers, its registered ops, the package without it, and float64 golden parity through it.
+its registration, the package without it, and float64 golden parity through it.
 
-Their accuracy against the float64 reference is tested with every backend's in test_backends.py. The CPU
+Their accuracy against the float64 reference, their buffers on poisoned memory, out-of-range ids and opcheck of
+their registered ops are tested with every backend's in test_backends.py. The CPU
 kernels are tested everywhere the extension was built; the CUDA cases run where the extension has CUDA kernels
 and a GPU is present, and are skipped otherwise.
 """
@@ -15,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 import hamur_fast as hf
-from hamur_fast.ops.contract import make_plan
 from golden import BUFFER_WORDS, load, our_tensor, released_keys, released_model
 from helpers import cell_inputs, rel_err
 
@@ -49,66 +49,6 @@ def test_inference_kernel_matches_reference(batch, device):
         direct = ops.compiled_cell_infer(args[0], args[1], domain.to(device), *args[2:], 1e-5)
     assert torch.equal(got, direct)
     assert rel_err(got.cpu(), expected) <= 1e-5
-
-
-# ----------------------------------------------------------------------------- buffers, layouts, dtypes
-def all_outputs(device, mode, training):
-    """Forward outputs of every op and every gradient, for one fixed set of inputs."""
-    x, rep, domain, params, stats = cell_inputs(37, 40, 12, 31, 3, mode, dtype=torch.float32, seed=6)
-    x, rep, domain = x.to(device), rep.to(device), domain.to(device)
-    params = [p.to(device) for p in params]
-    stats = [s.to(device) if s is not None and not training else None for s in stats]
-    flags = make_plan(mode, training, stats[0] is not None, 0.1, 1e-5).flags()
-    forward = ops.compiled_cell_forward(x, rep, domain, *params, *stats, *flags)
-    y, o, hidden, order, count, mean, m2, rstd = forward
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device)
-    backward = ops.compiled_cell_backward(gy, x, rep, domain, params[0], params[1], params[3], params[4], params[6], o,
-                                          hidden, order, count, mean, rstd, *flags)
-    norm = ops.compiled_norm_forward(x, domain, params[6], params[7], *stats, *flags)
-    norm_back = ops.compiled_norm_backward(gy, x, domain, params[6], norm[1], norm[2], norm[4], *flags)
-    results = [*forward, *backward, *norm, *norm_back]
-    if mode == "paper" and not training:
-        results.append(ops.compiled_cell_infer(x, rep, domain, *params, *stats, 1e-5))
-    return results
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode, training", [("paper", True), ("paper", False), ("released", True)])
-def test_every_output_is_written(mode, training, device):
-    """With deterministic algorithms on, torch fills every new tensor with NaN before a kernel sees it: the
-    results must not change, so every element of every output (and scratch buffer) is written."""
-    clean = all_outputs(device, mode, training)
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    # warn_only: cuBLAS GEMMs would otherwise refuse to run without CUBLAS_WORKSPACE_CONFIG; the filling is on.
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        assert torch.utils.deterministic.fill_uninitialized_memory
-        assert torch.isnan(torch.empty(4, device=device)).all()  # the poisoning is on
-        poisoned = all_outputs(device, mode, training)
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-    assert len(clean) == len(poisoned)
-    for i, (a, b) in enumerate(zip(clean, poisoned)):
-        assert torch.equal(a, b), i
-        if b.is_floating_point():
-            assert torch.isfinite(b).all(), i
-
-
-# ----------------------------------------------------------------------------- registration and tracing
-def op_args(mode, device, training):
-    x, rep, domain, params, stats = cell_inputs(6, 13, 5, 7, 3, mode, dtype=torch.float32, seed=12)
-    x, rep, domain = x.to(device), rep.to(device), domain.to(device)
-    params = [p.to(device) for p in params]
-    stats = [s.to(device) if s is not None and not training else None for s in stats]
-    return x, rep, domain, params, stats
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_of_the_eval_op(device):
-    """compiled_cell_infer is the one C++ op called outside the composed ops (an exported eval graph holds it); the
-    others run inside them and are opchecked there (tests/test_compose.py)."""
-    x, rep, domain, params, stats = op_args("paper", device, training=False)
-    torch.library.opcheck(ops.compiled_cell_infer.default, (x, rep, domain, *params, *stats, 1e-5))
 
 
 def test_backend_registration():
