@@ -1,9 +1,7 @@
 """The one composition (hamur_fast/ops/compose.py): every backend's table drives both of its forms.
 
-- The composed custom ops pass ``torch.library.opcheck`` for every backend whose table has the fused forms
-  (schema, fake, autograd registration, torch.compile/export tracing): ``hamur_fast::cell_forward`` /
-  ``cell_backward``, ``norm_forward`` / ``norm_backward``, ``generated_cell_forward`` / ``generated_cell_backward``,
-  each called with the backend's name first.
+- (The composed custom ops' ``torch.library.opcheck``, for every backend and every plan: the backend suite,
+  tests/test_backends.py ``test_opcheck_registered_ops``.)
 - The fused form and the split form (the merge step the identity, as in one process) agree on the output, the
   merged statistics and every gradient, for every backend on this machine: the split passes are what a
   data-parallel step runs, so this is what keeps one process and N ranks on the same model.
@@ -41,71 +39,12 @@ def _inputs(mode, dtype, device="cpu", seed=5):
             [s.to(device=device, dtype=dtype) if s is not None else None for s in stats])
 
 
-# ----------------------------------------------------------------------------- opcheck of the composed ops
-def _flags(mode, training=True):
-    return make_plan(mode, training, True, 0.1, 1e-5).flags()
-
-
-@pytest.mark.parametrize("mode", ["paper", "released"])
-@pytest.mark.parametrize("backend, device", _placements("cell_forward"))
-def test_opcheck_cell_and_norm(backend, device, mode):
-    x, rep, domain, params, stats = _inputs(mode, torch.float32, device)
-    leaves = [t.requires_grad_() for t in (x, rep, *params)]
-    running = [None, None]  # batch statistics: the running ones are not read
-    flags = _flags(mode)
-    forward = (backend, leaves[0], leaves[1], domain, leaves[2:], *running, *flags)
-    torch.library.opcheck(torch.ops.hamur_fast.cell_forward.default, forward)
-    with torch.no_grad():
-        y, count, mean, _m2, rstd, *saved = compose.cell_forward(*forward)
-    plain = [t.detach() for t in leaves]
-    torch.library.opcheck(torch.ops.hamur_fast.cell_backward.default,
-                          (backend, torch.randn_like(y), plain[0], plain[1], domain, plain[2:], saved, count, mean,
-                           rstd, *flags))
-
-    o, weight, bias = torch.randn_like(y).requires_grad_(), leaves[8], leaves[9]
-    norm = (backend, o, domain, weight, bias, *running, *flags)
-    torch.library.opcheck(torch.ops.hamur_fast.norm_forward.default, norm)
-    with torch.no_grad():
-        _, count, mean, _m2, rstd = compose.norm_forward(*norm)
-    torch.library.opcheck(torch.ops.hamur_fast.norm_backward.default,
-                          (backend, torch.randn_like(y), o.detach(), domain, weight.detach(), count, mean, rstd,
-                           *flags))
-
-
-@pytest.mark.parametrize("backend, device", _placements("cell_forward"))
-def test_opcheck_with_running_statistics(backend, device):
-    x, rep, domain, params, stats = _inputs("paper", torch.float32, device)
-    leaves = [t.requires_grad_() for t in (x, rep, *params)]
-    forward = (backend, leaves[0], leaves[1], domain, leaves[2:], *stats, *_flags("paper", training=False))
-    torch.library.opcheck(torch.ops.hamur_fast.cell_forward.default, forward)
-    norm = (backend, torch.randn_like(x).requires_grad_(), domain, leaves[8], leaves[9], *stats,
-            *_flags("paper", training=False))
-    torch.library.opcheck(torch.ops.hamur_fast.norm_forward.default, norm)
-
-
 def _generator(batch, device, hidden=11):
     """A folded generator (g, centre, W', c') for I (B, k, k)."""
     gen, rank = torch.Generator().manual_seed(2), SIZES["rank"]
     g = torch.randn(batch, hidden, generator=gen)
     return [t.to(device) for t in (g, g.mean(0), torch.randn(rank * rank, hidden, generator=gen) * hidden ** -0.5,
                                    torch.randn(rank * rank, generator=gen) * 0.1)]
-
-
-@pytest.mark.parametrize("mode", ["paper", "released"])
-@pytest.mark.parametrize("backend, device", _placements("generated_forward"))
-def test_opcheck_generated_cell(backend, device, mode):
-    x, _rep, domain, params, _stats = _inputs(mode, torch.float32, device)
-    generator = _generator(x.shape[0], device)
-    leaves = [t.requires_grad_() for t in (x, *generator, *params)]
-    flags = _flags(mode)
-    forward = (backend, leaves[0], leaves[1:5], domain, leaves[5:], None, None, *flags, "ieee")
-    torch.library.opcheck(torch.ops.hamur_fast.generated_cell_forward.default, forward)
-    with torch.no_grad():
-        y, count, mean, _m2, rstd, *saved = compose.generated_cell_forward(*forward)
-    plain = [t.detach() for t in leaves]
-    torch.library.opcheck(torch.ops.hamur_fast.generated_cell_backward.default,
-                          (backend, torch.randn_like(y), plain[0], plain[1:5], domain, plain[5:], saved, count, mean,
-                           rstd, *flags, "ieee"))
 
 
 # ----------------------------------------------------------------------------- fused and split forms agree
