@@ -4,8 +4,9 @@
 v = u I) on ``I_b = ReLU((g_b - centre) W'^T + c')`` formed block by block, so no (B, k*k) tensor exists,
 forward or backward. Around it: ``p = x DL`` and ``o = v UR + ub`` as the grouped per-domain linear op, and
 DomainNorm as the compiled kernels' ``domain_norm`` (its C++ op with its autograd formula). This module adds
-the core's fake implementations and autograd formula and attaches ``generated_cell`` to the "cpu" backend
-with ``fused_generation=True``. The generator products are computed in IEEE float32/float64 whatever
+the core's fake implementations and autograd formula and attaches ``generated_cell`` and
+``hyper_adapter_all_towers`` (the released MLP's T tower cells as one core call: p (B, T*k), each I_b generated
+once for all towers) to the "cpu" backend with ``fused_generation=True``. The generator products are computed in IEEE float32/float64 whatever
 ``precision`` asks (tf32 and bf16 are GPU relaxations).
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ import dataclasses
 
 import torch
 
-from .. import grouped_linear
+from .. import eager, grouped_linear
+from ..contract import Plan
 from ..registry import available_backends, get_backend, register_backend
 from . import compiled
 
@@ -27,8 +29,9 @@ if not hasattr(ops, "compiled_generated_core_forward") or "cpu" not in available
 
 @torch.library.register_fake("hamur_fast::compiled_generated_core_forward")
 def _core_forward_fake(p, g, centre, gen_weight, gen_bias, domain, down_right, down_bias, up_left, per_domain):
-    rank, bottleneck = p.shape[1], down_right.shape[-1]
-    return torch.empty_like(p), p.new_empty((p.shape[0], 2 * rank + bottleneck))
+    rank, bottleneck = down_right.shape[-2:]
+    towers = p.shape[1] // rank  # p (B, T*k): T towers' rows on the same I_b
+    return torch.empty_like(p), p.new_empty((p.shape[0], towers * (2 * rank + bottleneck)))
 
 
 @torch.library.register_fake("hamur_fast::compiled_generated_core_backward")
@@ -79,6 +82,36 @@ def generated_cell(x, rep, domain, params, running_mean, running_var, plan, prec
     return (x_c + normed).to(x.dtype), stats
 
 
+def released_cell_all_towers(x, rep, params, eps):
+    """The released cell on T towers' outputs x (T, B, h) (contract: ``hyper_adapter_all_towers``).
+
+    On a GeneratedRep one core call runs every tower's row on I_b generated once (p and v (B, T*k)), so the
+    hyper-network's (B, k*k) output, its BatchNorm and ReLU never exist; on I itself, the torch backend's
+    batched form (I read once for all towers, measured faster than one C++ cell call per tower).
+    """
+    if isinstance(rep, torch.Tensor):  # I itself (level 1); else a hamur_fast.ops.generated.GeneratedRep
+        return eager.released_cell_all_towers(x, rep, params, eps)
+    towers, batch, width = x.shape
+    dtype = compiled._compute_dtype(x.dtype)
+    x_c = x.to(dtype)
+    down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = (t.to(dtype) for t in params)
+    rank = down_right.shape[0]
+    p = (x_c @ down_left).transpose(0, 1).reshape(batch, towers * rank)  # row b: [p of tower 0 | tower 1 | ...]
+    no_domain = torch.zeros(batch, dtype=torch.long, device=x.device)  # shared factors: the ids are never read
+    v, _saved = ops.compiled_generated_core_forward(p, rep.g.to(dtype), rep.centre.to(dtype), rep.weight.to(dtype),
+                                                    rep.bias.to(dtype), no_domain, down_right, down_bias, up_left,
+                                                    False)
+    o = torch.baddbmm(up_bias, v.view(batch, towers, rank).transpose(0, 1), up_right.expand(towers, -1, -1))
+    # Each tower over its own whole batch (released DomainNorm): the towers as the groups of one kernel call.
+    tower_of_row = torch.arange(towers, device=x.device).repeat_interleave(batch)
+    plan = Plan(per_domain=True, batch_statistics=True, unbiased=True, eps=float(eps))
+    normed, _stats = compiled.domain_norm(o.reshape(towers * batch, width), tower_of_row,
+                                          norm_weight.expand(towers, width), norm_bias.expand(towers, width), None,
+                                          None, plan)
+    return (x_c + normed.view(towers, batch, width)).to(x.dtype)
+
+
 _cpu = get_backend("cpu")
 register_backend(dataclasses.replace(_cpu, generated_cell=generated_cell,
+                                     hyper_adapter_all_towers=released_cell_all_towers,
                                      capabilities=dataclasses.replace(_cpu.capabilities, fused_generation=True)))
