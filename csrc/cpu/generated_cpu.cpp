@@ -23,7 +23,7 @@ using cpu::dot;
 using cpu::mat_vec;
 using cpu::vec_mat;
 
-constexpr int64_t kBlockRows = 128;  // rows per generated block: the scratch is (128, k*k) whatever B is
+constexpr int64_t kBlockRows = 64;  // rows per generated block: the scratch is (64, k*k) whatever B is
 
 // ------------------------------------------------------------------------------------ shapes
 struct CoreShape {
