@@ -69,8 +69,8 @@ class HAMUR(BackendAttribute, MultiDomainModel):
     @property
     def fused_generation(self) -> bool | str:
         """Fusion level 2 (the hyper-network's last layer inside every cell): "auto" (where the backend has a
-        fused level 2: "triton", and "cpu" but for the released MLP's per-tower cells), True (any backend with
-        level 2; eager ones materialise I) or False (level 1)."""
+        fused level 2: "triton", and "cpu" but for the released MLP's cells with an ablation norm), True (any
+        backend with level 2; eager ones materialise I) or False (level 1)."""
         return self._fused_generation
 
     @fused_generation.setter
