@@ -268,8 +268,9 @@ inline void compiled_norm_input_grad(c10::DeviceType device_type, const at::Tens
 // Fusion level 2's rank-k core (csrc/cpu/generated_cpu.cpp): p (B, k) and the generator's g (B, P), centre (P,),
 // gen_weight (k*k, P), gen_bias (k*k,), domain (B,) int64, and the factors down_right (D, k, s), down_bias (D, s),
 // up_left (D, s, k) in paper mode (per_domain), without the leading D in released mode.
+// p (B, T*k): T towers' rows side by side on the same I_b (released-mode towers; T = 1 otherwise).
 struct CoreSizes {
-  int64_t batch, rank, bottleneck, features, groups;
+  int64_t batch, rank, bottleneck, features, groups, towers;
 };
 
 inline CoreSizes check_generated_core(const Op& op, c10::DeviceType device_type, const at::Tensor& g,
@@ -281,10 +282,15 @@ inline CoreSizes check_generated_core(const Op& op, c10::DeviceType device_type,
   TORCH_CHECK(g.dim() == 2, op.name, ": g must be 2-D (B, P), got shape ", g.sizes());
   TORCH_CHECK(down_right.dim() == factor_dim, op.name, ": down_right must be ", factor_dim, "-D, got shape ",
               down_right.sizes());
-  const CoreSizes n{op.like.size(0), op.like.size(1), down_right.size(-1), g.size(1),
-                    per_domain ? down_right.size(0) : 1};
-  TORCH_CHECK(n.rank >= 1 && n.bottleneck >= 1 && n.groups >= 1, op.name, ": rank k, bottleneck s and the number ",
-              "of domains must be >= 1, got k=", n.rank, " s=", n.bottleneck, " D=", n.groups);
+  const int64_t rank = down_right.size(-2), width = op.like.size(1);
+  TORCH_CHECK(rank >= 1 && width >= rank && width % rank == 0, op.name, ": p must be (B, T*k) for T >= 1 towers ",
+              "of rank k=", rank, " (down_right's rows), got shape ", op.like.sizes());
+  const CoreSizes n{op.like.size(0), rank, down_right.size(-1), g.size(1), per_domain ? down_right.size(0) : 1,
+                    width / rank};
+  TORCH_CHECK(n.bottleneck >= 1 && n.groups >= 1, op.name, ": bottleneck s and the number ",
+              "of domains must be >= 1, got s=", n.bottleneck, " D=", n.groups);
+  TORCH_CHECK(!per_domain || n.towers == 1, op.name, ": several towers (p (B, T*k), T > 1) need shared factors ",
+              "(per_domain false)");
   check_float(op, "g", g, {n.batch, n.features});
   check_float(op, "centre", centre, {n.features});
   check_float(op, "gen_weight", gen_weight, {n.rank * n.rank, n.features});
@@ -306,7 +312,7 @@ inline void compiled_generated_core_forward(c10::DeviceType device_type, const a
   check_float(op, "down_bias", down_bias, per_group(per_domain, n.groups, {n.bottleneck}));
 }
 
-// saved: [q (k) | a (s) | u (k)] per row, as the forward returned it.
+// saved: [q (k) | a (s) | u (k)] per row and tower, as the forward returned it.
 inline void compiled_generated_core_backward(c10::DeviceType device_type, const at::Tensor& grad_v,
                                              const at::Tensor& p, const at::Tensor& saved, const at::Tensor& g,
                                              const at::Tensor& centre, const at::Tensor& gen_weight,
@@ -315,8 +321,8 @@ inline void compiled_generated_core_backward(c10::DeviceType device_type, const 
   const Op op{"compiled_generated_core_backward", p};
   const CoreSizes n = check_generated_core(op, device_type, g, centre, gen_weight, gen_bias, domain, down_right,
                                            up_left, per_domain);
-  check_float(op, "grad_v", grad_v, {n.batch, n.rank});
-  check_float(op, "saved", saved, {n.batch, 2 * n.rank + n.bottleneck});
+  check_float(op, "grad_v", grad_v, {n.batch, n.towers * n.rank});
+  check_float(op, "saved", saved, {n.batch, n.towers * (2 * n.rank + n.bottleneck)});
 }
 
 }  // namespace checks

@@ -13,7 +13,7 @@ import hamur_fast as hf
 from hamur_fast.ops import compose, generated
 from hamur_fast.ops.contract import make_plan
 from hamur_fast.ops.registry import get_backend
-from helpers import cell_inputs
+from helpers import GENERATED_NAMES, cell_inputs, fp32_bound, generated_inputs, rel_err
 from test_generated import AllocationLog
 
 pytestmark = pytest.mark.skipif("cpu" not in hf.available_backends() or
@@ -49,6 +49,102 @@ def test_gradcheck():
         leaves = [t.requires_grad_() for t in (x, *generator, *params)]
         assert torch.autograd.gradcheck(cell, leaves)
 
+def test_all_towers_gradcheck():
+    """Released mode's towers side by side (x (B, T*h), p and v (B, T*k), every tower's row on the same generated
+    I_b, dZ summed over the towers) through the composed level-2 op against finite differences, in float64; and
+    the composed op's opcheck with T towers (its fakes size p, v and the core's saved rows by T)."""
+    towers, batch, width, rank = 3, 5, 4, 3
+    x, _rep, _domain, params, _stats = cell_inputs(batch, width, rank, 2, 3, "released", seed=2)
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(batch, 4, generator=gen, dtype=torch.float64)
+    generator = [g, g.mean(0), torch.randn(rank * rank, 4, generator=gen, dtype=torch.float64),
+                 torch.randn(rank * rank, generator=gen, dtype=torch.float64)]
+    towers_x = torch.randn(towers, batch, width, generator=gen, dtype=torch.float64)
+
+    def cell(x, *rest):
+        rep = generated.GeneratedRep(*rest[:4], rank)
+        return get_backend("cpu").hyper_adapter_all_towers(x, rep, rest[4:], 1e-5)
+    assert torch.autograd.gradcheck(cell, [t.requires_grad_() for t in (towers_x, *generator, *params)])
+    side_by_side = towers_x.detach().transpose(0, 1).reshape(batch, towers * width)
+    tiled = [*params[:6], params[6].repeat(towers), params[7].repeat(towers)]
+    plan = make_plan("released", True, False, 0.1, 1e-5)
+    torch.library.opcheck(torch.ops.hamur_fast.generated_cell_forward.default,
+                          ("cpu", side_by_side.requires_grad_(), generator, torch.zeros(batch, dtype=torch.long),
+                           tiled, None, None, *plan.flags(), "ieee"))
+
+
+def test_core_refuses_towers_with_per_domain_factors():
+    args = list(core_args(True, rank=6))
+    args[0] = torch.randn(args[0].shape[0], 12, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="several towers"):
+        torch.ops.hamur_fast.compiled_generated_core_forward(*args)
+    args[0] = torch.randn(args[0].shape[0], 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="T\\*k"):
+        torch.ops.hamur_fast.compiled_generated_core_forward(*args)
+
+
+def all_towers_inputs(towers, batch, width, rank, bottleneck, hidden, seed):
+    """Float64 (x (T, B, h), domain, g, generator tensors, generator running stats, released cell params)."""
+    x, g, domain, gen, gen_stats, params, _stats = generated_inputs(batch, width, rank, bottleneck, 3, hidden,
+                                                                    "released", seed=seed)
+    towers_x = torch.randn(towers, batch, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    params = [t + 0.3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(seed + i), dtype=torch.float64)
+              for i, t in enumerate(params)]  # away from the released all-ones init: distinct factor entries
+    return towers_x, domain, g, gen, gen_stats, params
+
+
+def run_all_towers(level2, dtype, inputs, upstream):
+    """The released cell on every tower, forward and backward in ``dtype``: with ``level2`` backend "cpu"'s
+    all-towers op on I generated inside; else the float64-able oracle: z = g W^T + c materialised and batch
+    normalised by F.batch_norm, then the "reference" backend's cell once per tower. (y, leaves, running stats)."""
+    x, domain, g, gen, gen_stats, params = inputs
+    leaves = [t.to(dtype).detach().requires_grad_() for t in (x, g, *gen, *params)]
+    x_l, g_l, weight, bias, norm_weight, norm_bias, *cell = leaves
+    running = [s.to(dtype).clone() for s in gen_stats]
+    rank = cell[0].shape[1]
+    if level2:
+        rep = generated.fold_generator(g_l, generated.Generator(weight, bias, norm_weight, norm_bias, *running),
+                                       training=True)
+        y = get_backend("cpu").hyper_adapter_all_towers(x_l, rep, cell, 1e-5)
+    else:
+        z = torch.nn.functional.batch_norm(g_l @ weight.t() + bias, *running, norm_weight, norm_bias, True, 0.1, 1e-5)
+        rep = torch.relu(z).view(-1, rank, rank)
+        y = torch.stack([hf.ops.hyper_adapter(t, rep, domain, *cell, mode="released", backend="reference",
+                                              num_domains=3) for t in x_l])
+    y.backward(upstream.to(dtype))
+    return y, leaves, running
+
+
+@pytest.mark.parametrize("size", [(3, 5, 3, 2, 4), (130, 21, 7, 3, 10), (257, 33, 9, 11, 5)],
+                         ids=lambda s: "B%d" % s[0])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_all_towers_level2_matches_reference(size, threads):
+    """Backend "cpu"'s all-towers cell on a generated I (the released MLP's cells) against the float64 oracle: y,
+    the gradient of x, g, the generator's four tensors and the eight cell parameters, and the generator's running
+    statistics; fp32 bounds from the oracle's own fp32 run."""
+    inputs = all_towers_inputs(3, *size, seed=size[0])
+    upstream = torch.randn(3, size[0], size[1], generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref = run_all_towers(False, torch.float64, inputs, upstream)
+        plain = run_all_towers(False, torch.float32, inputs, upstream)
+        fast = run_all_towers(True, torch.float32, inputs, upstream)
+    finally:
+        torch.set_num_threads(previous)
+    names = ["y", *GENERATED_NAMES, "running mean", "running var"]  # the leaves' order, gradients after y
+    values = [(r[0].detach(), p[0].detach(), f[0].detach()) for r, p, f in [(ref, plain, fast)]]
+    values += [(r.grad, p.grad, f.grad) for r, p, f in zip(ref[1], plain[1], fast[1])]
+    values += list(zip(ref[2], plain[2], fast[2]))
+    assert len(names) == len(values)
+    for name, (want, plain_value, got) in zip(names, values):
+        assert got.shape == want.shape and torch.isfinite(got).all(), name
+        if want.abs().max() < 1e-12:  # c and up_bias feed a batch normalisation: exactly 0 in float64
+            assert got.abs().max() <= max(1e-6, 4 * plain_value.abs().max().item()), name
+            continue
+        bound = fp32_bound(rel_err(plain_value, want))
+        assert rel_err(got, want) <= bound, (name, rel_err(got, want), bound)
+
 
 def test_out_of_range_domain_is_refused():
     args = list(core_args(True))
@@ -67,15 +163,17 @@ def largest_allocations(step):
     return max(size for size, _ in log.sizes), max(allocations) // 4
 
 
+@pytest.mark.parametrize("mode", ["paper", "released"])
 @pytest.mark.parametrize("fused", [True, False], ids=["level2", "level1"])
-def test_training_step_allocates_no_batch_times_k_squared(fused, one_thread):
+def test_training_step_allocates_no_batch_times_k_squared(fused, mode, one_thread):
     """A whole training step (forward, BCE, backward, Adam) of a model on the "cpu" backend: at level 2 no
     tensor, nor any allocation inside the C++ ops, comes within a factor 2 of B*k*k elements; the same step
-    at level 1, logged the same way, has one (so the logs would see it)."""
+    at level 1, logged the same way, has one (so the logs would see it). Released mode: its towers' cells run
+    as one all-towers op ("auto" picks level 2 there too)."""
     batch, rank = 256, 35  # B k^2 = 313,600: over 3x anything else this step holds (the generator (k^2, 9))
     torch.manual_seed(0)
-    model = hf.models.HAMUR(23, 3, "mlp", "paper", backend="cpu", fused_generation=fused, dims=[16, 12],
-                            hyper_dims=[9], rank=rank, bottleneck=7)
+    model = hf.models.HAMUR(23, 3, "mlp", mode, backend="cpu", fused_generation="auto" if fused else False,
+                            dims=[16, 12], hyper_dims=[9], rank=rank, bottleneck=7)
     assert model.uses_fused_generation(torch.device("cpu")) == fused
     gen = torch.Generator().manual_seed(1)
     e, domain = torch.randn(batch, 23, generator=gen), torch.randint(0, 3, (batch,), generator=gen)

@@ -29,15 +29,19 @@ constexpr int64_t kBlockRows = 64;  // rows per generated block: the scratch is 
 struct CoreShape {
   int64_t batch, rank, bottleneck, features, groups;  // features: p, the width of g
   bool per_domain;
-  // saved row layout: [q (k) | a (s) | u (k)]
+  int64_t towers;  // T: p and v are (B, T*k), T towers' rows on the same I_b (the released MLP's towers)
+  // saved layout, per row and tower: [q (k) | a (s) | u (k)]
   int64_t stride() const { return 2 * rank + bottleneck; }
+  int64_t row_stride() const { return towers * stride(); }
   int64_t q() const { return 0; }
   int64_t a() const { return rank; }
   int64_t u() const { return rank + bottleneck; }
 };
 
 CoreShape core_shape(const Tensor& p, const Tensor& g, const Tensor& down_right, bool per_domain) {
-  return {p.size(0), p.size(1), down_right.size(-1), g.size(1), per_domain ? down_right.size(0) : 1, per_domain};
+  const int64_t rank = down_right.size(-2);
+  return {p.size(0), rank, down_right.size(-1), g.size(1), per_domain ? down_right.size(0) : 1, per_domain,
+          p.size(1) / rank};
 }
 
 // Every domain id is read before a table is indexed with it (the Python-side check may be off).
@@ -89,16 +93,18 @@ HAMUR_INLINE void core_forward_row(const CoreShape& shape, const T* __restrict r
   vec_mat(v, u, rep, k, k);
 }
 
-// Rows [first, end) of one block; rep holds the block's I, row first's at rep.
+// Rows [first, end) of one block, every tower on the row's I_b; rep holds the block's I, row first's at rep.
 template <typename T>
 HAMUR_ROW_PASS void core_forward_rows(const CoreShape& shape, const T* rep, int64_t first, int64_t end,
                                             const int64_t* domain, const T* p, const T* down_right,
                                             const T* down_bias, const T* up_left, T* saved, T* v) {
-  const int64_t k = shape.rank, s = shape.bottleneck;
+  const int64_t k = shape.rank, s = shape.bottleneck, tk = shape.towers * k;
   for (int64_t b = first; b < end; ++b) {
     const int64_t d = shape.per_domain ? domain[b] : 0;
-    core_forward_row(shape, rep + (b - first) * k * k, p + b * k, down_right + d * k * s, down_bias + d * s,
-                     up_left + d * s * k, saved + b * shape.stride(), v + b * k);
+    for (int64_t t = 0; t < shape.towers; ++t)
+      core_forward_row(shape, rep + (b - first) * k * k, p + b * tk + t * k, down_right + d * k * s,
+                       down_bias + d * s, up_left + d * s * k, saved + b * shape.row_stride() + t * shape.stride(),
+                       v + b * tk + t * k);
   }
 }
 
@@ -117,8 +123,8 @@ std::tuple<Tensor, Tensor> generated_core_forward_cpu(const Tensor& p_in, const 
   const int64_t* domain_p = domain.data_ptr<int64_t>();
   check_domains(domain_p, shape);
   const int64_t k = shape.rank, s = shape.bottleneck;
-  Tensor v = at::empty({shape.batch, k}, p.options());
-  Tensor saved = at::empty({shape.batch, shape.stride()}, p.options());
+  Tensor v = at::empty({shape.batch, shape.towers * k}, p.options());
+  Tensor saved = at::empty({shape.batch, shape.row_stride()}, p.options());
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "generated_core_forward_cpu", [&] {
     const scalar_t *p_p = p.data_ptr<scalar_t>(), *dr_p = dr.data_ptr<scalar_t>();
     const scalar_t *db_p = db.data_ptr<scalar_t>(), *ul_p = ul.data_ptr<scalar_t>();
@@ -144,33 +150,45 @@ struct CoreGrads {
   Tensor gen_weight;                              // (k*k, p)
 };
 
-// One row: from grad_v forms grad_p, accumulates the factor gradients, and overwrites rep (I_b) with
-// dZ_b = (p (x) grad_q + u (x) grad_v) where I_b > 0, else 0. work: scratch of 2k + s.
+// One row: for each tower t, from grad_v_t forms grad_p_t and accumulates the factor gradients (I_b intact);
+// then overwrites rep (I_b) with dZ_b = sum_t (p_t (x) grad_q_t + u_t (x) grad_v_t) where I_b > 0, else 0.
+// work: scratch of (T + 2) k + s: [grad_u | grad_z | grad_q of each tower | one row of dZ].
 template <typename T>
 HAMUR_INLINE void core_backward_row(const CoreShape& shape, T* __restrict rep, const T* __restrict p, const T* __restrict saved,
                        const T* __restrict grad_v, const T* __restrict down_right, const T* __restrict up_left,
                        T* __restrict grad_dr, T* __restrict grad_db, T* __restrict grad_ul, T* __restrict work,
                        T* __restrict grad_p) {
-  const int64_t k = shape.rank, s = shape.bottleneck;
-  const T* q = saved + shape.q();
-  const T* a = saved + shape.a();
-  const T* u = saved + shape.u();
+  const int64_t k = shape.rank, s = shape.bottleneck, towers = shape.towers;
   T* grad_u = work;
   T* grad_z = work + k;
-  T* grad_q = work + k + s;
-  mat_vec(grad_u, rep, grad_v, k, k);
-  mat_vec(grad_z, up_left, grad_u, s, k);
-  for (int64_t t = 0; t < s; ++t) grad_z[t] *= a[t] * (T(1) - a[t]);
-  mat_vec(grad_q, down_right, grad_z, k, s);
-  mat_vec(grad_p, rep, grad_q, k, k);
-  for (int64_t j = 0; j < k; ++j) axpy(grad_dr + j * s, q[j], grad_z, s);
-  axpy(grad_db, T(1), grad_z, s);
-  for (int64_t t = 0; t < s; ++t) axpy(grad_ul + t * k, a[t], grad_u, k);
+  T* grad_qs = work + k + s;
+  T* dz = grad_qs + towers * k;
+  for (int64_t t = 0; t < towers; ++t) {
+    const T* q = saved + t * shape.stride() + shape.q();
+    const T* a = saved + t * shape.stride() + shape.a();
+    const T* gv = grad_v + t * k;
+    T* grad_q = grad_qs + t * k;
+    mat_vec(grad_u, rep, gv, k, k);
+    mat_vec(grad_z, up_left, grad_u, s, k);
+    for (int64_t j = 0; j < s; ++j) grad_z[j] *= a[j] * (T(1) - a[j]);
+    mat_vec(grad_q, down_right, grad_z, k, s);
+    mat_vec(grad_p + t * k, rep, grad_q, k, k);
+    for (int64_t j = 0; j < k; ++j) axpy(grad_dr + j * s, q[j], grad_z, s);
+    axpy(grad_db, T(1), grad_z, s);
+    for (int64_t j = 0; j < s; ++j) axpy(grad_ul + j * k, a[j], grad_u, k);
+  }
   for (int64_t i = 0; i < k; ++i) {
-    T* __restrict row = rep + i * k;
-    const T pi = p[i], ui = u[i];
+    for (int64_t j = 0; j < k; ++j) dz[j] = T(0);
+    for (int64_t t = 0; t < towers; ++t) {
+      const T pi = p[t * k + i], ui = saved[t * shape.stride() + shape.u() + i];
+      const T* __restrict grad_q = grad_qs + t * k;
+      const T* __restrict gv = grad_v + t * k;
 #pragma omp simd
-    for (int64_t j = 0; j < k; ++j) row[j] = row[j] > T(0) ? pi * grad_q[j] + ui * grad_v[j] : T(0);
+      for (int64_t j = 0; j < k; ++j) dz[j] += pi * grad_q[j] + ui * gv[j];
+    }
+    T* __restrict row = rep + i * k;
+#pragma omp simd
+    for (int64_t j = 0; j < k; ++j) row[j] = row[j] > T(0) ? dz[j] : T(0);
   }
 }
 
@@ -180,12 +198,12 @@ HAMUR_ROW_PASS void core_backward_rows(const CoreShape& shape, T* rep, int64_t f
                                              const int64_t* domain, const T* p, const T* saved, const T* grad_v,
                                              const T* down_right, const T* up_left, CoreGrads<T>& acc, T* work,
                                              T* grad_p) {
-  const int64_t k = shape.rank, s = shape.bottleneck;
+  const int64_t k = shape.rank, s = shape.bottleneck, tk = shape.towers * k;
   for (int64_t b = first; b < end; ++b) {
     const int64_t d = shape.per_domain ? domain[b] : 0;
-    core_backward_row(shape, rep + (b - first) * k * k, p + b * k, saved + b * shape.stride(), grad_v + b * k,
+    core_backward_row(shape, rep + (b - first) * k * k, p + b * tk, saved + b * shape.row_stride(), grad_v + b * tk,
                       down_right + d * k * s, up_left + d * s * k, acc.down_right.data() + d * k * s,
-                      acc.down_bias.data() + d * s, acc.up_left.data() + d * s * k, work, grad_p + b * k);
+                      acc.down_bias.data() + d * s, acc.up_left.data() + d * s * k, work, grad_p + b * tk);
   }
 }
 
@@ -223,7 +241,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gener
       acc.up_left.assign(shape.groups * s * k, scalar_t(0));
       acc.gen_weight = at::zeros_like(gen_weight);
       partial_gen_bias[c] = at::zeros({kk}, p.options());
-      std::vector<scalar_t> work(2 * k + s);
+      std::vector<scalar_t> work((shape.towers + 2) * k + s);
       Tensor scratch = at::empty({std::min(kBlockRows, end - first), kk}, p.options());
       for (int64_t block_first = first; block_first < end; block_first += kBlockRows) {
         const int64_t block_end = std::min(end, block_first + kBlockRows), rows = block_end - block_first;
@@ -261,6 +279,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gener
 TORCH_LIBRARY_FRAGMENT(hamur_fast, m) {
   // Fusion level 2's rank-k core (csrc/cpu/generated_cpu.cpp): v and saved = [q | a | u] (B, 2k + s) from
   // p = x DL and I_b = ReLU((g_b - centre) gen_weight^T + gen_bias) generated inside; per_domain as in ops.cpp.
+  // p (B, T*k) holds T towers' rows (shared factors): v (B, T*k), saved (B, T*(2k + s)), I_b generated once.
   m.def(
       "compiled_generated_core_forward(Tensor p, Tensor g, Tensor centre, Tensor gen_weight, Tensor gen_bias, "
       "Tensor domain, Tensor down_right, Tensor down_bias, Tensor up_left, bool per_domain) -> "

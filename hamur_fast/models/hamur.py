@@ -69,8 +69,8 @@ class HAMUR(BackendAttribute, MultiDomainModel):
     @property
     def fused_generation(self) -> bool | str:
         """Fusion level 2 (the hyper-network's last layer inside every cell): "auto" (where the backend has a
-        fused level 2: "triton", and "cpu" but for the released MLP's per-tower cells), True (any backend with
-        level 2; eager ones materialise I) or False (level 1)."""
+        fused level 2: "triton", and "cpu" but for the released MLP's cells with an ablation norm), True (any
+        backend with level 2; eager ones materialise I) or False (level 1)."""
         return self._fused_generation
 
     @fused_generation.setter
@@ -88,9 +88,11 @@ class HAMUR(BackendAttribute, MultiDomainModel):
             return False  # a data-parallel step merges the generator BatchNorm's statistics over ranks: level 1
         if self.fused_generation is True:
             return True
-        if device.type == "cpu" and self.mode == "released" and self.backbone_name == "mlp":
-            # The released towers run the cell once per domain: on the CPU, where FLOPs and not bytes limit the
-            # cell, regenerating I in each of the D cells (forward and backward) costs more than writing it once
+        released_towers = self.mode == "released" and self.backbone_name == "mlp"
+        if device.type == "cpu" and released_towers and self.sizes["norm"] != "domain":
+            # The released towers run the cell once per domain. DomainNorm cells run the D towers as one op that
+            # generates I once per row (HyperAdapter.forward_all_towers); the ablation norms' cells run per tower,
+            # and on the CPU regenerating I in each of the D cells costs more than writing it once
             # (benchmarks/RESULTS.md, issue 23).
             return False
         return generated.supports_fused_generation(self.backend, device)

@@ -171,18 +171,22 @@ class HyperAdapter(BackendAttribute, nn.Module):
         """The cell on T towers' outputs x (T, B, width), each normalised over its own whole batch.
 
         This is how the released MLP model uses its cell (once per domain tower); a backend that offers
-        ``hyper_adapter_all_towers`` runs the T applications as one batched computation, otherwise the
-        cell runs once per tower.
+        ``hyper_adapter_all_towers`` runs the T applications as one batched computation (on a GeneratedRep
+        when it has fusion level 2, I then generated once for all towers), otherwise the cell runs once per tower.
         """
         impl = None
         if self.mode == "released" and self.norm == "domain" and active_group() is None:
             impl = resolve(self.backend, x.device, x.dtype, self.width, self.rank, self.bottleneck)
         if impl is None or impl.hyper_adapter_all_towers is None:
             return torch.stack([self(tower, rep, domain) for tower in x])
-        if isinstance(rep, generated.GeneratedRep):
-            rep = rep.materialise()
         _checks.check_float("x", x, 3)
-        self._check_inputs(x[0], rep, domain)
+        if isinstance(rep, generated.GeneratedRep):
+            if not impl.capabilities.fused_generation or rep.rank != self.rank:
+                return self.forward_all_towers(x, rep.materialise(), domain)
+            # fusion level 2: the backend generates I itself, once for all towers
+            self._check_inputs(x[0], x.new_zeros(()).expand(x.shape[1], self.rank, self.rank), domain)
+        else:
+            self._check_inputs(x[0], rep, domain)
         return impl.hyper_adapter_all_towers(x, rep, self.parameters_in_op_order(), self.eps)
 
     def _check_inputs(self, x, rep, domain) -> None:

@@ -5,8 +5,10 @@ v = u I) on ``I_b = ReLU((g_b - centre) W'^T + c')`` formed block by block, so n
 forward or backward. Around it: ``p = x DL`` and ``o = v UR + ub`` as the grouped per-domain linear op (and their
 gradients by hand), and DomainNorm as the compiled kernels' forward and backward. This module adds the fused level
 2 to the "cpu" backend's table (contract: Passes; composed by :mod:`hamur_fast.ops.compose`) with
-``fused_generation=True``. The generator products are computed in IEEE float32/float64 whatever ``precision`` asks
-(tf32 and bf16 are GPU relaxations).
+``fused_generation=True``, and ``hyper_adapter_all_towers``: the released MLP's T tower cells as one composed call
+whose rows hold the T towers side by side (x (B, T*h), p and v (B, T*k)), so each I_b is generated once for all
+towers. The generator products are computed in IEEE float32/float64 whatever ``precision`` asks (tf32 and bf16 are
+GPU relaxations).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import dataclasses
 
 import torch
 
-from .. import grouped_linear
+from .. import compose, eager, grouped_linear
+from ..contract import Plan
 from ..registry import available_backends, get_backend, register_backend
 
 ops = torch.ops.hamur_fast
@@ -28,13 +31,16 @@ def _dense(x, domain, weight, bias, per_domain):
     """x W[d] (+ b[d]) per row: the grouped linear op in paper mode, one matmul with shared factors."""
     if per_domain:
         return grouped_linear.torch_form(x, domain, weight, bias)
-    return x @ weight if bias is None else torch.addmm(bias, x, weight)
+    rows = x.reshape(-1, weight.shape[0])  # (B*T, in): the T towers side by side in a row share the factor
+    out = rows @ weight if bias is None else torch.addmm(bias, rows, weight)
+    return out.reshape(x.shape[0], -1)
 
 
 def _dense_grads(grad, x, domain, weight, per_domain):
     """(grad x, grad weight, grad bias) of :func:`_dense`: per domain, the sums over its rows of x[b]^T grad[b]."""
     if not per_domain:
-        return grad @ weight.t(), x.t() @ grad, grad.sum(dim=0)
+        rows, grad_rows = x.reshape(-1, weight.shape[0]), grad.reshape(-1, weight.shape[1])
+        return (grad_rows @ weight.t()).reshape(x.shape), rows.t() @ grad_rows, grad_rows.sum(dim=0)
     num_domains = weight.shape[0]
     order, offsets = grouped_linear.domain_segments(domain, num_domains)
     sizes = (offsets[1:] - offsets[:-1]).tolist()  # D domains, then the ids out of range (none: checked)
@@ -72,13 +78,39 @@ def generated_backward(dy, x, generator, domain, params, saved, count, mean, rst
 
 
 def generated_saved_like(x, rank, params, plan):
-    """Empty (p, v, core, o) for the composed ops' fakes."""
-    p = x.new_empty((x.shape[0], rank))
-    return p, torch.empty_like(p), x.new_empty((x.shape[0], 2 * rank + params[1].shape[-1])), torch.empty_like(x)
+    """Empty (p, v, core, o) for the composed ops' fakes; x (B, T*h) holds T towers (h: down_left's rows)."""
+    towers = x.shape[1] // params[0].shape[-2]
+    p = x.new_empty((x.shape[0], towers * rank))
+    core = x.new_empty((x.shape[0], towers * (2 * rank + params[1].shape[-1])))
+    return p, torch.empty_like(p), core, torch.empty_like(x)
+
+
+def released_cell_all_towers(x, rep, params, eps):
+    """The released cell on T towers' outputs x (T, B, h) (contract: ``hyper_adapter_all_towers``).
+
+    On a GeneratedRep: one composed level-2 call on rows that hold the T towers side by side (B, T*h). The shared
+    factors act on each tower's slice, the core generates I_b once per row for all T, and the released DomainNorm
+    normalises each of the T*h columns over the whole batch, which is each tower over its own batch; the norm's
+    weight and bias are tiled over the towers (autograd sums their gradients back). The hyper-network's
+    (B, k*k) output, its BatchNorm and ReLU never exist. On I itself: the torch backend's batched form (I read
+    once for all towers, measured faster than one C++ cell call per tower).
+    """
+    if isinstance(rep, torch.Tensor):  # I itself (level 1); else a hamur_fast.ops.generated.GeneratedRep
+        return eager.released_cell_all_towers(x, rep, params, eps)
+    towers, batch, width = x.shape
+    *factors, norm_weight, norm_bias = params
+    side_by_side = x.transpose(0, 1).reshape(batch, towers * width)
+    no_domain = torch.zeros(batch, dtype=torch.long, device=x.device)  # shared factors: the ids are never read
+    plan = Plan(per_domain=False, batch_statistics=True, unbiased=True, eps=float(eps))
+    y, _stats = compose.generated_cell(get_backend("cpu"), side_by_side, rep, no_domain,
+                                       (*factors, norm_weight.repeat(towers), norm_bias.repeat(towers)), None, None,
+                                       plan, "ieee")
+    return y.view(batch, towers, width).transpose(0, 1)
 
 
 _cpu = get_backend("cpu")
 register_backend(dataclasses.replace(
     _cpu, passes=_cpu.passes._replace(generated_forward=generated_forward, generated_backward=generated_backward,
                                       generated_saved_like=generated_saved_like),
+    hyper_adapter_all_towers=released_cell_all_towers,
     capabilities=dataclasses.replace(_cpu.capabilities, fused_generation=True)))
