@@ -37,7 +37,11 @@ def _dense(x, domain, weight, bias, per_domain):
 
 
 def _dense_grads(grad, x, domain, weight, per_domain):
-    """(grad x, grad weight, grad bias) of :func:`_dense`: per domain, the sums over its rows of x[b]^T grad[b]."""
+    """(grad x, grad weight, grad bias) of :func:`_dense`: per domain, the sums over its rows of x[b]^T grad[b].
+
+    Per domain: the rows sorted once (one stable sort, x and grad gathered once), then each domain's segment gives
+    its weight gradient, its bias gradient (a column sum) and its rows' grad x (one GEMM each); grad x goes back to
+    row order with one index_copy. No scatter-add: every row is written once."""
     if not per_domain:
         rows, grad_rows = x.reshape(-1, weight.shape[0]), grad.reshape(-1, weight.shape[1])
         return (grad_rows @ weight.t()).reshape(x.shape), rows.t() @ grad_rows, grad_rows.sum(dim=0)
@@ -45,12 +49,15 @@ def _dense_grads(grad, x, domain, weight, per_domain):
     order, offsets = grouped_linear.domain_segments(domain, num_domains)
     sizes = (offsets[1:] - offsets[:-1]).tolist()  # D domains, then the ids out of range (none: checked)
     x_parts, grad_parts = x.index_select(0, order).split(sizes), grad.index_select(0, order).split(sizes)
-    grad_weight = weight.new_zeros(weight.shape)
+    grad_weight, grad_bias = weight.new_zeros(weight.shape), grad.new_zeros(num_domains, grad.shape[1])
+    grad_x_sorted = x.new_zeros(x.shape)
+    grad_x_parts = grad_x_sorted.split(sizes)
     for d in range(num_domains):
         if sizes[d]:
             torch.mm(x_parts[d].t(), grad_parts[d], out=grad_weight[d])
-    grad_bias = grad.new_zeros(num_domains, grad.shape[1]).index_add_(0, domain, grad)
-    return grouped_linear.torch_form(grad, domain, weight.transpose(1, 2), None), grad_weight, grad_bias
+            torch.sum(grad_parts[d], dim=0, out=grad_bias[d])
+            torch.mm(grad_parts[d], weight[d].t(), out=grad_x_parts[d])
+    return torch.empty_like(x).index_copy_(0, order, grad_x_sorted), grad_weight, grad_bias
 
 
 def generated_forward(x, generator, domain, params, running_mean, running_var, plan, precision):
