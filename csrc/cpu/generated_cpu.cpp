@@ -178,6 +178,13 @@ HAMUR_INLINE void core_backward_row(const CoreShape& shape, T* __restrict rep, c
     for (int64_t j = 0; j < s; ++j) axpy(grad_ul + j * k, a[j], grad_u, k);
   }
   for (int64_t i = 0; i < k; ++i) {
+    T* __restrict row = rep + i * k;
+    if (towers == 1) {  // one pass, no dZ row: the paper cell and every cell but the released MLP's towers
+      const T pi = p[i], ui = saved[shape.u() + i];
+#pragma omp simd
+      for (int64_t j = 0; j < k; ++j) row[j] = row[j] > T(0) ? pi * grad_qs[j] + ui * grad_v[j] : T(0);
+      continue;
+    }
     for (int64_t j = 0; j < k; ++j) dz[j] = T(0);
     for (int64_t t = 0; t < towers; ++t) {
       const T pi = p[t * k + i], ui = saved[t * shape.stride() + shape.u() + i];
@@ -186,7 +193,6 @@ HAMUR_INLINE void core_backward_row(const CoreShape& shape, T* __restrict rep, c
 #pragma omp simd
       for (int64_t j = 0; j < k; ++j) dz[j] += pi * grad_q[j] + ui * gv[j];
     }
-    T* __restrict row = rep + i * k;
 #pragma omp simd
     for (int64_t j = 0; j < k; ++j) row[j] = row[j] > T(0) ? dz[j] : T(0);
   }
