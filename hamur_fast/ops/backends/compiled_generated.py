@@ -36,18 +36,25 @@ def _dense(x, domain, weight, bias, per_domain):
     return out.reshape(x.shape[0], -1)
 
 
-def _dense_grads(grad, x, domain, weight, per_domain):
+def _segments(domain, num_domains):
+    """The rows' domain order and segment sizes (D domains, then the ids out of range: none, checked), read once per
+    backward for both per-domain products."""
+    order, offsets = grouped_linear.domain_segments(domain, num_domains)
+    return order, (offsets[1:] - offsets[:-1]).tolist()
+
+
+def _dense_grads(grad, x, segments, weight):
     """(grad x, grad weight, grad bias) of :func:`_dense`: per domain, the sums over its rows of x[b]^T grad[b].
 
-    Per domain: the rows sorted once (one stable sort, x and grad gathered once), then each domain's segment gives
-    its weight gradient, its bias gradient (a column sum) and its rows' grad x (one GEMM each); grad x goes back to
-    row order with one index_copy. No scatter-add: every row is written once."""
-    if not per_domain:
+    ``segments``: :func:`_segments` of the rows in paper mode, None with shared factors. Per domain, x and grad are
+    gathered once in domain order; each domain's segment gives its weight gradient, its bias gradient (a column sum)
+    and its rows' grad x (one GEMM each); grad x goes back to row order with one index_copy. No scatter-add: every
+    row is written once."""
+    if segments is None:
         rows, grad_rows = x.reshape(-1, weight.shape[0]), grad.reshape(-1, weight.shape[1])
         return (grad_rows @ weight.t()).reshape(x.shape), rows.t() @ grad_rows, grad_rows.sum(dim=0)
     num_domains = weight.shape[0]
-    order, offsets = grouped_linear.domain_segments(domain, num_domains)
-    sizes = (offsets[1:] - offsets[:-1]).tolist()  # D domains, then the ids out of range (none: checked)
+    order, sizes = segments
     x_parts, grad_parts = x.index_select(0, order).split(sizes), grad.index_select(0, order).split(sizes)
     grad_weight, grad_bias = weight.new_zeros(weight.shape), grad.new_zeros(num_domains, grad.shape[1])
     grad_x_sorted = x.new_zeros(x.shape)
@@ -77,10 +84,11 @@ def generated_backward(dy, x, generator, domain, params, saved, count, mean, rst
     p, v, core, o = saved
     grad_o, grad_nw, grad_nb = ops.compiled_norm_backward(dy, o, domain, norm_weight, count, mean, rstd,
                                                           *plan.flags())
-    grad_v, grad_ur, grad_ub = _dense_grads(grad_o, v, domain, up_right, plan.per_domain)
+    segments = _segments(domain, up_right.shape[0]) if plan.per_domain else None
+    grad_v, grad_ur, grad_ub = _dense_grads(grad_o, v, segments, up_right)
     grad_p, *generator_grads, grad_dr, grad_db, grad_ul = ops.compiled_generated_core_backward(
         grad_v, p, core, *generator, domain, down_right, up_left, plan.per_domain)
-    grad_px, grad_dl, _ = _dense_grads(grad_p, x, domain, down_left, plan.per_domain)
+    grad_px, grad_dl, _ = _dense_grads(grad_p, x, segments, down_left)
     return (dy + grad_px, *generator_grads, grad_dl, grad_dr, grad_db, grad_ul, grad_ur, grad_ub, grad_nw, grad_nb)
 
 
