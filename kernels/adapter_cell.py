@@ -356,11 +356,6 @@ def _segments(domain, params, plan, order=None):
     return dn.sort_groups(domain, num_groups(params, plan), plan.per_domain, order if plan.per_domain else None)
 
 
-def _sorted_args(segments, domain):
-    """(order, sorted domains) kernel arguments, or ``domain`` as the pointer no released-mode kernel reads."""
-    return (domain, domain) if segments.order is None else (segments.order, segments.domain_sorted)
-
-
 def _order_out(segments, device):
     """The order saved for backward: empty in released mode (identity)."""
     return torch.zeros(0, device=device, dtype=torch.int64) if segments.order is None else segments.order
@@ -387,7 +382,7 @@ def cell_statistics(x, rep, domain, params, plan, empty=torch.empty):
     part_mean, part_m2 = dn.empty_partials(segments, ROWS_PER_BLOCK, width if plan.batch_statistics else 0, x.device,
                                            empty)
     _cell_fwd_project_kernel[(triton.cdiv(batch, ROWS_PER_BLOCK),)](
-        x, rep, *_sorted_args(segments, domain), *params[:6], q, v, part_mean, part_m2,
+        x, rep, *segments.sorted_args(domain), *params[:6], q, v, part_mean, part_m2,
         batch, width, rank, bottleneck, num_domains, segments.slots_per_part(ROWS_PER_BLOCK),
         PER_DOMAIN=plan.per_domain, BATCH_STATISTICS=plan.batch_statistics, **meta)
     saved = (q, v, _order_out(segments, x.device))
@@ -430,7 +425,7 @@ def cell_grad_sums(dy, domain, params, saved, mean, rstd, plan, empty=torch.empt
     segments = _segments(domain, params, plan, order)
     part_dy, part_dy_xhat = dn.empty_partials(segments, ROWS_PER_BLOCK, width, dy.device, empty)
     _cell_bwd_norm_sums_kernel[(triton.cdiv(batch, ROWS_PER_BLOCK), triton.cdiv(width, meta["BLOCK_H"]))](
-        dy, *_sorted_args(segments, domain), v, up_right, up_bias, mean.float().contiguous(),
+        dy, *segments.sorted_args(domain), v, up_right, up_bias, mean.float().contiguous(),
         rstd.float().contiguous(), part_dy, part_dy_xhat,
         batch, width, rank, num_domains, segments.slots_per_part(ROWS_PER_BLOCK), PER_DOMAIN=plan.per_domain,
         **meta)
@@ -477,7 +472,7 @@ def cell_input_grads(dy, x, rep, domain, params, saved, count, mean, rstd, sum_d
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = contiguous
     batch, width, rank, bottleneck, num_domains = _sizes(x, rep, params, plan)
     segments = _segments(domain, params, plan, order)
-    sorted_args = _sorted_args(segments, domain)
+    sorted_args = segments.sorted_args(domain)
     meta = _tile_meta(width, rank, bottleneck)
     grid = (triton.cdiv(batch, ROWS_PER_BLOCK),)
     device = x.device

@@ -311,7 +311,7 @@ def generated_cell_forward(x, generator, domain, params, running_mean, running_v
         (t.contiguous() for t in params)
     batch, width, rank, bottleneck, gen_width, num_domains = _sizes(x, g, params, plan)
     segments = dn.sort_groups(domain, num_domains, plan.per_domain)
-    sorted_args = cell._sorted_args(segments, domain)
+    sorted_args = segments.sorted_args(domain)
     level1_meta = cell._tile_meta(width, rank, bottleneck)
     meta = _tile_meta(level1_meta, gen_width)
     rows_per_part = meta["BLOCK_B"]
@@ -372,7 +372,7 @@ def generated_cell_backward(dy, x, generator, domain, params, saved, count, mean
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, _ = contiguous
     batch, width, rank, bottleneck, gen_width, num_domains = _sizes(x, g, params, plan)
     segments = dn.sort_groups(domain, num_domains, plan.per_domain, order)
-    sorted_args = cell._sorted_args(segments, domain)
+    sorted_args = segments.sorted_args(domain)
     level1_meta = cell._tile_meta(width, rank, bottleneck)
     meta = _tile_meta(level1_meta, gen_width)
     f32 = dict(device=x.device, dtype=torch.float32)

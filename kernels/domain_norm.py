@@ -84,6 +84,10 @@ class GroupSegments(NamedTuple):
     def slots_per_part(self, rows: int) -> int:
         return min(rows, self.num_groups) if self.order is not None else 1
 
+    def sorted_args(self, dummy):
+        """(order, domain_sorted) kernel arguments; ``dummy`` (any tensor) where one group reads neither."""
+        return (dummy, dummy) if self.order is None else (self.order, self.domain_sorted)
+
 
 def sort_groups(domain, num_groups: int, per_domain: bool, order=None) -> GroupSegments:
     """``domain``'s rows sorted by group (stable; or in a given ``order``, that sort saved by a forward), with
@@ -468,11 +472,6 @@ def merge_group_sums(part_dy, part_dy_xhat, segments: GroupSegments, rows_per_pa
     return outputs
 
 
-def _sorted_args(segments: GroupSegments, dummy):
-    """(order, domain_sorted) kernel arguments; ``dummy`` where one group reads neither."""
-    return (dummy, dummy) if segments.order is None else (segments.order, segments.domain_sorted)
-
-
 def _tiles(o, per_domain):
     """Grid (row blocks, column tiles) and meta-parameters of the row-tile kernels on o (B, h)."""
     batch, width = o.shape
@@ -497,7 +496,7 @@ def _segments(o, groups, num_groups: int) -> GroupSegments:
 def _partial_stats(o, segments: GroupSegments, empty):
     grid, meta = _tiles(o, segments.order is not None)
     part_mean, part_m2 = empty_partials(segments, ROWS_PER_BLOCK, o.shape[1], o.device, empty)
-    _partial_stats_kernel[grid](o, *_sorted_args(segments, segments.offsets), part_mean, part_m2, *o.shape,
+    _partial_stats_kernel[grid](o, *segments.sorted_args(segments.offsets), part_mean, part_m2, *o.shape,
                                 segments.num_groups, segments.slots_per_part(ROWS_PER_BLOCK), **meta)
     return part_mean, part_m2
 
@@ -546,7 +545,7 @@ def grad_sums(dy, o, groups, mean, rstd, num_groups: int, empty=torch.empty):
     segments = _segments(o, groups, num_groups)
     grid, meta = _tiles(o, groups is not None)
     part_dy, part_dy_xhat = empty_partials(segments, ROWS_PER_BLOCK, o.shape[1], o.device, empty)
-    _partial_grad_sums_kernel[grid](dy, o, *_sorted_args(segments, segments.offsets), mean.float().contiguous(),
+    _partial_grad_sums_kernel[grid](dy, o, *segments.sorted_args(segments.offsets), mean.float().contiguous(),
                                     rstd.float().contiguous(), part_dy, part_dy_xhat, *o.shape, num_groups,
                                     segments.slots_per_part(ROWS_PER_BLOCK), **meta)
     return merge_group_sums(part_dy, part_dy_xhat, segments, ROWS_PER_BLOCK, empty)
