@@ -193,7 +193,7 @@ def suite_torchrec(context) -> dict:
     import torch.nn.functional as F
     from hamur_fast.nn.sync_batch_norm import convert_batch_norms
     from hamur_fast.ops.collectives import synchronised
-    from hamur_fast.train.trainer import BatchFields
+    from hamur_fast.distributed.trainer import LogitsModule
     from hamur_fast.features_torchrec import build_torchrec_ctr_model, dense_parameters, load_tables, shard
 
     fmap = feature_map()
@@ -203,7 +203,7 @@ def suite_torchrec(context) -> dict:
         plain = build(fmap, case)
         model = build_torchrec_ctr_model(fmap, plain.core, SMALL["embed_dim"])
         convert_batch_norms(model)
-        sharded = shard(BatchFields(model), context, sharding, torch.optim.SGD, {"lr": EMBEDDING_LR})
+        sharded = shard(LogitsModule(model), context, sharding, torch.optim.SGD, {"lr": EMBEDDING_LR})
         load_tables(sharded, plain.features)
         dense = dense_parameters(sharded)
         optimizer = torch.optim.SGD(dense.values(), lr=0.05, momentum=0.9, weight_decay=1e-3)
@@ -225,7 +225,7 @@ def suite_torchrec(context) -> dict:
 
 
 def unwrapped(name: str) -> str:
-    """A name inside DistributedModelParallel(BatchFields(model)) -> the same name inside model."""
+    """A name inside DistributedModelParallel(LogitsModule(model)) -> the same name inside model."""
     return name.split("model.", 1)[1]
 
 

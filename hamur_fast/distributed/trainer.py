@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data import Batch, FeatureMap, MultiDomainData, RowShard, TensorSplit, load_dataset
 from ..data.fingerprint import data_fingerprint, digest, fingerprint
 from ..train import experiment
-from ..train.trainer import BatchFields, Trainer, TrainConfig
+from ..train.trainer import LogitsModule, Trainer, TrainConfig
 from . import runtime
 from ..nn.sync_batch_norm import convert_batch_norms
 from ..ops.collectives import synchronised
@@ -62,7 +62,7 @@ class DistributedTrainer(Trainer):
             # Paper-mode layers of a domain absent from a rank's rows get no gradient there: find_unused_parameters.
             # The running statistics are equal on every rank (synchronised), so buffers are not broadcast.
             self.ddp = DistributedDataParallel(
-                BatchFields(self.model), device_ids=[self.device] if self.device.type == "cuda" else None,
+                LogitsModule(self.model), device_ids=[self.device] if self.device.type == "cuda" else None,
                 process_group=self.context.group, find_unused_parameters=True, **{NO_BUFFER_BROADCAST: False})
             self.best_state = {k: v.clone() for k, v in self.model.state_dict().items()}  # rank 0's weights
 

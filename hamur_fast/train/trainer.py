@@ -207,7 +207,7 @@ class Trainer:
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.run_config = run_config or {}
         self.optimizer = self._make_optimizer()
-        self.captured_step = (CapturedTrainStep(BatchFields(self.model), self.optimizer, config.batch_size,
+        self.captured_step = (CapturedTrainStep(LogitsModule(self.model), self.optimizer, config.batch_size,
                                                 self.device) if config.cuda_graph else None)
         self.epoch, self.best_auc, self.best_epoch, self.bad_epochs = 0, -math.inf, 0, 0
         self.history: list = []
@@ -442,7 +442,7 @@ class Trainer:
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "load_checkpoint", "CheckpointError", "CHECKPOINT_NAME"]
 
 
-class BatchFields(torch.nn.Module):
+class LogitsModule(torch.nn.Module):
     """A CTRModel seen as ``logits(sparse, dense, domain)``: the tensors-only call a captured step drives, and the
     forward of a data-parallel step (DDP prepares its gradient reduction in ``forward``)."""
 
