@@ -330,7 +330,7 @@ def generated_cell_forward(x, generator, domain, params, running_mean, running_v
         count, mean, m2, rstd = dn.merge_group_stats(part_mean, part_m2, segments, rows_per_part, plan.eps,
                                                      plan.unbiased, empty)
     else:  # paper mode in eval (running statistics, checked by the normalise pass as its mean and rstd)
-        count, mean, m2, rstd = dn.running_statistics(running_mean, running_var, plan.eps)
+        count, mean, m2, rstd = dn.running_statistics(args.op, running_mean, running_var, plan.eps)
     saved = (q, v, cell._order_out(segments, x.device))
     # The normalise pass never touches I: level 1's.
     return (cell.cell_normalise(x, domain, params, saved, mean, rstd, plan, empty), count, mean, m2, rstd, *saved)

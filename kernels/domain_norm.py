@@ -513,12 +513,14 @@ def group_statistics(o, groups, num_groups: int, eps: float = 0.0, unbiased: boo
     return merge_group_stats(*_partial_stats(o, segments, empty), segments, ROWS_PER_BLOCK, eps, unbiased, empty)
 
 
-def running_statistics(running_mean, running_var, eps: float):
+def running_statistics(op: str, running_mean, running_var, eps: float):
     """(count, mean, m2, rstd) for paper mode in eval: the running statistics, no dependence on the batch (count
-    and m2 are zeros: there is nothing to merge or update). Their shapes are checked where they are read, as the
-    normalise pass's mean and rstd."""
+    and m2 are zeros: there is nothing to merge or update). Their device and sizes against the rows are checked
+    where they are read, as the normalise pass's mean and rstd."""
     if running_mean is None or running_var is None:
-        raise ValueError("running_mean and running_var are needed without batch statistics")
+        raise ValueError(f"{op}: running_mean and running_var are needed without batch statistics")
+    arg_checks.Args(op, arg_checks.device_of(running_mean, op)).tensor("running_mean", running_mean, "G h") \
+        .tensor("running_var", running_var, "G h")
     mean = running_mean.float().clone()
     count = torch.zeros(mean.shape[0], device=mean.device, dtype=torch.float32)
     return count, mean, torch.zeros_like(mean), torch.rsqrt(running_var.float() + eps)

@@ -18,6 +18,7 @@ import os
 import torch
 
 from ...kernels import adapter_cell as cell_kernels
+from ...kernels import arg_checks
 from ...kernels import adapter_generated as generated_kernels
 from ...kernels import domain_norm as norm_kernels
 from ..grouped_linear import grouped_linear_kernel
@@ -31,8 +32,10 @@ MAX_WIDTH, MAX_RANK, MAX_BOTTLENECK = cell_kernels.MAX_WIDTH, cell_kernels.MAX_R
 
 # The fused forms, composed of the split launchers with this process's statistics (paper-mode eval: the running
 # ones). saved = (q, v, order): q and v (B, k) fp32 in sorted order, order (B,) in paper mode, empty in released mode.
-def _statistics(stats, running_mean, running_var, plan):
-    return stats if plan.batch_statistics else norm_kernels.running_statistics(running_mean, running_var, plan.eps)
+def _statistics(op, stats, running_mean, running_var, plan):
+    if plan.batch_statistics:
+        return stats
+    return norm_kernels.running_statistics(op, running_mean, running_var, plan.eps)
 
 
 def _norm_grads(weight, sum_dy, sum_dy_xhat):
@@ -40,14 +43,16 @@ def _norm_grads(weight, sum_dy, sum_dy_xhat):
 
 
 def norm_forward(o, domain, weight, bias, running_mean, running_var, plan, empty=torch.empty):
+    arg_checks.norm("triton_norm_forward", o, domain)  # domain: (B,) int64 also where one group reads no id
     groups, num_groups = (domain, weight.shape[0]) if plan.per_domain else (None, 1)
     stats = norm_kernels.group_statistics(o, groups, num_groups, plan.eps, plan.unbiased, empty) \
         if plan.batch_statistics else None
-    count, mean, m2, rstd = _statistics(stats, running_mean, running_var, plan)
+    count, mean, m2, rstd = _statistics("triton_norm_forward", stats, running_mean, running_var, plan)
     return norm_kernels.normalise(o, groups, weight, bias, mean, rstd, empty), count, mean, m2, rstd
 
 
 def norm_backward(dy, o, domain, weight, count, mean, rstd, plan, empty=torch.empty):
+    arg_checks.norm("triton_norm_backward", o, domain)
     groups = domain if plan.per_domain else None
     sum_dy, sum_dy_xhat = norm_kernels.grad_sums(dy, o, groups, mean, rstd, mean.shape[0], empty)
     do = norm_kernels.input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, plan.unbiased,
@@ -57,7 +62,7 @@ def norm_backward(dy, o, domain, weight, count, mean, rstd, plan, empty=torch.em
 
 def cell_forward(x, rep, domain, params, running_mean, running_var, plan, empty=torch.empty):
     stats, saved = cell_kernels.cell_statistics(x, rep, domain, params, plan, empty)
-    count, mean, m2, rstd = _statistics(stats, running_mean, running_var, plan)
+    count, mean, m2, rstd = _statistics("triton_cell_forward", stats, running_mean, running_var, plan)
     y = cell_kernels.cell_normalise(x, domain, params, saved, mean, rstd, plan, empty)
     return (y, count, mean, m2, rstd, *saved)
 
