@@ -30,10 +30,10 @@ def launch_all(batch, width, bottleneck, num_domains, gen_width, rank, per_domai
               torch.randn(*lead, bottleneck, rank), torch.randn(*lead, rank, width), torch.randn(*lead, width),
               torch.randn(*lead, width), torch.randn(*lead, width)]
     plan = Plan(per_domain, True, not per_domain, 1e-5)
-    y, q, v, order, count, mean, m2, rstd = kernels.generated_cell_forward(
-        x, g, centre, gen_weight, gen_bias, domain, params, None, None, plan, precision)
-    kernels.generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, params, q, v, order, count,
-                                    mean, rstd, plan, precision)
+    generator = (g, centre, gen_weight, gen_bias)
+    y, count, mean, m2, rstd, *saved = kernels.generated_cell_forward(x, generator, domain, params, None, None, plan,
+                                                                      precision)
+    kernels.generated_cell_backward(dy, x, generator, domain, params, saved, count, mean, rstd, plan, precision)
 
 
 def main():

@@ -19,7 +19,7 @@ import torch
 from triton.runtime.jit import JITFunction
 
 from hamur_fast.kernels import adapter_cell as cell
-from hamur_fast.kernels import domain_norm as norm
+from hamur_fast.ops.backends import triton as table  # the fused forms: the split launchers in a row
 from hamur_fast.ops.contract import Plan
 
 PRESETS = [(128, 30), (128, 35), (128, 45), (64, 65)]
@@ -44,8 +44,8 @@ def launch_cell(width, rank, per_domain, batch_stats, dtype, bottleneck=BOTTLENE
     params = cell_params(width, rank, bottleneck, per_domain, dtype)
     running = [torch.zeros(DOMAINS, width), torch.ones(DOMAINS, width)] if per_domain else [None, None]
     plan = Plan(per_domain, batch_stats, not per_domain, 1e-5)
-    y, q, v, order, count, mean, m2, rstd = cell.adapter_cell_forward(x, rep, domain, params, *running, plan)
-    cell.adapter_cell_backward(torch.zeros_like(y), x, rep, domain, params, q, v, order, count, mean, rstd, plan)
+    y, count, mean, m2, rstd, *saved = table.cell_forward(x, rep, domain, params, *running, plan)
+    table.cell_backward(torch.zeros_like(y), x, rep, domain, params, saved, count, mean, rstd, plan)
 
 
 def launch_norm(width, per_domain, batch_stats, dtype):
@@ -55,8 +55,8 @@ def launch_norm(width, per_domain, batch_stats, dtype):
     weight, bias = torch.ones(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
     running = [torch.zeros(DOMAINS, width), torch.ones(DOMAINS, width)] if per_domain else [None, None]
     plan = Plan(per_domain, batch_stats, not per_domain, 1e-5)
-    y, count, mean, m2, rstd = norm.domain_norm_forward(o, domain, weight, bias, *running, plan)
-    norm.domain_norm_backward(torch.zeros_like(y), o, domain, weight, count, mean, rstd, plan)
+    y, count, mean, m2, rstd = table.norm_forward(o, domain, weight, bias, *running, plan)
+    table.norm_backward(torch.zeros_like(y), o, domain, weight, count, mean, rstd, plan)
 
 
 def compiled_rows():

@@ -84,7 +84,7 @@ def cmd_demo(args) -> int:
     result = ex.compare(config, ["hamur_mlp", "mlp"], seeds, output, progress=not args.quiet, log=report.log.info)
     print(f"\nTest AUC per domain, mean ± std over seeds {seeds} (best epoch by validation AUC):\n\n"
           f"{result['table']}\n")
-    if (output / "compare_domains.md").is_file() and len(result["domains"]) > ex.MANY_DOMAINS:
+    if (output / "compare_domains.md").is_file() and len(result["domains"]) > report.MANY_DOMAINS:
         print(f"Every domain's AUC: {output / 'compare_domains.md'}")
     print(f"Plots: {output / 'compare_domain_auc.png'}, learning curves under {output / 'runs'}/*/seed*/")
     return 0

@@ -356,11 +356,6 @@ def _segments(domain, params, plan, order=None):
     return dn.sort_groups(domain, num_groups(params, plan), plan.per_domain, order if plan.per_domain else None)
 
 
-def _sorted_args(segments, domain):
-    """(order, sorted domains) kernel arguments, or ``domain`` as the pointer no released-mode kernel reads."""
-    return (domain, domain) if segments.order is None else (segments.order, segments.domain_sorted)
-
-
 def _order_out(segments, device):
     """The order saved for backward: empty in released mode (identity)."""
     return torch.zeros(0, device=device, dtype=torch.int64) if segments.order is None else segments.order
@@ -368,11 +363,13 @@ def _order_out(segments, device):
 
 # The forward and backward at their seams, where a data-parallel step puts its collectives: the projection with
 # this process's per-block partial statistics | merge | normalise, and norm sums | (all_reduce) | main kernel.
+# Signatures: the contract's split passes (hamur_fast/ops/contract.py), saved = (q, v, order).
 @dn.on_first_tensors_device
-def cell_project(x, rep, domain, params, plan, empty=torch.empty):
-    """The cell up to its normalisation: q, v (B, k) fp32 in sorted order, the order (empty in released mode),
-    the rows' dn.GroupSegments and the per-block partial (mean, M2) of o (empty without batch statistics).
-    ``plan``: the contract's Plan (per_domain, batch_statistics, unbiased, eps), as every launcher here takes it."""
+def cell_statistics(x, rep, domain, params, plan, empty=torch.empty):
+    """The cell up to its normalisation: this process's (count, mean, M2, rstd) of o per group (rstd by the plan's
+    eps and variance; None without batch statistics), and saved = (q, v, order): q, v (B, k) fp32 in sorted order,
+    the order (empty in released mode). ``plan``: the contract's Plan (per_domain, batch_statistics, unbiased,
+    eps), as every launcher here takes it."""
     arg_checks.cell("triton cell projection", x, rep, domain, params, plan)
     x, rep, domain = x.contiguous(), rep.contiguous(), domain.contiguous()
     params = tuple(t.contiguous() for t in params)
@@ -385,23 +382,19 @@ def cell_project(x, rep, domain, params, plan, empty=torch.empty):
     part_mean, part_m2 = dn.empty_partials(segments, ROWS_PER_BLOCK, width if plan.batch_statistics else 0, x.device,
                                            empty)
     _cell_fwd_project_kernel[(triton.cdiv(batch, ROWS_PER_BLOCK),)](
-        x, rep, *_sorted_args(segments, domain), *params[:6], q, v, part_mean, part_m2,
+        x, rep, *segments.sorted_args(domain), *params[:6], q, v, part_mean, part_m2,
         batch, width, rank, bottleneck, num_domains, segments.slots_per_part(ROWS_PER_BLOCK),
         PER_DOMAIN=plan.per_domain, BATCH_STATISTICS=plan.batch_statistics, **meta)
-    return q, v, _order_out(segments, x.device), segments, (part_mean, part_m2)
+    saved = (q, v, _order_out(segments, x.device))
+    if not plan.batch_statistics:
+        return None, saved
+    return merge_group_stats(part_mean, part_m2, segments, ROWS_PER_BLOCK, plan.eps, plan.unbiased, empty), saved
 
 
 @dn.on_first_tensors_device
-def cell_statistics(x, rep, domain, params, plan, empty=torch.empty):
-    """This process's (count, mean, M2) of o per group, and (q, v, order) for the passes after it."""
-    q, v, order, segments, parts = cell_project(x, rep, domain, params, plan, empty)
-    count, mean, m2, _rstd = merge_group_stats(*parts, segments, ROWS_PER_BLOCK, 0.0, False, empty)
-    return (count, mean, m2), (q, v, order)
-
-
-@dn.on_first_tensors_device
-def cell_normalise(x, domain, params, v, order, mean, rstd, plan, empty=torch.empty):
-    """y = x + nw (o - mean) rstd + nb, o recomputed from v, with the given per-group mean and rstd (fp32)."""
+def cell_normalise(x, domain, params, saved, mean, rstd, plan, empty=torch.empty):
+    """y = x + nw (o - mean) rstd + nb, o recomputed from saved v, with the given per-group mean and rstd (fp32)."""
+    _q, v, order = saved
     arg_checks.cell_extras(arg_checks.cell("triton cell normalise", x, None, domain, params, plan), plan, v=v,
                            order=order, mean=mean, rstd=rstd)
     x, domain = x.contiguous(), domain.contiguous()
@@ -419,8 +412,9 @@ def cell_normalise(x, domain, params, v, order, mean, rstd, plan, empty=torch.em
 
 
 @dn.on_first_tensors_device
-def cell_grad_sums(dy, domain, params, v, order, mean, rstd, plan, empty=torch.empty):
+def cell_grad_sums(dy, domain, params, saved, mean, rstd, plan, empty=torch.empty):
     """Per-group (sum dy, sum dy * xhat), each (G, h) fp32: the norm bias and weight gradients of these rows."""
+    _q, v, order = saved
     arg_checks.cell_extras(arg_checks.cell("triton cell grad sums", dy, None, domain, params, plan), plan, v=v,
                            order=order, mean=mean, rstd=rstd)
     dy, domain = dy.contiguous(), domain.contiguous()
@@ -431,31 +425,11 @@ def cell_grad_sums(dy, domain, params, v, order, mean, rstd, plan, empty=torch.e
     segments = _segments(domain, params, plan, order)
     part_dy, part_dy_xhat = dn.empty_partials(segments, ROWS_PER_BLOCK, width, dy.device, empty)
     _cell_bwd_norm_sums_kernel[(triton.cdiv(batch, ROWS_PER_BLOCK), triton.cdiv(width, meta["BLOCK_H"]))](
-        dy, *_sorted_args(segments, domain), v, up_right, up_bias, mean.float().contiguous(),
+        dy, *segments.sorted_args(domain), v, up_right, up_bias, mean.float().contiguous(),
         rstd.float().contiguous(), part_dy, part_dy_xhat,
         batch, width, rank, num_domains, segments.slots_per_part(ROWS_PER_BLOCK), PER_DOMAIN=plan.per_domain,
         **meta)
     return dn.merge_group_sums(part_dy, part_dy_xhat, segments, ROWS_PER_BLOCK, empty)
-
-
-@dn.on_first_tensors_device
-def adapter_cell_forward(x, rep, domain, params, running_mean, running_var, plan, empty=torch.empty):
-    """Returns (y, q, v, order, count, mean, m2, rstd); q, v (B, k) fp32 in sorted order for backward."""
-    if not plan.batch_statistics:  # the rest is checked by the passes below
-        args = arg_checks.cell("triton_cell_forward", x, rep, domain, params, plan)
-        if running_mean is None or running_var is None:
-            args.fail("running_mean and running_var are needed without batch statistics")
-        arg_checks.cell_extras(args, plan, running_mean=running_mean, running_var=running_var)
-    q, v, order, segments, parts = cell_project(x, rep, domain, params, plan, empty)
-    if plan.batch_statistics:
-        count, mean, m2, rstd = merge_group_stats(*parts, segments, ROWS_PER_BLOCK, plan.eps, plan.unbiased, empty)
-    else:  # paper mode in eval: running statistics
-        mean = running_mean.float().clone()
-        rstd = torch.rsqrt(running_var.float() + plan.eps)
-        count = torch.zeros(mean.shape[0], device=x.device, dtype=torch.float32)
-        m2 = torch.zeros_like(mean)
-    y = cell_normalise(x, domain, params, v, order, mean, rstd, plan, empty)
-    return y, q, v, order, count, mean, m2, rstd
 
 
 def factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, segments, plan, empty=torch.empty):
@@ -485,10 +459,11 @@ def factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, segments, plan, emp
 
 
 @dn.on_first_tensors_device
-def cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd, sum_dy, sum_dy_xhat, plan,
+def cell_input_grads(dy, x, rep, domain, params, saved, count, mean, rstd, sum_dy, sum_dy_xhat, plan,
                      empty=torch.empty):
     """(dx, drep, and the six projection factors' gradients) from the given count and group sums (this
     process's, or every process's in a data-parallel step), each in its input's dtype and shape."""
+    q, v, order = saved
     arg_checks.cell_extras(arg_checks.cell("triton_cell_backward", x, rep, domain, params, plan), plan, dy=dy, q=q,
                            v=v, order=order, count=count, mean=mean, rstd=rstd, sum_dy=sum_dy,
                            sum_dy_xhat=sum_dy_xhat)
@@ -497,7 +472,7 @@ def cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd,
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, norm_bias = contiguous
     batch, width, rank, bottleneck, num_domains = _sizes(x, rep, params, plan)
     segments = _segments(domain, params, plan, order)
-    sorted_args = _sorted_args(segments, domain)
+    sorted_args = segments.sorted_args(domain)
     meta = _tile_meta(width, rank, bottleneck)
     grid = (triton.cdiv(batch, ROWS_PER_BLOCK),)
     device = x.device
@@ -518,15 +493,3 @@ def cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd,
     grads = factor_grads(x, q, a, v, grad_p, grad_z, grad_u, grad_o, segments, plan, empty)
     param_grads = tuple(g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, params))
     return (dx, drep) + param_grads
-
-
-@dn.on_first_tensors_device
-def adapter_cell_backward(dy, x, rep, domain, params, q, v, order, count, mean, rstd, plan, empty=torch.empty):
-    """Gradients (dx, drep, d down_left, d down_right, d down_bias, d up_left, d up_right, d up_bias,
-    d norm_weight, d norm_bias), each in its input's dtype and shape."""
-    sum_dy, sum_dy_xhat = cell_grad_sums(dy, domain, params, v, order, mean, rstd, plan, empty)
-    grads = cell_input_grads(dy, x, rep, domain, params, q, v, order, count, mean, rstd, sum_dy, sum_dy_xhat, plan,
-                             empty)
-    norm_weight = params[6]
-    return grads + (sum_dy_xhat.reshape(norm_weight.shape).to(norm_weight.dtype),
-                    sum_dy.reshape(norm_weight.shape).to(norm_weight.dtype))

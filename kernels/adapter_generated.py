@@ -296,15 +296,13 @@ def _tile_meta(level1_meta, gen_width):
 
 
 @dn.on_first_tensors_device
-def generated_cell_forward(x, g, centre, gen_weight, gen_bias, domain, params, running_mean, running_var,
-                           plan, precision: str, empty=torch.empty):
-    """Returns (y, q, v, order, count, mean, m2, rstd) as level 1's adapter_cell_forward does."""
+def generated_cell_forward(x, generator, domain, params, running_mean, running_var, plan, precision: str,
+                           empty=torch.empty):
+    """The contract's generated_forward (hamur_fast/ops/contract.py): (y, count, mean, m2, rstd, *saved) with
+    generator = (g, centre, W', c') and saved = (q, v, order), q and v (B, k) fp32 in sorted order."""
+    g, centre, gen_weight, gen_bias = generator
     args = arg_checks.cell("triton_generated_cell_forward", x, None, domain, params, plan)
     arg_checks.cell_extras(args, plan, g=g, centre=centre, gen_weight=gen_weight, gen_bias=gen_bias)
-    if not plan.batch_statistics:
-        if running_mean is None or running_var is None:
-            args.fail("running_mean and running_var are needed without batch statistics")
-        arg_checks.cell_extras(args, plan, running_mean=running_mean, running_var=running_var)
     if precision not in PRECISIONS:
         args.fail(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     x, g, centre, gen_weight, gen_bias, domain = (t.contiguous() for t in (x, g, centre, gen_weight, gen_bias,
@@ -313,8 +311,7 @@ def generated_cell_forward(x, g, centre, gen_weight, gen_bias, domain, params, r
         (t.contiguous() for t in params)
     batch, width, rank, bottleneck, gen_width, num_domains = _sizes(x, g, params, plan)
     segments = dn.sort_groups(domain, num_domains, plan.per_domain)
-    order = segments.order
-    sorted_args = cell._sorted_args(segments, domain)
+    sorted_args = segments.sorted_args(domain)
     level1_meta = cell._tile_meta(width, rank, bottleneck)
     meta = _tile_meta(level1_meta, gen_width)
     rows_per_part = meta["BLOCK_B"]
@@ -332,13 +329,11 @@ def generated_cell_forward(x, g, centre, gen_weight, gen_bias, domain, params, r
     if plan.batch_statistics:
         count, mean, m2, rstd = dn.merge_group_stats(part_mean, part_m2, segments, rows_per_part, plan.eps,
                                                      plan.unbiased, empty)
-    else:  # paper mode in eval: running statistics
-        mean, rstd = running_mean.float().clone(), torch.rsqrt(running_var.float() + plan.eps)
-        count, m2 = torch.zeros(num_domains, **f32), torch.zeros_like(mean)
-    order_out = order if plan.per_domain else torch.zeros(0, device=x.device, dtype=torch.int64)
+    else:  # paper mode in eval (running statistics, checked by the normalise pass as its mean and rstd)
+        count, mean, m2, rstd = dn.running_statistics(args.op, running_mean, running_var, plan.eps)
+    saved = (q, v, cell._order_out(segments, x.device))
     # The normalise pass never touches I: level 1's.
-    y = cell.cell_normalise(x, domain, params, v, order_out, mean, rstd, plan, empty)
-    return y, q, v, order_out, count, mean, m2, rstd
+    return (cell.cell_normalise(x, domain, params, saved, mean, rstd, plan, empty), count, mean, m2, rstd, *saved)
 
 
 def _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q, grad_v, plan, precision, meta,
@@ -362,9 +357,11 @@ def _generator_weight_grads(g, centre, gen_weight, gen_bias, order, p, u, grad_q
 
 
 @dn.on_first_tensors_device
-def generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, params, q, v, order, count, mean,
-                            rstd, plan, precision: str, empty=torch.empty):
-    """Gradients (dx, dg, d centre, d gen_weight, d gen_bias, then the cell's eight parameters)."""
+def generated_cell_backward(dy, x, generator, domain, params, saved, count, mean, rstd, plan, precision: str,
+                            empty=torch.empty):
+    """The contract's generated_backward: the gradients (dx, dg, d centre, d gen_weight, d gen_bias, then the cell's
+    eight parameters)."""
+    (g, centre, gen_weight, gen_bias), (q, v, order) = generator, saved
     args = arg_checks.cell("triton_generated_cell_backward", x, None, domain, params, plan)
     arg_checks.cell_extras(args, plan, dy=dy, g=g, centre=centre, gen_weight=gen_weight, gen_bias=gen_bias, q=q,
                            v=v, order=order, count=count, mean=mean, rstd=rstd)
@@ -375,13 +372,13 @@ def generated_cell_backward(dy, x, g, centre, gen_weight, gen_bias, domain, para
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, _ = contiguous
     batch, width, rank, bottleneck, gen_width, num_domains = _sizes(x, g, params, plan)
     segments = dn.sort_groups(domain, num_domains, plan.per_domain, order)
-    sorted_args = cell._sorted_args(segments, domain)
+    sorted_args = segments.sorted_args(domain)
     level1_meta = cell._tile_meta(width, rank, bottleneck)
     meta = _tile_meta(level1_meta, gen_width)
     f32 = dict(device=x.device, dtype=torch.float32)
 
     # The norm-gradient sums never touch I: level 1's.
-    sum_dy, sum_dy_xhat = cell.cell_grad_sums(dy, domain, contiguous, v, order, mean, rstd, plan, empty)
+    sum_dy, sum_dy_xhat = cell.cell_grad_sums(dy, domain, contiguous, saved, mean, rstd, plan, empty)
 
     dx, dg = empty(x.shape, device=x.device, dtype=x.dtype), empty(g.shape, **f32)
     grad_o = empty((batch, width), **f32)

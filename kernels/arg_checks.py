@@ -83,8 +83,7 @@ def cell(op: str, x, rep, domain, params, plan, rep_shape: str = "B k k") -> Arg
 # The shapes of everything else a cell or norm launcher may take (G = D in paper mode, 1 in released mode; the
 # saved order is (B,) in paper mode, (0,) in released mode, where rows keep their order).
 SHAPES = {"dy": "B h", "q": "B k", "v": "B k", "order": "O", "count": "G", "mean": "G h", "rstd": "G h",
-          "sum_dy": "G h", "sum_dy_xhat": "G h", "running_mean": "G h", "running_var": "G h", "g": "B p",
-          "centre": "p", "gen_weight": "kk p", "gen_bias": "kk"}
+          "sum_dy": "G h", "sum_dy_xhat": "G h", "g": "B p", "centre": "p", "gen_weight": "kk p", "gen_bias": "kk"}
 CONTIGUOUS = ("q", "v", "order")  # read by the kernels as they come
 
 

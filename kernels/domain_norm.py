@@ -25,7 +25,8 @@ with n_var = n (paper, biased variance) or max(n - 1, 1) (released, unbiased var
 with running statistics it is rstd * w * dy. A group with one row has xhat = 0 and do = 0: no NaN.
 
 Layout: ``reference`` math lives in hamur_fast.ops.backends.reference; here come the kernels, then the
-launchers; the custom ops over them (backend="triton") are in hamur_fast/ops/backends/triton.py.
+launchers (the split passes); backend="triton" composes them into its fused forms in
+hamur_fast/ops/backends/triton.py.
 """
 from __future__ import annotations
 
@@ -82,6 +83,10 @@ class GroupSegments(NamedTuple):
 
     def slots_per_part(self, rows: int) -> int:
         return min(rows, self.num_groups) if self.order is not None else 1
+
+    def sorted_args(self, dummy):
+        """(order, domain_sorted) kernel arguments; ``dummy`` (any tensor) where one group reads neither."""
+        return (dummy, dummy) if self.order is None else (self.order, self.domain_sorted)
 
 
 def sort_groups(domain, num_groups: int, per_domain: bool, order=None) -> GroupSegments:
@@ -467,11 +472,6 @@ def merge_group_sums(part_dy, part_dy_xhat, segments: GroupSegments, rows_per_pa
     return outputs
 
 
-def _sorted_args(segments: GroupSegments, dummy):
-    """(order, domain_sorted) kernel arguments; ``dummy`` where one group reads neither."""
-    return (dummy, dummy) if segments.order is None else (segments.order, segments.domain_sorted)
-
-
 def _tiles(o, per_domain):
     """Grid (row blocks, column tiles) and meta-parameters of the row-tile kernels on o (B, h)."""
     batch, width = o.shape
@@ -496,7 +496,7 @@ def _segments(o, groups, num_groups: int) -> GroupSegments:
 def _partial_stats(o, segments: GroupSegments, empty):
     grid, meta = _tiles(o, segments.order is not None)
     part_mean, part_m2 = empty_partials(segments, ROWS_PER_BLOCK, o.shape[1], o.device, empty)
-    _partial_stats_kernel[grid](o, *_sorted_args(segments, segments.offsets), part_mean, part_m2, *o.shape,
+    _partial_stats_kernel[grid](o, *segments.sorted_args(segments.offsets), part_mean, part_m2, *o.shape,
                                 segments.num_groups, segments.slots_per_part(ROWS_PER_BLOCK), **meta)
     return part_mean, part_m2
 
@@ -504,14 +504,26 @@ def _partial_stats(o, segments: GroupSegments, empty):
 # The split passes (hamur_fast.ops.contract.Passes): a data-parallel step runs a collective between them.
 # Statistics, sums and the tables handed in are float32; y and do come in o's dtype.
 @on_first_tensors_device
-def group_statistics(o, groups, num_groups: int, empty=torch.empty):
-    """This process's per-group (count (G,), mean (G, h), M2 (G, h)) of o's rows."""
+def group_statistics(o, groups, num_groups: int, eps: float = 0.0, unbiased: bool = False, empty=torch.empty):
+    """This process's per-group (count (G,), mean (G, h), M2 (G, h)) of o's rows, and the rstd (G, h) they give
+    with ``eps`` and ``unbiased``."""
     arg_checks.norm("triton norm statistics", o, groups, num_groups)
     o = o.contiguous()
     segments = _segments(o, groups, num_groups if groups is not None else 1)
-    count, mean, m2, _rstd = merge_group_stats(*_partial_stats(o, segments, empty), segments, ROWS_PER_BLOCK, 0.0,
-                                               False, empty)
-    return count, mean, m2
+    return merge_group_stats(*_partial_stats(o, segments, empty), segments, ROWS_PER_BLOCK, eps, unbiased, empty)
+
+
+def running_statistics(op: str, running_mean, running_var, eps: float):
+    """(count, mean, m2, rstd) for paper mode in eval: the running statistics, no dependence on the batch (count
+    and m2 are zeros: there is nothing to merge or update). Their device and sizes against the rows are checked
+    where they are read, as the normalise pass's mean and rstd."""
+    if running_mean is None or running_var is None:
+        raise ValueError(f"{op}: running_mean and running_var are needed without batch statistics")
+    arg_checks.Args(op, arg_checks.device_of(running_mean, op)).tensor("running_mean", running_mean, "G h") \
+        .tensor("running_var", running_var, "G h")
+    mean = running_mean.float().clone()
+    count = torch.zeros(mean.shape[0], device=mean.device, dtype=torch.float32)
+    return count, mean, torch.zeros_like(mean), torch.rsqrt(running_var.float() + eps)
 
 
 @on_first_tensors_device
@@ -535,16 +547,17 @@ def grad_sums(dy, o, groups, mean, rstd, num_groups: int, empty=torch.empty):
     segments = _segments(o, groups, num_groups)
     grid, meta = _tiles(o, groups is not None)
     part_dy, part_dy_xhat = empty_partials(segments, ROWS_PER_BLOCK, o.shape[1], o.device, empty)
-    _partial_grad_sums_kernel[grid](dy, o, *_sorted_args(segments, segments.offsets), mean.float().contiguous(),
+    _partial_grad_sums_kernel[grid](dy, o, *segments.sorted_args(segments.offsets), mean.float().contiguous(),
                                     rstd.float().contiguous(), part_dy, part_dy_xhat, *o.shape, num_groups,
                                     segments.slots_per_part(ROWS_PER_BLOCK), **meta)
     return merge_group_sums(part_dy, part_dy_xhat, segments, ROWS_PER_BLOCK, empty)
 
 
 @on_first_tensors_device
-def input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, unbiased: bool, empty=torch.empty):
+def input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, unbiased: bool,
+               batch_statistics: bool = True, empty=torch.empty):
     """do = rstd w (dy - sum_dy / n - xhat sum_dy_xhat / n_var) from the given count and sums; n_var = n, or
-    max(n - 1, 1) when ``unbiased``."""
+    max(n - 1, 1) when ``unbiased``. Without ``batch_statistics`` (running statistics) do = rstd w dy."""
     arg_checks.norm("triton norm input grad", o, groups, dy=dy, weight=weight, mean=mean, rstd=rstd, count=count,
                     sum_dy=sum_dy, sum_dy_xhat=sum_dy_xhat)
     dy, o, weight = dy.contiguous(), o.contiguous(), weight.contiguous()
@@ -553,50 +566,6 @@ def input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, un
     do = empty(o.shape, device=o.device, dtype=o.dtype)
     _input_grad_kernel[grid](dy, o, group_ids, mean.float().contiguous(), rstd.float().contiguous(), weight,
                              count.float().contiguous(), sum_dy.float().contiguous(), sum_dy_xhat.float().contiguous(),
-                             do, *o.shape, mean.shape[0], BATCH_STATISTICS=True, UNBIASED=unbiased, **meta)
+                             do, *o.shape, mean.shape[0], BATCH_STATISTICS=batch_statistics, UNBIASED=unbiased,
+                             **meta)
     return do
-
-
-# The op in one piece: the same passes with this process's statistics, as backend="triton" runs it.
-@on_first_tensors_device
-def domain_norm_forward(o, domain, weight, bias, running_mean, running_var, plan, empty=torch.empty):
-    """Returns y and, for backward and the running-stat update, count (G,), mean, m2, rstd (G, h). ``plan``: the
-    contract's Plan (per_domain, batch_statistics, unbiased, eps)."""
-    args = arg_checks.norm("triton_norm_forward", o, domain if plan.per_domain else None, weight=weight, bias=bias)
-    args.ids("domain", domain)
-    if not plan.batch_statistics:
-        if running_mean is None or running_var is None:
-            args.fail("running_mean and running_var are needed without batch statistics")
-        args.tensor("running_mean", running_mean, "G h").tensor("running_var", running_var, "G h")
-    o, domain = o.contiguous(), domain.contiguous()
-    groups = domain if plan.per_domain else None
-    num_groups = weight.shape[0] if plan.per_domain else 1
-    if plan.batch_statistics:
-        segments = _segments(o, groups, num_groups)
-        count, mean, m2, rstd = merge_group_stats(*_partial_stats(o, segments, empty), segments, ROWS_PER_BLOCK,
-                                                  plan.eps, plan.unbiased, empty)
-    else:  # paper mode in eval: the running statistics, no dependence on the rest of the batch
-        mean = running_mean.float().clone()
-        rstd = torch.rsqrt(running_var.float() + plan.eps)
-        count = torch.zeros(num_groups, device=o.device, dtype=torch.float32)
-        m2 = torch.zeros_like(mean)
-    return normalise(o, groups, weight, bias, mean, rstd, empty), count, mean, m2, rstd
-
-
-@on_first_tensors_device
-def domain_norm_backward(dy, o, domain, weight, count, mean, rstd, plan, empty=torch.empty):
-    """Returns (do, dweight, dbias) for y = weight[g] * (o - mean[g]) * rstd[g] + bias[g]."""
-    arg_checks.norm("triton_norm_backward", o, domain if plan.per_domain else None, dy=dy, weight=weight,
-                    count=count, mean=mean, rstd=rstd).ids("domain", domain)
-    dy, o, domain, weight = (t.contiguous() for t in (dy, o, domain, weight))
-    groups = domain if plan.per_domain else None
-    sum_dy, sum_dy_xhat = grad_sums(dy, o, groups, mean, rstd, mean.shape[0], empty)
-    if plan.batch_statistics:
-        do = input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, plan.unbiased, empty)
-    else:  # running statistics: do = rstd w dy
-        grid, meta = _tiles(o, plan.per_domain)
-        do = empty(o.shape, device=o.device, dtype=o.dtype)
-        _input_grad_kernel[grid](dy, o, _group_ids(o, groups)[0], mean, rstd, weight, count, sum_dy, sum_dy_xhat,
-                                 do, *o.shape, mean.shape[0], BATCH_STATISTICS=False, UNBIASED=plan.unbiased, **meta)
-    shape = weight.shape
-    return do, sum_dy_xhat.reshape(shape).to(weight.dtype), sum_dy.reshape(shape).to(weight.dtype)

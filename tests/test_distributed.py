@@ -154,7 +154,8 @@ def test_two_ranks_train_like_one_process(ranks, case):
 # Each kernel backend's split passes: where they live, and which the adapter cell of a synchronised step runs
 # (Triton splits its fused cell; the C++ cell projects by torch ops and normalises by its norm passes).
 PASS_MODULES = {"cpu": {"hamur_fast.ops.backends.compiled"},
-                "triton": {"hamur_fast.ops.backends.triton", "hamur_fast.kernels.domain_norm"}}
+                "triton": {"hamur_fast.ops.backends.triton", "hamur_fast.kernels.domain_norm",
+                           "hamur_fast.kernels.adapter_cell"}}
 CELL_PASSES = {"cpu": {f"norm.{name}" for name in workers.SPLIT_PASSES["norm"]},
                "triton": {f"cell.{name.removeprefix('cell_')}" for name in workers.SPLIT_PASSES["cell"]}}
 

@@ -140,7 +140,7 @@ def level1_launches(num_domains, device, domain, check_against_reference):
     """Adapter cell and DomainNorm, forward and backward (paper mode, batch statistics), through the launchers
     with a RecordingEmpty; optionally checked against the float64 reference. Returns the recorder."""
     from helpers import NAMES, cell_inputs, rel_err, run_with_grads
-    from hamur_fast.kernels import adapter_cell, domain_norm
+    from hamur_fast.ops.backends import triton  # its fused forms: the launchers in a row
 
     batch, width = len(domain), 13
     x, rep, _, params, stats = cell_inputs(batch, width, 5, 7, num_domains, "paper", seed=5, edge_domains=False)
@@ -150,14 +150,12 @@ def level1_launches(num_domains, device, domain, check_against_reference):
     x32, rep32, params32, stats32, dy = f32[0], f32[1], f32[2:10], f32[10:12], f32[12]
     domain = domain.to(device)
     plan = make_plan("paper", True, True, 0.1, 1e-5)
-    y, q, v, order, count, mean, m2, rstd = adapter_cell.adapter_cell_forward(x32, rep32, domain, params32, *stats32,
-                                                                              plan, empty=record)
-    grads = adapter_cell.adapter_cell_backward(dy, x32, rep32, domain, params32, q, v, order, count, mean, rstd, plan,
-                                               empty=record)
-    norm_y, norm_count, norm_mean, _, norm_rstd = domain_norm.domain_norm_forward(
-        x32, domain, params32[6], params32[7], *stats32, plan, empty=record)
-    norm_grads = domain_norm.domain_norm_backward(dy, x32, domain, params32[6], norm_count, norm_mean, norm_rstd,
-                                                  plan, empty=record)
+    y, count, mean, m2, rstd, *saved = triton.cell_forward(x32, rep32, domain, params32, *stats32, plan, empty=record)
+    grads = triton.cell_backward(dy, x32, rep32, domain, params32, saved, count, mean, rstd, plan, empty=record)
+    norm_y, norm_count, norm_mean, _, norm_rstd = triton.norm_forward(x32, domain, params32[6], params32[7], *stats32,
+                                                                      plan, empty=record)
+    norm_grads = triton.norm_backward(dy, x32, domain, params32[6], norm_count, norm_mean, norm_rstd, plan,
+                                      empty=record)
     if check_against_reference:
         inputs = (x, rep, domain.cpu(), params, stats)
         ref_y, ref_leaves, _ = run_with_grads("reference", torch.float64, "cpu", inputs, "paper", upstream)

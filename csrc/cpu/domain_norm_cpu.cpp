@@ -7,6 +7,16 @@ namespace hamur_fast {
 namespace cpu {
 namespace {
 
+// grad_o of every row from the per-group terms (NormGrad), rows in parallel.
+template <typename T>
+void grad_o_rows(const NormGrad<T>& ng, const Rows& rows, int64_t batch, int64_t width, const T* gy, const T* o,
+                 T* grad_o) {
+  at::parallel_for(0, batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
+    for (int64_t b = first; b < end; ++b)
+      ng.grad_o_row(rows.group(b), width, gy + b * width, o + b * width, grad_o + b * width);
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> domain_norm_forward_cpu(
     const Tensor& o_in, const Tensor& domain_in, const Tensor& weight_in, const Tensor& bias_in,
     const c10::optional<Tensor>& stat_mean, const c10::optional<Tensor>& stat_var, bool per_domain,
@@ -50,11 +60,7 @@ std::tuple<Tensor, Tensor, Tensor> domain_norm_backward_cpu(const Tensor& grad_y
     const NormGrad<scalar_t> ng =
         norm_grad(gy_p, nullptr, o_p, rows, batch, width, groups, weight.data_ptr<scalar_t>(),
                   mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), count.data_ptr<scalar_t>(), plan);
-    scalar_t* grad_o_p = grad_o.data_ptr<scalar_t>();
-    at::parallel_for(0, batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
-      for (int64_t b = first; b < end; ++b)
-        ng.grad_o_row(rows.group(b), width, gy_p + b * width, o_p + b * width, grad_o_p + b * width);
-    });
+    grad_o_rows(ng, rows, batch, width, gy_p, o_p, grad_o.data_ptr<scalar_t>());
     grad_weight = to_tensor(ng.grad_weight, weight.sizes(), o.options());
     grad_bias = to_tensor(ng.grad_bias, weight.sizes(), o.options());
   });
@@ -92,9 +98,6 @@ Tensor domain_norm_normalise_cpu(const Tensor& o_in, const Tensor& domain_in, co
   const Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
   const Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t batch = o.size(0), width = o.size(1), groups = mean.size(0);
-  for (const Tensor* t : {&weight, &bias, &mean, &rstd})
-    TORCH_CHECK(t->numel() == groups * width && t->scalar_type() == o.scalar_type(),
-                "compiled_norm_normalise: every per-group table must be (G, h) in o's dtype");
   const Rows rows{domain.data_ptr<int64_t>(), per_domain};
   check_groups(rows, batch, groups);
   Tensor y = at::empty_like(o);
@@ -115,10 +118,6 @@ Tensor domain_norm_input_grad_cpu(const Tensor& grad_y_in, const Tensor& o_in, c
   const Tensor weight = weight_in.contiguous(), mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const Tensor count = count_in.contiguous(), sum_dy = sum_dy_in.contiguous(), sum_dy_xhat = sum_dy_xhat_in.contiguous();
   const int64_t batch = o.size(0), width = o.size(1), groups = mean.size(0);
-  for (const Tensor* t : {&weight, &rstd, &sum_dy, &sum_dy_xhat})
-    TORCH_CHECK(t->numel() == groups * width && t->scalar_type() == o.scalar_type(),
-                "compiled_norm_input_grad: every per-group table must be (G, h) in o's dtype");
-  TORCH_CHECK(count.numel() == groups && count.scalar_type() == o.scalar_type(), "count must be (G,) in o's dtype");
   const Rows rows{domain.data_ptr<int64_t>(), per_domain};
   check_groups(rows, batch, groups);
   Tensor grad_o = at::empty_like(o);
@@ -127,12 +126,7 @@ Tensor domain_norm_input_grad_cpu(const Tensor& grad_y_in, const Tensor& o_in, c
         sum_dy.data_ptr<scalar_t>(), sum_dy_xhat.data_ptr<scalar_t>(), groups, width, weight.data_ptr<scalar_t>(),
         mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), count.data_ptr<scalar_t>(), /*batch_statistics=*/true,
         unbiased);
-    const scalar_t *gy_p = gy.data_ptr<scalar_t>(), *o_p = o.data_ptr<scalar_t>();
-    scalar_t* grad_o_p = grad_o.data_ptr<scalar_t>();
-    at::parallel_for(0, batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
-      for (int64_t b = first; b < end; ++b)
-        ng.grad_o_row(rows.group(b), width, gy_p + b * width, o_p + b * width, grad_o_p + b * width);
-    });
+    grad_o_rows(ng, rows, batch, width, gy.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), grad_o.data_ptr<scalar_t>());
   });
   return grad_o;
 }

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data import Batch, FeatureMap, MultiDomainData, RowShard, TensorSplit, load_dataset
 from ..data.fingerprint import data_fingerprint, digest, fingerprint
 from ..train import experiment
-from ..train.trainer import Trainer, TrainConfig
+from ..train.trainer import LogitsModule, Trainer, TrainConfig
 from . import runtime
 from ..nn.sync_batch_norm import convert_batch_norms
 from ..ops.collectives import synchronised
@@ -35,18 +35,6 @@ from ..ops.collectives import synchronised
 # torch 2.13 renamed DDP's broadcast_buffers (older versions, e.g. the GPU machine's 2.11, know only that name).
 NO_BUFFER_BROADCAST = ("forward_sync_buffers" if "forward_sync_buffers" in
                        inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
-
-
-class LogitsModule(nn.Module):
-    """A model's ``logits(batch)`` as ``forward(sparse, dense, domain)``: DDP prepares its gradient reduction in
-    ``forward``, so the training forward must go through it."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, sparse, dense, domain):
-        return self.model.logits(Batch(sparse, dense, domain, None))
 
 
 class DistributedTrainer(Trainer):
@@ -123,10 +111,6 @@ class DistributedTrainer(Trainer):
             dist.all_gather(gathered, padded, group=self.context.group)
             out.append(torch.cat(gathered)[:rows].cpu())
         return torch.cat(out) if out else torch.zeros(0)
-
-    def _probabilities(self, batch) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
-            return self.model(batch).float()
 
 
 # ---------------------------------------------------------------------------- data

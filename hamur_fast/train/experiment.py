@@ -431,14 +431,8 @@ def _compare(config: dict, models: list, seeds: list, output: Path, progress: bo
     summaries, raw = {}, {}
     for entry in models:
         label, section = model_section(entry, config.get("model", {}))
-        results = []
-        for seed in seeds:
-            run_config = set_path({**config, "model": section}, "train.seed", int(seed))
-            run_dir = output / "runs" / _slug(label) / f"seed{seed}"
-            result = train_run(run_config, data, run_dir, label, progress, warn_replace=False, standalone=False)
-            log(f"{label} seed {seed}: test AUC {result.test['auc']:.4f} "
-                f"(best epoch {result.best_epoch}, {result.seconds:.0f} s)")
-            results.append(result)
+        results = _seed_runs({**config, "model": section}, seeds, data, output / "runs" / _slug(label), label,
+                             progress, log)
         summaries[label] = summarize(results)
         raw[label] = [{"seed": r.seed, "best_epoch": r.best_epoch, **r.test} for r in results]
     train_counts = data.train.domain_counts(len(labels))
@@ -458,6 +452,18 @@ def _compare(config: dict, models: list, seeds: list, output: Path, progress: bo
     return {"table": table, "summary": summaries, "domains": labels}
 
 
+def _seed_runs(config: dict, seeds: list, data, runs_dir: Path, label: str, progress: bool, log) -> list:
+    """One run of ``config`` per seed, each in ``runs_dir / seed<seed>``, logged as it ends."""
+    results = []
+    for seed in seeds:
+        result = train_run(set_path(config, "train.seed", int(seed)), data, runs_dir / f"seed{seed}", label,
+                           progress, warn_replace=False, standalone=False)
+        log(f"{label} seed {seed}: test AUC {result.test['auc']:.4f} "
+            f"(best epoch {result.best_epoch}, {result.seconds:.0f} s)")
+        results.append(result)
+    return results
+
+
 def sweep(config: dict, param: str, values: list, seeds: list, output, progress: bool = True, log=print) -> dict:
     """One run per value of ``param`` (and per seed); writes ``sweep_<param>.md/.json/.png`` under ``output``."""
     output = Path(output)
@@ -475,15 +481,9 @@ def _sweep(config: dict, param: str, values: list, seeds: list, output: Path, pr
     log(report.data_summary(data, _min_domain_rows(config)))
     labels = domain_labels(data.feature_map)
     summaries = {}
-    for value in values:
-        results = []
-        for seed in seeds:
-            run_config = set_path(run_configs[values.index(value)], "train.seed", int(seed))
-            run_dir = output / "runs" / f"{_slug(param)}={_slug(str(value))}" / f"seed{seed}"
-            result = train_run(run_config, data, run_dir, f"{param}={value}", progress, warn_replace=False,
-                               standalone=False)
-            log(f"{param}={value} seed {seed}: test AUC {result.test['auc']:.4f} (best epoch {result.best_epoch})")
-            results.append(result)
+    for value, run_config in zip(values, run_configs):
+        results = _seed_runs(run_config, seeds, data, output / "runs" / f"{_slug(param)}={_slug(str(value))}",
+                             f"{param}={value}", progress, log)
         summaries[str(value)] = summarize(results)
     table = format_table(summaries, labels, first_column=param)
     name = f"sweep_{_slug(param)}"

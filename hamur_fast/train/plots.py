@@ -64,14 +64,21 @@ def _plot_domain_curves(axis, history: list, epochs: list, train_counts: list | 
         if left_out:
             axis.plot([], [], " ", label=left_out.strip(" ()"))
         return
+    _plot_domain_spread(axis, epochs, aucs, train_counts)
+
+
+def _plot_domain_spread(axis, x, aucs, train_counts: list | None) -> None:
+    """For many domains (one line each would bury the plot): the worst and the best domain's AUC and the rare
+    domains' mean at each x, ``aucs`` (len(x), domains); domains without any AUC are counted in the legend."""
+    missing = int((~np.isfinite(aucs)).all(axis=0).sum())
     with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an epoch where no domain has an AUC
-        axis.plot(epochs, np.nanmin(aucs, axis=1), linestyle="--", label=f"worst domain{left_out}")
-        axis.plot(epochs, np.nanmax(aucs, axis=1), linestyle="--", label="best domain")
+        warnings.simplefilter("ignore", RuntimeWarning)  # a point where no domain has an AUC
+        axis.plot(x, np.nanmin(aucs, axis=1), linestyle="--",
+                  label="worst domain" + (f" ({missing} domain(s) n/a)" if missing else ""))
+        axis.plot(x, np.nanmax(aucs, axis=1), linestyle="--", label="best domain")
         if train_counts is not None:
-            rare = [d for d in rare_domains(train_counts) if d < len(keys)]
-            axis.plot(epochs, np.nanmean(aucs[:, rare], axis=1), linestyle=":",
-                      label=f"rare domains' mean ({len(rare)})")
+            rare = [d for d in rare_domains(train_counts) if d < aucs.shape[1]]
+            axis.plot(x, np.nanmean(aucs[:, rare], axis=1), linestyle=":", label=f"rare domains' mean ({len(rare)})")
 
 
 def _plot_adapter_diagnostics(history: list, epochs: list, axes) -> None:
@@ -154,17 +161,8 @@ def plot_sweep(values: list, summary: list, domain_labels: list, param: str, pat
             axis.fill_between(x, means - stds, means + stds, alpha=0.15)
     else:
         aucs = np.array([[s[f"auc_d{d}"][0] for d in range(len(domain_labels))] for s in summary])
-        missing = int((~np.isfinite(aucs)).all(axis=0).sum())
         axis.plot(x, [s["auc"][0] for s in summary], marker="o", linewidth=2, label="overall")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a value where no domain has an AUC
-            axis.plot(x, np.nanmin(aucs, axis=1), linestyle="--",
-                      label="worst domain" + (f" ({missing} domain(s) n/a)" if missing else ""))
-            axis.plot(x, np.nanmax(aucs, axis=1), linestyle="--", label="best domain")
-            if train_counts is not None:
-                rare = rare_domains(train_counts)
-                axis.plot(x, np.nanmean(aucs[:, rare], axis=1), linestyle=":",
-                          label=f"rare domains' mean ({len(rare)})")
+        _plot_domain_spread(axis, x, aucs, train_counts)
     axis.set_xticks(x, [str(v) for v in values]), axis.set_xlabel(param), axis.set_ylabel("test AUC")
     axis.legend(fontsize=8), axis.set_title(f"test AUC against {param}")
     _save(figure, path)

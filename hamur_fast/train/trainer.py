@@ -27,7 +27,6 @@ from ..data.tensors import Batch
 from ..features import CTRModel
 from .captured_step import CapturedTrainStep
 from . import report
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .checkpoint import (CheckpointError, check_optimizer_state, check_progress, check_weights, load_checkpoint,
                          save_checkpoint)
 from .diagnostics import AdapterDiagnostics
@@ -208,7 +207,7 @@ class Trainer:
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.run_config = run_config or {}
         self.optimizer = self._make_optimizer()
-        self.captured_step = (CapturedTrainStep(_BatchFields(self.model), self.optimizer, config.batch_size,
+        self.captured_step = (CapturedTrainStep(LogitsModule(self.model), self.optimizer, config.batch_size,
                                                 self.device) if config.cuda_graph else None)
         self.epoch, self.best_auc, self.best_epoch, self.bad_epochs = 0, -math.inf, 0, 0
         self.history: list = []
@@ -374,9 +373,12 @@ class Trainer:
         self.model.eval()
         out = []
         for batch in split.batches(self.config.eval_batch_size, device=self.device):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
-                out.append(self.model(batch).float().cpu())
+            out.append(self._probabilities(batch).cpu())
         return torch.cat(out) if out else torch.zeros(0)
+
+    def _probabilities(self, batch) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            return self.model(batch).float()
 
     def evaluate(self, split: TensorSplit) -> dict:
         """Overall and per-domain AUC and logloss (see :func:`domain_metrics`)."""
@@ -440,8 +442,9 @@ class Trainer:
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "load_checkpoint", "CheckpointError", "CHECKPOINT_NAME"]
 
 
-class _BatchFields(torch.nn.Module):
-    """A CTRModel seen as ``logits(sparse, dense, domain)``: the tensors-only call a captured step drives."""
+class LogitsModule(torch.nn.Module):
+    """A CTRModel seen as ``logits(sparse, dense, domain)``: the tensors-only call a captured step drives, and the
+    forward of a data-parallel step (DDP prepares its gradient reduction in ``forward``)."""
 
     def __init__(self, model: CTRModel):
         super().__init__()
@@ -449,3 +452,5 @@ class _BatchFields(torch.nn.Module):
 
     def logits(self, sparse, dense, domain):
         return self.model.logits(Batch(sparse, dense, domain, None))
+
+    forward = logits

@@ -1,7 +1,8 @@
 """backend="triton": the table of passes over the Triton kernels of :mod:`hamur_fast.kernels`.
 
 The launchers (kernels/adapter_cell.py, kernels/domain_norm.py, kernels/adapter_generated.py) do the GPU work;
-:mod:`hamur_fast.ops.compose` composes them into the ops (the fused forms as custom ops, so torch.compile and
+the fused forms of the cell and the norm are their split passes in a row (below), the level-2 cell has kernels of
+its own. :mod:`hamur_fast.ops.compose` composes them into the ops (the fused forms as custom ops, so torch.compile and
 torch.export trace them as single ops; the split passes a data-parallel step runs with collectives between them).
 Intermediates: :mod:`hamur_fast.ops.contract`.
 
@@ -17,6 +18,7 @@ import os
 import torch
 
 from ...kernels import adapter_cell as cell_kernels
+from ...kernels import arg_checks
 from ...kernels import adapter_generated as generated_kernels
 from ...kernels import domain_norm as norm_kernels
 from ..grouped_linear import grouped_linear_kernel
@@ -28,27 +30,48 @@ from ..registry import register_backend
 MAX_WIDTH, MAX_RANK, MAX_BOTTLENECK = cell_kernels.MAX_WIDTH, cell_kernels.MAX_RANK, cell_kernels.MAX_BOTTLENECK
 
 
-# The fused forms: the launchers return (y, q, v, order, count, mean, m2, rstd); saved = (q, v, order), q and v
-# (B, k) fp32 in sorted order, order (B,) in paper mode and empty in released mode.
-def cell_forward(x, rep, domain, params, running_mean, running_var, plan):
-    y, q, v, order, count, mean, m2, rstd = cell_kernels.adapter_cell_forward(x, rep, domain, params, running_mean,
-                                                                              running_var, plan)
-    return y, count, mean, m2, rstd, q, v, order
+# The fused forms, composed of the split launchers with this process's statistics (paper-mode eval: the running
+# ones). saved = (q, v, order): q and v (B, k) fp32 in sorted order, order (B,) in paper mode, empty in released mode.
+def _statistics(op, stats, running_mean, running_var, plan):
+    if plan.batch_statistics:
+        return stats
+    return norm_kernels.running_statistics(op, running_mean, running_var, plan.eps)
 
 
-def cell_backward(dy, x, rep, domain, params, saved, count, mean, rstd, plan):
-    return cell_kernels.adapter_cell_backward(dy, x, rep, domain, params, *saved, count, mean, rstd, plan)
+def _norm_grads(weight, sum_dy, sum_dy_xhat):
+    return sum_dy_xhat.reshape(weight.shape).to(weight.dtype), sum_dy.reshape(weight.shape).to(weight.dtype)
 
 
-def generated_forward(x, generator, domain, params, running_mean, running_var, plan, precision):
-    y, q, v, order, count, mean, m2, rstd = generated_kernels.generated_cell_forward(
-        x, *generator, domain, params, running_mean, running_var, plan, precision)
-    return y, count, mean, m2, rstd, q, v, order
+def norm_forward(o, domain, weight, bias, running_mean, running_var, plan, empty=torch.empty):
+    arg_checks.norm("triton_norm_forward", o, domain)  # domain: (B,) int64 also where one group reads no id
+    groups, num_groups = (domain, weight.shape[0]) if plan.per_domain else (None, 1)
+    stats = norm_kernels.group_statistics(o, groups, num_groups, plan.eps, plan.unbiased, empty) \
+        if plan.batch_statistics else None
+    count, mean, m2, rstd = _statistics("triton_norm_forward", stats, running_mean, running_var, plan)
+    return norm_kernels.normalise(o, groups, weight, bias, mean, rstd, empty), count, mean, m2, rstd
 
 
-def generated_backward(dy, x, generator, domain, params, saved, count, mean, rstd, plan, precision):
-    return generated_kernels.generated_cell_backward(dy, x, *generator, domain, params, *saved, count, mean, rstd,
-                                                     plan, precision)
+def norm_backward(dy, o, domain, weight, count, mean, rstd, plan, empty=torch.empty):
+    arg_checks.norm("triton_norm_backward", o, domain)
+    groups = domain if plan.per_domain else None
+    sum_dy, sum_dy_xhat = norm_kernels.grad_sums(dy, o, groups, mean, rstd, mean.shape[0], empty)
+    do = norm_kernels.input_grad(dy, o, groups, weight, mean, rstd, count, sum_dy, sum_dy_xhat, plan.unbiased,
+                                 plan.batch_statistics, empty)
+    return (do, *_norm_grads(weight, sum_dy, sum_dy_xhat))
+
+
+def cell_forward(x, rep, domain, params, running_mean, running_var, plan, empty=torch.empty):
+    stats, saved = cell_kernels.cell_statistics(x, rep, domain, params, plan, empty)
+    count, mean, m2, rstd = _statistics("triton_cell_forward", stats, running_mean, running_var, plan)
+    y = cell_kernels.cell_normalise(x, domain, params, saved, mean, rstd, plan, empty)
+    return (y, count, mean, m2, rstd, *saved)
+
+
+def cell_backward(dy, x, rep, domain, params, saved, count, mean, rstd, plan, empty=torch.empty):
+    sum_dy, sum_dy_xhat = cell_kernels.cell_grad_sums(dy, domain, params, saved, mean, rstd, plan, empty)
+    grads = cell_kernels.cell_input_grads(dy, x, rep, domain, params, saved, count, mean, rstd, sum_dy, sum_dy_xhat,
+                                          plan, empty)
+    return grads + _norm_grads(params[6], sum_dy, sum_dy_xhat)
 
 
 def saved_like(x, rank, params, plan):
@@ -58,38 +81,24 @@ def saved_like(x, rank, params, plan):
 
 
 def norm_statistics(o, groups, num_groups):
-    return GroupStats(*norm_kernels.group_statistics(o, groups, num_groups))
+    return GroupStats(*norm_kernels.group_statistics(o, groups, num_groups)[:3])
 
 
-# The fused cell's kernels at their seams (kernels/adapter_cell.py): project (with this process's partial
-# statistics, merged locally) | normalise; norm sums | main kernel and the factor gradients. saved = (q, v, order).
+# The fused cell's kernels at their seams (kernels/adapter_cell.py, in the contract's signatures): project (with this
+# process's partial statistics, merged locally) | normalise; norm sums | main kernel and the factor gradients.
 def cell_project(x, rep, domain, params, plan):
     stats, saved = cell_kernels.cell_statistics(x, rep, domain, params, plan)
-    return GroupStats(*stats), saved
-
-
-def cell_normalise(x, domain, params, saved, mean, rstd, plan):
-    _q, v, order = saved
-    return cell_kernels.cell_normalise(x, domain, params, v, order, mean, rstd, plan)
-
-
-def cell_grad_sums(dy, domain, params, saved, mean, rstd, plan):
-    _q, v, order = saved
-    return cell_kernels.cell_grad_sums(dy, domain, params, v, order, mean, rstd, plan)
-
-
-def cell_input_grads(dy, x, rep, domain, params, saved, count, mean, rstd, sum_dy, sum_dy_xhat, plan):
-    return cell_kernels.cell_input_grads(dy, x, rep, domain, params, *saved, count, mean, rstd, sum_dy, sum_dy_xhat,
-                                         plan)
+    return GroupStats(*stats[:3]), saved
 
 
 PASSES = Passes(
     norm_statistics, norm_kernels.normalise, norm_kernels.grad_sums, norm_kernels.input_grad,
-    cell_project=cell_project, cell_normalise=cell_normalise, cell_grad_sums=cell_grad_sums,
-    cell_input_grads=cell_input_grads,
-    norm_forward=norm_kernels.domain_norm_forward, norm_backward=norm_kernels.domain_norm_backward,
+    cell_project=cell_project, cell_normalise=cell_kernels.cell_normalise,
+    cell_grad_sums=cell_kernels.cell_grad_sums, cell_input_grads=cell_kernels.cell_input_grads,
+    norm_forward=norm_forward, norm_backward=norm_backward,
     cell_forward=cell_forward, cell_backward=cell_backward,
-    generated_forward=generated_forward, generated_backward=generated_backward,
+    generated_forward=generated_kernels.generated_cell_forward,
+    generated_backward=generated_kernels.generated_cell_backward,
     cell_saved_like=saved_like, generated_saved_like=saved_like,
     statistics_dtype=lambda dtype: torch.float32)
 
