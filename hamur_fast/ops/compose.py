@@ -50,8 +50,9 @@ def _num_groups(weight, per_domain: bool) -> int:
 
 
 def _cast(tensors, dtype):
-    """The tensors in the dtype a table's fused forms take (None: as they are)."""
-    return list(tensors) if dtype is None else [t.to(dtype) for t in tensors]
+    """The tensors in the dtype a table's fused forms take (None: as they are); ``to`` only where it changes one (a
+    no-op ``to`` still costs a call through the dispatcher)."""
+    return [t if dtype is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
 def _stats(plan: Plan, count, mean, m2) -> GroupStats | None:
