@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+from torch._C import _functions as autograd_functions
 
 from . import collectives
 from .contract import GroupStats, Passes, Plan, update_running_stats, variance_divisor
@@ -62,8 +62,8 @@ def _stats(plan: Plan, count, mean, m2) -> GroupStats | None:
 # ----------------------------------------------------------------------------- the fused ops
 # Registered with torch.library's Library (schema, one kernel for every device, fake, Autograd kernel) rather than
 # torch.library.custom_op: custom_op wraps every call (pytree over the list arguments and outputs, an aliasing check,
-# fill_defaults, a dynamo guard per kernel), which cost ~100 us per cell step at small batches, as much as the
-# kernels (benchmarks/RESULTS.md, "Issue 22: the composed ops' fixed cost"). Each family's autograd is one
+# fill_defaults, a dynamo guard per kernel): ~200 us per cell step (forward and backward) at B=8, a third of the step
+# (benchmarks/RESULTS.md, "Issue 22: the composed ops' fixed cost"). Each family's autograd is one
 # autograd.Function over the forward op, given the differentiable tensors flat so that autograd sees those in lists.
 _LIB = torch.library.Library("hamur_fast", "FRAGMENT")
 _PLAN_ARGS = "bool per_domain, bool batch_statistics, bool unbiased, float eps"
@@ -80,6 +80,18 @@ def _define(schema: str, kernel: Callable, fake: Callable):
     _LIB.impl(name, kernel, "CompositeExplicitAutograd")
     torch.library.register_fake(f"hamur_fast::{name}", fake, lib=_LIB)
     return getattr(torch.ops.hamur_fast, name).default
+
+
+def _first_order(backward_op, *args):
+    """The gradients ``backward_op(*args)``; under create_graph=True behind a node that refuses to differentiate them
+    again (the fused backward kernels have no derivative of their own), not silently without second-order terms."""
+    with _below_autograd():
+        grads = backward_op(*args)
+    if not torch.is_grad_enabled():
+        return grads
+    refuse = autograd_functions.DelayedError(b"hamur_fast: the fused ops are differentiable once; backend='torch' "
+                                             b"differentiates further", len(grads))
+    return refuse(*(g.detach().requires_grad_() for g in grads))
 
 
 def _forward_saved_like(saved_like, x, rank, params, per_domain, batch_statistics, unbiased, eps, stats_dtype):
@@ -130,11 +142,10 @@ class _CellAutograd(torch.autograd.Function):
         return tuple(output)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy, *_unused_grads):
         x, rep, domain, count, mean, rstd, *rest = ctx.saved_tensors
-        grads = cell_backward(ctx.backend, dy, x, rep, domain, rest[:_NUM_PARAMS], rest[_NUM_PARAMS:], count, mean,
-                              rstd, *ctx.flags)
+        grads = _first_order(cell_backward, ctx.backend, dy, x, rep, domain, rest[:_NUM_PARAMS], rest[_NUM_PARAMS:],
+                             count, mean, rstd, *ctx.flags)
         return None, None, None, None, *grads
 
 
@@ -189,9 +200,8 @@ class _NormAutograd(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy, *_unused_grads):
-        return None, None, None, None, *norm_backward(ctx.backend, dy, *ctx.saved_tensors, *ctx.flags)
+        return None, None, None, None, *_first_order(norm_backward, ctx.backend, dy, *ctx.saved_tensors, *ctx.flags)
 
 
 def _norm_autograd(backend, o, domain, weight, bias, running_mean, running_var, *flags):
@@ -254,12 +264,11 @@ class _GeneratedAutograd(torch.autograd.Function):
         return tuple(output)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy, *_unused_grads):
         x, domain, count, mean, rstd, *rest = ctx.saved_tensors
         generator, params = rest[:_NUM_GENERATOR], rest[_NUM_GENERATOR:_NUM_GENERATOR + _NUM_PARAMS]
-        grads = generated_cell_backward(ctx.backend, dy, x, generator, domain, params,
-                                        rest[_NUM_GENERATOR + _NUM_PARAMS:], count, mean, rstd, *ctx.flags_precision)
+        grads = _first_order(generated_cell_backward, ctx.backend, dy, x, generator, domain, params,
+                             rest[_NUM_GENERATOR + _NUM_PARAMS:], count, mean, rstd, *ctx.flags_precision)
         return None, None, None, None, *grads
 
 
