@@ -112,3 +112,26 @@ def test_fused_generated_cell_matches_the_materialised_one(backend, device):
     exact, _ = compose.hyper_adapter(eager, x.double(), rep.materialise().double(), domain,
                                      [p.double() for p in params], *[s.double() for s in stats], plan)
     assert rel_err(fused, exact) <= fp32_bound(rel_err(plain, exact))
+
+
+@pytest.mark.parametrize("family, has", [("cell", "cell_forward"), ("norm", "norm_forward"),
+                                         ("generated", "generated_forward")])
+def test_fused_ops_refuse_a_second_differentiation(family, has):
+    """create_graph=True gives the first-order gradients, and differentiating them again is refused by name (the
+    fused backward kernels have no derivative), never silently without their second-order terms."""
+    placements = _placements(has)
+    if not placements:
+        pytest.skip(f"no backend here has {has}")
+    backend, device = placements[0]
+    impl, plan = registry.get_backend(backend), make_plan("paper", True, False, 0.1, 1e-5)
+    x, rep, domain, params, _stats = _inputs("paper", torch.float32, device)
+    x.requires_grad_()
+    call = {"cell": lambda: compose.hyper_adapter(impl, x, rep, domain, params, None, None, plan),
+            "norm": lambda: compose.domain_norm(impl, x, domain, params[6], params[7], None, None, plan),
+            "generated": lambda: compose.generated_cell(impl, x, generated.GeneratedRep(
+                *_generator(x.shape[0], device), SIZES["rank"]), domain, params, None, None, plan, "ieee")}[family]
+    (once,) = torch.autograd.grad(call()[0].square().sum(), x)
+    (with_graph,) = torch.autograd.grad(call()[0].square().sum(), x, create_graph=True)
+    assert torch.equal(once, with_graph.detach())
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        with_graph.sum().backward()

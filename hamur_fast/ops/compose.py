@@ -21,10 +21,12 @@ own autograd over torch ops.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch._C import _functions as autograd_functions
 
 from . import collectives
 from .contract import GroupStats, Passes, Plan, update_running_stats, variance_divisor
@@ -48,173 +50,238 @@ def _num_groups(weight, per_domain: bool) -> int:
 
 
 def _cast(tensors, dtype):
-    """The tensors in the dtype a table's fused forms take (None: as they are)."""
-    return list(tensors) if dtype is None else [t.to(dtype) for t in tensors]
+    """The tensors in the dtype a table's fused forms take (None: as they are); ``to`` only where it changes one (a
+    no-op ``to`` still costs a call through the dispatcher)."""
+    return [t if dtype is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
 def _stats(plan: Plan, count, mean, m2) -> GroupStats | None:
     return GroupStats(count, mean, m2) if plan.batch_statistics else None
 
 
+# ----------------------------------------------------------------------------- the fused ops
+# Registered with torch.library's Library (schema, one kernel for every device, fake, Autograd kernel) rather than
+# torch.library.custom_op: custom_op wraps every call (pytree over the list arguments and outputs, an aliasing check,
+# fill_defaults, a dynamo guard per kernel): ~200 us per cell step (forward and backward) at B=8, a third of the step
+# (benchmarks/RESULTS.md, "Issue 22: the composed ops' fixed cost"). Each family's autograd is one
+# autograd.Function over the forward op, given the differentiable tensors flat so that autograd sees those in lists.
+_LIB = torch.library.Library("hamur_fast", "FRAGMENT")
+_PLAN_ARGS = "bool per_domain, bool batch_statistics, bool unbiased, float eps"
+_STATS = "Tensor count, Tensor mean, Tensor rstd"
+_NUM_PARAMS, _NUM_GENERATOR = 8, 4  # contract: params (DL, DR, db, UL, UR, ub, nw, nb); generator (g, centre, W', c')
+_plan = functools.cache(Plan.of_flags)  # the kernels rebuild the plan from its flags at every call
+_below_autograd = torch._C._AutoDispatchBelowAutograd  # what an Autograd kernel runs its op under
+
+
+def _define(schema: str, kernel: Callable, fake: Callable):
+    """The op ``hamur_fast::<schema>`` with ``kernel`` for every device and its fake."""
+    name = schema[:schema.index("(")]
+    _LIB.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
+    _LIB.impl(name, kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"hamur_fast::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.hamur_fast, name).default
+
+
+def _first_order(backward_op, *args):
+    """The gradients ``backward_op(*args)``; under create_graph=True behind a node that refuses to differentiate them
+    again (the fused backward kernels have no derivative of their own), not silently without second-order terms."""
+    with _below_autograd():
+        grads = backward_op(*args)
+    if not torch.is_grad_enabled():
+        return grads
+    refuse = autograd_functions.DelayedError(b"hamur_fast: the fused ops are differentiable once; backend='torch' "
+                                             b"differentiates further", len(grads))
+    return refuse(*(g.detach().requires_grad_() for g in grads))
+
+
+def _forward_saved_like(saved_like, x, rank, params, per_domain, batch_statistics, unbiased, eps, stats_dtype):
+    """[y, count, mean, m2, rstd, *saved] empty, for the fakes of the cells."""
+    plan = _plan(per_domain, batch_statistics, unbiased, eps)
+    return [torch.empty_like(x), *_statistics_like(x, _num_groups(params[6], per_domain), stats_dtype),
+            *saved_like(x, rank, params, plan)]
+
+
 # ----------------------------------------------------------------------------- the fused cell
-@torch.library.custom_op("hamur_fast::cell_forward", mutates_args=())
-def cell_forward(backend: str, x: torch.Tensor, rep: torch.Tensor, domain: torch.Tensor, params: list[torch.Tensor],
-                 running_mean: torch.Tensor | None, running_var: torch.Tensor | None, per_domain: bool,
-                 batch_statistics: bool, unbiased: bool, eps: float) -> list[torch.Tensor]:
+def _cell_forward(backend, x, rep, domain, params, running_mean, running_var, *flags):
     """[y, count, mean, m2, rstd, *saved] of ``backend``'s fused cell."""
-    plan = Plan.of_flags(per_domain, batch_statistics, unbiased, eps)
-    return list(_table(backend).cell_forward(x, rep, domain, tuple(params), running_mean, running_var, plan))
+    return list(_table(backend).cell_forward(x, rep, domain, params, running_mean, running_var, _plan(*flags)))
 
 
-@cell_forward.register_fake
-def _(backend, x, rep, domain, params, running_mean, running_var, per_domain, batch_statistics, unbiased, eps):
+def _cell_forward_fake(backend, x, rep, domain, params, running_mean, running_var, *flags):
     table = _table(backend)
-    plan = Plan.of_flags(per_domain, batch_statistics, unbiased, eps)
-    return [torch.empty_like(x), *_statistics_like(x, _num_groups(params[6], per_domain),
-                                                   table.statistics_dtype(x.dtype)),
-            *table.cell_saved_like(x, rep.shape[1], params, plan)]
+    return _forward_saved_like(table.cell_saved_like, x, rep.shape[1], params, *flags, table.statistics_dtype(x.dtype))
 
 
-@torch.library.custom_op("hamur_fast::cell_backward", mutates_args=())
-def cell_backward(backend: str, dy: torch.Tensor, x: torch.Tensor, rep: torch.Tensor, domain: torch.Tensor,
-                  params: list[torch.Tensor], saved: list[torch.Tensor], count: torch.Tensor, mean: torch.Tensor,
-                  rstd: torch.Tensor, per_domain: bool, batch_statistics: bool, unbiased: bool,
-                  eps: float) -> list[torch.Tensor]:
+def _cell_backward(backend, dy, x, rep, domain, params, saved, count, mean, rstd, *flags):
     """The gradients of x, rep and the eight params."""
-    plan = Plan.of_flags(per_domain, batch_statistics, unbiased, eps)
-    return list(_table(backend).cell_backward(dy, x, rep, domain, tuple(params), tuple(saved), count, mean, rstd,
-                                              plan))
+    return list(_table(backend).cell_backward(dy, x, rep, domain, params, saved, count, mean, rstd, _plan(*flags)))
 
 
-@cell_backward.register_fake
-def _(backend, dy, x, rep, domain, params, saved, count, mean, rstd, per_domain, batch_statistics, unbiased, eps):
+def _cell_backward_fake(backend, dy, x, rep, domain, params, *_rest):
     return [torch.empty_like(t) for t in (x, rep, *params)]
 
 
-def _setup_cell(ctx, inputs, output):
-    backend, x, rep, domain, params = inputs[:5]
-    _y, count, mean, _m2, rstd, *saved = output
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(x, rep, domain, count, mean, rstd, *params, *saved)
-    ctx.backend, ctx.num_params, ctx.flags = backend, len(params), inputs[7:]
+cell_forward = _define("cell_forward(str backend, Tensor x, Tensor rep, Tensor domain, Tensor[] params, "
+                       f"Tensor? running_mean, Tensor? running_var, {_PLAN_ARGS}) -> Tensor[]",
+                       _cell_forward, _cell_forward_fake)
+cell_backward = _define("cell_backward(str backend, Tensor dy, Tensor x, Tensor rep, Tensor domain, Tensor[] params, "
+                        f"Tensor[] saved, {_STATS}, {_PLAN_ARGS}) -> Tensor[]", _cell_backward, _cell_backward_fake)
 
 
-def _cell_backward(ctx, grads):
-    x, rep, domain, count, mean, rstd, *rest = ctx.saved_tensors
-    params, saved = rest[:ctx.num_params], rest[ctx.num_params:]
-    dx, drep, *param_grads = cell_backward(ctx.backend, grads[0], x, rep, domain, params, saved, count, mean, rstd,
-                                           *ctx.flags)
-    return None, dx, drep, None, param_grads, None, None, None, None, None, None
+class _CellAutograd(torch.autograd.Function):
+    """cell_forward's autograd: y differentiable in x, rep and the params; the rest saved or non-differentiable."""
+
+    @staticmethod
+    def forward(ctx, backend, domain, running, flags, x, rep, *params):
+        with _below_autograd():
+            output = cell_forward(backend, x, rep, domain, list(params), *running, *flags)
+        _y, count, mean, _m2, rstd, *saved = output
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(x, rep, domain, count, mean, rstd, *params, *saved)
+        ctx.backend, ctx.flags = backend, flags
+        return tuple(output)
+
+    @staticmethod
+    def backward(ctx, dy, *_unused_grads):
+        x, rep, domain, count, mean, rstd, *rest = ctx.saved_tensors
+        grads = _first_order(cell_backward, ctx.backend, dy, x, rep, domain, rest[:_NUM_PARAMS], rest[_NUM_PARAMS:],
+                             count, mean, rstd, *ctx.flags)
+        return None, None, None, None, *grads
 
 
-cell_forward.register_autograd(_cell_backward, setup_context=_setup_cell)
+def _cell_autograd(backend, x, rep, domain, params, running_mean, running_var, *flags):
+    if _needs_grad(x, rep, *params):
+        return list(_CellAutograd.apply(backend, domain, (running_mean, running_var), flags, x, rep, *params))
+    with _below_autograd():
+        return cell_forward(backend, x, rep, domain, params, running_mean, running_var, *flags)
+
+
+_LIB.impl("cell_forward", _cell_autograd, "Autograd")
 
 
 # ----------------------------------------------------------------------------- the fused norm
-@torch.library.custom_op("hamur_fast::norm_forward", mutates_args=())
-def norm_forward(backend: str, o: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                 running_mean: torch.Tensor | None, running_var: torch.Tensor | None, per_domain: bool,
-                 batch_statistics: bool, unbiased: bool, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _norm_forward(backend, o, domain, weight, bias, running_mean, running_var, *flags):
     """(y, count, mean, m2, rstd) of ``backend``'s fused DomainNorm."""
-    plan = Plan.of_flags(per_domain, batch_statistics, unbiased, eps)
-    return tuple(_table(backend).norm_forward(o, domain, weight, bias, running_mean, running_var, plan))
+    return tuple(_table(backend).norm_forward(o, domain, weight, bias, running_mean, running_var, _plan(*flags)))
 
 
-@norm_forward.register_fake
-def _(backend, o, domain, weight, bias, running_mean, running_var, per_domain, batch_statistics, unbiased, eps):
-    dtype = _table(backend).statistics_dtype(o.dtype)
-    return (torch.empty_like(o), *_statistics_like(o, _num_groups(weight, per_domain), dtype))
+def _norm_forward_fake(backend, o, domain, weight, bias, running_mean, running_var, per_domain, *_flags):
+    return (torch.empty_like(o), *_statistics_like(o, _num_groups(weight, per_domain),
+                                                   _table(backend).statistics_dtype(o.dtype)))
 
 
-@torch.library.custom_op("hamur_fast::norm_backward", mutates_args=())
-def norm_backward(backend: str, dy: torch.Tensor, o: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor,
-                  count: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, per_domain: bool,
-                  batch_statistics: bool, unbiased: bool, eps: float
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _norm_backward(backend, dy, o, domain, weight, count, mean, rstd, *flags):
     """(grad o, grad weight, grad bias)."""
-    plan = Plan.of_flags(per_domain, batch_statistics, unbiased, eps)
-    return tuple(_table(backend).norm_backward(dy, o, domain, weight, count, mean, rstd, plan))
+    return tuple(_table(backend).norm_backward(dy, o, domain, weight, count, mean, rstd, _plan(*flags)))
 
 
-@norm_backward.register_fake
-def _(backend, dy, o, domain, weight, count, mean, rstd, per_domain, batch_statistics, unbiased, eps):
+def _norm_backward_fake(backend, dy, o, domain, weight, *_rest):
     return torch.empty_like(o), torch.empty_like(weight), torch.empty_like(weight)
 
 
-def _setup_norm(ctx, inputs, output):
-    backend, o, domain, weight = inputs[:4]
-    _y, count, mean, _m2, rstd = output
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(o, domain, weight, count, mean, rstd)
-    ctx.backend, ctx.flags = backend, inputs[7:]
+norm_forward = _define("norm_forward(str backend, Tensor o, Tensor domain, Tensor weight, Tensor bias, "
+                       f"Tensor? running_mean, Tensor? running_var, {_PLAN_ARGS}) -> "
+                       "(Tensor, Tensor, Tensor, Tensor, Tensor)", _norm_forward, _norm_forward_fake)
+norm_backward = _define("norm_backward(str backend, Tensor dy, Tensor o, Tensor domain, Tensor weight, "
+                        f"{_STATS}, {_PLAN_ARGS}) -> (Tensor, Tensor, Tensor)", _norm_backward, _norm_backward_fake)
 
 
-def _norm_backward(ctx, dy, *_unused_grads):
-    do, dweight, dbias = norm_backward(ctx.backend, dy, *ctx.saved_tensors, *ctx.flags)
-    return None, do, None, dweight, dbias, None, None, None, None, None, None
+class _NormAutograd(torch.autograd.Function):
+    """norm_forward's autograd: y differentiable in o, weight and bias."""
+
+    @staticmethod
+    def forward(ctx, backend, domain, running, flags, o, weight, bias):
+        with _below_autograd():
+            output = norm_forward(backend, o, domain, weight, bias, *running, *flags)
+        _y, count, mean, _m2, rstd = output
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(o, domain, weight, count, mean, rstd)
+        ctx.backend, ctx.flags = backend, flags
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, *_unused_grads):
+        return None, None, None, None, *_first_order(norm_backward, ctx.backend, dy, *ctx.saved_tensors, *ctx.flags)
 
 
-norm_forward.register_autograd(_norm_backward, setup_context=_setup_norm)
+def _norm_autograd(backend, o, domain, weight, bias, running_mean, running_var, *flags):
+    if _needs_grad(o, weight, bias):
+        return _NormAutograd.apply(backend, domain, (running_mean, running_var), flags, o, weight, bias)
+    with _below_autograd():
+        return norm_forward(backend, o, domain, weight, bias, running_mean, running_var, *flags)
+
+
+_LIB.impl("norm_forward", _norm_autograd, "Autograd")
 
 
 # ----------------------------------------------------------------------------- the fused generated cell (level 2)
-@torch.library.custom_op("hamur_fast::generated_cell_forward", mutates_args=())
-def generated_cell_forward(backend: str, x: torch.Tensor, generator: list[torch.Tensor], domain: torch.Tensor,
-                           params: list[torch.Tensor], running_mean: torch.Tensor | None,
-                           running_var: torch.Tensor | None, per_domain: bool, batch_statistics: bool,
-                           unbiased: bool, eps: float, precision: str) -> list[torch.Tensor]:
+def _generated_forward(backend, x, generator, domain, params, running_mean, running_var, *flags_precision):
     """[y, count, mean, m2, rstd, *saved] of ``backend``'s cell on I generated from generator = (g, centre, W', c')."""
-    plan = Plan.of_flags(per_domain, batch_statistics, unbiased, eps)
-    return list(_table(backend).generated_forward(x, tuple(generator), domain, tuple(params), running_mean,
-                                                  running_var, plan, precision))
+    *flags, precision = flags_precision
+    return list(_table(backend).generated_forward(x, generator, domain, params, running_mean, running_var,
+                                                  _plan(*flags), precision))
 
 
-@generated_cell_forward.register_fake
-def _(backend, x, generator, domain, params, running_mean, running_var, per_domain, batch_statistics, unbiased, eps,
-      precision):
+def _generated_forward_fake(backend, x, generator, domain, params, running_mean, running_var, *flags_precision):
     table = _table(backend)
-    plan = Plan.of_flags(per_domain, batch_statistics, unbiased, eps)
-    return [torch.empty_like(x), *_statistics_like(x, _num_groups(params[6], per_domain),
-                                                   table.statistics_dtype(x.dtype)),
-            *table.generated_saved_like(x, params[0].shape[-1], params, plan)]
+    return _forward_saved_like(table.generated_saved_like, x, params[0].shape[-1], params, *flags_precision[:-1],
+                               table.statistics_dtype(x.dtype))
 
 
-@torch.library.custom_op("hamur_fast::generated_cell_backward", mutates_args=())
-def generated_cell_backward(backend: str, dy: torch.Tensor, x: torch.Tensor, generator: list[torch.Tensor],
-                            domain: torch.Tensor, params: list[torch.Tensor], saved: list[torch.Tensor],
-                            count: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, per_domain: bool,
-                            batch_statistics: bool, unbiased: bool, eps: float, precision: str) -> list[torch.Tensor]:
+def _generated_backward(backend, dy, x, generator, domain, params, saved, count, mean, rstd, *flags_precision):
     """The gradients of x, the four generator tensors and the eight params."""
-    plan = Plan.of_flags(per_domain, batch_statistics, unbiased, eps)
-    return list(_table(backend).generated_backward(dy, x, tuple(generator), domain, tuple(params), tuple(saved),
-                                                   count, mean, rstd, plan, precision))
+    *flags, precision = flags_precision
+    return list(_table(backend).generated_backward(dy, x, generator, domain, params, saved, count, mean, rstd,
+                                                   _plan(*flags), precision))
 
 
-@generated_cell_backward.register_fake
-def _(backend, dy, x, generator, domain, params, saved, count, mean, rstd, per_domain, batch_statistics, unbiased,
-      eps, precision):
+def _generated_backward_fake(backend, dy, x, generator, domain, params, *_rest):
     return [torch.empty_like(t) for t in (x, *generator, *params)]
 
 
-def _setup_generated(ctx, inputs, output):
-    backend, x, generator, domain, params = inputs[:5]
-    _y, count, mean, _m2, rstd, *saved = output
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(x, domain, count, mean, rstd, *generator, *params, *saved)
-    ctx.backend, ctx.sizes, ctx.flags = backend, (len(generator), len(params)), inputs[7:]
+generated_cell_forward = _define(
+    "generated_cell_forward(str backend, Tensor x, Tensor[] generator, Tensor domain, Tensor[] params, "
+    f"Tensor? running_mean, Tensor? running_var, {_PLAN_ARGS}, str precision) -> Tensor[]",
+    _generated_forward, _generated_forward_fake)
+generated_cell_backward = _define(
+    "generated_cell_backward(str backend, Tensor dy, Tensor x, Tensor[] generator, Tensor domain, Tensor[] params, "
+    f"Tensor[] saved, {_STATS}, {_PLAN_ARGS}, str precision) -> Tensor[]", _generated_backward,
+    _generated_backward_fake)
 
 
-def _generated_backward(ctx, grads):
-    x, domain, count, mean, rstd, *rest = ctx.saved_tensors
-    num_gen, num_params = ctx.sizes
-    generator, params, saved = rest[:num_gen], rest[num_gen:num_gen + num_params], rest[num_gen + num_params:]
-    dx, *others = generated_cell_backward(ctx.backend, grads[0], x, generator, domain, params, saved, count, mean,
-                                          rstd, *ctx.flags)
-    return (None, dx, others[:num_gen], None, others[num_gen:], None, None, None, None, None, None, None)
+class _GeneratedAutograd(torch.autograd.Function):
+    """generated_cell_forward's autograd: y differentiable in x, the generator tensors and the params."""
+
+    @staticmethod
+    def forward(ctx, backend, domain, running, flags_precision, x, *leaves):
+        generator, params = list(leaves[:_NUM_GENERATOR]), list(leaves[_NUM_GENERATOR:])
+        with _below_autograd():
+            output = generated_cell_forward(backend, x, generator, domain, params, *running, *flags_precision)
+        _y, count, mean, _m2, rstd, *saved = output
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(x, domain, count, mean, rstd, *leaves, *saved)
+        ctx.backend, ctx.flags_precision = backend, flags_precision
+        return tuple(output)
+
+    @staticmethod
+    def backward(ctx, dy, *_unused_grads):
+        x, domain, count, mean, rstd, *rest = ctx.saved_tensors
+        generator, params = rest[:_NUM_GENERATOR], rest[_NUM_GENERATOR:_NUM_GENERATOR + _NUM_PARAMS]
+        grads = _first_order(generated_cell_backward, ctx.backend, dy, x, generator, domain, params,
+                             rest[_NUM_GENERATOR + _NUM_PARAMS:], count, mean, rstd, *ctx.flags_precision)
+        return None, None, None, None, *grads
 
 
-generated_cell_forward.register_autograd(_generated_backward, setup_context=_setup_generated)
+def _generated_autograd(backend, x, generator, domain, params, running_mean, running_var, *flags_precision):
+    if _needs_grad(x, *generator, *params):
+        return list(_GeneratedAutograd.apply(backend, domain, (running_mean, running_var), flags_precision, x,
+                                             *generator, *params))
+    with _below_autograd():
+        return generated_cell_forward(backend, x, generator, domain, params, running_mean, running_var,
+                                      *flags_precision)
+
+
+_LIB.impl("generated_cell_forward", _generated_autograd, "Autograd")
 
 
 # ----------------------------------------------------------------------------- the split form
