@@ -301,14 +301,17 @@ HAMUR_INLINE void prefetch(const T* p, int64_t n, bool for_write) {
 // Below this many rows per thread the fork/join costs more than the rows.
 constexpr int64_t kMinRowsPerChunk = 32;
 
-inline int64_t num_chunks(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / kMinRowsPerChunk));
+inline int64_t num_chunks(int64_t rows, int64_t min_rows_per_chunk = kMinRowsPerChunk) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / min_rows_per_chunk));
 }
 
 // fn(chunk, first_row, end_row) for each of `chunks` contiguous, balanced row ranges, in parallel.
+// Any ATen op in fn (level 2's block GEMMs, on tensors that may require grad) runs outside autograd, in every
+// worker thread (grad mode is thread-local).
 template <typename F>
 void parallel_chunks(int64_t rows, int64_t chunks, const F& fn) {
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    at::NoGradGuard no_grad;
     for (int64_t c = first; c < last; ++c) fn(c, rows * c / chunks, rows * (c + 1) / chunks);
   });
 }
