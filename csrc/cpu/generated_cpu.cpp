@@ -17,12 +17,10 @@ namespace hamur_fast {
 namespace {
 
 using at::Tensor;
-// cpu_primitives.h's vector loops and row chunks (and its HAMUR_ROW_PASS / HAMUR_INLINE).
+// cpu_primitives.h's vector loops, row core and row chunks (and its HAMUR_ROW_PASS / HAMUR_INLINE).
 using cpu::axpy;
-using cpu::dot;
 using cpu::mat_vec;
 using cpu::parallel_chunks;
-using cpu::vec_mat;
 
 constexpr int64_t kBlockRows = 64;  // rows per generated block (and per thread at least): scratch (64, k*k)
 
@@ -55,21 +53,6 @@ Tensor generate_block(const Tensor& g, const Tensor& centre, const Tensor& gen_w
 }
 
 // ------------------------------------------------------------------------------------ forward
-template <typename T>
-HAMUR_INLINE void core_forward_row(const CoreShape& shape, const T* __restrict rep, const T* __restrict p,
-                      const T* __restrict down_right, const T* __restrict down_bias, const T* __restrict up_left,
-                      T* __restrict saved, T* __restrict v) {
-  const int64_t k = shape.rank, s = shape.bottleneck;
-  T* q = saved + shape.q();
-  T* a = saved + shape.a();
-  T* u = saved + shape.u();
-  vec_mat(q, p, rep, k, k);
-  vec_mat(a, q, down_right, k, s);
-  for (int64_t t = 0; t < s; ++t) a[t] = T(1) / (T(1) + std::exp(-(a[t] + down_bias[t])));
-  vec_mat(u, a, up_left, s, k);
-  vec_mat(v, u, rep, k, k);
-}
-
 // Rows [first, end) of one block, every tower on the row's I_b; rep holds the block's I, row first's at rep.
 template <typename T>
 HAMUR_ROW_PASS void core_forward_rows(const CoreShape& shape, const T* rep, int64_t first, int64_t end,
@@ -78,10 +61,12 @@ HAMUR_ROW_PASS void core_forward_rows(const CoreShape& shape, const T* rep, int6
   const int64_t k = shape.rank, s = shape.bottleneck, tk = shape.towers * k;
   for (int64_t b = first; b < end; ++b) {
     const int64_t d = shape.per_domain ? domain[b] : 0;
-    for (int64_t t = 0; t < shape.towers; ++t)
-      core_forward_row(shape, rep + (b - first) * k * k, p + b * tk + t * k, down_right + d * k * s,
-                       down_bias + d * s, up_left + d * s * k, saved + b * shape.row_stride() + t * shape.stride(),
-                       v + b * tk + t * k);
+    for (int64_t t = 0; t < shape.towers; ++t) {
+      T* row_saved = saved + b * shape.row_stride() + t * shape.stride();
+      cpu::rank_core_row(k, s, rep + (b - first) * k * k, down_right + d * k * s, down_bias + d * s,
+                         up_left + d * s * k, p + b * tk + t * k, row_saved + shape.q(), row_saved + shape.a(),
+                         row_saved + shape.u(), v + b * tk + t * k);
+    }
   }
 }
 
