@@ -39,7 +39,7 @@ import triton.language as tl
 
 from . import arg_checks
 from . import domain_norm as dn
-from .domain_norm import block_size, load_group_rows, merge_group_stats, norm_input_grad
+from .domain_norm import block_size, load_group_rows, merge_group_stats, norm_input_grad, normalized_tile
 from .grouped_linear import domain_weight_grads
 
 ROWS_PER_BLOCK = 16  # the M of every tl.dot; also bounds the (rows, 16, k) I_b chunk in registers
@@ -144,13 +144,6 @@ def _down_left_chunk(x, rows, pos_mask, down_left, domain, d_lo, d_hi, i_idx, wi
 
 
 @triton.jit
-def _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN: tl.constexpr):
-    h_mask = h_idx < width
-    return (o - load_group_rows(mean, domain, h_idx, valid, h_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, domain, h_idx, valid, h_mask, width, PER_DOMAIN)
-
-
-@triton.jit
 def _activation(q, down_right, down_bias, domain, d_lo, d_hi, valid, k_idx, s_idx, rank, bottleneck,
                 PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
     """a = sigmoid(q DR[d] + db[d]), (rows, BLOCK_S)."""
@@ -186,7 +179,7 @@ def _grad_through_norm(dy, v, up_right, up_bias, norm_weight, mean, rstd, count,
         h_idx = h0 + tl.arange(0, BLOCK_H)
         o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width, PER_DOMAIN,
                          BLOCK_B, BLOCK_H)
-        xhat = _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
+        xhat = normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
         grad_o = norm_input_grad(_load_rows(dy, rows, h_idx, width, pos_mask), xhat, domain, valid, h_idx,
                                  h_idx < width, width, norm_weight, rstd, count, sum_dy, sum_dy_xhat, PER_DOMAIN,
                                  BATCH_STATISTICS, UNBIASED)
@@ -248,7 +241,7 @@ def _cell_fwd_normalize_kernel(
     h_mask = h_idx < width
     o = _cell_output(_load_rows(v_in, pos, k_idx, rank, pos_mask), up_right, up_bias, domain, d_lo, d_hi,
                      valid, k_idx, h_idx, rank, width, PER_DOMAIN, BLOCK_B, BLOCK_H)
-    xhat = _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
+    xhat = normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
     out = _load_rows(x, rows, h_idx, width, pos_mask) + \
         load_group_rows(norm_weight, domain, h_idx, valid, h_mask, width, PER_DOMAIN) * xhat + \
         load_group_rows(norm_bias, domain, h_idx, valid, h_mask, width, PER_DOMAIN)
@@ -269,7 +262,7 @@ def _cell_bwd_norm_sums_kernel(
     h_idx, k_idx = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_K)
     o = _cell_output(_load_rows(v_in, pos, k_idx, rank, pos_mask), up_right, up_bias, domain, d_lo, d_hi,
                      valid, k_idx, h_idx, rank, width, PER_DOMAIN, BLOCK_B, BLOCK_H)
-    xhat = _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
+    xhat = normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
     grad = _load_rows(dy, rows, h_idx, width, pos_mask)
     dn.store_group_partial_sums(grad, grad * xhat, domain, valid, h_idx, h_idx < width, tl.program_id(0),
                                 slots_per_part, width, part_dy, part_dy_xhat)
