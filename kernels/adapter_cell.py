@@ -39,7 +39,7 @@ import triton.language as tl
 
 from . import arg_checks
 from . import domain_norm as dn
-from .domain_norm import block_size, load_group_rows, merge_group_stats, norm_input_grad
+from .domain_norm import block_size, load_group_rows, merge_group_stats, norm_input_grad, normalized_tile
 from .grouped_linear import domain_weight_grads
 
 ROWS_PER_BLOCK = 16  # the M of every tl.dot; also bounds the (rows, 16, k) I_b chunk in registers
@@ -144,10 +144,49 @@ def _down_left_chunk(x, rows, pos_mask, down_left, domain, d_lo, d_hi, i_idx, wi
 
 
 @triton.jit
-def _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN: tl.constexpr):
-    h_mask = h_idx < width
-    return (o - load_group_rows(mean, domain, h_idx, valid, h_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, domain, h_idx, valid, h_mask, width, PER_DOMAIN)
+def _activation(q, down_right, down_bias, domain, d_lo, d_hi, valid, k_idx, s_idx, rank, bottleneck,
+                PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
+    """a = sigmoid(q DR[d] + db[d]), (rows, BLOCK_S)."""
+    z = _project(q, down_right, domain, d_lo, d_hi, rank * bottleneck if PER_DOMAIN else 0, k_idx, bottleneck, rank,
+                 s_idx, 1, bottleneck, BLOCK_B, BLOCK_S)
+    return tl.sigmoid(z + load_group_rows(down_bias, domain, s_idx, valid, s_idx < bottleneck, bottleneck, PER_DOMAIN))
+
+
+@triton.jit
+def _store_output_partial_stats(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, rank, width, slots_per_part,
+                                part_mean, part_m2, PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr,
+                                BLOCK_H: tl.constexpr):
+    """This block's partial (mean, M2) of o = v UR + ub per domain present (the compact slots of
+    kernels/domain_norm.py), tile by tile over h."""
+    for h0 in range(0, width, BLOCK_H):
+        h_idx = h0 + tl.arange(0, BLOCK_H)
+        o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width, PER_DOMAIN,
+                         BLOCK_B, BLOCK_H)
+        dn.store_group_partial_stats(o, domain, valid, h_idx, h_idx < width, tl.program_id(0), slots_per_part,
+                                     width, part_mean, part_m2)
+
+
+@triton.jit
+def _grad_through_norm(dy, v, up_right, up_bias, norm_weight, mean, rstd, count, sum_dy, sum_dy_xhat, do_out, pos,
+                       rows, pos_mask, domain, d_lo, d_hi, valid, k_idx, rank, width,
+                       PER_DOMAIN: tl.constexpr, BATCH_STATISTICS: tl.constexpr, UNBIASED: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Through the normalisation, tile by tile over h: stores do = d y / d o (batch or running statistics) and
+    returns dv = do UR^T summed over the tiles."""
+    hk = width * rank if PER_DOMAIN else 0
+    grad_v = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
+    for h0 in range(0, width, BLOCK_H):
+        h_idx = h0 + tl.arange(0, BLOCK_H)
+        o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width, PER_DOMAIN,
+                         BLOCK_B, BLOCK_H)
+        xhat = normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
+        grad_o = norm_input_grad(_load_rows(dy, rows, h_idx, width, pos_mask), xhat, domain, valid, h_idx,
+                                 h_idx < width, width, norm_weight, rstd, count, sum_dy, sum_dy_xhat, PER_DOMAIN,
+                                 BATCH_STATISTICS, UNBIASED)
+        _store_rows(do_out, pos, h_idx, width, grad_o, pos_mask)
+        grad_v += _project(grad_o, up_right, domain, d_lo, d_hi, hk, h_idx, 1, width, k_idx, width, rank,
+                           BLOCK_B, BLOCK_K)
+    return grad_v
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,10 +212,8 @@ def _cell_fwd_project_kernel(
         q += tl.sum(p_chunk[:, :, None] * _rep_chunk(rep, rows, pos_mask, i_idx, k_idx, rank), axis=1)
     _store_rows(q_out, pos, k_idx, rank, q, pos_mask)
 
-    z = _project(q, down_right, domain, d_lo, d_hi, ks, k_idx, bottleneck, rank, s_idx, 1, bottleneck,
-                 BLOCK_B, BLOCK_S)
-    a = tl.sigmoid(z + load_group_rows(down_bias, domain, s_idx, valid, s_idx < bottleneck, bottleneck,
-                                       PER_DOMAIN))
+    a = _activation(q, down_right, down_bias, domain, d_lo, d_hi, valid, k_idx, s_idx, rank, bottleneck, PER_DOMAIN,
+                    BLOCK_B, BLOCK_S)
 
     # Up projection through the same I_b (these chunks were just read: cache hits).
     v = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
@@ -188,12 +225,8 @@ def _cell_fwd_project_kernel(
     _store_rows(v_out, pos, k_idx, rank, v, pos_mask)
 
     if BATCH_STATISTICS:
-        for h0 in range(0, width, BLOCK_H):
-            h_idx = h0 + tl.arange(0, BLOCK_H)
-            o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width,
-                             PER_DOMAIN, BLOCK_B, BLOCK_H)
-            dn.store_group_partial_stats(o, domain, valid, h_idx, h_idx < width, tl.program_id(0), slots_per_part,
-                                         width, part_mean, part_m2)
+        _store_output_partial_stats(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, rank, width,
+                                    slots_per_part, part_mean, part_m2, PER_DOMAIN, BLOCK_B, BLOCK_H)
 
 
 @triton.jit
@@ -208,7 +241,7 @@ def _cell_fwd_normalize_kernel(
     h_mask = h_idx < width
     o = _cell_output(_load_rows(v_in, pos, k_idx, rank, pos_mask), up_right, up_bias, domain, d_lo, d_hi,
                      valid, k_idx, h_idx, rank, width, PER_DOMAIN, BLOCK_B, BLOCK_H)
-    xhat = _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
+    xhat = normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
     out = _load_rows(x, rows, h_idx, width, pos_mask) + \
         load_group_rows(norm_weight, domain, h_idx, valid, h_mask, width, PER_DOMAIN) * xhat + \
         load_group_rows(norm_bias, domain, h_idx, valid, h_mask, width, PER_DOMAIN)
@@ -229,7 +262,7 @@ def _cell_bwd_norm_sums_kernel(
     h_idx, k_idx = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_K)
     o = _cell_output(_load_rows(v_in, pos, k_idx, rank, pos_mask), up_right, up_bias, domain, d_lo, d_hi,
                      valid, k_idx, h_idx, rank, width, PER_DOMAIN, BLOCK_B, BLOCK_H)
-    xhat = _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
+    xhat = normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
     grad = _load_rows(dy, rows, h_idx, width, pos_mask)
     dn.store_group_partial_sums(grad, grad * xhat, domain, valid, h_idx, h_idx < width, tl.program_id(0),
                                 slots_per_part, width, part_dy, part_dy_xhat)
@@ -249,29 +282,13 @@ def _cell_bwd_main_kernel(
     k_idx, s_idx, c_idx = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_S), tl.arange(0, CHUNK)
     hk, ks = (width * rank, rank * bottleneck) if PER_DOMAIN else (0, 0)
 
-    # Through the normalisation, tile by tile over h: do = d y / d o (batch or running statistics), and
-    # dv = do UR^T summed over the tiles.
-    v = _load_rows(v_in, pos, k_idx, rank, pos_mask)
-    grad_v = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
-    for h0 in range(0, width, BLOCK_H):
-        h_idx = h0 + tl.arange(0, BLOCK_H)
-        h_mask = h_idx < width
-        o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width, PER_DOMAIN,
-                         BLOCK_B, BLOCK_H)
-        xhat = _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
-        grad_o = norm_input_grad(_load_rows(dy, rows, h_idx, width, pos_mask), xhat, domain, valid, h_idx, h_mask,
-                                 width, norm_weight, rstd, count, sum_dy, sum_dy_xhat, PER_DOMAIN, BATCH_STATISTICS,
-                                 UNBIASED)
-        _store_rows(do_out, pos, h_idx, width, grad_o, pos_mask)
-        grad_v += _project(grad_o, up_right, domain, d_lo, d_hi, hk, h_idx, 1, width, k_idx, width, rank,
-                           BLOCK_B, BLOCK_K)
-
+    grad_v = _grad_through_norm(dy, _load_rows(v_in, pos, k_idx, rank, pos_mask), up_right, up_bias, norm_weight, mean,
+                                rstd, count, sum_dy, sum_dy_xhat, do_out, pos, rows, pos_mask, domain, d_lo, d_hi,
+                                valid, k_idx, rank, width, PER_DOMAIN, BATCH_STATISTICS, UNBIASED, BLOCK_B, BLOCK_H,
+                                BLOCK_K)
     # a recomputed from the saved q.
-    q = _load_rows(q_in, pos, k_idx, rank, pos_mask)
-    a = tl.sigmoid(_project(q, down_right, domain, d_lo, d_hi, ks, k_idx, bottleneck, rank, s_idx, 1, bottleneck,
-                            BLOCK_B, BLOCK_S)
-                   + load_group_rows(down_bias, domain, s_idx, valid, s_idx < bottleneck, bottleneck,
-                                     PER_DOMAIN))
+    a = _activation(_load_rows(q_in, pos, k_idx, rank, pos_mask), down_right, down_bias, domain, d_lo, d_hi, valid,
+                    k_idx, s_idx, rank, bottleneck, PER_DOMAIN, BLOCK_B, BLOCK_S)
     _store_rows(a_out, pos, s_idx, bottleneck, a, pos_mask)
 
     # du = dv I^T chunk by chunk, and da = du UL^T.

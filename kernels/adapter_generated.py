@@ -31,9 +31,9 @@ import triton.language as tl
 from . import adapter_cell as cell
 from . import arg_checks
 from . import domain_norm as dn
-from .adapter_cell import (_cell_output, _down_left_chunk, _load_rows, _normalized_tile, _project, _row_block,
-                           _store_rows)
-from .domain_norm import block_size, load_group_rows, norm_input_grad
+from .adapter_cell import (_activation, _down_left_chunk, _grad_through_norm, _load_rows, _project, _row_block,
+                           _store_output_partial_stats, _store_rows)
+from .domain_norm import block_size
 
 # Rows per program: the M of every tl.dot (each W'_i slice serves them all). 16 rows and 8 warps: with 32 rows
 # and 4 warps the (rows, k) tiles and the (p, k) slice of W' made ptxas spill up to 105 KB per thread at
@@ -76,41 +76,19 @@ def _generated_rep_row(g_tile, gen_weight, gen_bias, i, k_idx, p_idx, rank, gen_
 
 
 @triton.jit
-def _through_generated_rep(lhs, g_tile, gen_weight, gen_bias, k_idx, p_idx, rank, gen_width,
-                           GEN_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Row b of the result is ``lhs[b] @ I_b`` (lhs (rows, BLOCK_K)), I_b generated row by row."""
+def _times_generated_rep(vec, g_tile, gen_weight, gen_bias, k_idx, p_idx, rank, gen_width, TRANSPOSED: tl.constexpr,
+                         GEN_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Row b of the result is ``vec[b] @ I_b`` (vec (rows, BLOCK_K)), or ``vec[b] @ I_b^T`` when TRANSPOSED
+    (column i is row i of I_b dotted with vec[b]); I_b generated row by row."""
     out = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
     for i in range(0, rank):
         rep_row, _ = _generated_rep_row(g_tile, gen_weight, gen_bias, i, k_idx, p_idx, rank, gen_width,
                                         GEN_PRECISION)
-        out += tl.sum(tl.where(k_idx[None, :] == i, lhs, 0.0), axis=1)[:, None] * rep_row  # column i of lhs
+        if TRANSPOSED:
+            out += tl.where(k_idx[None, :] == i, tl.sum(rep_row * vec, axis=1)[:, None], 0.0)
+        else:
+            out += tl.sum(tl.where(k_idx[None, :] == i, vec, 0.0), axis=1)[:, None] * rep_row  # column i of vec
     return out
-
-
-@triton.jit
-def _times_generated_rep_t(rhs, g_tile, gen_weight, gen_bias, k_idx, p_idx, rank, gen_width,
-                           GEN_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Row b of the result is ``rhs[b] @ I_b^T``: column i is row i of I_b dotted with rhs[b]."""
-    out = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
-    for i in range(0, rank):
-        rep_row, _ = _generated_rep_row(g_tile, gen_weight, gen_bias, i, k_idx, p_idx, rank, gen_width,
-                                        GEN_PRECISION)
-        out += tl.where(k_idx[None, :] == i, tl.sum(rep_row * rhs, axis=1)[:, None], 0.0)
-    return out
-
-
-@triton.jit
-def _store_output_partial_stats(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, rank, width, slots_per_part,
-                                part_mean, part_m2, PER_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr,
-                                BLOCK_H: tl.constexpr):
-    """This block's partial (mean, M2) of o = v UR + ub per domain present (the compact slots of
-    kernels/domain_norm.py), tile by tile over h (as level 1)."""
-    for h0 in range(0, width, BLOCK_H):
-        h_idx = h0 + tl.arange(0, BLOCK_H)
-        o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width, PER_DOMAIN,
-                         BLOCK_B, BLOCK_H)
-        dn.store_group_partial_stats(o, domain, valid, h_idx, h_idx < width, tl.program_id(0), slots_per_part,
-                                     width, part_mean, part_m2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,15 +111,14 @@ def _gen_fwd_project_kernel(
     # q = (x DL) I: x DL summed over h tiles (level 1's helper, all k columns at once), then I row by row.
     p = _down_left_chunk(x, rows, pos_mask, down_left, domain, d_lo, d_hi, k_idx, width, rank, PER_DOMAIN,
                          BLOCK_B, BLOCK_H, BLOCK_K)
-    q = _through_generated_rep(p, g_tile, gen_weight, gen_bias, k_idx, p_idx, rank, gen_width, GEN_PRECISION,
-                               BLOCK_B, BLOCK_K)
+    q = _times_generated_rep(p, g_tile, gen_weight, gen_bias, k_idx, p_idx, rank, gen_width, False, GEN_PRECISION,
+                             BLOCK_B, BLOCK_K)
     _store_rows(q_out, pos, k_idx, rank, q, pos_mask)
-    a = tl.sigmoid(_project(q, down_right, domain, d_lo, d_hi, ks, k_idx, bottleneck, rank, s_idx, 1, bottleneck,
-                            BLOCK_B, BLOCK_S)
-                   + load_group_rows(down_bias, domain, s_idx, valid, s_idx < bottleneck, bottleneck, PER_DOMAIN))
+    a = _activation(q, down_right, down_bias, domain, d_lo, d_hi, valid, k_idx, s_idx, rank, bottleneck, PER_DOMAIN,
+                    BLOCK_B, BLOCK_S)
     u = _project(a, up_left, domain, d_lo, d_hi, ks, s_idx, rank, bottleneck, k_idx, 1, rank, BLOCK_B, BLOCK_K)
-    v = _through_generated_rep(u, g_tile, gen_weight, gen_bias, k_idx, p_idx, rank, gen_width, GEN_PRECISION,
-                               BLOCK_B, BLOCK_K)
+    v = _times_generated_rep(u, g_tile, gen_weight, gen_bias, k_idx, p_idx, rank, gen_width, False, GEN_PRECISION,
+                             BLOCK_B, BLOCK_K)
     _store_rows(v_out, pos, k_idx, rank, v, pos_mask)
 
     if BATCH_STATISTICS:
@@ -164,32 +141,20 @@ def _gen_bwd_main_kernel(
     k_idx, s_idx, p_idx = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_P)
     hk, ks = (width * rank, rank * bottleneck) if PER_DOMAIN else (0, 0)
 
-    # Through the normalisation, tile by tile over h (as level 1): do, and dv = do UR^T summed over the tiles.
-    v = _load_rows(v_in, pos, k_idx, rank, pos_mask)
-    grad_v = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
-    for h0 in range(0, width, BLOCK_H):
-        h_idx = h0 + tl.arange(0, BLOCK_H)
-        o = _cell_output(v, up_right, up_bias, domain, d_lo, d_hi, valid, k_idx, h_idx, rank, width, PER_DOMAIN,
-                         BLOCK_B, BLOCK_H)
-        xhat = _normalized_tile(o, mean, rstd, domain, h_idx, valid, width, PER_DOMAIN)
-        grad_o = norm_input_grad(_load_rows(dy, rows, h_idx, width, pos_mask), xhat, domain, valid, h_idx,
-                                 h_idx < width, width, norm_weight, rstd, count, sum_dy, sum_dy_xhat, PER_DOMAIN,
-                                 BATCH_STATISTICS, UNBIASED)
-        _store_rows(do_out, pos, h_idx, width, grad_o, pos_mask)
-        grad_v += _project(grad_o, up_right, domain, d_lo, d_hi, hk, h_idx, 1, width, k_idx, width, rank,
-                           BLOCK_B, BLOCK_K)
-
+    # Through the normalisation (as level 1): do stored, dv = do UR^T.
+    grad_v = _grad_through_norm(dy, _load_rows(v_in, pos, k_idx, rank, pos_mask), up_right, up_bias, norm_weight, mean,
+                                rstd, count, sum_dy, sum_dy_xhat, do_out, pos, rows, pos_mask, domain, d_lo, d_hi,
+                                valid, k_idx, rank, width, PER_DOMAIN, BATCH_STATISTICS, UNBIASED, BLOCK_B, BLOCK_H,
+                                BLOCK_K)
     # a recomputed from the saved q.
-    q = _load_rows(q_in, pos, k_idx, rank, pos_mask)
-    a = tl.sigmoid(_project(q, down_right, domain, d_lo, d_hi, ks, k_idx, bottleneck, rank, s_idx, 1, bottleneck,
-                            BLOCK_B, BLOCK_S)
-                   + load_group_rows(down_bias, domain, s_idx, valid, s_idx < bottleneck, bottleneck, PER_DOMAIN))
+    a = _activation(_load_rows(q_in, pos, k_idx, rank, pos_mask), down_right, down_bias, domain, d_lo, d_hi, valid,
+                    k_idx, s_idx, rank, bottleneck, PER_DOMAIN, BLOCK_B, BLOCK_S)
     _store_rows(a_out, pos, s_idx, bottleneck, a, pos_mask)
 
     # du = dv I^T (first sweep over the generated I), da = du UL^T, dq = dz DR^T.
     g_tile = _centred_g(g, centre, rows, pos_mask, p_idx, gen_width)
-    grad_u = _times_generated_rep_t(grad_v, g_tile, gen_weight, gen_bias, k_idx, p_idx, rank, gen_width,
-                                    GEN_PRECISION, BLOCK_B, BLOCK_K)
+    grad_u = _times_generated_rep(grad_v, g_tile, gen_weight, gen_bias, k_idx, p_idx, rank, gen_width, True,
+                                  GEN_PRECISION, BLOCK_B, BLOCK_K)
     _store_rows(du_out, pos, k_idx, rank, grad_u, pos_mask)
     grad_a = _project(grad_u, up_left, domain, d_lo, d_hi, ks, k_idx, 1, rank, s_idx, rank, bottleneck,
                       BLOCK_B, BLOCK_S)
@@ -288,11 +253,17 @@ def _sizes(x, g, params, plan):
     return batch, width, rank, bottleneck, gen_width, cell.num_groups(params, plan)
 
 
-def _tile_meta(level1_meta, gen_width):
+def _tile_meta(width, rank, bottleneck, gen_width):
     """Level 1's tiles of h, k and s (BLOCK_H a tile of h, not its whole width), plus the rows per program and
     BLOCK_P for g."""
+    level1_meta = cell._tile_meta(width, rank, bottleneck)
     meta = {key: level1_meta[key] for key in ("BLOCK_H", "BLOCK_K", "BLOCK_S")}
     return dict(meta, BLOCK_B=ROWS_PER_BLOCK, BLOCK_P=block_size(gen_width), num_warps=NUM_WARPS)
+
+
+def _check_precision(args, precision):
+    if precision not in PRECISIONS:
+        args.fail(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
 
 
 @dn.on_first_tensors_device
@@ -303,8 +274,7 @@ def generated_cell_forward(x, generator, domain, params, running_mean, running_v
     g, centre, gen_weight, gen_bias = generator
     args = arg_checks.cell("triton_generated_cell_forward", x, None, domain, params, plan)
     arg_checks.cell_extras(args, plan, g=g, centre=centre, gen_weight=gen_weight, gen_bias=gen_bias)
-    if precision not in PRECISIONS:
-        args.fail(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    _check_precision(args, precision)
     x, g, centre, gen_weight, gen_bias, domain = (t.contiguous() for t in (x, g, centre, gen_weight, gen_bias,
                                                                             domain))
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, _ = \
@@ -312,8 +282,7 @@ def generated_cell_forward(x, generator, domain, params, running_mean, running_v
     batch, width, rank, bottleneck, gen_width, num_domains = _sizes(x, g, params, plan)
     segments = dn.sort_groups(domain, num_domains, plan.per_domain)
     sorted_args = segments.sorted_args(domain)
-    level1_meta = cell._tile_meta(width, rank, bottleneck)
-    meta = _tile_meta(level1_meta, gen_width)
+    meta = _tile_meta(width, rank, bottleneck, gen_width)
     rows_per_part = meta["BLOCK_B"]
     f32 = dict(device=x.device, dtype=torch.float32)
     q, v = empty((batch, rank), **f32), empty((batch, rank), **f32)
@@ -365,16 +334,14 @@ def generated_cell_backward(dy, x, generator, domain, params, saved, count, mean
     args = arg_checks.cell("triton_generated_cell_backward", x, None, domain, params, plan)
     arg_checks.cell_extras(args, plan, dy=dy, g=g, centre=centre, gen_weight=gen_weight, gen_bias=gen_bias, q=q,
                            v=v, order=order, count=count, mean=mean, rstd=rstd)
-    if precision not in PRECISIONS:
-        args.fail(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    _check_precision(args, precision)
     dy, x, g, centre, gen_weight, gen_bias = (t.contiguous() for t in (dy, x, g, centre, gen_weight, gen_bias))
     contiguous = [t.contiguous() for t in params]
     down_left, down_right, down_bias, up_left, up_right, up_bias, norm_weight, _ = contiguous
     batch, width, rank, bottleneck, gen_width, num_domains = _sizes(x, g, params, plan)
     segments = dn.sort_groups(domain, num_domains, plan.per_domain, order)
     sorted_args = segments.sorted_args(domain)
-    level1_meta = cell._tile_meta(width, rank, bottleneck)
-    meta = _tile_meta(level1_meta, gen_width)
+    meta = _tile_meta(width, rank, bottleneck, gen_width)
     f32 = dict(device=x.device, dtype=torch.float32)
 
     # The norm-gradient sums never touch I: level 1's.

@@ -163,6 +163,14 @@ def load_group_rows(table, group, cols, row_mask, col_mask, width, PER_DOMAIN: t
 
 
 @triton.jit
+def normalized_tile(o, mean, rstd, group, cols, row_mask, width, PER_DOMAIN: tl.constexpr):
+    """xhat = (o - mean[g]) * rstd[g] on a (rows, cols) tile of o."""
+    col_mask = cols < width
+    return (o - load_group_rows(mean, group, cols, row_mask, col_mask, width, PER_DOMAIN)) * \
+        load_group_rows(rstd, group, cols, row_mask, col_mask, width, PER_DOMAIN)
+
+
+@triton.jit
 def _group_slot(parts, rows_per_part, slots_per_part, group_rank, domain_sorted, rank, first_valid, mask,
                 PER_DOMAIN: tl.constexpr):
     """Slot of the group of rank ``group_rank`` in ``parts`` (which hold some of its rows): the part's first
@@ -342,9 +350,8 @@ def _normalize_kernel(o, group_ids, mean, rstd, weight, bias, y, batch, width, n
     group, valid = _row_groups(group_ids, rows, row_mask, num_groups, PER_DOMAIN, BLOCK_B)
     tile = rows.to(tl.int64)[:, None] * width + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
-    values = tl.load(o + tile, mask=mask, other=0.0).to(tl.float32)
-    xhat = (values - load_group_rows(mean, group, cols, valid, col_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, group, cols, valid, col_mask, width, PER_DOMAIN)
+    xhat = normalized_tile(tl.load(o + tile, mask=mask, other=0.0).to(tl.float32), mean, rstd, group, cols, valid,
+                           width, PER_DOMAIN)
     out = load_group_rows(weight, group, cols, valid, col_mask, width, PER_DOMAIN) * xhat + \
         load_group_rows(bias, group, cols, valid, col_mask, width, PER_DOMAIN)
     tl.store(y + tile, tl.where(valid[:, None], out, float("nan")).to(y.dtype.element_ty), mask=mask)
@@ -360,9 +367,8 @@ def _partial_grad_sums_kernel(dy, o, order, domain_sorted, mean, rstd, part_dy, 
     tile = rows[:, None] * width + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     grad = tl.load(dy + tile, mask=mask, other=0.0).to(tl.float32)
-    xhat = (tl.load(o + tile, mask=mask, other=0.0).to(tl.float32)
-            - load_group_rows(mean, group, cols, valid, col_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, group, cols, valid, col_mask, width, PER_DOMAIN)
+    xhat = normalized_tile(tl.load(o + tile, mask=mask, other=0.0).to(tl.float32), mean, rstd, group, cols, valid,
+                           width, PER_DOMAIN)
     store_group_partial_sums(grad, grad * xhat, group, valid, cols, col_mask, tl.program_id(0), slots_per_part,
                              width, part_dy, part_dy_xhat)
 
@@ -395,9 +401,8 @@ def _input_grad_kernel(dy, o, group_ids, mean, rstd, weight, count, sum_dy, sum_
     tile = rows.to(tl.int64)[:, None] * width + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     grad = tl.load(dy + tile, mask=mask, other=0.0).to(tl.float32)
-    xhat = (tl.load(o + tile, mask=mask, other=0.0).to(tl.float32)
-            - load_group_rows(mean, group, cols, valid, col_mask, width, PER_DOMAIN)) * \
-        load_group_rows(rstd, group, cols, valid, col_mask, width, PER_DOMAIN)
+    xhat = normalized_tile(tl.load(o + tile, mask=mask, other=0.0).to(tl.float32), mean, rstd, group, cols, valid,
+                           width, PER_DOMAIN)
     out = norm_input_grad(grad, xhat, group, valid, cols, col_mask, width, weight, rstd, count, sum_dy,
                           sum_dy_xhat, PER_DOMAIN, BATCH_STATISTICS, UNBIASED)
     tl.store(do + tile, tl.where(valid[:, None], out, float("nan")).to(do.dtype.element_ty), mask=mask)

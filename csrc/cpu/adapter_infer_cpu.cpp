@@ -12,7 +12,8 @@ HAMUR_INLINE void project_row(const CellShape& shape, const Factors<T>& f, int64
                         const T* __restrict rep, T* __restrict hidden, T* __restrict o) {
   const int64_t h = shape.width, k = shape.rank, s = shape.bottleneck;
   vec_mat(hidden + shape.p(), x, f.down_left + d * h * k, h, k);
-  rank_core_row(shape, rep, f.down_right + d * k * s, f.down_bias + d * s, f.up_left + d * s * k, hidden);
+  rank_core_row(k, s, rep, f.down_right + d * k * s, f.down_bias + d * s, f.up_left + d * s * k, hidden + shape.p(),
+                hidden + shape.q(), hidden + shape.a(), hidden + shape.u(), hidden + shape.v());
   vec_mat(o, hidden + shape.v(), f.up_right + d * k * h, k, h);
   axpy(o, T(1), f.up_bias + d * h, h);
 }

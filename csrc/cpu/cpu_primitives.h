@@ -301,14 +301,17 @@ HAMUR_INLINE void prefetch(const T* p, int64_t n, bool for_write) {
 // Below this many rows per thread the fork/join costs more than the rows.
 constexpr int64_t kMinRowsPerChunk = 32;
 
-inline int64_t num_chunks(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / kMinRowsPerChunk));
+inline int64_t num_chunks(int64_t rows, int64_t min_rows_per_chunk = kMinRowsPerChunk) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / min_rows_per_chunk));
 }
 
 // fn(chunk, first_row, end_row) for each of `chunks` contiguous, balanced row ranges, in parallel.
+// Any ATen op in fn (level 2's block GEMMs, on tensors that may require grad) runs outside autograd, in every
+// worker thread (grad mode is thread-local).
 template <typename F>
 void parallel_chunks(int64_t rows, int64_t chunks, const F& fn) {
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    at::NoGradGuard no_grad;
     for (int64_t c = first; c < last; ++c) fn(c, rows * c / chunks, rows * (c + 1) / chunks);
   });
 }
@@ -423,17 +426,12 @@ inline Tensor slots_of(const Tensor& t, const GroupOrder& order, int64_t g) {
 }
 
 // ------------------------------------------------------------------------------------ rank-k core
-// The cell's per-row middle, between the dense projections: from p = x.DL (already in hidden) it forms
-// q = p.I, a = sigmoid(q.DR + db), u = a.UL, v = u.I in hidden (layout in CellShape).
+// The cell's per-row middle, between the dense projections (level 1's eval, level 2): from p = x.DL it forms
+// q = p.I, a = sigmoid(q.DR + db), u = a.UL, v = u.I (k and s long; I (k, k), DR (k, s), UL (s, k)).
 template <typename T>
-HAMUR_INLINE void rank_core_row(const CellShape& shape, const T* __restrict rep, const T* __restrict down_right,
-                          const T* __restrict down_bias, const T* __restrict up_left, T* __restrict hidden) {
-  const int64_t k = shape.rank, s = shape.bottleneck;
-  const T* p = hidden + shape.p();
-  T* q = hidden + shape.q();
-  T* u = hidden + shape.u();
-  T* v = hidden + shape.v();
-  T* a = hidden + shape.a();
+HAMUR_INLINE void rank_core_row(int64_t k, int64_t s, const T* __restrict rep, const T* __restrict down_right,
+                                const T* __restrict down_bias, const T* __restrict up_left, const T* __restrict p,
+                                T* __restrict q, T* __restrict a, T* __restrict u, T* __restrict v) {
   vec_mat(q, p, rep, k, k);
   vec_mat(a, q, down_right, k, s);
   for (int64_t j = 0; j < s; ++j) a[j] += down_bias[j];

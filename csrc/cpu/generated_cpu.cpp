@@ -17,13 +17,12 @@ namespace hamur_fast {
 namespace {
 
 using at::Tensor;
-// adapter_cpu.cpp's vector loops (and its target_clones row passes, HAMUR_ROW_PASS / HAMUR_INLINE).
+// cpu_primitives.h's vector loops, row core and row chunks (and its HAMUR_ROW_PASS / HAMUR_INLINE).
 using cpu::axpy;
-using cpu::dot;
 using cpu::mat_vec;
-using cpu::vec_mat;
+using cpu::parallel_chunks;
 
-constexpr int64_t kBlockRows = 64;  // rows per generated block: the scratch is (64, k*k) whatever B is
+constexpr int64_t kBlockRows = 64;  // rows per generated block (and per thread at least): scratch (64, k*k)
 
 // ------------------------------------------------------------------------------------ shapes
 struct CoreShape {
@@ -44,30 +43,6 @@ CoreShape core_shape(const Tensor& p, const Tensor& g, const Tensor& down_right,
           p.size(1) / rank};
 }
 
-// Every domain id is read before a table is indexed with it (the Python-side check may be off).
-void check_domains(const int64_t* domain, const CoreShape& shape) {
-  if (!shape.per_domain) return;
-  for (int64_t b = 0; b < shape.batch; ++b)
-    TORCH_CHECK(domain[b] >= 0 && domain[b] < shape.groups, "domain id ", domain[b], " at row ", b,
-                " is out of range for ", shape.groups, " domains");
-}
-
-// Below this many rows per thread the fork/join costs more than the rows.
-int64_t num_chunks(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / kBlockRows));
-}
-
-// fn(chunk, first_row, end_row) for contiguous, balanced row ranges, in parallel.
-// The block GEMMs are ATen ops on tensors that may require grad: run them outside autograd, in every worker
-// thread (grad mode is thread-local).
-template <typename F>
-void parallel_chunks(int64_t rows, int64_t chunks, const F& fn) {
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    at::NoGradGuard no_grad;
-    for (int64_t c = first; c < last; ++c) fn(c, rows * c / chunks, rows * (c + 1) / chunks);
-  });
-}
-
 // scratch[:end - first] = ReLU((g[first:end] - centre) W^T + c): the block's I, one row of k*k per batch row.
 Tensor generate_block(const Tensor& g, const Tensor& centre, const Tensor& gen_weight, const Tensor& gen_bias,
                       Tensor& scratch, int64_t first, int64_t end) {
@@ -78,21 +53,6 @@ Tensor generate_block(const Tensor& g, const Tensor& centre, const Tensor& gen_w
 }
 
 // ------------------------------------------------------------------------------------ forward
-template <typename T>
-HAMUR_INLINE void core_forward_row(const CoreShape& shape, const T* __restrict rep, const T* __restrict p,
-                      const T* __restrict down_right, const T* __restrict down_bias, const T* __restrict up_left,
-                      T* __restrict saved, T* __restrict v) {
-  const int64_t k = shape.rank, s = shape.bottleneck;
-  T* q = saved + shape.q();
-  T* a = saved + shape.a();
-  T* u = saved + shape.u();
-  vec_mat(q, p, rep, k, k);
-  vec_mat(a, q, down_right, k, s);
-  for (int64_t t = 0; t < s; ++t) a[t] = T(1) / (T(1) + std::exp(-(a[t] + down_bias[t])));
-  vec_mat(u, a, up_left, s, k);
-  vec_mat(v, u, rep, k, k);
-}
-
 // Rows [first, end) of one block, every tower on the row's I_b; rep holds the block's I, row first's at rep.
 template <typename T>
 HAMUR_ROW_PASS void core_forward_rows(const CoreShape& shape, const T* rep, int64_t first, int64_t end,
@@ -101,10 +61,12 @@ HAMUR_ROW_PASS void core_forward_rows(const CoreShape& shape, const T* rep, int6
   const int64_t k = shape.rank, s = shape.bottleneck, tk = shape.towers * k;
   for (int64_t b = first; b < end; ++b) {
     const int64_t d = shape.per_domain ? domain[b] : 0;
-    for (int64_t t = 0; t < shape.towers; ++t)
-      core_forward_row(shape, rep + (b - first) * k * k, p + b * tk + t * k, down_right + d * k * s,
-                       down_bias + d * s, up_left + d * s * k, saved + b * shape.row_stride() + t * shape.stride(),
-                       v + b * tk + t * k);
+    for (int64_t t = 0; t < shape.towers; ++t) {
+      T* row_saved = saved + b * shape.row_stride() + t * shape.stride();
+      cpu::rank_core_row(k, s, rep + (b - first) * k * k, down_right + d * k * s, down_bias + d * s,
+                         up_left + d * s * k, p + b * tk + t * k, row_saved + shape.q(), row_saved + shape.a(),
+                         row_saved + shape.u(), v + b * tk + t * k);
+    }
   }
 }
 
@@ -121,7 +83,7 @@ std::tuple<Tensor, Tensor> generated_core_forward_cpu(const Tensor& p_in, const 
   const Tensor db = down_bias_in.contiguous();
   const CoreShape shape = core_shape(p, g, dr, per_domain);
   const int64_t* domain_p = domain.data_ptr<int64_t>();
-  check_domains(domain_p, shape);
+  cpu::check_groups(cpu::Rows{domain_p, per_domain}, shape.batch, shape.groups);  // before any table is indexed
   const int64_t k = shape.rank, s = shape.bottleneck;
   Tensor v = at::empty({shape.batch, shape.towers * k}, p.options());
   Tensor saved = at::empty({shape.batch, shape.row_stride()}, p.options());
@@ -129,7 +91,7 @@ std::tuple<Tensor, Tensor> generated_core_forward_cpu(const Tensor& p_in, const 
     const scalar_t *p_p = p.data_ptr<scalar_t>(), *dr_p = dr.data_ptr<scalar_t>();
     const scalar_t *db_p = db.data_ptr<scalar_t>(), *ul_p = ul.data_ptr<scalar_t>();
     scalar_t *saved_p = saved.data_ptr<scalar_t>(), *v_p = v.data_ptr<scalar_t>();
-    parallel_chunks(shape.batch, num_chunks(shape.batch), [&](int64_t, int64_t first, int64_t end) {
+    parallel_chunks(shape.batch, cpu::num_chunks(shape.batch, kBlockRows), [&](int64_t, int64_t first, int64_t end) {
       Tensor scratch = at::empty({std::min(kBlockRows, end - first), k * k}, p.options());
       for (int64_t block_first = first; block_first < end; block_first += kBlockRows) {
         const int64_t block_end = std::min(end, block_first + kBlockRows);
@@ -227,13 +189,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gener
   const CoreShape shape = core_shape(p, g, dr, per_domain);
   const int64_t k = shape.rank, s = shape.bottleneck, kk = k * k;
   const int64_t* domain_p = domain.data_ptr<int64_t>();
-  check_domains(domain_p, shape);
+  cpu::check_groups(cpu::Rows{domain_p, per_domain}, shape.batch, shape.groups);  // before any table is indexed
   Tensor grad_p = at::empty_like(p), grad_g = at::empty_like(g);
   Tensor grad_dr = at::empty_like(dr), grad_ul = at::empty_like(ul);
   Tensor grad_db = per_domain ? at::empty({shape.groups, s}, p.options()) : at::empty({s}, p.options());
   Tensor grad_gen_weight = at::zeros_like(gen_weight), grad_gen_bias = at::zeros({kk}, p.options());
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "generated_core_backward_cpu", [&] {
-    const int64_t chunks = num_chunks(shape.batch);
+    const int64_t chunks = cpu::num_chunks(shape.batch, kBlockRows);
     std::vector<CoreGrads<scalar_t>> partial(chunks);
     std::vector<Tensor> partial_gen_bias(chunks);
     const scalar_t *p_p = p.data_ptr<scalar_t>(), *saved_p = saved.data_ptr<scalar_t>();
