@@ -36,9 +36,9 @@ class DomainTowers(nn.Module):
     """Per-domain MLP towers ``F -> dims... -> 1`` (Linear, BN, ReLU each) with adapter cells inside.
 
     paper mode: each row runs through its own domain's tower only (routed), with the tower
-    normalisation ``tower_norm`` chooses. released mode: every tower runs on the whole mixed batch (so
-    each tower's BatchNorm and each adapter's normalisation see the whole batch) and row b keeps tower
-    d_b's output, exactly as the released code.
+    normalisation ``tower_norm`` chooses (CPU eager: on the rows sorted by domain once). released mode: every
+    tower runs on the whole mixed batch (so each tower's BatchNorm and each adapter's normalisation see the whole
+    batch) and row b keeps tower d_b's output, exactly as the released code.
 
     ``tower_norm`` (paper mode; a key of ``sizes``; default ``DEFAULT_TOWER_NORM``):
     - "domain": BatchNorm statistics per domain, over the rows routed to the tower;

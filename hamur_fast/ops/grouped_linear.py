@@ -14,7 +14,9 @@ the same ranks); each :class:`~hamur_fast.ops.contract.Backend` supplies its for
   torch supports that dtype on that device (CPU: float32/bfloat16/float16; CUDA sm_90+ and meta: bfloat16; odd
   widths zero-padded to its 16-byte rows), else :func:`stacked`: one GEMM against all D weights side by side
   and a gather (D times the FLOPs, a (B, D, out) intermediate; eager PyTorch has no other sync-free op whose
-  cost is independent of D).
+  cost is independent of D). A caller that sorted its batch by domain once for several layers (the paper-mode
+  towers on the CPU) calls :func:`run_sorted` with the segment sizes: :func:`sorted_segments`, the segment loop
+  without the per-layer gather and scatter.
 - ``"triton"``: the Triton grouped GEMM of kernels/grouped_linear.py (sorted rows, device-side segment offsets,
   one program per (domain, row block) tile, static grid), behind the custom ops
   ``hamur_fast::triton_grouped_linear_forward`` / ``_backward`` (fake and autograd registered, with FLOP
