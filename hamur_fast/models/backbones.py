@@ -86,10 +86,11 @@ class DomainTowers(nn.Module):
         """The routed towers on the rows sorted by domain once (CPU eager: the segment sizes read on the host for
         free): every layer then works on contiguous per-domain segments, with no per-layer gather and scatter
         (forward) or scatter-add (backward); the logits are put back in the input order at the end."""
-        order, offsets = grouped_linear.domain_segments(domain, self.num_domains)
-        *sizes, outside = (offsets[1:] - offsets[:-1]).tolist()
+        order, (*sizes, outside) = grouped_linear.host_segments(domain, self.num_domains)
         if outside:  # ids outside [0, D) (value checks off): the per-layer path, which gives those rows zeros
             return self._routed(e, domain, rep)
+        if order is None:  # already in domain order
+            return self._routed(e, domain, rep, sizes)
         rep = rep if rep is None else (rep.select_rows(order) if isinstance(rep, GeneratedRep)
                                        else rep.index_select(0, order))
         logits = self._routed(e.index_select(0, order), domain.index_select(0, order), rep, sizes)

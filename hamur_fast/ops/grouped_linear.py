@@ -53,6 +53,17 @@ def domain_segments(domain: torch.Tensor, num_domains: int):
     return order, offsets
 
 
+def host_segments(domain: torch.Tensor, num_domains: int):
+    """:func:`domain_segments` for the CPU eager forms: ``(order, sizes)`` with the sizes read on the host (D domains,
+    then the out-of-range group), and ``order`` None where the rows are already in domain order (every id in range
+    and non-decreasing: the paper towers sort their batch once), which needs no gather and no scatter."""
+    order, offsets = domain_segments(domain, num_domains)
+    sizes = (offsets[1:] - offsets[:-1]).tolist()
+    if not sizes[-1] and bool((domain[1:] >= domain[:-1]).all()):
+        order = None
+    return order, sizes
+
+
 # --------------------------------------------------------------------------------------------------
 # The forms: (x, domain, weight, bias) -> out, already validated, domain int64
 # --------------------------------------------------------------------------------------------------
@@ -76,8 +87,9 @@ def segments(x, domain, weight, bias):
     full-size gradient per domain: O(D) times the work). The gather is an ``index_select``, whose backward is an
     ``index_add`` (``x[order]``'s is an accumulating ``index_put``, 4x slower on the CPU).
     """
-    order, offsets = domain_segments(domain, weight.shape[0])
-    *sizes, outside = (offsets[1:] - offsets[:-1]).tolist()  # D domains, then the out-of-range group
+    order, (*sizes, outside) = host_segments(domain, weight.shape[0])  # D domains, then the out-of-range group
+    if order is None:
+        return sorted_segments(x, sizes, weight, bias)
     rows = x.index_select(0, order)
     out_sorted = sorted_segments(rows[:rows.shape[0] - outside], sizes, weight, bias)
     if outside:  # ids outside [0, D): zeros (only reachable with the checks switched off)
