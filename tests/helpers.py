@@ -101,7 +101,8 @@ def run_generated(backend, dtype, inputs, mode, upstream, training=True, updates
 
 def grouped_linear_inputs(batch, fan_in, fan_out, num_domains, ids, seed=0, dtype=torch.float64):
     """(x, domain, weight, bias, upstream) of the grouped per-domain linear op; ids "edge": domain 0 empty and
-    domain 1 one row (when B, D >= 3), else random ids in arbitrary (never sorted) order."""
+    domain 1 one row (when B, D >= 3), "sorted": random ids in domain order (the rows need no gather), else random
+    ids in arbitrary order."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, fan_in, generator=g, dtype=dtype)
     # stored (D, out, in) like nn.Linear and handed over transposed: the op must take any strides
@@ -112,6 +113,8 @@ def grouped_linear_inputs(batch, fan_in, fan_out, num_domains, ids, seed=0, dtyp
         domain[batch // 2] = 1
     else:
         domain = torch.randint(0, num_domains, (batch,), generator=g)
+    if ids == "sorted":
+        domain = domain.sort().values
     upstream = torch.randn(batch, fan_out, generator=g, dtype=dtype)
     return x, domain, weight, bias, upstream
 

@@ -21,9 +21,9 @@ TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FORMS = {"segments": gl.segments, "sync_free": gl.sync_free, "stacked": gl.stacked}  # inside the torch backends
 
-CASES = [  # (B, in, out, D, ids): odd widths; "edge": domain 0 empty and domain 1 one row
+CASES = [  # (B, in, out, D, ids): odd widths; "edge": domain 0 empty and domain 1 one row; "sorted": in domain order
     (1, 5, 7, 3, "random"), (3, 8, 4, 3, "edge"), (3, 16, 8, 300, "random"),  # 297+ empty domains
-    (1023, 12, 20, 7, "edge"), (200, 33, 1, 300, "random"), (64, 16, 16, 1, "random"),
+    (1023, 12, 20, 7, "edge"), (200, 33, 1, 300, "random"), (64, 16, 16, 1, "random"), (1023, 12, 20, 7, "sorted"),
 ]
 
 

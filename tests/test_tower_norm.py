@@ -1,5 +1,7 @@
 """The MLP backbone's tower_norm switch: every variant builds, trains, is batch-independent in eval,
 folds exactly; the whole-batch statistics derived from the input moments equal the direct computation."""
+import copy
+
 import pytest
 import torch
 
@@ -47,6 +49,36 @@ def test_each_tower_norm_trains_and_is_batch_independent_in_eval(name, tower_nor
     torch.testing.assert_close(mixed[:7], full[:7], rtol=0, atol=1e-6)
     torch.testing.assert_close(single, full[3:4], rtol=0, atol=1e-6)
     torch.testing.assert_close(folded, full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tower_norm", [t for t in TOWER_NORMS if t != "released"] + ["released-eval"])
+@pytest.mark.parametrize("hyper", ["dynamic", "static"])
+def test_towers_on_rows_sorted_once_equal_the_per_layer_routing(tower_norm, hyper):
+    """On the CPU the paper towers sort the rows by domain once and run every layer on the segments
+    (DomainTowers._routed_sorted): the same function, gradients and running statistics as routing every layer
+    on its own (the grouped op's per-layer gather and scatter), in float64, in training and in eval, with a
+    domain that has no rows."""
+    torch.manual_seed(0)
+    training = tower_norm != "released-eval"
+    sizes = dict(SMALL, backend="auto", dims=[24, 11, 9], adapter_after=[0, 2])
+    sorted_once = hf.models.build("hamur_mlp", WIDTH, 4, tower_norm=tower_norm.split("-")[0], hyper=hyper, **sizes)
+    sorted_once = sorted_once.double().train(training)
+    per_layer = copy.deepcopy(sorted_once)
+    towers = per_layer.backbone
+    towers.forward = towers._routed  # rows in their input order, every layer routing them itself
+    e, domain = batch(67)
+    e = e.double().requires_grad_()
+    domain = domain + (domain >= 2)  # ids 0, 1, 3: domain 2 empty
+    outputs = []
+    for model in (sorted_once, per_layer):
+        logits = model.logits(e, domain)
+        upstream = torch.linspace(-1, 1, logits.numel(), dtype=torch.float64)
+        wanted = [e, *(p for p in model.parameters() if p.requires_grad)]
+        grads = torch.autograd.grad((upstream * logits).sum(), wanted, allow_unused=True)
+        outputs.append([logits, *(g for g in grads if g is not None), *model.buffers()])
+    assert len(outputs[0]) == len(outputs[1])
+    for ours, theirs in zip(*outputs):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
 def test_first_layer_moments_match_the_direct_computation():

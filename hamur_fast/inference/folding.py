@@ -90,7 +90,7 @@ class NormFoldedAway(nn.Module):
     def forward(self, z, domain=None):
         return z
 
-    def routed(self, z, domain):
+    def routed(self, z, domain, sizes=None):
         return z
 
     def all_domains(self, z):

@@ -10,6 +10,8 @@ from torch import nn
 
 from ..nn import DomainBatchNorm1d, DomainLinear, HyperAdapter
 from ..nn.domain_layers import NoTowerNorm, SharedStatsBatchNorm, TowerLayerNorm, WholeBatchFirstLayerNorm
+from ..ops import grouped_linear
+from ..ops.generated import GeneratedRep
 from .blocks import mlp_layers
 
 # Normalisation in the MLP backbone's towers (the "tower_norm" switch; paper mode only, released mode is
@@ -34,9 +36,9 @@ class DomainTowers(nn.Module):
     """Per-domain MLP towers ``F -> dims... -> 1`` (Linear, BN, ReLU each) with adapter cells inside.
 
     paper mode: each row runs through its own domain's tower only (routed), with the tower
-    normalisation ``tower_norm`` chooses. released mode: every tower runs on the whole mixed batch (so
-    each tower's BatchNorm and each adapter's normalisation see the whole batch) and row b keeps tower
-    d_b's output, exactly as the released code.
+    normalisation ``tower_norm`` chooses (CPU eager: on the rows sorted by domain once). released mode: every
+    tower runs on the whole mixed batch (so each tower's BatchNorm and each adapter's normalisation see the whole
+    batch) and row b keeps tower d_b's output, exactly as the released code.
 
     ``tower_norm`` (paper mode; a key of ``sizes``; default ``DEFAULT_TOWER_NORM``):
     - "domain": BatchNorm statistics per domain, over the rows routed to the tower;
@@ -76,18 +78,38 @@ class DomainTowers(nn.Module):
     def forward(self, e, domain, rep):
         if self.mode == "released" or (self.tower_norm == "released" and self.training):
             return self._all_towers(e, domain, rep)
+        if e.device.type != "cpu" or torch.compiler.is_compiling():
+            return self._routed(e, domain, rep)  # the grouped op's sync-free forms: no host sizes
+        return self._routed_sorted(e, domain, rep)
+
+    def _routed_sorted(self, e, domain, rep):
+        """The routed towers on the rows sorted by domain once (CPU eager: the segment sizes read on the host for
+        free): every layer then works on contiguous per-domain segments, with no per-layer gather and scatter
+        (forward) or scatter-add (backward); the logits are put back in the input order at the end."""
+        order, (*sizes, outside) = grouped_linear.host_segments(domain, self.num_domains)
+        if outside:  # ids outside [0, D) (value checks off): the per-layer path, which gives those rows zeros
+            return self._routed(e, domain, rep)
+        if order is None:  # already in domain order
+            return self._routed(e, domain, rep, sizes)
+        rep = rep if rep is None else (rep.select_rows(order) if isinstance(rep, GeneratedRep)
+                                       else rep.index_select(0, order))
+        logits = self._routed(e.index_select(0, order), domain.index_select(0, order), rep, sizes)
+        return torch.empty_like(logits).index_copy(0, order, logits)
+
+    def _routed(self, e, domain, rep, sizes=None):
+        """Each row through its own domain's tower; ``sizes``: rows sorted by domain (see DomainLinear.routed)."""
         h = e
         cells = iter(self.adapters)
         for j, (linear, norm) in enumerate(zip(self.linears, self.norms)):
-            z = linear.routed(h, domain)
+            z = linear.routed(h, domain, sizes)
             if isinstance(norm, WholeBatchFirstLayerNorm):
-                z = norm.routed_from_input(z, domain, h, linear)
+                z = norm.routed_from_input(z, domain, h, linear, sizes)
             else:
-                z = norm.routed(z, domain)
+                z = norm.routed(z, domain, sizes)
             h = torch.relu(z)
             if j in self.adapter_after:
                 h = next(cells)(h, rep, domain)
-        return self.out.routed(h, domain).squeeze(1)
+        return self.out.routed(h, domain, sizes).squeeze(1)
 
     def _all_towers(self, e, domain, rep):
         h = e

@@ -1,7 +1,9 @@
 """Per-domain (tower) layers that run without a Python loop over domains.
 
 Each layer stores the D domains' parameters stacked on a leading axis and offers two ways to run:
-- ``routed(x, domain)``: row b goes through domain d_b's layer only (paper-mode towers);
+- ``routed(x, domain, sizes=None)``: row b goes through domain d_b's layer only (paper-mode towers); with
+  ``sizes`` (host ints) the caller has sorted the rows by domain, ``sizes[d]`` rows of domain d first to last,
+  and each layer works on those contiguous segments (no per-layer gather or scatter);
 - ``all_domains(x)``: every domain's layer sees the whole batch, giving (D, B, ...) (released mode,
   where each tower runs on the whole mixed batch and a row later takes its own tower's output); a tower's first
   layer, whose input all towers share, is ``DomainLinear.every_domain(x)``.
@@ -36,8 +38,10 @@ class DomainLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def routed(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+    def routed(self, x: torch.Tensor, domain: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
         """Row b through domain d_b's layer only: the grouped per-domain GEMM (cost ~ B, whatever D is)."""
+        if sizes is not None:
+            return grouped_linear.run_sorted(x, sizes, self.weight.transpose(1, 2), self.bias)
         return grouped_linear.run(x, domain, self.weight.transpose(1, 2), self.bias)
 
     def all_domains(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +74,8 @@ class DomainBatchNorm1d(nn.Module):
         self.register_buffer("running_var", torch.ones(num_domains, num_features))
         self.register_buffer("num_batches_tracked", torch.zeros(num_domains, dtype=torch.long))
 
-    def routed(self, z: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+    def routed(self, z: torch.Tensor, domain: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+        # sizes unused: the op groups the rows by domain itself (a trivial counting sort on sorted rows)
         if self.training:
             with torch.no_grad():
                 seen = domain_counts(domain, self.num_domains) >= 2
@@ -100,10 +105,21 @@ class DomainBatchNorm1d(nn.Module):
 # keeps a per-domain affine map and is row-wise in eval (running statistics, or per-row LayerNorm).
 
 
-def _per_domain_affine(standard: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                       domain: torch.Tensor) -> torch.Tensor:
-    # index_select: its backward is an index_add (indexing's, an accumulating index_put, is 4x slower on the CPU)
-    return torch.addcmul(bias.index_select(0, domain), standard, weight.index_select(0, domain))
+def _per_domain_affine(standard: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, domain: torch.Tensor,
+                       sizes: list[int] | None, centre: torch.Tensor | None = None) -> torch.Tensor:
+    """``(standard - centre[d_b]) * weight[d_b] + bias[d_b]`` row by row (no centre: 0); weight, bias, centre (D, C).
+
+    On rows sorted by domain (``sizes``) each segment broadcasts its domain's rows of the tables: no (B, C)
+    gathers forward, no scatter-adds backward (the tables' gradients are column sums of the segments)."""
+    if sizes is None:
+        # index_select: its backward is an index_add (indexing's, an accumulating index_put, 4x slower on the CPU)
+        if centre is not None:
+            standard = standard - centre.index_select(0, domain)
+        return torch.addcmul(bias.index_select(0, domain), standard, weight.index_select(0, domain))
+    pieces = standard.split(sizes)
+    if centre is not None:
+        pieces = [piece - c for piece, c in zip(pieces, centre.unbind(0))]
+    return torch.cat([torch.addcmul(b, piece, w) for piece, w, b in zip(pieces, weight.unbind(0), bias.unbind(0))])
 
 
 class _TowerNormBase(nn.Module):
@@ -129,25 +145,25 @@ class SharedStatsBatchNorm(_TowerNormBase):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
-    def routed(self, z: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+    def routed(self, z: torch.Tensor, domain: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
         # batch_norm: the global batch's statistics while a data-parallel step synchronises them.
         standard = batch_norm(z, self.running_mean, self.running_var, None, None, self.training, self.momentum,
                               self.eps)
-        return _per_domain_affine(standard, self.weight, self.bias, domain)
+        return _per_domain_affine(standard, self.weight, self.bias, domain, sizes)
 
 
 class TowerLayerNorm(_TowerNormBase):
     """LayerNorm over each row's features inside its own tower (no batch statistics), per-domain affine."""
 
-    def routed(self, z: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+    def routed(self, z: torch.Tensor, domain: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
         standard = F.layer_norm(z, (self.num_features,), eps=self.eps)
-        return _per_domain_affine(standard, self.weight, self.bias, domain)
+        return _per_domain_affine(standard, self.weight, self.bias, domain, sizes)
 
 
 class NoTowerNorm(nn.Module):
     """No normalisation in the towers (Linear -> ReLU): the identity, with no parameters."""
 
-    def routed(self, z: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+    def routed(self, z: torch.Tensor, domain: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
         return z
 
 
@@ -184,9 +200,9 @@ class WholeBatchFirstLayerNorm(_TowerNormBase):
         self.register_buffer("running_mean", torch.zeros(num_domains, num_features))
         self.register_buffer("running_var", torch.ones(num_domains, num_features))
 
-    def routed_from_input(self, z: torch.Tensor, domain: torch.Tensor, x: torch.Tensor,
-                          linear: "DomainLinear") -> torch.Tensor:
-        """z = linear.routed(x, domain): (B, C); x: the tower input (B, F) that produced it."""
+    def routed_from_input(self, z: torch.Tensor, domain: torch.Tensor, x: torch.Tensor, linear: "DomainLinear",
+                          sizes: list[int] | None = None) -> torch.Tensor:
+        """z = linear.routed(x, domain, sizes): (B, C); x: the tower input (B, F) that produced it."""
         if self.training:
             count, mean, var = affine_batch_moments(x, linear.weight, linear.bias)
             with torch.no_grad():
@@ -195,5 +211,4 @@ class WholeBatchFirstLayerNorm(_TowerNormBase):
         else:
             mean, var = self.running_mean, self.running_var
         scale = self.weight * torch.rsqrt(var + self.eps)
-        return torch.addcmul(self.bias.index_select(0, domain), z - mean.index_select(0, domain),
-                             scale.index_select(0, domain))
+        return _per_domain_affine(z, scale, self.bias, domain, sizes, centre=mean)

@@ -65,6 +65,10 @@ class GeneratedRep(NamedTuple):
     bias: torch.Tensor
     rank: int
 
+    def select_rows(self, index: torch.Tensor) -> "GeneratedRep":
+        """The representation of rows ``index`` (I's per-row input g gathered; the folded generator is shared)."""
+        return self._replace(g=self.g.index_select(0, index))
+
     def materialise(self) -> torch.Tensor:
         """The (B, k, k) matrix itself (level 1; eager backends and checks)."""
         return torch.relu(F.linear(self.g - self.centre, self.weight, self.bias)).view(-1, self.rank, self.rank)

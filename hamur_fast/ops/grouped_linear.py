@@ -14,7 +14,9 @@ the same ranks); each :class:`~hamur_fast.ops.contract.Backend` supplies its for
   torch supports that dtype on that device (CPU: float32/bfloat16/float16; CUDA sm_90+ and meta: bfloat16; odd
   widths zero-padded to its 16-byte rows), else :func:`stacked`: one GEMM against all D weights side by side
   and a gather (D times the FLOPs, a (B, D, out) intermediate; eager PyTorch has no other sync-free op whose
-  cost is independent of D).
+  cost is independent of D). A caller that sorted its batch by domain once for several layers (the paper-mode
+  towers on the CPU) calls :func:`run_sorted` with the segment sizes: :func:`sorted_segments`, the segment loop
+  without the per-layer gather and scatter.
 - ``"triton"``: the Triton grouped GEMM of kernels/grouped_linear.py (sorted rows, device-side segment offsets,
   one program per (domain, row block) tile, static grid), behind the custom ops
   ``hamur_fast::triton_grouped_linear_forward`` / ``_backward`` (fake and autograd registered, with FLOP
@@ -51,6 +53,17 @@ def domain_segments(domain: torch.Tensor, num_domains: int):
     return order, offsets
 
 
+def host_segments(domain: torch.Tensor, num_domains: int):
+    """:func:`domain_segments` for the CPU eager forms: ``(order, sizes)`` with the sizes read on the host (D domains,
+    then the out-of-range group), and ``order`` None where the rows are already in domain order (every id in range
+    and non-decreasing: the paper towers sort their batch once), which needs no gather and no scatter."""
+    order, offsets = domain_segments(domain, num_domains)
+    sizes = (offsets[1:] - offsets[:-1]).tolist()
+    if not sizes[-1] and bool((domain[1:] >= domain[:-1]).all()):
+        order = None
+    return order, sizes
+
+
 # --------------------------------------------------------------------------------------------------
 # The forms: (x, domain, weight, bias) -> out, already validated, domain int64
 # --------------------------------------------------------------------------------------------------
@@ -69,24 +82,31 @@ def reference(x, domain, weight, bias):
 def segments(x, domain, weight, bias):
     """One GEMM per domain on its rows; reads the segment sizes on the host (the CPU path).
 
-    Rows are gathered in domain order once and split, and the weights unbound once, so the backward
-    is O(B + D) work too (indexing ``x[rows]`` and ``weight[d]`` per domain would make autograd
-    build a zero-filled full-size gradient per domain: O(D) times the work). The gather is an
-    ``index_select``, whose backward is an ``index_add`` (``x[order]``'s is an accumulating
-    ``index_put``, 4x slower on the CPU), and each domain's bias is added to its own rows in the GEMM, so
-    its gradient is a column sum of the segment (no gathered (B, out) bias and no scatter-add into (D, out)).
+    Rows are gathered in domain order once and split (:func:`sorted_segments`), so the backward is O(B + D)
+    work too (indexing ``x[rows]`` and ``weight[d]`` per domain would make autograd build a zero-filled
+    full-size gradient per domain: O(D) times the work). The gather is an ``index_select``, whose backward is an
+    ``index_add`` (``x[order]``'s is an accumulating ``index_put``, 4x slower on the CPU).
     """
-    order, offsets = domain_segments(domain, weight.shape[0])
-    sizes = (offsets[1:] - offsets[:-1]).tolist()  # D domains, then the out-of-range group
-    pieces = x.index_select(0, order).split(sizes)
+    order, (*sizes, outside) = host_segments(domain, weight.shape[0])  # D domains, then the out-of-range group
+    if order is None:
+        return sorted_segments(x, sizes, weight, bias)
+    rows = x.index_select(0, order)
+    out_sorted = sorted_segments(rows[:rows.shape[0] - outside], sizes, weight, bias)
+    if outside:  # ids outside [0, D): zeros (only reachable with the checks switched off)
+        out_sorted = torch.cat([out_sorted, out_sorted.new_zeros(outside, weight.shape[2])])
+    return torch.empty_like(out_sorted).index_copy(0, order, out_sorted)
+
+
+def sorted_segments(x, sizes, weight, bias):
+    """The op on rows already sorted by domain: ``sizes[d]`` rows of domain d, domain 0's first.
+
+    One GEMM per non-empty segment on a view of x, each domain's bias added to its own rows in the GEMM (its
+    gradient a column sum of the segment): no gather, no scatter and no per-row bias copy, forward or backward.
+    """
     biases = bias.unbind(0) if bias is not None else [None] * weight.shape[0]
     parts = [piece @ w if b is None else torch.addmm(b, piece, w)
-             for piece, w, b, size in zip(pieces, weight.unbind(0), biases, sizes) if size]
-    if sizes[-1]:  # ids outside [0, D): zeros (only reachable with the checks switched off)
-        parts.append(parts[0].new_zeros(sizes[-1], weight.shape[2]) if parts else
-                     x.new_zeros(sizes[-1], weight.shape[2]))
-    out_sorted = torch.cat(parts)
-    return torch.empty_like(out_sorted).index_copy(0, order, out_sorted)
+             for piece, w, b, size in zip(x.split(sizes), weight.unbind(0), biases, sizes) if size]
+    return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[2])
 
 
 def stacked(x, domain, weight, bias):
@@ -269,8 +289,19 @@ def grouped_linear(x: torch.Tensor, domain: torch.Tensor, weight: torch.Tensor, 
 
 def run(x, domain, weight, bias=None, backend: str = "auto") -> torch.Tensor:
     """:func:`grouped_linear` without the checks, for callers that validated their inputs already."""
-    lowered = autocast_dtype(x.device)
-    if lowered is not None:
-        x, weight = x.to(lowered), weight.to(lowered)
-        bias = bias.to(lowered) if bias is not None else None
+    x, weight, bias = _autocast(x, weight, bias)
     return resolve(backend, x.device, x.dtype).grouped_linear(x, domain.long(), weight, bias)  # the kernels take int64
+
+
+def run_sorted(x, sizes, weight, bias=None) -> torch.Tensor:
+    """:func:`run` on rows already sorted by domain, ``sizes[d]`` rows of domain d (host ints: the CPU eager
+    callers that sorted a batch once for several layers): :func:`sorted_segments` in autocast's dtype."""
+    x, weight, bias = _autocast(x, weight, bias)
+    return sorted_segments(x, sizes, weight, bias)
+
+
+def _autocast(x, weight, bias):
+    lowered = autocast_dtype(x.device)
+    if lowered is None:
+        return x, weight, bias
+    return x.to(lowered), weight.to(lowered), None if bias is None else bias.to(lowered)

@@ -36,26 +36,24 @@ def _dense(x, domain, weight, bias, per_domain):
     return out.reshape(x.shape[0], -1)
 
 
-def _segments(domain, num_domains):
-    """The rows' domain order and segment sizes (D domains, then the ids out of range: none, checked), read once per
-    backward for both per-domain products."""
-    order, offsets = grouped_linear.domain_segments(domain, num_domains)
-    return order, (offsets[1:] - offsets[:-1]).tolist()
 
 
 def _dense_grads(grad, x, segments, weight):
     """(grad x, grad weight, grad bias) of :func:`_dense`: per domain, the sums over its rows of x[b]^T grad[b].
 
-    ``segments``: :func:`_segments` of the rows in paper mode, None with shared factors. Per domain, x and grad are
-    gathered once in domain order; each domain's segment gives its weight gradient, its bias gradient (a column sum)
-    and its rows' grad x (one GEMM each); grad x goes back to row order with one index_copy. No scatter-add: every
-    row is written once."""
+    ``segments``: :func:`~hamur_fast.ops.grouped_linear.host_segments` of the rows in paper mode (read once per
+    backward for both per-domain products), None with shared factors. Per domain, x and grad are gathered once in
+    domain order (unless already in it); each domain's segment gives its weight gradient, its bias gradient (a column
+    sum) and its rows' grad x (one GEMM each); grad x goes back to row order with one index_copy. No scatter-add:
+    every row is written once."""
     if segments is None:
         rows, grad_rows = x.reshape(-1, weight.shape[0]), grad.reshape(-1, weight.shape[1])
         return (grad_rows @ weight.t()).reshape(x.shape), rows.t() @ grad_rows, grad_rows.sum(dim=0)
     num_domains = weight.shape[0]
     order, sizes = segments
-    x_parts, grad_parts = x.index_select(0, order).split(sizes), grad.index_select(0, order).split(sizes)
+    if order is not None:
+        x, grad = x.index_select(0, order), grad.index_select(0, order)
+    x_parts, grad_parts = x.split(sizes), grad.split(sizes)
     grad_weight, grad_bias = weight.new_zeros(weight.shape), grad.new_zeros(num_domains, grad.shape[1])
     grad_x_sorted = x.new_zeros(x.shape)
     grad_x_parts = grad_x_sorted.split(sizes)
@@ -64,7 +62,8 @@ def _dense_grads(grad, x, segments, weight):
             torch.mm(x_parts[d].t(), grad_parts[d], out=grad_weight[d])
             torch.sum(grad_parts[d], dim=0, out=grad_bias[d])
             torch.mm(grad_parts[d], weight[d].t(), out=grad_x_parts[d])
-    return torch.empty_like(x).index_copy_(0, order, grad_x_sorted), grad_weight, grad_bias
+    grad_x = grad_x_sorted if order is None else torch.empty_like(x).index_copy_(0, order, grad_x_sorted)
+    return grad_x, grad_weight, grad_bias
 
 
 def generated_forward(x, generator, domain, params, running_mean, running_var, plan, precision):
@@ -84,7 +83,7 @@ def generated_backward(dy, x, generator, domain, params, saved, count, mean, rst
     p, v, core, o = saved
     grad_o, grad_nw, grad_nb = ops.compiled_norm_backward(dy, o, domain, norm_weight, count, mean, rstd,
                                                           *plan.flags())
-    segments = _segments(domain, up_right.shape[0]) if plan.per_domain else None
+    segments = grouped_linear.host_segments(domain, up_right.shape[0]) if plan.per_domain else None
     grad_v, grad_ur, grad_ub = _dense_grads(grad_o, v, segments, up_right)
     grad_p, *generator_grads, grad_dr, grad_db, grad_ul = ops.compiled_generated_core_backward(
         grad_v, p, core, *generator, domain, down_right, up_left, plan.per_domain)
