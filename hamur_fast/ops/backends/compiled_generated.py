@@ -36,8 +36,6 @@ def _dense(x, domain, weight, bias, per_domain):
     return out.reshape(x.shape[0], -1)
 
 
-
-
 def _dense_grads(grad, x, segments, weight):
     """(grad x, grad weight, grad bias) of :func:`_dense`: per domain, the sums over its rows of x[b]^T grad[b].
 
