@@ -20,10 +20,15 @@ Providers:
   device), BCE on logits, fused Adam (as hamur_fast.train.Trainer makes it);
 - "ours <mode> graph": the same under hamur_fast.train.captured_step.CapturedTrainStep (CUDA only:
   forward, backward and the capturable Adam step replayed as one CUDA graph).
+On the CPU the ratios depend on the allocator: under glibc's defaults every step page-faults its fresh
+multi-MiB tensors in again, which costs the released eager step far more than ours; --keep-freed-memory
+measures without that (the header's "malloc:" says which).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import platform
 import statistics
 
@@ -201,6 +206,20 @@ def report_goals(tables, device):
                 print(f"  B={batch} {label:30} {what:42} {ratio:6.1f}x  {'met' if ratio >= target else 'NOT met'}")
 
 
+def keep_freed_memory() -> str:
+    """Stop glibc returning freed memory to the kernel (whose pages then fault again on the next step).
+
+    Under glibc's defaults a freed buffer of a few MiB is unmapped or trimmed, so the next step's tensor of that
+    size page-faults in again; on a VM each fault is costly, and the released eager step spends a good part of
+    its time there (benchmarks/RESULTS.md). The same settings as MALLOC_MMAP_THRESHOLD_=67108864
+    MALLOC_TRIM_THRESHOLD_=268435456 in the environment."""
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not (libc.mallopt(m_mmap_threshold, 64 << 20) and libc.mallopt(m_trim_threshold, 256 << 20)):
+        raise SystemExit("--keep-freed-memory: mallopt refused (not glibc?)")
+    return "freed memory kept (mallopt: mmap threshold 64 MiB, trim threshold 256 MiB)"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -210,7 +229,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (>= 4: graph capture)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc malloc keeps freed buffers instead of handing them back to the kernel (as "
+                             "tcmalloc or jemalloc do): no page faults on every fresh multi-MiB tensor")
     args = parser.parse_args()
+    malloc = keep_freed_memory() if args.keep_freed_memory else "glibc defaults"
     if args.threads:
         torch.set_num_threads(args.threads)
     hf.set_value_checks(False)  # as on a serving path: no domain-id read-back (a host sync) inside a timed step
@@ -221,7 +244,7 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# bench_train: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"F={INPUT_DIM} towers {SIZES['dims']} hyper {SIZES['hyper_dims']} k={SIZES['rank']} D={DOMAINS}, "
-          f"backends {hf.available_backends()}")
+          f"backends {hf.available_backends()}, malloc: {malloc}")
     tables = {}
     for batch in batches:
         rows, failed = bench(batch, args, device)
