@@ -20,6 +20,7 @@ from .. import ops
 from ..ops.collectives import domain_counts, mean_and_covariance
 from ..ops.compose import batch_norm
 from ..ops import grouped_linear
+from ..ops import tower_norm_relu
 
 
 class DomainLinear(nn.Module):
@@ -94,6 +95,16 @@ class DomainBatchNorm1d(nn.Module):
         out = batch_norm(flat, self.running_mean.view(-1), self.running_var.view(-1),
                            self.weight.reshape(-1), self.bias.reshape(-1), self.training, self.momentum, self.eps)
         return out.view(batch, num_domains, channels).permute(1, 0, 2)
+
+    def all_domains_relu(self, z: torch.Tensor) -> torch.Tensor:
+        """``relu(all_domains(z))``: one fused C++ pass each way where it applies (CPU eager, no synchronised
+        statistics: :func:`hamur_fast.ops.tower_norm_relu.applies`), with no (B, D*C) copy of z."""
+        if not tower_norm_relu.applies(z, self.weight, self.running_mean, self.training, self.momentum):
+            return torch.relu(self.all_domains(z))
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return tower_norm_relu.tower_norm_relu(z, self.weight, self.bias, self.running_mean, self.running_var,
+                                               self.training, self.momentum, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, num_domains={self.num_domains}"
