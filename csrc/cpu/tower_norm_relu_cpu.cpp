@@ -14,8 +14,10 @@
 // z with the forward's own scale, shift and expression.
 //
 // Reductions accumulate in double per fixed row chunk and are summed in chunk order, so results do not depend on
-// scheduling. The statistics take blocks of kBlockRows rows of a tower (in L1), a two-pass mean and M2 per block,
-// merged by Chan's formula: no E[z^2] - E[z]^2 cancellation, one pass over memory.
+// scheduling. The two reductions (statistics; backward's column sums) walk a strip of up to 64 columns down blocks of
+// kBlockRows rows, the strip's sums in registers and summed in T within a block, then added in double. The
+// statistics are a two-pass mean and M2 per block (the block in L1) merged by Chan's formula: no E[z^2] - E[z]^2
+// cancellation, one pass over memory.
 #include "cpu_primitives.h"
 
 namespace hamur_fast {
@@ -38,16 +40,26 @@ Slices<T> slices(const Tensor& t) {
 }
 
 // The one expression of the pre-activation, shared by forward (y) and backward (the ReLU mask).
-template <typename T>
-HAMUR_INLINE T pre_activation(T z, T scale, T shift) {
+template <typename V>
+HAMUR_INLINE V pre_activation(V z, V scale, V shift) {
   return z * scale + shift;
 }
 
-// grad_y where the pre-activation is > 0, else 0; grad_y read unconditionally, so that the select vectorises
-// (a conditional load is control flow the vectoriser may give up on).
-template <typename T>
-HAMUR_INLINE T relu_grad(T grad_y, T pre) {
-  return pre > T(0) ? grad_y : T(0);
+// The reductions walk a strip of columns at a time down a block of rows, the strip's sums and the tables' values
+// held in registers: kVectors values of V, a Vec512<T> (cpu_primitives.h), or T itself for the last columns.
+template <typename V, typename T>
+HAMUR_INLINE V load_as(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+// value where pre > 0, else 0, lane by lane (also for V = T): the ReLU and its gradient mask. value comes in
+// loaded, so that the select vectorises (a conditional load is control flow the vectoriser may give up on).
+template <typename V>
+HAMUR_INLINE V positive_or_zero(V pre, V value) {
+  const V zero{};
+  return pre > zero ? value : zero;
 }
 
 void check_main_input(const char* op, const char* arg, const Tensor& t) {
@@ -59,7 +71,8 @@ void check_main_input(const char* op, const char* arg, const Tensor& t) {
 }
 
 // (D, C) tables in z's dtype, on its device, contiguous: the kernels index them flat.
-void check_tables(const char* op, const Tensor& z, std::initializer_list<std::pair<const char*, const Tensor*>> tables) {
+void check_tables(const char* op, const Tensor& z,
+                  std::initializer_list<std::pair<const char*, const Tensor*>> tables) {
   const checks::Op check{op, z};
   for (const auto& [arg, t] : tables) {
     checks::check_float(check, arg, *t, {z.size(0), z.size(2)});
@@ -67,45 +80,51 @@ void check_tables(const char* op, const Tensor& z, std::initializer_list<std::pa
   }
 }
 
-// One chunk's per-column (mean, M2) of every tower over rows [first, end), into acc_mean / acc_m2 (D * C, zeroed);
-// block_mean, block_m2: scratch (C).
+// Columns [col, col + kVectors * lanes) of tower d over rows [first, end): blocks of kBlockRows rows, a two-pass
+// mean and M2 per block in T (the block in L1), merged into acc_mean / acc_m2 (the chunk's, double) by Chan's rule.
+template <typename T, typename V, int kVectors>
+HAMUR_INLINE void moments_strip(const Slices<const T>& z, int64_t d, int64_t first, int64_t end, int64_t col,
+                                double* __restrict acc_mean, double* __restrict acc_m2) {
+  constexpr int64_t kLanes = sizeof(V) / sizeof(T);
+  for (int64_t start = first; start < end; start += kBlockRows) {
+    const int64_t stop = std::min(end, start + kBlockRows), rows = stop - start, seen = start - first;
+    V block_mean[kVectors] = {}, block_m2[kVectors] = {};
+    for (int64_t b = start; b < stop; ++b)
+      for (int t = 0; t < kVectors; ++t) block_mean[t] += load_as<V>(z.at(d, b) + col + t * kLanes);
+    const T inv_rows = T(1) / static_cast<T>(rows);
+    for (int t = 0; t < kVectors; ++t) block_mean[t] *= inv_rows;
+    for (int64_t b = start; b < stop; ++b)
+      for (int t = 0; t < kVectors; ++t) {
+        const V centred = load_as<V>(z.at(d, b) + col + t * kLanes) - block_mean[t];
+        block_m2[t] += centred * centred;
+      }
+    T means[kVectors * kLanes], m2s[kVectors * kLanes];
+    __builtin_memcpy(means, block_mean, sizeof(means));
+    __builtin_memcpy(m2s, block_m2, sizeof(m2s));
+    const double total = static_cast<double>(seen + rows), block_share = rows / total,
+                 cross = static_cast<double>(seen) * rows / total;
+    for (int64_t j = 0; j < kVectors * kLanes; ++j) {
+      const double delta = means[j] - acc_mean[col + j];
+      acc_mean[col + j] += delta * block_share;
+      acc_m2[col + j] += m2s[j] + delta * delta * cross;
+    }
+  }
+}
+
+// One chunk's per-column (mean, M2) of every tower over rows [first, end), into acc_mean / acc_m2 (D * C, zeroed).
 template <typename T>
 HAMUR_ROW_PASS void chunk_moments(const Slices<const T>& z, int64_t towers, int64_t width, int64_t first, int64_t end,
-                                  double* acc_mean_p, double* acc_m2_p, double* __restrict block_mean,
-                                  double* __restrict block_m2) {
+                                  double* acc_mean, double* acc_m2) {
+  constexpr int64_t kLanes = 64 / sizeof(T);
   for (int64_t d = 0; d < towers; ++d) {
-    double* __restrict acc_mean = acc_mean_p + d * width;
-    double* __restrict acc_m2 = acc_m2_p + d * width;
-    for (int64_t start = first; start < end; start += kBlockRows) {
-      const int64_t stop = std::min(end, start + kBlockRows), rows = stop - start, seen = start - first;
-      std::fill(block_mean, block_mean + width, 0.0);
-      std::fill(block_m2, block_m2 + width, 0.0);
-      for (int64_t b = start; b < stop; ++b) {
-        const T* __restrict row = z.at(d, b);
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) block_mean[j] += row[j];
-      }
-      const double inv_rows = 1.0 / rows;
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) block_mean[j] *= inv_rows;
-      for (int64_t b = start; b < stop; ++b) {
-        const T* __restrict row = z.at(d, b);
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          const double centred = row[j] - block_mean[j];
-          block_m2[j] += centred * centred;
-        }
-      }
-      // Chan's merge of the rows seen so far (acc) and this block
-      const double total = static_cast<double>(seen + rows), block_share = rows / total,
-                   cross = static_cast<double>(seen) * rows / total;
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) {
-        const double delta = block_mean[j] - acc_mean[j];
-        acc_mean[j] += delta * block_share;
-        acc_m2[j] += block_m2[j] + delta * delta * cross;
-      }
-    }
+    double* tower_mean = acc_mean + d * width;
+    double* tower_m2 = acc_m2 + d * width;
+    int64_t col = 0;
+    for (; col + 4 * kLanes <= width; col += 4 * kLanes)
+      moments_strip<T, Vec512<T>, 4>(z, d, first, end, col, tower_mean, tower_m2);
+    for (; col + kLanes <= width; col += kLanes)
+      moments_strip<T, Vec512<T>, 1>(z, d, first, end, col, tower_mean, tower_m2);
+    for (; col < width; ++col) moments_strip<T, T, 1>(z, d, first, end, col, tower_mean, tower_m2);
   }
 }
 
@@ -114,10 +133,9 @@ template <typename T>
 void column_moments(const Slices<const T>& z, int64_t towers, int64_t batch, int64_t width, std::vector<double>& mean,
                     std::vector<double>& m2) {
   const int64_t chunks = num_chunks(batch), n = towers * width;
-  std::vector<double> chunk_mean(chunks * n, 0.0), chunk_m2(chunks * n, 0.0), scratch(chunks * 2 * width);
+  std::vector<double> chunk_mean(chunks * n, 0.0), chunk_m2(chunks * n, 0.0);
   parallel_chunks(batch, chunks, [&](int64_t c, int64_t first, int64_t end) {
-    chunk_moments<T>(z, towers, width, first, end, chunk_mean.data() + c * n, chunk_m2.data() + c * n,
-                     scratch.data() + c * 2 * width, scratch.data() + c * 2 * width + width);
+    chunk_moments<T>(z, towers, width, first, end, chunk_mean.data() + c * n, chunk_m2.data() + c * n);
   });
   mean.assign(chunk_mean.begin(), chunk_mean.begin() + n);
   m2.assign(chunk_m2.begin(), chunk_m2.begin() + n);
@@ -160,47 +178,66 @@ HAMUR_ROW_PASS void normalise_relu_rows(const Slices<const T>& z, const Slices<T
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
         const T pre = pre_activation(row[j], scale[j], shift[j]);
-        out[j] = pre > T(0) ? pre : T(0);
+        out[j] = positive_or_zero(pre, pre);
       }
     }
 }
 
-// Per (d, c), on rows [first, end): the sums of a and of a * xhat, a = grad_y where the pre-activation is > 0,
-// into acc_a / acc_a_xhat (D * C, zeroed). Blocks of kBlockRows rows are summed in T (inner loops of one type
-// vectorise fully), then added to the double accumulators; block_a, block_a_xhat: scratch (C).
+// Columns [col, col + kVectors * lanes) of tower d over rows [first, end): the sums of a and of a * xhat,
+// a = grad_y where the pre-activation is > 0, in T over blocks of kBlockRows rows, then added to acc_a /
+// acc_a_xhat (the chunk's, double).
+template <typename T, typename V, int kVectors>
+HAMUR_INLINE void grad_sums_strip(const Slices<const T>& gy, const Slices<const T>& z, int64_t d, int64_t first,
+                                  int64_t end, int64_t col, const T* scale_p, const T* shift_p, const T* mean_p,
+                                  const T* rstd_p, double* __restrict acc_a, double* __restrict acc_a_xhat) {
+  constexpr int64_t kLanes = sizeof(V) / sizeof(T);
+  V scale[kVectors], shift[kVectors], mean[kVectors], rstd[kVectors];
+  for (int t = 0; t < kVectors; ++t) {
+    scale[t] = load_as<V>(scale_p + col + t * kLanes);
+    shift[t] = load_as<V>(shift_p + col + t * kLanes);
+    mean[t] = load_as<V>(mean_p + col + t * kLanes);
+    rstd[t] = load_as<V>(rstd_p + col + t * kLanes);
+  }
+  for (int64_t start = first; start < end; start += kBlockRows) {
+    const int64_t stop = std::min(end, start + kBlockRows);
+    V sum_a[kVectors] = {}, sum_a_xhat[kVectors] = {};
+    for (int64_t b = start; b < stop; ++b)
+      for (int t = 0; t < kVectors; ++t) {
+        const V z_v = load_as<V>(z.at(d, b) + col + t * kLanes);
+        const V gy_v = load_as<V>(gy.at(d, b) + col + t * kLanes);
+        const V a = positive_or_zero(pre_activation(z_v, scale[t], shift[t]), gy_v);
+        sum_a[t] += a;
+        sum_a_xhat[t] += a * ((z_v - mean[t]) * rstd[t]);
+      }
+    T sums[kVectors * kLanes], sums_xhat[kVectors * kLanes];
+    __builtin_memcpy(sums, sum_a, sizeof(sums));
+    __builtin_memcpy(sums_xhat, sum_a_xhat, sizeof(sums_xhat));
+    for (int64_t j = 0; j < kVectors * kLanes; ++j) {
+      acc_a[col + j] += sums[j];
+      acc_a_xhat[col + j] += sums_xhat[j];
+    }
+  }
+}
+
+// Per (d, c), on rows [first, end): the sums of a and of a * xhat into acc_a / acc_a_xhat (D * C, zeroed).
 template <typename T>
 HAMUR_ROW_PASS void masked_grad_sums_rows(const Slices<const T>& gy, const Slices<const T>& z, int64_t towers,
-                                          int64_t width, const T* scale_p, const T* shift_p, const T* mean_p,
-                                          const T* rstd_p, int64_t first, int64_t end, double* acc_a_p,
-                                          double* acc_a_xhat_p, T* __restrict block_a, T* __restrict block_a_xhat) {
+                                          int64_t width, const T* scale, const T* shift, const T* mean,
+                                          const T* rstd, int64_t first, int64_t end, double* acc_a,
+                                          double* acc_a_xhat) {
+  constexpr int64_t kLanes = 64 / sizeof(T);
   for (int64_t d = 0; d < towers; ++d) {
-    const int64_t offset = d * width;
-    double* __restrict acc_a = acc_a_p + offset;
-    double* __restrict acc_a_xhat = acc_a_xhat_p + offset;
-    const T* __restrict scale = scale_p + offset;
-    const T* __restrict shift = shift_p + offset;
-    const T* __restrict mean = mean_p + offset;
-    const T* __restrict rstd = rstd_p + offset;
-    for (int64_t start = first; start < end; start += kBlockRows) {
-      const int64_t stop = std::min(end, start + kBlockRows);
-      std::fill(block_a, block_a + width, T(0));
-      std::fill(block_a_xhat, block_a_xhat + width, T(0));
-      for (int64_t b = start; b < stop; ++b) {
-        const T* __restrict row_gy = gy.at(d, b);
-        const T* __restrict row_z = z.at(d, b);
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          const T a = relu_grad(row_gy[j], pre_activation(row_z[j], scale[j], shift[j]));
-          block_a[j] += a;
-          block_a_xhat[j] += a * ((row_z[j] - mean[j]) * rstd[j]);
-        }
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) {
-        acc_a[j] += block_a[j];
-        acc_a_xhat[j] += block_a_xhat[j];
-      }
-    }
+    const int64_t o = d * width;
+    int64_t col = 0;
+    for (; col + 4 * kLanes <= width; col += 4 * kLanes)
+      grad_sums_strip<T, Vec512<T>, 4>(gy, z, d, first, end, col, scale + o, shift + o, mean + o, rstd + o,
+                                       acc_a + o, acc_a_xhat + o);
+    for (; col + kLanes <= width; col += kLanes)
+      grad_sums_strip<T, Vec512<T>, 1>(gy, z, d, first, end, col, scale + o, shift + o, mean + o, rstd + o,
+                                       acc_a + o, acc_a_xhat + o);
+    for (; col < width; ++col)
+      grad_sums_strip<T, T, 1>(gy, z, d, first, end, col, scale + o, shift + o, mean + o, rstd + o, acc_a + o,
+                               acc_a_xhat + o);
   }
 }
 
@@ -225,7 +262,7 @@ HAMUR_ROW_PASS void masked_input_grad_rows(const Slices<const T>& gy, const Slic
       T* __restrict out = gz.at(d, b);
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
-        const T a = relu_grad(row_gy[j], pre_activation(row_z[j], scale[j], shift[j]));
+        const T a = positive_or_zero(pre_activation(row_z[j], scale[j], shift[j]), row_gy[j]);
         const T xhat = (row_z[j] - mean[j]) * rstd[j];
         out[j] = scale[j] * (a - mean_a[j] - xhat * xhat_coef[j]);
       }
@@ -305,12 +342,10 @@ std::tuple<Tensor, Tensor, Tensor> tower_norm_relu_backward_cpu(const Tensor& gr
     const Slices<const T> gy_rows = slices<const T>(gy), z_rows = slices<const T>(z);
     const int64_t chunks = num_chunks(batch);
     std::vector<double> partial(chunks * 2 * n, 0.0);  // per chunk: sum(a), sum(a * xhat)
-    std::vector<T> scratch(chunks * 2 * width);
     parallel_chunks(batch, chunks, [&](int64_t c, int64_t first, int64_t end) {
       double* acc = partial.data() + c * 2 * n;
-      T* block = scratch.data() + c * 2 * width;
       masked_grad_sums_rows<T>(gy_rows, z_rows, towers, width, scale.data(), shift.data(), mean_p, rstd_p, first,
-                               end, acc, acc + n, block, block + width);
+                               end, acc, acc + n);
     });
     std::vector<double> sum_a(n, 0.0), sum_a_xhat(n, 0.0);
     for (int64_t c = 0; c < chunks; ++c)  // chunk order: deterministic
