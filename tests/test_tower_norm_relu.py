@@ -72,6 +72,25 @@ def test_matches_batch_norm_relu_in_float64(size, side_by_side, training):
     assert got[0].permute(1, 0, 2).is_contiguous()  # y side by side: the released cell's (B, D*C) without a copy
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_row_chunks_merge_exactly(threads):
+    """Several row chunks (the statistics merged by Chan's rule, the column sums in chunk order) give the one-chunk
+    results, and the same on every run."""
+    size = (3, 301, 70)
+    inputs = make_inputs(*size, torch.float64, seed=5, side_by_side=True)
+    grad_y = torch.randn(size, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        runs = [run(ours, inputs, grad_y, True) for _ in range(2)]
+    finally:
+        torch.set_num_threads(before)
+    expected = run(reference, inputs, grad_y, True)
+    for name, a, b, c in zip(NAMES, *runs, expected):
+        assert torch.equal(a, b), name
+        assert rel_err(a, c) < 1e-12, (name, rel_err(a, c))
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("size", [(3, 37, 19), (4, 129, 33), (3, 512, 256)])
 def test_float32_within_plain_pytorch_error(size, training):
