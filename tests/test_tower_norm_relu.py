@@ -1,6 +1,9 @@
 """The released towers' fused BatchNorm1d + ReLU (hamur_fast.ops.tower_norm_relu, csrc/cpu/tower_norm_relu_cpu.cpp)
 against F.batch_norm + relu on the (B, D*C) permutation of z: forward, every gradient, the running statistics, train
 and eval, both z layouts the towers make, odd sizes; opcheck; the layer's choice of path."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,6 +151,10 @@ def test_kernel_rejects_one_row_in_training():
                                                              MOMENTUM, EPS)
 
 
+def tables(layer):
+    return layer.weight, layer.bias, layer.running_mean, layer.running_var
+
+
 def test_layer_fused_and_aten_paths_agree():
     """DomainBatchNorm1d.all_domains_relu: the fused op where it applies, and the same results (outputs, gradients,
     running statistics, batches tracked) as relu(all_domains) over three training steps and in eval."""
@@ -164,7 +171,7 @@ def test_layer_fused_and_aten_paths_agree():
             y = fn(layer, leaf)
             y.backward(torch.ones_like(y))
             outs.append((y.detach(), leaf.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
-        assert fused.applies(z, layers[0].weight, layers[0].running_mean, training, layers[0].momentum)
+        assert fused.applies(z, tables(layers[0]), training, layers[0].momentum)
         for a, b in zip(*outs):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     for name, buffer in layers[0].named_buffers():
@@ -174,11 +181,25 @@ def test_layer_fused_and_aten_paths_agree():
 def test_layer_keeps_the_aten_form_where_the_op_does_not_apply():
     layer = DomainBatchNorm1d(6, 2)
     z = torch.randn(2, 1, 6)
-    assert not fused.applies(z, layer.weight, layer.running_mean, True, layer.momentum)  # BatchNorm's own error
+    assert not fused.applies(z, tables(layer), True, layer.momentum)  # BatchNorm's own error
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         layer.all_domains_relu(z)
     z = torch.randn(2, 10, 6, dtype=torch.float16)
-    assert not fused.applies(z, layer.weight, layer.running_mean, True, layer.momentum)
+    assert not fused.applies(z, tables(layer), True, layer.momentum)
     strided = torch.randn(2, 6, 10).transpose(1, 2)
-    assert not fused.applies(strided, layer.weight, layer.running_mean, True, layer.momentum)
+    assert not fused.applies(strided, tables(layer), True, layer.momentum)
     torch.testing.assert_close(layer.all_domains_relu(strided), torch.relu(layer.all_domains(strided)))
+
+
+def test_benchmark_prints_both_layers(capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_tower_norm_relu
+
+    before = torch.get_num_threads()
+    try:
+        bench_tower_norm_relu.main(["--batch", "16", "--repeats", "1", "--dims", "12", "5"])
+    finally:
+        torch.set_num_threads(before)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("C=")]
+    assert [row.split()[0] for row in rows] == ["C=12", "C=5"]
+    assert all(float(row.split()[-1]) > 0 for row in rows)

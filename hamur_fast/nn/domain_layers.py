@@ -99,12 +99,12 @@ class DomainBatchNorm1d(nn.Module):
     def all_domains_relu(self, z: torch.Tensor) -> torch.Tensor:
         """``relu(all_domains(z))``: one fused C++ pass each way where it applies (CPU eager, no synchronised
         statistics: :func:`hamur_fast.ops.tower_norm_relu.applies`), with no (B, D*C) copy of z."""
-        if not tower_norm_relu.applies(z, self.weight, self.running_mean, self.training, self.momentum):
+        tables = (self.weight, self.bias, self.running_mean, self.running_var)
+        if not tower_norm_relu.applies(z, tables, self.training, self.momentum):
             return torch.relu(self.all_domains(z))
         if self.training:
             self.num_batches_tracked.add_(1)
-        return tower_norm_relu.tower_norm_relu(z, self.weight, self.bias, self.running_mean, self.running_var,
-                                               self.training, self.momentum, self.eps)
+        return tower_norm_relu.tower_norm_relu(z, *tables, self.training, self.momentum, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, num_domains={self.num_domains}"

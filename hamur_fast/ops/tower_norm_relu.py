@@ -34,10 +34,11 @@ def _has_cpu_kernel() -> bool:
 AVAILABLE = _has_cpu_kernel()
 
 
-def applies(z: torch.Tensor, weight: torch.Tensor, running_mean: torch.Tensor, training: bool, momentum) -> bool:
-    """Whether the fused op runs this call (else the caller's ATen form does)."""
-    return (AVAILABLE and z.device.type == "cpu" and z.dtype in _DTYPES and weight.dtype == z.dtype
-            and running_mean.dtype == z.dtype and z.stride(2) == 1 and isinstance(momentum, float)
+def applies(z: torch.Tensor, tables, training: bool, momentum) -> bool:
+    """Whether the fused op runs this call (else the caller's ATen form does); ``tables``: weight, bias and the
+    running statistics, which the op takes in z's dtype."""
+    return (AVAILABLE and z.device.type == "cpu" and z.dtype in _DTYPES and all(t.dtype == z.dtype for t in tables)
+            and z.stride(2) == 1 and isinstance(momentum, float)
             and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
             and (not training or (z.shape[1] > 1 and active_group() is None)))
 
