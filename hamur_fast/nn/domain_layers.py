@@ -6,7 +6,8 @@ Each layer stores the D domains' parameters stacked on a leading axis and offers
   and each layer works on those contiguous segments (no per-layer gather or scatter);
 - ``all_domains(x)``: every domain's layer sees the whole batch, giving (D, B, ...) (released mode,
   where each tower runs on the whole mixed batch and a row later takes its own tower's output); a tower's first
-  layer, whose input all towers share, is ``DomainLinear.every_domain(x)``.
+  layer, whose input all towers share, is ``DomainLinear.every_domain(x)``; ``DomainBatchNorm1d.all_domains_relu``
+  is the normalisation and the ReLU after it, fused on the CPU (:mod:`hamur_fast.ops.tower_norm_relu`).
 """
 from __future__ import annotations
 
