@@ -2,11 +2,14 @@
 
     python benchmarks/bench_tower_norm_relu.py                  # B=2048, 1 thread, the MovieLens towers (D=3, 256-128)
     python benchmarks/bench_tower_norm_relu.py --threads 2 --repeats 31
+    python benchmarks/bench_tower_norm_relu.py --step       # also the whole released training step, op on and off
 
 Both providers run ``DomainBatchNorm1d`` in training mode on the same z (D, B, C) in this one run, taking turns call
 by call: "aten" = ``relu(all_domains(z))`` (z permuted to (B, D*C), F.batch_norm, relu), "fused" =
 ``all_domains_relu(z)`` (hamur_fast.ops.tower_norm_relu). A call is the forward and the gradients of z, weight and
-bias; its time is the calling thread's CPU time (``time.thread_time``: on cores shared with other processes it moves
+bias. With ``--step``, a second table: benchmarks/bench_train.py's released-mode training step of ours (backend
+"auto", B rows), with the fused op ("fused") and without it ("aten": the op switched off, the layers then run
+their ATen form), taking turns step by step in this process. A call's time is the calling thread's CPU time (``time.thread_time``: on cores shared with other processes it moves
 less than wall time), the median over ``--repeats`` calls. The first tower layer's z is a view of the (B, D*C)
 product the towers' first GEMM writes ("side by side"); a deeper layer's is a (D, B, C) tensor.
 """
@@ -57,6 +60,28 @@ def bench_layer(towers, batch, width, side_by_side, repeats):
     return {name: 1e3 * statistics.median(times) for name, times in samples.items()}
 
 
+def bench_step(batch, repeats):
+    """{provider: median thread-CPU ms} of one released training step, the fused op on and off step by step."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_train
+
+    device = torch.device("cpu")
+    step = bench_train.ours_eager_step("released", "auto", device)
+    inputs = bench_train.make_batch(batch, device)
+    samples = {name: [] for name in PROVIDERS}
+    try:
+        for turn in range(repeats + 2):  # 2 warm-up turns
+            for name in PROVIDERS:
+                tower_norm_relu.AVAILABLE = name == "fused"
+                start = time.thread_time()
+                step(*inputs)
+                if turn >= 2:
+                    samples[name].append(time.thread_time() - start)
+    finally:
+        tower_norm_relu.AVAILABLE = True
+    return {name: 1e3 * statistics.median(times) for name, times in samples.items()}
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -72,6 +97,7 @@ def main(argv=None):
     parser.add_argument("--dims", type=int, nargs="+", default=[256, 128], help="the towers' widths, first to last")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--step", action="store_true", help="also time the released training step, op on and off")
     args = parser.parse_args(argv)
     if not tower_norm_relu.AVAILABLE:
         sys.exit("hamur_fast._C has no compiled_tower_norm_relu_forward: build it with "
@@ -87,6 +113,10 @@ def main(argv=None):
         times = bench_layer(args.domains, args.batch, width, side_by_side, args.repeats)
         label = f"C={width} " + ("(side by side)" if side_by_side else "(D, B, C)")
         print(f"{label:<28}{times['aten']:>10.3f}{times['fused']:>10.3f}{times['fused'] / times['aten']:>12.3f}")
+    if args.step:
+        times = bench_step(args.batch, args.repeats)
+        print(f"{'released training step':<28}{times['aten']:>10.3f}{times['fused']:>10.3f}"
+              f"{times['fused'] / times['aten']:>12.3f}")
 
 
 if __name__ == "__main__":
