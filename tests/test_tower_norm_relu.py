@@ -123,6 +123,18 @@ def test_opcheck(dtype, training):
                           (torch.randn_like(y), z.detach(), weight.detach(), bias, mean, rstd, training))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_nan_propagates_as_in_aten(training):
+    """A NaN in z gives NaN where BatchNorm + relu gives NaN (never a silent 0), and the same gradients."""
+    inputs = list(make_inputs(3, 20, 6, torch.float64, seed=6, side_by_side=False))
+    inputs[0][1, 4, 2] = float("nan")
+    grad_y = torch.randn(3, 20, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got, expected = run(ours, inputs, grad_y, training), run(reference, inputs, grad_y, training)
+    assert got[0].isnan().any()
+    for name, a, b in zip(NAMES, got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, equal_nan=True, msg=name)
+
+
 def test_second_derivative_refused():
     z, weight, bias, running_mean, running_var = make_inputs(2, 9, 4, torch.float64, seed=2, side_by_side=False)
     z.requires_grad_()

@@ -54,12 +54,14 @@ HAMUR_INLINE V load_as(const T* p) {
   return v;
 }
 
-// value where pre > 0, else 0, lane by lane (also for V = T): the ReLU and its gradient mask. value comes in
-// loaded, so that the select vectorises (a conditional load is control flow the vectoriser may give up on).
+// 0 where pre <= 0, else value, lane by lane (also for V = T): the ReLU (value = pre) and its gradient mask
+// (value = grad_y), with ATen's NaN rules (relu(NaN) = NaN; threshold_backward passes grad_y where pre is NaN).
+// value comes in loaded, so that the select vectorises (a conditional load is control flow the vectoriser may
+// give up on).
 template <typename V>
-HAMUR_INLINE V positive_or_zero(V pre, V value) {
+HAMUR_INLINE V relu_select(V pre, V value) {
   const V zero{};
-  return pre > zero ? value : zero;
+  return pre <= zero ? zero : value;
 }
 
 void check_main_input(const char* op, const char* arg, const Tensor& t) {
@@ -178,7 +180,7 @@ HAMUR_ROW_PASS void normalise_relu_rows(const Slices<const T>& z, const Slices<T
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
         const T pre = pre_activation(row[j], scale[j], shift[j]);
-        out[j] = positive_or_zero(pre, pre);
+        out[j] = relu_select(pre, pre);
       }
     }
 }
@@ -205,7 +207,7 @@ HAMUR_INLINE void grad_sums_strip(const Slices<const T>& gy, const Slices<const 
       for (int t = 0; t < kVectors; ++t) {
         const V z_v = load_as<V>(z.at(d, b) + col + t * kLanes);
         const V gy_v = load_as<V>(gy.at(d, b) + col + t * kLanes);
-        const V a = positive_or_zero(pre_activation(z_v, scale[t], shift[t]), gy_v);
+        const V a = relu_select(pre_activation(z_v, scale[t], shift[t]), gy_v);
         sum_a[t] += a;
         sum_a_xhat[t] += a * ((z_v - mean[t]) * rstd[t]);
       }
@@ -242,8 +244,9 @@ HAMUR_ROW_PASS void masked_grad_sums_rows(const Slices<const T>& gy, const Slice
 }
 
 // grad_z = gain * (a - mean_a - xhat * xhat_coef) on rows [first, end), gain = weight * rstd = scale, a = grad_y
-// where the pre-activation is > 0 (with running statistics mean_a and xhat_coef are 0: grad_z = gain * a).
-template <typename T>
+// where the pre-activation is > 0; with running statistics (kBatchStatistics false) grad_z = gain * a, xhat not
+// formed (so a NaN in z does not reach grad_z there, as in ATen).
+template <typename T, bool kBatchStatistics>
 HAMUR_ROW_PASS void masked_input_grad_rows(const Slices<const T>& gy, const Slices<const T>& z, const Slices<T>& gz,
                                            int64_t towers, int64_t width, const T* scale_p, const T* shift_p,
                                            const T* mean_p, const T* rstd_p, const T* mean_a_p,
@@ -262,9 +265,13 @@ HAMUR_ROW_PASS void masked_input_grad_rows(const Slices<const T>& gy, const Slic
       T* __restrict out = gz.at(d, b);
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
-        const T a = positive_or_zero(pre_activation(row_z[j], scale[j], shift[j]), row_gy[j]);
-        const T xhat = (row_z[j] - mean[j]) * rstd[j];
-        out[j] = scale[j] * (a - mean_a[j] - xhat * xhat_coef[j]);
+        const T a = relu_select(pre_activation(row_z[j], scale[j], shift[j]), row_gy[j]);
+        if constexpr (kBatchStatistics) {
+          const T xhat = (row_z[j] - mean[j]) * rstd[j];
+          out[j] = scale[j] * (a - mean_a[j] - xhat * xhat_coef[j]);
+        } else {
+          out[j] = scale[j] * a;
+        }
       }
     }
 }
@@ -365,8 +372,13 @@ std::tuple<Tensor, Tensor, Tensor> tower_norm_relu_backward_cpu(const Tensor& gr
     }
     const Slices<T> gz_rows = slices<T>(grad_z);
     at::parallel_for(0, batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
-      masked_input_grad_rows<T>(gy_rows, z_rows, gz_rows, towers, width, scale.data(), shift.data(), mean_p, rstd_p,
-                                mean_a.data(), xhat_coef.data(), first, end);
+      if (training) {
+        masked_input_grad_rows<T, true>(gy_rows, z_rows, gz_rows, towers, width, scale.data(), shift.data(), mean_p,
+                                        rstd_p, mean_a.data(), xhat_coef.data(), first, end);
+      } else {
+        masked_input_grad_rows<T, false>(gy_rows, z_rows, gz_rows, towers, width, scale.data(), shift.data(), mean_p,
+                                         rstd_p, mean_a.data(), xhat_coef.data(), first, end);
+      }
     });
   });
   return {grad_z, grad_weight, grad_bias};
