@@ -1,7 +1,7 @@
 """The released towers' BatchNorm1d + ReLU, forward+backward: the ATen form against the fused C++ CPU op.
 
     python benchmarks/bench_tower_norm_relu.py                  # B=2048, 1 thread, the MovieLens towers (D=3, 256-128)
-    python benchmarks/bench_tower_norm_relu.py --threads 2 --repeats 31
+    python benchmarks/bench_tower_norm_relu.py --repeats 61
     python benchmarks/bench_tower_norm_relu.py --step       # also the whole released training step, op on and off
 
 Both providers run ``DomainBatchNorm1d`` in training mode on the same z (D, B, C) in this one run, taking turns call
@@ -9,9 +9,11 @@ by call: "aten" = ``relu(all_domains(z))`` (z permuted to (B, D*C), F.batch_norm
 ``all_domains_relu(z)`` (hamur_fast.ops.tower_norm_relu). A call is the forward and the gradients of z, weight and
 bias. With ``--step``, a second table: benchmarks/bench_train.py's released-mode training step of ours (backend
 "auto", B rows), with the fused op ("fused") and without it ("aten": the op switched off, the layers then run
-their ATen form), taking turns step by step in this process. A call's time is the calling thread's CPU time (``time.thread_time``: on cores shared with other processes it moves
-less than wall time), the median over ``--repeats`` calls. The first tower layer's z is a view of the (B, D*C)
-product the towers' first GEMM writes ("side by side"); a deeper layer's is a (D, B, C) tensor.
+their ATen form), taking turns step by step in this process. A call's time is the calling thread's CPU time
+(``time.thread_time``: on cores shared with other processes it moves less than wall time; with ``--threads`` above 1
+it misses the other threads' share, so judge ratios at 1 thread), the median over ``--repeats`` calls. The first
+tower layer's z is a view of the (B, D*C) product the towers' first GEMM writes ("side by side"); a deeper layer's
+is a (D, B, C) tensor.
 """
 from __future__ import annotations
 
