@@ -20,8 +20,7 @@ from torch import nn
 from .. import ops
 from ..ops.collectives import domain_counts, mean_and_covariance
 from ..ops.compose import batch_norm
-from ..ops import grouped_linear
-from ..ops import tower_norm_relu
+from ..ops import grouped_linear, tower_norm_relu
 
 
 class DomainLinear(nn.Module):
@@ -98,8 +97,8 @@ class DomainBatchNorm1d(nn.Module):
         return out.view(batch, num_domains, channels).permute(1, 0, 2)
 
     def all_domains_relu(self, z: torch.Tensor) -> torch.Tensor:
-        """``relu(all_domains(z))``: one fused C++ pass each way where it applies (CPU eager, no synchronised
-        statistics: :func:`hamur_fast.ops.tower_norm_relu.applies`), with no (B, D*C) copy of z."""
+        """``relu(all_domains(z))``: one fused C++ op (two passes over z each way, no (B, D*C) copy of z) where it
+        applies (CPU eager, no synchronised statistics: :func:`hamur_fast.ops.tower_norm_relu.applies`)."""
         tables = (self.weight, self.bias, self.running_mean, self.running_var)
         if not tower_norm_relu.applies(z, tables, self.training, self.momentum):
             return torch.relu(self.all_domains(z))
