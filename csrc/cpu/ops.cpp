@@ -73,4 +73,14 @@ TORCH_LIBRARY(hamur_fast, m) {
       "compiled_norm_input_grad(Tensor grad_y, Tensor o, Tensor domain, Tensor weight, Tensor count, "
       "Tensor mean, Tensor rstd, Tensor sum_dy, Tensor sum_dy_xhat, bool per_domain, bool unbiased) -> "
       "Tensor grad_o");
+  // The released towers' BatchNorm1d + ReLU on z (D, B, C), per tower d and column c over the B rows
+  // (csrc/cpu/tower_norm_relu_cpu.cpp): y = relu(BN(z)) as a (D, B, C) view of a (B, D, C) tensor; training
+  // updates running_mean / running_var in place as BatchNorm1d (momentum, unbiased variance), eval normalises
+  // with them. mean, rstd (D, C): what backward reads.
+  m.def(
+      "compiled_tower_norm_relu_forward(Tensor z, Tensor weight, Tensor bias, Tensor(a!) running_mean, "
+      "Tensor(b!) running_var, bool training, float momentum, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def(
+      "compiled_tower_norm_relu_backward(Tensor grad_y, Tensor z, Tensor weight, Tensor bias, Tensor mean, "
+      "Tensor rstd, bool training) -> (Tensor grad_z, Tensor grad_weight, Tensor grad_bias)");
 }

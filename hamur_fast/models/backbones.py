@@ -115,7 +115,7 @@ class DomainTowers(nn.Module):
         h = e
         cells = iter(self.adapters)
         for j, (linear, norm) in enumerate(zip(self.linears, self.norms)):
-            h = torch.relu(norm.all_domains(linear.every_domain(h) if j == 0 else linear.all_domains(h)))
+            h = norm.all_domains_relu(linear.every_domain(h) if j == 0 else linear.all_domains(h))
             if j in self.adapter_after:
                 cell = next(cells)
                 if self.mode == "released":

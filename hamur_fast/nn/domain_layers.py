@@ -6,7 +6,8 @@ Each layer stores the D domains' parameters stacked on a leading axis and offers
   and each layer works on those contiguous segments (no per-layer gather or scatter);
 - ``all_domains(x)``: every domain's layer sees the whole batch, giving (D, B, ...) (released mode,
   where each tower runs on the whole mixed batch and a row later takes its own tower's output); a tower's first
-  layer, whose input all towers share, is ``DomainLinear.every_domain(x)``.
+  layer, whose input all towers share, is ``DomainLinear.every_domain(x)``; ``DomainBatchNorm1d.all_domains_relu``
+  is the normalisation and the ReLU after it, fused on the CPU (:mod:`hamur_fast.ops.tower_norm_relu`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch import nn
 from .. import ops
 from ..ops.collectives import domain_counts, mean_and_covariance
 from ..ops.compose import batch_norm
-from ..ops import grouped_linear
+from ..ops import grouped_linear, tower_norm_relu
 
 
 class DomainLinear(nn.Module):
@@ -94,6 +95,16 @@ class DomainBatchNorm1d(nn.Module):
         out = batch_norm(flat, self.running_mean.view(-1), self.running_var.view(-1),
                            self.weight.reshape(-1), self.bias.reshape(-1), self.training, self.momentum, self.eps)
         return out.view(batch, num_domains, channels).permute(1, 0, 2)
+
+    def all_domains_relu(self, z: torch.Tensor) -> torch.Tensor:
+        """``relu(all_domains(z))``: one fused C++ op (two passes over z each way, no (B, D*C) copy of z) where it
+        applies (CPU eager, no synchronised statistics: :func:`hamur_fast.ops.tower_norm_relu.applies`)."""
+        tables = (self.weight, self.bias, self.running_mean, self.running_var)
+        if not tower_norm_relu.applies(z, tables, self.training, self.momentum):
+            return torch.relu(self.all_domains(z))
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return tower_norm_relu.tower_norm_relu(z, *tables, self.training, self.momentum, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, num_domains={self.num_domains}"

@@ -108,12 +108,18 @@ compiled_norm_backward         csrc/cpu/ops.cpp          grad o, grad weight, gr
 compiled_norm_statistics       csrc/cpu/ops.cpp          count, mean, m2 (the statistics pass)
 compiled_norm_normalise        csrc/cpu/ops.cpp          y with given mean and rstd (the normalise pass)
 compiled_norm_input_grad       csrc/cpu/ops.cpp          grad o from given count and group sums
+compiled_tower_norm_relu_      csrc/cpu/ops.cpp          y, mean, rstd: the released towers' BatchNorm1d +
+forward                                                  ReLU on z (D, B, C); running statistics in place
+compiled_tower_norm_relu_      csrc/cpu/ops.cpp          grad z, grad weight, grad bias
+backward
 triton_grouped_linear_forward  ops/grouped_linear.py     out (the grouped per-domain linear op, any D)
 triton_grouped_linear_backward ops/grouped_linear.py     grad x, grad weight, grad bias
 =============================  ========================  ==================================================
 
 The ``compiled_*`` operators run only inside the composed ops (their fakes: the composed ops'), except
-``compiled_cell_infer``, which an exported eval graph calls directly (its fake: ops/backends/compiled.py). And fusion
+``compiled_cell_infer``, which an exported eval graph calls directly (its fake: ops/backends/compiled.py), and
+``compiled_tower_norm_relu_forward`` / ``_backward``, which the released towers' DomainBatchNorm1d calls directly on
+the CPU (no backend, no plan: BatchNorm1d's own arguments; fakes and autograd: ops/tower_norm_relu.py). And fusion
 level 2 of "cpu", in csrc/cpu/generated_cpu.cpp: ``compiled_generated_core_forward`` (v and saved = [q | a | u], the
 rank-k core on I generated from g in 64-row blocks) and ``compiled_generated_core_backward`` (the gradients of p,
 g, centre, W', c', DR, db and UL).
