@@ -69,15 +69,19 @@ HAMUR_INLINE void grad_o_block(const NormGrad<T>& ng, int64_t g, int64_t h, int6
   rows_mat<T, kRows>(grad_v_rows, grad_o_rows, up_right_t + g * h * k, nullptr, h, k);
 }
 
-// grad_o and grad_v for slots [first, end), in blocks of kBlockRows slots of one group.
+// grad_o and grad_v for slots [first, end), in blocks of kBlockRows slots of one group; the next block's
+// rows of gy are fetched ahead (in paper mode the slots jump between them).
 template <typename T>
 HAMUR_ROW_PASS void grad_o_rows(const NormGrad<T>& ng, const GroupOrder& order, int64_t h, int64_t k, const T* gy,
                                 const T* o, const T* up_right_t, T* grad_o, T* grad_v, int64_t first, int64_t end) {
   const int64_t* rows = order.order.data_ptr<int64_t>();
   for (int64_t i = first; i < end;) {
     const int64_t g = order.slot_group[i], group_end = std::min(end, order.start[g + 1]);
-    for (; i + kBlockRows <= group_end; i += kBlockRows)
+    for (; i + kBlockRows <= group_end; i += kBlockRows) {
+      for (int64_t next = i + kBlockRows; next < std::min(i + 2 * kBlockRows, end); ++next)
+        prefetch(gy + rows[next] * h, h, /*for_write=*/false);
       grad_o_block<T, kBlockRows>(ng, g, h, k, rows, gy, o, up_right_t, grad_o, grad_v, i);
+    }
     for (; i < group_end; ++i) grad_o_block<T, 1>(ng, g, h, k, rows, gy, o, up_right_t, grad_o, grad_v, i);
   }
 }
@@ -177,7 +181,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     scalar_t* grad_x_p = grad_x.data_ptr<scalar_t>();
     const int64_t* slot_of = order.slot_of.data();
     at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
-      for (int64_t b = first; b < end; ++b) add_rows(gy_p + b * h, sorted_p + slot_of[b] * h, h, grad_x_p + b * h);
+      for (int64_t b = first; b < end; ++b) {
+        if (b + kRowsAhead < end) prefetch(sorted_p + slot_of[b + kRowsAhead] * h, h, /*for_write=*/false);
+        add_rows(gy_p + b * h, sorted_p + slot_of[b] * h, h, grad_x_p + b * h);
+      }
     });
   });
   return {grad_x, grad_rep, grad_dl, grad_dr, grad_db, grad_ul, grad_ur, grad_ub, grad_norm_weight, grad_norm_bias};
