@@ -30,12 +30,12 @@ HAMUR_INLINE void rank_core_backward_row(const CellShape& shape, const T* __rest
 }
 
 // Backward rank-k core for original rows [first, end) (rep read and grad_rep written in order), row b's
-// saved and gradient vectors in slot slot_of[b]; grad_q is scratch (k).
+// saved and gradient vectors in slot slot_of[b] (grad_core's rows core_stride apart); grad_q is scratch (k).
 template <typename T>
 HAMUR_ROW_PASS void rank_core_backward_rows(const CellShape& shape, const Rows& slots, const int64_t* slot_of,
                                             const T* rep, const T* down_right_t, const T* up_left_t, const T* hidden,
-                                            const T* grad_v, T* grad_core, T* grad_q, T* grad_rep, int64_t first,
-                                            int64_t end) {
+                                            const T* grad_v, T* grad_core, int64_t core_stride, T* grad_q,
+                                            T* grad_rep, int64_t first, int64_t end) {
   const int64_t k = shape.rank, s = shape.bottleneck;
   for (int64_t b = first; b < end; ++b) {
     const int64_t i = slot_of[b], d = slots.group(i);
@@ -43,10 +43,10 @@ HAMUR_ROW_PASS void rank_core_backward_rows(const CellShape& shape, const Rows& 
       const int64_t next = slot_of[b + 1];
       prefetch(hidden + next * shape.stride(), shape.stride(), /*for_write=*/false);
       prefetch(grad_v + next * k, k, /*for_write=*/false);
-      prefetch(grad_core + next * (2 * k + s), 2 * k + s, /*for_write=*/true);
+      prefetch(grad_core + next * core_stride, 2 * k + s, /*for_write=*/true);
     }
     rank_core_backward_row(shape, rep + b * k * k, down_right_t + d * s * k, up_left_t + d * k * s,
-                           hidden + i * shape.stride(), grad_v + i * k, grad_core + i * (2 * k + s), grad_q,
+                           hidden + i * shape.stride(), grad_v + i * k, grad_core + i * core_stride, grad_q,
                            grad_rep + b * k * k);
   }
 }
@@ -109,7 +109,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   // All (B, .) buffers below are in group order.
   Tensor grad_o = at::empty({shape.batch, h}, x.options());
   Tensor grad_v = at::empty({shape.batch, k}, x.options());
-  Tensor grad_core = at::empty({shape.batch, 2 * k + s}, x.options());  // [grad_u | grad_z | grad_p]
+  // grad_core rows [grad_u | grad_z | grad_p], padded to whole 64-byte cache lines: in paper mode the core
+  // pass writes them in slot order while each thread walks its own original rows, so neighbouring slots
+  // belong to different threads, and a line two rows shared would bounce between the cores.
+  const int64_t line = 64 / static_cast<int64_t>(x.element_size());
+  const int64_t core_stride = (2 * k + s + line - 1) / line * line;
+  Tensor grad_core = at::empty({shape.batch, core_stride}, x.options());
   Tensor grad_rep = at::empty_like(rep), grad_norm_weight, grad_norm_bias;
   const Tensor up_right_t = ur.transpose(-1, -2).contiguous();
   // grad_o and grad_v = grad_o.UR^T in one pass over the slots.
@@ -136,7 +141,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     at::parallel_for(0, shape.batch, kMinRowsPerChunk, [&](int64_t first, int64_t end) {
       std::vector<scalar_t> grad_q(k);
       rank_core_backward_rows(shape, slots, order.slot_of.data(), rep_p, dr_p, ul_p, hidden_p, grad_v_p, grad_core_p,
-                              grad_q.data(), grad_rep_p, first, end);
+                              core_stride, grad_q.data(), grad_rep_p, first, end);
     });
   });
   // The dense products' gradients, one GEMM each per domain: grad_x = gy + grad_p.DL^T and the factor
