@@ -166,9 +166,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     } else {
       at::addmm_out(grad_x_g, gy, grad_p, dl.t());
     }
-    at::mm_out(grad_dl_g, slots_of(x_sorted, order, g).t(), grad_p);
+    // MKL's sgemm runs these long-K products ~1.5x faster when the output's rows are the rank k (x^T.grad_p
+    // over 1365 rows: 0.24 ms as (h, k), 0.16 ms as (k, h)), so grad_dl and grad_ul are formed transposed.
+    grad_dl_g.copy_(at::mm(grad_p.t(), slots_of(x_sorted, order, g)).t());
     at::mm_out(grad_dr_g, hidden_g.narrow(1, shape.q(), k).t(), grad_z);
-    at::mm_out(grad_ul_g, hidden_g.narrow(1, shape.a(), s).t(), grad_u);
+    grad_ul_g.copy_(at::mm(grad_u.t(), hidden_g.narrow(1, shape.a(), s)).t());
     at::mm_out(grad_ur_g, hidden_g.narrow(1, shape.v(), k).t(), grad_o_g);
     at::sum_out(grad_db_g, grad_z, 0);
     // With batch statistics o's bias cancels in the normalisation: its gradient, the group's sum of
