@@ -11,10 +11,12 @@ constexpr int kBlockRows = 4;
 
 // Slots [first, first + kRows), all of group g: p = x.DL, q = p.I, a = sigmoid(q.DR + db), u = a.UL,
 // v = u.I, o = v.UR + ub, each step for the whole block at once (rows_mat); the hidden vectors in slot
-// order (what backward reads), x and I read from their original rows.
+// order (what backward reads), x and I read from their original rows. The x and I rows of the next
+// `ahead` slots are fetched one row per step, spread over the block's work: fetched all at once they fill
+// the core's miss buffers, and the prefetch instructions stall the pass until lines arrive.
 template <typename T, int kRows>
 HAMUR_INLINE void cell_block(const CellShape& shape, const Factors<T>& f, int64_t g, const int64_t* order,
-                             const T* x, const T* rep, T* hidden, T* o, int64_t first) {
+                             const T* x, const T* rep, T* hidden, T* o, int64_t first, int64_t ahead) {
   const int64_t h = shape.width, k = shape.rank, s = shape.bottleneck;
   const T *x_rows[kRows], *rep_rows[kRows];
   T *p[kRows], *q[kRows], *a[kRows], *u[kRows], *v[kRows], *o_rows[kRows];
@@ -29,31 +31,39 @@ HAMUR_INLINE void cell_block(const CellShape& shape, const Factors<T>& f, int64_
     a[r] = row_hidden + shape.a();
     o_rows[r] = o + (first + r) * h;
   }
+  auto fetch_ahead = [&](int64_t r) {
+    if (r >= ahead) return;
+    const int64_t row = order[first + kRows + r];
+    prefetch(rep + row * k * k, k * k, /*for_write=*/false);
+    prefetch(x + row * h, h, /*for_write=*/false);
+  };
   rows_mat<T, kRows>(p, x_rows, f.down_left + g * h * k, nullptr, h, k);
+  fetch_ahead(0);
   rows_own_mat<T, kRows>(q, p, rep_rows, k, k);
+  fetch_ahead(1);
   rows_mat<T, kRows>(a, q, f.down_right + g * k * s, f.down_bias + g * s, k, s);
   for (int r = 0; r < kRows; ++r) sigmoid_row(a[r], s);
+  fetch_ahead(2);
   rows_mat<T, kRows>(u, a, f.up_left + g * s * k, nullptr, s, k);
+  fetch_ahead(3);
   rows_own_mat<T, kRows>(v, u, rep_rows, k, k);
   rows_mat<T, kRows>(o_rows, v, f.up_right + g * k * h, f.up_bias + g * h, k, h);
 }
 
 // The cell up to o for slots [first, end), in blocks of kBlockRows slots of one group (in released mode
-// one group: the slots are the rows). The next block's I is fetched ahead: in paper mode the slots jump
-// between rows of rep.
+// one group: the slots are the rows). The next block's x and I are fetched ahead: in paper mode the slots
+// jump between rows of x and rep.
 template <typename T>
 HAMUR_ROW_PASS void cell_rows(const CellShape& shape, const GroupOrder& order, const Factors<T>& f, const T* x,
                               const T* rep, T* hidden, T* o, int64_t first, int64_t end) {
-  const int64_t kk = shape.rank * shape.rank;
   const int64_t* rows = order.order.data_ptr<int64_t>();
   for (int64_t i = first; i < end;) {
     const int64_t g = order.slot_group[i], group_end = std::min(end, order.start[g + 1]);
     for (; i + kBlockRows <= group_end; i += kBlockRows) {
-      for (int64_t next = i + kBlockRows; next < std::min(i + 2 * kBlockRows, end); ++next)
-        prefetch(rep + rows[next] * kk, kk, /*for_write=*/false);
-      cell_block<T, kBlockRows>(shape, f, g, rows, x, rep, hidden, o, i);
+      const int64_t ahead = std::min<int64_t>(kBlockRows, end - i - kBlockRows);
+      cell_block<T, kBlockRows>(shape, f, g, rows, x, rep, hidden, o, i, ahead);
     }
-    for (; i < group_end; ++i) cell_block<T, 1>(shape, f, g, rows, x, rep, hidden, o, i);
+    for (; i < group_end; ++i) cell_block<T, 1>(shape, f, g, rows, x, rep, hidden, o, i, /*ahead=*/0);
   }
 }
 
