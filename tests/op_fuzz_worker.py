@@ -75,7 +75,7 @@ def compiled_cases():
                        torch.randn(*mean.shape), per_domain, not per_domain)))
     x, rep, domain, params = base(True)
     cases.append(("compiled_cell_infer", ops.compiled_cell_infer, (x, rep, domain, *params, *running(), EPS)))
-    return cases + generated_core_cases()
+    return cases + generated_core_cases() + tower_norm_relu_cases()
 
 
 def generated_core_cases():
@@ -93,6 +93,21 @@ def generated_core_cases():
         _v, saved = ops.compiled_generated_core_forward(*fwd)
         cases.append((f"compiled_generated_core_backward[{mode}]", ops.compiled_generated_core_backward,
                       (torch.randn(B, K), p, saved, *generator, domain, down_right, up_left, per_domain)))
+    return cases
+
+
+def tower_norm_relu_cases():
+    """The released towers' BatchNorm1d + ReLU (csrc/cpu/tower_norm_relu_cpu.cpp): z (D, B, h), weight, bias and the
+    running statistics (D, h), training (batch statistics; the running ones updated in place) and eval."""
+    cases = []
+    for training in (True, False):
+        phase = "train" if training else "eval"
+        z, weight, bias = torch.randn(D, B, H), torch.rand(D, H) + 0.5, torch.randn(D, H)
+        fwd = (z, weight, bias, *running(), training, 0.1, EPS)
+        cases.append((f"compiled_tower_norm_relu_forward[{phase}]", ops.compiled_tower_norm_relu_forward, fwd))
+        _y, mean, rstd = ops.compiled_tower_norm_relu_forward(*fwd)
+        cases.append((f"compiled_tower_norm_relu_backward[{phase}]", ops.compiled_tower_norm_relu_backward,
+                      (torch.randn(D, B, H), z, weight, bias, mean, rstd, training)))
     return cases
 
 
