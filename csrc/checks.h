@@ -48,15 +48,16 @@ inline void check_int64(const Op& op, const char* arg, const at::Tensor& t, at::
   check_shape(op, arg, t, shape);
 }
 
-// The main input: a (B, h) float32 or float64 tensor on a device of `device_type`.
-inline void check_main_input(const Op& op, const char* arg, c10::DeviceType device_type) {
+// The main input: a float32 or float64 tensor of `dims` axes (`axes` names them) on a device of `device_type`.
+inline void check_main_input(const Op& op, const char* arg, c10::DeviceType device_type, int64_t dims = 2,
+                             const char* axes = "(B, h)") {
   const at::Tensor& t = op.like;
   TORCH_CHECK(t.defined() && t.layout() == at::kStrided, op.name, ": ", arg, " must be a dense (strided) tensor");
   TORCH_CHECK(t.device().type() == device_type, op.name, ": this kernel runs on ", c10::DeviceTypeName(device_type),
               " tensors, got ", arg, " on ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op.name, ": ", arg,
               " must be float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 2, op.name, ": ", arg, " must be 2-D (B, h), got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == dims, op.name, ": ", arg, " must be ", dims, "-D ", axes, ", got shape ", t.sizes());
 }
 
 // `inner` with a leading domain axis of `groups` in paper mode (per_domain), as it is in released mode.
@@ -323,6 +324,33 @@ inline void compiled_generated_core_backward(c10::DeviceType device_type, const 
                                            up_left, per_domain);
   check_float(op, "grad_v", grad_v, {n.batch, n.towers * n.rank});
   check_float(op, "saved", saved, {n.batch, n.towers * (2 * n.rank + n.bottleneck)});
+}
+
+// The released towers' BatchNorm + ReLU (csrc/cpu/tower_norm_relu_cpu.cpp): z (D, B, C); the per-tower tables
+// (D, C), contiguous (the kernels index them flat).
+inline void check_tower_tables(const Op& op, std::initializer_list<std::pair<const char*, const at::Tensor*>> tables) {
+  for (const auto& [arg, t] : tables) {
+    check_float(op, arg, *t, {op.like.size(0), op.like.size(2)});
+    TORCH_CHECK(t->is_contiguous(), op.name, ": ", arg, " must be contiguous");
+  }
+}
+
+inline void compiled_tower_norm_relu_forward(c10::DeviceType device_type, const at::Tensor& z,
+                                             const at::Tensor& weight, const at::Tensor& bias,
+                                             const at::Tensor& running_mean, const at::Tensor& running_var) {
+  const Op op{"compiled_tower_norm_relu_forward", z};
+  check_main_input(op, "z", device_type, 3, "(D, B, C)");
+  check_tower_tables(op, {{"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean},
+                          {"running_var", &running_var}});
+}
+
+inline void compiled_tower_norm_relu_backward(c10::DeviceType device_type, const at::Tensor& grad_y,
+                                              const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias,
+                                              const at::Tensor& mean, const at::Tensor& rstd) {
+  const Op op{"compiled_tower_norm_relu_backward", z};
+  check_main_input(op, "z", device_type, 3, "(D, B, C)");
+  check_float(op, "grad_y", grad_y, z.sizes());
+  check_tower_tables(op, {{"weight", &weight}, {"bias", &bias}, {"mean", &mean}, {"rstd", &rstd}});
 }
 
 }  // namespace checks

@@ -64,24 +64,6 @@ HAMUR_INLINE V relu_select(V pre, V value) {
   return pre <= zero ? zero : value;
 }
 
-void check_main_input(const char* op, const char* arg, const Tensor& t) {
-  TORCH_CHECK(t.defined() && t.layout() == at::kStrided, op, ": ", arg, " must be a dense (strided) tensor");
-  TORCH_CHECK(t.device().is_cpu(), op, ": this kernel runs on CPU tensors, got ", arg, " on ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", arg,
-              " must be float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 3, op, ": ", arg, " must be 3-D (D, B, C), got shape ", t.sizes());
-}
-
-// (D, C) tables in z's dtype, on its device, contiguous: the kernels index them flat.
-void check_tables(const char* op, const Tensor& z,
-                  std::initializer_list<std::pair<const char*, const Tensor*>> tables) {
-  const checks::Op check{op, z};
-  for (const auto& [arg, t] : tables) {
-    checks::check_float(check, arg, *t, {z.size(0), z.size(2)});
-    TORCH_CHECK(t->is_contiguous(), op, ": ", arg, " must be contiguous");
-  }
-}
-
 // Columns [col, col + kVectors * lanes) of tower d over rows [first, end): blocks of kBlockRows rows, a two-pass
 // mean and M2 per block in T (the block in L1), merged into acc_mean / acc_m2 (the chunk's, double) by Chan's rule.
 template <typename T, typename V, int kVectors>
@@ -282,9 +264,7 @@ std::tuple<Tensor, Tensor, Tensor> tower_norm_relu_forward_cpu(const Tensor& z_i
                                                               Tensor& running_var, bool training, double momentum,
                                                               double eps) {
   constexpr const char* op = "compiled_tower_norm_relu_forward";
-  check_main_input(op, "z", z_in);
-  check_tables(op, z_in, {{"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean},
-                          {"running_var", &running_var}});
+  checks::compiled_tower_norm_relu_forward(c10::DeviceType::CPU, z_in, weight, bias, running_mean, running_var);
   const int64_t towers = z_in.size(0), batch = z_in.size(1), width = z_in.size(2);
   TORCH_CHECK(!training || batch >= 2, op, ": training needs at least 2 rows per tower, got ", batch);
   const Tensor z = z_in.stride(2) == 1 ? z_in : z_in.contiguous();
@@ -330,10 +310,7 @@ std::tuple<Tensor, Tensor, Tensor> tower_norm_relu_backward_cpu(const Tensor& gr
                                                                const Tensor& mean, const Tensor& rstd,
                                                                bool training) {
   constexpr const char* op = "compiled_tower_norm_relu_backward";
-  check_main_input(op, "z", z_in);
-  check_main_input(op, "grad_y", grad_y_in);
-  checks::check_float({op, z_in}, "grad_y", grad_y_in, z_in.sizes());
-  check_tables(op, z_in, {{"weight", &weight}, {"bias", &bias}, {"mean", &mean}, {"rstd", &rstd}});
+  checks::compiled_tower_norm_relu_backward(c10::DeviceType::CPU, grad_y_in, z_in, weight, bias, mean, rstd);
   const int64_t towers = z_in.size(0), batch = z_in.size(1), width = z_in.size(2);
   const Tensor z = z_in.stride(2) == 1 ? z_in : z_in.contiguous();
   const Tensor gy = grad_y_in.stride(2) == 1 ? grad_y_in : grad_y_in.contiguous();
