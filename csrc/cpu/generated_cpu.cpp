@@ -84,7 +84,7 @@ std::tuple<Tensor, Tensor> generated_core_forward_cpu(const Tensor& p_in, const 
   const CoreShape shape = core_shape(p, g, dr, per_domain);
   const int64_t* domain_p = domain.data_ptr<int64_t>();
   cpu::check_groups(cpu::Rows{domain_p, per_domain}, shape.batch, shape.groups);  // before any table is indexed
-  const int64_t k = shape.rank, s = shape.bottleneck;
+  const int64_t k = shape.rank;
   Tensor v = at::empty({shape.batch, shape.towers * k}, p.options());
   Tensor saved = at::empty({shape.batch, shape.row_stride()}, p.options());
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "generated_core_forward_cpu", [&] {
