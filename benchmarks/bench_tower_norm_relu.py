@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from hamur_fast.nn.domain_layers import DomainBatchNorm1d  # noqa: E402
 from hamur_fast.ops import tower_norm_relu  # noqa: E402
+from timing import cpu_model  # noqa: E402
 
 PROVIDERS = {"aten": lambda layer, z: torch.relu(layer.all_domains(z)), "fused": DomainBatchNorm1d.all_domains_relu}
 
@@ -64,32 +64,14 @@ def bench_layer(towers, batch, width, side_by_side, repeats):
 
 def bench_step(batch, repeats):
     """{provider: median thread-CPU ms} of one released training step, the fused op on and off step by step."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_train
 
-    device = torch.device("cpu")
-    step = bench_train.ours_eager_step("released", "auto", device)
-    inputs = bench_train.make_batch(batch, device)
-    samples = {name: [] for name in PROVIDERS}
     try:
-        for turn in range(repeats + 2):  # 2 warm-up turns
-            for name in PROVIDERS:
-                tower_norm_relu.AVAILABLE = name == "fused"
-                start = time.thread_time()
-                step(*inputs)
-                if turn >= 2:
-                    samples[name].append(time.thread_time() - start)
+        return bench_train.time_released_step(batch, repeats, PROVIDERS,
+                                               lambda name: setattr(tower_norm_relu, "AVAILABLE", name == "fused"),
+                                               time.thread_time)
     finally:
         tower_norm_relu.AVAILABLE = True
-    return {name: 1e3 * statistics.median(times) for name, times in samples.items()}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main(argv=None):

@@ -112,6 +112,24 @@ def make_batch(batch, device):
     return e.to(device), domain.to(device), label.to(device)
 
 
+def time_released_step(batch, repeats, settings, switch, clock):
+    """{setting: median ms by ``clock``} of ours' released training step on the CPU (backend "auto", ``batch``
+    rows) under each of ``settings``: ``switch(setting)`` before each step, the settings taking turns step by step
+    in this process (2 warm-up turns), so that load from other processes hits them alike."""
+    device = torch.device("cpu")
+    step = ours_eager_step("released", "auto", device)
+    inputs = make_batch(batch, device)
+    samples = {setting: [] for setting in settings}
+    for turn in range(repeats + 2):
+        for setting in settings:
+            switch(setting)
+            start = clock()
+            step(*inputs)
+            if turn >= 2:
+                samples[setting].append(clock() - start)
+    return {setting: 1e3 * statistics.median(times) for setting, times in samples.items()}
+
+
 def warm_up(step, inputs, device, warmup):
     """Run the untimed first steps (compilation, CUDA-graph warm-up and capture happen here).
 

@@ -6,6 +6,7 @@ timed call contains no host sync of its own: the only syncs are the clock's, aro
 """
 from __future__ import annotations
 
+import platform
 import time
 
 import torch
@@ -41,3 +42,12 @@ def take_turns(fns, inputs, device, calls) -> list:
                 continue
             results[i].append(time.perf_counter() - start)
     return results
+
+
+def cpu_model() -> str:
+    """The CPU's model name (the machine a table was measured on)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"

@@ -21,6 +21,7 @@ from .. import ops
 from ..ops.collectives import domain_counts, mean_and_covariance
 from ..ops.compose import batch_norm
 from ..ops import grouped_linear, tower_norm_relu
+from ..ops.all_domains_linear import all_domains_linear
 
 
 class DomainLinear(nn.Module):
@@ -47,7 +48,7 @@ class DomainLinear(nn.Module):
 
     def all_domains(self, x: torch.Tensor) -> torch.Tensor:
         """x (D, B, in), one slice per domain: slice d through domain d's layer -> (D, B, out)."""
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+        return all_domains_linear(x, self.weight, self.bias)
 
     def every_domain(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, in) shared by all domains: the whole batch through every domain's layer -> (D, B, out).
