@@ -48,7 +48,7 @@ class DomainLinear(nn.Module):
 
     def all_domains(self, x: torch.Tensor) -> torch.Tensor:
         """x (D, B, in), one slice per domain: slice d through domain d's layer -> (D, B, out)."""
-        return all_domains_linear(x, self.weight, self.bias)
+        return all_domains_linear(x, self.weight.transpose(1, 2), self.bias)
 
     def every_domain(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, in) shared by all domains: the whole batch through every domain's layer -> (D, B, out).

@@ -25,6 +25,7 @@ the same ranks); each :class:`~hamur_fast.ops.contract.Backend` supplies its for
 from __future__ import annotations
 
 import importlib
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ import torch.utils.flop_counter
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import _checks
+from .all_domains_linear import PerDomainGemms
 from .registry import check_backend_name, resolve
 
 
@@ -100,13 +102,15 @@ def segments(x, domain, weight, bias):
 def sorted_segments(x, sizes, weight, bias):
     """The op on rows already sorted by domain: ``sizes[d]`` rows of domain d, domain 0's first.
 
-    One GEMM per non-empty segment on a view of x, each domain's bias added to its own rows in the GEMM (its
-    gradient a column sum of the segment): no gather, no scatter and no per-row bias copy, forward or backward.
+    One GEMM per segment on a view of x, written into its view of one output, each domain's bias added to its own
+    rows in the GEMM (its gradient a column sum of the segment): no gather, no scatter, no per-row bias copy and
+    no cat of the segments, forward or backward (:class:`~hamur_fast.ops.all_domains_linear.PerDomainGemms`).
     """
-    biases = bias.unbind(0) if bias is not None else [None] * weight.shape[0]
-    parts = [piece @ w if b is None else torch.addmm(b, piece, w)
-             for piece, w, b, size in zip(x.split(sizes), weight.unbind(0), biases, sizes) if size]
-    return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[2])
+    if sum(sizes) != x.shape[0]:  # every row in exactly one segment, or rows of the output go unwritten
+        raise ValueError(f"segment sizes {list(sizes)} sum to {sum(sizes)}, but x has {x.shape[0]} rows")
+    ends = itertools.accumulate(sizes)
+    segments = [(d, slice(end - size, end)) for d, (end, size) in enumerate(zip(ends, sizes)) if size]
+    return PerDomainGemms.apply(x, weight, bias, segments)
 
 
 def stacked(x, domain, weight, bias):
