@@ -137,16 +137,12 @@ class _CellAutograd(torch.autograd.Function):
             output = cell_forward(backend, x, rep, domain, list(params), *running, *flags)
         _y, count, mean, _m2, rstd, *saved = output
         ctx.mark_non_differentiable(*output[1:])
-        # The other outputs' gradients are never used: no zero-filled (B, h) and (B, 4k + s) tensors for them.
-        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, rep, domain, count, mean, rstd, *params, *saved)
         ctx.backend, ctx.flags = backend, flags
         return tuple(output)
 
     @staticmethod
     def backward(ctx, dy, *_unused_grads):
-        if dy is None:  # y took no gradient (grads are not materialised)
-            return (None,) * (6 + _NUM_PARAMS)
         x, rep, domain, count, mean, rstd, *rest = ctx.saved_tensors
         grads = _first_order(cell_backward, ctx.backend, dy, x, rep, domain, rest[:_NUM_PARAMS], rest[_NUM_PARAMS:],
                              count, mean, rstd, *ctx.flags)
@@ -199,15 +195,12 @@ class _NormAutograd(torch.autograd.Function):
             output = norm_forward(backend, o, domain, weight, bias, *running, *flags)
         _y, count, mean, _m2, rstd = output
         ctx.mark_non_differentiable(*output[1:])
-        ctx.set_materialize_grads(False)  # as the cell's: no zero gradients for the statistics
         ctx.save_for_backward(o, domain, weight, count, mean, rstd)
         ctx.backend, ctx.flags = backend, flags
         return output
 
     @staticmethod
     def backward(ctx, dy, *_unused_grads):
-        if dy is None:  # y took no gradient (grads are not materialised)
-            return (None,) * 7
         return None, None, None, None, *_first_order(norm_backward, ctx.backend, dy, *ctx.saved_tensors, *ctx.flags)
 
 
