@@ -25,32 +25,32 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from hamur_fast.ops import all_domains_linear as op  # noqa: E402
-from timing import cpu_model  # noqa: E402
+from timing import machine, take_turns  # noqa: E402
 
 
 def providers(compile_too: bool) -> dict:
     found = {"baddbmm": op.batched_form}
     if compile_too:
         found["compiled"] = torch.compile(op.batched_form)
-    found["loop"] = lambda x, weight, bias: op.PerDomainGemms.apply(x, weight, bias, list(enumerate(range(x.shape[0]))))
+    found["loop"] = op.all_domains_linear  # on the CPU in eager mode: PerDomainGemms
     return found
 
 
 def bench_layer(domains, batch, fan_in, fan_out, repeats, forms):
-    """{provider: median wall ms} of forward+backward, the providers alternating call by call."""
+    """{provider: median wall ms, or the error text of a provider that raised} of forward+backward, the providers
+    alternating call by call (timing.take_turns) after 3 warm-up turns (the compiler's first calls)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, domains, fan_in, generator=g).transpose(0, 1).requires_grad_()
     weight = (torch.randn(domains, fan_in, fan_out, generator=g) * fan_in ** -0.5).requires_grad_()
     bias = torch.randn(domains, fan_out, generator=g).requires_grad_()
     grad_out = torch.randn(domains, batch, fan_out, generator=g)
-    samples = {name: [] for name in forms}
-    for turn in range(repeats + 3):  # 3 warm-up turns (the compiler's first calls)
-        for name, form in forms.items():
-            start = time.perf_counter()
-            torch.autograd.grad(form(x, weight, bias), (x, weight, bias), grad_out)
-            if turn >= 3:
-                samples[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(times) for name, times in samples.items()}
+    calls = [lambda form=form: torch.autograd.grad(form(x, weight, bias), (x, weight, bias), grad_out)
+             for form in forms.values()]
+    cpu = torch.device("cpu")
+    take_turns(calls, (), cpu, 3)
+    samples = take_turns(calls, (), cpu, repeats)
+    return {name: times if isinstance(times, str) else 1e3 * statistics.median(times)
+            for name, times in zip(forms, samples)}
 
 
 def bench_step(batch, repeats):
@@ -76,8 +76,7 @@ def main(argv=None):
     parser.add_argument("--step", action="store_true", help="also time the released training step, loop on and off")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"# bench_all_domains_linear: {cpu_model()}, torch {torch.__version__}, threads {args.threads}, load {load}")
+    print(f"# bench_all_domains_linear: {machine(args.threads)}")
     print(f"B={args.batch} D={args.domains}: linear forward+backward on x (D, B, in), median wall ms of "
           f"{args.repeats} alternating calls; ratio = provider / loop")
     forms = providers(not args.no_compile)
@@ -85,6 +84,10 @@ def main(argv=None):
           + "".join(f"{name + '/loop':>16}" for name in forms if name != "loop"))
     for fan_in, fan_out in ((256, 128), (128, 1)):
         times = bench_layer(args.domains, args.batch, fan_in, fan_out, args.repeats, forms)
+        failed = {name: error for name, error in times.items() if isinstance(error, str)}
+        if failed:
+            print(f"{f'{fan_in} -> {fan_out}':<14}FAILED " + "; ".join(f"{n}: {e}" for n, e in failed.items()))
+            continue
         print(f"{f'{fan_in} -> {fan_out}':<14}" + "".join(f"{t:>14.3f}" for t in times.values())
               + "".join(f"{times[name] / times['loop']:>16.2f}" for name in forms if name != "loop"))
     if args.step:

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from hamur_fast.nn.domain_layers import DomainBatchNorm1d  # noqa: E402
 from hamur_fast.ops import tower_norm_relu  # noqa: E402
-from timing import cpu_model  # noqa: E402
+from timing import machine  # noqa: E402
 
 PROVIDERS = {"aten": lambda layer, z: torch.relu(layer.all_domains(z)), "fused": DomainBatchNorm1d.all_domains_relu}
 
@@ -87,8 +87,7 @@ def main(argv=None):
         sys.exit("hamur_fast._C has no compiled_tower_norm_relu_forward: build it with "
                  "pip install --no-build-isolation -e .")
     torch.set_num_threads(args.threads)
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"# bench_tower_norm_relu: {cpu_model()}, torch {torch.__version__}, threads {args.threads}, load {load}")
+    print(f"# bench_tower_norm_relu: {machine(args.threads)}")
     print(f"B={args.batch} D={args.domains}: BatchNorm1d + ReLU forward+backward, median thread-CPU ms of "
           f"{args.repeats} alternating calls")
     print(f"{'layer':<28}{'aten ms':>10}{'fused ms':>10}{'fused/aten':>12}")

@@ -6,6 +6,7 @@ timed call contains no host sync of its own: the only syncs are the clock's, aro
 """
 from __future__ import annotations
 
+import os
 import platform
 import time
 
@@ -42,6 +43,12 @@ def take_turns(fns, inputs, device, calls) -> list:
                 continue
             results[i].append(time.perf_counter() - start)
     return results
+
+
+def machine(threads: int) -> str:
+    """A table's header: the CPU, torch, the thread count and the load when it was measured."""
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{cpu_model()}, torch {torch.__version__}, threads {threads}, load {load}"
 
 
 def cpu_model() -> str:
