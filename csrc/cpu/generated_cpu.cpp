@@ -150,11 +150,10 @@ std::tuple<Tensor, Tensor> generated_core_forward_cpu(const Tensor& p_in, const 
 // register-blocked strips, the T towers sharing each load of J_b. dZ_b is formed transposed in J_b's place, and
 // the generator's gradients computed in the permuted frame are permuted back at the end.
 Tensor transposed_outputs(const Tensor& t, int64_t k) {  // rows (i, j) -> (j, i) of a (k*k, ...) tensor
-  std::vector<int64_t> sizes{k, k};
-  for (int64_t dim = 1; dim < t.dim(); ++dim) sizes.push_back(t.size(dim));
-  std::vector<int64_t> flat{k * k};
-  for (int64_t dim = 1; dim < t.dim(); ++dim) flat.push_back(t.size(dim));
-  return t.reshape(sizes).transpose(0, 1).contiguous().reshape(flat);
+  std::vector<int64_t> split = t.sizes().vec();  // (k*k, ...) -> (k, k, ...)
+  split[0] = k;
+  split.insert(split.begin(), k);
+  return t.reshape(split).transpose(0, 1).contiguous().reshape(t.sizes());
 }
 
 // One row's towers [t0, t0 + n): grad_u = I_b grad_v, grad_z = UL grad_u * a (1 - a), grad_q = DR grad_z and
